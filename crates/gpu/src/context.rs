@@ -1,0 +1,287 @@
+//! The GPU context: adapter choice, device with the adapter's own limits, error collection, and
+//! [`Batch`], which records dispatches into one command encoder.
+
+use std::num::NonZeroU64;
+use std::sync::{Arc, Mutex};
+
+use wgpu::util::DeviceExt;
+
+use crate::error::{GpuError, Result};
+use crate::registry::{PipelineKey, PipelineRegistry};
+
+/// Optional device features this adapter offers (and that the device was opened with).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GpuFeatures {
+    pub shader_f16: bool,
+    pub subgroup: bool,
+}
+
+/// One opened GPU device with its queue, limits and pipeline cache.
+pub struct Gpu {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    limits: wgpu::Limits,
+    features: GpuFeatures,
+    registry: PipelineRegistry,
+    /// First error wgpu reported through its callbacks since the last [`Gpu::check`].
+    error: Arc<Mutex<Option<GpuError>>>,
+}
+
+impl Gpu {
+    /// Opens the best adapter. Natively `WGPU_BACKEND` (e.g. `vulkan`) and `WGPU_ADAPTER_NAME`
+    /// are respected; in a browser this is `navigator.gpu`.
+    pub async fn new() -> Result<Gpu> {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let options = wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::from_env()
+                .unwrap_or(wgpu::PowerPreference::HighPerformance),
+            ..Default::default()
+        };
+        let adapter = instance.request_adapter(&options).await.map_err(|_| GpuError::NoAdapter)?;
+        Self::from_adapter(adapter).await
+    }
+
+    /// Blocking [`Gpu::new`] for native programs and tests.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn new_blocking() -> Result<Gpu> {
+        pollster::block_on(Self::new())
+    }
+
+    /// Opens a device on `adapter` with all of the adapter's limits (the defaults cap storage
+    /// bindings at 128 MiB, less than a 7B model's embedding table) and SHADER_F16 / SUBGROUP
+    /// where offered.
+    pub async fn from_adapter(adapter: wgpu::Adapter) -> Result<Gpu> {
+        let offered = adapter.features();
+        let wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
+        let required_features = offered & wanted;
+        let limits = adapter.limits();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("llava"),
+                required_features,
+                required_limits: limits.clone(),
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| GpuError::RequestDevice(e.to_string()))?;
+
+        let error: Arc<Mutex<Option<GpuError>>> = Arc::default();
+        let slot = error.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let e = match e {
+                wgpu::Error::OutOfMemory { source } => GpuError::OutOfMemory(source.to_string()),
+                wgpu::Error::Validation { description, .. } => GpuError::Validation(description),
+                wgpu::Error::Internal { description, .. } => GpuError::Validation(description),
+            };
+            slot.lock().unwrap().get_or_insert(e);
+        }));
+        let slot = error.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            // Dropping the device on purpose also "loses" it; that is no error.
+            if reason != wgpu::DeviceLostReason::Destroyed {
+                *slot.lock().unwrap() = Some(GpuError::DeviceLost(format!("{reason:?}: {message}")));
+            }
+        });
+
+        Ok(Gpu {
+            device,
+            queue,
+            info: adapter.get_info(),
+            limits,
+            features: GpuFeatures {
+                shader_f16: required_features.contains(wgpu::Features::SHADER_F16),
+                subgroup: required_features.contains(wgpu::Features::SUBGROUP),
+            },
+            registry: PipelineRegistry::default(),
+            error,
+        })
+    }
+
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+    pub fn info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.limits
+    }
+    pub fn features(&self) -> GpuFeatures {
+        self.features
+    }
+
+    /// Largest number of bytes one storage binding may cover.
+    pub fn max_binding(&self) -> u64 {
+        (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
+    }
+
+    /// Returns (and clears) the first validation error, out-of-memory or device loss that wgpu
+    /// reported since the last call.
+    pub fn check(&self) -> Result<()> {
+        match self.error.lock().unwrap().take() {
+            Some(e @ GpuError::DeviceLost(_)) => {
+                // A lost device stays lost: keep reporting it.
+                let msg = e.to_string();
+                *self.error.lock().unwrap() = Some(GpuError::DeviceLost(msg));
+                Err(e)
+            }
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The compiled pipeline for `key`, built on first use and cached.
+    pub fn pipeline(&self, key: &PipelineKey) -> Result<Arc<wgpu::ComputePipeline>> {
+        self.registry.get(&self.device, key)
+    }
+
+    /// Starts recording a batch of dispatches.
+    pub fn batch(&self) -> Batch<'_> {
+        Batch {
+            gpu: self,
+            encoder: self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor::default()),
+        }
+    }
+
+    /// Splits `n` workgroups into an x/y grid within the per-dimension limit. Kernels recover
+    /// the linear index as `wg.x + wg.y * num_workgroups.x` and skip indices `>= n`.
+    pub fn grid(&self, n: u32) -> [u32; 3] {
+        let max = self.limits.max_compute_workgroups_per_dimension.max(1);
+        if n <= max {
+            [n.max(1), 1, 1]
+        } else {
+            [max, n.div_ceil(max), 1]
+        }
+    }
+
+    pub(crate) fn create_buffer(&self, size: u64, usage: wgpu::BufferUsages) -> Result<wgpu::Buffer> {
+        if size > self.limits.max_buffer_size {
+            return Err(GpuError::TooLarge { bytes: size, limit: self.limits.max_buffer_size, what: "buffer" });
+        }
+        Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: size.max(4).next_multiple_of(4),
+            usage,
+            mapped_at_creation: false,
+        }))
+    }
+
+    /// Copies `size` bytes of `buffer` from `offset` back to the host. Natively this blocks on
+    /// the device; on the web it awaits `mapAsync` (where `device.poll` does nothing).
+    pub async fn read_buffer(&self, buffer: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
+        let padded = size.next_multiple_of(4);
+        let staging =
+            self.create_buffer(padded, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?;
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, padded);
+        self.queue.submit([encoder.finish()]);
+        let (tx, rx) = futures_channel::oneshot::channel();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        #[cfg(not(target_arch = "wasm32"))]
+        self.device
+            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+            .map_err(|e| GpuError::Readback(e.to_string()))?;
+        let mapped = rx.await.map_err(|_| GpuError::Readback("map callback dropped".into()));
+        self.check()?;
+        mapped?.map_err(|e| GpuError::Readback(e.to_string()))?;
+        let view = staging.get_mapped_range(..).map_err(|e| GpuError::Readback(e.to_string()))?;
+        let bytes = view[..size as usize].to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(bytes)
+    }
+}
+
+/// A byte range of a buffer bound to one storage binding.
+#[derive(Clone, Copy)]
+pub struct Binding<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    pub offset: u64,
+    pub size: u64,
+}
+
+/// Dispatches recorded into one command encoder and submitted together, so that a whole layer
+/// (or a whole decode step) reaches the GPU in one submission.
+pub struct Batch<'g> {
+    gpu: &'g Gpu,
+    encoder: wgpu::CommandEncoder,
+}
+
+impl<'g> Batch<'g> {
+    pub fn gpu(&self) -> &'g Gpu {
+        self.gpu
+    }
+
+    /// Records one dispatch of the pipeline `key`. By convention every kernel declares its
+    /// parameters as `@binding(0) var<uniform>` (padded here to 16 bytes) and its storage
+    /// buffers as bindings 1.. in the order given.
+    pub fn dispatch(
+        &mut self,
+        key: &PipelineKey,
+        params: &[u8],
+        buffers: &[Binding<'_>],
+        workgroups: [u32; 3],
+    ) -> Result<()> {
+        let pipeline = self.gpu.pipeline(key)?;
+        for b in buffers {
+            if b.size > self.gpu.max_binding() {
+                return Err(GpuError::TooLarge {
+                    bytes: b.size,
+                    limit: self.gpu.max_binding(),
+                    what: "storage binding",
+                });
+            }
+        }
+        let mut padded = params.to_vec();
+        padded.resize(params.len().max(16).next_multiple_of(16), 0);
+        let uniform = self.gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: &padded,
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
+        for (i, b) in buffers.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: b.buffer,
+                    offset: b.offset,
+                    size: NonZeroU64::new(b.size.next_multiple_of(4)),
+                }),
+            });
+        }
+        let bind_group = self.gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(key.entry),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        let mut pass = self.encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(key.entry),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
+        Ok(())
+    }
+
+    /// Records a buffer-to-buffer copy.
+    pub fn copy(&mut self, src: Binding<'_>, dst: Binding<'_>) {
+        self.encoder.copy_buffer_to_buffer(src.buffer, src.offset, dst.buffer, dst.offset, src.size);
+    }
+
+    /// Submits everything recorded and reports any error wgpu raised while recording.
+    pub fn submit(self) -> Result<()> {
+        self.gpu.queue.submit([self.encoder.finish()]);
+        self.gpu.check()
+    }
+}

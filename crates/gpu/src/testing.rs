@@ -1,0 +1,36 @@
+//! Helpers for the kernel tests: one shared device, deterministic random data, comparisons.
+
+use std::sync::OnceLock;
+
+use crate::Gpu;
+
+/// The device shared by all tests of this crate (tests run in parallel on it).
+pub fn gpu() -> &'static Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| Gpu::new_blocking().expect("a wgpu adapter (install mesa-vulkan-drivers)"))
+}
+
+/// `n` pseudo-random values in [-1, 1) from `seed` (xorshift; no dependency needed).
+pub fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// Asserts `|got - want| <= tol * max(1, |want|)` element-wise, naming the first failure.
+#[track_caller]
+pub fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= tol * w.abs().max(1.0) && g.is_finite() == w.is_finite(),
+            "{what}: element {i}: got {g}, want {w} (tol {tol})"
+        );
+    }
+}
