@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Runs every test of the project; `.ci/run` installs what it needs first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+echo "== native tests (wgpu on $(command -v vulkaninfo >/dev/null && vulkaninfo --summary 2>/dev/null | grep -m1 deviceName | sed 's/.*= //' || echo 'default adapter'))"
+cargo test --workspace
