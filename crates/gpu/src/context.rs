@@ -209,6 +209,13 @@ pub struct Binding<'a> {
     pub size: u64,
 }
 
+impl<'a> Binding<'a> {
+    /// `size` bytes starting `offset` bytes into this binding.
+    pub fn slice(self, offset: u64, size: u64) -> Binding<'a> {
+        Binding { buffer: self.buffer, offset: self.offset + offset, size }
+    }
+}
+
 /// Dispatches recorded into one command encoder and submitted together, so that a whole layer
 /// (or a whole decode step) reaches the GPU in one submission.
 pub struct Batch<'g> {

@@ -12,7 +12,7 @@ pub mod quant;
 pub mod registry;
 pub mod tensor;
 
-pub use context::{Batch, Gpu, GpuFeatures};
+pub use context::{Batch, Binding, Gpu, GpuFeatures};
 pub use error::{GpuError, Result};
 pub use tensor::{DType, Tensor};
 
