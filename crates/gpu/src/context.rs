@@ -286,6 +286,16 @@ impl<'g> Batch<'g> {
         self.encoder.copy_buffer_to_buffer(src.buffer, src.offset, dst.buffer, dst.offset, src.size);
     }
 
+    /// Submits what was recorded so far and goes on with a fresh encoder. Long forward passes
+    /// flush between layers so that the intermediate buffers of one layer can be freed before
+    /// the next is recorded.
+    pub fn flush(&mut self) -> Result<()> {
+        let fresh = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
+        let encoder = std::mem::replace(&mut self.encoder, fresh);
+        self.gpu.queue.submit([encoder.finish()]);
+        self.gpu.check()
+    }
+
     /// Submits everything recorded and reports any error wgpu raised while recording.
     pub fn submit(self) -> Result<()> {
         self.gpu.queue.submit([self.encoder.finish()]);
