@@ -1,0 +1,109 @@
+// Patch embedding: Conv2d(3 -> C, kernel = stride = P, no bias) as a tiled matrix product
+// out[m, n] = sum_k patch(m)[k] * weight[n, k], with m = image * patches + row * (W/P) + col and
+// k = channel * P*P + ky * P + kx (the flattening of PyTorch's [C, 3, P, P] weight).
+// Each 256-thread workgroup computes a TM x TN tile, staging KC-wide slices of both operands
+// in workgroup memory; each thread owns 2 x 4 outputs.
+// `#if F16`: the weight is f16, two per u32.
+
+struct Params {
+    m: u32,        // images * patches per image
+    n: u32,        // output channels C
+    k: u32,        // 3 * P * P
+    size: u32,     // P
+    h: u32,
+    w: u32,
+    cols: u32,     // W / P
+    patches: u32,  // (H / P) * (W / P)
+}
+
+const TM: u32 = 32u;
+const TN: u32 = 64u;
+const KC: u32 = 16u;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> pixels: array<f32>;
+#if F16
+@group(0) @binding(2) var<storage, read> weight: array<u32>;
+#else
+@group(0) @binding(2) var<storage, read> weight: array<f32>;
+#endif
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+
+var<workgroup> a_tile: array<f32, 512>;   // [TM][KC]
+var<workgroup> b_tile: array<f32, 1024>;  // [KC][TN]
+
+fn load_weight(idx: u32) -> f32 {
+#if F16
+    return unpack2x16float(weight[idx / 2u])[idx & 1u];
+#else
+    return weight[idx];
+#endif
+}
+
+// Element k of patch m's flattened [3, P, P] pixel block.
+fn load_patch(m: u32, k: u32) -> f32 {
+    let image = m / p.patches;
+    let cell = m % p.patches;
+    let py = (cell / p.cols) * p.size;
+    let px = (cell % p.cols) * p.size;
+    let pp = p.size * p.size;
+    let channel = k / pp;
+    let ky = (k % pp) / p.size;
+    let kx = k % p.size;
+    return pixels[((image * 3u + channel) * p.h + py + ky) * p.w + px + kx];
+}
+
+@compute @workgroup_size(16, 16)
+fn patch_embed(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_id) lid3: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let m0 = wg.x * TM;
+    let n0 = wg.y * TN;
+    var acc: array<f32, 8>;
+    for (var k0 = 0u; k0 < p.k; k0 += KC) {
+        // Patch slice: consecutive threads read consecutive k (adjacent pixels of a patch row).
+        for (var r = 0u; r < 2u; r++) {
+            let e = lid + r * 256u;
+            let m = m0 + e / KC;
+            let k = k0 + e % KC;
+            var v = 0.0;
+            if (m < p.m && k < p.k) {
+                v = load_patch(m, k);
+            }
+            a_tile[e] = v;
+        }
+        // Weight slice: consecutive threads read consecutive k of one output channel.
+        for (var r = 0u; r < 4u; r++) {
+            let e = lid + r * 256u;
+            let n = n0 + e / KC;
+            let kk = e % KC;
+            var v = 0.0;
+            if (n < p.n && k0 + kk < p.k) {
+                v = load_weight(n * p.k + k0 + kk);
+            }
+            b_tile[kk * TN + e / KC] = v;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < KC; kk++) {
+            let a0 = a_tile[lid3.y * KC + kk];
+            let a1 = a_tile[(lid3.y + 16u) * KC + kk];
+            for (var j = 0u; j < 4u; j++) {
+                let b = b_tile[kk * TN + lid3.x + 16u * j];
+                acc[j] += a0 * b;
+                acc[4u + j] += a1 * b;
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var i = 0u; i < 2u; i++) {
+        let m = m0 + lid3.y + 16u * i;
+        for (var j = 0u; j < 4u; j++) {
+            let n = n0 + lid3.x + 16u * j;
+            if (m < p.m && n < p.n) {
+                out[m * p.n + n] = acc[4u * i + j];
+            }
+        }
+    }
+}
