@@ -1,4 +1,5 @@
 // Row gathers: token embeddings (table F32 / F16 / Q8 / Q4) and f32 row gathers.
+// variants: F32 | F16 | Q8 QUANT | Q4 QUANT
 // One thread per output element. The table binding may be a window of rows
 // [p.start, p.start + p.window); each dispatch writes only the outputs whose row falls inside
 // its window, so the windows together cover every id. Ids >= p.vocab are clamped to the last

@@ -6,6 +6,8 @@
 //!   browser-only `enable subgroups;` that naga rejects, dtype-specific loads): a tiny
 //!   preprocessor keeps or drops lines between `#if FLAG` / `#if !FLAG`, `#else` and `#endif`
 //!   (nestable; directives stand alone on their line).
+//!   A shader whose flags are not independent lists its valid sets on a `// variants:` line
+//!   (e.g. `// variants: F32 | F16 | Q8 QUANT | Q4 QUANT`); the naga test validates those.
 //! - **override constants** (`override TILE: u32 = 64;`), set per pipeline by name, for sizes.
 
 use std::collections::HashMap;

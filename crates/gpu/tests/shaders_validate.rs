@@ -1,10 +1,30 @@
 //! Every file in `shaders/` parses and validates with naga under every combination of the
-//! `#if` flags it uses. Needs no GPU.
+//! `#if` flags it uses, or, where the file lists its variants in a `// variants: A | B C | -`
+//! line (flag sets separated by `|`, `-` for none), under exactly those. Needs no GPU.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
 use llava_gpu::registry::preprocess;
+
+/// The flag sets a shader declares with `// variants:`, if it does.
+fn declared_variants(source: &str) -> Option<Vec<Vec<String>>> {
+    let line = source.lines().find_map(|l| l.trim().strip_prefix("// variants:"))?;
+    Some(
+        line.split('|')
+            .map(|set| set.split_whitespace().filter(|f| *f != "-").map(String::from).collect())
+            .collect(),
+    )
+}
+
+/// Every combination of the flags a shader tests with `#if`.
+fn all_combinations(source: &str) -> Vec<Vec<String>> {
+    let flags = flags_used(source);
+    assert!(flags.len() <= 8, "too many flags to enumerate: {flags:?}; declare `// variants:`");
+    (0..1u32 << flags.len())
+        .map(|mask| flags.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, f)| f.clone()).collect())
+        .collect()
+}
 
 fn flags_used(source: &str) -> Vec<String> {
     let set: BTreeSet<String> = source
@@ -28,11 +48,9 @@ fn every_shader_validates_with_naga() {
     let mut failures = Vec::new();
     for path in &files {
         let source = std::fs::read_to_string(path).unwrap();
-        let flags = flags_used(&source);
-        assert!(flags.len() <= 8, "{}: too many flags to enumerate", path.display());
-        for mask in 0..1u32 << flags.len() {
-            let on: Vec<&str> =
-                flags.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, f)| f.as_str()).collect();
+        let variants = declared_variants(&source).unwrap_or_else(|| all_combinations(&source));
+        for variant in &variants {
+            let on: Vec<&str> = variant.iter().map(String::as_str).collect();
             let text = match preprocess(&source, &on) {
                 Ok(t) => t,
                 Err(e) => {
