@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 import transformers
 from PIL import Image
 from transformers import AutoTokenizer, LlavaNextProcessor
+from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 REPO = Path(__file__).resolve().parents[2]
@@ -202,10 +204,109 @@ def chat_cases():
 
 
 # ---------------------------------------------------------------------------------------------
+# Image preprocessing cases
+# ---------------------------------------------------------------------------------------------
+
+
+def synthetic_image(width: int, height: int, mode: str) -> Image.Image:
+    """The documented integer pattern; x is the column, y the row."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.int64)
+    r = (7 * x + 13 * y) % 256
+    g = (x * y + 3 * x) % 256
+    b = (x ^ y) % 256
+    alpha = (5 * x + 11 * y) % 256
+    gray = (3 * x + 5 * y) % 256
+    channels = {"RGB": [r, g, b], "RGBA": [r, g, b, alpha], "L": [gray], "LA": [gray, alpha]}[mode]
+    array = np.stack(channels, axis=-1).astype(np.uint8)
+    return Image.fromarray(array[..., 0] if mode == "L" else array, mode=mode)
+
+
+SYNTHETIC_RGB_SIZES = [
+    (1, 1), (1, 2000), (2000, 1), (2, 3), (3, 2), (335, 337), (337, 335), (336, 336), (672, 672),
+    (100, 100), (800, 600), (600, 800), (1000, 1000), (336, 1008), (1008, 336), (13, 1000), (1000, 13),
+    (4000, 3000), (336, 672), (672, 336), (1008, 1008), (640, 427), (427, 640), (1920, 1080),
+    (1080, 1920), (500, 250), (250, 500), (1009, 337), (337, 1009), (671, 673),
+]  # (width, height)
+SYNTHETIC_SPREAD_COUNT = 30
+SYNTHETIC_OTHER_MODES = [
+    ("RGBA", 800, 600), ("RGBA", 37, 53), ("RGBA", 336, 336),
+    ("L", 800, 600), ("L", 501, 333),
+    ("LA", 640, 480), ("LA", 31, 17),
+]
+SAMPLES_PER_CASE = 32
+
+
+def synthetic_spread_sizes():
+    """Fixed-seed sizes not in SYNTHETIC_RGB_SIZES: half log-uniform in 1..2500, half uniform in 100..2500."""
+    rng = np.random.default_rng(20240601)
+    sizes = []
+    while len(sizes) < SYNTHETIC_SPREAD_COUNT:
+        if len(sizes) % 2 == 0:
+            width, height = (max(1, int(np.exp(v))) for v in rng.uniform(0.0, np.log(2500.0), size=2))
+        else:
+            width, height = (int(v) for v in rng.integers(100, 2501, size=2))
+        if (width, height) not in SYNTHETIC_RGB_SIZES and (width, height) not in sizes:
+            sizes.append((width, height))
+    return sizes
+
+
+def sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def preprocess_case(processor, name, source, image: Image.Image):
+    width, height = image.size
+    rgb = processor.image_processor.convert_to_rgb(image)  # what process_image() builds from a PIL image
+    assert rgb.dtype == np.uint8 and rgb.shape == (height, width, 3)
+    best_h, best_w = select_best_resolution((height, width), GRID_PINPOINTS)
+    inputs = processor(images=image, text="<image>", return_tensors="np")
+    pixels = inputs["pixel_values"][0].astype("<f4")
+    assert pixels.dtype == np.float32 and pixels.shape[1:] == (3, 336, 336)
+    assert list(inputs["image_sizes"][0]) == [height, width]
+    image_tokens = int((inputs["input_ids"][0] == IMAGE_TOKEN_ID).sum())
+    flat = pixels.reshape(-1)
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    indices = np.sort(rng.choice(flat.size, size=SAMPLES_PER_CASE, replace=False))
+    return {
+        "name": name,
+        "source": source,
+        "mode": image.mode,
+        "width": width,
+        "height": height,
+        "rgb_sha256": sha256(rgb),
+        "best_resolution": [int(best_h), int(best_w)],
+        "grid": [int(best_h) // 336, int(best_w) // 336],
+        "num_patches": int(pixels.shape[0]),
+        "image_tokens": image_tokens,
+        "pixels_shape": list(pixels.shape),
+        "pixels_sha256": sha256(pixels),
+        "samples": [[int(i), float(flat[i])] for i in indices],
+    }
+
+
+def preprocess_cases():
+    processor = build_processor("llama2-vicuna")
+    cases = []
+    for path in sorted(IMAGES.iterdir()):
+        with Image.open(path) as image:
+            image.load()
+            cases.append(preprocess_case(processor, path.name, f"file:{path.name}", image))
+    rgb_sizes = SYNTHETIC_RGB_SIZES + synthetic_spread_sizes()
+    for mode, width, height in [("RGB", w, h) for w, h in rgb_sizes] + SYNTHETIC_OTHER_MODES:
+        name = f"synthetic_{mode}_{width}x{height}"
+        cases.append(preprocess_case(processor, name, "synthetic", synthetic_image(width, height, mode)))
+    names = [case["name"] for case in cases]
+    assert len(names) == len(set(names)), "duplicate preprocess case names"
+    write_json(FIXTURES / "preprocess.json", cases)
+    print(f"preprocess.json: {len(cases)} cases")
+
+
+# ---------------------------------------------------------------------------------------------
 
 SECTIONS = {
     "tokenizers": tokenizer_cases,
     "chat": chat_cases,
+    "preprocess": preprocess_cases,
 }
 
 
