@@ -1,0 +1,742 @@
+"""Parity reference generator for the LLaVA-NeXT runtime.
+
+Writes tests/fixtures/ from transformers (PIL image backend, torch CPU, float32) so that the Rust
+tests never need Python. Deterministic: re-running rewrites byte-identical files.
+
+    python tests/reference/generate.py                 # everything
+    python tests/reference/generate.py --only chat     # one or more of: tokenizers chat preprocess models
+"""
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import PIL
+import PIL.features
+import torch
+import transformers
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import (
+    AutoProcessor,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+    MistralConfig,
+)
+from transformers.image_processing_utils import select_best_resolution
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = REPO / "tests" / "fixtures"
+TESTDATA = REPO.parent / "shared" / "testdata"
+IMAGES = TESTDATA / "images"
+TOKENIZERS = TESTDATA / "tokenizers"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+TOKENIZER_NAMES = ("llama2-vicuna", "mistral")
+
+PINNED = {"torch": "2.15.0", "transformers": "5.24.0", "PIL": "13.0.0", "numpy": "2.4.6"}
+
+# The real LLaVA-1.6 preprocessor / processor settings (llava-hf/llava-v1.6-*-hf).
+GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+IMAGE_PROCESSOR_KWARGS = dict(
+    size={"shortest_edge": 336},
+    crop_size={"height": 336, "width": 336},
+    image_grid_pinpoints=GRID_PINPOINTS,
+    do_resize=True,
+    do_center_crop=True,
+    do_rescale=True,
+    rescale_factor=1 / 255,
+    do_normalize=True,
+    do_convert_rgb=True,
+    do_pad=True,
+    resample=3,  # BICUBIC
+    image_mean=[0.48145466, 0.4578275, 0.40821073],
+    image_std=[0.26862954, 0.26130258, 0.27577711],
+)
+PROCESSOR_KWARGS = dict(patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+IMAGE_TOKEN_ID = 32000
+
+
+def check_environment():
+    if importlib.util.find_spec("torchvision") is not None:
+        sys.exit("torchvision is importable: transformers would use its image backend; uninstall it")
+    found = {
+        "torch": torch.__version__.split("+")[0],
+        "transformers": transformers.__version__,
+        "PIL": PIL.__version__,
+        "numpy": np.__version__,
+    }
+    if found != PINNED:
+        sys.exit(f"versions differ from tests/reference/requirements.txt: {found} != {PINNED}")
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+def to_json(value, indent="") -> str:
+    """Indented JSON whose lists of scalars (ids, samples, shapes) stay on one line."""
+    inner = indent + " "
+    if isinstance(value, dict) and value:
+        items = [f"{inner}{json.dumps(k, ensure_ascii=False)}: {to_json(v, inner)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+    if isinstance(value, list) and value and any(isinstance(v, (dict, list)) for v in value):
+        if all(isinstance(v, list) and not any(isinstance(x, (dict, list)) for x in v) for v in value):
+            return "[" + ", ".join(json.dumps(v, ensure_ascii=False) for v in value) + "]"
+        return "[\n" + ",\n".join(inner + to_json(v, inner) for v in value) + "\n" + indent + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def write_json(path: Path, value):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert json.loads(to_json(value)) == value
+    path.write_text(to_json(value) + "\n", encoding="utf-8")
+
+
+def load_tokenizer(name: str):
+    return AutoTokenizer.from_pretrained(TOKENIZERS / name)
+
+
+def build_processor(tokenizer_name: str) -> LlavaNextProcessor:
+    tokenizer = load_tokenizer(tokenizer_name)
+    image_processor = LlavaNextImageProcessorPil(**IMAGE_PROCESSOR_KWARGS)
+    chat_template = (TOKENIZERS / tokenizer_name / "chat_template.jinja").read_text(encoding="utf-8")
+    return LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **PROCESSOR_KWARGS
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer and chat-template cases
+# ---------------------------------------------------------------------------------------------
+
+TOKENIZER_TEXTS = [
+    ("Hello world", True),
+    ("Hello world", False),
+    ("What is shown in this image?", True),
+    ("The quick brown fox jumps over the lazy dog. 1234567890!", True),
+    ("请描述这张图片中的内容。", True),
+    ("中文 and English mixed: 火箭发射", True),
+    ("Emoji 🚀🔥👍🏽 and 👨‍👩‍👧 family", True),
+    (" leading space", True),
+    ("trailing space ", True),
+    ("  two  spaces  inside   and three", True),
+    ("    ", True),
+    ("line one\nline two\n\nline four\n", True),
+    ("\ttab\tseparated\r\nwindows line", True),
+    ("<image>\nWhat is in the picture?", True),
+    ("text before <image> text after", True),
+    ("<image><image>two images", False),
+    ("USER: <image>\nWhat is shown in this image? ASSISTANT:", True),
+    ("[INST] <image>\nWhat is shown in this image? [/INST]", True),
+    (
+        "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+        "helpful, detailed, and polite answers to the human's questions. USER: <image>\nDescribe it. ASSISTANT:",
+        True,
+    ),
+    ("Ünïcödé àccents, ß, naïve café; Ελληνικά; русский", True),
+    ("code: fn main() { println!(\"{}\", 1 + 2); }", True),
+    ("", True),
+    ("</s> literal special tokens <s> in text", False),
+]
+
+
+def tokenizer_cases():
+    cases = []
+    for name in TOKENIZER_NAMES:
+        tokenizer = load_tokenizer(name)
+        for text, add_special in TOKENIZER_TEXTS:
+            ids = tokenizer(text, add_special_tokens=add_special).input_ids
+            cases.append(
+                {
+                    "tokenizer": name,
+                    "text": text,
+                    "add_special_tokens": add_special,
+                    "ids": ids,
+                    "decoded": tokenizer.decode(ids, skip_special_tokens=True),
+                }
+            )
+    write_json(FIXTURES / "tokenizer_cases.json", cases)
+    print(f"tokenizer_cases.json: {len(cases)} cases")
+
+
+def text(t):
+    return {"type": "text", "text": t}
+
+
+IMAGE = {"type": "image"}
+
+CHAT_MESSAGES = [
+    ("single image question", [{"role": "user", "content": [IMAGE, text("What is shown in this image?")]}], True),
+    ("no generation prompt", [{"role": "user", "content": [IMAGE, text("What is shown in this image?")]}], False),
+    ("text only", [{"role": "user", "content": [text("Tell me a joke.")]}], True),
+    ("text before image in content list", [{"role": "user", "content": [text("Describe:"), IMAGE]}], True),
+    ("two images", [{"role": "user", "content": [IMAGE, IMAGE, text("Compare the two pictures.")]}], True),
+    ("chinese", [{"role": "user", "content": [IMAGE, text("这张图片里有什么？")]}], True),
+    (
+        "multi-turn",
+        [
+            {"role": "user", "content": [IMAGE, text("What is shown in this image?")]},
+            {"role": "assistant", "content": [text("A rocket on a launch pad.")]},
+            {"role": "user", "content": [text("What color is it?")]},
+        ],
+        True,
+    ),
+]
+SYSTEM_MESSAGE = {
+    "role": "system",
+    "content": [text("A chat between a curious human and an artificial intelligence assistant.")],
+}
+VICUNA_ONLY_MESSAGES = [
+    (
+        "system + image question",
+        [SYSTEM_MESSAGE, {"role": "user", "content": [IMAGE, text("What is shown in this image?")]}],
+        True,
+    ),
+]
+
+
+def chat_cases():
+    cases = []
+    for name in TOKENIZER_NAMES:
+        processor = build_processor(name)
+        # The mistral template raises on a system role, so system prompts are vicuna-only.
+        extra = VICUNA_ONLY_MESSAGES if name == "llama2-vicuna" else []
+        for label, messages, add_generation_prompt in CHAT_MESSAGES + extra:
+            rendered = processor.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
+            cases.append(
+                {
+                    "tokenizer": name,
+                    "label": label,
+                    "messages": messages,
+                    "add_generation_prompt": add_generation_prompt,
+                    "rendered": rendered,
+                }
+            )
+    write_json(FIXTURES / "chat_cases.json", cases)
+    print(f"chat_cases.json: {len(cases)} cases")
+
+
+# ---------------------------------------------------------------------------------------------
+# Image preprocessing cases
+# ---------------------------------------------------------------------------------------------
+
+
+def synthetic_image(width: int, height: int, mode: str) -> Image.Image:
+    """The documented integer pattern; x is the column, y the row."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.int64)
+    r = (7 * x + 13 * y) % 256
+    g = (x * y + 3 * x) % 256
+    b = (x ^ y) % 256
+    alpha = (5 * x + 11 * y) % 256
+    gray = (3 * x + 5 * y) % 256
+    channels = {"RGB": [r, g, b], "RGBA": [r, g, b, alpha], "L": [gray], "LA": [gray, alpha]}[mode]
+    array = np.stack(channels, axis=-1).astype(np.uint8)
+    return Image.fromarray(array[..., 0] if mode == "L" else array, mode=mode)
+
+
+SYNTHETIC_RGB_SIZES = [
+    (1, 1), (1, 2000), (2000, 1), (2, 3), (3, 2), (335, 337), (337, 335), (336, 336), (672, 672),
+    (100, 100), (800, 600), (600, 800), (1000, 1000), (336, 1008), (1008, 336), (13, 1000), (1000, 13),
+    (4000, 3000), (336, 672), (672, 336), (1008, 1008), (640, 427), (427, 640), (1920, 1080),
+    (1080, 1920), (500, 250), (250, 500), (1009, 337), (337, 1009), (671, 673),
+]  # (width, height)
+SYNTHETIC_SPREAD_COUNT = 30
+SYNTHETIC_OTHER_MODES = [
+    ("RGBA", 800, 600), ("RGBA", 37, 53), ("RGBA", 336, 336),
+    ("L", 800, 600), ("L", 501, 333),
+    ("LA", 640, 480), ("LA", 31, 17),
+]
+SAMPLES_PER_CASE = 32
+
+
+def synthetic_spread_sizes():
+    """Fixed-seed sizes not in SYNTHETIC_RGB_SIZES: half log-uniform in 1..2500, half uniform in 100..2500."""
+    rng = np.random.default_rng(20240601)
+    sizes = []
+    while len(sizes) < SYNTHETIC_SPREAD_COUNT:
+        if len(sizes) % 2 == 0:
+            width, height = (max(1, int(np.exp(v))) for v in rng.uniform(0.0, np.log(2500.0), size=2))
+        else:
+            width, height = (int(v) for v in rng.integers(100, 2501, size=2))
+        if (width, height) not in SYNTHETIC_RGB_SIZES and (width, height) not in sizes:
+            sizes.append((width, height))
+    return sizes
+
+
+def sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def preprocess_case(processor, name, source, image: Image.Image):
+    width, height = image.size
+    rgb = processor.image_processor.convert_to_rgb(image)  # what process_image() builds from a PIL image
+    assert rgb.dtype == np.uint8 and rgb.shape == (height, width, 3)
+    best_h, best_w = select_best_resolution((height, width), GRID_PINPOINTS)
+    inputs = processor(images=image, text="<image>", return_tensors="np")
+    pixels = inputs["pixel_values"][0].astype("<f4")
+    assert pixels.dtype == np.float32 and pixels.shape[1:] == (3, 336, 336)
+    assert list(inputs["image_sizes"][0]) == [height, width]
+    image_tokens = int((inputs["input_ids"][0] == IMAGE_TOKEN_ID).sum())
+    flat = pixels.reshape(-1)
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    indices = np.sort(rng.choice(flat.size, size=SAMPLES_PER_CASE, replace=False))
+    return {
+        "name": name,
+        "source": source,
+        "mode": image.mode,
+        "width": width,
+        "height": height,
+        "rgb_sha256": sha256(rgb),
+        "best_resolution": [int(best_h), int(best_w)],
+        "grid": [int(best_h) // 336, int(best_w) // 336],
+        "num_patches": int(pixels.shape[0]),
+        "image_tokens": image_tokens,
+        "pixels_shape": list(pixels.shape),
+        "pixels_sha256": sha256(pixels),
+        "samples": [[int(i), float(flat[i])] for i in indices],
+    }
+
+
+def preprocess_cases():
+    processor = build_processor("llama2-vicuna")
+    cases = []
+    for path in sorted(IMAGES.iterdir()):
+        with Image.open(path) as image:
+            image.load()
+            cases.append(preprocess_case(processor, path.name, f"file:{path.name}", image))
+    rgb_sizes = SYNTHETIC_RGB_SIZES + synthetic_spread_sizes()
+    for mode, width, height in [("RGB", w, h) for w, h in rgb_sizes] + SYNTHETIC_OTHER_MODES:
+        name = f"synthetic_{mode}_{width}x{height}"
+        cases.append(preprocess_case(processor, name, "synthetic", synthetic_image(width, height, mode)))
+    names = [case["name"] for case in cases]
+    assert len(names) == len(set(names)), "duplicate preprocess case names"
+    write_json(FIXTURES / "preprocess.json", cases)
+    print(f"preprocess.json: {len(cases)} cases")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny random checkpoints with the real LLaVA-1.6 geometry, and their expected outputs
+# ---------------------------------------------------------------------------------------------
+
+VISION_CONFIG = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=336,
+    patch_size=14, projection_dim=32,
+)
+TEXT_COMMON = dict(vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5, num_hidden_layers=2)
+GREEDY_STEPS = 16
+MARGIN_FRACTION = 1e-3  # min (top1 - top2) over greedy steps must be >= this * max|logit|
+MIN_DISTINCT_TOKENS = 4  # reject seeds whose greedy output is a single repeated token or so
+TEXT_INITIALIZER_RANGE = 0.4  # large enough for sharp attention, varied greedy text and clear argmax gaps
+FIRST_SEED = 1000
+MAX_SEED_TRIES = 50
+
+ROCKET_QUESTION = "What is shown in this image?"
+CHINESE_QUESTION = "这张图片里有什么？请详细描述。"
+TEXT_ONLY_QUESTION = "Write a short poem about the sea."
+FOLLOW_UP_QUESTION = "Can you say more about the colors?"
+
+MODELS = {
+    "vicuna-tiny": dict(
+        text=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=4, rope_theta=1e4),
+        tokenizer="llama2-vicuna", dtype=torch.float16, layout="transformers5", tie=False,
+        cases=[
+            ("rocket_en", "rocket.jpg", ROCKET_QUESTION),
+            ("chelsea_zh", "chelsea.png", CHINESE_QUESTION),
+            ("text_only", None, TEXT_ONLY_QUESTION),
+        ],
+        multi_turn=("grace_hopper.jpg", "Who is this person?", FOLLOW_UP_QUESTION),
+    ),
+    "mistral-tiny": dict(
+        text=dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, rope_theta=1e6, sliding_window=4096),
+        tokenizer="mistral", dtype=torch.float16, layout="hub4x", tie=False,
+        cases=[
+            ("rocket_en", "rocket.jpg", ROCKET_QUESTION),
+            ("logo_rgba_zh", "logo.png", CHINESE_QUESTION),
+            ("text_only", None, TEXT_ONLY_QUESTION),
+        ],
+        multi_turn=("page.png", "What does this page say?", FOLLOW_UP_QUESTION),
+    ),
+    "tied-f32": dict(
+        text=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                  num_key_value_heads=2, rope_theta=1e4),
+        tokenizer="llama2-vicuna", dtype=torch.float32, layout="transformers5", tie=True,
+        cases=[
+            ("astronaut_en", "astronaut.png", ROCKET_QUESTION),
+            ("text_only", None, TEXT_ONLY_QUESTION),
+        ],
+        multi_turn=None,
+    ),
+    "bf16-tiny": dict(
+        text=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                  num_key_value_heads=2, rope_theta=1e4),
+        tokenizer="llama2-vicuna", dtype=torch.bfloat16, layout="transformers5", tie=False,
+        cases=[
+            ("coffee_en", "coffee.png", "What is in the cup?"),
+        ],
+        multi_turn=None,
+    ),
+}
+# Files larger than this are symlinked to the first model folder that holds the same tokenizer.
+SHARED_TOKENIZER_FILE = "tokenizer.json"
+DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def make_config(spec) -> LlavaNextConfig:
+    text = dict(TEXT_COMMON, **spec["text"])
+    model_type = text.pop("model_type")
+    text_config_class = {"llama": LlamaConfig, "mistral": MistralConfig}[model_type]
+    text_config = text_config_class(**text, tie_word_embeddings=spec["tie"],
+                                    initializer_range=TEXT_INITIALIZER_RANGE)
+    return LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**VISION_CONFIG),
+        text_config=text_config,
+        image_token_index=IMAGE_TOKEN_ID,
+        image_grid_pinpoints=GRID_PINPOINTS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=spec["tie"],
+    )
+
+
+def hub_tensor_name(name: str) -> str:
+    """transformers in-memory name -> llava-hf hub checkpoint name."""
+    for prefix, hub_prefix in (
+        ("model.vision_tower.", "vision_tower.vision_model."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+        ("model.language_model.", "language_model.model."),
+        ("lm_head.", "language_model.lm_head."),
+    ):
+        if name.startswith(prefix):
+            return hub_prefix + name[len(prefix):]
+    if name == "model.image_newline":
+        return "image_newline"
+    raise ValueError(f"unexpected tensor {name}")
+
+
+def hub_config_json(config: LlavaNextConfig, spec) -> dict:
+    """A transformers-4.x style config.json that, like the real hub files, stores mostly non-defaults."""
+    text = config.text_config
+    dtype = DTYPE_NAMES[spec["dtype"]]
+    text_json = {
+        "_name_or_path": "tiny-random-mistral",
+        "architectures": ["MistralForCausalLM"],
+        "hidden_size": text.hidden_size,
+        "intermediate_size": text.intermediate_size,
+        "max_position_embeddings": text.max_position_embeddings,
+        "model_type": "mistral",
+        "num_attention_heads": text.num_attention_heads,
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_key_value_heads": text.num_key_value_heads,
+        "rms_norm_eps": text.rms_norm_eps,
+        "rope_theta": text.rope_parameters["rope_theta"],
+        "sliding_window": text.sliding_window,
+        "torch_dtype": dtype,
+        "vocab_size": text.vocab_size,
+    }
+    vision = config.vision_config
+    vision_json = {
+        "hidden_size": vision.hidden_size,
+        "image_size": vision.image_size,
+        "intermediate_size": vision.intermediate_size,
+        "model_type": "clip_vision_model",
+        "num_attention_heads": vision.num_attention_heads,
+        "num_hidden_layers": vision.num_hidden_layers,
+        "patch_size": vision.patch_size,
+        "projection_dim": vision.projection_dim,
+        "vocab_size": 32000,
+    }
+    return {
+        "architectures": ["LlavaNextForConditionalGeneration"],
+        "ignore_index": -100,
+        "image_grid_pinpoints": GRID_PINPOINTS,
+        "image_token_index": IMAGE_TOKEN_ID,
+        "model_type": "llava_next",
+        "projector_hidden_act": "gelu",
+        "text_config": text_json,
+        "torch_dtype": dtype,
+        "transformers_version": "4.39.0.dev0",
+        "use_image_newline_parameter": True,
+        "vision_config": vision_json,
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "vocab_size": text.vocab_size,
+    }
+
+
+HUB_SHARDS = (
+    ("vision_tower.", "multi_modal_projector.", "image_newline"),
+    ("language_model.model.",),
+    ("language_model.lm_head.",),
+)
+
+
+def write_hub_layout(model, config, spec, folder: Path):
+    tensors = {hub_tensor_name(k): v.detach().to(spec["dtype"]).contiguous() for k, v in model.state_dict().items()}
+    shard_names = [f"model-{i + 1:05d}-of-{len(HUB_SHARDS):05d}.safetensors" for i in range(len(HUB_SHARDS))]
+    weight_map = {}
+    for shard_name, prefixes in zip(shard_names, HUB_SHARDS):
+        shard = {k: v for k, v in sorted(tensors.items()) if k.startswith(prefixes)}
+        save_file(shard, folder / shard_name, metadata={"format": "pt"})
+        weight_map.update({k: shard_name for k in shard})
+    assert sorted(weight_map) == sorted(tensors), "a tensor is in no shard"
+    total_size = sum(v.numel() * v.element_size() for v in tensors.values())
+    write_json(folder / "model.safetensors.index.json",
+               {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
+    write_json(folder / "config.json", hub_config_json(config, spec))
+    write_json(folder / "generation_config.json",
+               {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2,
+                "transformers_version": "4.39.0.dev0"})
+    # 4.x processors: a flat preprocessor_config.json next to processor_config.json.
+    preprocessor = dict(sorted(IMAGE_PROCESSOR_KWARGS.items()))
+    preprocessor.update(aspect_ratio_setting="anyres", image_processor_type="LlavaNextImageProcessor",
+                        processor_class="LlavaNextProcessor")
+    write_json(folder / "preprocessor_config.json", dict(sorted(preprocessor.items())))
+    write_json(folder / "processor_config.json",
+               {"image_token": "<image>", "processor_class": "LlavaNextProcessor", **PROCESSOR_KWARGS})
+
+
+def write_tokenizer_files(spec, folder: Path, tokenizer_homes: dict):
+    for file_name in TOKENIZER_FILES:
+        target = folder / file_name
+        target.unlink(missing_ok=True)
+        home = tokenizer_homes.get(spec["tokenizer"])
+        if file_name == SHARED_TOKENIZER_FILE and home is not None:
+            target.symlink_to(Path("..") / home / file_name)  # saves ~3.5 MB per extra copy
+        else:
+            shutil.copyfile(TOKENIZERS / spec["tokenizer"] / file_name, target)
+    tokenizer_homes.setdefault(spec["tokenizer"], folder.name)
+
+
+def write_checkpoint(name, spec, seed, tokenizer_homes) -> LlavaNextForConditionalGeneration:
+    folder = FIXTURES / "models" / name
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    config = make_config(spec)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    if spec["layout"] == "hub4x":
+        write_hub_layout(model, config, spec, folder)
+    else:
+        model.to(spec["dtype"]).save_pretrained(folder)
+        build_processor(spec["tokenizer"]).save_pretrained(folder)
+    write_tokenizer_files(spec, folder, tokenizer_homes)
+    return model
+
+
+def load_checkpoint(name, spec, written):
+    """Load the saved folder exactly as a user would, in float32, and check nothing was re-initialised."""
+    folder = FIXTURES / "models" / name
+    model = LlavaNextForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    assert isinstance(processor.image_processor, LlavaNextImageProcessorPil)
+    loaded = model.state_dict()
+    for key, value in written.state_dict().items():
+        expected = value.detach().to(spec["dtype"]).to(torch.float32)
+        assert loaded[key].dtype == torch.float32 and torch.equal(loaded[key], expected), f"{name}: {key} differs"
+    text = model.config.text_config
+    assert text.rope_parameters["rope_theta"] == spec["text"]["rope_theta"]
+    assert text.num_key_value_heads == spec["text"]["num_key_value_heads"]
+    assert text.rms_norm_eps == 1e-5 and model.config.vision_config.hidden_act == "quick_gelu"
+    if spec["tie"]:
+        assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+    return model, processor
+
+
+def chat_prompt(processor, turns, image_first: bool):
+    """turns: alternating user/assistant texts; the first user turn carries the image when image_first."""
+    messages = []
+    for index, turn in enumerate(turns):
+        role = "user" if index % 2 == 0 else "assistant"
+        content = [IMAGE] if (index == 0 and image_first) else []
+        messages.append({"role": role, "content": content + [text(turn)]})
+    add_generation_prompt = len(turns) % 2 == 1
+    return messages, processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                   tokenize=False)
+
+
+def model_inputs(processor, prompt, image_name):
+    if image_name is None:
+        return processor(text=prompt, return_tensors="pt")
+    with Image.open(IMAGES / image_name) as image:
+        image.load()
+        return processor(images=image, text=prompt, return_tensors="pt")
+
+
+@torch.no_grad()
+def greedy(model, inputs):
+    """16 argmax steps with transformers' KV cache and no eos stop, then checked by one full recompute."""
+    prompt_ids = inputs["input_ids"]
+    images = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_sizes")}
+    out = model(input_ids=prompt_ids, **images, use_cache=True, logits_to_keep=1)
+    step_logits = [out.logits[0, -1]]
+    tokens = [int(step_logits[-1].argmax())]
+    while len(tokens) < GREEDY_STEPS:
+        out = model(input_ids=torch.tensor([[tokens[-1]]]), cache=out.cache, use_cache=True)
+        step_logits.append(out.logits[0, -1])
+        tokens.append(int(step_logits[-1].argmax()))
+    cached = torch.stack(step_logits).float()
+    # Without cache: the whole prompt + 15 generated tokens in one forward gives the same 16 argmaxes.
+    full_ids = torch.cat([prompt_ids, torch.tensor([tokens[:-1]])], dim=1)
+    full = model(input_ids=full_ids, **images, logits_to_keep=GREEDY_STEPS).logits[0].float()
+    assert full.argmax(-1).tolist() == tokens, "cached and uncached greedy disagree"
+    assert torch.allclose(full, cached, rtol=0, atol=1e-4 * float(full.abs().max()))
+    # transformers' own greedy generate (stops at eos) must agree on its prefix.
+    generated = model.generate(**inputs, max_new_tokens=GREEDY_STEPS, do_sample=False)[0, prompt_ids.shape[1]:]
+    assert generated.tolist() == tokens[: len(generated)], f"generate() disagrees: {generated.tolist()} vs {tokens}"
+    margins = [float(top[0] - top[1]) for logits in (full, cached) for top in torch.topk(logits, 2).values]
+    max_abs = max(float(full.abs().max()), float(cached.abs().max()))
+    prompt_logits = cached[0].numpy().astype("<f4")
+    return tokens, prompt_logits, min(margins), max_abs
+
+
+class MarginTooSmall(Exception):
+    """This seed gives near-tied or degenerate greedy runs; try the next one."""
+
+
+def run_greedy_case(model, processor, prompt, image_name):
+    inputs = model_inputs(processor, prompt, image_name)
+    tokens, prompt_logits, min_margin, max_abs = greedy(model, inputs)
+    if min_margin < MARGIN_FRACTION * max_abs:
+        raise MarginTooSmall(f"min_margin {min_margin:.3g} < {MARGIN_FRACTION} * {max_abs:.3g}")
+    if max(tokens) >= IMAGE_TOKEN_ID:
+        raise MarginTooSmall(f"greedy produced a non-text token id {max(tokens)}")
+    if len(set(tokens)) < MIN_DISTINCT_TOKENS:
+        raise MarginTooSmall(f"greedy repeats: only {len(set(tokens))} distinct tokens")
+    input_ids = inputs["input_ids"][0]
+    result = {
+        "prompt": prompt,
+        "input_ids": input_ids.tolist(),
+        "image_tokens": int((input_ids == IMAGE_TOKEN_ID).sum()),
+        "max_abs_logit": float(np.abs(prompt_logits).max()),
+        "greedy_tokens": tokens,
+        "greedy_text": processor.tokenizer.decode(tokens, skip_special_tokens=True),
+        "min_margin": min_margin,
+        "max_abs_logit_over_steps": max_abs,
+    }
+    return result, inputs, prompt_logits
+
+
+@torch.no_grad()
+def feature_arrays(model, inputs):
+    """Layer -2 vision features without CLS, and the packed projector output merged into the embeddings."""
+    pixel_values = inputs["pixel_values"][0]
+    hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+    vision_features = hidden[-2][:, 1:].float().numpy().astype("<f4")
+    packed = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    image_features = torch.cat(list(packed), dim=0).float().numpy().astype("<f4")
+    # The projector of the overview's features is the first 576 rows (base first).
+    projected_base = model.model.multi_modal_projector(torch.from_numpy(vision_features[:1]))[0].numpy()
+    assert np.array_equal(projected_base, image_features[:576])
+    assert image_features.shape[0] == int((inputs["input_ids"] == IMAGE_TOKEN_ID).sum())
+    return vision_features, image_features
+
+
+def expected_for_model(name, spec, model, processor):
+    """All cases of one model; raises MarginTooSmall when this seed gives near-ties."""
+    cases, arrays = [], {}
+    for index, (case_id, image_name, question) in enumerate(spec["cases"]):
+        messages, prompt = chat_prompt(processor, [question], image_first=image_name is not None)
+        result, inputs, logits = run_greedy_case(model, processor, prompt, image_name)
+        case = {"id": case_id, "image": image_name, "question": question, "messages": messages, **result}
+        case["logits_npy"] = f"{name}.{case_id}.logits.npy"
+        arrays[case["logits_npy"]] = logits
+        if index == 0:
+            vision_features, image_features = feature_arrays(model, inputs)
+            case["vision_features_npy"] = f"{name}.{case_id}.vision_features.npy"
+            case["image_features_npy"] = f"{name}.{case_id}.image_features.npy"
+            arrays[case["vision_features_npy"]] = vision_features
+            arrays[case["image_features_npy"]] = image_features
+        cases.append(case)
+    if spec["multi_turn"] is not None:
+        image_name, first_question, follow_up = spec["multi_turn"]
+        _, first_prompt = chat_prompt(processor, [first_question], image_first=True)
+        first, _, first_logits = run_greedy_case(model, processor, first_prompt, image_name)
+        answer = first["greedy_text"].strip()
+        messages, prompt = chat_prompt(processor, [first_question, answer, follow_up], image_first=True)
+        second, _, logits = run_greedy_case(model, processor, prompt, image_name)
+        case_id = "multi_turn"
+        case = {"id": case_id, "image": image_name, "question": follow_up, "messages": messages, **second}
+        case["logits_npy"] = f"{name}.{case_id}.logits.npy"
+        case["turn1"] = dict(first, question=first_question, assistant_text=answer,
+                             logits_npy=f"{name}.{case_id}.turn1.logits.npy")
+        arrays[case["logits_npy"]] = logits
+        arrays[case["turn1"]["logits_npy"]] = first_logits
+        cases.append(case)
+    return cases, arrays
+
+
+def models_and_expected():
+    expected_dir = FIXTURES / "expected"
+    if expected_dir.exists():
+        shutil.rmtree(expected_dir)
+    expected_dir.mkdir(parents=True)
+    tokenizer_homes = {}
+    for name, spec in MODELS.items():
+        rejected = []
+        for seed in range(FIRST_SEED, FIRST_SEED + MAX_SEED_TRIES):
+            homes = dict(tokenizer_homes)
+            written = write_checkpoint(name, spec, seed, homes)
+            model, processor = load_checkpoint(name, spec, written)
+            try:
+                cases, arrays = expected_for_model(name, spec, model, processor)
+                break
+            except MarginTooSmall as reason:
+                print(f"{name}: seed {seed} rejected: {reason}")
+                rejected.append({"seed": seed, "reason": str(reason)})
+        else:
+            sys.exit(f"{name}: no seed in {MAX_SEED_TRIES} tries gives clear greedy margins")
+        tokenizer_homes = homes
+        for file_name, array in arrays.items():
+            np.save(expected_dir / file_name, array)
+        write_json(expected_dir / f"{name}.json", {
+            "model": name,
+            "checkpoint": f"models/{name}",
+            "stored_dtype": DTYPE_NAMES[spec["dtype"]],
+            "layout": spec["layout"],
+            "seed": seed,
+            "rejected_seeds": rejected,
+            "margin_rule": f"every greedy run: min_margin >= {MARGIN_FRACTION} * max|logit| over its steps,"
+                           f" every greedy token < 32000, >= {MIN_DISTINCT_TOKENS} distinct tokens",
+            "greedy_steps": GREEDY_STEPS,
+            "cases": cases,
+        })
+        print(f"{name}: seed {seed}, {len(cases)} cases, margins "
+              + ", ".join(f"{c['min_margin'] / c['max_abs_logit_over_steps']:.3g}" for c in cases))
+
+
+# ---------------------------------------------------------------------------------------------
+
+SECTIONS = {
+    "tokenizers": tokenizer_cases,
+    "chat": chat_cases,
+    "preprocess": preprocess_cases,
+    "models": models_and_expected,
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), help="generate only these sections")
+    args = parser.parse_args()
+    check_environment()
+    for name, section in SECTIONS.items():
+        if args.only is None or name in args.only:
+            section()
+
+
+if __name__ == "__main__":
+    main()
