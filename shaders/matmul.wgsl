@@ -101,12 +101,17 @@ fn gemv(
     let jk = j * p.k;
     for (var m0 = 0u; m0 < p.m; m0 += GEMV_M) {
         let rows = min(GEMV_M, p.m - m0);
+        // Loops over i run to the constant GEMV_M (and break) so that they unroll and acc stays in
+        // registers instead of indexed local memory.
         var acc: array<f32, GEMV_M>;
         if (in_range) {
 #if W_F32
             for (var c = lane; c < p.k; c += GEMV_LANES) {
                 let wv = w[jk + c];
-                for (var i = 0u; i < rows; i++) {
+                for (var i = 0u; i < GEMV_M; i++) {
+                    if (i >= rows) {
+                        break;
+                    }
                     acc[i] += wv * x[(m0 + i) * p.k + c];
                 }
             }
@@ -117,7 +122,10 @@ fn gemv(
             for (var wi = jk / 2u + lane; wi <= last; wi += GEMV_LANES) {
                 let pair = unpack2x16float(w[wi]);
                 let e = 2u * wi;
-                for (var i = 0u; i < rows; i++) {
+                for (var i = 0u; i < GEMV_M; i++) {
+                    if (i >= rows) {
+                        break;
+                    }
                     let xrow = (m0 + i) * p.k;
                     if (e >= jk) {
                         acc[i] += pair.x * x[xrow + e - jk];
@@ -139,7 +147,10 @@ fn gemv(
                     bitcast<i32>(word),
                 ) >> vec4<u32>(24u));
                 let s = scale_at((jk + 4u * c4) / 32u);
-                for (var i = 0u; i < rows; i++) {
+                for (var i = 0u; i < GEMV_M; i++) {
+                    if (i >= rows) {
+                        break;
+                    }
                     acc[i] += s * dot(q, x4(m0 + i, 4u * c4));
                 }
             }
@@ -150,7 +161,10 @@ fn gemv(
                 let lo = vec4<f32>((word >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u)) - 8.0;
                 let hi = vec4<f32>((word >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u)) - 8.0;
                 let s = scale_at((jk + 8u * c8) / 32u);
-                for (var i = 0u; i < rows; i++) {
+                for (var i = 0u; i < GEMV_M; i++) {
+                    if (i >= rows) {
+                        break;
+                    }
                     acc[i] += s * (dot(lo, x4(m0 + i, 8u * c8)) + dot(hi, x4(m0 + i, 8u * c8 + 4u)));
                 }
             }

@@ -16,10 +16,11 @@ const SHADER: Shader = shader!("matmul");
 /// Outputs per GEMV workgroup and the GEMM output tile (see the shader).
 const GEMV_OUTPUTS_PER_WORKGROUP: u32 = 4;
 const GEMM_TILE: u32 = 64;
-/// Rows of x up to which [`LinearKernel::Auto`] picks the GEMV. The GEMV reads each weight once
-/// per 8 rows of x and has no data reuse beyond that, so past a few rows the GEMM's tiles win;
-/// the `kernels` benchmark prints the crossover on the current adapter.
-pub const GEMV_MAX_ROWS: usize = 4;
+/// Rows of x up to which [`LinearKernel::Auto`] picks the GEMV: one GEMV pass covers 8 rows (it
+/// reads the weights once per 8 rows), and on llvmpipe the GEMV is 1.3x faster than the GEMM at
+/// M = 8, 1.2x at 16 and 3x slower at 32 (`cargo bench -p llava-gpu --bench kernels` prints this
+/// crossover for the adapter at hand; no discrete GPU has been measured yet).
+pub const GEMV_MAX_ROWS: usize = 8;
 
 /// Which kernel [`linear_with`] runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,7 +101,8 @@ pub(crate) fn linear_windowed(
         return Err(too_big("x or y"));
     }
 
-    let rows_per_window = window_rows(batch, w, k, max_window_bytes)?;
+    let align = batch.gpu().limits().min_storage_buffer_offset_alignment as u64;
+    let rows_per_window = window_rows(n, k, row_bytes(w, k), align, max_window_bytes)?;
     let mut start = 0;
     while start < n {
         let count = rows_per_window.min(n - start);
@@ -195,15 +197,22 @@ fn row_bytes(w: &Tensor, k: usize) -> (u64, u64) {
     (w.dtype().data_bytes(k), scales)
 }
 
-/// Rows per window: all of w if it fits in `max_window_bytes`, else the largest multiple of the
-/// row count whose data and scales offsets land on the storage-offset alignment.
-fn window_rows(batch: &Batch, w: &Tensor, k: usize, max_window_bytes: u64) -> Result<usize> {
-    let n = w.rows();
-    let (data_row, scales_row) = row_bytes(w, k);
+/// Rows per window: all of w if it fits in `max_window_bytes` (and the kernels' u32 element
+/// indices), else the largest multiple of the row count whose data and scales offsets land on
+/// the storage-offset alignment.
+fn window_rows(
+    n: usize,
+    k: usize,
+    (data_row, scales_row): (u64, u64),
+    align: u64,
+    max_window_bytes: u64,
+) -> Result<usize> {
+    // Element indices n * K + c (and one past) stay below 2^31 in every window.
+    let max_window_bytes = max_window_bytes.min(data_row * ((1u64 << 31) / k as u64));
     if data_row * n as u64 <= max_window_bytes {
         return Ok(n);
     }
-    let align = batch.gpu().limits().min_storage_buffer_offset_alignment.max(1) as u64;
+    let align = align.max(1);
     let rows_to_align = |row: u64| if row == 0 { 1 } else { align / gcd(align, row) };
     let step = lcm(rows_to_align(data_row), rows_to_align(scales_row));
     let rows = max_window_bytes / data_row / step * step;
@@ -395,22 +404,25 @@ mod tests {
     }
 
     #[test]
-    fn window_size_follows_offset_alignment() {
-        let gpu = gpu();
-        let batch = gpu.batch();
-        let align = gpu.limits().min_storage_buffer_offset_alignment as usize;
-        let (w, _) = weights(DType::F16, 300, 37, 1);
-        // 74-byte rows: aligned windows hold a multiple of align / gcd(align, 74) rows.
-        let step = align / gcd(align as u64, 74) as usize;
-        assert_eq!(window_rows(&batch, &w, 37, u64::MAX).unwrap(), 300);
+    fn window_size_follows_offset_alignment_and_index_range() {
+        // f16 K = 37: 74-byte rows land on 256 bytes every 128 rows.
+        let f16_rows = (74, 0);
+        assert_eq!(window_rows(300, 37, f16_rows, 256, u64::MAX).unwrap(), 300);
         assert_eq!(
-            window_rows(&batch, &w, 37, (2 * step * 74 + 73) as u64).unwrap(),
-            2 * step
+            window_rows(300, 37, f16_rows, 256, 2 * 128 * 74 + 73).unwrap(),
+            256
         );
         assert!(matches!(
-            window_rows(&batch, &w, 37, 74),
+            window_rows(300, 37, f16_rows, 256, 127 * 74),
             Err(GpuError::TooLarge { .. })
         ));
+        // Q8 K = 64: the 4-byte scale rows, not the 64-byte value rows, set the step of 64.
+        assert_eq!(window_rows(1000, 64, (64, 4), 256, 100 * 64).unwrap(), 64);
+        // Q4 K = 4096 fits any binding here, but element indices must stay below 2^31.
+        assert_eq!(
+            window_rows(1 << 20, 4096, (2048, 256), 256, u64::MAX).unwrap(),
+            1 << 19
+        );
     }
 
     /// Every variant passes naga's front end and validator (what wgpu runs natively; browsers run
