@@ -176,13 +176,13 @@ fn check_shapes(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<(usize,
             ),
         ));
     }
-    if let Some(b) = bias {
-        if b.dtype() != DType::F32 || b.shape() != [n] {
-            return Err(shape_err(
-                OP,
-                format!("bias must be f32 [{n}], got {:?} {:?}", b.dtype(), b.shape()),
-            ));
-        }
+    if let Some(b) = bias
+        && (b.dtype() != DType::F32 || b.shape() != [n])
+    {
+        return Err(shape_err(
+            OP,
+            format!("bias must be f32 [{n}], got {:?} {:?}", b.dtype(), b.shape()),
+        ));
     }
     Ok((n, k))
 }
