@@ -32,17 +32,31 @@ fn inv_freq(theta: f32, dim: usize) -> impl Iterator<Item = f32> {
 pub fn rope(batch: &mut Batch, x: &Tensor, pos_offset: usize, theta: f32) -> Result<Tensor> {
     let (seq, heads, dim) = match x.shape() {
         &[t, h, d] | &[_, t, h, d] => (t, h, d),
-        s => return Err(shape_err("rope", format!("want [T, H, D] or [B, T, H, D], got {s:?}"))),
+        s => {
+            return Err(shape_err(
+                "rope",
+                format!("want [T, H, D] or [B, T, H, D], got {s:?}"),
+            ));
+        }
     };
     if x.dtype() != DType::F32 {
-        return Err(GpuError::Unsupported { op: "rope", what: format!("{:?} input", x.dtype()) });
+        return Err(GpuError::Unsupported {
+            op: "rope",
+            what: format!("{:?} input", x.dtype()),
+        });
     }
     if dim % 2 != 0 || dim == 0 || dim > MAX_HEAD_DIM {
-        return Err(shape_err("rope", format!("head dim {dim} must be even and at most {MAX_HEAD_DIM}")));
+        return Err(shape_err(
+            "rope",
+            format!("head dim {dim} must be even and at most {MAX_HEAD_DIM}"),
+        ));
     }
     // Positions must stay exact as f32 (and in u32).
     if pos_offset + seq > 1 << 24 {
-        return Err(shape_err("rope", format!("positions up to {} exceed 2^24", pos_offset + seq)));
+        return Err(shape_err(
+            "rope",
+            format!("positions up to {} exceed 2^24", pos_offset + seq),
+        ));
     }
     if !(theta.is_finite() && theta > 1.0) {
         return Err(shape_err("rope", format!("theta {theta} must be finite and > 1")));
@@ -119,7 +133,12 @@ mod tests {
             let want = rope_cpu(&x, shape[r - 3], shape[r - 2], shape[r - 1], pos_offset, theta);
             // Beyond 8192 the in-shader range reduction loses a little (still < 2e-6 at 1e5).
             let tol = if pos_offset > 8192 { 4e-6 } else { 1e-6 };
-            assert_close(&got, &want, tol, &format!("rope {shape:?} at {pos_offset}, theta {theta}"));
+            assert_close(
+                &got,
+                &want,
+                tol,
+                &format!("rope {shape:?} at {pos_offset}, theta {theta}"),
+            );
         }
     }
 

@@ -16,14 +16,20 @@ struct Params {
 /// Softmax over the last dimension. x: `[.., N]`, f32.
 pub fn softmax(batch: &mut Batch, x: &Tensor) -> Result<Tensor> {
     if x.dtype() != DType::F32 || x.rank() == 0 || x.numel() == 0 {
-        return Err(shape_err("softmax", format!("want a non-empty f32 tensor, got {:?} {:?}", x.shape(), x.dtype())));
+        return Err(shape_err(
+            "softmax",
+            format!("want a non-empty f32 tensor, got {:?} {:?}", x.shape(), x.dtype()),
+        ));
     }
     let out = Tensor::empty(batch.gpu(), x.shape(), DType::F32)?;
     let rows = x.rows() as u32;
     let grid = batch.gpu().grid(rows);
     batch.dispatch(
         &PipelineKey::new(SHADER, "softmax"),
-        bytemuck::bytes_of(&Params { rows, n: x.last_dim() as u32 }),
+        bytemuck::bytes_of(&Params {
+            rows,
+            n: x.last_dim() as u32,
+        }),
         &[x.binding(), out.binding()],
         grid,
     )?;
@@ -67,7 +73,12 @@ mod tests {
             let n: usize = shape.iter().product();
             let x: Vec<f32> = random(n, n as u64).iter().map(|v| v * scale).collect();
             let got = run(&shape, &x);
-            assert_close(&got, &softmax_cpu(&x, *shape.last().unwrap()), 1e-5, &format!("softmax {shape:?}"));
+            assert_close(
+                &got,
+                &softmax_cpu(&x, *shape.last().unwrap()),
+                1e-5,
+                &format!("softmax {shape:?}"),
+            );
         }
     }
 
@@ -81,7 +92,14 @@ mod tests {
         let got = run(&[2, 3], &x);
         let e = [(-2.0f64).exp(), (-1.0f64).exp(), 1.0];
         let s: f64 = e.iter().sum();
-        let want = [0.5, 0.5, 0.0, (e[0] / s) as f32, (e[1] / s) as f32, (e[2] / s) as f32];
+        let want = [
+            0.5,
+            0.5,
+            0.0,
+            (e[0] / s) as f32,
+            (e[1] / s) as f32,
+            (e[2] / s) as f32,
+        ];
         assert_close(&got, &want, 1e-6, "softmax hand-computed");
     }
 
