@@ -13,6 +13,13 @@
 //! Pillow's integer arithmetic. EXIF orientation is NOT applied, because transformers does not apply
 //! it either: a photo stored sideways with an orientation tag is processed sideways.
 //!
+//! Exactness: PNG (every bit depth and colour type, palettes, tRNS), GIF and WebP decode to the same
+//! bytes as Pillow 13, and everything after decoding is bit-exact. JPEG is not: the pure-Rust decoder
+//! (zune-jpeg, through the `image` crate) uses an stb_image-style IDCT, 14-bit YCbCr->RGB constants
+//! and its own chroma upsampling instead of libjpeg-turbo's `jidctint`/`jdcolor`/`jdsample`, so a
+//! few percent of the bytes differ by 1-4 levels. A JPEG without its end-of-image marker is refused
+//! as truncated, as Pillow does.
+//!
 //! Limits: images with zero pixels, a side over [`MAX_SIDE`] (16384) or more than [`MAX_PIXELS`]
 //! (50 megapixels) are refused with an [`ImageError`]; [`decode`] checks this from the header before
 //! allocating the pixel buffer.
