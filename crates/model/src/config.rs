@@ -489,13 +489,24 @@ pub struct PreprocessorConfig {
 }
 
 const PREPROCESSOR_FILE: &str = "preprocessor_config.json";
+const PROCESSOR_FILE: &str = "processor_config.json";
 
 impl PreprocessorConfig {
-    /// Reads `dir/preprocessor_config.json`; `Ok(None)` when the folder has none.
+    /// Reads `dir/preprocessor_config.json`, or else the `image_processor` section of
+    /// `dir/processor_config.json` (where transformers 5 `save_pretrained` puts it); `Ok(None)`
+    /// when the folder has neither.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Option<Self>> {
         let path = dir.as_ref().join(PREPROCESSOR_FILE);
-        match read_optional(&path)? {
-            Some(text) => Self::from_json_named(&text, &path.display().to_string()).map(Some),
+        if let Some(text) = read_optional(&path)? {
+            return Self::from_json_named(&text, &path.display().to_string()).map(Some);
+        }
+        let path = dir.as_ref().join(PROCESSOR_FILE);
+        let Some(text) = read_optional(&path)? else { return Ok(None) };
+        let file = path.display().to_string();
+        let root_value = parse_json_object(&text, &file)?;
+        let root = Fields::root(&file, &root_value);
+        match root.object("image_processor")? {
+            Some(section) => Self::from_fields(&section).map(Some),
             None => Ok(None),
         }
     }
@@ -519,7 +530,10 @@ impl PreprocessorConfig {
 
     fn from_json_named(json: &str, file: &str) -> Result<Self> {
         let root_value = parse_json_object(json, file)?;
-        let root = Fields::root(file, &root_value);
+        Self::from_fields(&Fields::root(file, &root_value))
+    }
+
+    fn from_fields(root: &Fields) -> Result<Self> {
         // `LlavaNextImageProcessor` class defaults: size {shortest_edge: 224}, crop 224x224.
         let size = root.image_size("size", 224)?;
         let crop_size = root.image_size("crop_size", 224)?;
@@ -1193,6 +1207,20 @@ mod tests {
             bad.contains("preprocessor_config.json") && bad.contains("`image_mean`"),
             "{bad}"
         );
+
+        // transformers 5 saves the image processor inside processor_config.json.
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(PreprocessorConfig::from_dir(dir.path()).unwrap(), None);
+        std::fs::write(
+            dir.path().join("processor_config.json"),
+            r#"{"image_processor": {"crop_size": {"height": 336, "width": 336}, "size": {"shortest_edge": 336},
+                "image_std": [0.5, 0.5, 0.5]}, "patch_size": 14, "processor_class": "LlavaNextProcessor"}"#,
+        )
+        .unwrap();
+        let nested = PreprocessorConfig::from_dir(dir.path()).unwrap().unwrap();
+        assert_eq!((nested.crop_size, nested.image_std, nested.image_mean), ([336, 336], [0.5; 3], CLIP_MEAN));
+        std::fs::write(dir.path().join("preprocessor_config.json"), r#"{"crop_size": 224}"#).unwrap();
+        assert_eq!(PreprocessorConfig::from_dir(dir.path()).unwrap().unwrap().crop_size, [224, 224]);
 
         let fallback = PreprocessorConfig::for_model(&parse(MISTRAL_HF));
         assert_eq!(

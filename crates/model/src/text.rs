@@ -17,45 +17,61 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
-    /// Loads `dir/tokenizer.json` the way transformers 5 loads the folder: with
-    /// `tokenizer_config.json`'s adjustments applied (see [`Tokenizer::from_bytes_with_config`]).
+    /// Loads `dir/tokenizer.json` the way transformers 5.24 `AutoTokenizer` loads the folder
+    /// (see [`Tokenizer::from_bytes_with_config`]), reading `tokenizer_config.json` and the
+    /// `model_type` of `config.json` when present.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         let path = dir.join("tokenizer.json");
         let json = std::fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
-        let config_path = dir.join("tokenizer_config.json");
-        let config = match std::fs::read(&config_path) {
-            Ok(bytes) => Some(bytes),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(ModelError::io(&config_path, e)),
+        let tokenizer_config = read_if_present(&dir.join("tokenizer_config.json"))?;
+        let model_type = match read_json_if_present(&dir.join("config.json"))? {
+            Some(config) => config
+                .get("model_type")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            None => None,
         };
-        Self::from_bytes_with_config(&json, config.as_deref()).map_err(|e| match e {
+        Self::from_bytes_with_config(
+            &json,
+            tokenizer_config.as_deref().map(str::as_bytes),
+            model_type.as_deref(),
+        )
+        .map_err(|e| match e {
             ModelError::Tokenizer(msg) => ModelError::Tokenizer(format!("{}: {msg}", dir.display())),
             other => other,
         })
     }
 
-    /// `tokenizer.json` plus the folder's `tokenizer_config.json`. For `tokenizer_class`
-    /// `LlamaTokenizer` (llava-hf vicuna, mistral and 34b) transformers 5 does not use the file's
-    /// normalizer, pre-tokenizer and decoder but rebuilds them: no normalizer, `Metaspace` with
-    /// `prepend_scheme` "first" ("always" if `legacy: true`, "never" if `add_prefix_space:
-    /// false`), and a decoder stripping one leading space unless `add_prefix_space: false`. With
-    /// "first", text right after a special token such as `<image>` gets no `▁` prefix. The file's
-    /// post-processor (which adds BOS) is kept.
+    /// `tokenizer.json` plus the folder's `tokenizer_config.json` and `config.json` model type.
+    ///
+    /// transformers 5.24 uses `tokenizer.json` as written for LLaVA model folders (model types
+    /// `llava` / `llava_next` are on its list of Hub configs with a wrong `tokenizer_class`), and
+    /// the original LLaVA layout is used as written too. Only a folder without such a model type
+    /// whose `tokenizer_class` is `LlamaTokenizer` is rebuilt as transformers' `LlamaTokenizer`
+    /// does: no normalizer, `Metaspace` with `prepend_scheme` "first" ("always" if `legacy: true`,
+    /// "never" if `add_prefix_space: false`), and a decoder stripping one leading space unless
+    /// `add_prefix_space: false`. The visible difference: with "first", text right after a special
+    /// token such as `<image>` gets no `▁` prefix. The post-processor (which adds BOS) is kept.
     pub fn from_bytes_with_config(
         tokenizer_json: &[u8],
         tokenizer_config_json: Option<&[u8]>,
+        model_type: Option<&str>,
     ) -> Result<Self> {
         let config: Value = match tokenizer_config_json {
             Some(bytes) => serde_json::from_slice(bytes)
                 .map_err(|e| ModelError::Tokenizer(format!("tokenizer_config.json: malformed JSON: {e}")))?,
             None => Value::Null,
         };
-        let is_llama = matches!(
+        let llava_folder = matches!(
+            model_type,
+            Some("llava" | "llava_next" | "llava_llama" | "llava_mistral")
+        );
+        let llama_class = matches!(
             config.get("tokenizer_class").and_then(Value::as_str),
             Some("LlamaTokenizer" | "LlamaTokenizerFast")
         );
-        if !is_llama {
+        if llava_folder || !llama_class {
             return Self::from_bytes(tokenizer_json);
         }
         let mut tokenizer: Value = serde_json::from_slice(tokenizer_json)
@@ -623,6 +639,7 @@ mod tests {
             Tokenizer::from_bytes_with_config(
                 json.to_string().as_bytes(),
                 Some(config.to_string().as_bytes()),
+                None,
             )
             .unwrap()
         };
@@ -660,14 +677,28 @@ mod tests {
             [1, 32000, 13, 5618, 338, 372, 29973]
         );
 
-        // The file as written (prepend_scheme "always") differs from transformers after `<image>`.
+        // In a llava_next model folder transformers uses the file as written (prepend_scheme
+        // "always"): `▁` (29871) follows `<image>`, as in the input_ids of the reference
+        // generator's tiny checkpoints (AutoProcessor on a folder with config.json).
+        let as_written = [1, 32000, 29871, 13, 5618, 338, 372, 29973];
         let as_is = Tokenizer::from_file(format!("{dir}/tokenizer.json")).unwrap();
+        assert_eq!(as_is.encode("<image>\nWhat is it?", true).unwrap(), as_written);
+        let model_folder = tempfile::tempdir().unwrap();
+        for file in ["tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(format!("{dir}/{file}"), model_folder.path().join(file)).unwrap();
+        }
+        std::fs::write(
+            model_folder.path().join("config.json"),
+            r#"{"model_type": "llava_next"}"#,
+        )
+        .unwrap();
+        let in_model_folder = Tokenizer::from_dir(model_folder.path()).unwrap();
         assert_eq!(
-            as_is.encode("<image>\nWhat is it?", true).unwrap(),
-            [1, 32000, 29871, 13, 5618, 338, 372, 29973]
+            in_model_folder.encode("<image>\nWhat is it?", true).unwrap(),
+            as_written
         );
 
-        let bad = Tokenizer::from_bytes_with_config(b"{}", Some(b"{\"tokenizer_class\": "))
+        let bad = Tokenizer::from_bytes_with_config(b"{}", Some(b"{\"tokenizer_class\": "), None)
             .err()
             .unwrap();
         assert!(bad.to_string().contains("tokenizer_config.json"), "{bad}");
