@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use llava_gpu::Gpu;
 use llava_model::generate::{GenerateParams, Turn};
-use llava_model::llava::{LoadOptions, Llava};
+use llava_model::llava::{LoadOptions, Llava, ModelFiles};
 use llava_model::weights::WeightPrecision;
 use llava_model::{ModelError, npy};
 use web_time::Instant;
@@ -234,8 +234,7 @@ fn run(args: RunArgs) -> CliResult<()> {
 
 fn preprocess(args: PreprocessArgs) -> CliResult<()> {
     let dir = model_dir(&args.model);
-    let config = llava_model::config::LlavaConfig::from_dir(&dir)?;
-    let cfg = config.image_config(&dir)?;
+    let cfg = ModelFiles::from_dir(&dir)?.image_config;
     let image = read_image(&args.image)?;
     let pre = llava_image::preprocess(&image, &cfg)?;
     let tokens = llava_image::image_token_count(pre.original_hw, &cfg);
