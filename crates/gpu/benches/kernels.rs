@@ -1,0 +1,280 @@
+//! Kernel benchmark (not a test): `cargo bench -p llava-gpu --bench kernels [-- --full]`.
+//!
+//! Prints one plain table: time per call (median after warm-up, each call submitted and waited
+//! for), GFLOP/s and GB/s of weights read, beside same-run baselines (a CPU sgemm on the same
+//! shapes and a GPU buffer copy) so the figures read as ratios. On a CPU adapter (llvmpipe) the
+//! shapes are scaled down unless `--full` or `LLAVA_BENCH_FULL=1` asks for LLaVA's real ones.
+
+use std::time::{Duration, Instant};
+
+use llava_gpu::ops::matmul::{GEMV_MAX_ROWS, LinearKernel, linear_with};
+use llava_gpu::quant::quantize;
+use llava_gpu::{DType, Gpu, Result, Tensor};
+
+/// Runs after warm-up until this many samples or [`SAMPLE_BUDGET`], whichever comes first.
+const SAMPLES: usize = 9;
+const SAMPLE_BUDGET: Duration = Duration::from_secs(3);
+
+struct Table {
+    rows: Vec<[String; 6]>,
+}
+
+impl Table {
+    fn add(&mut self, what: &str, shape: &str, dtype: &str, secs: f64, flops: f64, weight_bytes: f64) {
+        let rate = |amount: f64| {
+            if amount > 0.0 {
+                format!("{:.1}", amount / secs / 1e9)
+            } else {
+                "-".into()
+            }
+        };
+        self.rows.push([
+            what.into(),
+            shape.into(),
+            dtype.into(),
+            format!("{:.3}", secs * 1e3),
+            rate(flops),
+            rate(weight_bytes),
+        ]);
+    }
+
+    fn print(&self) {
+        let header = ["kernel", "shape", "weights", "ms/call", "GFLOP/s", "GB/s"];
+        let mut widths = header.map(str::len);
+        for row in &self.rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.len());
+            }
+        }
+        let line = |cells: [&str; 6]| {
+            let mut s = format!(
+                "{:<w0$}  {:<w1$}  {:<w2$}",
+                cells[0],
+                cells[1],
+                cells[2],
+                w0 = widths[0],
+                w1 = widths[1],
+                w2 = widths[2]
+            );
+            for (cell, w) in cells[3..].iter().zip(&widths[3..]) {
+                s += &format!("  {cell:>w$}");
+            }
+            println!("{s}");
+        };
+        line(header);
+        println!(
+            "{}",
+            "-".repeat(widths.iter().sum::<usize>() + 2 * (widths.len() - 1))
+        );
+        for row in &self.rows {
+            line([&row[0], &row[1], &row[2], &row[3], &row[4], &row[5]]);
+        }
+    }
+}
+
+/// Median seconds of `run` after two warm-up calls.
+fn median_secs(mut run: impl FnMut() -> Result<()>) -> Result<f64> {
+    run()?;
+    run()?;
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    while samples.len() < SAMPLES && (samples.len() < 3 || start.elapsed() < SAMPLE_BUDGET) {
+        let t = Instant::now();
+        run()?;
+        samples.push(t.elapsed().as_secs_f64());
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(samples[samples.len() / 2])
+}
+
+fn wait(gpu: &Gpu) -> Result<()> {
+    gpu.device()
+        .poll(wgpu::PollType::Wait {
+            submission_index: None,
+            timeout: None,
+        })
+        .map_err(|e| llava_gpu::GpuError::Readback(e.to_string()))?;
+    gpu.check()
+}
+
+/// Deterministic values in [-1, 1) (xorshift).
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// A `[n, k]` weight in `dtype` and the bytes a kernel reads for it (values + scales).
+fn weight(gpu: &Gpu, dtype: DType, n: usize, k: usize) -> Result<(Tensor, f64)> {
+    let w = random(n * k, (n * k) as u64);
+    let t = match dtype {
+        DType::F32 => Tensor::from_f32(gpu, &[n, k], &w)?,
+        DType::F16 => {
+            let h: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+            Tensor::from_f16(gpu, &[n, k], &h)?
+        }
+        _ => Tensor::from_quant(gpu, &quantize(dtype, n, k, &w))?,
+    };
+    let scales = if dtype.is_quantized() {
+        (n * k / Tensor::QUANT_GROUP * 2) as f64
+    } else {
+        0.0
+    };
+    Ok((t, dtype.data_bytes(n * k) as f64 + scales))
+}
+
+/// Times `linear` for x `[m, k]` and w `[n, k]` and adds a row.
+fn linear_row(
+    gpu: &Gpu,
+    table: &mut Table,
+    kernel: LinearKernel,
+    dtype: DType,
+    (m, k, n): (usize, usize, usize),
+) -> Result<f64> {
+    let x = Tensor::from_f32(gpu, &[m, k], &random(m * k, 7))?;
+    let (w, weight_bytes) = weight(gpu, dtype, n, k)?;
+    let secs = median_secs(|| {
+        let mut batch = gpu.batch();
+        linear_with(&mut batch, &x, &w, None, kernel)?;
+        batch.submit()?;
+        wait(gpu)
+    })?;
+    let name = match kernel {
+        LinearKernel::Auto => "linear",
+        LinearKernel::Gemv => "linear gemv",
+        LinearKernel::Gemm => "linear gemm",
+    };
+    table.add(
+        name,
+        &format!("{m}x{k}x{n}"),
+        &format!("{dtype:?}"),
+        secs,
+        2.0 * (m * k * n) as f64,
+        weight_bytes,
+    );
+    Ok(secs)
+}
+
+/// Same-run CPU baseline: matrixmultiply's sgemm (through ndarray, single thread) on `x · wᵀ`.
+fn cpu_sgemm_row(table: &mut Table, (m, k, n): (usize, usize, usize)) -> Result<()> {
+    let x = ndarray::Array2::from_shape_vec((m, k), random(m * k, 7)).expect("m*k values");
+    let w = ndarray::Array2::from_shape_vec((n, k), random(n * k, 8)).expect("n*k values");
+    let secs = median_secs(|| {
+        std::hint::black_box(x.dot(&w.t()));
+        Ok(())
+    })?;
+    table.add(
+        "cpu sgemm (1 thread)",
+        &format!("{m}x{k}x{n}"),
+        "F32",
+        secs,
+        2.0 * (m * k * n) as f64,
+        4.0 * (n * k) as f64,
+    );
+    Ok(())
+}
+
+/// Same-run GPU bandwidth baseline: one buffer-to-buffer copy; GB/s counts bytes read + written.
+fn copy_row(gpu: &Gpu, table: &mut Table, bytes: u64) -> Result<()> {
+    let bytes = bytes.min(gpu.limits().max_buffer_size) / 4 * 4;
+    let words = (bytes / 4) as usize;
+    let src = Tensor::empty(gpu, &[words], DType::F32)?;
+    let dst = Tensor::empty(gpu, &[words], DType::F32)?;
+    let secs = median_secs(|| {
+        let mut batch = gpu.batch();
+        batch.copy(src.binding(), dst.binding());
+        batch.submit()?;
+        wait(gpu)
+    })?;
+    table.add(
+        "buffer copy (read+write)",
+        &format!("{} MiB", bytes >> 20),
+        "-",
+        secs,
+        0.0,
+        2.0 * bytes as f64,
+    );
+    Ok(())
+}
+
+/// ATTENTION ROWS: the lead adds the attention benchmarks here, with `linear_row`'s pattern.
+fn attention_rows(_gpu: &Gpu, _table: &mut Table, _full: bool) -> Result<()> {
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let full =
+        std::env::args().any(|a| a == "--full") || std::env::var("LLAVA_BENCH_FULL").is_ok_and(|v| v == "1");
+    let gpu = Gpu::new_blocking()?;
+    let info = gpu.info();
+    let full = full || info.device_type != wgpu::DeviceType::Cpu;
+    println!(
+        "adapter: {} ({:?}, {:?}), driver: {} {}",
+        info.name, info.backend, info.device_type, info.driver, info.driver_info
+    );
+    println!(
+        "shapes: {}, max storage binding {} MiB\n",
+        if full {
+            "full (LLaVA sizes)"
+        } else {
+            "scaled down for a CPU adapter (--full for real ones)"
+        },
+        gpu.max_binding() >> 20
+    );
+
+    // (rows of x, K, N): vision MLP fc1 (577 patches, 1024 -> 4096) and a 7B prefill of 2340
+    // tokens; decode GEMVs of a 4096-wide attention projection and the MLP's 4096 -> 14336.
+    let (gemms, gemvs, sweep_k, copy_bytes) = if full {
+        (
+            vec![(577, 1024, 4096), (2340, 4096, 4096)],
+            vec![(1, 4096, 4096), (1, 4096, 14336)],
+            4096,
+            512 << 20,
+        )
+    } else {
+        (
+            vec![(577, 256, 1024), (256, 512, 512)],
+            vec![(1, 1024, 1024), (1, 1024, 3584)],
+            1024,
+            64 << 20,
+        )
+    };
+
+    let mut table = Table { rows: Vec::new() };
+    copy_row(&gpu, &mut table, copy_bytes)?;
+    for &shape in &gemms {
+        cpu_sgemm_row(&mut table, shape)?;
+        for dtype in [DType::F32, DType::F16, DType::Q4] {
+            linear_row(&gpu, &mut table, LinearKernel::Gemm, dtype, shape)?;
+        }
+    }
+    for &shape in &gemvs {
+        cpu_sgemm_row(&mut table, shape)?;
+        for dtype in [DType::F32, DType::F16, DType::Q8, DType::Q4] {
+            linear_row(&gpu, &mut table, LinearKernel::Gemv, dtype, shape)?;
+        }
+    }
+    // Where the GEMV stops paying: the same f16 weight through both kernels for growing M.
+    let mut crossover = Vec::new();
+    for m in [1, 2, 4, 8, 16, 32] {
+        let shape = (m, sweep_k, sweep_k);
+        let gemv = linear_row(&gpu, &mut table, LinearKernel::Gemv, DType::F16, shape)?;
+        let gemm = linear_row(&gpu, &mut table, LinearKernel::Gemm, DType::F16, shape)?;
+        crossover.push(format!("M={m}: gemm/gemv {:.2}", gemm / gemv));
+    }
+    attention_rows(&gpu, &mut table, full)?;
+
+    table.print();
+    println!(
+        "\ncrossover (time ratio, >1 means GEMV is faster): {}",
+        crossover.join(", ")
+    );
+    println!("linear() uses the GEMV for M <= {GEMV_MAX_ROWS}.");
+    Ok(())
+}

@@ -1,0 +1,258 @@
+// Linear layers: y = x · wᵀ (+ bias). x: [M, K] f32, w: [N, K] (PyTorch Linear layout), y: [M, .] f32.
+// variants: W_F32 | W_F32 BIAS | W_F16 | W_F16 BIAS | W_Q8 QUANT | W_Q8 QUANT BIAS | W_Q4 QUANT | W_Q4 QUANT BIAS
+//
+// Flags: exactly one of W_F32 / W_F16 / W_Q8 / W_Q4 picks the weight layout (see tensor.rs and
+// quant.rs); QUANT is set with W_Q8 / W_Q4 (adds the f16 scales buffer); BIAS adds the bias.
+// `w` may be a window of rows of a larger weight: output column j of this dispatch is written to
+// column `col0 + j` of y (row stride `y_stride`), with bias `bias[col0 + j]`.
+//
+// Entry points: `gemv` (few rows of x: one workgroup reduces 4 outputs, 64 lanes each) and
+// `gemm` (64x64 output tiles through workgroup memory, 4x4 outputs per thread).
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    y_stride: u32,
+    col0: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+#if W_F32
+@group(0) @binding(2) var<storage, read> w: array<f32>;
+#else
+@group(0) @binding(2) var<storage, read> w: array<u32>;
+#endif
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+#if QUANT
+@group(0) @binding(4) var<storage, read> scales: array<u32>;
+#if BIAS
+@group(0) @binding(5) var<storage, read> bias: array<f32>;
+#endif
+#else
+#if BIAS
+@group(0) @binding(4) var<storage, read> bias: array<f32>;
+#endif
+#endif
+
+fn bias_at(col: u32) -> f32 {
+#if BIAS
+    return bias[col];
+#else
+    return 0.0;
+#endif
+}
+
+#if QUANT
+// f16 scale of quantization group g (two per word, even index in the low half).
+fn scale_at(g: u32) -> f32 {
+    let pair = unpack2x16float(scales[g / 2u]);
+    return select(pair.x, pair.y, (g & 1u) == 1u);
+}
+#endif
+
+// Element (n, c) of the weight window as f32.
+fn w_at(n: u32, c: u32) -> f32 {
+    let e = n * p.k + c;
+#if W_F32
+    return w[e];
+#endif
+#if W_F16
+    let pair = unpack2x16float(w[e / 2u]);
+    return select(pair.x, pair.y, (e & 1u) == 1u);
+#endif
+#if W_Q8
+    let q = bitcast<i32>(w[e / 4u] << (24u - 8u * (e & 3u))) >> 24u;
+    return f32(q) * scale_at(e / 32u);
+#endif
+#if W_Q4
+    let nibble = (w[e / 8u] >> (4u * (e & 7u))) & 15u;
+    return (f32(nibble) - 8.0) * scale_at(e / 32u);
+#endif
+}
+
+// Four consecutive values of row m of x from column c.
+fn x4(m: u32, c: u32) -> vec4<f32> {
+    let b = m * p.k + c;
+    return vec4<f32>(x[b], x[b + 1u], x[b + 2u], x[b + 3u]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMV: 256 threads = GEMV_OUTS outputs x GEMV_LANES lanes. Each lane walks its row of w with
+// stride GEMV_LANES, for up to GEMV_M rows of x at once (so each weight is read once per GEMV_M
+// rows), then the lanes reduce through workgroup memory.
+
+const GEMV_LANES: u32 = 64u;
+const GEMV_OUTS: u32 = 4u;
+const GEMV_M: u32 = 8u;
+const GEMV_THREADS: u32 = 256u;
+
+var<workgroup> partial: array<f32, 2048>; // GEMV_M * GEMV_THREADS
+
+@compute @workgroup_size(256)
+fn gemv(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let lane = lid % GEMV_LANES;
+    let j = (wg.x + wg.y * nwg.x) * GEMV_OUTS + lid / GEMV_LANES;
+    let in_range = j < p.n;
+    let jk = j * p.k;
+    for (var m0 = 0u; m0 < p.m; m0 += GEMV_M) {
+        let rows = min(GEMV_M, p.m - m0);
+        // Loops over i run to the constant GEMV_M (and break) so that they unroll and acc stays in
+        // registers instead of indexed local memory.
+        var acc: array<f32, GEMV_M>;
+        if (in_range) {
+#if W_F32
+            for (var c = lane; c < p.k; c += GEMV_LANES) {
+                let wv = w[jk + c];
+                for (var i = 0u; i < GEMV_M; i++) {
+                    if (i >= rows) {
+                        break;
+                    }
+                    acc[i] += wv * x[(m0 + i) * p.k + c];
+                }
+            }
+#endif
+#if W_F16
+            // Rows of odd K start or end mid-word: skip the halves that belong to the neighbours.
+            let last = (jk + p.k - 1u) / 2u;
+            for (var wi = jk / 2u + lane; wi <= last; wi += GEMV_LANES) {
+                let pair = unpack2x16float(w[wi]);
+                let e = 2u * wi;
+                for (var i = 0u; i < GEMV_M; i++) {
+                    if (i >= rows) {
+                        break;
+                    }
+                    let xrow = (m0 + i) * p.k;
+                    if (e >= jk) {
+                        acc[i] += pair.x * x[xrow + e - jk];
+                    }
+                    if (e + 1u < jk + p.k) {
+                        acc[i] += pair.y * x[xrow + e + 1u - jk];
+                    }
+                }
+            }
+#endif
+#if W_Q8
+            // K % 32 == 0, so rows start on a word and a word never straddles a group.
+            for (var c4 = lane; c4 < p.k / 4u; c4 += GEMV_LANES) {
+                let word = w[jk / 4u + c4];
+                let q = vec4<f32>(vec4<i32>(
+                    bitcast<i32>(word << 24u),
+                    bitcast<i32>(word << 16u),
+                    bitcast<i32>(word << 8u),
+                    bitcast<i32>(word),
+                ) >> vec4<u32>(24u));
+                let s = scale_at((jk + 4u * c4) / 32u);
+                for (var i = 0u; i < GEMV_M; i++) {
+                    if (i >= rows) {
+                        break;
+                    }
+                    acc[i] += s * dot(q, x4(m0 + i, 4u * c4));
+                }
+            }
+#endif
+#if W_Q4
+            for (var c8 = lane; c8 < p.k / 8u; c8 += GEMV_LANES) {
+                let word = vec4<u32>(w[jk / 8u + c8]);
+                let lo = vec4<f32>((word >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u)) - 8.0;
+                let hi = vec4<f32>((word >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u)) - 8.0;
+                let s = scale_at((jk + 8u * c8) / 32u);
+                for (var i = 0u; i < GEMV_M; i++) {
+                    if (i >= rows) {
+                        break;
+                    }
+                    acc[i] += s * (dot(lo, x4(m0 + i, 8u * c8)) + dot(hi, x4(m0 + i, 8u * c8 + 4u)));
+                }
+            }
+#endif
+        }
+        for (var i = 0u; i < GEMV_M; i++) {
+            partial[i * GEMV_THREADS + lid] = acc[i];
+        }
+        workgroupBarrier();
+        for (var stride = GEMV_LANES / 2u; stride > 0u; stride /= 2u) {
+            if (lane < stride) {
+                for (var i = 0u; i < rows; i++) {
+                    partial[i * GEMV_THREADS + lid] += partial[i * GEMV_THREADS + lid + stride];
+                }
+            }
+            workgroupBarrier();
+        }
+        if (in_range && lane == 0u) {
+            for (var i = 0u; i < rows; i++) {
+                y[(m0 + i) * p.y_stride + p.col0 + j] = partial[i * GEMV_THREADS + lid] + bias_at(p.col0 + j);
+            }
+        }
+        // The next pass overwrites `partial`.
+        workgroupBarrier();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM: a 16x16 workgroup computes a TILE x TILE block of y; thread (tx, ty) owns rows
+// ty + 16 i and columns tx + 16 j (i, j < 4), so reads of the tiles are conflict-free and the
+// stores coalesce. Tiles are zero-filled past M, N and K, so no size needs to be a multiple.
+
+const TILE: u32 = 64u;
+const TILE_K: u32 = 16u;
+
+var<workgroup> x_tile: array<f32, 1024>; // [TILE_K][TILE]
+var<workgroup> w_tile: array<f32, 1024>; // [TILE_K][TILE]
+
+@compute @workgroup_size(16, 16)
+fn gemm(
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+) {
+    let row0 = wg.y * TILE;
+    let n0 = wg.x * TILE;
+    var acc: array<vec4<f32>, 4>;
+    for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
+        // 256 threads load 4 elements of each tile; 16 consecutive threads cover one row's K-slice.
+        for (var r = 0u; r < 4u; r++) {
+            let idx = t + 256u * r;
+            let i = idx / TILE_K;
+            let kk = idx % TILE_K;
+            let c = k0 + kk;
+            var xv = 0.0;
+            if (row0 + i < p.m && c < p.k) {
+                xv = x[(row0 + i) * p.k + c];
+            }
+            x_tile[kk * TILE + i] = xv;
+            var wv = 0.0;
+            if (n0 + i < p.n && c < p.k) {
+                wv = w_at(n0 + i, c);
+            }
+            w_tile[kk * TILE + i] = wv;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < TILE_K; kk++) {
+            let xb = kk * TILE + lid.y;
+            let wb = kk * TILE + lid.x;
+            let b = vec4<f32>(w_tile[wb], w_tile[wb + 16u], w_tile[wb + 32u], w_tile[wb + 48u]);
+            acc[0] += x_tile[xb] * b;
+            acc[1] += x_tile[xb + 16u] * b;
+            acc[2] += x_tile[xb + 32u] * b;
+            acc[3] += x_tile[xb + 48u] * b;
+        }
+        workgroupBarrier();
+    }
+    for (var i = 0u; i < 4u; i++) {
+        let row = row0 + lid.y + 16u * i;
+        if (row >= p.m) {
+            break;
+        }
+        for (var jj = 0u; jj < 4u; jj++) {
+            let col = n0 + lid.x + 16u * jj;
+            if (col < p.n) {
+                y[row * p.y_stride + p.col0 + col] = acc[i][jj] + bias_at(p.col0 + col);
+            }
+        }
+    }
+}
