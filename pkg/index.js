@@ -61,3 +61,61 @@ export async function gpuSelfTest({ seed = 1 } = {}) {
     client.terminate();
   }
 }
+
+/**
+ * Converts any image the API accepts into what the worker takes: encoded files stay encoded (and
+ * are decoded by the same Rust as natively); decoded images become RGBA pixels. Returns
+ * `{ source, transfer }`.
+ */
+async function toImageSource(image) {
+  if (image == null) throw new TypeError('no image given');
+  if (typeof Blob !== 'undefined' && image instanceof Blob) return { source: { blob: image }, transfer: [] };
+  if (image instanceof ArrayBuffer || ArrayBuffer.isView(image)) {
+    // A copy, so that the caller's buffer is not detached by the transfer.
+    const bytes = ArrayBuffer.isView(image)
+      ? new Uint8Array(image.buffer, image.byteOffset, image.byteLength).slice()
+      : new Uint8Array(image.slice(0));
+    return { source: { encoded: bytes }, transfer: [bytes.buffer] };
+  }
+  if (typeof ImageData !== 'undefined' && image instanceof ImageData) {
+    const rgba = new Uint8Array(image.data);
+    return { source: { width: image.width, height: image.height, rgba }, transfer: [rgba.buffer] };
+  }
+  if (typeof HTMLImageElement !== 'undefined' && image instanceof HTMLImageElement) {
+    try {
+      await image.decode();
+    } catch {
+      throw new Error(`the image element could not be decoded (src: ${image.currentSrc || image.src || 'none'})`);
+    }
+  }
+  const width = image.naturalWidth ?? image.displayWidth ?? image.videoWidth ?? image.width;
+  const height = image.naturalHeight ?? image.displayHeight ?? image.videoHeight ?? image.height;
+  const drawable = ['HTMLImageElement', 'HTMLCanvasElement', 'OffscreenCanvas', 'ImageBitmap', 'HTMLVideoElement', 'VideoFrame']
+    .some((name) => typeof globalThis[name] !== 'undefined' && image instanceof globalThis[name]);
+  if (!drawable) {
+    throw new TypeError(
+      `unsupported image type ${Object.prototype.toString.call(image)}: pass a Blob/File, ImageBitmap, ImageData, ` +
+        'HTMLImageElement, HTMLCanvasElement or encoded bytes',
+    );
+  }
+  if (!(width > 0 && height > 0)) throw new Error(`the image has no pixels (${width}x${height})`);
+  const context = new OffscreenCanvas(width, height).getContext('2d', { willReadFrequently: true });
+  context.drawImage(image, 0, 0);
+  const rgba = new Uint8Array(context.getImageData(0, 0, width, height).data.buffer);
+  return { source: { width, height, rgba }, transfer: [rgba.buffer] };
+}
+
+/**
+ * Decodes and preprocesses an image exactly as the model does before the vision tower (AnyRes
+ * tiling). `options` overrides preprocessor_config.json values (default LLaVA-1.6's): tileSize,
+ * patchSize, gridPinpoints, imageMean, imageStd.
+ */
+export async function preprocessImage(image, options) {
+  const { source, transfer } = await toImageSource(image);
+  const client = new WorkerClient();
+  try {
+    return await client.call('preprocessImage', { image: source, options }, { transfer });
+  } finally {
+    client.terminate();
+  }
+}

@@ -2,29 +2,115 @@
 //! JavaScript as an `Error` with a message; a Rust panic (a bug) is logged to the console by
 //! `console_error_panic_hook` before the module traps.
 
+use js_sys::{Float32Array, Object, Reflect, Uint8Array};
 use wasm_bindgen::prelude::*;
+
+use crate::image_input::{ImageOptions, ImageSource};
 
 #[wasm_bindgen(start)]
 fn start() {
     console_error_panic_hook::set_once();
 }
 
+fn js_error(e: impl std::fmt::Display) -> JsError {
+    JsError::new(&e.to_string())
+}
+
 /// Serialises `value` to a plain JS object (through JSON, so u64 limits become numbers).
 fn to_js<T: serde::Serialize>(value: &T) -> Result<JsValue, JsError> {
-    let json = serde_json::to_string(value).map_err(|e| JsError::new(&e.to_string()))?;
+    let json = serde_json::to_string(value).map_err(js_error)?;
     js_sys::JSON::parse(&json)
         .map_err(|_| JsError::new("could not convert the result to JavaScript"))
+}
+
+/// Reads a plain JS options object (`undefined`/`null` = all defaults) into `T`.
+fn from_js<T: serde::de::DeserializeOwned + Default>(
+    value: &JsValue,
+    what: &str,
+) -> Result<T, JsError> {
+    if value.is_undefined() || value.is_null() {
+        return Ok(T::default());
+    }
+    let json = js_sys::JSON::stringify(value)
+        .map_err(|_| JsError::new(&format!("{what} must be a plain object")))?;
+    serde_json::from_str(&String::from(json)).map_err(|e| JsError::new(&format!("bad {what}: {e}")))
+}
+
+fn get(object: &JsValue, key: &str) -> Result<JsValue, JsError> {
+    Reflect::get(object, &JsValue::from_str(key))
+        .map_err(|_| JsError::new(&format!("cannot read `{key}`")))
+}
+
+fn set(object: &Object, key: &str, value: impl Into<JsValue>) {
+    // Setting a property of a fresh plain object cannot fail.
+    let _ = Reflect::set(object, &JsValue::from_str(key), &value.into());
+}
+
+fn dimension(source: &JsValue, key: &str) -> Result<u32, JsError> {
+    get(source, key)?
+        .as_f64()
+        .filter(|v| v.fract() == 0.0 && *v >= 0.0 && *v <= u32::MAX as f64)
+        .map(|v| v as u32)
+        .ok_or_else(|| JsError::new(&format!("image `{key}` must be a whole number")))
+}
+
+/// `{ encoded: Uint8Array }` or `{ width, height, rgba: Uint8Array | Uint8ClampedArray }`, as
+/// pkg/index.js and pkg/worker.js build them from the image types the API accepts.
+fn image_source(source: &JsValue) -> Result<ImageSource, JsError> {
+    let encoded = get(source, "encoded")?;
+    if let Some(bytes) = encoded.dyn_ref::<Uint8Array>() {
+        return Ok(ImageSource::Encoded(bytes.to_vec()));
+    }
+    let rgba = get(source, "rgba")?;
+    let data = if let Some(bytes) = rgba.dyn_ref::<Uint8Array>() {
+        bytes.to_vec()
+    } else if let Some(bytes) = rgba.dyn_ref::<js_sys::Uint8ClampedArray>() {
+        bytes.to_vec()
+    } else {
+        return Err(JsError::new(
+            "an image must be { encoded: Uint8Array } or { width, height, rgba }",
+        ));
+    };
+    Ok(ImageSource::Rgba {
+        width: dimension(source, "width")?,
+        height: dimension(source, "height")?,
+        data,
+    })
 }
 
 /// Opens the WebGPU adapter, runs a few real kernels against CPU references and returns the
 /// report (adapter, features, limits, per-kernel errors). See `self_test::run`.
 #[wasm_bindgen(js_name = gpuSelfTest)]
 pub async fn gpu_self_test(seed: u32) -> Result<JsValue, JsError> {
-    let gpu = llava_gpu::Gpu::new()
-        .await
-        .map_err(|e| JsError::new(&e.to_string()))?;
+    let gpu = llava_gpu::Gpu::new().await.map_err(js_error)?;
     let report = crate::self_test::run(&gpu, seed as u64)
         .await
-        .map_err(|e| JsError::new(&e.to_string()))?;
+        .map_err(js_error)?;
     to_js(&report)
+}
+
+/// Decodes and preprocesses one image as the model would (AnyRes tiling): returns `{ width,
+/// height, bestResolution, grid, numPatches, imageTokens, rgb: Uint8Array, pixels:
+/// Float32Array }`, where `pixels` is `[numPatches, 3, tile, tile]`.
+#[wasm_bindgen(js_name = preprocessImage)]
+pub fn preprocess_image(source: JsValue, options: JsValue) -> Result<JsValue, JsError> {
+    let config = from_js::<ImageOptions>(&options, "image options")?
+        .config()
+        .map_err(js_error)?;
+    let rgb = image_source(&source)?.to_rgb().map_err(js_error)?;
+    let pre = llava_image::preprocess(&rgb, &config).map_err(js_error)?;
+    let out = Object::new();
+    set(&out, "width", rgb.width);
+    set(&out, "height", rgb.height);
+    set(&out, "bestResolution", to_js(&pre.best_resolution)?);
+    set(&out, "grid", to_js(&pre.grid)?);
+    set(&out, "numPatches", pre.num_patches as u32);
+    set(
+        &out,
+        "imageTokens",
+        llava_image::image_token_count(pre.original_hw, &config) as u32,
+    );
+    set(&out, "rgb", Uint8Array::from(&rgb.data[..]));
+    set(&out, "pixels", Float32Array::from(&pre.pixels[..]));
+    Ok(out.into())
 }
