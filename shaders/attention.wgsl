@@ -1,3 +1,4 @@
+// variants: TILED HEAD_DIM_16 | SPLIT HEAD_DIM_16 | COMBINE HEAD_DIM_16 | TILED HEAD_DIM_32 | SPLIT HEAD_DIM_32 | COMBINE HEAD_DIM_32 | TILED HEAD_DIM_64 | SPLIT HEAD_DIM_64 | COMBINE HEAD_DIM_64 | TILED HEAD_DIM_128 | SPLIT HEAD_DIM_128 | COMBINE HEAD_DIM_128
 // Scaled dot-product attention over f32 activations with an online (flash-attention) softmax:
 // a running max and sum per query row, so no [Tq, Tk] score matrix and no overflow.
 //

@@ -1,1 +1,12 @@
 //! LLaVA-1.6 model: config, checkpoints, text, vision tower, projector, language model, generation.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod npy;
+pub mod text;
+
+pub use checkpoint::{Checkpoint, Dtype, HostTensor, StoredDtype, TensorInfo};
+pub use config::{GenerationConfig, LlavaConfig, PreprocessorConfig, TextArch};
+pub use error::{ModelError, Result};
+pub use text::{ChatTemplate, Message, StreamDecoder, Tokenizer};
