@@ -9,6 +9,7 @@ import { chromium } from 'playwright-core';
 
 import { repoRoot, startServer } from './server.js';
 
+export const sharedDir = path.resolve(repoRoot, '../shared');
 export const artifactsDir = path.join(repoRoot, 'tests/browser/artifacts');
 
 const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
@@ -76,6 +77,13 @@ export async function openBrowser() {
     }
   });
   await cdp.send('Log.enable');
+  // The shared test data (outside the served repository) appears under /shared/ for the tests.
+  await page.route(`${url}shared/**`, (route) => {
+    const rel = decodeURIComponent(new URL(route.request().url()).pathname.slice('/shared/'.length));
+    const file = path.resolve(sharedDir, rel);
+    if (!file.startsWith(sharedDir + path.sep) || !fs.existsSync(file)) return route.fulfill({ status: 404 });
+    return route.fulfill({ path: file });
+  });
   return {
     page,
     url,

@@ -92,5 +92,5 @@ export function startServer({ root = repoRoot, port = 0 } = {}) {
 if (import.meta.url === pathToFileURL(process.argv[1]).href) {
   const port = Number(process.env.PORT ?? 8080);
   const { url } = await startServer({ port });
-  console.log(`serving ${repoRoot} at ${url}\ndemo: ${url}web/`);
+  console.log(`serving ${repoRoot} at ${url}`);
 }

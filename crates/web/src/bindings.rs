@@ -114,3 +114,41 @@ pub fn preprocess_image(source: JsValue, options: JsValue) -> Result<JsValue, Js
     set(&out, "pixels", Float32Array::from(&pre.pixels[..]));
     Ok(out.into())
 }
+
+/// The model's tokenizer (the same Rust as natively, with the pure-Rust regex backend), for
+/// counting and inspecting tokens. Built from a model folder's files.
+#[wasm_bindgen]
+pub struct Tokenizer(llava_model::Tokenizer);
+
+#[wasm_bindgen]
+impl Tokenizer {
+    /// `tokenizer.json`, and optionally `tokenizer_config.json` and `config.json`'s `model_type`,
+    /// read as transformers' `AutoTokenizer` reads the folder.
+    #[wasm_bindgen(constructor)]
+    pub fn new(
+        tokenizer_json: &[u8],
+        tokenizer_config_json: Option<Vec<u8>>,
+        model_type: Option<String>,
+    ) -> Result<Tokenizer, JsError> {
+        llava_model::Tokenizer::from_bytes_with_config(
+            tokenizer_json,
+            tokenizer_config_json.as_deref(),
+            model_type.as_deref(),
+        )
+        .map(Tokenizer)
+        .map_err(js_error)
+    }
+
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, JsError> {
+        self.0.encode(text, add_special_tokens).map_err(js_error)
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, JsError> {
+        self.0.decode(ids, skip_special_tokens).map_err(js_error)
+    }
+
+    #[wasm_bindgen(getter, js_name = vocabSize)]
+    pub fn vocab_size(&self) -> usize {
+        self.0.vocab_size()
+    }
+}
