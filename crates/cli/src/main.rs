@@ -1,1 +1,305 @@
-fn main() {}
+//! `llava`: run LLaVA-1.6 on an image natively (wgpu on Vulkan/Metal/DX12).
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use llava_gpu::Gpu;
+use llava_model::generate::{GenerateParams, Turn};
+use llava_model::llava::{LoadOptions, Llava};
+use llava_model::weights::WeightPrecision;
+use llava_model::{ModelError, npy};
+use web_time::Instant;
+
+/// The tiny random-weight checkpoint bundled with the repository (real geometry, nonsense answers).
+const BUNDLED_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/models/mistral-tiny");
+
+#[derive(Parser)]
+#[command(name = "llava", version, about = "LLaVA-1.6 (LLaVA-NeXT) on WebGPU, natively")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer one question about an image, streaming the answer.
+    Run(RunArgs),
+    /// Show how an image is tiled (AnyRes) and how many tokens it becomes.
+    Preprocess(PreprocessArgs),
+    /// Interactive multi-turn chat about an image.
+    Chat(ChatArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Checkpoint folder (HuggingFace llava-hf or liuhaotian layout). Default: the bundled tiny model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Precision of the weights on the GPU (default: the checkpoint's, bf16 as f16).
+    #[arg(long, value_enum)]
+    quant: Option<Precision>,
+    /// KV-cache size in tokens.
+    #[arg(long)]
+    context: Option<usize>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Precision {
+    F32,
+    F16,
+    Q8,
+    Q4,
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Sampling temperature; greedy decoding when omitted or 0.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when the answer contains this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Do not stop at end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    image: Option<PathBuf>,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long)]
+    system: Option<String>,
+    /// Use --prompt as the whole prompt (with <image> where the image goes), no chat template.
+    #[arg(long)]
+    raw_prompt: bool,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Print one JSON object at the end instead of streaming text.
+    #[arg(long)]
+    json: bool,
+    /// Write the logits at the last prompt position as float32 .npy [vocab].
+    #[arg(long)]
+    logits_out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct PreprocessArgs {
+    /// Checkpoint folder whose config gives the grid pinpoints. Default: the bundled tiny model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long)]
+    image: PathBuf,
+    #[arg(long)]
+    json: bool,
+    /// Write the normalised tiles as float32 .npy [tiles, 3, H, W].
+    #[arg(long)]
+    pixels_out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    image: Option<PathBuf>,
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Preprocess(args) => preprocess(args),
+        Command::Chat(args) => chat(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type CliResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn model_dir(model: &Option<PathBuf>) -> PathBuf {
+    model.clone().unwrap_or_else(|| PathBuf::from(BUNDLED_MODEL))
+}
+
+fn load(args: &ModelArgs) -> CliResult<(Llava, f64)> {
+    let start = Instant::now();
+    let gpu = Arc::new(Gpu::new_blocking()?);
+    let precision = match args.quant {
+        None => WeightPrecision::Native,
+        Some(Precision::F32) => WeightPrecision::F32,
+        Some(Precision::F16) => WeightPrecision::F16,
+        Some(Precision::Q8) => WeightPrecision::Q8,
+        Some(Precision::Q4) => WeightPrecision::Q4,
+    };
+    let dir = model_dir(&args.model);
+    let model = Llava::load_dir(gpu, &dir, &LoadOptions { precision, context: args.context })
+        .map_err(|e| format!("loading {}: {e}", dir.display()))?;
+    Ok((model, start.elapsed().as_secs_f64()))
+}
+
+fn read_image(path: &Path) -> CliResult<llava_image::Rgb8> {
+    let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    Ok(llava_image::decode(&bytes).map_err(|e| format!("{}: {e}", path.display()))?)
+}
+
+impl SamplingArgs {
+    fn params(&self) -> GenerateParams {
+        GenerateParams {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            stop: self.stop.clone(),
+            ignore_eos: self.ignore_eos,
+        }
+    }
+}
+
+fn run(args: RunArgs) -> CliResult<()> {
+    let image = args.image.as_deref().map(read_image).transpose()?;
+    let (model, load_s) = load(&args.model)?;
+    let mut session = model.chat(args.system.clone())?;
+    let turn = Turn {
+        image: image.as_ref(),
+        text: &args.prompt,
+        raw_prompt: args.raw_prompt,
+        want_logits: args.logits_out.is_some(),
+    };
+    let stream = !args.json;
+    let reply = pollster::block_on(session.send(&model, turn, &args.sampling.params(), |event| {
+        if stream {
+            print!("{}", event.text);
+            let _ = std::io::stdout().flush();
+        }
+        true
+    }))?;
+    if let (Some(path), Some(logits)) = (&args.logits_out, &reply.first_logits) {
+        npy::write_f32(path, &[logits.len()], logits)?;
+    }
+    if args.json {
+        let mut timings = serde_json::to_value(&reply.timings)?;
+        timings["load_s"] = load_s.into();
+        let out = serde_json::json!({
+            "text": reply.text,
+            "tokens": reply.tokens,
+            "prompt_tokens": reply.prompt_tokens,
+            "image_tokens": reply.image_tokens,
+            "stop_reason": reply.stop_reason,
+            "timings": timings,
+        });
+        println!("{out}");
+    } else {
+        println!();
+        eprintln!(
+            "[{} prompt tokens ({} image) | load {:.2}s, vision {:.2}s, prefill {:.2}s, decode {:.1} tokens/s]",
+            reply.prompt_tokens,
+            reply.image_tokens,
+            load_s,
+            reply.timings.vision_s,
+            reply.timings.prefill_s,
+            reply.timings.decode_tokens_per_s
+        );
+    }
+    Ok(())
+}
+
+fn preprocess(args: PreprocessArgs) -> CliResult<()> {
+    let dir = model_dir(&args.model);
+    let config = llava_model::config::LlavaConfig::from_dir(&dir)?;
+    let cfg = config.image_config(&dir)?;
+    let image = read_image(&args.image)?;
+    let pre = llava_image::preprocess(&image, &cfg)?;
+    let tokens = llava_image::image_token_count(pre.original_hw, &cfg);
+    if let Some(path) = &args.pixels_out {
+        let s = cfg.tile_size as usize;
+        npy::write_f32(path, &[pre.num_patches, 3, s, s], &pre.pixels)?;
+    }
+    if args.json {
+        let out = serde_json::json!({
+            "original_size": pre.original_hw,
+            "best_resolution": pre.best_resolution,
+            "grid": pre.grid,
+            "tiles": pre.num_patches,
+            "image_tokens": tokens,
+        });
+        println!("{out}");
+    } else {
+        println!(
+            "image {}x{} (w x h) -> best resolution {}x{} (h x w), grid {}x{} tiles + overview = {} tiles, {} image tokens",
+            pre.original_hw[1],
+            pre.original_hw[0],
+            pre.best_resolution[0],
+            pre.best_resolution[1],
+            pre.grid[0],
+            pre.grid[1],
+            pre.num_patches,
+            tokens
+        );
+    }
+    Ok(())
+}
+
+fn chat(args: ChatArgs) -> CliResult<()> {
+    let mut image = args.image.as_deref().map(read_image).transpose()?;
+    let (model, load_s) = load(&args.model)?;
+    eprintln!("loaded in {load_s:.1}s. Type a question; /reset starts over; an empty line or Ctrl-D quits.");
+    let mut session = model.chat(args.system.clone())?;
+    let params = args.sampling.params();
+    let stdin = std::io::stdin();
+    loop {
+        print!("> ");
+        std::io::stdout().flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            return Ok(());
+        }
+        let question = line.trim();
+        if question == "/reset" {
+            session.reset();
+            image = args.image.as_deref().map(read_image).transpose()?;
+            continue;
+        }
+        // The image goes with the first question only; follow-ups reuse its cached tokens.
+        let first_image = image.take();
+        let turn = Turn { image: first_image.as_ref(), text: question, raw_prompt: false, want_logits: false };
+        let reply = pollster::block_on(session.send(&model, turn, &params, |event| {
+            print!("{}", event.text);
+            let _ = std::io::stdout().flush();
+            true
+        }));
+        match reply {
+            Ok(reply) => println!("\n[{:.1} tokens/s]", reply.timings.decode_tokens_per_s),
+            Err(e @ ModelError::ContextOverflow { .. }) => println!("\nerror: {e} (use /reset)"),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}

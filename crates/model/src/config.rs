@@ -515,6 +515,18 @@ impl PreprocessorConfig {
         Self::from_json_named(json, PREPROCESSOR_FILE)
     }
 
+    /// Parses either a `preprocessor_config.json` or a transformers 5 `processor_config.json`
+    /// (whose `image_processor` section holds the same keys).
+    pub fn from_any_json(json: &str) -> Result<Self> {
+        let file = "processor_config.json";
+        let root_value = parse_json_object(json, file)?;
+        let root = Fields::root(file, &root_value);
+        match root.object("image_processor")? {
+            Some(section) => Self::from_fields(&section),
+            None => Self::from_fields(&root),
+        }
+    }
+
     /// What to use when a folder ships no preprocessor config: CLIP normalisation, tiles and
     /// overview at the vision tower's input size, the model config's pinpoints.
     pub fn for_model(config: &LlavaConfig) -> Self {

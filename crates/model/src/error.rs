@@ -25,6 +25,13 @@ pub enum ModelError {
         #[source]
         source: std::io::Error,
     },
+    /// A user input (prompt, image, token id) that cannot be processed as given.
+    #[error("{0}")]
+    Input(String),
+    #[error("the prompt needs {needed} tokens but the context holds {capacity}")]
+    ContextOverflow { needed: usize, capacity: usize },
+    #[error("image: {0}")]
+    Image(#[from] llava_image::ImageError),
     #[error(transparent)]
     Gpu(#[from] llava_gpu::GpuError),
 }

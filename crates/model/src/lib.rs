@@ -3,8 +3,14 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod generate;
+pub mod language;
+pub mod llava;
 pub mod npy;
+pub mod projector;
 pub mod text;
+pub mod vision;
+pub mod weights;
 
 pub use checkpoint::{Checkpoint, Dtype, HostTensor, StoredDtype, TensorInfo};
 pub use config::{GenerationConfig, LlavaConfig, PreprocessorConfig, TextArch};

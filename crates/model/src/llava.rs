@@ -1,0 +1,276 @@
+//! The whole LLaVA-1.6 model: vision tower + projector + language model, tokenizer and template.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use llava_gpu::ops::embed::gather_rows;
+use llava_gpu::{Batch, Gpu, Tensor};
+use llava_image::{ImageConfig, Rgb8};
+
+use crate::checkpoint::Checkpoint;
+use crate::config::{GenerationConfig, LlavaConfig, PreprocessorConfig};
+use crate::error::{ModelError, Result};
+use crate::generate::ChatSession;
+use crate::language::LanguageModel;
+use crate::projector::Projector;
+use crate::text::{BuiltinTemplate, ChatTemplate, Message, Tokenizer};
+use crate::vision::VisionTower;
+use crate::weights::{WeightPrecision, Weights};
+
+/// Default KV-cache size: room for the largest AnyRes image (2928 tokens) plus a conversation.
+pub const DEFAULT_CONTEXT: usize = 4096;
+
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    pub precision: WeightPrecision,
+    /// KV-cache capacity in tokens (default: [`DEFAULT_CONTEXT`], capped by the model's limits).
+    pub context: Option<usize>,
+}
+
+/// One image run through the vision tower and projector, packed into LLM tokens.
+pub struct EncodedImage {
+    /// `[tokens, hidden]` rows that replace the image's placeholder ids.
+    pub features: Tensor,
+    pub tokens: usize,
+    pub best_resolution: [u32; 2],
+    pub grid: [u32; 2],
+}
+
+/// Everything but the weights: config, tokenizer, chat template, image settings, stop ids.
+pub struct ModelFiles {
+    pub config: LlavaConfig,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    pub image_config: ImageConfig,
+    pub eos_ids: Vec<u32>,
+}
+
+impl ModelFiles {
+    /// Reads a checkpoint folder's config, tokenizer, template and processor files.
+    pub fn from_dir(dir: &Path) -> Result<ModelFiles> {
+        let config = LlavaConfig::from_dir(dir)?;
+        let preprocessor = PreprocessorConfig::from_dir(dir)?;
+        let generation = GenerationConfig::from_dir(dir)?;
+        Ok(ModelFiles {
+            tokenizer: Tokenizer::from_dir(dir)?,
+            template: ChatTemplate::for_model(dir, &config)?,
+            image_config: image_config(&config, preprocessor.as_ref()),
+            eos_ids: eos_ids(&config, generation.as_ref()),
+            config,
+        })
+    }
+
+    /// Builds the files from their contents (for loaders that fetch them). `processor` is the
+    /// text of `preprocessor_config.json` or `processor_config.json`.
+    pub fn from_contents(contents: &FileContents<'_>) -> Result<ModelFiles> {
+        let config = LlavaConfig::from_json(contents.config)?;
+        let preprocessor = contents.processor.map(PreprocessorConfig::from_any_json).transpose()?;
+        let generation = contents.generation.map(GenerationConfig::from_json).transpose()?;
+        let model_type = if config.layout == crate::config::ConfigLayout::OriginalLlava { "llava_llama" } else { "llava_next" };
+        let tokenizer = Tokenizer::from_bytes_with_config(
+            contents.tokenizer,
+            contents.tokenizer_config.map(str::as_bytes),
+            Some(model_type),
+        )?;
+        let template = match contents.chat_template {
+            Some(source) => ChatTemplate::from_source(source)?,
+            None => ChatTemplate::builtin(BuiltinTemplate::for_config(&config)),
+        };
+        Ok(ModelFiles {
+            tokenizer,
+            template,
+            image_config: image_config(&config, preprocessor.as_ref()),
+            eos_ids: eos_ids(&config, generation.as_ref()),
+            config,
+        })
+    }
+}
+
+/// The text of a checkpoint's small files, for [`ModelFiles::from_contents`].
+pub struct FileContents<'a> {
+    pub config: &'a str,
+    pub tokenizer: &'a [u8],
+    pub tokenizer_config: Option<&'a str>,
+    /// The Jinja source (from `chat_template.jinja`, or the string in `chat_template.json`).
+    pub chat_template: Option<&'a str>,
+    pub processor: Option<&'a str>,
+    pub generation: Option<&'a str>,
+}
+
+fn image_config(config: &LlavaConfig, pre: Option<&PreprocessorConfig>) -> ImageConfig {
+    let pre = pre.cloned().unwrap_or_else(|| PreprocessorConfig::for_model(config));
+    let pinpoints = pre.image_grid_pinpoints.as_ref().unwrap_or(&config.image_grid_pinpoints);
+    ImageConfig {
+        tile_size: config.vision.image_size as u32,
+        patch_size: config.vision.patch_size as u32,
+        grid_pinpoints: pinpoints.iter().map(|&[h, w]| [h as u32, w as u32]).collect(),
+        image_mean: pre.image_mean,
+        image_std: pre.image_std,
+    }
+}
+
+fn eos_ids(config: &LlavaConfig, generation: Option<&GenerationConfig>) -> Vec<u32> {
+    let mut ids = config.text.eos_token_ids.clone();
+    if let Some(g) = generation {
+        ids.extend(&g.eos_token_ids);
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+pub struct Llava {
+    gpu: Arc<Gpu>,
+    files: ModelFiles,
+    image_token: u32,
+    vision: VisionTower,
+    projector: Projector,
+    language: LanguageModel,
+    context: usize,
+}
+
+impl Llava {
+    /// Loads a HuggingFace-layout checkpoint folder (llava-hf or liuhaotian), uploading one
+    /// tensor at a time.
+    pub fn load_dir(gpu: Arc<Gpu>, dir: &Path, options: &LoadOptions) -> Result<Llava> {
+        let files = ModelFiles::from_dir(dir)?;
+        let weights = Weights::from_checkpoint(&gpu, &Checkpoint::open(dir)?, options.precision)?;
+        Llava::new(gpu, files, weights, options)
+    }
+
+    /// Assembles the model from its files and uploaded weights.
+    pub fn new(gpu: Arc<Gpu>, files: ModelFiles, mut weights: Weights, options: &LoadOptions) -> Result<Llava> {
+        let config = &files.config;
+        let image_token = match config.image_token_index {
+            Some(id) => id,
+            None => files.tokenizer.token_id("<image>").ok_or_else(|| {
+                ModelError::Tokenizer("the tokenizer has no <image> token and the config names none".into())
+            })?,
+        };
+        let w = &mut weights;
+        let vision = VisionTower::load(w, &config.vision, config.vision_feature_layer)?;
+        let projector =
+            Projector::load(w, config.vision.hidden_size, config.text.hidden_size, config.projector_hidden_act)?;
+        let language = LanguageModel::load(w, &config.text, config.tie_word_embeddings)?;
+        let mut limit = config.text.max_position_embeddings;
+        if let Some(window) = config.text.sliding_window {
+            // Past its window Mistral attends to a sliding span; contexts stay within it.
+            limit = limit.min(window);
+        }
+        let context = options.context.unwrap_or(DEFAULT_CONTEXT).min(limit);
+        gpu.check()?;
+        Ok(Llava { gpu, files, image_token, vision, projector, language, context })
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+    pub fn config(&self) -> &LlavaConfig {
+        &self.files.config
+    }
+    pub fn image_config(&self) -> &ImageConfig {
+        &self.files.image_config
+    }
+    pub fn language(&self) -> &LanguageModel {
+        &self.language
+    }
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.files.tokenizer
+    }
+    pub fn context(&self) -> usize {
+        self.context
+    }
+
+    pub fn is_eos(&self, id: u32) -> bool {
+        self.files.eos_ids.contains(&id)
+    }
+
+    /// A new conversation with its own KV cache.
+    pub fn chat(&self, system: Option<String>) -> Result<ChatSession> {
+        Ok(ChatSession::new(system, self.language.new_cache(&self.gpu, self.context)?))
+    }
+
+    /// The prompt for a conversation, from the checkpoint's chat template.
+    pub fn render_chat(&self, system: Option<&str>, messages: &[Message]) -> Result<String> {
+        let mut all = Vec::with_capacity(messages.len() + 1);
+        if let Some(system) = system {
+            all.push(Message::system(system));
+        }
+        all.extend_from_slice(messages);
+        self.files.template.render(&all, true)
+    }
+
+    /// Token ids of `prompt` with its `<image>` expanded to `image_tokens` ids, and where the
+    /// image starts.
+    pub fn tokenize_prompt(&self, prompt: &str, image_tokens: Option<usize>) -> Result<(Vec<u32>, Option<usize>)> {
+        let image_id = self.image_token;
+        let ids = self.files.tokenizer.encode(prompt, true)?;
+        let slots: Vec<usize> = ids.iter().enumerate().filter(|&(_, &id)| id == image_id).map(|(i, _)| i).collect();
+        match (slots.as_slice(), image_tokens) {
+            ([], None) => Ok((ids, None)),
+            ([slot], Some(n)) => {
+                let mut expanded = Vec::with_capacity(ids.len() + n - 1);
+                expanded.extend_from_slice(&ids[..*slot]);
+                expanded.extend(std::iter::repeat_n(image_id, n));
+                expanded.extend_from_slice(&ids[slot + 1..]);
+                Ok((expanded, Some(*slot)))
+            }
+            ([], Some(_)) => Err(ModelError::Input("an image was given but the prompt has no <image>".into())),
+            (_, None) => Err(ModelError::Input("the prompt has <image> but no image was given".into())),
+            (many, Some(_)) => Err(ModelError::Input(format!(
+                "the prompt has {} <image> placeholders but one image was given",
+                many.len()
+            ))),
+        }
+    }
+
+    /// Runs the vision tower and projector on an image.
+    pub async fn encode_image(&self, image: &Rgb8) -> Result<EncodedImage> {
+        let cfg = &self.files.image_config;
+        let pre = llava_image::preprocess(image, cfg)?;
+        let size = cfg.tile_size as usize;
+        let gpu = &*self.gpu;
+        let pixels = Tensor::from_f32(gpu, &[pre.num_patches, 3, size, size], &pre.pixels)?;
+        let mut batch = gpu.batch();
+        let hidden = self.vision.forward(&mut batch, &pixels)?;
+        // Strategy "default": drop each tile's CLS token.
+        let (tiles, positions) = (hidden.shape()[0], hidden.shape()[1]);
+        let keep: Vec<u32> =
+            (0..tiles).flat_map(|t| (1..positions).map(move |p| (t * positions + p) as u32)).collect();
+        let keep = Tensor::from_u32(gpu, &[keep.len()], &keep)?;
+        let flat = hidden.reshape(&[tiles * positions, hidden.last_dim()])?;
+        let features = gather_rows(&mut batch, &flat, &keep)?;
+        let projected = self.projector.forward(&mut batch, &features)?;
+        let side = (cfg.tile_size / cfg.patch_size) as usize;
+        let layout = llava_image::unpad_layout(pre.original_hw, cfg);
+        let packed = self.projector.pack(&mut batch, &projected, pre.grid, side, &layout)?;
+        batch.submit()?;
+        let tokens = packed.shape()[0];
+        let expected = llava_image::image_token_count(pre.original_hw, cfg);
+        if tokens != expected {
+            return Err(ModelError::Input(format!("packed {tokens} image tokens, expected {expected}")));
+        }
+        Ok(EncodedImage { features: packed, tokens, best_resolution: pre.best_resolution, grid: pre.grid })
+    }
+
+    /// Overwrites the embedding rows of the image placeholders inside `x` (the embeddings of
+    /// the ids from absolute position `x_start` on) with the image's features.
+    pub(crate) fn splice_image(
+        &self,
+        batch: &mut Batch,
+        x: &Tensor,
+        x_start: usize,
+        image_start: usize,
+        image: &EncodedImage,
+    ) -> Result<()> {
+        let image_end = image_start + image.tokens;
+        let x_end = x_start + x.shape()[0];
+        let (from, to) = (image_start.max(x_start), image_end.min(x_end));
+        if from < to {
+            let row = (x.last_dim() * 4) as u64;
+            let src = image.features.binding().slice((from - image_start) as u64 * row, (to - from) as u64 * row);
+            batch.copy(src, x.binding().slice((from - x_start) as u64 * row, (to - from) as u64 * row));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,158 @@
+//! The CLIP ViT vision tower (ViT-L/14-336 in LLaVA-1.6), run on all tiles of an image at once.
+
+use llava_gpu::ops::attention::{Mask, attention};
+use llava_gpu::ops::conv::patch_embed;
+use llava_gpu::ops::elementwise::{add, quick_gelu};
+use llava_gpu::ops::matmul::linear;
+use llava_gpu::ops::norm::layer_norm;
+use llava_gpu::{Batch, DType, Tensor};
+
+use crate::config::VisionConfig;
+use crate::error::{ModelError, Result};
+use crate::weights::Weights;
+
+/// A Linear layer: weight `[out, in]` and optional bias `[out]`.
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(w: &mut Weights, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        Ok(Linear {
+            weight: w.take(&format!("{prefix}.weight"), &[out, inp])?,
+            bias: if bias { Some(w.take(&format!("{prefix}.bias"), &[out])?) } else { None },
+        })
+    }
+
+    pub fn forward(&self, batch: &mut Batch, x: &Tensor) -> Result<Tensor> {
+        Ok(linear(batch, x, &self.weight, self.bias.as_ref())?)
+    }
+}
+
+/// LayerNorm with weight and bias.
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    fn load(w: &mut Weights, prefix: &str, dim: usize, eps: f32) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            weight: w.take(&format!("{prefix}.weight"), &[dim])?,
+            bias: w.take(&format!("{prefix}.bias"), &[dim])?,
+            eps,
+        })
+    }
+
+    fn forward(&self, batch: &mut Batch, x: &Tensor) -> Result<Tensor> {
+        Ok(layer_norm(batch, x, &self.weight, &self.bias, self.eps)?)
+    }
+}
+
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl EncoderLayer {
+    fn load(w: &mut Weights, prefix: &str, cfg: &VisionConfig) -> Result<Self> {
+        let (d, m, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps as f32);
+        let attn = format!("{prefix}.self_attn");
+        Ok(EncoderLayer {
+            layer_norm1: LayerNorm::load(w, &format!("{prefix}.layer_norm1"), d, eps)?,
+            q_proj: Linear::load(w, &format!("{attn}.q_proj"), d, d, true)?,
+            k_proj: Linear::load(w, &format!("{attn}.k_proj"), d, d, true)?,
+            v_proj: Linear::load(w, &format!("{attn}.v_proj"), d, d, true)?,
+            out_proj: Linear::load(w, &format!("{attn}.out_proj"), d, d, true)?,
+            layer_norm2: LayerNorm::load(w, &format!("{prefix}.layer_norm2"), d, eps)?,
+            fc1: Linear::load(w, &format!("{prefix}.mlp.fc1"), m, d, true)?,
+            fc2: Linear::load(w, &format!("{prefix}.mlp.fc2"), d, m, true)?,
+        })
+    }
+
+    /// `h += out_proj(attn(LN1 h)); h += fc2(quick_gelu(fc1(LN2 h)))` on `h: [B, T, D]`.
+    fn forward(&self, batch: &mut Batch, h: &Tensor, heads: usize) -> Result<Tensor> {
+        let (b, t, d) = (h.shape()[0], h.shape()[1], h.shape()[2]);
+        let split = [b, t, heads, d / heads];
+        let x = self.layer_norm1.forward(batch, h)?;
+        let q = self.q_proj.forward(batch, &x)?.reshape(&split)?;
+        let k = self.k_proj.forward(batch, &x)?.reshape(&split)?;
+        let v = self.v_proj.forward(batch, &x)?.reshape(&split)?;
+        let a = attention(batch, &q, &k, &v, t, Mask::None)?.reshape(&[b, t, d])?;
+        let o = self.out_proj.forward(batch, &a)?;
+        let h = add(batch, h, &o)?;
+        let x = self.layer_norm2.forward(batch, &h)?;
+        let x = self.fc1.forward(batch, &x)?;
+        let x = quick_gelu(batch, &x)?;
+        let x = self.fc2.forward(batch, &x)?;
+        Ok(add(batch, &h, &x)?)
+    }
+}
+
+pub struct VisionTower {
+    patch_embedding: Tensor,
+    class_embedding: Tensor,
+    position_embedding: Tensor,
+    pre_layernorm: LayerNorm,
+    /// Only the layers up to the selected feature layer: later ones never affect the output.
+    layers: Vec<EncoderLayer>,
+    cfg: VisionConfig,
+}
+
+impl VisionTower {
+    /// Loads the tower. `feature_layer` is LLaVA's `vision_feature_layer` (-2: the output of the
+    /// second-to-last layer), an index into CLIP's hidden states, where index 0 is the embeddings.
+    pub fn load(w: &mut Weights, cfg: &VisionConfig, feature_layer: i64) -> Result<VisionTower> {
+        let n = cfg.num_hidden_layers as i64;
+        let used = if feature_layer < 0 { n + 1 + feature_layer } else { feature_layer };
+        if !(0..=n).contains(&used) {
+            let msg = format!("vision_feature_layer {feature_layer} is outside the {n}-layer vision tower");
+            return Err(ModelError::config("config.json", msg));
+        }
+        let (d, p) = (cfg.hidden_size, cfg.patch_size);
+        let positions = (cfg.image_size / p).pow(2) + 1;
+        let e = "vision_model.embeddings";
+        Ok(VisionTower {
+            patch_embedding: w.take(&format!("{e}.patch_embedding.weight"), &[d, 3, p, p])?,
+            class_embedding: w.take(&format!("{e}.class_embedding"), &[d])?,
+            position_embedding: w.take(&format!("{e}.position_embedding.weight"), &[positions, d])?,
+            pre_layernorm: LayerNorm::load(w, "vision_model.pre_layrnorm", d, cfg.layer_norm_eps as f32)?,
+            layers: (0..used as usize)
+                .map(|i| EncoderLayer::load(w, &format!("vision_model.encoder.layers.{i}"), cfg))
+                .collect::<Result<_>>()?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// `pixels: [B, 3, S, S]` -> the selected hidden state `[B, 1 + (S/P)^2, D]` (CLS first).
+    pub fn forward(&self, batch: &mut Batch, pixels: &Tensor) -> Result<Tensor> {
+        let b = pixels.shape()[0];
+        let d = self.cfg.hidden_size;
+        let patches = patch_embed(batch, pixels, &self.patch_embedding, self.cfg.patch_size)?;
+        let n = patches.shape()[1];
+        // [CLS, patch 0, patch 1, ...] per image, then + position embedding.
+        let tokens = Tensor::empty(batch.gpu(), &[b, n + 1, d], DType::F32)?;
+        let row = (d * 4) as u64;
+        for i in 0..b as u64 {
+            let start = i * (n as u64 + 1) * row;
+            batch.copy(self.class_embedding.binding(), tokens.binding().slice(start, row));
+            let image_patches = patches.binding().slice(i * n as u64 * row, n as u64 * row);
+            batch.copy(image_patches, tokens.binding().slice(start + row, n as u64 * row));
+        }
+        let mut h = add(batch, &tokens, &self.position_embedding)?;
+        h = self.pre_layernorm.forward(batch, &h)?;
+        for layer in &self.layers {
+            h = layer.forward(batch, &h, self.cfg.num_attention_heads)?;
+            batch.flush()?;
+        }
+        Ok(h)
+    }
+}
