@@ -4,3 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "== native tests (wgpu on $(command -v vulkaninfo >/dev/null && vulkaninfo --summary 2>/dev/null | grep -m1 deviceName | sed 's/.*= //' || echo 'default adapter'))"
 cargo test --workspace
+
+echo "== wasm build (pkg/)"
+tests/build-wasm.sh
+echo "== browser tests (headless Chromium, WebGPU)"
+node --test tests/browser/

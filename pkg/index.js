@@ -1,0 +1,121 @@
+// llava-webgpu: LLaVA-1.6 in the browser on WebGPU. The wasm module runs in a Web Worker shipped
+// beside this file (worker.js); this module is the main-thread API that talks to it.
+
+/** A module worker running pkg/worker.js, with request/response bookkeeping. */
+class WorkerClient {
+  #worker;
+  #pending = new Map();
+  #nextId = 1;
+  #failure = null;
+
+  constructor() {
+    this.#worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module', name: 'llava-webgpu' });
+    this.#worker.onmessage = ({ data }) => {
+      const call = this.#pending.get(data.id);
+      if (!call) return;
+      if (data.kind === 'event') return call.onEvent?.(data.value);
+      this.#pending.delete(data.id);
+      if (data.kind === 'result') call.resolve(data.value);
+      else call.reject(new Error(data.message));
+    };
+    // A worker that fails to start (missing files, no module-worker support) reports here.
+    this.#worker.onerror = (event) => {
+      event.preventDefault?.();
+      this.#fail(new Error(`the llava-webgpu worker failed: ${event.message || 'could not load pkg/worker.js'}`));
+    };
+    this.#worker.onmessageerror = () => this.#fail(new Error('the llava-webgpu worker sent an unreadable message'));
+  }
+
+  #fail(error) {
+    this.#failure = error;
+    for (const call of this.#pending.values()) call.reject(error);
+    this.#pending.clear();
+  }
+
+  /** Runs `op` in the worker; `onEvent` receives its intermediate events. */
+  call(op, args = {}, { onEvent, transfer = [] } = {}) {
+    if (this.#failure) return Promise.reject(this.#failure);
+    const id = this.#nextId++;
+    return new Promise((resolve, reject) => {
+      this.#pending.set(id, { resolve, reject, onEvent });
+      this.#worker.postMessage({ id, op, args }, transfer);
+    });
+  }
+
+  terminate() {
+    this.#fail(new Error('the llava-webgpu worker was terminated'));
+    this.#worker.terminate();
+  }
+}
+
+/**
+ * Checks the GPU: opens WebGPU in the worker, runs a few of the model's kernels on small inputs
+ * and compares them with a CPU computation. Resolves to a report of the adapter, its features
+ * and limits, and each kernel's error.
+ */
+export async function gpuSelfTest({ seed = 1 } = {}) {
+  const client = new WorkerClient();
+  try {
+    return await client.call('selfTest', { seed });
+  } finally {
+    client.terminate();
+  }
+}
+
+/**
+ * Converts any image the API accepts into what the worker takes: encoded files stay encoded (and
+ * are decoded by the same Rust as natively); decoded images become RGBA pixels. Returns
+ * `{ source, transfer }`.
+ */
+async function toImageSource(image) {
+  if (image == null) throw new TypeError('no image given');
+  if (typeof Blob !== 'undefined' && image instanceof Blob) return { source: { blob: image }, transfer: [] };
+  if (image instanceof ArrayBuffer || ArrayBuffer.isView(image)) {
+    // A copy, so that the caller's buffer is not detached by the transfer.
+    const bytes = ArrayBuffer.isView(image)
+      ? new Uint8Array(image.buffer, image.byteOffset, image.byteLength).slice()
+      : new Uint8Array(image.slice(0));
+    return { source: { encoded: bytes }, transfer: [bytes.buffer] };
+  }
+  if (typeof ImageData !== 'undefined' && image instanceof ImageData) {
+    const rgba = new Uint8Array(image.data);
+    return { source: { width: image.width, height: image.height, rgba }, transfer: [rgba.buffer] };
+  }
+  if (typeof HTMLImageElement !== 'undefined' && image instanceof HTMLImageElement) {
+    try {
+      await image.decode();
+    } catch {
+      throw new Error(`the image element could not be decoded (src: ${image.currentSrc || image.src || 'none'})`);
+    }
+  }
+  const width = image.naturalWidth ?? image.displayWidth ?? image.videoWidth ?? image.width;
+  const height = image.naturalHeight ?? image.displayHeight ?? image.videoHeight ?? image.height;
+  const drawable = ['HTMLImageElement', 'HTMLCanvasElement', 'OffscreenCanvas', 'ImageBitmap', 'HTMLVideoElement', 'VideoFrame']
+    .some((name) => typeof globalThis[name] !== 'undefined' && image instanceof globalThis[name]);
+  if (!drawable) {
+    throw new TypeError(
+      `unsupported image type ${Object.prototype.toString.call(image)}: pass a Blob/File, ImageBitmap, ImageData, ` +
+        'HTMLImageElement, HTMLCanvasElement or encoded bytes',
+    );
+  }
+  if (!(width > 0 && height > 0)) throw new Error(`the image has no pixels (${width}x${height})`);
+  const context = new OffscreenCanvas(width, height).getContext('2d', { willReadFrequently: true });
+  context.drawImage(image, 0, 0);
+  const rgba = new Uint8Array(context.getImageData(0, 0, width, height).data.buffer);
+  return { source: { width, height, rgba }, transfer: [rgba.buffer] };
+}
+
+/**
+ * Decodes and preprocesses an image exactly as the model does before the vision tower (AnyRes
+ * tiling). `options` overrides preprocessor_config.json values (default LLaVA-1.6's): tileSize,
+ * patchSize, gridPinpoints, imageMean, imageStd.
+ */
+export async function preprocessImage(image, options) {
+  const { source, transfer } = await toImageSource(image);
+  const client = new WorkerClient();
+  try {
+    return await client.call('preprocessImage', { image: source, options }, { transfer });
+  } finally {
+    client.terminate();
+  }
+}
