@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use llava_gpu::ops::attention::{Mask, attention};
 use llava_gpu::ops::matmul::{GEMV_MAX_ROWS, LinearKernel, linear_with};
 use llava_gpu::quant::quantize;
 use llava_gpu::{DType, Gpu, Result, Tensor};
@@ -203,8 +204,26 @@ fn copy_row(gpu: &Gpu, table: &mut Table, bytes: u64) -> Result<()> {
     Ok(())
 }
 
-/// ATTENTION ROWS: the lead adds the attention benchmarks here, with `linear_row`'s pattern.
-fn attention_rows(_gpu: &Gpu, _table: &mut Table, _full: bool) -> Result<()> {
+/// Causal attention as the LLM runs it: a prefill of `t` tokens and one decode step at context
+/// `t`, with Mistral-7B's 32 query / 8 kv heads of 128 (fewer heads on a CPU adapter).
+fn attention_rows(gpu: &Gpu, table: &mut Table, full: bool) -> Result<()> {
+    let (t, hq, hkv, d) = if full { (2400, 32, 8, 128) } else { (600, 8, 2, 128) };
+    let k = Tensor::from_f32(gpu, &[1, t + 1, hkv, d], &random((t + 1) * hkv * d, 3))?;
+    let v = Tensor::from_f32(gpu, &[1, t + 1, hkv, d], &random((t + 1) * hkv * d, 4))?;
+    let kv_bytes = 2.0 * (t * hkv * d * 4) as f64;
+    for (what, tq, offset) in [("attention prefill", t, 0), ("attention decode", 1, t)] {
+        let q = Tensor::from_f32(gpu, &[1, tq, hq, d], &random(tq * hq * d, 5))?;
+        let secs = median_secs(|| {
+            let mut batch = gpu.batch();
+            attention(&mut batch, &q, &k, &v, offset + tq, Mask::Causal { q_offset: offset })?;
+            batch.submit()?;
+            wait(gpu)
+        })?;
+        // QK^T and PV over the visible keys (half of them on average for the causal prefill).
+        let visible = if tq == 1 { (offset + 1) as f64 } else { (tq as f64 + 1.0) / 2.0 };
+        let flops = 4.0 * (tq * hq * d) as f64 * visible;
+        table.add(what, &format!("{tq}q x {}kv, {hq}/{hkv}x{d}", offset + tq), "F32", secs, flops, kv_bytes);
+    }
     Ok(())
 }
 

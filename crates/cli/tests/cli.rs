@@ -1,0 +1,116 @@
+//! The `llava` command as a user runs it, on the bundled tiny model (tests/fixtures/models/
+//! mistral-tiny), checked against the transformers fixtures.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn image(name: &str) -> PathBuf {
+    root().join("../shared/testdata/images").join(name)
+}
+
+fn llava(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_llava")).args(args).output().expect("run llava")
+}
+
+fn json_stdout(out: &Output) -> Value {
+    assert!(out.status.success(), "llava failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+}
+
+fn case(id: &str) -> Value {
+    let path = root().join("tests/fixtures/expected/mistral-tiny.json");
+    let expected: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    expected["cases"].as_array().unwrap().iter().find(|c| c["id"] == id).unwrap().clone()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn run_with_an_image_gives_transformers_greedy_tokens() {
+    let case = case("logo_rgba_zh");
+    let question = case["question"].as_str().unwrap();
+    let logits = std::env::temp_dir().join(format!("llava-cli-logits-{}.npy", std::process::id()));
+    let out = llava(&[
+        "run",
+        "--image",
+        image("logo.png").to_str().unwrap(),
+        "--prompt",
+        question,
+        "--max-new-tokens",
+        "16",
+        "--ignore-eos",
+        "--json",
+        "--logits-out",
+        logits.to_str().unwrap(),
+    ]);
+    let reply = json_stdout(&out);
+    assert_eq!(reply["tokens"], case["greedy_tokens"]);
+    assert_eq!(reply["image_tokens"], case["image_tokens"]);
+    assert_eq!(reply["prompt_tokens"].as_u64().unwrap() as usize, case["input_ids"].as_array().unwrap().len());
+    assert_eq!(reply["text"], case["greedy_text"]);
+    for key in ["load_s", "vision_s", "prefill_s", "decode_tokens_per_s"] {
+        assert!(reply["timings"][key].as_f64().is_some(), "timings.{key}");
+    }
+    let (shape, got) = llava_model::npy::read_f32(&logits).unwrap();
+    let (_, want) =
+        llava_model::npy::read_f32(root().join("tests/fixtures/expected").join(case["logits_npy"].as_str().unwrap()))
+            .unwrap();
+    std::fs::remove_file(&logits).unwrap();
+    assert_eq!(shape, [want.len()]);
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = got.iter().zip(&want).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+    assert!(diff <= 1e-4 * scale, "logits max |diff| {diff}");
+}
+
+#[test]
+fn run_text_only_streams_the_answer() {
+    let case = case("text_only");
+    let out = llava(&["run", "--prompt", case["question"].as_str().unwrap(), "--max-new-tokens", "16", "--ignore-eos"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end(), case["greedy_text"].as_str().unwrap());
+}
+
+#[test]
+fn preprocess_reports_the_anyres_choice() {
+    let out = llava(&["preprocess", "--image", image("chelsea.png").to_str().unwrap(), "--json"]);
+    let info = json_stdout(&out);
+    // tests/fixtures/preprocess.json, case chelsea.png (451x300).
+    assert_eq!(info["best_resolution"], serde_json::json!([336, 672]));
+    assert_eq!(info["grid"], serde_json::json!([1, 2]));
+    assert_eq!(info["tiles"], 3);
+    assert_eq!(info["image_tokens"], 1464);
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("llava-cli-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let corrupt = dir.join("corrupt.png");
+    std::fs::write(&corrupt, b"\x89PNG\r\n\x1a\nnot really a png").unwrap();
+    let logo = image("logo.png");
+    let logo = logo.to_str().unwrap();
+
+    let cases: [(Vec<&str>, &str); 5] = [
+        (vec!["run", "--image", corrupt.to_str().unwrap(), "--prompt", "hi"], "corrupt.png"),
+        (vec!["run", "--model", dir.to_str().unwrap(), "--prompt", "hi"], "config.json"),
+        (vec!["run", "--image", logo, "--raw-prompt", "--prompt", "<image> and <image>"], "2 <image>"),
+        (vec!["run", "--raw-prompt", "--prompt", "<image> what?"], "no image"),
+        (vec!["run", "--image", logo, "--context", "300", "--prompt", "hi"], "context"),
+    ];
+    for (args, needle) in cases {
+        let out = llava(&args);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(err.contains("error:") && err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
