@@ -114,3 +114,26 @@ fn bad_input_gives_clear_errors() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn chat_answers_a_follow_up_like_transformers_from_scratch() {
+    use std::io::Write;
+    let case = case("multi_turn");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llava"))
+        .args(["chat", "--image", image(case["image"].as_str().unwrap()).to_str().unwrap()])
+        .args(["--max-new-tokens", "16", "--ignore-eos"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let questions = format!("{}\n{}\n\n", case["turn1"]["question"].as_str().unwrap(), case["question"].as_str().unwrap());
+    child.stdin.take().unwrap().write_all(questions.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // Each answer streams after a "> " prompt and ends with a tokens/s line.
+    let answers: Vec<&str> =
+        stdout.split("> ").filter_map(|turn| turn.split("\n[").next()).filter(|a| !a.is_empty()).collect();
+    assert_eq!(answers, [case["turn1"]["greedy_text"].as_str().unwrap(), case["greedy_text"].as_str().unwrap()]);
+}
