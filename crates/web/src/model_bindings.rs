@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use js_sys::{Function, Object, Promise, Uint8Array};
 use llava_model::generate::{GenerateParams, Turn};
-use llava_model::llava::{FileContents, LoadOptions, Llava, ModelFiles};
+use llava_model::llava::{FileContents, Llava, LoadOptions, ModelFiles};
 use llava_model::weights::{WeightPrecision, Weights};
 use serde::Deserialize;
 use wasm_bindgen::prelude::*;
@@ -56,7 +56,9 @@ async fn fetch(url: &str) -> Result<Response, JsError> {
 }
 
 fn describe(e: &JsValue) -> String {
-    e.dyn_ref::<js_sys::Error>().map(|e| String::from(e.message())).unwrap_or_else(|| format!("{e:?}"))
+    e.dyn_ref::<js_sys::Error>()
+        .map(|e| String::from(e.message()))
+        .unwrap_or_else(|| format!("{e:?}"))
 }
 
 /// The text of `base/name`; `None` on 404 when the file is optional.
@@ -91,7 +93,9 @@ fn precision(name: Option<&str>) -> Result<WeightPrecision, JsError> {
         Some("q8") => WeightPrecision::Q8,
         Some("q4") => WeightPrecision::Q4,
         Some(other) => {
-            return Err(JsError::new(&format!("unknown quant \"{other}\": use f32, f16, q8 or q4")));
+            return Err(JsError::new(&format!(
+                "unknown quant \"{other}\": use f32, f16, q8 or q4"
+            )));
         }
     })
 }
@@ -120,16 +124,21 @@ async fn weight_files(base: &str) -> Result<(Vec<String>, Option<u64>), JsError>
     let Some(index) = fetch_text(base, "model.safetensors.index.json", true).await? else {
         return Ok((vec!["model.safetensors".into()], None));
     };
-    let index: serde_json::Value =
-        serde_json::from_str(&index).map_err(|e| JsError::new(&format!("model.safetensors.index.json: {e}")))?;
+    let index: serde_json::Value = serde_json::from_str(&index)
+        .map_err(|e| JsError::new(&format!("model.safetensors.index.json: {e}")))?;
     let map = index["weight_map"]
         .as_object()
         .ok_or_else(|| JsError::new("model.safetensors.index.json has no weight_map"))?;
-    let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
+    let mut files: Vec<String> = map
+        .values()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
     files.sort();
     files.dedup();
     if files.iter().any(|f| f.contains('/') || f.contains("..")) {
-        return Err(JsError::new("model.safetensors.index.json names a shard outside the folder"));
+        return Err(JsError::new(
+            "model.safetensors.index.json names a shard outside the folder",
+        ));
     }
     Ok((files, index["metadata"]["total_size"].as_u64()))
 }
@@ -147,15 +156,23 @@ async fn stream_shard(
     if !response.ok() {
         return Err(JsError::new(&format!("{url}: HTTP {}", response.status())));
     }
-    let size = response.headers().get("content-length").and_then(|v| v.parse::<u64>().ok());
-    let body = response.body().ok_or_else(|| JsError::new(&format!("{url}: empty response")))?;
+    let size = response
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.parse::<u64>().ok());
+    let body = response
+        .body()
+        .ok_or_else(|| JsError::new(&format!("{url}: empty response")))?;
     let reader = body.get_reader();
     let mut stream = SafetensorsStream::new(size);
     loop {
         let step = JsFuture::from(reader.read())
             .await
             .map_err(|e| JsError::new(&format!("downloading {url}: {}", describe(&e))))?;
-        if js_sys::Reflect::get(&step, &"done".into()).map(|d| d.is_truthy()).unwrap_or(true) {
+        if js_sys::Reflect::get(&step, &"done".into())
+            .map(|d| d.is_truthy())
+            .unwrap_or(true)
+        {
             break;
         }
         let chunk: Uint8Array = js_sys::Reflect::get(&step, &"value".into())
@@ -163,12 +180,19 @@ async fn stream_shard(
             .unchecked_into();
         let chunk = chunk.to_vec();
         progress.loaded += chunk.len() as u64;
-        for (name, host) in stream.push(&chunk).map_err(|e| JsError::new(&format!("{file}: {e}")))? {
-            weights.insert(gpu, &name, &host, precision).map_err(js_error)?;
+        for (name, host) in stream
+            .push(&chunk)
+            .map_err(|e| JsError::new(&format!("{file}: {e}")))?
+        {
+            weights
+                .insert(gpu, &name, &host, precision)
+                .map_err(js_error)?;
         }
         progress.report(file);
     }
-    stream.finish().map_err(|e| JsError::new(&format!("{file}: {e}")))
+    stream
+        .finish()
+        .map_err(|e| JsError::new(&format!("{file}: {e}")))
 }
 
 /// A loaded model on this worker's GPU.
@@ -188,10 +212,18 @@ pub async fn load_model(
 ) -> Result<Model, JsError> {
     let settings: LoadSettings = from_js(&options, "load options")?;
     let precision = precision(settings.quant.as_deref())?;
-    let base = if base_url.ends_with('/') { base_url } else { format!("{base_url}/") };
+    let base = if base_url.ends_with('/') {
+        base_url
+    } else {
+        format!("{base_url}/")
+    };
 
-    let config = fetch_text(&base, "config.json", false).await?.unwrap_or_default();
-    let tokenizer = fetch_text(&base, "tokenizer.json", false).await?.unwrap_or_default();
+    let config = fetch_text(&base, "config.json", false)
+        .await?
+        .unwrap_or_default();
+    let tokenizer = fetch_text(&base, "tokenizer.json", false)
+        .await?
+        .unwrap_or_default();
     let tokenizer_config = fetch_text(&base, "tokenizer_config.json", true).await?;
     let chat_template = fetch_text(&base, "chat_template.jinja", true).await?;
     let processor = match fetch_text(&base, "preprocessor_config.json", true).await? {
@@ -211,16 +243,33 @@ pub async fn load_model(
 
     let gpu = Arc::new(llava_gpu::Gpu::new().await.map_err(js_error)?);
     let (shards, total) = weight_files(&base).await?;
-    let mut progress = Progress { callback: on_progress, loaded: 0, total: total.unwrap_or(0) };
+    let mut progress = Progress {
+        callback: on_progress,
+        loaded: 0,
+        total: total.unwrap_or(0),
+    };
     let mut weights = Weights::default();
     for shard in &shards {
-        stream_shard(&gpu, &format!("{base}{shard}"), shard, &mut weights, precision, &mut progress).await?;
+        stream_shard(
+            &gpu,
+            &format!("{base}{shard}"),
+            shard,
+            &mut weights,
+            precision,
+            &mut progress,
+        )
+        .await?;
     }
     progress.total = progress.loaded;
     progress.report("");
-    let options = LoadOptions { precision, context: settings.context };
+    let options = LoadOptions {
+        precision,
+        context: settings.context,
+    };
     let llava = Llava::new(gpu, files, weights, &options).map_err(js_error)?;
-    Ok(Model { llava: Rc::new(llava) })
+    Ok(Model {
+        llava: Rc::new(llava),
+    })
 }
 
 #[wasm_bindgen]
@@ -228,13 +277,20 @@ impl Model {
     /// A new conversation with its own KV cache.
     pub fn chat(&self, system: Option<String>) -> Result<Chat, JsError> {
         let session = self.llava.chat(system).map_err(js_error)?;
-        Ok(Chat { llava: self.llava.clone(), session: Rc::new(RefCell::new(session)) })
+        Ok(Chat {
+            llava: self.llava.clone(),
+            session: Rc::new(RefCell::new(session)),
+        })
     }
 
     /// `{ vocabSize, context }`.
     pub fn info(&self) -> JsValue {
         let info = Object::new();
-        set(&info, "vocabSize", self.llava.tokenizer().vocab_size() as u32);
+        set(
+            &info,
+            "vocabSize",
+            self.llava.tokenizer().vocab_size() as u32,
+        );
         set(&info, "context", self.llava.context() as u32);
         info.into()
     }
@@ -285,7 +341,13 @@ impl Chat {
     /// generation settings plus `rawPrompt`; `on_token({ text, tokenId })` is called per token and
     /// cancels generation by returning `false`. Resolves to `{ text, tokens, promptTokens,
     /// imageTokens, stopReason, timings }`.
-    pub fn send(&self, image: JsValue, text: String, params: JsValue, on_token: Function) -> Promise {
+    pub fn send(
+        &self,
+        image: JsValue,
+        text: String,
+        params: JsValue,
+        on_token: Function,
+    ) -> Promise {
         let llava = self.llava.clone();
         let session = self.session.clone();
         wasm_bindgen_futures::future_to_promise(async move {
@@ -305,17 +367,25 @@ impl Chat {
                 stop: settings.stop,
                 ignore_eos: settings.ignore_eos,
             };
-            let turn = Turn { image: rgb.as_ref(), text: &text, raw_prompt: settings.raw_prompt, want_logits: false };
-            let mut session = session
-                .try_borrow_mut()
-                .map_err(|_| JsError::new("this chat is already answering; wait for it or cancel it"))?;
+            let turn = Turn {
+                image: rgb.as_ref(),
+                text: &text,
+                raw_prompt: settings.raw_prompt,
+                want_logits: false,
+            };
+            let mut session = session.try_borrow_mut().map_err(|_| {
+                JsError::new("this chat is already answering; wait for it or cancel it")
+            })?;
             let reply = session
                 .send(&llava, turn, &params, |event| {
                     let value = Object::new();
                     set(&value, "text", event.text);
                     set(&value, "tokenId", event.token_id);
                     // Anything but an explicit `false` keeps generating.
-                    on_token.call1(&JsValue::NULL, &value).map(|r| r != JsValue::FALSE).unwrap_or(false)
+                    on_token
+                        .call1(&JsValue::NULL, &value)
+                        .map(|r| r != JsValue::FALSE)
+                        .unwrap_or(false)
                 })
                 .await
                 .map_err(js_error)?;

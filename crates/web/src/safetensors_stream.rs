@@ -18,7 +18,12 @@ pub struct SafetensorsStream {
 
 impl SafetensorsStream {
     pub fn new(file_size: Option<u64>) -> SafetensorsStream {
-        SafetensorsStream { file_size, pending: Vec::new(), offset: 0, entries: None }
+        SafetensorsStream {
+            file_size,
+            pending: Vec::new(),
+            offset: 0,
+            entries: None,
+        }
     }
 
     /// Adds the next chunk and returns the tensors it completed, as (canonical name, tensor).
@@ -37,14 +42,19 @@ impl SafetensorsStream {
             }
             let entry = entries.next().expect("peeked");
             if entry.start < self.offset {
-                return Err(format!("tensor `{}` overlaps the one before it", entry.name));
+                return Err(format!(
+                    "tensor `{}` overlaps the one before it",
+                    entry.name
+                ));
             }
             // Skip any gap before the tensor, then split its bytes off without copying the rest.
             self.pending.drain(..(entry.start - self.offset) as usize);
             let rest = self.pending.split_off((entry.end - entry.start) as usize);
             let bytes = std::mem::replace(&mut self.pending, rest);
             self.offset = entry.end;
-            let Some(name) = canonical_name(&entry.name) else { continue };
+            let Some(name) = canonical_name(&entry.name) else {
+                continue;
+            };
             let dtype = match entry.info.dtype {
                 StoredDtype::Known(dtype) => dtype,
                 StoredDtype::Unsupported(other) => {
@@ -54,7 +64,14 @@ impl SafetensorsStream {
                     ));
                 }
             };
-            done.push((name, HostTensor { shape: entry.info.shape, dtype, bytes }));
+            done.push((
+                name,
+                HostTensor {
+                    shape: entry.info.shape,
+                    dtype,
+                    bytes,
+                },
+            ));
         }
         Ok(done)
     }
@@ -63,9 +80,10 @@ impl SafetensorsStream {
     pub fn finish(&self) -> Result<(), String> {
         match &self.entries {
             None => Err("the file ended inside its safetensors header".into()),
-            Some(entries) if entries.len() > 0 => {
-                Err(format!("the file ended before tensor `{}` was complete", entries.as_slice()[0].name))
-            }
+            Some(entries) if entries.len() > 0 => Err(format!(
+                "the file ended before tensor `{}` was complete",
+                entries.as_slice()[0].name
+            )),
             Some(_) => Ok(()),
         }
     }
@@ -96,7 +114,10 @@ mod tests {
     use llava_model::Checkpoint;
     use std::path::Path;
 
-    const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/models/mistral-tiny");
+    const MODEL: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/models/mistral-tiny"
+    );
 
     /// Streams every shard of the bundled checkpoint in odd-sized chunks and compares each tensor
     /// with the file reader's.
