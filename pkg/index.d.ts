@@ -78,3 +78,82 @@ export interface PreprocessedImage {
 
 /** Decodes and preprocesses an image exactly as the model does before the vision tower. */
 export function preprocessImage(image: ImageInput, options?: ImageOptions): Promise<PreprocessedImage>;
+
+export interface LoadProgress {
+  /** Weight bytes downloaded so far. */
+  loaded: number;
+  /** Total weight bytes (from the shard index or Content-Length). */
+  total: number;
+  /** The file being downloaded ('' once done). */
+  file: string;
+}
+
+export interface LoadOptions {
+  onProgress?: (progress: LoadProgress) => void;
+  /** Precision of the weights on the GPU (default: the checkpoint's, bf16 as f16). */
+  quant?: 'f32' | 'f16' | 'q8' | 'q4';
+  /** KV-cache size in tokens (default 4096, capped by the model). */
+  context?: number;
+}
+
+export interface GenerateOptions {
+  maxNewTokens?: number;
+  /** 0 (default): greedy. */
+  temperature?: number;
+  topP?: number;
+  topK?: number;
+  repetitionPenalty?: number;
+  seed?: number;
+  /** Stop when the answer contains one of these (cut from the answer). */
+  stop?: string[];
+  /** Keep going past end-of-sequence tokens. */
+  ignoreEos?: boolean;
+}
+
+export interface SendOptions extends GenerateOptions {
+  /** Only in the first turn of a chat. */
+  image?: ImageInput;
+  text: string;
+  /** Use `text` as the whole prompt (with `<image>` where the image goes), no chat template. */
+  rawPrompt?: boolean;
+  /** Aborting stops generation after the current token. */
+  signal?: AbortSignal;
+}
+
+export interface StreamedToken {
+  /** The new text this token completes (empty while a multi-byte character is partial). */
+  text: string;
+  tokenId: number;
+}
+
+export interface ChatResult {
+  text: string;
+  /** Generated ids, including the end-of-sequence id when generation stopped on one. */
+  tokens: Uint32Array;
+  promptTokens: number;
+  imageTokens: number;
+  stopReason: 'eos' | 'stop_string' | 'max_tokens' | 'cancelled';
+  timings: { visionS: number; prefillS: number; prefillTokens: number; decodeS: number; decodeTokensPerS: number };
+}
+
+export interface ChatReply extends AsyncIterable<StreamedToken> {
+  result: Promise<ChatResult>;
+  /** Stops generation after the current token. */
+  cancel(): void;
+}
+
+export class LlavaChat {
+  send(options: SendOptions): ChatReply;
+  /** Forgets the conversation and its image. */
+  reset(): Promise<void>;
+  dispose(): Promise<void>;
+}
+
+export class LlavaModel {
+  /** Loads a HuggingFace-layout checkpoint folder (llava-hf or liuhaotian) in a worker. */
+  static load(url: string | URL, options?: LoadOptions): Promise<LlavaModel>;
+  readonly info: { vocabSize: number; context: number };
+  chat(options?: { system?: string }): Promise<LlavaChat>;
+  /** Frees the GPU memory and stops the worker. */
+  dispose(): void;
+}

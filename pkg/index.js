@@ -119,3 +119,146 @@ export async function preprocessImage(image, options) {
     client.terminate();
   }
 }
+
+/** A LLaVA model loaded into its own worker (and GPU device). */
+export class LlavaModel {
+  #client;
+  #handle;
+  /** `{ vocabSize, context }`. */
+  info;
+
+  constructor(client, handle, info) {
+    this.#client = client;
+    this.#handle = handle;
+    this.info = info;
+  }
+
+  /**
+   * Loads a HuggingFace-layout checkpoint folder from `url` (config.json, tokenizer files,
+   * safetensors shards), streaming the weights to the GPU one tensor at a time.
+   * `onProgress({ loaded, total, file })` reports downloaded bytes; `quant`: 'f32' | 'f16' | 'q8'
+   * | 'q4' (default: the checkpoint's precision); `context`: KV-cache size in tokens.
+   */
+  static async load(url, { onProgress, quant, context } = {}) {
+    const client = new WorkerClient();
+    const absolute = new URL(url, globalThis.location?.href).href;
+    try {
+      const { handle, info } = await client.call(
+        'loadModel',
+        { url: absolute, options: { quant, context } },
+        { onEvent: (event) => event.type === 'progress' && onProgress?.({ loaded: event.loaded, total: event.total, file: event.file }) },
+      );
+      return new LlavaModel(client, handle, info);
+    } catch (e) {
+      client.terminate();
+      throw e;
+    }
+  }
+
+  /** A new conversation (its own KV cache). */
+  async chat({ system } = {}) {
+    const { handle } = await this.#client.call('chat', { model: this.#handle, system });
+    return new LlavaChat(this.#client, handle);
+  }
+
+  /** Frees the model's GPU memory and stops its worker. */
+  dispose() {
+    this.#client.terminate();
+  }
+}
+
+/** A conversation about (at most) one image; follow-up turns reuse the KV cache. */
+export class LlavaChat {
+  #client;
+  #handle;
+
+  constructor(client, handle) {
+    this.#client = client;
+    this.#handle = handle;
+  }
+
+  /**
+   * Asks one question. Returns a `ChatReply`: async-iterable over the streamed `{ text, tokenId }`,
+   * with `.result` resolving to `{ text, tokens, promptTokens, imageTokens, stopReason, timings }`.
+   * Aborting `signal` (or calling `.cancel()`) stops generation after the current token.
+   */
+  send({ image, text = '', signal, ...params } = {}) {
+    const reply = new ChatReply(() => this.#client.call('cancel', { chat: this.#handle }));
+    reply.result = (async () => {
+      let transfer = [];
+      let source = null;
+      if (image != null) ({ source, transfer } = await toImageSource(image));
+      if (signal?.aborted) reply.cancel();
+      signal?.addEventListener('abort', () => reply.cancel(), { once: true });
+      return this.#client.call(
+        'send',
+        { chat: this.#handle, image: source, text, params },
+        { transfer, onEvent: (event) => event.type === 'token' && reply.push({ text: event.text, tokenId: event.tokenId }) },
+      );
+    })();
+    reply.result.then(
+      () => reply.end(),
+      (e) => reply.end(e),
+    );
+    return reply;
+  }
+
+  /** Forgets the conversation and its image. */
+  async reset() {
+    await this.#client.call('reset', { chat: this.#handle });
+  }
+
+  /** Frees the chat's KV cache. */
+  async dispose() {
+    await this.#client.call('disposeChat', { chat: this.#handle });
+  }
+}
+
+/** The streamed tokens of one answer (async-iterable) and its final `result`. */
+class ChatReply {
+  #tokens = [];
+  #waiting = null;
+  #done = false;
+  #error = null;
+  #cancel;
+  /** @type {Promise<object>} */
+  result;
+
+  constructor(cancel) {
+    this.#cancel = cancel;
+  }
+
+  /** Stops generation after the current token; `result` then has stopReason 'cancelled'. */
+  cancel() {
+    this.#cancel().catch(() => {});
+  }
+
+  push(token) {
+    this.#tokens.push(token);
+    this.#wake();
+  }
+
+  end(error = null) {
+    this.#done = true;
+    this.#error = error;
+    this.#wake();
+  }
+
+  #wake() {
+    const waiting = this.#waiting;
+    this.#waiting = null;
+    waiting?.();
+  }
+
+  async *[Symbol.asyncIterator]() {
+    for (let i = 0; ; i++) {
+      while (i >= this.#tokens.length && !this.#done) await new Promise((resolve) => (this.#waiting = resolve));
+      if (i < this.#tokens.length) {
+        yield this.#tokens[i];
+        continue;
+      }
+      if (this.#error) throw this.#error;
+      return;
+    }
+  }
+}

@@ -21,12 +21,70 @@ function transferables(value) {
     .map((v) => v.buffer);
 }
 
+// Loaded models and open chats by handle, and the flags that cancel a chat's current answer.
+const models = new Map();
+const chats = new Map();
+let nextHandle = 1;
+
+function lookup(table, handle, what) {
+  const value = table.get(handle);
+  if (!value) throw new Error(`this ${what} was disposed`);
+  return value;
+}
+
 const ops = {
   async selfTest({ seed }) {
     return wasm.gpuSelfTest(seed >>> 0);
   },
   async preprocessImage({ image, options }) {
     return wasm.preprocessImage(await imageSource(image), options);
+  },
+  async loadModel({ url, options }, emit) {
+    const model = await wasm.loadModel(url, options ?? {}, (progress) => emit({ type: 'progress', ...progress }));
+    const handle = nextHandle++;
+    models.set(handle, { model, chats: new Set() });
+    return { handle, info: model.info() };
+  },
+  async chat({ model, system }) {
+    const entry = lookup(models, model, 'model');
+    const handle = nextHandle++;
+    chats.set(handle, { chat: entry.model.chat(system ?? undefined), model, cancelled: false });
+    entry.chats.add(handle);
+    return { handle };
+  },
+  async send({ chat, image, text, params }, emit) {
+    const entry = lookup(chats, chat, 'chat');
+    entry.cancelled = false;
+    const source = image == null ? null : await imageSource(image);
+    // Each decode step awaits a GPU readback, so a 'cancel' message is handled between tokens.
+    return entry.chat.send(source, text ?? '', params ?? {}, (token) => {
+      emit({ type: 'token', ...token });
+      return !entry.cancelled;
+    });
+  },
+  async cancel({ chat }) {
+    const entry = chats.get(chat);
+    if (entry) entry.cancelled = true;
+  },
+  async reset({ chat }) {
+    lookup(chats, chat, 'chat').chat.reset();
+  },
+  async disposeChat({ chat }) {
+    const entry = chats.get(chat);
+    if (!entry) return;
+    chats.delete(chat);
+    models.get(entry.model)?.chats.delete(chat);
+    entry.chat.free();
+  },
+  async disposeModel({ model }) {
+    const entry = models.get(model);
+    if (!entry) return;
+    for (const chat of entry.chats) {
+      chats.get(chat)?.chat.free();
+      chats.delete(chat);
+    }
+    models.delete(model);
+    entry.model.free();
   },
 };
 

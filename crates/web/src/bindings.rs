@@ -12,19 +12,19 @@ fn start() {
     console_error_panic_hook::set_once();
 }
 
-fn js_error(e: impl std::fmt::Display) -> JsError {
+pub(crate) fn js_error(e: impl std::fmt::Display) -> JsError {
     JsError::new(&e.to_string())
 }
 
 /// Serialises `value` to a plain JS object (through JSON, so u64 limits become numbers).
-fn to_js<T: serde::Serialize>(value: &T) -> Result<JsValue, JsError> {
+pub(crate) fn to_js<T: serde::Serialize>(value: &T) -> Result<JsValue, JsError> {
     let json = serde_json::to_string(value).map_err(js_error)?;
     js_sys::JSON::parse(&json)
         .map_err(|_| JsError::new("could not convert the result to JavaScript"))
 }
 
 /// Reads a plain JS options object (`undefined`/`null` = all defaults) into `T`.
-fn from_js<T: serde::de::DeserializeOwned + Default>(
+pub(crate) fn from_js<T: serde::de::DeserializeOwned + Default>(
     value: &JsValue,
     what: &str,
 ) -> Result<T, JsError> {
@@ -41,7 +41,7 @@ fn get(object: &JsValue, key: &str) -> Result<JsValue, JsError> {
         .map_err(|_| JsError::new(&format!("cannot read `{key}`")))
 }
 
-fn set(object: &Object, key: &str, value: impl Into<JsValue>) {
+pub(crate) fn set(object: &Object, key: &str, value: impl Into<JsValue>) {
     // Setting a property of a fresh plain object cannot fail.
     let _ = Reflect::set(object, &JsValue::from_str(key), &value.into());
 }
@@ -56,7 +56,7 @@ fn dimension(source: &JsValue, key: &str) -> Result<u32, JsError> {
 
 /// `{ encoded: Uint8Array }` or `{ width, height, rgba: Uint8Array | Uint8ClampedArray }`, as
 /// pkg/index.js and pkg/worker.js build them from the image types the API accepts.
-fn image_source(source: &JsValue) -> Result<ImageSource, JsError> {
+pub(crate) fn image_source(source: &JsValue) -> Result<ImageSource, JsError> {
     let encoded = get(source, "encoded")?;
     if let Some(bytes) = encoded.dyn_ref::<Uint8Array>() {
         return Ok(ImageSource::Encoded(bytes.to_vec()));

@@ -1,0 +1,147 @@
+// The demo page: load a model folder, pick an image, ask questions, watch the answer stream.
+import { LlavaModel } from '../pkg/index.js';
+
+const $ = (id) => document.getElementById(id);
+let model = null;
+let chat = null;
+let image = null; // the File/Blob to send with the chat's first question
+let imageSent = false;
+let reply = null;
+// Streamed token ids of every answer, for tests and the curious.
+window.__turns = [];
+
+function setState(state) {
+  document.body.dataset.state = state;
+  $('load').disabled = state === 'loading' || state === 'generating';
+  $('send').disabled = state !== 'ready';
+  $('new-chat').disabled = state !== 'ready';
+  $('stop').disabled = state !== 'generating';
+}
+
+function showError(e) {
+  $('error').hidden = false;
+  $('error').textContent = e?.message ?? String(e);
+}
+
+function clearError() {
+  $('error').hidden = true;
+  $('error').textContent = '';
+}
+
+function megabytes(bytes) {
+  return `${(bytes / 1048576).toFixed(1)} MB`;
+}
+
+$('load').addEventListener('click', async () => {
+  clearError();
+  setState('loading');
+  model?.dispose();
+  model = chat = null;
+  try {
+    model = await LlavaModel.load($('model-url').value, {
+      quant: $('quant').value || undefined,
+      onProgress({ loaded, total, file }) {
+        $('progress').max = total || 1;
+        $('progress').value = loaded;
+        $('progress-text').textContent = `${megabytes(loaded)} / ${megabytes(total)} ${file}`;
+      },
+    });
+    await newChat();
+    $('progress-text').textContent = `loaded (context ${model.info.context} tokens)`;
+    setState('ready');
+  } catch (e) {
+    showError(e);
+    setState('empty');
+  }
+});
+
+async function newChat() {
+  await chat?.dispose();
+  chat = await model.chat();
+  imageSent = false;
+  $('conversation').replaceChildren();
+  window.__turns = [];
+}
+
+$('new-chat').addEventListener('click', () => newChat().catch(showError));
+
+function setImage(file) {
+  if (!file || !file.type.startsWith('image/')) return;
+  image = file;
+  const preview = $('preview');
+  if (preview.src) URL.revokeObjectURL(preview.src);
+  preview.src = URL.createObjectURL(file);
+  preview.hidden = false;
+  document.body.dataset.image = file.name || 'pasted';
+  // A new image starts a new conversation (a chat is about one image).
+  if (model && imageSent && document.body.dataset.state === 'ready') newChat().catch(showError);
+}
+
+$('image-input').addEventListener('change', (e) => setImage(e.target.files[0]));
+const drop = $('drop');
+drop.addEventListener('dragover', (e) => {
+  e.preventDefault();
+  drop.classList.add('over');
+});
+drop.addEventListener('dragleave', () => drop.classList.remove('over'));
+drop.addEventListener('drop', (e) => {
+  e.preventDefault();
+  drop.classList.remove('over');
+  setImage(e.dataTransfer.files[0]);
+});
+document.addEventListener('paste', (e) => {
+  const item = [...e.clipboardData.items].find((i) => i.type.startsWith('image/'));
+  if (item) setImage(item.getAsFile());
+});
+
+function addTurn(role, text) {
+  const div = document.createElement('div');
+  div.className = `turn ${role}`;
+  div.textContent = text;
+  $('conversation').append(div);
+  return div;
+}
+
+$('send').addEventListener('click', async () => {
+  clearError();
+  const text = $('question').value.trim();
+  if (!text) return;
+  setState('generating');
+  addTurn('user', text);
+  const answer = addTurn('assistant', '');
+  const turn = { tokens: [], done: false };
+  window.__turns.push(turn);
+  const started = performance.now();
+  let firstToken = null;
+  try {
+    reply = chat.send({
+      image: imageSent ? undefined : (image ?? undefined),
+      text,
+      maxNewTokens: Number($('max-tokens').value) || 256,
+    });
+    for await (const { text: piece, tokenId } of reply) {
+      firstToken ??= performance.now();
+      turn.tokens.push(tokenId);
+      answer.textContent += piece;
+    }
+    const result = await reply.result;
+    if (image) imageSent = true;
+    turn.stopReason = result.stopReason;
+    const ttft = ((firstToken ?? performance.now()) - started) / 1000;
+    $('stats').textContent =
+      `${result.tokens.length} tokens, ${result.timings.decodeTokensPerS.toFixed(1)} tokens/s, ` +
+      `time to first token ${ttft.toFixed(2)} s (${result.promptTokens} prompt tokens, ${result.imageTokens} image) ` +
+      `— ${result.stopReason}`;
+  } catch (e) {
+    turn.error = e.message;
+    showError(e);
+  } finally {
+    turn.done = true;
+    reply = null;
+    setState('ready');
+  }
+});
+
+$('stop').addEventListener('click', () => reply?.cancel());
+
+setState('empty');
