@@ -2,10 +2,12 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod generate;
 pub mod language;
 pub mod llava;
+pub mod manifest;
 pub mod npy;
 pub mod projector;
 pub mod text;

@@ -11,6 +11,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{GenerationConfig, LlavaConfig, PreprocessorConfig};
 use crate::error::{ModelError, Result};
 use crate::generate::ChatSession;
+use crate::manifest::{MANIFEST_FILE, Manifest, precision_name};
 use crate::language::LanguageModel;
 use crate::projector::Projector;
 use crate::text::{BuiltinTemplate, ChatTemplate, Message, Tokenizer};
@@ -131,10 +132,30 @@ pub struct Llava {
 
 impl Llava {
     /// Loads a HuggingFace-layout checkpoint folder (llava-hf or liuhaotian), uploading one
-    /// tensor at a time.
+    /// tensor at a time, or a converted folder (recognised by its `manifest.json`).
     pub fn load_dir(gpu: Arc<Gpu>, dir: &Path, options: &LoadOptions) -> Result<Llava> {
+        if dir.join(MANIFEST_FILE).is_file() {
+            return Llava::load_converted(gpu, dir, options);
+        }
         let files = ModelFiles::from_dir(dir)?;
         let weights = Weights::from_checkpoint(&gpu, &Checkpoint::open(dir)?, options.precision)?;
+        Llava::new(gpu, files, weights, options)
+    }
+
+    /// Loads a converted folder. Its weights are used as stored: `options.precision` must be
+    /// `Native` or the precision it was converted to.
+    pub fn load_converted(gpu: Arc<Gpu>, dir: &Path, options: &LoadOptions) -> Result<Llava> {
+        let manifest = Manifest::read(dir)?;
+        let wanted = precision_name(options.precision);
+        if options.precision != WeightPrecision::Native && wanted != manifest.quant.precision {
+            return Err(ModelError::Input(format!(
+                "{} was converted to {}; it cannot be loaded as {wanted} (convert it again)",
+                dir.display(),
+                manifest.quant.precision
+            )));
+        }
+        let files = ModelFiles::from_dir(dir)?;
+        let weights = Weights::from_converted(&gpu, dir, &manifest)?;
         Llava::new(gpu, files, weights, options)
     }
 

@@ -28,17 +28,22 @@ pub enum WeightPrecision {
 /// matrices in the chosen precision; vision and projector matrices at most down to f16 under Q4
 /// (they are small, and the image features feed every answer token).
 pub fn storage_dtype(name: &str, host: &HostTensor, precision: WeightPrecision) -> DType {
-    if host.shape.len() < 2 || name.starts_with("vision_model.embeddings") {
+    storage_dtype_of(name, &host.shape, host.dtype, precision)
+}
+
+/// [`storage_dtype`] from a tensor's shape and stored dtype alone (for size plans without weights).
+pub fn storage_dtype_of(name: &str, shape: &[usize], stored: Dtype, precision: WeightPrecision) -> DType {
+    if shape.len() < 2 || name.starts_with("vision_model.embeddings") {
         return DType::F32;
     }
-    let cols: usize = host.shape[1..].iter().product();
+    let cols: usize = shape[1..].iter().product();
     let language = name.starts_with("model.") || name == "lm_head.weight";
     match precision {
-        WeightPrecision::Native if host.dtype == Dtype::F32 => DType::F32,
+        WeightPrecision::Native if stored == Dtype::F32 => DType::F32,
         WeightPrecision::F32 => DType::F32,
-        WeightPrecision::Q8 if host.shape.len() == 2 && quantizable(cols) => DType::Q8,
-        WeightPrecision::Q4 if host.shape.len() == 2 && quantizable(cols) && language => DType::Q4,
-        WeightPrecision::Q4 if host.shape.len() == 2 && quantizable(cols) => DType::Q8,
+        WeightPrecision::Q8 if shape.len() == 2 && quantizable(cols) => DType::Q8,
+        WeightPrecision::Q4 if shape.len() == 2 && quantizable(cols) && language => DType::Q4,
+        WeightPrecision::Q4 if shape.len() == 2 && quantizable(cols) => DType::Q8,
         _ => DType::F16,
     }
 }
@@ -80,6 +85,16 @@ impl Weights {
         let tensor = upload(gpu, host, storage_dtype(name, host, precision))?;
         self.tensors.insert(name.to_string(), tensor);
         Ok(())
+    }
+
+    /// Adds a tensor already in its storage layout (from a converted folder).
+    pub fn insert_tensor(&mut self, name: String, tensor: Tensor) {
+        self.tensors.insert(name, tensor);
+    }
+
+    /// Loads a converted folder (see [`crate::manifest`]), checking each shard's size and SHA-256.
+    pub fn from_converted(gpu: &Gpu, dir: &std::path::Path, manifest: &crate::manifest::Manifest) -> Result<Weights> {
+        crate::manifest::load_weights(gpu, dir, manifest)
     }
 
     /// Takes the tensor `name`, which must have `shape`.
