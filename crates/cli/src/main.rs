@@ -10,7 +10,8 @@ use llava_gpu::Gpu;
 use llava_model::generate::{GenerateParams, Turn};
 use llava_model::llava::{LoadOptions, Llava, ModelFiles};
 use llava_model::weights::WeightPrecision;
-use llava_model::{ModelError, npy};
+use llava_model::convert::{self, ConversionPlan};
+use llava_model::{Dtype, LlavaConfig, ModelError, npy};
 use web_time::Instant;
 
 /// The tiny random-weight checkpoint bundled with the repository (real geometry, nonsense answers).
@@ -31,6 +32,8 @@ enum Command {
     Preprocess(PreprocessArgs),
     /// Interactive multi-turn chat about an image.
     Chat(ChatArgs),
+    /// Convert a checkpoint folder to sharded, GPU-layout weights (docs/converted-format.md).
+    Convert(ConvertArgs),
 }
 
 #[derive(Args)]
@@ -126,12 +129,38 @@ struct ChatArgs {
     sampling: SamplingArgs,
 }
 
+#[derive(Args)]
+struct ConvertArgs {
+    /// HuggingFace checkpoint folder (with --dry-run: a folder with config.json, or that file).
+    #[arg(long)]
+    input: PathBuf,
+    /// Output folder (created if needed); not needed with --dry-run.
+    #[arg(long, required_unless_present = "dry_run")]
+    output: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    quant: ConvertQuant,
+    /// Shard size in MiB (a tensor larger than this gets a shard of its own).
+    #[arg(long, default_value_t = 64)]
+    shard_mb: u64,
+    /// Print the size summary for the config alone, reading no weights and writing nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ConvertQuant {
+    F16,
+    Q8,
+    Q4,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Preprocess(args) => preprocess(args),
         Command::Chat(args) => chat(args),
+        Command::Convert(args) => convert(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -301,4 +330,37 @@ fn chat(args: ChatArgs) -> CliResult<()> {
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+fn convert(args: ConvertArgs) -> CliResult<()> {
+    let precision = match args.quant {
+        ConvertQuant::F16 => WeightPrecision::F16,
+        ConvertQuant::Q8 => WeightPrecision::Q8,
+        ConvertQuant::Q4 => WeightPrecision::Q4,
+    };
+    if args.shard_mb == 0 {
+        return Err("--shard-mb must be at least 1".into());
+    }
+    let shard_bytes = args.shard_mb << 20;
+    if args.dry_run {
+        let config_path = if args.input.is_dir() { args.input.join("config.json") } else { args.input.clone() };
+        let text = std::fs::read_to_string(&config_path).map_err(|e| format!("reading {}: {e}", config_path.display()))?;
+        let config = LlavaConfig::from_json(&text)?;
+        // Hub checkpoints store f16 or bf16; the stored dtype only matters for f32 weights.
+        let plan = ConversionPlan::for_config(&config, Dtype::F16, precision, shard_bytes);
+        println!("{} (dry run, {:?}):\n{}", config_path.display(), precision, plan.summary());
+        return Ok(());
+    }
+    let output = args.output.expect("clap requires --output without --dry-run");
+    let start = Instant::now();
+    let converted = convert::convert(&args.input, &output, precision, shard_bytes)?;
+    println!(
+        "converted {} -> {} ({:?}) in {:.1}s:\n{}",
+        args.input.display(),
+        output.display(),
+        precision,
+        start.elapsed().as_secs_f64(),
+        converted.summary
+    );
+    Ok(())
 }

@@ -18,8 +18,8 @@ use crate::checkpoint::{Checkpoint, Dtype, StoredDtype};
 use crate::config::LlavaConfig;
 use crate::error::{ModelError, Result};
 use crate::manifest::{
-    FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, Manifest, QWEIGHT_SUFFIX, QuantScheme, SCALES_SUFFIX, ShardEntry,
-    Storage, hex, precision_name,
+    FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, Manifest, QWEIGHT_SUFFIX, QuantScheme,
+    SCALES_SUFFIX, ShardEntry, Storage, hex, precision_name,
 };
 use crate::weights::{WeightPrecision, storage_dtype_of};
 
@@ -54,15 +54,39 @@ impl PlannedTensor {
     fn entries(&self) -> Vec<(String, &'static str, Vec<usize>, u64)> {
         let numel: usize = self.shape.iter().product();
         match self.storage {
-            Storage::F32 => vec![(self.name.clone(), "F32", self.shape.clone(), 4 * numel as u64)],
-            Storage::F16 => vec![(self.name.clone(), "F16", self.shape.clone(), 2 * numel as u64)],
+            Storage::F32 => vec![(
+                self.name.clone(),
+                "F32",
+                self.shape.clone(),
+                4 * numel as u64,
+            )],
+            Storage::F16 => vec![(
+                self.name.clone(),
+                "F16",
+                self.shape.clone(),
+                2 * numel as u64,
+            )],
             Storage::Q8 | Storage::Q4 => {
                 let (rows, cols) = (self.shape[0], self.shape[1]);
-                let packed = if self.storage == Storage::Q4 { cols / 2 } else { cols };
+                let packed = if self.storage == Storage::Q4 {
+                    cols / 2
+                } else {
+                    cols
+                };
                 let groups = cols / QUANT_GROUP;
                 vec![
-                    (format!("{}{QWEIGHT_SUFFIX}", self.name), "U8", vec![rows, packed], (rows * packed) as u64),
-                    (format!("{}{SCALES_SUFFIX}", self.name), "F16", vec![rows, groups], (2 * rows * groups) as u64),
+                    (
+                        format!("{}{QWEIGHT_SUFFIX}", self.name),
+                        "U8",
+                        vec![rows, packed],
+                        (rows * packed) as u64,
+                    ),
+                    (
+                        format!("{}{SCALES_SUFFIX}", self.name),
+                        "F16",
+                        vec![rows, groups],
+                        (2 * rows * groups) as u64,
+                    ),
                 ]
             }
         }
@@ -94,13 +118,21 @@ impl ConversionPlan {
     /// Plans shards for `(canonical name, shape, stored dtype)` tensors in the given order:
     /// a shard is closed when the next tensor would take it past `shard_bytes` (a tensor larger
     /// than that gets a shard of its own).
-    pub fn new(tensors: &[(String, Vec<usize>, Dtype)], precision: WeightPrecision, shard_bytes: u64) -> ConversionPlan {
+    pub fn new(
+        tensors: &[(String, Vec<usize>, Dtype)],
+        precision: WeightPrecision,
+        shard_bytes: u64,
+    ) -> ConversionPlan {
         let mut groups: Vec<Vec<PlannedTensor>> = Vec::new();
         let mut current = 0u64;
         for (name, shape, stored) in tensors {
             let dtype = storage_dtype_of(name, shape, *stored, precision);
             let storage = Storage::from_gpu_dtype(dtype).expect("storage_dtype never picks U32");
-            let tensor = PlannedTensor { name: name.clone(), shape: shape.clone(), storage };
+            let tensor = PlannedTensor {
+                name: name.clone(),
+                shape: shape.clone(),
+                storage,
+            };
             let size = tensor.bytes();
             match groups.last_mut() {
                 Some(group) if current + size <= shard_bytes => group.push(tensor),
@@ -117,18 +149,31 @@ impl ConversionPlan {
             .enumerate()
             .map(|(i, tensors)| {
                 let header = shard_header(&tensors);
-                let bytes = header.len() as u64 + tensors.iter().map(PlannedTensor::bytes).sum::<u64>();
+                let bytes =
+                    header.len() as u64 + tensors.iter().map(PlannedTensor::bytes).sum::<u64>();
                 let file = format!("model-{:05}-of-{count:05}.safetensors", i + 1);
-                PlannedShard { file, tensors, header, bytes }
+                PlannedShard {
+                    file,
+                    tensors,
+                    header,
+                    bytes,
+                }
             })
             .collect();
         ConversionPlan { precision, shards }
     }
 
     /// The plan for a model described by its config alone (every tensor stored as `stored`).
-    pub fn for_config(config: &LlavaConfig, stored: Dtype, precision: WeightPrecision, shard_bytes: u64) -> Self {
-        let tensors: Vec<_> =
-            model_tensors(config).into_iter().map(|(name, shape)| (name, shape, stored)).collect();
+    pub fn for_config(
+        config: &LlavaConfig,
+        stored: Dtype,
+        precision: WeightPrecision,
+        shard_bytes: u64,
+    ) -> Self {
+        let tensors: Vec<_> = model_tensors(config)
+            .into_iter()
+            .map(|(name, shape)| (name, shape, stored))
+            .collect();
         ConversionPlan::new(&tensors, precision, shard_bytes)
     }
 
@@ -156,7 +201,10 @@ fn shard_header(tensors: &[PlannedTensor]) -> Vec<u8> {
     let mut offset = 0u64;
     for t in tensors {
         for (name, dtype, shape, bytes) in t.entries() {
-            map.insert(name, json!({ "dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes] }));
+            map.insert(
+                name,
+                json!({ "dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes] }),
+            );
             offset += bytes;
         }
     }
@@ -218,8 +266,14 @@ pub fn model_tensors(config: &LlavaConfig) -> Vec<(String, Vec<usize>)> {
     let positions = (v.image_size / v.patch_size).pow(2) + 1;
     let mut out: Vec<(String, Vec<usize>)> = vec![
         ("vision_model.embeddings.class_embedding".into(), vec![vd]),
-        ("vision_model.embeddings.patch_embedding.weight".into(), vec![vd, 3, v.patch_size, v.patch_size]),
-        ("vision_model.embeddings.position_embedding.weight".into(), vec![positions, vd]),
+        (
+            "vision_model.embeddings.patch_embedding.weight".into(),
+            vec![vd, 3, v.patch_size, v.patch_size],
+        ),
+        (
+            "vision_model.embeddings.position_embedding.weight".into(),
+            vec![positions, vd],
+        ),
         ("vision_model.pre_layrnorm.weight".into(), vec![vd]),
         ("vision_model.pre_layrnorm.bias".into(), vec![vd]),
     ];
@@ -250,7 +304,10 @@ pub fn model_tensors(config: &LlavaConfig) -> Vec<(String, Vec<usize>)> {
         ("image_newline".into(), vec![d]),
         ("model.embed_tokens.weight".into(), vec![t.vocab_size, d]),
     ]);
-    let (q_dim, kv_dim) = (t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim);
+    let (q_dim, kv_dim) = (
+        t.num_attention_heads * t.head_dim,
+        t.num_key_value_heads * t.head_dim,
+    );
     for i in 0..t.num_hidden_layers {
         let p = format!("model.layers.{i}");
         out.push((format!("{p}.input_layernorm.weight"), vec![d]));
@@ -259,9 +316,18 @@ pub fn model_tensors(config: &LlavaConfig) -> Vec<(String, Vec<usize>)> {
         out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv_dim, d]));
         out.push((format!("{p}.self_attn.o_proj.weight"), vec![d, q_dim]));
         out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
-        out.push((format!("{p}.mlp.gate_proj.weight"), vec![t.intermediate_size, d]));
-        out.push((format!("{p}.mlp.up_proj.weight"), vec![t.intermediate_size, d]));
-        out.push((format!("{p}.mlp.down_proj.weight"), vec![d, t.intermediate_size]));
+        out.push((
+            format!("{p}.mlp.gate_proj.weight"),
+            vec![t.intermediate_size, d],
+        ));
+        out.push((
+            format!("{p}.mlp.up_proj.weight"),
+            vec![t.intermediate_size, d],
+        ));
+        out.push((
+            format!("{p}.mlp.down_proj.weight"),
+            vec![d, t.intermediate_size],
+        ));
     }
     out.push(("model.norm.weight".into(), vec![d]));
     if !config.tie_word_embeddings {
@@ -271,14 +337,20 @@ pub fn model_tensors(config: &LlavaConfig) -> Vec<(String, Vec<usize>)> {
 }
 
 /// The plan for a checkpoint folder's tensors (sorted by canonical name).
-pub fn plan_checkpoint(checkpoint: &Checkpoint, precision: WeightPrecision, shard_bytes: u64) -> Result<ConversionPlan> {
+pub fn plan_checkpoint(
+    checkpoint: &Checkpoint,
+    precision: WeightPrecision,
+    shard_bytes: u64,
+) -> Result<ConversionPlan> {
     let mut tensors = Vec::new();
     for name in checkpoint.names() {
         let info = checkpoint.info(name).expect("names() lists stored tensors");
         let dtype = match &info.dtype {
             StoredDtype::Known(dtype) => *dtype,
             StoredDtype::Unsupported(other) => {
-                let msg = format!("tensor {name} has dtype {other}; only F32, F16 and BF16 can be converted");
+                let msg = format!(
+                    "tensor {name} has dtype {other}; only F32, F16 and BF16 can be converted"
+                );
                 return Err(ModelError::Input(msg));
             }
         };
@@ -290,17 +362,25 @@ pub fn plan_checkpoint(checkpoint: &Checkpoint, precision: WeightPrecision, shar
 /// Converts the checkpoint folder `input` into `output` (created if needed), one tensor in host
 /// memory at a time. The manifest is written last, so an interrupted conversion leaves a folder
 /// that does not load as a converted model.
-pub fn convert(input: &Path, output: &Path, precision: WeightPrecision, shard_bytes: u64) -> Result<Converted> {
+pub fn convert(
+    input: &Path,
+    output: &Path,
+    precision: WeightPrecision,
+    shard_bytes: u64,
+) -> Result<Converted> {
     let config_path = input.join("config.json");
-    let config_text = std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
-    let config: Value =
-        serde_json::from_str(&config_text).map_err(|e| ModelError::config("config.json", e.to_string()))?;
+    let config_text =
+        std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
+    let config: Value = serde_json::from_str(&config_text)
+        .map_err(|e| ModelError::config("config.json", e.to_string()))?;
     LlavaConfig::from_json(&config_text)?;
     let checkpoint = Checkpoint::open(input)?;
     let plan = plan_checkpoint(&checkpoint, precision, shard_bytes)?;
     std::fs::create_dir_all(output).map_err(|e| ModelError::io(output, e))?;
     if std::fs::canonicalize(input).ok() == std::fs::canonicalize(output).ok() {
-        return Err(ModelError::Input("the output folder must differ from the input folder".into()));
+        return Err(ModelError::Input(
+            "the output folder must differ from the input folder".into(),
+        ));
     }
     let stale = output.join(MANIFEST_FILE);
     if stale.exists() {
@@ -319,7 +399,11 @@ pub fn convert(input: &Path, output: &Path, precision: WeightPrecision, shard_by
     let mut shards = Vec::with_capacity(plan.shards.len());
     let mut storage = BTreeMap::new();
     for planned in &plan.shards {
-        shards.push(write_shard(&checkpoint, &output.join(&planned.file), planned)?);
+        shards.push(write_shard(
+            &checkpoint,
+            &output.join(&planned.file),
+            planned,
+        )?);
         storage.extend(planned.tensors.iter().map(|t| (t.name.clone(), t.storage)));
     }
     let manifest = Manifest {
@@ -327,13 +411,20 @@ pub fn convert(input: &Path, output: &Path, precision: WeightPrecision, shard_by
         version: FORMAT_VERSION,
         config,
         files,
-        quant: QuantScheme { precision: precision_name(precision).into(), group_size: QUANT_GROUP, tensors: storage },
+        quant: QuantScheme {
+            precision: precision_name(precision).into(),
+            group_size: QUANT_GROUP,
+            tensors: storage,
+        },
         shards,
     };
     let json = serde_json::to_string_pretty(&manifest).expect("the manifest serializes");
     let path = output.join(MANIFEST_FILE);
     std::fs::write(&path, json).map_err(|e| ModelError::io(&path, e))?;
-    Ok(Converted { manifest, summary: plan.summary() })
+    Ok(Converted {
+        manifest,
+        summary: plan.summary(),
+    })
 }
 
 /// What [`convert`] wrote.
@@ -345,8 +436,13 @@ pub struct Converted {
 /// Writes one shard, hashing as it goes, and checks its size against the plan.
 fn write_shard(checkpoint: &Checkpoint, path: &Path, planned: &PlannedShard) -> Result<ShardEntry> {
     let file = File::create(path).map_err(|e| ModelError::io(path, e))?;
-    let mut out = HashingWriter { inner: BufWriter::new(file), hasher: Sha256::new(), written: 0 };
-    out.write_all(&planned.header).map_err(|e| ModelError::io(path, e))?;
+    let mut out = HashingWriter {
+        inner: BufWriter::new(file),
+        hasher: Sha256::new(),
+        written: 0,
+    };
+    out.write_all(&planned.header)
+        .map_err(|e| ModelError::io(path, e))?;
     for t in &planned.tensors {
         let host = checkpoint.read(&t.name)?;
         if host.shape != t.shape {
@@ -355,10 +451,17 @@ fn write_shard(checkpoint: &Checkpoint, path: &Path, planned: &PlannedShard) -> 
         }
         let io = |e| ModelError::io(path, e);
         match t.storage {
-            Storage::F32 => out.write_all(bytemuck::cast_slice(&host.to_f32())).map_err(io)?,
+            Storage::F32 => out
+                .write_all(bytemuck::cast_slice(&host.to_f32()))
+                .map_err(io)?,
             Storage::F16 => out.write_all(&host.to_f16_bytes()).map_err(io)?,
             Storage::Q8 | Storage::Q4 => {
-                let q = quant::quantize(t.storage.gpu_dtype(), t.shape[0], t.shape[1], &host.to_f32());
+                let q = quant::quantize(
+                    t.storage.gpu_dtype(),
+                    t.shape[0],
+                    t.shape[1],
+                    &host.to_f32(),
+                );
                 out.write_all(&q.data).map_err(io)?;
                 out.write_all(bytemuck::cast_slice(&q.scales)).map_err(io)?;
             }

@@ -113,10 +113,13 @@ impl Manifest {
     /// such), then that every tensor sits in exactly one shard and no shard is listed twice.
     pub fn from_json(json: &str) -> Result<Manifest> {
         let bad = |msg: String| ModelError::config(MANIFEST_FILE, msg);
-        let value: Value = serde_json::from_str(json).map_err(|e| bad(format!("malformed JSON: {e}")))?;
+        let value: Value =
+            serde_json::from_str(json).map_err(|e| bad(format!("malformed JSON: {e}")))?;
         let format = value.get("format").and_then(Value::as_str);
         if format != Some(FORMAT_NAME) {
-            return Err(bad(format!("format is {format:?}, expected \"{FORMAT_NAME}\"")));
+            return Err(bad(format!(
+                "format is {format:?}, expected \"{FORMAT_NAME}\""
+            )));
         }
         match value.get("version").and_then(Value::as_u64) {
             Some(FORMAT_VERSION) => {}
@@ -142,7 +145,10 @@ impl Manifest {
     fn check(&self) -> Result<()> {
         let bad = |msg: String| ModelError::config(MANIFEST_FILE, msg);
         if self.quant.group_size != QUANT_GROUP {
-            return Err(bad(format!("group size {} is not supported (only {QUANT_GROUP})", self.quant.group_size)));
+            return Err(bad(format!(
+                "group size {} is not supported (only {QUANT_GROUP})",
+                self.quant.group_size
+            )));
         }
         let mut files = BTreeSet::new();
         let mut shard_of: BTreeMap<&str, &str> = BTreeMap::new();
@@ -150,19 +156,34 @@ impl Manifest {
             if !files.insert(shard.file.as_str()) {
                 return Err(bad(format!("shard {} is listed twice", shard.file)));
             }
-            if shard.file.contains('/') || shard.file.contains('\\') || shard.file.starts_with('.') {
-                return Err(bad(format!("shard file name {:?} must be a plain file name", shard.file)));
+            if shard.file.contains('/') || shard.file.contains('\\') || shard.file.starts_with('.')
+            {
+                return Err(bad(format!(
+                    "shard file name {:?} must be a plain file name",
+                    shard.file
+                )));
             }
             for name in &shard.tensors {
                 if let Some(other) = shard_of.insert(name, &shard.file) {
-                    return Err(bad(format!("tensor {name} is listed in both {other} and {}", shard.file)));
+                    return Err(bad(format!(
+                        "tensor {name} is listed in both {other} and {}",
+                        shard.file
+                    )));
                 }
                 if !self.quant.tensors.contains_key(name) {
-                    return Err(bad(format!("tensor {name} of shard {} has no entry in quant.tensors", shard.file)));
+                    return Err(bad(format!(
+                        "tensor {name} of shard {} has no entry in quant.tensors",
+                        shard.file
+                    )));
                 }
             }
         }
-        if let Some(name) = self.quant.tensors.keys().find(|n| !shard_of.contains_key(n.as_str())) {
+        if let Some(name) = self
+            .quant
+            .tensors
+            .keys()
+            .find(|n| !shard_of.contains_key(n.as_str()))
+        {
             return Err(bad(format!("tensor {name} is missing from every shard")));
         }
         Ok(())
@@ -200,7 +221,10 @@ pub fn check_shard(path: &Path, shard: &ShardEntry, bytes: &[u8]) -> Result<()> 
     }
     let digest = sha256_hex(bytes);
     if !digest.eq_ignore_ascii_case(&shard.sha256) {
-        let msg = format!("SHA-256 {digest} does not match the manifest's {} (corrupt file?)", shard.sha256);
+        let msg = format!(
+            "SHA-256 {digest} does not match the manifest's {} (corrupt file?)",
+            shard.sha256
+        );
         return Err(ModelError::checkpoint(path, msg));
     }
     Ok(())
@@ -216,14 +240,20 @@ pub fn shard_tensors(
     bytes: &[u8],
 ) -> Result<Vec<(String, Tensor)>> {
     let fail = |msg: String| ModelError::checkpoint(path, msg);
-    let prefix: [u8; 8] = bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(|| fail("too short".into()))?;
+    let prefix: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| fail("too short".into()))?;
     let size = bytes.len() as u64;
     let len = header_len(prefix, size).map_err(fail)?;
     let entries = parse_header(&bytes[8..8 + len as usize], size).map_err(fail)?;
-    let mut by_name: BTreeMap<String, SafetensorsEntry> = entries.into_iter().map(|e| (e.name.clone(), e)).collect();
+    let mut by_name: BTreeMap<String, SafetensorsEntry> =
+        entries.into_iter().map(|e| (e.name.clone(), e)).collect();
     let mut tensors = Vec::with_capacity(shard.tensors.len());
     for name in &shard.tensors {
-        let kind = storage.get(name).ok_or_else(|| fail(format!("tensor {name} has no storage kind")))?;
+        let kind = storage
+            .get(name)
+            .ok_or_else(|| fail(format!("tensor {name} has no storage kind")))?;
         let tensor = match *kind {
             Storage::F32 => {
                 let (shape, data) = take_entry(&mut by_name, bytes, path, name, "F32")?;
@@ -234,11 +264,25 @@ pub fn shard_tensors(
                 Tensor::from_bytes(gpu, &shape, DType::F16, data)?
             }
             kind @ (Storage::Q8 | Storage::Q4) => {
-                let (qshape, data) = take_entry(&mut by_name, bytes, path, &format!("{name}{QWEIGHT_SUFFIX}"), "U8")?;
-                let (sshape, scales) = take_entry(&mut by_name, bytes, path, &format!("{name}{SCALES_SUFFIX}"), "F16")?;
+                let (qshape, data) = take_entry(
+                    &mut by_name,
+                    bytes,
+                    path,
+                    &format!("{name}{QWEIGHT_SUFFIX}"),
+                    "U8",
+                )?;
+                let (sshape, scales) = take_entry(
+                    &mut by_name,
+                    bytes,
+                    path,
+                    &format!("{name}{SCALES_SUFFIX}"),
+                    "F16",
+                )?;
                 let per_byte = if kind == Storage::Q4 { 2 } else { 1 };
                 let [rows, packed] = qshape[..] else {
-                    return Err(fail(format!("tensor {name}{QWEIGHT_SUFFIX} has shape {qshape:?}, expected 2-D")));
+                    return Err(fail(format!(
+                        "tensor {name}{QWEIGHT_SUFFIX} has shape {qshape:?}, expected 2-D"
+                    )));
                 };
                 let cols = packed * per_byte;
                 if cols % QUANT_GROUP != 0 || sshape != [rows, cols / QUANT_GROUP] {
@@ -246,15 +290,26 @@ pub fn shard_tensors(
                         "tensor {name}: scales of shape {sshape:?} do not fit {kind:?} weights of {rows}x{cols}"
                     )));
                 }
-                let scales = scales.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect();
-                let matrix = QuantMatrix { dtype: kind.gpu_dtype(), rows, cols, data: data.to_vec(), scales };
+                let scales = scales
+                    .chunks_exact(2)
+                    .map(|b| f16::from_le_bytes([b[0], b[1]]))
+                    .collect();
+                let matrix = QuantMatrix {
+                    dtype: kind.gpu_dtype(),
+                    rows,
+                    cols,
+                    data: data.to_vec(),
+                    scales,
+                };
                 Tensor::from_quant(gpu, &matrix)?
             }
         };
         tensors.push((name.clone(), tensor));
     }
     if let Some(extra) = by_name.keys().next() {
-        return Err(fail(format!("holds tensor {extra}, which the manifest does not list for this shard")));
+        return Err(fail(format!(
+            "holds tensor {extra}, which the manifest does not list for this shard"
+        )));
     }
     Ok(tensors)
 }
@@ -268,7 +323,9 @@ fn take_entry<'a>(
     dtype: &str,
 ) -> Result<(Vec<usize>, &'a [u8])> {
     let fail = |msg: String| ModelError::checkpoint(path, msg);
-    let entry = by_name.remove(name).ok_or_else(|| fail(format!("has no tensor {name}")))?;
+    let entry = by_name
+        .remove(name)
+        .ok_or_else(|| fail(format!("has no tensor {name}")))?;
     let stored = match &entry.info.dtype {
         StoredDtype::Known(Dtype::F32) => "F32",
         StoredDtype::Known(Dtype::F16) => "F16",
@@ -276,13 +333,22 @@ fn take_entry<'a>(
         StoredDtype::Unsupported(other) => other.as_str(),
     };
     if stored != dtype {
-        return Err(fail(format!("tensor {name} is stored as {stored}, the format needs {dtype}")));
+        return Err(fail(format!(
+            "tensor {name} is stored as {stored}, the format needs {dtype}"
+        )));
     }
     let numel: usize = entry.info.shape.iter().product();
     // parse_header checks the byte counts of float dtypes only.
     if dtype == "U8" && (entry.end - entry.start) as usize != numel {
-        let msg = format!("tensor {name}: {} bytes for U8 shape {:?}", entry.end - entry.start, entry.info.shape);
+        let msg = format!(
+            "tensor {name}: {} bytes for U8 shape {:?}",
+            entry.end - entry.start,
+            entry.info.shape
+        );
         return Err(fail(msg));
     }
-    Ok((entry.info.shape, &bytes[entry.start as usize..entry.end as usize]))
+    Ok((
+        entry.info.shape,
+        &bytes[entry.start as usize..entry.end as usize],
+    ))
 }

@@ -10,7 +10,7 @@ use llava_model::checkpoint::{Checkpoint, Dtype};
 use llava_model::config::LlavaConfig;
 use llava_model::convert::{self, ConversionPlan, DEFAULT_SHARD_BYTES};
 use llava_model::generate::{GenerateParams, Reply, Turn};
-use llava_model::llava::{LoadOptions, Llava};
+use llava_model::llava::{Llava, LoadOptions};
 use llava_model::manifest::{MANIFEST_FILE, Manifest, Storage};
 use llava_model::weights::WeightPrecision;
 use serde_json::{Value, json};
@@ -25,24 +25,47 @@ fn fixture(model: &str) -> PathBuf {
 
 fn gpu() -> Arc<Gpu> {
     static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
-    GPU.get_or_init(|| Arc::new(Gpu::new_blocking().expect("a wgpu adapter"))).clone()
+    GPU.get_or_init(|| Arc::new(Gpu::new_blocking().expect("a wgpu adapter")))
+        .clone()
 }
 
 /// 16 greedy tokens and first-step logits of the fixture's text-only raw-prompt case.
 fn run(llava: &Llava, model: &str) -> Reply {
     let expected: Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join(format!("tests/fixtures/expected/{model}.json"))).unwrap(),
+        &std::fs::read_to_string(root().join(format!("tests/fixtures/expected/{model}.json")))
+            .unwrap(),
     )
     .unwrap();
-    let case = expected["cases"].as_array().unwrap().iter().find(|c| c["id"] == "text_only").unwrap();
+    let case = expected["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "text_only")
+        .unwrap();
     let mut chat = llava.chat(None).unwrap();
-    let turn = Turn { image: None, text: case["prompt"].as_str().unwrap(), raw_prompt: true, want_logits: true };
-    let params = GenerateParams { max_new_tokens: 16, ignore_eos: true, ..Default::default() };
+    let turn = Turn {
+        image: None,
+        text: case["prompt"].as_str().unwrap(),
+        raw_prompt: true,
+        want_logits: true,
+    };
+    let params = GenerateParams {
+        max_new_tokens: 16,
+        ignore_eos: true,
+        ..Default::default()
+    };
     pollster::block_on(chat.send(llava, turn, &params, |_| true)).unwrap()
 }
 
 fn load(dir: &Path, precision: WeightPrecision) -> llava_model::Result<Llava> {
-    Llava::load_dir(gpu(), dir, &LoadOptions { precision, context: Some(256) })
+    Llava::load_dir(
+        gpu(),
+        dir,
+        &LoadOptions {
+            precision,
+            context: Some(256),
+        },
+    )
 }
 
 /// Small shards, so the fixtures span several and the shard logic is exercised.
@@ -51,8 +74,14 @@ const TEST_SHARD_BYTES: u64 = 1 << 20;
 fn converted_matches_quantize_on_load(model: &str) {
     for precision in [WeightPrecision::Q8, WeightPrecision::Q4] {
         let out = tempfile::tempdir().unwrap();
-        let manifest = convert::convert(&fixture(model), out.path(), precision, TEST_SHARD_BYTES).unwrap().manifest;
-        assert!(manifest.shards.len() > 1, "{model}: {} shards", manifest.shards.len());
+        let manifest = convert::convert(&fixture(model), out.path(), precision, TEST_SHARD_BYTES)
+            .unwrap()
+            .manifest;
+        assert!(
+            manifest.shards.len() > 1,
+            "{model}: {} shards",
+            manifest.shards.len()
+        );
         // Every shard is a valid safetensors file by an independent reading (the checkpoint reader
         // maps U8 entries to unsupported, so only headers are checked here).
         for shard in &manifest.shards {
@@ -69,16 +98,33 @@ fn converted_matches_quantize_on_load(model: &str) {
                 .map(|o| o[1].as_u64().unwrap())
                 .max()
                 .unwrap();
-            assert_eq!(8 + len as u64 + data_end, shard.bytes, "{}: data fills the file exactly", shard.file);
+            assert_eq!(
+                8 + len as u64 + data_end,
+                shard.bytes,
+                "{}: data fills the file exactly",
+                shard.file
+            );
         }
-        let plan = ConversionPlan::new(&checkpoint_tensors(&fixture(model)), precision, TEST_SHARD_BYTES);
-        assert_eq!(plan.summary().total, manifest.total_bytes(), "{model}: planned vs written size");
+        let plan = ConversionPlan::new(
+            &checkpoint_tensors(&fixture(model)),
+            precision,
+            TEST_SHARD_BYTES,
+        );
+        assert_eq!(
+            plan.summary().total,
+            manifest.total_bytes(),
+            "{model}: planned vs written size"
+        );
 
         let converted = load(out.path(), WeightPrecision::Native).unwrap();
         let on_load = load(&fixture(model), precision).unwrap();
         let (a, b) = (run(&converted, model), run(&on_load, model));
         let (la, lb) = (a.first_logits.unwrap(), b.first_logits.unwrap());
-        let diff = la.iter().zip(&lb).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let diff = la
+            .iter()
+            .zip(&lb)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
         eprintln!("{model} {precision:?}: converted vs quantize-on-load max |diff| {diff}");
         assert!(diff <= 1e-5, "{model} {precision:?}: max |diff| {diff}");
         assert_eq!(a.tokens, b.tokens, "{model} {precision:?}: greedy tokens");
@@ -91,7 +137,9 @@ fn checkpoint_tensors(dir: &Path) -> Vec<(String, Vec<usize>, Dtype)> {
         .names()
         .map(|n| {
             let info = checkpoint.info(n).unwrap();
-            let llava_model::StoredDtype::Known(dtype) = info.dtype else { panic!("{n}: unsupported dtype") };
+            let llava_model::StoredDtype::Known(dtype) = info.dtype else {
+                panic!("{n}: unsupported dtype")
+            };
             (n.to_string(), info.shape.clone(), dtype)
         })
         .collect()
@@ -114,7 +162,10 @@ fn tensors_from_config_match_the_fixture_checkpoints() {
         let config = LlavaConfig::from_dir(fixture(model)).unwrap();
         let mut from_config = convert::model_tensors(&config);
         from_config.sort();
-        let mut stored: Vec<_> = checkpoint_tensors(&fixture(model)).into_iter().map(|(n, s, _)| (n, s)).collect();
+        let mut stored: Vec<_> = checkpoint_tensors(&fixture(model))
+            .into_iter()
+            .map(|(n, s, _)| (n, s))
+            .collect();
         stored.sort();
         assert_eq!(from_config, stored, "{model}");
     }
@@ -162,8 +213,15 @@ fn mistral_7b_config() -> LlavaConfig {
 #[test]
 fn mistral_7b_q4_download_is_at_most_4_5_gb() {
     let config = mistral_7b_config();
-    let params: u64 = convert::model_tensors(&config).iter().map(|(_, s)| s.iter().product::<usize>() as u64).sum();
-    for precision in [WeightPrecision::F16, WeightPrecision::Q8, WeightPrecision::Q4] {
+    let params: u64 = convert::model_tensors(&config)
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>() as u64)
+        .sum();
+    for precision in [
+        WeightPrecision::F16,
+        WeightPrecision::Q8,
+        WeightPrecision::Q4,
+    ] {
         let plan = ConversionPlan::for_config(&config, Dtype::F16, precision, DEFAULT_SHARD_BYTES);
         let summary = plan.summary();
         eprintln!("LLaVA-1.6-Mistral-7B {precision:?} ({params} params):\n{summary}");
@@ -178,7 +236,11 @@ fn mistral_7b_q4_download_is_at_most_4_5_gb() {
             assert_eq!(summary.total - summary.headers, 2 * params + 2 * f32_params);
         }
         if precision == WeightPrecision::Q4 {
-            assert!(summary.total <= 4_500_000_000, "q4 total {} bytes", summary.total);
+            assert!(
+                summary.total <= 4_500_000_000,
+                "q4 total {} bytes",
+                summary.total
+            );
             // The LLM's matrices at 4.5 bits (a nibble plus an f16 scale per 32), the vision
             // tower and projector matrices at 8.5 bits.
             let q4 = summary.by_storage[&Storage::Q4];
@@ -194,13 +256,20 @@ fn mistral_7b_q4_download_is_at_most_4_5_gb() {
 /// A freshly converted vicuna-tiny (q8) in a temporary folder.
 fn converted_copy() -> tempfile::TempDir {
     let out = tempfile::tempdir().unwrap();
-    convert::convert(&fixture("vicuna-tiny"), out.path(), WeightPrecision::Q8, TEST_SHARD_BYTES).unwrap();
+    convert::convert(
+        &fixture("vicuna-tiny"),
+        out.path(),
+        WeightPrecision::Q8,
+        TEST_SHARD_BYTES,
+    )
+    .unwrap();
     out
 }
 
 fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut Value)) {
     let path = dir.join(MANIFEST_FILE);
-    let mut manifest: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     edit(&mut manifest);
     std::fs::write(&path, manifest.to_string()).unwrap();
 }
@@ -214,7 +283,10 @@ fn load_error(dir: &Path) -> String {
 
 fn assert_mentions(error: &str, parts: &[&str]) {
     for part in parts {
-        assert!(error.contains(part), "error {error:?} does not mention {part:?}");
+        assert!(
+            error.contains(part),
+            "error {error:?} does not mention {part:?}"
+        );
     }
 }
 
@@ -227,7 +299,10 @@ fn truncated_shard_is_reported() {
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
     let error = load_error(dir.path());
-    assert_mentions(&error, &[&shard.file, "truncated", &format!("{}", shard.bytes - 100)]);
+    assert_mentions(
+        &error,
+        &[&shard.file, "truncated", &format!("{}", shard.bytes - 100)],
+    );
 }
 
 #[test]
@@ -240,14 +315,20 @@ fn sha256_mismatch_is_reported() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0x40;
     std::fs::write(&path, &bytes).unwrap();
-    assert_mentions(&load_error(dir.path()), &[&shard.file, "SHA-256", &shard.sha256]);
+    assert_mentions(
+        &load_error(dir.path()),
+        &[&shard.file, "SHA-256", &shard.sha256],
+    );
 }
 
 #[test]
 fn unknown_manifest_version_is_reported() {
     let dir = converted_copy();
     edit_manifest(dir.path(), |m| m["version"] = json!(2));
-    assert_mentions(&load_error(dir.path()), &[MANIFEST_FILE, "version 2", "not supported"]);
+    assert_mentions(
+        &load_error(dir.path()),
+        &[MANIFEST_FILE, "version 2", "not supported"],
+    );
 }
 
 #[test]
@@ -255,10 +336,16 @@ fn tensor_missing_from_every_shard_is_reported() {
     let dir = converted_copy();
     edit_manifest(dir.path(), |m| {
         for shard in m["shards"].as_array_mut().unwrap() {
-            shard["tensors"].as_array_mut().unwrap().retain(|t| t != "model.norm.weight");
+            shard["tensors"]
+                .as_array_mut()
+                .unwrap()
+                .retain(|t| t != "model.norm.weight");
         }
     });
-    assert_mentions(&load_error(dir.path()), &["model.norm.weight", "missing from every shard"]);
+    assert_mentions(
+        &load_error(dir.path()),
+        &["model.norm.weight", "missing from every shard"],
+    );
 }
 
 #[test]
@@ -269,9 +356,15 @@ fn shard_listed_twice_is_reported() {
         let first = shards[0].clone();
         shards.push(first);
     });
-    let file = Manifest::read(dir.path()).map(|_| ()).unwrap_err().to_string();
+    let file = Manifest::read(dir.path())
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
     assert_mentions(&file, &["listed twice"]);
-    assert_mentions(&load_error(dir.path()), &["model-00001-of-", "listed twice"]);
+    assert_mentions(
+        &load_error(dir.path()),
+        &["model-00001-of-", "listed twice"],
+    );
 }
 
 #[test]
@@ -297,17 +390,38 @@ fn converted_model_refuses_another_precision() {
 fn storage_kinds_follow_the_load_rule() {
     // Under q4: LLM matrices q4, vision/projector matrices q8, vectors and embeddings f32.
     let out = tempfile::tempdir().unwrap();
-    let manifest = convert::convert(&fixture("vicuna-tiny"), out.path(), WeightPrecision::Q4, DEFAULT_SHARD_BYTES).unwrap().manifest;
+    let manifest = convert::convert(
+        &fixture("vicuna-tiny"),
+        out.path(),
+        WeightPrecision::Q4,
+        DEFAULT_SHARD_BYTES,
+    )
+    .unwrap()
+    .manifest;
     let kinds = &manifest.quant.tensors;
     assert_eq!(kinds["model.layers.0.mlp.up_proj.weight"], Storage::Q4);
     assert_eq!(kinds["lm_head.weight"], Storage::Q4);
-    assert_eq!(kinds["vision_model.encoder.layers.0.mlp.fc1.weight"], Storage::Q8);
+    assert_eq!(
+        kinds["vision_model.encoder.layers.0.mlp.fc1.weight"],
+        Storage::Q8
+    );
     assert_eq!(kinds["multi_modal_projector.linear_1.weight"], Storage::Q8);
     assert_eq!(kinds["model.norm.weight"], Storage::F32);
-    assert_eq!(kinds["vision_model.embeddings.patch_embedding.weight"], Storage::F32);
+    assert_eq!(
+        kinds["vision_model.embeddings.patch_embedding.weight"],
+        Storage::F32
+    );
     assert_eq!(manifest.shards.len(), 1);
-    for file in ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"] {
+    for file in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ] {
         assert!(manifest.files.iter().any(|f| f == file), "{file} copied");
-        assert_eq!(std::fs::read(out.path().join(file)).unwrap(), std::fs::read(fixture("vicuna-tiny").join(file)).unwrap());
+        assert_eq!(
+            std::fs::read(out.path().join(file)).unwrap(),
+            std::fs::read(fixture("vicuna-tiny").join(file)).unwrap()
+        );
     }
 }

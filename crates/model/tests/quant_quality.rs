@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 
 use llava_gpu::Gpu;
 use llava_model::generate::{GenerateParams, Turn};
-use llava_model::llava::{LoadOptions, Llava};
+use llava_model::llava::{Llava, LoadOptions};
 use llava_model::npy;
 use llava_model::weights::WeightPrecision;
 use serde_json::Value;
@@ -26,7 +26,8 @@ fn root() -> PathBuf {
 
 fn gpu() -> Arc<Gpu> {
     static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
-    GPU.get_or_init(|| Arc::new(Gpu::new_blocking().expect("a wgpu adapter"))).clone()
+    GPU.get_or_init(|| Arc::new(Gpu::new_blocking().expect("a wgpu adapter")))
+        .clone()
 }
 
 /// The image as transformers saw it (JPEGs as PNG copies of Pillow's decode, as in parity.rs).
@@ -55,24 +56,59 @@ fn agreement(got: &[u32], want: &[u32]) -> (usize, usize) {
 /// Runs the raw-prompt image case `case_id` of `model` at each precision and checks the gates.
 fn check_gates(model: &str, case_id: &str) {
     let expected: Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join(format!("tests/fixtures/expected/{model}.json"))).unwrap(),
+        &std::fs::read_to_string(root().join(format!("tests/fixtures/expected/{model}.json")))
+            .unwrap(),
     )
     .unwrap();
-    let case = expected["cases"].as_array().unwrap().iter().find(|c| c["id"] == case_id).unwrap();
+    let case = expected["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == case_id)
+        .unwrap();
     let image = case["image"].as_str().map(load_image);
     let prompt = case["prompt"].as_str().unwrap();
-    let (_, want_logits) =
-        npy::read_f32(root().join("tests/fixtures/expected").join(case["logits_npy"].as_str().unwrap())).unwrap();
-    let want_tokens: Vec<u32> =
-        case["greedy_tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    let (_, want_logits) = npy::read_f32(
+        root()
+            .join("tests/fixtures/expected")
+            .join(case["logits_npy"].as_str().unwrap()),
+    )
+    .unwrap();
+    let want_tokens: Vec<u32> = case["greedy_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect();
 
     let dir = root().join("tests/fixtures/models").join(model);
     let mut failures = Vec::new();
-    for (precision, gate) in [(WeightPrecision::F32, 0.99999), (WeightPrecision::Q8, 0.999), (WeightPrecision::Q4, 0.99)] {
-        let llava = Llava::load_dir(gpu(), &dir, &LoadOptions { precision, context: None }).unwrap();
+    for (precision, gate) in [
+        (WeightPrecision::F32, 0.99999),
+        (WeightPrecision::Q8, 0.999),
+        (WeightPrecision::Q4, 0.99),
+    ] {
+        let llava = Llava::load_dir(
+            gpu(),
+            &dir,
+            &LoadOptions {
+                precision,
+                context: None,
+            },
+        )
+        .unwrap();
         let mut chat = llava.chat(None).unwrap();
-        let turn = Turn { image: image.as_ref(), text: prompt, raw_prompt: true, want_logits: true };
-        let params = GenerateParams { max_new_tokens: 16, ignore_eos: true, ..Default::default() };
+        let turn = Turn {
+            image: image.as_ref(),
+            text: prompt,
+            raw_prompt: true,
+            want_logits: true,
+        };
+        let params = GenerateParams {
+            max_new_tokens: 16,
+            ignore_eos: true,
+            ..Default::default()
+        };
         let reply = pollster::block_on(chat.send(&llava, turn, &params, |_| true)).unwrap();
         let cos = cosine(reply.first_logits.as_ref().unwrap(), &want_logits);
         let (prefix, same) = agreement(&reply.tokens, &want_tokens);
