@@ -27,6 +27,7 @@
 //! Pure Rust without threads, so it builds for `wasm32-unknown-unknown`.
 
 mod decode;
+mod jpeg;
 mod resample;
 
 pub use decode::{decode, from_pixels};
