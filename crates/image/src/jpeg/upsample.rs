@@ -61,17 +61,14 @@ pub(super) fn upsample_row(plane: &Plane, method: Upsampling, y: usize, out: &mu
         }
         Upsampling::H2V1Fancy => {
             let row = plane.row(y as isize);
-            let last = row.len() - 1;
-            for (x, o) in out.iter_mut().enumerate() {
-                let i = x / 2;
-                let near = 3 * u32::from(row[i]);
-                // Output pixels sit 1/4 and 3/4 between input centres; the bias alternates 1, 2.
-                *o = if x % 2 == 0 {
-                    ((near + u32::from(row[i.saturating_sub(1)]) + 1) >> 2) as u8
-                } else {
-                    ((near + u32::from(row[(i + 1).min(last)]) + 2) >> 2) as u8
-                };
-            }
+            // Output pixels sit 1/4 and 3/4 between input centres; the bias alternates 1, 2.
+            triangle_pairs(
+                out,
+                row.len(),
+                |i| u32::from(row[i]),
+                |near, far| (near + far + 1) >> 2,
+                |near, far| (near + far + 2) >> 2,
+            );
         }
         Upsampling::H1V2Fancy => {
             let (near, far, bias) = vertical_neighbours(plane, y);
@@ -81,19 +78,40 @@ pub(super) fn upsample_row(plane: &Plane, method: Upsampling, y: usize, out: &mu
         }
         Upsampling::H2V2Fancy => {
             let (near, far, _) = vertical_neighbours(plane, y);
-            let last = near.len() - 1;
+            // Column sums 3 * nearer + further row, then the same horizontally; biases 8 and 7.
             let column_sum = |i: usize| 3 * u32::from(near[i]) + u32::from(far[i]);
-            for (x, o) in out.iter_mut().enumerate() {
-                let i = x / 2;
-                let this = 3 * column_sum(i);
-                // Biases 8 and 7 alternate, as in h2v2_fancy_upsample.
-                *o = if x % 2 == 0 {
-                    ((this + column_sum(i.saturating_sub(1)) + 8) >> 4) as u8
-                } else {
-                    ((this + column_sum((i + 1).min(last)) + 7) >> 4) as u8
-                };
-            }
+            triangle_pairs(
+                out,
+                near.len(),
+                column_sum,
+                |n, f| (n + f + 8) >> 4,
+                |n, f| (n + f + 7) >> 4,
+            );
         }
+    }
+}
+
+/// Horizontal 2:1 triangle filter over `count` inputs given by `input`: output `2i` is
+/// `left(3 * input(i), input(i - 1))`, output `2i + 1` is `right(3 * input(i), input(i + 1))`, with
+/// the neighbour indices clamped to the row (the edge columns are replicated).
+#[inline]
+fn triangle_pairs(
+    out: &mut [u8],
+    count: usize,
+    input: impl Fn(usize) -> u32,
+    left: impl Fn(u32, u32) -> u32,
+    right: impl Fn(u32, u32) -> u32,
+) {
+    let mut previous = input(0);
+    let mut this = previous;
+    for (i, pair) in out.chunks_mut(2).enumerate() {
+        let next = input((i + 1).min(count - 1));
+        pair[0] = left(3 * this, previous) as u8;
+        if let Some(second) = pair.get_mut(1) {
+            *second = right(3 * this, next) as u8;
+        }
+        previous = this;
+        this = next;
     }
 }
 

@@ -1,0 +1,201 @@
+//! JPEG decoding against Pillow 13 (libjpeg-turbo): fixtures from tests/reference/jpeg_cases.py.
+
+mod common;
+
+use common::{read_json, sha256_hex, shared_image_path};
+use llava_image::{ImageError, decode};
+
+fn fixture(name: &str) -> String {
+    format!("{}/../../tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(path: &str) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn pixel(rgb: &llava_image::Rgb8, x: u64, y: u64) -> [u8; 3] {
+    let i = (y as usize * rgb.width as usize + x as usize) * 3;
+    [rgb.data[i], rgb.data[i + 1], rgb.data[i + 2]]
+}
+
+/// Every variant decodes to exactly Pillow's RGB bytes (size, sha256 and sampled pixels), except
+/// the progressive file whose missing refinement scans make libjpeg block-smooth: that one takes
+/// the documented non-exact fallback and is only close.
+#[test]
+fn variants_decode_like_pillow() {
+    let cases = read_json(&fixture("jpeg/cases.json"));
+    let cases = cases.as_array().unwrap();
+    assert!(cases.len() >= 25);
+    let mut mismatches = Vec::new();
+    for case in cases {
+        let file = case["file"].as_str().unwrap();
+        let rgb = decode(&read(&fixture(&format!("jpeg/{file}"))))
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(
+            [u64::from(rgb.width), u64::from(rgb.height)],
+            [
+                case["width"].as_u64().unwrap(),
+                case["height"].as_u64().unwrap()
+            ],
+            "{file}"
+        );
+        let exact = case["exact"].as_bool().unwrap();
+        let same = sha256_hex(&rgb.data) == case["rgb_sha256"].as_str().unwrap();
+        assert_eq!(same, exact, "{file}: bytes equal to Pillow's: {same}");
+        for sample in case["samples"].as_array().unwrap() {
+            let (x, y) = (sample[0].as_u64().unwrap(), sample[1].as_u64().unwrap());
+            let want: Vec<u8> = sample[2]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u8)
+                .collect();
+            let got = pixel(&rgb, x, y);
+            let max_diff = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap();
+            // Block smoothing versus none: a few levels at most on these samples.
+            let allowed = if exact { 0 } else { 24 };
+            if max_diff > allowed {
+                mismatches.push(format!("{file} ({x}, {y}): {got:?} vs {want:?}"));
+            }
+        }
+    }
+    assert!(mismatches.is_empty(), "{mismatches:#?}");
+}
+
+/// The shared photos equal the PNG copies of Pillow's decode that the model parity tests use.
+#[test]
+fn shared_photos_equal_pillow_png_copies() {
+    for stem in ["rocket", "grace_hopper"] {
+        let jpeg = decode(&read(&shared_image_path(&format!("{stem}.jpg")))).unwrap();
+        let png = decode(&read(&fixture(&format!("decoded/{stem}.png")))).unwrap();
+        assert_eq!((jpeg.width, jpeg.height), (png.width, png.height), "{stem}");
+        assert!(
+            jpeg.data == png.data,
+            "{stem}: JPEG decode differs from Pillow's"
+        );
+    }
+}
+
+/// Position just after the first SOS header (the start of entropy-coded data).
+fn entropy_start(bytes: &[u8]) -> usize {
+    let sos = bytes.windows(2).position(|w| w == [0xff, 0xda]).unwrap();
+    sos + 2 + usize::from(u16::from_be_bytes([bytes[sos + 2], bytes[sos + 3]]))
+}
+
+/// Position of the first byte of the frame header (SOF0/1/2) marker.
+fn sof(bytes: &[u8]) -> usize {
+    bytes
+        .windows(2)
+        .position(|w| w[0] == 0xff && matches!(w[1], 0xc0..=0xc2))
+        .unwrap()
+}
+
+fn decode_error(bytes: &[u8]) -> String {
+    match decode(bytes) {
+        Err(ImageError::Decode(message)) => message,
+        other => panic!("expected a decode error, got {other:?}"),
+    }
+}
+
+#[test]
+fn truncated_files_are_refused_like_pillow() {
+    for file in ["rgb_37x23_q75_420.jpg", "rgb_37x23_q75_420_progressive.jpg"] {
+        let bytes = read(&fixture(&format!("jpeg/{file}")));
+        let start = entropy_start(&bytes);
+        // In the headers, inside the scan, and only the end-of-image marker missing.
+        for cut in [
+            3,
+            100,
+            start + 10,
+            bytes.len() - 40,
+            bytes.len() - 2,
+            bytes.len() - 1,
+        ] {
+            let message = decode_error(&bytes[..cut]);
+            assert!(
+                message.contains("truncated"),
+                "{file} cut at {cut}: {message}"
+            );
+        }
+    }
+}
+
+#[test]
+fn corrupt_entropy_data_is_an_error() {
+    let bytes = read(&fixture("jpeg/rgb_37x23_q75_420.jpg"));
+    let start = entropy_start(&bytes);
+    // Stuffed FF bytes read as all-one bits: JPEG has no all-ones Huffman code.
+    let mut all_ones = bytes.clone();
+    all_ones.splice(start..start + 8, [0xff, 0, 0xff, 0, 0xff, 0, 0xff, 0]);
+    assert!(decode_error(&all_ones).contains("bad Huffman code"));
+    // Half the scan, then the end-of-image marker: the data ends before the last MCU.
+    let mut short = bytes[..(start + bytes.len()) / 2].to_vec();
+    short.extend([0xff, 0xd9]);
+    assert!(decode_error(&short).contains("ends early"));
+    // Random damage anywhere must give Ok or Err, never a panic.
+    for step in [3, 5, 7, 11] {
+        let mut damaged = bytes.clone();
+        for i in (start..damaged.len() - 2).step_by(step) {
+            damaged[i] = damaged[i].wrapping_mul(31).wrapping_add(7);
+        }
+        let _ = decode(&damaged);
+    }
+}
+
+#[test]
+fn wrong_restart_marker_is_an_error() {
+    let mut bytes = read(&fixture("jpeg/rgb_37x23_q75_420_restart_blocks.jpg"));
+    let start = entropy_start(&bytes);
+    let rst0 = start
+        + bytes[start..]
+            .windows(2)
+            .position(|w| w == [0xff, 0xd0])
+            .unwrap();
+    bytes[rst0 + 1] = 0xd3;
+    assert!(decode_error(&bytes).contains("expected restart marker RST0, found FFD3"));
+}
+
+#[test]
+fn bad_frame_headers_are_errors() {
+    let bytes = read(&fixture("jpeg/rgb_17x9_q75_422.jpg"));
+    let at = sof(&bytes);
+    let with = |offset: usize, value: &[u8]| {
+        let mut b = bytes.clone();
+        b[at + offset..at + offset + value.len()].copy_from_slice(value);
+        b
+    };
+    // Width 0 (offset 7: width after precision and height).
+    assert!(matches!(
+        decode(&with(7, &[0, 0])),
+        Err(ImageError::Empty {
+            width: 0,
+            height: 9
+        })
+    ));
+    assert!(matches!(
+        decode(&with(7, &[0x4e, 0x20])),
+        Err(ImageError::SideTooLarge { width: 20000, .. })
+    ));
+    assert!(decode_error(&with(4, &[12])).contains("12-bit"));
+    // Sampling factor 3 for luma and 2 for chroma: not an integral ratio.
+    let mut fractional = with(11, &[0x31]);
+    fractional[at + 14] = 0x21;
+    assert!(decode_error(&fractional).contains("fractional"));
+    // Sampling factor 0.
+    assert!(decode_error(&with(11, &[0x01])).contains("sampling factor"));
+}
+
+/// Arithmetic coding is not reproduced: the file goes to the fallback decoder, which refuses it
+/// (Pillow's libjpeg-turbo would decode it).
+#[test]
+fn arithmetic_coded_frames_take_the_fallback() {
+    let bytes = read(&fixture("jpeg/rgb_17x9_q75_422.jpg"));
+    let mut arithmetic = bytes.clone();
+    arithmetic[sof(&bytes) + 1] = 0xc9;
+    assert!(decode(&arithmetic).is_err());
+}
