@@ -1,8 +1,8 @@
 """Writes Pillow's RGB decode of each JPEG test image as a PNG (tests/fixtures/decoded/<stem>.png).
 
-Our JPEG decoder (zune-jpeg, via the `image` crate) differs from libjpeg-turbo by a few levels in
-some pixels, so the model parity tests feed these lossless copies to isolate the model from the
-JPEG decoder. Run with the pinned environment: python tests/reference/decode_jpegs.py
+The model parity tests feed these lossless copies, which keeps them independent of the JPEG decoder;
+crates/image decodes the JPEGs to the same bytes (checked by crates/image/tests/jpeg.rs).
+Run with the pinned environment: python tests/reference/decode_jpegs.py
 """
 from pathlib import Path
 

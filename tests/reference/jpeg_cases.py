@@ -8,7 +8,8 @@ Files are encoded by Pillow (sizes that are not multiples of the MCU, 4:4:4/4:2:
 and 95, progressive, greyscale, restart markers, 16-bit quantisation tables) or derived from such a
 file by rewriting marker segments (no DHT: libjpeg's standard tables; Adobe transform 0 and 'R','G',
 'B' component ids: RGB colour space; changed sampling factors: 4:4:0 and 4:1:1; fill bytes before
-markers). "exact": false marks a progressive file with missing refinement scans, which libjpeg
+markers; quantisation tables replaced by huge ones, which overflow the 16-bit SIMD IDCT that
+Pillow's x86-64 libjpeg-turbo runs). "exact": false marks a progressive file with missing refinement scans, which libjpeg
 block-smooths and crates/image hands to its non-exact fallback decoder.
 
 cases.json: [{"file", "width", "height", "pil_mode", "exact", "rgb_sha256" (sha256 of
@@ -109,6 +110,25 @@ def with_fill_bytes(data):
     return bytes(out[:-2] + b"\xff\xff\xd9")
 
 
+def with_flat_quant(data, value):
+    """Every quantisation table set to `value` (16-bit entries above 255). Encoded with all-ones
+    tables, the coefficients then dequantise to far outside the sample range."""
+    out = bytearray(data[:2])
+    for marker, start, end in segments(data):
+        if marker != 0xDB:
+            out += data[start:end]
+            continue
+        body, tables = data[start + 4 : end], b""
+        while body:
+            size = 128 if body[0] >> 4 else 64
+            precision = 1 if value > 255 else 0
+            entries = struct.pack(">64H", *[value] * 64) if precision else bytes([value] * 64)
+            tables += bytes([(precision << 4) | (body[0] & 15)]) + entries
+            body = body[1 + size :]
+        out += b"\xff\xdb" + struct.pack(">H", 2 + len(tables)) + tables
+    return bytes(out)
+
+
 def without_last_scans(data, keep):
     """A progressive file cut after `keep` scans, closed with EOI."""
     pos, scans = 2, 0
@@ -130,6 +150,7 @@ def cases():
     q90_422 = encode(32, 32, quality=90, subsampling=1, seed=6)
     q90_420 = encode(32, 32, quality=90, subsampling=2, seed=7)
     progressive = encode(40, 30, quality=80, subsampling=2, progressive=True, seed=8)
+    unit_quant = encode(16, 16, quality=100, subsampling=0, qtables=[[1] * 64, [1] * 64], seed=11)
     return {
         "rgb_37x23_q75_420.jpg": encode(37, 23, quality=75, subsampling=2),
         "rgb_37x23_q95_444.jpg": encode(37, 23, quality=95, subsampling=0),
@@ -162,6 +183,10 @@ def cases():
         "h4v1_30x29_q90.jpg": with_sampling(q90_420, 0x41, 30, 29),
         "fill_bytes_40x30_q80_progressive.jpg": with_fill_bytes(progressive),
         "progressive_first_5_scans_40x30.jpg": without_last_scans(progressive, 5),
+        "huge_coefficients_q5.jpg": with_flat_quant(unit_quant, 5),
+        "huge_coefficients_q40.jpg": with_flat_quant(unit_quant, 40),
+        "huge_coefficients_q255.jpg": with_flat_quant(unit_quant, 255),
+        "huge_coefficients_q40000.jpg": with_flat_quant(unit_quant, 40000),
     }
 
 

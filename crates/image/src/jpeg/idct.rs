@@ -1,121 +1,142 @@
-//! libjpeg-turbo's accurate integer IDCT (`jidctint.c`, `jpeg_idct_islow`, 8-bit samples), with
-//! dequantisation and its post-IDCT range limiting.
+//! libjpeg-turbo's accurate integer IDCT (`jpeg_idct_islow`, 8-bit samples) with dequantisation,
+//! in the arithmetic of its x86-64 SIMD kernels (`jidctint-sse2.asm` / `jidctint-avx2.asm`), which
+//! Pillow's x86-64 builds run.
 //!
-//! Arithmetic follows the C code with a 64-bit `JLONG`: products and sums in `i64`, the `(int)`
-//! casts before storing to the workspace and before masking with `RANGE_MASK` truncate to `i32`.
+//! For every block whose intermediate values fit in 16 bits (all files an encoder produces) this is
+//! exactly `jidctint.c`: same constants (`CONST_BITS` 13, `PASS1_BITS` 2), same rounding. They part
+//! only for crafted, huge coefficients, where the SIMD code wraps the dequantised products and
+//! `in0 + in4`-style sums to 16 bits, saturates each pass's output to 16 bits and clamps the result,
+//! while the C code works in wider integers and wraps through its 10-bit `RANGE_MASK` table; the
+//! SIMD behaviour is what Pillow returns there (tests/fixtures/jpeg/huge_coefficients_*.jpg).
 
 const CONST_BITS: u32 = 13;
 const PASS1_BITS: u32 = 2;
 
-const FIX_0_298631336: i64 = 2446;
-const FIX_0_390180644: i64 = 3196;
-const FIX_0_541196100: i64 = 4433;
-const FIX_0_765366865: i64 = 6270;
-const FIX_0_899976223: i64 = 7373;
-const FIX_1_175875602: i64 = 9633;
-const FIX_1_501321110: i64 = 12299;
-const FIX_1_847759065: i64 = 15137;
-const FIX_1_961570560: i64 = 16069;
-const FIX_2_053119869: i64 = 16819;
-const FIX_2_562915447: i64 = 20995;
-const FIX_3_072711026: i64 = 25172;
+const FIX_0_298631336: i32 = 2446;
+const FIX_0_390180644: i32 = 3196;
+const FIX_0_541196100: i32 = 4433;
+const FIX_0_765366865: i32 = 6270;
+const FIX_0_899976223: i32 = 7373;
+const FIX_1_175875602: i32 = 9633;
+const FIX_1_501321110: i32 = 12299;
+const FIX_1_847759065: i32 = 15137;
+const FIX_1_961570560: i32 = 16069;
+const FIX_2_053119869: i32 = 16819;
+const FIX_2_562915447: i32 = 20995;
+const FIX_3_072711026: i32 = 25172;
 
-/// `RANGE_MASK` for 8-bit samples: the IDCT output is masked to 10 bits before the table lookup.
-const RANGE_MASK: i32 = 0x3ff;
-
-/// Rounding right shift (`DESCALE`).
+/// `pmaddwd`: two 16x16-bit products summed in 32 bits.
 #[inline]
-fn descale(x: i64, n: u32) -> i64 {
-    (x + (1 << (n - 1))) >> n
+fn madd(a: i16, ca: i32, b: i16, cb: i32) -> i32 {
+    (i32::from(a) * ca).wrapping_add(i32::from(b) * cb)
 }
 
-/// The post-IDCT part of libjpeg's `sample_range_limit` table (`prepare_range_limit_table`, starting
-/// at `CENTERJSAMPLE`), indexed by the masked IDCT output: it adds 128 and clamps for outputs in
-/// -512..=511, and wraps around (bogus but in range) beyond that, as libjpeg does for corrupt data.
+/// One 1-D IDCT of eight 16-bit inputs, descaled by `shift` with rounding and saturated to 16 bits
+/// (`packssdw`). The multiplications are regrouped as in the SIMD code (`z1 = (z2 + z3) * c` folded
+/// into two products), which is exact; the 16-bit sums wrap as `paddw` does.
 #[inline]
-pub(super) fn range_limit(index: i32) -> u8 {
-    match index & RANGE_MASK {
-        i @ 0..=127 => (i + 128) as u8,
-        128..=511 => 255,
-        512..=895 => 0,
-        i => (i - 896) as u8,
-    }
-}
-
-/// The even and odd halves shared by both passes: returns the eight outputs before descaling, with
-/// `x0..x7` the (dequantised or pass-1) inputs of one column or row.
-#[inline]
-fn butterfly(x: [i64; 8]) -> [i64; 8] {
+fn pass(x: [i16; 8], shift: u32) -> [i16; 8] {
     // Even part.
-    let z1 = (x[2] + x[6]) * FIX_0_541196100;
-    let tmp2 = z1 + x[6] * -FIX_1_847759065;
-    let tmp3 = z1 + x[2] * FIX_0_765366865;
-    let tmp0 = (x[0] + x[4]) << CONST_BITS;
-    let tmp1 = (x[0] - x[4]) << CONST_BITS;
-    let (tmp10, tmp13) = (tmp0 + tmp3, tmp0 - tmp3);
-    let (tmp11, tmp12) = (tmp1 + tmp2, tmp1 - tmp2);
-    // Odd part.
-    let (t0, t1, t2, t3) = (x[7], x[5], x[3], x[1]);
-    let z1 = t0 + t3;
-    let z2 = t1 + t2;
-    let z3 = t0 + t2;
-    let z4 = t1 + t3;
-    let z5 = (z3 + z4) * FIX_1_175875602;
-    let t0 = t0 * FIX_0_298631336;
-    let t1 = t1 * FIX_2_053119869;
-    let t2 = t2 * FIX_3_072711026;
-    let t3 = t3 * FIX_1_501321110;
-    let z1 = z1 * -FIX_0_899976223;
-    let z2 = z2 * -FIX_2_562915447;
-    let z3 = z3 * -FIX_1_961570560 + z5;
-    let z4 = z4 * -FIX_0_390180644 + z5;
-    let t0 = t0 + z1 + z3;
-    let t1 = t1 + z2 + z4;
-    let t2 = t2 + z2 + z3;
-    let t3 = t3 + z1 + z4;
+    let tmp3 = madd(
+        x[2],
+        FIX_0_541196100 + FIX_0_765366865,
+        x[6],
+        FIX_0_541196100,
+    );
+    let tmp2 = madd(
+        x[2],
+        FIX_0_541196100,
+        x[6],
+        FIX_0_541196100 - FIX_1_847759065,
+    );
+    let tmp0 = i32::from(x[0].wrapping_add(x[4])) << CONST_BITS;
+    let tmp1 = i32::from(x[0].wrapping_sub(x[4])) << CONST_BITS;
+    let (tmp10, tmp13) = (tmp0.wrapping_add(tmp3), tmp0.wrapping_sub(tmp3));
+    let (tmp11, tmp12) = (tmp1.wrapping_add(tmp2), tmp1.wrapping_sub(tmp2));
+    // Odd part: z5 = (z3 + z4) * c3 folded into z3 and z4.
+    let (sum37, sum15) = (x[3].wrapping_add(x[7]), x[1].wrapping_add(x[5]));
+    let z3 = madd(
+        sum37,
+        FIX_1_175875602 - FIX_1_961570560,
+        sum15,
+        FIX_1_175875602,
+    );
+    let z4 = madd(
+        sum37,
+        FIX_1_175875602,
+        sum15,
+        FIX_1_175875602 - FIX_0_390180644,
+    );
+    let odd0 = madd(
+        x[7],
+        FIX_0_298631336 - FIX_0_899976223,
+        x[1],
+        -FIX_0_899976223,
+    )
+    .wrapping_add(z3);
+    let odd3 = madd(
+        x[7],
+        -FIX_0_899976223,
+        x[1],
+        FIX_1_501321110 - FIX_0_899976223,
+    )
+    .wrapping_add(z4);
+    let odd1 = madd(
+        x[5],
+        FIX_2_053119869 - FIX_2_562915447,
+        x[3],
+        -FIX_2_562915447,
+    )
+    .wrapping_add(z4);
+    let odd2 = madd(
+        x[5],
+        -FIX_2_562915447,
+        x[3],
+        FIX_3_072711026 - FIX_2_562915447,
+    )
+    .wrapping_add(z3);
+    let round = 1i32 << (shift - 1);
+    let out =
+        |v: i32| (v.wrapping_add(round) >> shift).clamp(i16::MIN.into(), i16::MAX.into()) as i16;
     [
-        tmp10 + t3,
-        tmp11 + t2,
-        tmp12 + t1,
-        tmp13 + t0,
-        tmp13 - t0,
-        tmp12 - t1,
-        tmp11 - t2,
-        tmp10 - t3,
+        out(tmp10.wrapping_add(odd3)),
+        out(tmp11.wrapping_add(odd2)),
+        out(tmp12.wrapping_add(odd1)),
+        out(tmp13.wrapping_add(odd0)),
+        out(tmp13.wrapping_sub(odd0)),
+        out(tmp12.wrapping_sub(odd1)),
+        out(tmp11.wrapping_sub(odd2)),
+        out(tmp10.wrapping_sub(odd3)),
     ]
 }
 
 /// Dequantises `coefs` (natural order) with `quant` and writes the 8x8 samples to `out` (rows
 /// `stride` bytes apart).
 pub(super) fn idct_islow(coefs: &[i16; 64], quant: &[u16; 64], out: &mut [u8], stride: usize) {
-    let mut workspace = [0i32; 64];
-    // Pass 1: columns, results scaled up by 2^PASS1_BITS.
-    for col in 0..8 {
-        // DEQUANTIZE: JCOEF times the multiplier, an int product (it always fits in 32 bits).
-        let input: [i64; 8] = std::array::from_fn(|row| {
-            i64::from(coefs[row * 8 + col]) * i64::from(quant[row * 8 + col])
-        });
-        if input[1..].iter().all(|&v| v == 0) {
-            let dc = (input[0] << PASS1_BITS) as i32;
-            (0..8).for_each(|row| workspace[row * 8 + col] = dc);
-            continue;
+    // pmullw: the low 16 bits of each product.
+    let dequantised: [i16; 64] = std::array::from_fn(|i| coefs[i].wrapping_mul(quant[i] as i16));
+    let mut workspace = [[0i16; 8]; 8]; // [column][row]
+    if coefs[8..].iter().all(|&c| c == 0) {
+        // No AC coefficient in any row below the first: every column is flat (psllw wraps).
+        for (col, ws) in workspace.iter_mut().enumerate() {
+            ws.fill(dequantised[col].wrapping_shl(PASS1_BITS));
         }
-        let out = butterfly(input);
-        for row in 0..8 {
-            workspace[row * 8 + col] = descale(out[row], CONST_BITS - PASS1_BITS) as i32;
+    } else {
+        for (col, ws) in workspace.iter_mut().enumerate() {
+            *ws = pass(
+                std::array::from_fn(|row| dequantised[row * 8 + col]),
+                CONST_BITS - PASS1_BITS,
+            );
         }
     }
-    // Pass 2: rows, descaled by the pass-1 factor and the 8 of the two 1-D IDCTs.
     for row in 0..8 {
-        let ws = &workspace[row * 8..row * 8 + 8];
-        let dest = &mut out[row * stride..row * stride + 8];
-        if ws[1..].iter().all(|&v| v == 0) {
-            dest.fill(range_limit(descale(i64::from(ws[0]), PASS1_BITS + 3) as i32));
-            continue;
-        }
-        let result = butterfly(std::array::from_fn(|i| i64::from(ws[i])));
-        for (d, v) in dest.iter_mut().zip(result) {
-            *d = range_limit(descale(v, CONST_BITS + PASS1_BITS + 3) as i32);
+        let samples = pass(
+            std::array::from_fn(|col| workspace[col][row]),
+            CONST_BITS + PASS1_BITS + 3,
+        );
+        // packsswb then + CENTERJSAMPLE: clamp to -128..=127 and shift to 0..=255.
+        for (d, v) in out[row * stride..row * stride + 8].iter_mut().zip(samples) {
+            *d = (v.clamp(-128, 127) + 128) as u8;
         }
     }
 }
@@ -185,20 +206,5 @@ mod tests {
                 assert!((f64::from(*got) - want).abs() <= 1.0, "{got} vs {want}");
             }
         }
-    }
-
-    #[test]
-    fn range_limit_clamps_then_wraps_like_libjpeg() {
-        assert_eq!(range_limit(-128), 0);
-        assert_eq!(range_limit(0), 128);
-        assert_eq!(range_limit(127), 255);
-        assert_eq!(range_limit(300), 255);
-        assert_eq!(range_limit(511), 255);
-        assert_eq!(range_limit(-129), 0);
-        assert_eq!(range_limit(-512), 0);
-        // Beyond 10 bits the mask wraps: 512 reads the "negative" half, 1024 is 0 again.
-        assert_eq!(range_limit(512), 0);
-        assert_eq!(range_limit(1024), 128);
-        assert_eq!(range_limit(-513), 255);
     }
 }

@@ -1,6 +1,7 @@
 //! A JPEG decoder that reproduces libjpeg-turbo's output with the settings Pillow uses (accurate
 //! integer IDCT `JDCT_ISLOW`, fancy upsampling, RGB or greyscale output), so that JPEG files give
-//! exactly the bytes transformers gets from Pillow.
+//! exactly the bytes transformers gets from Pillow. The IDCT follows libjpeg-turbo's x86-64 SIMD
+//! kernels, which equal `jidctint.c` except on crafted out-of-range coefficients (see `idct`).
 //!
 //! Supported: 8-bit Huffman-coded baseline, extended (SOF1) and progressive (SOF2) files with one
 //! (greyscale) or three components (YCbCr, or RGB when libjpeg would guess so from an Adobe marker
