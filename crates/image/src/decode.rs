@@ -111,10 +111,10 @@ pub fn decode(bytes: &[u8]) -> Result<Rgb8, ImageError> {
     let format = reader.format().ok_or(ImageError::UnknownFormat)?;
     // The default image::Limits (512 MiB allocation cap) stay on as a backstop; the side and pixel
     // limits are checked here from the header so that they give this crate's own errors.
-    if format == ImageFormat::Jpeg {
-        if let Some(rgb) = crate::jpeg::decode_jpeg(bytes)? {
-            return Ok(rgb);
-        }
+    if format == ImageFormat::Jpeg
+        && let Some(rgb) = crate::jpeg::decode_jpeg(bytes)?
+    {
+        return Ok(rgb);
     }
     // JPEG variants the libjpeg-compatible decoder leaves out (arithmetic coding, lossless, CMYK,
     // progressive files that libjpeg would block-smooth) go through zune-jpeg: not bit-exact.

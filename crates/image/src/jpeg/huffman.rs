@@ -39,6 +39,11 @@ impl HuffmanTable {
         for length in 1..=16u32 {
             let count = u32::from(counts[length as usize - 1]);
             value_offset[length as usize] = index as i32 - code as i32;
+            // The codes of this length must fit in it without being all ones (libjpeg:
+            // JERR_BAD_HUFF_TABLE).
+            if code + count >= 1 << length {
+                return Err(corrupt("Huffman table has too many codes"));
+            }
             for _ in 0..count {
                 if length <= LOOKAHEAD {
                     let shift = LOOKAHEAD - length;
@@ -51,10 +56,6 @@ impl HuffmanTable {
             }
             if count > 0 {
                 max_code[length as usize] = code as i32 - 1;
-            }
-            // No code may be all ones (libjpeg: JERR_BAD_HUFF_TABLE).
-            if code >= 1 << length {
-                return Err(corrupt("Huffman table has too many codes"));
             }
             code <<= 1;
         }
@@ -322,3 +323,67 @@ const STD_AC_CHROMA_VALUES: [u8; 162] = [
     0xe2, 0xe3, 0xe4, 0xe5, 0xe6, 0xe7, 0xe8, 0xe9, 0xea, 0xf2, 0xf3, 0xf4, 0xf5, 0xf6, 0xf7, 0xf8,
     0xf9, 0xfa,
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(first: &[u8]) -> [u8; 16] {
+        let mut c = [0u8; 16];
+        c[..first.len()].copy_from_slice(first);
+        c
+    }
+
+    #[test]
+    fn tables_with_too_many_or_all_ones_codes_are_refused() {
+        // Three 1-bit codes cannot exist; two would include the all-ones code "1".
+        assert!(HuffmanTable::new(&counts(&[3]), &[0, 1, 2], false).is_err());
+        assert!(HuffmanTable::new(&counts(&[2]), &[0, 1], false).is_err());
+        // "0", "10", "11": the last is all ones.
+        assert!(HuffmanTable::new(&counts(&[1, 2]), &[0, 1, 2], false).is_err());
+        assert!(HuffmanTable::new(&counts(&[1, 1]), &[0, 1], false).is_ok());
+        assert!(HuffmanTable::new(&counts(&[1, 1]), &[0, 16], true).is_err()); // DC symbol > 15
+    }
+
+    #[test]
+    fn decodes_canonical_codes_short_and_long() {
+        // Codes: "0" -> 7, "10" -> 8, then one 12-bit code 110000000000 -> 9 (past the lookahead).
+        let table = HuffmanTable::new(
+            &counts(&[1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+            &[7, 8, 9],
+            false,
+        )
+        .unwrap();
+        // Bits: 0 | 10 | 110000000000 | 0, padded with ones: 0101 1000 0000 0000 0111 1111.
+        let data = [0b0101_1000, 0b0000_0000, 0b0111_1111];
+        let mut reader = BitReader::new(&data, 0);
+        let symbols: Vec<u8> = (0..4).map(|_| reader.symbol(&table).unwrap()).collect();
+        assert_eq!(symbols, [7, 8, 9, 7]);
+        assert!(reader.check().is_ok());
+    }
+
+    #[test]
+    fn bit_reader_unstuffs_and_stops_at_markers() {
+        let data = [0xab, 0xff, 0x00, 0xcd, 0xff, 0xff, 0xd9, 0x12];
+        let mut reader = BitReader::new(&data, 0);
+        assert_eq!(reader.bits(16), 0xabff);
+        assert_eq!(reader.bits(8), 0xcd);
+        assert!(reader.check().is_ok());
+        // Past the marker come zero bits, and using them is an error.
+        assert_eq!(reader.bits(4), 0);
+        assert!(reader.check().is_err());
+        assert_eq!(reader.next_marker(), Some((0xd9, 7)));
+    }
+
+    #[test]
+    fn signed_values_extend_like_huff_extend() {
+        // 3-bit values: 000..011 are -7..-4, 100..111 are 4..7; 2-bit: 00 is -3, 10 is 2.
+        let data = [0b0001_1100, 0b1000_0000];
+        let mut reader = BitReader::new(&data, 0);
+        assert_eq!(reader.signed(3), -7);
+        assert_eq!(reader.signed(3), 7);
+        assert_eq!(reader.signed(2), -3);
+        assert_eq!(reader.signed(2), 2);
+        assert_eq!(reader.signed(0), 0);
+    }
+}

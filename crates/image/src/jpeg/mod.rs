@@ -156,7 +156,7 @@ pub(crate) fn decode_jpeg(bytes: &[u8]) -> Result<Option<Rgb8>, ImageError> {
                 let body = &bytes[pos + 2..pos + length];
                 pos += length;
                 match marker {
-                    0xc0 | 0xc1 | 0xc2 => decoder.start_frame(body, marker == 0xc2)?,
+                    0xc0..=0xc2 => decoder.start_frame(body, marker == 0xc2)?,
                     // Lossless, arithmetic-coded and hierarchical frames.
                     0xc3 | 0xc5..=0xc7 | 0xc9..=0xcb | 0xcd..=0xcf => return Ok(None),
                     0xc4 => decoder.define_huffman_tables(body)?,
@@ -477,7 +477,7 @@ fn scan_tables(
     ac_tables: &[Option<HuffmanTable>; 4],
     scan: &Scan,
     progressive: bool,
-) -> Result<Vec<(Option<HuffmanTable>, Option<HuffmanTable>)>, ImageError> {
+) -> Result<Vec<ComponentTables>, ImageError> {
     let needs_dc = !progressive || (scan.ss == 0 && scan.ah == 0);
     let needs_ac = !progressive || scan.ss > 0;
     let pick = |tables: &[Option<HuffmanTable>; 4], index: usize, is_dc: bool| {
@@ -527,7 +527,10 @@ fn block_smoothing_applies(frame: &Frame) -> bool {
             .any(|c| c.coef_bits[1..SMOOTHING_COEFS].iter().any(|&b| b != 0))
 }
 
-type ScanTables = [(Option<HuffmanTable>, Option<HuffmanTable>)];
+/// The DC and AC tables one scan component uses (`None` for those its scan does not read).
+type ComponentTables = (Option<HuffmanTable>, Option<HuffmanTable>);
+
+type ScanTables = [ComponentTables];
 
 fn decode_scan(
     frame: &mut Frame,

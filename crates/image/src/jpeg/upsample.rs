@@ -119,7 +119,7 @@ fn triangle_pairs(
 /// even `y`, below for odd), and h1v2's rounding bias (1 above, 2 below).
 fn vertical_neighbours<'a>(plane: &'a Plane, y: usize) -> (&'a [u8], &'a [u8], u32) {
     let near = (y / 2) as isize;
-    if y % 2 == 0 {
+    if y.is_multiple_of(2) {
         (plane.row(near), plane.row(near - 1), 1)
     } else {
         (plane.row(near), plane.row(near + 1), 2)
