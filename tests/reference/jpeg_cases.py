@@ -2,17 +2,21 @@
 
     /opt/refenv/bin/python tests/reference/jpeg_cases.py
 
+Needs `jpegtran` (Debian: libjpeg-turbo-progs) for the files with custom scan scripts.
+
 Pillow 13 decodes JPEG with libjpeg-turbo (accurate integer IDCT, fancy upsampling); crates/image
 reproduces that byte for byte, and crates/image/tests/jpeg.rs checks every file listed here.
 Files are encoded by Pillow (sizes that are not multiples of the MCU, 4:4:4/4:2:2/4:2:0, quality 75
 and 95, progressive, greyscale, restart markers, 16-bit quantisation tables) or derived from such a
 file by rewriting marker segments (no DHT: libjpeg's standard tables; Adobe transform 0 and 'R','G',
 'B' component ids: RGB colour space; changed sampling factors: 4:4:0 and 4:1:1; fill bytes before
-markers; quantisation tables replaced by huge ones, which overflow the 16-bit SIMD IDCT that
-Pillow's x86-64 libjpeg-turbo runs). "exact": false marks a progressive file with missing refinement scans, which libjpeg
-block-smooths and crates/image hands to its non-exact fallback decoder.
+markers; one scan per component and custom progressions, rewritten losslessly by jpegtran;
+quantisation tables replaced by huge ones, which overflow the 16-bit SIMD IDCT that
+Pillow's x86-64 libjpeg-turbo runs). "outcome" says what crates/image does with a file: "exact" (Pillow's bytes), "close" (a
+progressive file with missing refinement scans, which libjpeg block-smooths: crates/image hands it
+to its non-exact fallback decoder) or "refused" (arithmetic coding: the fallback cannot decode it).
 
-cases.json: [{"file", "width", "height", "pil_mode", "exact", "rgb_sha256" (sha256 of
+cases.json: [{"file", "width", "height", "pil_mode", "outcome", "rgb_sha256" (sha256 of
 Image.open(file).convert("RGB") bytes, HWC), "samples": [[x, y, [r, g, b]], ...]}]
 """
 
@@ -20,6 +24,8 @@ import hashlib
 import io
 import json
 import struct
+import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +135,15 @@ def with_flat_quant(data, value):
     return bytes(out)
 
 
+def jpegtran(data, scans, *options):
+    """Lossless rewrite of `data` with the scan script `scans` (jpegtran -scans)."""
+    with tempfile.TemporaryDirectory() as folder:
+        script = Path(folder) / "scans.txt"
+        script.write_text(scans)
+        command = ["jpegtran", *options, "-scans", str(script)]
+        return subprocess.run(command, input=data, capture_output=True, check=True).stdout
+
+
 def without_last_scans(data, keep):
     """A progressive file cut after `keep` scans, closed with EOI."""
     pos, scans = 2, 0
@@ -150,6 +165,7 @@ def cases():
     q90_422 = encode(32, 32, quality=90, subsampling=1, seed=6)
     q90_420 = encode(32, 32, quality=90, subsampling=2, seed=7)
     progressive = encode(40, 30, quality=80, subsampling=2, progressive=True, seed=8)
+    q75_420 = encode(37, 23, quality=75, subsampling=2)
     unit_quant = encode(16, 16, quality=100, subsampling=0, qtables=[[1] * 64, [1] * 64], seed=11)
     return {
         "rgb_37x23_q75_420.jpg": encode(37, 23, quality=75, subsampling=2),
@@ -183,11 +199,22 @@ def cases():
         "h4v1_30x29_q90.jpg": with_sampling(q90_420, 0x41, 30, 29),
         "fill_bytes_40x30_q80_progressive.jpg": with_fill_bytes(progressive),
         "progressive_first_5_scans_40x30.jpg": without_last_scans(progressive, 5),
+        "multiscan_37x23_q75_420.jpg": jpegtran(q75_420, "0: 0 63 0 0; 1: 0 63 0 0; 2: 0 63 0 0;"),
+        "multiscan_restart_37x23_q75_420.jpg": jpegtran(q75_420, "0: 0 63 0 0; 1 2: 0 63 0 0;", "-restart", "3B"),
+        "progressive_dc_refined_twice_37x23.jpg": jpegtran(
+            q75_420,
+            "0 1 2: 0 0 0 2; 0: 1 9 0 0; 0: 10 63 0 1; 2: 1 63 0 0; 1: 1 63 0 0; 0 1 2: 0 0 2 1;"
+            " 0: 10 63 1 0; 0 1 2: 0 0 1 0;",
+        ),
+        "arithmetic_37x23_q75_420.jpg": jpegtran(q75_420, "0 1 2: 0 63 0 0;", "-arithmetic"),
         "huge_coefficients_q5.jpg": with_flat_quant(unit_quant, 5),
         "huge_coefficients_q40.jpg": with_flat_quant(unit_quant, 40),
         "huge_coefficients_q255.jpg": with_flat_quant(unit_quant, 255),
         "huge_coefficients_q40000.jpg": with_flat_quant(unit_quant, 40000),
     }
+
+
+OUTCOMES = {"progressive_first_5_scans_40x30.jpg": "close", "arithmetic_37x23_q75_420.jpg": "refused"}
 
 
 def main():
@@ -207,7 +234,7 @@ def main():
                 "width": width,
                 "height": height,
                 "pil_mode": mode,
-                "exact": not name.startswith("progressive_first"),
+                "outcome": OUTCOMES.get(name, "exact"),
                 "rgb_sha256": hashlib.sha256(rgb.tobytes()).hexdigest(),
                 "samples": [[x, y, rgb[y, x].tolist()] for x, y in points],
             }
