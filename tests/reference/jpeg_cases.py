@@ -11,7 +11,9 @@ and 95, progressive, greyscale, restart markers, 16-bit quantisation tables) or 
 file by rewriting marker segments (no DHT: libjpeg's standard tables; Adobe transform 0 and 'R','G',
 'B' component ids: RGB colour space; changed sampling factors: 4:4:0 and 4:1:1; fill bytes before
 markers; one scan per component and custom progressions, rewritten losslessly by jpegtran;
-quantisation tables replaced by huge ones, which overflow the 16-bit SIMD IDCT that
+damaged entropy-coded data (cut short before EOI, invalid codes, wrong or missing restart
+markers, random bytes), which libjpeg decodes with warnings that Pillow ignores; quantisation
+tables replaced by huge ones, which overflow the 16-bit SIMD IDCT that
 Pillow's x86-64 libjpeg-turbo runs). "outcome" says what crates/image does with a file: "exact" (Pillow's bytes), "close" (a
 progressive file with missing refinement scans, which libjpeg block-smooths: crates/image hands it
 to its non-exact fallback decoder) or "refused" (arithmetic coding: the fallback cannot decode it).
@@ -144,6 +146,31 @@ def jpegtran(data, scans, *options):
         return subprocess.run(command, input=data, capture_output=True, check=True).stdout
 
 
+def entropy_start(data):
+    sos = data.index(b"\xff\xda")
+    return sos + 2 + struct.unpack(">H", data[sos + 2 : sos + 4])[0]
+
+
+def corrupted(data, kind, seed=0):
+    """Damaged entropy-coded data that libjpeg decodes with warnings only (Pillow ignores them)."""
+    start, data = entropy_start(data), bytearray(data)
+    if kind == "short":  # the scan stops half way, then EOI
+        return bytes(data[: (start + len(data)) // 2]) + b"\xff\xd9"
+    if kind == "all_ones":  # stuffed FF bytes: no Huffman code is all ones
+        data[start : start + 8] = b"\xff\x00" * 4
+    elif kind.startswith("rst"):  # the first RST0 replaced by RSTn, or removed
+        rst0 = data.index(b"\xff\xd0", start)
+        if kind == "rst_missing":
+            del data[rst0 : rst0 + 2]
+        else:
+            data[rst0 + 1] = 0xD0 + int(kind[3:])
+    elif kind == "noise":  # random bytes changed (a few become markers)
+        rng = np.random.default_rng(seed)
+        for i in rng.integers(start, len(data) - 2, 6):
+            data[i] = int(rng.integers(0, 256))
+    return bytes(data)
+
+
 def without_last_scans(data, keep):
     """A progressive file cut after `keep` scans, closed with EOI."""
     pos, scans = 2, 0
@@ -166,6 +193,7 @@ def cases():
     q90_420 = encode(32, 32, quality=90, subsampling=2, seed=7)
     progressive = encode(40, 30, quality=80, subsampling=2, progressive=True, seed=8)
     q75_420 = encode(37, 23, quality=75, subsampling=2)
+    restart_blocks = encode(37, 23, quality=75, subsampling=2, restart_marker_blocks=1)
     unit_quant = encode(16, 16, quality=100, subsampling=0, qtables=[[1] * 64, [1] * 64], seed=11)
     return {
         "rgb_37x23_q75_420.jpg": encode(37, 23, quality=75, subsampling=2),
@@ -182,7 +210,7 @@ def cases():
         "rgb_64x48_q95_444_progressive.jpg": encode(64, 48, quality=95, subsampling=0, progressive=True, seed=1),
         "gray_37x23_q75.jpg": encode(37, 23, "L", quality=75, seed=4),
         "gray_17x9_q95_progressive.jpg": encode(17, 9, "L", quality=95, progressive=True, seed=4),
-        "rgb_37x23_q75_420_restart_blocks.jpg": encode(37, 23, quality=75, subsampling=2, restart_marker_blocks=1),
+        "rgb_37x23_q75_420_restart_blocks.jpg": restart_blocks,
         "rgb_64x48_q75_444_restart_rows.jpg": encode(64, 48, quality=75, subsampling=0, restart_marker_rows=1, seed=1),
         "rgb_40x30_q75_420_progressive_restart.jpg": encode(
             40, 30, quality=75, subsampling=2, progressive=True, restart_marker_blocks=2, seed=9
@@ -207,6 +235,16 @@ def cases():
             " 0: 10 63 1 0; 0 1 2: 0 0 1 0;",
         ),
         "arithmetic_37x23_q75_420.jpg": jpegtran(q75_420, "0 1 2: 0 63 0 0;", "-arithmetic"),
+        "corrupt_short_scan_37x23.jpg": corrupted(q75_420, "short"),
+        "corrupt_all_ones_37x23.jpg": corrupted(q75_420, "all_ones"),
+        "corrupt_noise_37x23.jpg": corrupted(q75_420, "noise", seed=1),
+        "corrupt_noise_64x48_444.jpg": corrupted(encode(64, 48, quality=90, subsampling=0, seed=1), "noise", seed=2),
+        "corrupt_rst_next_37x23.jpg": corrupted(restart_blocks, "rst1"),
+        "corrupt_rst_far_37x23.jpg": corrupted(restart_blocks, "rst4"),
+        "corrupt_rst_previous_37x23.jpg": corrupted(restart_blocks, "rst7"),
+        "corrupt_rst_missing_37x23.jpg": corrupted(restart_blocks, "rst_missing"),
+        "corrupt_progressive_short_40x30.jpg": progressive[: len(progressive) - 60] + b"\xff\xd9",
+        "corrupt_progressive_noise_40x30.jpg": corrupted(progressive, "noise", seed=3),
         "huge_coefficients_q5.jpg": with_flat_quant(unit_quant, 5),
         "huge_coefficients_q40.jpg": with_flat_quant(unit_quant, 40),
         "huge_coefficients_q255.jpg": with_flat_quant(unit_quant, 255),

@@ -137,39 +137,24 @@ fn truncated_files_are_refused_like_pillow() {
     }
 }
 
+/// Damaged entropy-coded data decodes as libjpeg does (its warnings are ignored by Pillow); the
+/// Pillow comparisons are the `corrupt_*` fixtures. Here: random damage never panics.
 #[test]
-fn corrupt_entropy_data_is_an_error() {
-    let bytes = read(&fixture("jpeg/rgb_37x23_q75_420.jpg"));
-    let start = entropy_start(&bytes);
-    // Stuffed FF bytes read as all-one bits: JPEG has no all-ones Huffman code.
-    let mut all_ones = bytes.clone();
-    all_ones.splice(start..start + 8, [0xff, 0, 0xff, 0, 0xff, 0, 0xff, 0]);
-    assert!(decode_error(&all_ones).contains("bad Huffman code"));
-    // Half the scan, then the end-of-image marker: the data ends before the last MCU.
-    let mut short = bytes[..(start + bytes.len()) / 2].to_vec();
-    short.extend([0xff, 0xd9]);
-    assert!(decode_error(&short).contains("ends early"));
-    // Random damage anywhere must give Ok or Err, never a panic.
-    for step in [3, 5, 7, 11] {
-        let mut damaged = bytes.clone();
-        for i in (start..damaged.len() - 2).step_by(step) {
-            damaged[i] = damaged[i].wrapping_mul(31).wrapping_add(7);
+fn damaged_files_never_panic() {
+    for file in [
+        "rgb_37x23_q75_420.jpg",
+        "rgb_40x30_q75_420_progressive_restart.jpg",
+    ] {
+        let bytes = read(&fixture(&format!("jpeg/{file}")));
+        let start = entropy_start(&bytes);
+        for step in [3, 5, 7, 11] {
+            let mut damaged = bytes.clone();
+            for i in (start..damaged.len() - 2).step_by(step) {
+                damaged[i] = damaged[i].wrapping_mul(31).wrapping_add(7);
+            }
+            let _ = decode(&damaged);
         }
-        let _ = decode(&damaged);
     }
-}
-
-#[test]
-fn wrong_restart_marker_is_an_error() {
-    let mut bytes = read(&fixture("jpeg/rgb_37x23_q75_420_restart_blocks.jpg"));
-    let start = entropy_start(&bytes);
-    let rst0 = start
-        + bytes[start..]
-            .windows(2)
-            .position(|w| w == [0xff, 0xd0])
-            .unwrap();
-    bytes[rst0 + 1] = 0xd3;
-    assert!(decode_error(&bytes).contains("expected restart marker RST0, found FFD3"));
 }
 
 #[test]

@@ -18,7 +18,8 @@ pub(super) struct HuffmanTable {
     max_code: [i32; 17],
     /// Added to a code of each length to index `values`.
     value_offset: [i32; 17],
-    values: Vec<u8>,
+    /// The symbols, zero-padded to 256 like libjpeg's `huffval`.
+    values: [u8; 256],
 }
 
 impl HuffmanTable {
@@ -59,11 +60,13 @@ impl HuffmanTable {
             }
             code <<= 1;
         }
+        let mut padded = [0u8; 256];
+        padded[..values.len()].copy_from_slice(values);
         Ok(Self {
             fast,
             max_code,
             value_offset,
-            values: values.to_vec(),
+            values: padded,
         })
     }
 
@@ -194,29 +197,28 @@ impl<'a> BitReader<'a> {
         value
     }
 
-    /// One Huffman-coded symbol.
+    /// One Huffman-coded symbol. A bit pattern that is no code of the table is read the way
+    /// `jpeg_huff_decode` does: 17 bits are consumed and the symbol is 0 (libjpeg only warns).
     #[inline]
-    pub(super) fn symbol(&mut self, table: &HuffmanTable) -> Result<u8, ImageError> {
+    pub(super) fn symbol(&mut self, table: &HuffmanTable) -> u8 {
         self.ensure();
         let (length, value) = table.fast[self.peek(LOOKAHEAD) as usize];
         if length > 0 {
             self.consume(u32::from(length));
-            return Ok(value);
+            return value;
         }
         let code16 = self.peek(16) as i32;
         for length in LOOKAHEAD + 1..=16 {
             let code = code16 >> (16 - length);
             if code <= table.max_code[length as usize] {
                 self.consume(length);
-                let index = code + table.value_offset[length as usize];
-                return table
-                    .values
-                    .get(index as usize)
-                    .copied()
-                    .ok_or_else(|| corrupt("bad Huffman code"));
+                return table.values
+                    [((code + table.value_offset[length as usize]) & 0xff) as usize];
             }
         }
-        Err(corrupt("bad Huffman code"))
+        self.consume(16);
+        self.bits(1);
+        0
     }
 
     /// `symbol` bits read as a signed value (JPEG's `HUFF_EXTEND`).
@@ -233,17 +235,31 @@ impl<'a> BitReader<'a> {
         }
     }
 
-    /// Fails if the data ran out (or hit a marker) before the bits that were needed.
-    pub(super) fn check(&self) -> Result<(), ImageError> {
-        match (self.overrun, self.ended) {
-            (false, _) => Ok(()),
-            (true, true) => Err(ImageError::Decode(
+    /// Whether bits past the end of the data were used: libjpeg's `insufficient_data` when the
+    /// data ended at a marker.
+    pub(super) fn out_of_data(&self) -> bool {
+        self.overrun
+    }
+
+    /// Fails if bits past the end of the input (not a marker) were needed: Pillow reports such a
+    /// file as truncated.
+    pub(super) fn check_truncated(&self) -> Result<(), ImageError> {
+        if self.overrun && self.ended {
+            return Err(ImageError::Decode(
                 "truncated JPEG: the data ends inside a scan".into(),
-            )),
-            (true, false) => Err(corrupt(
-                "entropy-coded data ends early (a marker inside a scan)",
-            )),
+            ));
         }
+        Ok(())
+    }
+
+    /// Whether the input ran out (without a marker) while filling the bit buffer.
+    pub(super) fn input_ended(&self) -> bool {
+        self.ended
+    }
+
+    /// Whether a marker that ended the data is still waiting to be read.
+    pub(super) fn marker_pending(&self) -> bool {
+        self.marker.is_some()
     }
 
     /// Drops the buffered bits and reads the next marker, skipping any bytes before it as libjpeg's
@@ -261,17 +277,32 @@ impl<'a> BitReader<'a> {
         Some(found)
     }
 
-    /// Starts a new restart interval: the next marker must be `RSTn` with `n == index`.
+    /// Starts restart interval `index` (0..=7) as libjpeg's `read_restart_marker` and
+    /// `jpeg_resync_to_restart` do: the expected `RSTn` (or one too far from it to make sense) is
+    /// consumed; a marker for one of the two previous intervals (or an invalid one) is skipped to
+    /// the next marker; any other marker (the next two `RSTn`, or a non-restart marker such as
+    /// EOI) is left pending, so that the interval reads as empty (zero bits).
     pub(super) fn restart(&mut self, index: u8) -> Result<(), ImageError> {
-        match self.next_marker() {
-            Some((marker, _)) if marker == 0xd0 + index => Ok(()),
-            Some((marker, _)) => Err(corrupt(&format!(
-                "expected restart marker RST{index}, found FF{marker:02X}"
-            ))),
-            None => Err(ImageError::Decode(
-                "truncated JPEG: the data ends inside a scan".into(),
-            )),
+        let truncated = || ImageError::Decode("truncated JPEG: the data ends inside a scan".into());
+        self.overrun = false;
+        let (mut marker, _) = self.next_marker().ok_or_else(truncated)?;
+        let rst = |n: u8| 0xd0 + (n & 7);
+        loop {
+            if marker == rst(index) {
+                return Ok(());
+            }
+            let restart_number = (0xd0..=0xd7).contains(&marker).then_some(marker);
+            match restart_number {
+                _ if marker < 0xc0 => {}
+                None => break,
+                Some(m) if m == rst(index + 1) || m == rst(index + 2) => break,
+                Some(m) if m == rst(index.wrapping_sub(1)) || m == rst(index.wrapping_sub(2)) => {}
+                Some(_) => return Ok(()),
+            }
+            marker = self.next_marker().ok_or_else(truncated)?.0;
         }
+        self.marker = Some(marker);
+        Ok(())
     }
 }
 
@@ -357,9 +388,9 @@ mod tests {
         // Bits: 0 | 10 | 110000000000 | 0, padded with ones: 0101 1000 0000 0000 0111 1111.
         let data = [0b0101_1000, 0b0000_0000, 0b0111_1111];
         let mut reader = BitReader::new(&data, 0);
-        let symbols: Vec<u8> = (0..4).map(|_| reader.symbol(&table).unwrap()).collect();
+        let symbols: Vec<u8> = (0..4).map(|_| reader.symbol(&table)).collect();
         assert_eq!(symbols, [7, 8, 9, 7]);
-        assert!(reader.check().is_ok());
+        assert!(!reader.out_of_data());
     }
 
     #[test]
@@ -368,10 +399,11 @@ mod tests {
         let mut reader = BitReader::new(&data, 0);
         assert_eq!(reader.bits(16), 0xabff);
         assert_eq!(reader.bits(8), 0xcd);
-        assert!(reader.check().is_ok());
-        // Past the marker come zero bits, and using them is an error.
+        assert!(!reader.out_of_data());
+        // Past the marker come zero bits, and using them is noted.
         assert_eq!(reader.bits(4), 0);
-        assert!(reader.check().is_err());
+        assert!(reader.out_of_data());
+        assert!(reader.check_truncated().is_ok());
         assert_eq!(reader.next_marker(), Some((0xd9, 7)));
     }
 

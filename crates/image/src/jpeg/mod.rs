@@ -11,9 +11,12 @@
 //! hierarchical files, four components (CMYK/YCCK), and progressive files whose scans leave some of
 //! the first ten coefficients unrefined (libjpeg then applies block smoothing).
 //!
-//! Where libjpeg only warns and Pillow still returns an image (entropy-coded data that ends early
-//! or holds an invalid Huffman code, a wrong restart marker), this decoder returns an error instead;
-//! a file without an end-of-image marker is refused as truncated, as Pillow does.
+//! Damaged entropy-coded data is decoded the way libjpeg does it with its warnings (which Pillow
+//! ignores): data that ends at a marker is padded with zero bits and the rest of the restart
+//! interval is left blank, a bit pattern that is no Huffman code reads as symbol 0, and wrong
+//! restart markers are resynchronised as `jpeg_resync_to_restart` does. A file whose data runs out
+//! without a marker is refused as truncated, as Pillow does; so is a multi-scan file without its
+//! end-of-image marker (a one-scan file is complete once its scan is, as for Pillow).
 
 mod huffman;
 mod idct;
@@ -145,14 +148,32 @@ pub(crate) fn decode_jpeg(bytes: &[u8]) -> Result<Option<Rgb8>, ImageError> {
     let mut decoder = Decoder::default();
     let mut pos = 2;
     loop {
-        let (marker, after) = find_marker(bytes, pos).ok_or_else(truncated)?;
+        // A one-scan sequential image is complete when its scan is: libjpeg reads what follows
+        // only in jpeg_finish_decompress, and Pillow ignores that call running out of data.
+        let complete = decoder
+            .frame
+            .as_ref()
+            .is_some_and(|f| f.buffered == Some(false));
+        let Some((marker, after)) = find_marker(bytes, pos) else {
+            if complete {
+                break;
+            }
+            return Err(truncated());
+        };
         pos = after;
         match marker {
             0xd9 => break,
             0xd0..=0xd7 | 0x01 => {} // stray RSTn / TEM: no parameters, ignored as libjpeg does
             0xda => pos = decoder.scan(bytes, pos)?,
-            _ => {
-                let length = segment_length(bytes, pos)?;
+            // libjpeg refuses other markers before reading a length (JERR_UNKNOWN_MARKER).
+            0xc0..=0xcf | 0xdb..=0xdd | 0xe0..=0xef | 0xfe => {
+                let length = match segment_length(bytes, pos) {
+                    // Segments libjpeg skips unread just make jpeg_finish_decompress suspend.
+                    Err(_) if complete && matches!(marker, 0xe0..=0xef | 0xfe | 0xdc | 0xcc) => {
+                        break;
+                    }
+                    other => other?,
+                };
                 let body = &bytes[pos + 2..pos + length];
                 pos += length;
                 match marker {
@@ -171,6 +192,7 @@ pub(crate) fn decode_jpeg(bytes: &[u8]) -> Result<Option<Rgb8>, ImageError> {
                     other => return Err(corrupt(format!("unexpected marker FF{other:02X}"))),
                 }
             }
+            other => return Err(corrupt(format!("unexpected marker FF{other:02X}"))),
         }
         if decoder
             .frame
@@ -420,6 +442,13 @@ impl Decoder {
         }
         let mut reader = BitReader::new(bytes, pos + length);
         decode_scan(frame, &scan, &tables, self.restart_interval, &mut reader)?;
+        // The data must end at a marker: libjpeg suspends (Pillow: truncated) when it has to read
+        // past the end of the input, which it does while filling its bit buffer.
+        if reader.input_ended() {
+            return Err(ImageError::Decode(
+                "truncated JPEG: the data ends inside a scan".into(),
+            ));
+        }
         // The marker after the scan; the main loop reads it again from its FF.
         let (_, after) = reader.next_marker().ok_or_else(truncated)?;
         Ok(after - 2)
@@ -550,6 +579,9 @@ fn decode_scan(
     let progressive = frame.progressive;
     let mut eob_run = 0u32;
     let mut next_restart = 0u8;
+    // libjpeg's `insufficient_data`: the data ended at a marker, so the rest of this restart
+    // interval is left as it is (zero coefficients, a flat mid-grey for a one-pass file).
+    let mut out_of_data = false;
     let mut block = [0i16; 64];
     for mcu in 0..mcus_x * mcus_y {
         if restart_interval > 0 && mcu > 0 && mcu % restart_interval == 0 {
@@ -558,6 +590,9 @@ fn decode_scan(
             eob_run = 0;
             for sc in &scan.components {
                 frame.components[sc.index].dc_pred = 0;
+            }
+            if !reader.marker_pending() {
+                out_of_data = false;
             }
         }
         let (mx, my) = (mcu % mcus_x, mcu / mcus_x);
@@ -569,20 +604,25 @@ fn decode_scan(
                     let (x, y) = (mx * bw + bx, my * bh + by);
                     if !progressive {
                         block.fill(0);
-                        let (dc, ac) = (dc_table.as_ref(), ac_table.as_ref());
-                        decode_sequential(
-                            reader,
-                            dc.expect("DC"),
-                            ac.expect("AC"),
-                            &mut c.dc_pred,
-                            &mut block,
-                        )?;
+                        if !out_of_data {
+                            let (dc, ac) = (dc_table.as_ref(), ac_table.as_ref());
+                            decode_sequential(
+                                reader,
+                                dc.expect("DC"),
+                                ac.expect("AC"),
+                                &mut c.dc_pred,
+                                &mut block,
+                            );
+                        }
                         if buffered {
                             let start = (y * c.blocks_w + x) * 64;
                             c.coefs[start..start + 64].copy_from_slice(&block);
                         } else if x < c.real_blocks_w && y < c.real_blocks_h {
                             c.store_samples(x, y, &block);
                         }
+                        continue;
+                    }
+                    if out_of_data {
                         continue;
                     }
                     let start = (y * c.blocks_w + x) * 64;
@@ -595,7 +635,7 @@ fn decode_scan(
                             &mut c.dc_pred,
                             scan.al,
                             coefs,
-                        )?,
+                        ),
                         (true, false) => {
                             if reader.bits(1) == 1 {
                                 coefs[0] |= 1 << scan.al;
@@ -607,19 +647,20 @@ fn decode_scan(
                             scan,
                             &mut eob_run,
                             coefs,
-                        )?,
+                        ),
                         (false, false) => decode_ac_refine(
                             reader,
                             ac_table.as_ref().expect("AC"),
                             scan,
                             &mut eob_run,
                             coefs,
-                        )?,
+                        ),
                     }
                 }
             }
         }
-        reader.check()?;
+        reader.check_truncated()?;
+        out_of_data |= reader.out_of_data();
     }
     Ok(())
 }
@@ -631,15 +672,15 @@ fn decode_sequential(
     ac: &HuffmanTable,
     dc_pred: &mut i32,
     block: &mut [i16; 64],
-) -> Result<(), ImageError> {
-    let size = reader.symbol(dc)?;
+) {
+    let size = reader.symbol(dc);
     let diff = reader.signed(u32::from(size));
     // int arithmetic that wraps on (corrupt) overflow; JCOEF keeps the low 16 bits.
     *dc_pred = dc_pred.wrapping_add(diff);
     block[0] = *dc_pred as i16;
     let mut k = 1;
     while k < 64 {
-        let symbol = reader.symbol(ac)?;
+        let symbol = reader.symbol(ac);
         let (run, size) = (usize::from(symbol >> 4), u32::from(symbol & 15));
         if size != 0 {
             k += run;
@@ -651,7 +692,6 @@ fn decode_sequential(
         }
         k += 1;
     }
-    Ok(())
 }
 
 /// `decode_mcu_DC_first` (jdphuff.c).
@@ -661,12 +701,11 @@ fn decode_dc_first(
     dc_pred: &mut i32,
     al: u32,
     block: &mut [i16; 64],
-) -> Result<(), ImageError> {
-    let size = reader.symbol(dc)?;
+) {
+    let size = reader.symbol(dc);
     let diff = reader.signed(u32::from(size));
     *dc_pred = dc_pred.wrapping_add(diff);
     block[0] = ((*dc_pred as u32) << al) as i16;
-    Ok(())
 }
 
 /// `decode_mcu_AC_first` (jdphuff.c).
@@ -676,14 +715,14 @@ fn decode_ac_first(
     scan: &Scan,
     eob_run: &mut u32,
     block: &mut [i16; 64],
-) -> Result<(), ImageError> {
+) {
     if *eob_run > 0 {
         *eob_run -= 1;
-        return Ok(());
+        return;
     }
     let mut k = scan.ss;
     while k <= scan.se {
-        let symbol = reader.symbol(ac)?;
+        let symbol = reader.symbol(ac);
         let (run, size) = (u32::from(symbol >> 4), u32::from(symbol & 15));
         if size != 0 {
             k += run as usize;
@@ -697,7 +736,6 @@ fn decode_ac_first(
         }
         k += 1;
     }
-    Ok(())
 }
 
 /// `decode_mcu_AC_refine` (jdphuff.c): one correction bit for each already-nonzero coefficient the
@@ -708,7 +746,7 @@ fn decode_ac_refine(
     scan: &Scan,
     eob_run: &mut u32,
     block: &mut [i16; 64],
-) -> Result<(), ImageError> {
+) {
     let p1 = 1i16 << scan.al;
     let m1 = -p1;
     let refine = |reader: &mut BitReader, coef: &mut i16| {
@@ -719,7 +757,7 @@ fn decode_ac_refine(
     let mut k = scan.ss;
     if *eob_run == 0 {
         while k <= scan.se {
-            let symbol = reader.symbol(ac)?;
+            let symbol = reader.symbol(ac);
             let (mut run, size) = (i32::from(symbol >> 4), symbol & 15);
             let mut value = 0;
             if size != 0 {
@@ -757,7 +795,6 @@ fn decode_ac_refine(
         }
         *eob_run -= 1;
     }
-    Ok(())
 }
 
 /// Upsamples every component and converts to RGB row by row.
