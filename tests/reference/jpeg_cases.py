@@ -14,9 +14,9 @@ markers; one scan per component and custom progressions, rewritten losslessly by
 damaged entropy-coded data (cut short before EOI, invalid codes, wrong or missing restart
 markers, random bytes), which libjpeg decodes with warnings that Pillow ignores; quantisation
 tables replaced by huge ones, which overflow the 16-bit SIMD IDCT that
-Pillow's x86-64 libjpeg-turbo runs). "outcome" says what crates/image does with a file: "exact" (Pillow's bytes), "close" (a
-progressive file with missing refinement scans, which libjpeg block-smooths: crates/image hands it
-to its non-exact fallback decoder) or "refused" (arithmetic coding: the fallback cannot decode it).
+Pillow's x86-64 libjpeg-turbo runs). "outcome" says what crates/image does with a file: "exact" (Pillow's bytes) or "refused"
+(arithmetic coding: its non-exact fallback decoder cannot decode it). progressive_first_5_scans
+lacks refinement scans, so libjpeg block-smooths it.
 
 cases.json: [{"file", "width", "height", "pil_mode", "outcome", "rgb_sha256" (sha256 of
 Image.open(file).convert("RGB") bytes, HWC), "samples": [[x, y, [r, g, b]], ...]}]
@@ -252,7 +252,7 @@ def cases():
     }
 
 
-OUTCOMES = {"progressive_first_5_scans_40x30.jpg": "close", "arithmetic_37x23_q75_420.jpg": "refused"}
+OUTCOMES = {"arithmetic_37x23_q75_420.jpg": "refused"}
 
 
 def main():

@@ -16,12 +16,10 @@
 //! Exactness: PNG (every bit depth and colour type, palettes, tRNS), GIF, WebP and JPEG decode to
 //! the same bytes as Pillow 13, and everything after decoding is bit-exact. JPEG goes through this
 //! crate's port of libjpeg-turbo's decoding path (the accurate integer IDCT in the arithmetic of
-//! its x86-64 SIMD kernels, `jdsample` fancy upsampling, `jdcolor`) for 8-bit Huffman-coded
-//! baseline/extended/progressive files with 1 or 3 components; arithmetic-coded, lossless and
-//! CMYK files, and progressive files that libjpeg would block-smooth, fall back to zune-jpeg and
-//! are not exact. Damaged entropy-coded data decodes as
-//! libjpeg decodes it (Pillow ignores libjpeg's warnings); a JPEG whose data runs out is refused as
-//! truncated, as Pillow does.
+//! its x86-64 SIMD kernels, block smoothing, `jdsample` fancy upsampling, `jdcolor`, libjpeg's
+//! handling of damaged data) for 8-bit Huffman-coded baseline/extended/progressive files with 1 or
+//! 3 components; arithmetic-coded, lossless and CMYK files fall back to zune-jpeg and are not
+//! exact. A JPEG whose data runs out is refused as truncated, as Pillow does.
 //!
 //! Limits: images with zero pixels, a side over [`MAX_SIDE`] (16384) or more than [`MAX_PIXELS`]
 //! (50 megapixels) are refused with an [`ImageError`]; [`decode`] checks this from the header before

@@ -19,9 +19,7 @@ fn pixel(rgb: &llava_image::Rgb8, x: u64, y: u64) -> [u8; 3] {
 }
 
 /// Every variant decodes to exactly Pillow's RGB bytes (size, sha256 and sampled pixels), except
-/// the documented gaps: the progressive file whose missing refinement scans make libjpeg
-/// block-smooth takes the non-exact fallback and is only close, and the arithmetic-coded file is
-/// refused (the fallback cannot decode it). Tighten this test if either changes.
+/// the documented gap: arithmetic coding goes to the non-exact fallback, which refuses it.
 #[test]
 fn variants_decode_like_pillow() {
     let cases = read_json(&fixture("jpeg/cases.json"));

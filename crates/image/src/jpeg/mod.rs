@@ -7,9 +7,9 @@
 //! (greyscale) or three components (YCbCr, or RGB when libjpeg would guess so from an Adobe marker
 //! with transform 0 or component ids 'R','G','B'), any integral sampling factors, restart markers,
 //! fill bytes, and missing DHT segments (libjpeg-turbo's standard tables). [`decode_jpeg`] returns
-//! `Ok(None)` for what it does not reproduce: arithmetic coding, 12/16-bit precision, lossless and
-//! hierarchical files, four components (CMYK/YCCK), and progressive files whose scans leave some of
-//! the first ten coefficients unrefined (libjpeg then applies block smoothing).
+//! `Ok(None)` for what it does not reproduce: arithmetic coding, lossless and hierarchical files,
+//! and four components (CMYK/YCCK). Progressive files whose scans leave some of the first ten
+//! coefficients unrefined get libjpeg's block smoothing.
 //!
 //! Damaged entropy-coded data is decoded the way libjpeg does it with its warnings (which Pillow
 //! ignores): data that ends at a marker is padded with zero bits and the rest of the restart
@@ -20,6 +20,7 @@
 
 mod huffman;
 mod idct;
+mod smoothing;
 mod upsample;
 
 use huffman::{BitReader, HuffmanTable, find_marker};
@@ -45,9 +46,6 @@ const NATURAL_ORDER: [usize; 80] = [
     63, 63, 63, 63, 63, 63,
 ];
 
-/// How many leading coefficients libjpeg-turbo's block smoothing looks at (`SAVED_COEFS`).
-const SMOOTHING_COEFS: usize = 10;
-
 struct Component {
     id: u8,
     h: usize,
@@ -71,6 +69,9 @@ struct Component {
     dc_pred: i32,
     /// libjpeg's `coef_bits`: the point-transform bit each coefficient is known to, -1 if never seen.
     coef_bits: [i32; 64],
+    /// libjpeg's copy of `coef_bits` from before the component's latest scan (for coefficients
+    /// `min(Ss, 1)..=max(Se, 9)` of that scan), used by block smoothing past the last good row.
+    prev_coef_bits: [i32; 64],
 }
 
 impl Component {
@@ -101,6 +102,8 @@ struct Frame {
     mcus_y: usize,
     /// Coefficients are kept until all scans are read (progressive or one scan per component).
     buffered: Option<bool>,
+    /// libjpeg's `last_good_iMCU_row`: the iMCU row of the last MCU started with data left.
+    last_good_imcu_row: usize,
 }
 
 struct ScanComponent {
@@ -269,6 +272,7 @@ impl Decoder {
                 samples: Vec::new(),
                 dc_pred: 0,
                 coef_bits: [-1; 64],
+                prev_coef_bits: [-1; 64],
             });
         }
         let (width, height) = (width as usize, height as usize);
@@ -300,6 +304,7 @@ impl Decoder {
             mcus_x,
             mcus_y,
             buffered: None,
+            last_good_imcu_row: 0,
         });
         Ok(())
     }
@@ -437,6 +442,9 @@ impl Decoder {
             check_progression(&scan)?;
             for sc in &scan.components {
                 let c = &mut frame.components[sc.index];
+                for k in scan.ss.min(1)..=scan.se.max(9) {
+                    c.prev_coef_bits[k] = if self.scans > 1 { c.coef_bits[k] } else { 0 };
+                }
                 c.coef_bits[scan.ss..=scan.se].fill(scan.al as i32);
             }
         }
@@ -461,9 +469,12 @@ impl Decoder {
         if self.scans == 0 {
             return Err(corrupt("no scan before the end of the image"));
         }
-        if frame.progressive && block_smoothing_applies(&frame) {
-            return Ok(None);
-        }
+        let smooth = frame.progressive && {
+            let latched: Option<Vec<_>> = (frame.components.iter())
+                .map(|c| Some((&c.coef_bits, c.quant.as_ref()?)))
+                .collect();
+            latched.is_some_and(|l| smoothing::applies(&l))
+        };
         let colour = match frame.components.len() {
             1 => ColourSpace::Grey,
             _ if self.saw_jfif => ColourSpace::YCbCr,
@@ -486,6 +497,32 @@ impl Decoder {
                 c.samples = vec![128; c.blocks_w * 64 * c.blocks_h];
             } else if !c.coefs.is_empty() {
                 let coefs = std::mem::take(&mut c.coefs);
+                if smooth {
+                    let blocks = smoothing::Blocks {
+                        coefs: &coefs,
+                        blocks_w: c.blocks_w,
+                        blocks_h: c.blocks_h,
+                        real_w: c.real_blocks_w,
+                        real_h: c.real_blocks_h,
+                        v: c.v,
+                    };
+                    // Rows past the last good one use the bits from before the latest scan.
+                    let prev = if self.scans > 1 {
+                        c.prev_coef_bits
+                    } else {
+                        [-1; 64]
+                    };
+                    let latches = smoothing::Latches {
+                        current: c.coef_bits,
+                        previous: prev,
+                        last_good_imcu_row: frame.last_good_imcu_row,
+                    };
+                    let quant = c.quant.expect("latched");
+                    smoothing::smooth(&blocks, &latches, &quant, frame.mcus_y, |x, y, block| {
+                        c.store_samples(x, y, block)
+                    });
+                    continue;
+                }
                 for by in 0..c.real_blocks_h {
                     for bx in 0..c.real_blocks_w {
                         let start = (by * c.blocks_w + bx) * 64;
@@ -546,16 +583,6 @@ fn check_progression(scan: &Scan) -> Result<(), ImageError> {
     Ok(())
 }
 
-/// libjpeg-turbo's `smoothing_ok` once all scans are in: every component has its DC and some of the
-/// first coefficients are not known to full precision.
-fn block_smoothing_applies(frame: &Frame) -> bool {
-    frame.components.iter().all(|c| c.coef_bits[0] >= 0)
-        && frame
-            .components
-            .iter()
-            .any(|c| c.coef_bits[1..SMOOTHING_COEFS].iter().any(|&b| b != 0))
-}
-
 /// The DC and AC tables one scan component uses (`None` for those its scan does not read).
 type ComponentTables = (Option<HuffmanTable>, Option<HuffmanTable>);
 
@@ -596,6 +623,15 @@ fn decode_scan(
             }
         }
         let (mx, my) = (mcu % mcus_x, mcu / mcus_x);
+        if !out_of_data {
+            // An MCU row of a one-component scan is one block row; an iMCU row has `v` of them.
+            let v = if single {
+                frame.components[scan.components[0].index].v
+            } else {
+                1
+            };
+            frame.last_good_imcu_row = my / v;
+        }
         for (sc, (dc_table, ac_table)) in scan.components.iter().zip(tables) {
             let c = &mut frame.components[sc.index];
             let (bw, bh) = if single { (1, 1) } else { (c.h, c.v) };
