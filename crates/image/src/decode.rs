@@ -116,8 +116,8 @@ pub fn decode(bytes: &[u8]) -> Result<Rgb8, ImageError> {
     {
         return Ok(rgb);
     }
-    // JPEG variants the libjpeg-compatible decoder leaves out (arithmetic coding, lossless, CMYK,
-    // progressive files that libjpeg would block-smooth) go through zune-jpeg: not bit-exact.
+    // JPEG variants the libjpeg-compatible decoder leaves out (arithmetic coding, lossless,
+    // CMYK/YCCK) go through zune-jpeg: not bit-exact.
     if format == ImageFormat::Jpeg && !jpeg_reaches_end_marker(bytes) {
         // zune-jpeg pads missing data silently; Pillow raises "image file is truncated".
         return Err(ImageError::Decode(
