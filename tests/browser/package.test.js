@@ -133,10 +133,24 @@ test('after a reload the model loads from the cache, without requests, and answe
   assert.deepEqual(browser.cacheWarnings, []);
 });
 
+/** The number of files in the package's cache. */
+function cachedFiles() {
+  return browser.page.evaluate(async () =>
+    (await caches.has('llava-webgpu-v1')) ? (await (await caches.open('llava-webgpu-v1')).keys()).length : 0,
+  );
+}
+
 test('clearCache deletes the stored files', async () => {
-  const { page } = browser;
-  const cached = () => page.evaluate(async () => (await caches.has('llava-webgpu-v1') ? (await (await caches.open('llava-webgpu-v1')).keys()).length : 0));
-  assert.ok((await cached()) >= shards.length);
-  assert.equal(await page.evaluate(() => window.packageTest.clearCache()), true);
-  assert.equal(await cached(), 0);
+  assert.ok((await cachedFiles()) >= shards.length);
+  assert.equal(await browser.page.evaluate(() => window.packageTest.clearCache()), true);
+  assert.equal(await cachedFiles(), 0);
+});
+
+test('with cache: false every file comes from the network and nothing is stored', { timeout: SLOW }, async () => {
+  requests.length = 0;
+  const info = await browser.page.evaluate(() => window.packageTest.load('/model/', { cache: false }));
+  assert.ok(info.vocabSize > 0, JSON.stringify(info));
+  for (const shard of shards) assert.ok(requests.includes(`/model/${shard}`), requests.join('\n'));
+  assert.equal(await cachedFiles(), 0);
+  assert.deepEqual(browser.problems, []);
 });
