@@ -80,12 +80,20 @@ export interface PreprocessedImage {
 export function preprocessImage(image: ImageInput, options?: ImageOptions): Promise<PreprocessedImage>;
 
 export interface LoadProgress {
+  /**
+   * 'download': more weight bytes arrived (from the network or the cache); 'warning': a file is
+   * loaded without the cache (`message` says why; also written to the console); 'ready': the
+   * model is built (the last event).
+   */
+  stage: 'download' | 'warning' | 'ready';
   /** Weight bytes downloaded so far. */
   loaded: number;
   /** Total weight bytes (from the shard index or Content-Length). */
   total: number;
   /** The file being downloaded ('' once done). */
   file: string;
+  /** Only with stage 'warning'. */
+  message?: string;
 }
 
 export interface LoadOptions {
@@ -94,6 +102,12 @@ export interface LoadOptions {
   quant?: 'f32' | 'f16' | 'q8' | 'q4';
   /** KV-cache size in tokens (default 4096, capped by the model). */
   context?: number;
+  /**
+   * Keep the downloaded files in the browser's Cache API storage (cache 'llava-webgpu-v1'), so
+   * that the next load reads them from disk and an interrupted load refetches only the files
+   * not yet stored; when storage is full the files load without the cache (default true).
+   */
+  cache?: boolean;
 }
 
 export interface GenerateOptions {
@@ -152,6 +166,8 @@ export class LlavaChat {
 export class LlavaModel {
   /** Loads a HuggingFace-layout checkpoint folder (llava-hf or liuhaotian) in a worker. */
   static load(url: string | URL, options?: LoadOptions): Promise<LlavaModel>;
+  /** Deletes the files kept by `load` with `cache` (every model's); resolves to whether any were kept. */
+  static clearCache(): Promise<boolean>;
   readonly info: { vocabSize: number; context: number };
   chat(options?: { system?: string }): Promise<LlavaChat>;
   /** Frees the GPU memory and stops the worker. */

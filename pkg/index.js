@@ -1,5 +1,6 @@
 // llava-webgpu: LLaVA-1.6 in the browser on WebGPU. The wasm module runs in a Web Worker shipped
 // beside this file (worker.js); this module is the main-thread API that talks to it.
+import { clearCache } from './cache.js';
 
 /** A module worker running pkg/worker.js, with request/response bookkeeping. */
 class WorkerClient {
@@ -136,23 +137,42 @@ export class LlavaModel {
   /**
    * Loads a HuggingFace-layout checkpoint folder from `url` (config.json, tokenizer files,
    * safetensors shards), streaming the weights to the GPU one tensor at a time.
-   * `onProgress({ loaded, total, file })` reports downloaded bytes; `quant`: 'f32' | 'f16' | 'q8'
-   * | 'q4' (default: the checkpoint's precision); `context`: KV-cache size in tokens.
+   * `onProgress({ stage, loaded, total, file, message })` reports downloaded bytes (stage
+   * 'download'), a file loaded without the cache (stage 'warning', also a console warning) and
+   * the built model (stage 'ready'); `quant`: 'f32' | 'f16' | 'q8' | 'q4' (default: the
+   * checkpoint's precision); `context`: KV-cache size in tokens; `cache` (default true): keep the
+   * downloaded files in the browser's Cache API storage for the next load.
    */
-  static async load(url, { onProgress, quant, context } = {}) {
+  static async load(url, { onProgress, quant, context, cache = true } = {}) {
     const client = new WorkerClient();
     const absolute = new URL(url, globalThis.location?.href).href;
+    let bytes = { loaded: 0, total: 0, file: '' };
+    const onEvent = (event) => {
+      if (event.type === 'progress') {
+        bytes = { loaded: event.loaded, total: event.total, file: event.file };
+        onProgress?.({ stage: 'download', ...bytes });
+      } else if (event.type === 'warning') {
+        console.warn(event.message);
+        onProgress?.({ stage: 'warning', ...bytes, message: event.message });
+      }
+    };
     try {
       const { handle, info } = await client.call(
         'loadModel',
-        { url: absolute, options: { quant, context } },
-        { onEvent: (event) => event.type === 'progress' && onProgress?.({ loaded: event.loaded, total: event.total, file: event.file }) },
+        { url: absolute, options: { quant, context, cache: Boolean(cache) } },
+        { onEvent },
       );
+      onProgress?.({ stage: 'ready', loaded: bytes.loaded, total: bytes.total, file: '' });
       return new LlavaModel(client, handle, info);
     } catch (e) {
       client.terminate();
       throw e;
     }
+  }
+
+  /** Deletes the downloaded model files kept by `load` (all models); resolves to whether any were kept. */
+  static clearCache() {
+    return clearCache();
   }
 
   /** A new conversation (its own KV cache). */

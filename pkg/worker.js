@@ -3,6 +3,7 @@
 //   page -> worker: { id, op, args }            worker -> page: { id, kind: 'result', value }
 //                                                                { id, kind: 'error', message }
 //                                                                { id, kind: 'event', value }
+import { createCachedFetch } from './cache.js';
 import init, * as wasm from './llava_web.js';
 
 const ready = init();
@@ -40,7 +41,14 @@ const ops = {
     return wasm.preprocessImage(await imageSource(image), options);
   },
   async loadModel({ url, options }, emit) {
-    const model = await wasm.loadModel(url, options ?? {}, (progress) => emit({ type: 'progress', ...progress }));
+    const { cache = true, ...settings } = options ?? {};
+    // Every download of the loader goes through `fetch`: with the cache, files already stored
+    // are read from disk and new ones are stored as they stream in.
+    const cachedFetch = cache ? createCachedFetch({ onWarning: (message) => emit({ type: 'warning', message }) }) : null;
+    if (cachedFetch) settings.fetch = cachedFetch;
+    const model = await wasm.loadModel(url, settings, (progress) => emit({ type: 'progress', ...progress }));
+    // Ready means stored too: a page closed right after loading finds every file in the cache.
+    await cachedFetch?.settled();
     const handle = nextHandle++;
     models.set(handle, { model, chats: new Set() });
     return { handle, info: model.info() };

@@ -2,11 +2,13 @@
 // (SwiftShader here) driven by playwright-core, and a record of everything that must fail a test:
 // console warnings and errors (from the page and its workers, including the GPU's own
 // validation messages, which only reach the DevTools log), `uncapturederror` events and page errors.
+// The download cache's own warnings (storage full) are kept apart, for the tests that expect them.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
 
+import { WARNING_PREFIX as CACHE_WARNING_PREFIX } from '../../pkg/cache.js';
 import { repoRoot, startServer } from './server.js';
 
 export const sharedDir = path.resolve(repoRoot, '../shared');
@@ -38,14 +40,15 @@ const WATCH_UNCAPTURED = () => {
 };
 
 /**
- * Starts the server and a fresh Chromium profile. Returns { page, url, problems, close }, where
- * `problems` collects every console warning/error, GPU log warning and page error as text.
+ * Starts the server (of `root`, default the repository) and a fresh Chromium profile. Returns { page, url, server, problems,
+ * cacheWarnings, close }, where `problems` collects every console warning/error, GPU log warning
+ * and page error as text, except the download cache's warnings, which go to `cacheWarnings`.
  */
-export async function openBrowser() {
+export async function openBrowser({ root = repoRoot } = {}) {
   if (!fs.existsSync(path.join(repoRoot, 'pkg/llava_web_bg.wasm'))) {
     throw new Error('pkg/ is not built: run `npm run build` (tests/build-wasm.sh) first');
   }
-  const { server, url } = await startServer();
+  const { server, url } = await startServer({ root });
   const profile = fs.mkdtempSync(path.join(os.tmpdir(), 'llava-chromium-'));
   let context;
   try {
@@ -61,10 +64,12 @@ export async function openBrowser() {
     throw e;
   }
   const problems = [];
+  const cacheWarnings = [];
   await context.addInitScript(WATCH_UNCAPTURED);
   const page = context.pages()[0] ?? (await context.newPage());
   page.on('console', (m) => {
-    if (m.type() === 'error' || m.type() === 'warning') problems.push(`console ${m.type()}: ${m.text()}`);
+    if (m.type() === 'warning' && m.text().startsWith(CACHE_WARNING_PREFIX)) cacheWarnings.push(m.text());
+    else if (m.type() === 'error' || m.type() === 'warning') problems.push(`console ${m.type()}: ${m.text()}`);
   });
   page.on('pageerror', (e) => problems.push(`page error: ${e.stack ?? e}`));
   page.on('crash', () => problems.push('page crashed'));
@@ -87,7 +92,9 @@ export async function openBrowser() {
   return {
     page,
     url,
+    server,
     problems,
+    cacheWarnings,
     async close() {
       await context.close().catch(() => {});
       server.close();
