@@ -7,13 +7,40 @@ use std::sync::{Arc, Mutex};
 use wgpu::util::DeviceExt;
 
 use crate::error::{GpuError, Result};
-use crate::registry::{PipelineKey, PipelineRegistry};
+use crate::registry::{PipelineKey, PipelineRegistry, SHADER_F16};
 
 /// Optional device features this adapter offers (and that the device was opened with).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GpuFeatures {
     pub shader_f16: bool,
     pub subgroup: bool,
+}
+
+/// Choices made when opening a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GpuOptions {
+    /// Open the device with SHADER_F16 where the adapter offers it, so that kernels can use their
+    /// `enable f16;` variants. With `false` the device lacks the feature, as in browsers without
+    /// `shader-f16`, and every kernel takes its f32 path.
+    pub f16: bool,
+}
+
+impl Default for GpuOptions {
+    fn default() -> Self {
+        GpuOptions { f16: true }
+    }
+}
+
+impl GpuOptions {
+    /// The defaults, with `f16` off when the environment variable `LLAVA_NO_F16` is `1`
+    /// (natively; a browser has no environment).
+    pub fn from_env() -> Self {
+        #[cfg(not(target_arch = "wasm32"))]
+        let no_f16 = std::env::var("LLAVA_NO_F16").is_ok_and(|v| v == "1");
+        #[cfg(target_arch = "wasm32")]
+        let no_f16 = false;
+        GpuOptions { f16: !no_f16 }
+    }
 }
 
 /// One opened GPU device with its queue, limits and pipeline cache.
@@ -29,18 +56,23 @@ pub struct Gpu {
 }
 
 impl Gpu {
-    /// Opens the best adapter. Natively `WGPU_BACKEND` (e.g. `vulkan`) and `WGPU_ADAPTER_NAME`
-    /// are respected; in a browser this is `navigator.gpu`.
+    /// Opens the best adapter with [`GpuOptions::from_env`]. Natively `WGPU_BACKEND` (e.g.
+    /// `vulkan`) and `WGPU_ADAPTER_NAME` are respected; in a browser this is `navigator.gpu`.
     pub async fn new() -> Result<Gpu> {
+        Self::with_options(GpuOptions::from_env()).await
+    }
+
+    /// [`Gpu::new`] with explicit options (the environment is not read).
+    pub async fn with_options(options: GpuOptions) -> Result<Gpu> {
         let instance =
             wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-        let options = wgpu::RequestAdapterOptions {
+        let adapter_options = wgpu::RequestAdapterOptions {
             power_preference: wgpu::PowerPreference::from_env()
                 .unwrap_or(wgpu::PowerPreference::HighPerformance),
             ..Default::default()
         };
-        let adapter = instance.request_adapter(&options).await.map_err(|_| GpuError::NoAdapter)?;
-        Self::from_adapter(adapter).await
+        let adapter = instance.request_adapter(&adapter_options).await.map_err(|_| GpuError::NoAdapter)?;
+        Self::from_adapter(adapter, options).await
     }
 
     /// Blocking [`Gpu::new`] for native programs and tests.
@@ -49,12 +81,21 @@ impl Gpu {
         pollster::block_on(Self::new())
     }
 
+    /// Blocking [`Gpu::with_options`].
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn with_options_blocking(options: GpuOptions) -> Result<Gpu> {
+        pollster::block_on(Self::with_options(options))
+    }
+
     /// Opens a device on `adapter` with all of the adapter's limits (the defaults cap storage
-    /// bindings at 128 MiB, less than a 7B model's embedding table) and SHADER_F16 / SUBGROUP
-    /// where offered.
-    pub async fn from_adapter(adapter: wgpu::Adapter) -> Result<Gpu> {
+    /// bindings at 128 MiB, less than a 7B model's embedding table), SUBGROUP where offered and
+    /// SHADER_F16 where offered and `options.f16` asks for it.
+    pub async fn from_adapter(adapter: wgpu::Adapter, options: GpuOptions) -> Result<Gpu> {
         let offered = adapter.features();
-        let wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
+        let mut wanted = wgpu::Features::SUBGROUP;
+        if options.f16 {
+            wanted |= wgpu::Features::SHADER_F16;
+        }
         let required_features = offered & wanted;
         let limits = adapter.limits();
         let (device, queue) = adapter
@@ -117,6 +158,12 @@ impl Gpu {
         self.features
     }
 
+    /// Whether the device has SHADER_F16, so that `SHADER_F16` kernel variants (`enable f16;`)
+    /// compile.
+    pub fn has_f16(&self) -> bool {
+        self.features.shader_f16
+    }
+
     /// Largest number of bytes one storage binding may cover.
     pub fn max_binding(&self) -> u64 {
         (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
@@ -137,8 +184,15 @@ impl Gpu {
         }
     }
 
-    /// The compiled pipeline for `key`, built on first use and cached.
+    /// The compiled pipeline for `key`, built on first use and cached. A `SHADER_F16` key on a device
+    /// without SHADER_F16 is an error, not a shader compilation failure.
     pub fn pipeline(&self, key: &PipelineKey) -> Result<Arc<wgpu::ComputePipeline>> {
+        if key.flags().contains(&SHADER_F16) && !self.has_f16() {
+            return Err(GpuError::Unsupported {
+                op: key.entry,
+                what: format!("the f16 variant of {}.wgsl on a device without shader-f16", key.shader.name),
+            });
+        }
         self.registry.get(&self.device, key)
     }
 
