@@ -11,6 +11,7 @@
 use std::time::{Duration, Instant};
 
 use llava_gpu::ops::attention::{Mask, attention};
+use llava_gpu::ops::elementwise::add;
 use llava_gpu::ops::matmul::{GEMV_MAX_ROWS, LinearKernel, linear_with};
 use llava_gpu::quant::quantize;
 use llava_gpu::{DType, Gpu, GpuOptions, Result, Tensor};
@@ -208,6 +209,30 @@ fn copy_row(gpu: &Gpu, table: &mut Table, bytes: u64) -> Result<()> {
     Ok(())
 }
 
+/// Per-dispatch overhead as a decode step sees it: `count` element-wise adds of 1024 floats
+/// recorded into one batch, submitted and waited for.
+fn dispatch_row(gpu: &Gpu, table: &mut Table, count: usize) -> Result<()> {
+    let a = Tensor::from_f32(gpu, &[1024], &random(1024, 9))?;
+    let secs = median_secs(|| {
+        let mut batch = gpu.batch();
+        let mut x = add(&mut batch, &a, &a)?;
+        for _ in 1..count {
+            x = add(&mut batch, &x, &a)?;
+        }
+        batch.submit()?;
+        wait(gpu)
+    })?;
+    table.add(
+        &format!("{count} small dispatches (add 1024)"),
+        &format!("{:.1} us/dispatch", secs * 1e6 / count as f64),
+        "F32",
+        secs,
+        0.0,
+        0.0,
+    );
+    Ok(())
+}
+
 /// Causal attention as the LLM runs it: a prefill of `t` tokens and one decode step at context
 /// `t`, with Mistral-7B's 32 query / 8 kv heads of 128 (fewer heads on a CPU adapter).
 fn attention_rows(gpu: &Gpu, table: &mut Table, full: bool) -> Result<()> {
@@ -310,6 +335,7 @@ fn main() -> Result<()> {
         crossover.push(format!("M={m}: gemm/gemv {:.2}", gemm / gemv));
     }
     attention_rows(&gpu, &mut table, full)?;
+    dispatch_row(&gpu, &mut table, 256)?;
 
     table.print();
     println!(
