@@ -4,8 +4,6 @@
 use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex};
 
-use wgpu::util::DeviceExt;
-
 use crate::error::{GpuError, Result};
 use crate::registry::{PipelineKey, PipelineRegistry, SHADER_F16};
 
@@ -198,9 +196,21 @@ impl Gpu {
 
     /// Starts recording a batch of dispatches.
     pub fn batch(&self) -> Batch<'_> {
+        self.batch_with_uniform_arena(UNIFORM_ARENA_BYTES)
+    }
+
+    /// A batch whose parameter buffers hold `arena_bytes` each (tests use small ones).
+    pub(crate) fn batch_with_uniform_arena(&self, arena_bytes: u64) -> Batch<'_> {
         Batch {
             gpu: self,
             encoder: self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor::default()),
+            uniforms: UniformArena {
+                capacity: arena_bytes,
+                buffer: None,
+                used: 0,
+                staged: Vec::new(),
+                staged_from: 0,
+            },
         }
     }
 
@@ -270,11 +280,68 @@ impl<'a> Binding<'a> {
     }
 }
 
+/// Bytes of each uniform buffer a batch packs its dispatches' parameters into: 256 dispatches at
+/// the largest offset alignment WebGPU allows (256), one buffer per decode step of a 7B model
+/// layer or so.
+const UNIFORM_ARENA_BYTES: u64 = 64 << 10;
+
+/// The uniform parameters of a batch's dispatches, packed at the device's uniform offset
+/// alignment into shared buffers rather than one new buffer per dispatch. What is packed is
+/// written with one `write_buffer` per buffer before the commands that read it are submitted
+/// (queue writes take effect before the next submission's commands).
+struct UniformArena {
+    capacity: u64,
+    buffer: Option<wgpu::Buffer>,
+    /// Bytes of `buffer` handed out (a multiple of the alignment).
+    used: u64,
+    /// The bytes of `buffer` from `staged_from` to the end of the last parameters, not written yet.
+    staged: Vec<u8>,
+    staged_from: u64,
+}
+
+impl UniformArena {
+    /// Packs `params` (a multiple of 16 bytes) and returns the buffer and offset holding them.
+    fn push(&mut self, gpu: &Gpu, params: &[u8]) -> Result<(wgpu::Buffer, u64)> {
+        let size = params.len() as u64;
+        let buffer = match &self.buffer {
+            Some(b) if self.used + size <= b.size() => b.clone(),
+            _ => {
+                self.upload(&gpu.queue);
+                let capacity = self.capacity.max(size);
+                let usage = wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST;
+                let fresh = gpu.create_buffer(capacity, usage)?;
+                self.buffer = Some(fresh.clone());
+                self.used = 0;
+                self.staged_from = 0;
+                fresh
+            }
+        };
+        let offset = self.used;
+        self.staged.resize((offset - self.staged_from) as usize, 0);
+        self.staged.extend_from_slice(params);
+        let align = gpu.limits.min_uniform_buffer_offset_alignment.max(16) as u64;
+        self.used = (offset + size).next_multiple_of(align);
+        Ok((buffer, offset))
+    }
+
+    /// Writes what was packed since the last upload.
+    fn upload(&mut self, queue: &wgpu::Queue) {
+        if let Some(buffer) = &self.buffer
+            && !self.staged.is_empty()
+        {
+            queue.write_buffer(buffer, self.staged_from, &self.staged);
+        }
+        self.staged.clear();
+        self.staged_from = self.used;
+    }
+}
+
 /// Dispatches recorded into one command encoder and submitted together, so that a whole layer
 /// (or a whole decode step) reaches the GPU in one submission.
 pub struct Batch<'g> {
     gpu: &'g Gpu,
     encoder: wgpu::CommandEncoder,
+    uniforms: UniformArena,
 }
 
 impl<'g> Batch<'g> {
@@ -283,8 +350,9 @@ impl<'g> Batch<'g> {
     }
 
     /// Records one dispatch of the pipeline `key`. By convention every kernel declares its
-    /// parameters as `@binding(0) var<uniform>` (padded here to 16 bytes) and its storage
-    /// buffers as bindings 1.. in the order given.
+    /// parameters as `@binding(0) var<uniform>` (padded here to 16 bytes, and packed with the
+    /// batch's other parameters into a shared buffer) and its storage buffers as bindings 1.. in
+    /// the order given.
     pub fn dispatch(
         &mut self,
         key: &PipelineKey,
@@ -304,12 +372,15 @@ impl<'g> Batch<'g> {
         }
         let mut padded = params.to_vec();
         padded.resize(params.len().max(16).next_multiple_of(16), 0);
-        let uniform = self.gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: None,
-            contents: &padded,
-            usage: wgpu::BufferUsages::UNIFORM,
-        });
-        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
+        let (uniform, offset) = self.uniforms.push(self.gpu, &padded)?;
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &uniform,
+                offset,
+                size: NonZeroU64::new(padded.len() as u64),
+            }),
+        }];
         for (i, b) in buffers.iter().enumerate() {
             entries.push(wgpu::BindGroupEntry {
                 binding: i as u32 + 1,
@@ -346,13 +417,57 @@ impl<'g> Batch<'g> {
     pub fn flush(&mut self) -> Result<()> {
         let fresh = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
         let encoder = std::mem::replace(&mut self.encoder, fresh);
+        self.uniforms.upload(&self.gpu.queue);
         self.gpu.queue.submit([encoder.finish()]);
         self.gpu.check()
     }
 
     /// Submits everything recorded and reports any error wgpu raised while recording.
-    pub fn submit(self) -> Result<()> {
+    pub fn submit(mut self) -> Result<()> {
+        self.uniforms.upload(&self.gpu.queue);
         self.gpu.queue.submit([self.encoder.finish()]);
         self.gpu.check()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ops::matmul::{LinearKernel, linear_windowed};
+    use crate::testing::{assert_close, gpu, random};
+    use crate::{DType, Tensor};
+
+    /// Dispatches whose parameters differ (one per 1-row window of a weight, each writing its own
+    /// output column) through parameter buffers of 3 slots, across a flush: a dispatch that read
+    /// another's slot would write the wrong column or none.
+    #[test]
+    fn packed_parameters_reach_their_own_dispatch() {
+        let gpu = gpu();
+        let (m, k, n) = (2, 64, 11);
+        let x = random(m * k, 1);
+        let w = random(n * k, 2);
+        let tx = Tensor::from_f32(gpu, &[m, k], &x).unwrap();
+        let tw = Tensor::from_f32(gpu, &[n, k], &w).unwrap();
+        let align = gpu.limits().min_uniform_buffer_offset_alignment.max(16) as u64;
+        let row_bytes = DType::F32.data_bytes(k) as u64;
+        // Windows of one row each need 256-byte offsets to fall on the storage alignment.
+        let storage_align = gpu.limits().min_storage_buffer_offset_alignment as u64;
+        let window = row_bytes * (storage_align / row_bytes).max(1);
+        let rows_per_window = (window / row_bytes) as usize;
+        let mut batch = gpu.batch_with_uniform_arena(3 * align);
+        let first = linear_windowed(&mut batch, &tx, &tw, None, LinearKernel::Gemv, window).unwrap();
+        batch.flush().unwrap();
+        let second = linear_windowed(&mut batch, &tx, &tw, None, LinearKernel::Gemm, window).unwrap();
+        batch.submit().unwrap();
+        assert!(n.div_ceil(rows_per_window) > 3, "the test needs more dispatches than slots");
+        let want: Vec<f32> = (0..m * n)
+            .map(|e| {
+                let (i, j) = (e / n, e % n);
+                (0..k).map(|c| x[i * k + c] as f64 * w[j * k + c] as f64).sum::<f64>() as f32
+            })
+            .collect();
+        for (y, what) in [(first, "gemv before the flush"), (second, "gemm after the flush")] {
+            let got = pollster::block_on(y.to_f32(gpu)).unwrap();
+            assert_close(&got, &want, 1e-4, what);
+        }
     }
 }
