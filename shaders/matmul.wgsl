@@ -1,8 +1,11 @@
 // Linear layers: y = x · wᵀ (+ bias). x: [M, K] f32, w: [N, K] (PyTorch Linear layout), y: [M, .] f32.
-// variants: W_F32 | W_F32 BIAS | W_F16 | W_F16 BIAS | W_Q8 QUANT | W_Q8 QUANT BIAS | W_Q4 QUANT | W_Q4 QUANT BIAS
+// variants: W_F32 | W_F32 BIAS | W_F16 | W_F16 BIAS | W_Q8 QUANT | W_Q8 QUANT BIAS | W_Q4 QUANT | W_Q4 QUANT BIAS | W_F16 SHADER_F16 | W_F16 SHADER_F16 BIAS
 //
 // Flags: exactly one of W_F32 / W_F16 / W_Q8 / W_Q4 picks the weight layout (see tensor.rs and
 // quant.rs); QUANT is set with W_Q8 / W_Q4 (adds the f16 scales buffer); BIAS adds the bias.
+// SHADER_F16 (with W_F16; devices with shader-f16; registry.rs adds `enable f16;`) reads the
+// weights as vec2<f16> and keeps the GEMM's weight tile in f16. Products and sums stay f32: x is
+// f32, and rounding it to f16 alone would move a dot product by ~2e-4 of its size.
 // `w` may be a window of rows of a larger weight: output column j of this dispatch is written to
 // column `col0 + j` of y (row stride `y_stride`), with bias `bias[col0 + j]`.
 //
@@ -21,7 +24,15 @@ struct Params {
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 #if W_F32
 @group(0) @binding(2) var<storage, read> w: array<f32>;
+#endif
+#if W_F16
+#if SHADER_F16
+@group(0) @binding(2) var<storage, read> w: array<vec2<f16>>;
 #else
+@group(0) @binding(2) var<storage, read> w: array<u32>;
+#endif
+#endif
+#if QUANT
 @group(0) @binding(2) var<storage, read> w: array<u32>;
 #endif
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
@@ -59,8 +70,13 @@ fn w_at(n: u32, c: u32) -> f32 {
     return w[e];
 #endif
 #if W_F16
+#if SHADER_F16
+    let pair = w[e / 2u];
+    return f32(select(pair.x, pair.y, (e & 1u) == 1u));
+#else
     let pair = unpack2x16float(w[e / 2u]);
     return select(pair.x, pair.y, (e & 1u) == 1u);
+#endif
 #endif
 #if W_Q8
     let q = bitcast<i32>(w[e / 4u] << (24u - 8u * (e & 3u))) >> 24u;
@@ -121,7 +137,11 @@ fn gemv(
             // Rows of odd K start or end mid-word: skip the halves that belong to the neighbours.
             let last = (jk + p.k - 1u) / 2u;
             for (var wi = jk / 2u + lane; wi <= last; wi += GEMV_LANES) {
+#if SHADER_F16
+                let pair = vec2<f32>(w[wi]);
+#else
                 let pair = unpack2x16float(w[wi]);
+#endif
                 let e = 2u * wi;
                 for (var i = 0u; i < GEMV_M; i++) {
                     if (i >= rows) {
@@ -201,8 +221,20 @@ fn gemv(
 const TILE: u32 = 64u;
 const TILE_K: u32 = 16u;
 
+// f16 weights stay f16 in the w tile (exact, half the workgroup memory traffic); dequantized
+// Q8/Q4 values need f32 (q * scale has more than 11 significant bits).
+#if W_F16
+#if SHADER_F16
+alias WTile = f16;
+#else
+alias WTile = f32;
+#endif
+#else
+alias WTile = f32;
+#endif
+
 var<workgroup> x_tile: array<f32, 1024>; // [TILE_K][TILE]
-var<workgroup> w_tile: array<f32, 1024>; // [TILE_K][TILE]
+var<workgroup> w_tile: array<WTile, 1024>; // [TILE_K][TILE]
 
 @compute @workgroup_size(16, 16)
 fn gemm(
@@ -229,13 +261,13 @@ fn gemm(
             if (n0 + i < p.n && c < p.k) {
                 wv = w_at(n0 + i, c);
             }
-            w_tile[kk * TILE + i] = wv;
+            w_tile[kk * TILE + i] = WTile(wv);
         }
         workgroupBarrier();
         for (var kk = 0u; kk < TILE_K; kk++) {
             let xb = kk * TILE + lid.y;
             let wb = kk * TILE + lid.x;
-            let b = vec4<f32>(w_tile[wb], w_tile[wb + 16u], w_tile[wb + 32u], w_tile[wb + 48u]);
+            let b = vec4<f32>(vec4<WTile>(w_tile[wb], w_tile[wb + 16u], w_tile[wb + 32u], w_tile[wb + 48u]));
             acc[0] += x_tile[xb] * b;
             acc[1] += x_tile[xb + 16u] * b;
             acc[2] += x_tile[xb + 32u] * b;

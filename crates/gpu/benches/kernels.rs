@@ -4,13 +4,17 @@
 //! for), GFLOP/s and GB/s of weights read, beside same-run baselines (a CPU sgemm on the same
 //! shapes and a GPU buffer copy) so the figures read as ratios. On a CPU adapter (llvmpipe) the
 //! shapes are scaled down unless `--full` or `LLAVA_BENCH_FULL=1` asks for LLaVA's real ones.
+//! Where the adapter has shader-f16, F16 weights are timed twice: through the kernels'
+//! `SHADER_F16` variants (weights column `F16 +f16`) and on a second device without the feature
+//! (the f32 path browsers without shader-f16 take).
 
 use std::time::{Duration, Instant};
 
 use llava_gpu::ops::attention::{Mask, attention};
+use llava_gpu::ops::elementwise::add;
 use llava_gpu::ops::matmul::{GEMV_MAX_ROWS, LinearKernel, linear_with};
 use llava_gpu::quant::quantize;
-use llava_gpu::{DType, Gpu, Result, Tensor};
+use llava_gpu::{DType, Gpu, GpuOptions, Result, Tensor};
 
 /// Runs after warm-up until this many samples or [`SAMPLE_BUDGET`], whichever comes first.
 const SAMPLES: usize = 9;
@@ -151,10 +155,11 @@ fn linear_row(
         LinearKernel::Gemv => "linear gemv",
         LinearKernel::Gemm => "linear gemm",
     };
+    let kernel_dtype = if gpu.has_f16() && dtype == DType::F16 { " +f16" } else { "" };
     table.add(
         name,
         &format!("{m}x{k}x{n}"),
-        &format!("{dtype:?}"),
+        &format!("{dtype:?}{kernel_dtype}"),
         secs,
         2.0 * (m * k * n) as f64,
         weight_bytes,
@@ -204,6 +209,30 @@ fn copy_row(gpu: &Gpu, table: &mut Table, bytes: u64) -> Result<()> {
     Ok(())
 }
 
+/// Per-dispatch overhead as a decode step sees it: `count` element-wise adds of 1024 floats
+/// recorded into one batch, submitted and waited for.
+fn dispatch_row(gpu: &Gpu, table: &mut Table, count: usize) -> Result<()> {
+    let a = Tensor::from_f32(gpu, &[1024], &random(1024, 9))?;
+    let secs = median_secs(|| {
+        let mut batch = gpu.batch();
+        let mut x = add(&mut batch, &a, &a)?;
+        for _ in 1..count {
+            x = add(&mut batch, &x, &a)?;
+        }
+        batch.submit()?;
+        wait(gpu)
+    })?;
+    table.add(
+        &format!("{count} small dispatches (add 1024)"),
+        &format!("{:.1} us/dispatch", secs * 1e6 / count as f64),
+        "F32",
+        secs,
+        0.0,
+        0.0,
+    );
+    Ok(())
+}
+
 /// Causal attention as the LLM runs it: a prefill of `t` tokens and one decode step at context
 /// `t`, with Mistral-7B's 32 query / 8 kv heads of 128 (fewer heads on a CPU adapter).
 fn attention_rows(gpu: &Gpu, table: &mut Table, full: bool) -> Result<()> {
@@ -231,12 +260,26 @@ fn main() -> Result<()> {
     let full =
         std::env::args().any(|a| a == "--full") || std::env::var("LLAVA_BENCH_FULL").is_ok_and(|v| v == "1");
     let gpu = Gpu::new_blocking()?;
+    // The same adapter without shader-f16, for the f32 rows beside the f16 ones.
+    let plain = if gpu.has_f16() {
+        Some(Gpu::with_options_blocking(GpuOptions { f16: false })?)
+    } else {
+        None
+    };
+    // Devices to time weights of `dtype` on: only f16 weights have f16 variants.
+    let devices = |dtype: DType| -> Vec<&Gpu> {
+        match &plain {
+            Some(plain) if dtype == DType::F16 => vec![plain, &gpu],
+            _ => vec![&gpu],
+        }
+    };
     let info = gpu.info();
     let full = full || info.device_type != wgpu::DeviceType::Cpu;
     println!(
         "adapter: {} ({:?}, {:?}), driver: {} {}",
         info.name, info.backend, info.device_type, info.driver, info.driver_info
     );
+    println!("shader-f16: {}", if gpu.has_f16() { "yes (f16 rows: weights `+f16`)" } else { "no" });
     println!(
         "shapes: {}, max storage binding {} MiB\n",
         if full {
@@ -270,13 +313,17 @@ fn main() -> Result<()> {
     for &shape in &gemms {
         cpu_sgemm_row(&mut table, shape)?;
         for dtype in [DType::F32, DType::F16, DType::Q4] {
-            linear_row(&gpu, &mut table, LinearKernel::Gemm, dtype, shape)?;
+            for gpu in devices(dtype) {
+                linear_row(gpu, &mut table, LinearKernel::Gemm, dtype, shape)?;
+            }
         }
     }
     for &shape in &gemvs {
         cpu_sgemm_row(&mut table, shape)?;
         for dtype in [DType::F32, DType::F16, DType::Q8, DType::Q4] {
-            linear_row(&gpu, &mut table, LinearKernel::Gemv, dtype, shape)?;
+            for gpu in devices(dtype) {
+                linear_row(gpu, &mut table, LinearKernel::Gemv, dtype, shape)?;
+            }
         }
     }
     // Where the GEMV stops paying: the same f16 weight through both kernels for growing M.
@@ -288,6 +335,7 @@ fn main() -> Result<()> {
         crossover.push(format!("M={m}: gemm/gemv {:.2}", gemm / gemv));
     }
     attention_rows(&gpu, &mut table, full)?;
+    dispatch_row(&gpu, &mut table, 256)?;
 
     table.print();
     println!(

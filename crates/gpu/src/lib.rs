@@ -3,7 +3,8 @@
 //!
 //! Every op lives in `ops/<family>.rs` as shape/dtype checks + kernel choice + dispatch, with a CPU
 //! reference test beside it. Activations are always f32; weights may be f32, f16 (read in-shader
-//! with `unpack2x16float`, so no device feature is needed) or group-quantized int8/int4 ([`quant`]).
+//! with `unpack2x16float`, so no device feature is needed, or, where the device has
+//! `shader-f16`, by `SHADER_F16` kernel variants as `f16` values) or group-quantized int8/int4 ([`quant`]).
 
 pub mod context;
 pub mod error;
@@ -12,7 +13,7 @@ pub mod quant;
 pub mod registry;
 pub mod tensor;
 
-pub use context::{Batch, Binding, Gpu, GpuFeatures};
+pub use context::{Batch, Binding, Gpu, GpuFeatures, GpuOptions};
 pub use error::{GpuError, Result};
 pub use tensor::{DType, Tensor};
 

@@ -2,10 +2,13 @@
 //! specialised and compiled once per [`PipelineKey`], then cached.
 //!
 //! Specialisation has two mechanisms:
-//! - **flags**, for code that must not exist at all in some variants (`enable f16;`, the
-//!   browser-only `enable subgroups;` that naga rejects, dtype-specific loads): a tiny
+//! - **flags**, for code that must not exist at all in some variants (the browser-only
+//!   `enable subgroups;` that naga rejects, dtype-specific loads, `f16` code): a tiny
 //!   preprocessor keeps or drops lines between `#if FLAG` / `#if !FLAG`, `#else` and `#endif`
-//!   (nestable; directives stand alone on their line).
+//!   (nestable; directives stand alone on their line). The flag [`SHADER_F16`] also puts
+//!   `enable f16;` at the very start of the module (WGSL wants directives before any
+//!   declaration), so shaders only write `#if SHADER_F16` sections; such pipelines need a device
+//!   with SHADER_F16 ([`crate::Gpu::has_f16`]).
 //!   A shader whose flags are not independent lists its valid sets on a `// variants:` line
 //!   (e.g. `// variants: F32 | F16 | Q8 QUANT | Q4 QUANT`); the naga test validates those.
 //! - **override constants** (`override TILE: u32 = 64;`), set per pipeline by name, for sizes.
@@ -15,6 +18,9 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{GpuError, Result};
+
+/// The flag of kernel variants that compute with `f16` values (see the module docs).
+pub const SHADER_F16: &str = "SHADER_F16";
 
 /// A WGSL source file from `shaders/`.
 #[derive(Clone, Copy, Debug)]
@@ -90,9 +96,13 @@ impl Hash for PipelineKey {
     }
 }
 
-/// Keeps the lines of `source` whose `#if` conditions hold for `flags`.
+/// Keeps the lines of `source` whose `#if` conditions hold for `flags`; with [`SHADER_F16`] the
+/// result starts with `enable f16;` (on the first line: it adds no line).
 pub fn preprocess(source: &str, flags: &[&str]) -> Result<String, String> {
-    let mut out = String::with_capacity(source.len());
+    let mut out = String::with_capacity(source.len() + 12);
+    if flags.contains(&SHADER_F16) {
+        out.push_str("enable f16; ");
+    }
     // One entry per open `#if`: (this branch is taken, the enclosing region is live).
     let mut stack: Vec<(bool, bool)> = Vec::new();
     let live = |stack: &[(bool, bool)]| stack.last().is_none_or(|&(taken, outer)| taken && outer);
@@ -178,5 +188,12 @@ mod tests {
         assert!(preprocess("#if A\n", &[]).is_err());
         assert!(preprocess("#endif\n", &[]).is_err());
         assert!(preprocess("#define A\n", &[]).is_err());
+    }
+
+    #[test]
+    fn shader_f16_flag_enables_f16_before_everything_on_line_one() {
+        let src = "// header\n#if SHADER_F16\nalias T = f16;\n#else\nalias T = f32;\n#endif\n";
+        assert_eq!(preprocess(src, &["SHADER_F16"]).unwrap(), "enable f16; // header\nalias T = f16;\n\n");
+        assert_eq!(preprocess(src, &[]).unwrap(), "// header\n\nalias T = f32;\n");
     }
 }

@@ -2,12 +2,23 @@
 
 use std::sync::OnceLock;
 
-use crate::Gpu;
+use crate::{Gpu, GpuOptions};
 
-/// The device shared by all tests of this crate (tests run in parallel on it).
+/// The device shared by all tests of this crate (tests run in parallel on it). It has
+/// shader-f16 where the adapter offers it (llvmpipe does) and `LLAVA_NO_F16` is not set.
 pub fn gpu() -> &'static Gpu {
     static GPU: OnceLock<Gpu> = OnceLock::new();
     GPU.get_or_init(|| Gpu::new_blocking().expect("a wgpu adapter (install mesa-vulkan-drivers)"))
+}
+
+/// A second shared device opened without shader-f16, as in a browser that lacks it, so that
+/// tests can run the f32 path of kernels that have `SHADER_F16` variants on the same machine.
+pub fn gpu_without_f16() -> &'static Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| {
+        Gpu::with_options_blocking(GpuOptions { f16: false })
+            .expect("a wgpu adapter (install mesa-vulkan-drivers)")
+    })
 }
 
 /// `n` pseudo-random values in [-1, 1) from `seed` (xorshift; no dependency needed).

@@ -1,11 +1,12 @@
 //! Every file in `shaders/` parses and validates with naga under every combination of the
 //! `#if` flags it uses, or, where the file lists its variants in a `// variants: A | B C | -`
-//! line (flag sets separated by `|`, `-` for none), under exactly those. Needs no GPU.
+//! line (flag sets separated by `|`, `-` for none), under exactly those. Needs no GPU. Naga's
+//! f16 capability is granted to `SHADER_F16` variants only.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use llava_gpu::registry::preprocess;
+use llava_gpu::registry::{SHADER_F16, preprocess};
 
 /// The flag sets a shader declares with `// variants:`, if it does.
 fn declared_variants(source: &str) -> Option<Vec<Vec<String>>> {
@@ -65,8 +66,11 @@ fn every_shader_validates_with_naga() {
                     continue;
                 }
             };
-            let mut validator =
-                naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all());
+            // Only SHADER_F16 variants (whose text starts with `enable f16;`) may use f16 values:
+            // the others must run on devices without shader-f16.
+            let mut caps = naga::valid::Capabilities::all();
+            caps.set(naga::valid::Capabilities::SHADER_FLOAT16, on.contains(&SHADER_F16));
+            let mut validator = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps);
             if let Err(e) = validator.validate(&module) {
                 failures.push(format!("{} {on:?}: {}", path.display(), e.emit_to_string(&text)));
             }

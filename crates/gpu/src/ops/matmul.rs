@@ -5,11 +5,17 @@
 //! is the whole cost) and a tiled GEMM otherwise. Weights larger than one storage binding (a
 //! 32064x4096 f32 `lm_head` is 525 MB) are processed in row windows, each writing its own column
 //! range of the output.
+//!
+//! On a device with shader-f16 ([`crate::Gpu::has_f16`]) F16 weights go through the kernels'
+//! `SHADER_F16` variants, which load them as `f16` and still multiply and accumulate in f32. Q8/Q4
+//! have no such variant: an exact f16 dequantization needs `bitcast<vec2<f16>>(u32)`, which naga
+//! does not implement yet (gfx-rs/wgpu#8896), and converting integers to f16 costs what
+//! converting them to f32 does.
 
 use crate::context::Binding;
 use crate::error::{GpuError, Result, shape_err};
 use crate::quant::QUANT_GROUP;
-use crate::registry::{PipelineKey, Shader};
+use crate::registry::{PipelineKey, SHADER_F16, Shader};
 use crate::{Batch, DType, Tensor, shader};
 
 const SHADER: Shader = shader!("matmul");
@@ -91,6 +97,7 @@ pub(crate) fn linear_windowed(
             _ => "W_Q4",
         })
         .flag_if(w.dtype().is_quantized(), "QUANT")
+        .flag_if(w.dtype() == DType::F16 && batch.gpu().has_f16(), SHADER_F16)
         .flag_if(bias.is_some(), "BIAS");
 
     let too_big = |what: &str| shape_err(OP, format!("{what} exceeds u32 indexing"));
@@ -256,8 +263,9 @@ mod tests {
     use half::f16;
 
     use super::*;
+    use crate::Gpu;
     use crate::quant::{dequantize, quantize};
-    use crate::testing::{gpu, random};
+    use crate::testing::{gpu, gpu_without_f16, random};
 
     /// `x · wᵀ + bias` in f64 over row-major `x: [m, k]`, `w: [n, k]`.
     fn reference(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, k: usize, n: usize) -> Vec<f32> {
@@ -286,9 +294,18 @@ mod tests {
         }
     }
 
-    /// Weights `[n, k]` in `dtype` on the GPU, with the f32 values the kernel must compute with.
-    fn weights(dtype: DType, n: usize, k: usize, seed: u64) -> (Tensor, Vec<f32>) {
-        let gpu = gpu();
+    /// The shared device, which runs the `SHADER_F16` variants where the adapter has shader-f16,
+    /// and one without shader-f16 (the f32 path). Only F16 weights have f16 variants.
+    fn devices(dtype: DType) -> Vec<&'static Gpu> {
+        if dtype == DType::F16 {
+            vec![gpu(), gpu_without_f16()]
+        } else {
+            vec![gpu()]
+        }
+    }
+
+    /// Weights `[n, k]` in `dtype` on `gpu`, with the f32 values the kernel must compute with.
+    fn weights(gpu: &Gpu, dtype: DType, n: usize, k: usize, seed: u64) -> (Tensor, Vec<f32>) {
         let w = random(n * k, seed);
         match dtype {
             DType::F32 => (Tensor::from_f32(gpu, &[n, k], &w).unwrap(), w),
@@ -304,7 +321,9 @@ mod tests {
         }
     }
 
-    /// Runs `linear` on fresh random data and compares with the CPU reference.
+    /// Runs `linear` on fresh random data on each of [`devices`] and compares with the CPU
+    /// reference. The f16 variants read the same f16 values and multiply and add them in f32 in
+    /// the same order, so they are held to the same tolerance.
     fn check(
         dtype: DType,
         lead: &[usize],
@@ -314,11 +333,26 @@ mod tests {
         kernel: LinearKernel,
         window: u64,
     ) {
-        let gpu = gpu();
+        for gpu in devices(dtype) {
+            check_on(gpu, dtype, lead, k, n, with_bias, kernel, window);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_on(
+        gpu: &Gpu,
+        dtype: DType,
+        lead: &[usize],
+        k: usize,
+        n: usize,
+        with_bias: bool,
+        kernel: LinearKernel,
+        window: u64,
+    ) {
         let m: usize = lead.iter().product();
         let seed = (m * 1_000_003 + k * 1009 + n) as u64;
         let x = random(m * k, seed);
-        let (tw, w) = weights(dtype, n, k, seed + 1);
+        let (tw, w) = weights(gpu, dtype, n, k, seed + 1);
         let b = random(n, seed + 2);
         let x_shape: Vec<usize> = lead.iter().copied().chain([k]).collect();
         let tx = Tensor::from_f32(gpu, &x_shape, &x).unwrap();
@@ -332,7 +366,10 @@ mod tests {
         assert_eq!(y.shape(), want_shape);
         let got = pollster::block_on(y.to_f32(gpu)).unwrap();
         let want = reference(&x, &w, with_bias.then_some(&b[..]), m, k, n);
-        let what = format!("{dtype:?} {lead:?}x{k}x{n} bias={with_bias} {kernel:?} window={window}");
+        let what = format!(
+            "{dtype:?} {lead:?}x{k}x{n} bias={with_bias} {kernel:?} window={window} f16={}",
+            gpu.has_f16()
+        );
         assert_matches(&got, &want, k, &what);
     }
 
@@ -359,6 +396,29 @@ mod tests {
         check(DType::F32, &[1], 256, 384, true, LinearKernel::Auto, u64::MAX);
         check(DType::F32, &[300], 256, 384, true, LinearKernel::Auto, u64::MAX);
         check(DType::F16, &[77], 96, 200, false, LinearKernel::Auto, u64::MAX);
+    }
+
+    /// Guards the tests above: where the adapter offers shader-f16 they ran both paths.
+    #[test]
+    fn f16_option_decides_the_device_feature_and_the_variants() {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let options = wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::HighPerformance,
+            ..Default::default()
+        };
+        let adapter = pollster::block_on(instance.request_adapter(&options)).unwrap();
+        let offered = adapter.features().contains(wgpu::Features::SHADER_F16);
+        assert_eq!(
+            gpu().has_f16(),
+            offered && std::env::var("LLAVA_NO_F16").as_deref() != Ok("1")
+        );
+        let plain = gpu_without_f16();
+        assert!(!plain.has_f16());
+        assert!(!plain.device().features().contains(wgpu::Features::SHADER_F16));
+        // The f16 variant is refused with an error on a device without the feature.
+        let key = PipelineKey::new(SHADER, "gemv").flag("W_F16").flag(SHADER_F16);
+        assert!(matches!(plain.pipeline(&key), Err(GpuError::Unsupported { .. })));
     }
 
     #[test]
@@ -431,17 +491,22 @@ mod tests {
     fn every_variant_validates() {
         for weights in ["W_F32", "W_F16", "W_Q8", "W_Q4"] {
             for with_bias in [false, true] {
-                let mut flags = vec![weights];
-                flags.extend(["W_Q8", "W_Q4"].contains(&weights).then_some("QUANT"));
-                flags.extend(with_bias.then_some("BIAS"));
-                let source = crate::registry::preprocess(SHADER.source, &flags).unwrap();
-                let module = naga::front::wgsl::parse_str(&source)
-                    .unwrap_or_else(|e| panic!("{flags:?}: {}", e.emit_to_string(&source)));
-                // unpack2x16float needs this capability in naga; every WebGPU device has it.
-                let caps = naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32;
-                naga::valid::Validator::new(Default::default(), caps)
-                    .validate(&module)
-                    .unwrap_or_else(|e| panic!("{flags:?}: {}", e.emit_to_string(&source)));
+                for f16 in [false, weights == "W_F16"] {
+                    let mut flags = vec![weights];
+                    flags.extend(["W_Q8", "W_Q4"].contains(&weights).then_some("QUANT"));
+                    flags.extend(with_bias.then_some("BIAS"));
+                    flags.extend(f16.then_some(SHADER_F16));
+                    let source = crate::registry::preprocess(SHADER.source, &flags).unwrap();
+                    let module = naga::front::wgsl::parse_str(&source)
+                        .unwrap_or_else(|e| panic!("{flags:?}: {}", e.emit_to_string(&source)));
+                    // unpack2x16float needs this capability in naga; every WebGPU device has it.
+                    // `f16` values need SHADER_FLOAT16 (the shader-f16 feature).
+                    let mut caps = naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+                    caps.set(naga::valid::Capabilities::SHADER_FLOAT16, f16);
+                    naga::valid::Validator::new(Default::default(), caps)
+                        .validate(&module)
+                        .unwrap_or_else(|e| panic!("{flags:?}: {}", e.emit_to_string(&source)));
+                }
             }
         }
     }
