@@ -23,7 +23,7 @@ import PIL.features
 import torch
 import transformers
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoProcessor,
     AutoTokenizer,
@@ -681,9 +681,11 @@ def expected_for_model(name, spec, model, processor):
 
 def models_and_expected():
     expected_dir = FIXTURES / "expected"
-    if expected_dir.exists():
-        shutil.rmtree(expected_dir)
-    expected_dir.mkdir(parents=True)
+    expected_dir.mkdir(parents=True, exist_ok=True)
+    # Only this section's files: other sections write into expected/ too.
+    for stale in expected_dir.iterdir():
+        if stale.name.split(".")[0] in MODELS:
+            stale.unlink()
     tokenizer_homes = {}
     for name, spec in MODELS.items():
         rejected = []
@@ -719,12 +721,380 @@ def models_and_expected():
 
 
 # ---------------------------------------------------------------------------------------------
+# The original LLaVA layout (liuhaotian/llava-v1.6-*), checked against an equivalent llava-hf model
+# ---------------------------------------------------------------------------------------------
+
+LIUHAOTIAN = "liuhaotian-tiny"
+# LLaVA's IMAGE_TOKEN_INDEX (llava/constants.py): the id tokenizer_image_token puts where "<image>" was.
+LLAVA_IMAGE_TOKEN_INDEX = -200
+LIUHAOTIAN_TEXT = dict(vocab_size=32000, hidden_size=16, intermediate_size=32, num_attention_heads=1,
+                       num_key_value_heads=1, num_hidden_layers=2, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5, rope_theta=1e4)
+# The folder mm_vision_tower names, relative to the model folder (LLaVA's CLIPVisionModel.from_pretrained
+# takes a local folder as well as a hub name).
+LIUHAOTIAN_TOWER = "clip-vit-tiny-patch14-336"
+LIUHAOTIAN_CASES = [
+    ("rocket_en", "rocket.jpg", ROCKET_QUESTION),
+    ("chelsea_zh", "chelsea.png", CHINESE_QUESTION),
+    ("text_only", None, TEXT_ONLY_QUESTION),
+]
+# LLaVA's conv_llava_v1 / conv_vicuna_v1 (llava/conversation.py, SeparatorStyle.TWO), which its run
+# scripts pick for llava-v1.6-vicuna-* and SGLang's vicuna_v1.1 template reproduces.
+LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                   "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+
+
+def llava_v1_prompt(question, with_image):
+    """conv_llava_v1.get_prompt() for one user turn ("<image>\n" + question) and an open assistant turn."""
+    message = ("<image>\n" + question) if with_image else question
+    return f"{LLAVA_V1_SYSTEM} USER: {message} ASSISTANT:"
+
+
+def tokenizer_image_token(prompt, tokenizer):
+    """llava/mm_utils.py tokenizer_image_token: tokenize the chunks between "<image>" separately, keep
+    the first chunk's BOS once, drop the later chunks' BOS, put IMAGE_TOKEN_INDEX between chunks."""
+    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
+    input_ids = []
+    offset = 0
+    if chunks and chunks[0] and chunks[0][0] == tokenizer.bos_token_id:
+        offset = 1
+        input_ids.append(chunks[0][0])
+    separated = [piece for chunk in chunks for piece in (chunk, [LLAVA_IMAGE_TOKEN_INDEX] * (offset + 1))][:-1]
+    for piece in separated:
+        input_ids.extend(piece[offset:])
+    return input_ids
+
+
+def liuhaotian_tensor_name(name: str) -> str:
+    """transformers in-memory name -> original LLaVA checkpoint name."""
+    for prefix, llava_prefix in (
+        ("model.vision_tower.", "model.vision_tower.vision_tower.vision_model."),
+        ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
+        ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
+        ("model.language_model.", "model."),
+        ("model.image_newline", "model.image_newline"),
+        ("lm_head.", "lm_head."),
+    ):
+        if name.startswith(prefix):
+            return llava_prefix + name[len(prefix):]
+    raise ValueError(f"unexpected tensor {name}")
+
+
+def liuhaotian_config_json(vision: dict) -> dict:
+    """Shaped like liuhaotian/llava-v1.6-vicuna-7b/config.json, with the tiny sizes."""
+    text = LIUHAOTIAN_TEXT
+    return {
+        "_name_or_path": "./checkpoints/tiny-vicuna",
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "attention_bias": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "freeze_mm_mlp_adapter": False,
+        "hidden_act": "silu",
+        "hidden_size": text["hidden_size"],
+        "image_aspect_ratio": "anyres",
+        "image_crop_resolution": 224,
+        "image_grid_pinpoints": GRID_PINPOINTS,
+        "image_split_resolution": 224,
+        "initializer_range": 0.02,
+        "intermediate_size": text["intermediate_size"],
+        "max_position_embeddings": text["max_position_embeddings"],
+        "mm_hidden_size": vision["hidden_size"],
+        "mm_patch_merge_type": "spatial_unpad",
+        "mm_projector_lr": 2e-05,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_resampler_type": None,
+        "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "patch",
+        "mm_vision_select_layer": -2,
+        "mm_vision_tower": LIUHAOTIAN_TOWER,
+        "mm_vision_tower_lr": 2e-06,
+        "model_type": "llava_llama",
+        "num_attention_heads": text["num_attention_heads"],
+        "num_hidden_layers": text["num_hidden_layers"],
+        "num_key_value_heads": text["num_key_value_heads"],
+        "pad_token_id": 0,
+        "pretraining_tp": 1,
+        "rms_norm_eps": text["rms_norm_eps"],
+        "rope_scaling": None,
+        "rope_theta": text["rope_theta"],
+        "tie_word_embeddings": False,
+        "tokenizer_model_max_length": 4096,
+        "tokenizer_padding_side": "right",
+        "torch_dtype": "float16",
+        "transformers_version": "4.36.2",
+        "tune_mm_mlp_adapter": False,
+        "unfreeze_mm_vision_tower": True,
+        "use_cache": True,
+        "use_mm_proj": True,
+        "vocab_size": text["vocab_size"],
+    }
+
+
+def write_liuhaotian_folder(folder: Path, model, dtype):
+    """Weights renamed to the LLaVA names, the image token's row dropped from embed_tokens and lm_head."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    (folder / LIUHAOTIAN_TOWER).mkdir(parents=True)
+    vocab = LIUHAOTIAN_TEXT["vocab_size"]
+    tensors = {}
+    for name, value in model.state_dict().items():
+        value = value.detach()
+        if name in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+            assert value.shape[0] == vocab + 1
+            value = value[:vocab]
+        tensors[liuhaotian_tensor_name(name)] = value.to(dtype).contiguous()
+    save_file(dict(sorted(tensors.items())), folder / "model.safetensors", metadata={"format": "pt"})
+    vision = dict(VISION_CONFIG, hidden_act="quick_gelu", layer_norm_eps=1e-5, model_type="clip_vision_model")
+    write_json(folder / "config.json", liuhaotian_config_json(vision))
+    # Like openai/clip-vit-large-patch14-336/config.json: a CLIPConfig with the vision part nested.
+    write_json(folder / LIUHAOTIAN_TOWER / "config.json", {
+        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": VISION_CONFIG["projection_dim"],
+        "vision_config": dict(sorted(vision.items())),
+    })
+    write_json(folder / "generation_config.json",
+               {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+                "transformers_version": "4.36.2"})
+    # LLaVA's vicuna tokenizer has no <image> (nor <pad>): the 32000 ids of Llama-2. Minified to keep it small.
+    tokenizer = json.loads((TOKENIZERS / "llama2-vicuna" / "tokenizer.json").read_text(encoding="utf-8"))
+    tokenizer["added_tokens"] = [t for t in tokenizer["added_tokens"] if t["id"] < vocab]
+    assert [t["content"] for t in tokenizer["added_tokens"]] == ["<unk>", "<s>", "</s>"]
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False, separators=(",", ":")),
+                                           encoding="utf-8")
+    write_json(folder / "tokenizer_config.json", {
+        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "clean_up_tokenization_spaces": False,
+        "eos_token": "</s>", "legacy": False, "model_max_length": 4096, "pad_token": "<unk>",
+        "padding_side": "right", "sp_model_kwargs": {}, "spaces_between_special_tokens": False,
+        "tokenizer_class": "LlamaTokenizer", "unk_token": "<unk>", "use_default_system_prompt": False,
+    })
+
+
+def liuhaotian_equivalent_model(seed):
+    """A llava-hf model with the same weights plus one extra vocabulary row for its image token."""
+    text = dict(LIUHAOTIAN_TEXT, vocab_size=LIUHAOTIAN_TEXT["vocab_size"] + 1)
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**VISION_CONFIG),
+        text_config=LlamaConfig(**text, tie_word_embeddings=False, initializer_range=TEXT_INITIALIZER_RANGE),
+        image_token_index=IMAGE_TOKEN_ID,
+        image_grid_pinpoints=GRID_PINPOINTS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlavaNextForConditionalGeneration(config).eval()
+
+
+def liuhaotian_expected(model, tokenizer, image_processor, count_processor):
+    cases, arrays = [], {}
+    for index, (case_id, image_name, question) in enumerate(LIUHAOTIAN_CASES):
+        prompt = llava_v1_prompt(question, image_name is not None)
+        llava_ids = tokenizer_image_token(prompt, tokenizer)
+        inputs = {}
+        image_tokens = 0
+        if image_name is not None:
+            with Image.open(IMAGES / image_name) as image:
+                image.load()
+                inputs = dict(image_processor(images=image, return_tensors="pt"))
+                image_tokens = int((count_processor(images=image, text="<image>", return_tensors="pt")
+                                    ["input_ids"] == IMAGE_TOKEN_ID).sum())
+        assert llava_ids.count(LLAVA_IMAGE_TOKEN_INDEX) == (image_name is not None)
+        expanded = []
+        for token in llava_ids:
+            expanded.extend([IMAGE_TOKEN_ID] * image_tokens if token == LLAVA_IMAGE_TOKEN_INDEX else [token])
+        inputs = {"input_ids": torch.tensor([expanded]), **{k: inputs[k] for k in ("pixel_values", "image_sizes")
+                                                             if k in inputs}}
+        tokens, prompt_logits, min_margin, max_abs = greedy(model, inputs)
+        if min_margin < MARGIN_FRACTION * max_abs:
+            raise MarginTooSmall(f"min_margin {min_margin:.3g} < {MARGIN_FRACTION} * {max_abs:.3g}")
+        if max(tokens) >= IMAGE_TOKEN_ID:
+            raise MarginTooSmall(f"greedy produced the image token {max(tokens)}")
+        if len(set(tokens)) < MIN_DISTINCT_TOKENS:
+            raise MarginTooSmall(f"greedy repeats: only {len(set(tokens))} distinct tokens")
+        logits = prompt_logits[:IMAGE_TOKEN_ID]
+        case = {
+            "id": case_id, "image": image_name, "question": question, "prompt": prompt,
+            "llava_input_ids": llava_ids, "input_ids": expanded, "image_tokens": image_tokens,
+            "max_abs_logit": float(np.abs(logits).max()), "greedy_tokens": tokens,
+            "greedy_text": tokenizer.decode(tokens, skip_special_tokens=True),
+            "min_margin": min_margin, "max_abs_logit_over_steps": max_abs,
+            "logits_npy": f"{LIUHAOTIAN}.{case_id}.logits.npy",
+        }
+        arrays[case["logits_npy"]] = logits
+        if index == 0:
+            _, image_features = feature_arrays(model, inputs)
+            case["image_features_npy"] = f"{LIUHAOTIAN}.{case_id}.image_features.npy"
+            arrays[case["image_features_npy"]] = image_features
+        cases.append(case)
+    return cases, arrays
+
+
+def liuhaotian_fixture():
+    folder = FIXTURES / "models" / LIUHAOTIAN
+    expected_dir = FIXTURES / "expected"
+    expected_dir.mkdir(parents=True, exist_ok=True)
+    image_processor = LlavaNextImageProcessorPil(**IMAGE_PROCESSOR_KWARGS)
+    count_processor = build_processor("llama2-vicuna")
+    dtype = torch.float16
+    rejected = []
+    for seed in range(FIRST_SEED, FIRST_SEED + MAX_SEED_TRIES):
+        model = liuhaotian_equivalent_model(seed)
+        write_liuhaotian_folder(folder, model, dtype)
+        # The reference runs the stored (fp16-rounded) weights in float32. Parameters only: buffers
+        # such as RoPE's inv_freq stay exact, as from_pretrained(dtype=float32) would build them.
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.copy_(parameter.to(dtype).float())
+        stored = load_file(folder / "model.safetensors")
+        for name, value in model.state_dict().items():
+            assert torch.equal(stored[liuhaotian_tensor_name(name)].float(), value[:IMAGE_TOKEN_ID]), name
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        assert tokenizer.convert_tokens_to_ids("<image>") == tokenizer.unk_token_id, "<image> must not be a token"
+        try:
+            cases, arrays = liuhaotian_expected(model, tokenizer, image_processor, count_processor)
+            break
+        except MarginTooSmall as reason:
+            print(f"{LIUHAOTIAN}: seed {seed} rejected: {reason}")
+            rejected.append({"seed": seed, "reason": str(reason)})
+    else:
+        sys.exit(f"{LIUHAOTIAN}: no seed in {MAX_SEED_TRIES} tries gives clear greedy margins")
+    for stale in expected_dir.glob(f"{LIUHAOTIAN}.*"):
+        stale.unlink()
+    for file_name, array in arrays.items():
+        np.save(expected_dir / file_name, array)
+    write_json(expected_dir / f"{LIUHAOTIAN}.json", {
+        "model": LIUHAOTIAN,
+        "checkpoint": f"models/{LIUHAOTIAN}",
+        "stored_dtype": DTYPE_NAMES[dtype],
+        "layout": "liuhaotian",
+        "reference": "LlavaNextForConditionalGeneration with the same weights, vocab 32001 (image token 32000)",
+        "seed": seed,
+        "rejected_seeds": rejected,
+        "margin_rule": f"every greedy run: min_margin >= {MARGIN_FRACTION} * max|logit| over its steps,"
+                       f" every greedy token < 32000, >= {MIN_DISTINCT_TOKENS} distinct tokens",
+        "greedy_steps": GREEDY_STEPS,
+        "cases": cases,
+    })
+    print(f"{LIUHAOTIAN}: seed {seed}, {len(cases)} cases, margins "
+          + ", ".join(f"{c['min_margin'] / c['max_abs_logit_over_steps']:.3g}" for c in cases))
+
+
+# ---------------------------------------------------------------------------------------------
+# A ChatML (llava-v1.6-34b / Yi style) tiny checkpoint
+# ---------------------------------------------------------------------------------------------
+
+CHATML = "chatml-tiny"
+# There is no Yi tokenizer in ../shared/testdata/tokenizers: the llama2-vicuna one stands in, with
+# <|im_start|> and <|im_end|> added as special tokens after <image> (32000) and <pad> (32001).
+CHATML_TOKENS = {"<|im_start|>": 32002, "<|im_end|>": 32003}
+# Spec §7's 34b prompt (LLaVA's chatml_direct), as a chat template shipped with the checkpoint.
+CHATML_TEMPLATE = (
+    "{% if not (messages and messages[0]['role'] == 'system') %}"
+    "{{ '<|im_start|>system\\nAnswer the questions.<|im_end|>' }}{% endif %}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{ '<|im_end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHATML_SPEC = dict(
+    # eos is <|im_end|>, as in llava-v1.6-34b's generation_config.json.
+    text=dict(model_type="llama", vocab_size=32004, hidden_size=16, intermediate_size=32, num_attention_heads=1,
+              num_key_value_heads=1, rope_theta=5e6, eos_token_id=CHATML_TOKENS["<|im_end|>"]),
+    dtype=torch.float16, layout="transformers5", tie=False,
+    cases=[
+        ("rocket_en", "rocket.jpg", ROCKET_QUESTION),
+        ("text_only", None, TEXT_ONLY_QUESTION),
+    ],
+    multi_turn=None,
+)
+
+
+def write_chatml_checkpoint(folder: Path, seed):
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    tokenizer = json.loads((TOKENIZERS / "llama2-vicuna" / "tokenizer.json").read_text(encoding="utf-8"))
+    for content, token_id in CHATML_TOKENS.items():
+        tokenizer["added_tokens"].append({"id": token_id, "content": content, "single_word": False, "lstrip": False,
+                                          "rstrip": False, "normalized": False, "special": True})
+    tokenizer_config = json.loads((TOKENIZERS / "llama2-vicuna" / "tokenizer_config.json").read_text(encoding="utf-8"))
+    tokenizer_config["eos_token"] = "<|im_end|>"
+
+    def write_tokenizer_files():
+        (folder / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False, separators=(",", ":")),
+                                               encoding="utf-8")
+        write_json(folder / "tokenizer_config.json", tokenizer_config)
+        (folder / "chat_template.jinja").write_text(CHATML_TEMPLATE, encoding="utf-8")
+
+    write_tokenizer_files()
+    processor = LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil(**IMAGE_PROCESSOR_KWARGS),
+                                   tokenizer=AutoTokenizer.from_pretrained(folder), chat_template=CHATML_TEMPLATE,
+                                   **PROCESSOR_KWARGS)
+    config = make_config(CHATML_SPEC)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.to(CHATML_SPEC["dtype"]).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    write_tokenizer_files()  # the processor rewrote them
+    eos = CHATML_TOKENS["<|im_end|>"]
+    write_json(folder / "generation_config.json", {"bos_token_id": 1, "eos_token_id": eos,
+                                                   "transformers_version": transformers.__version__})
+    return model
+
+
+def chatml_fixture():
+    folder = FIXTURES / "models" / CHATML
+    expected_dir = FIXTURES / "expected"
+    expected_dir.mkdir(parents=True, exist_ok=True)
+    rejected = []
+    for seed in range(FIRST_SEED, FIRST_SEED + MAX_SEED_TRIES):
+        written = write_chatml_checkpoint(folder, seed)
+        model, processor = load_checkpoint(CHATML, CHATML_SPEC, written)
+        assert [processor.tokenizer.convert_tokens_to_ids(t) for t in CHATML_TOKENS] == list(CHATML_TOKENS.values())
+        assert model.generation_config.eos_token_id == CHATML_TOKENS["<|im_end|>"]
+        try:
+            cases, arrays = expected_for_model(CHATML, CHATML_SPEC, model, processor)
+            break
+        except MarginTooSmall as reason:
+            print(f"{CHATML}: seed {seed} rejected: {reason}")
+            rejected.append({"seed": seed, "reason": str(reason)})
+    else:
+        sys.exit(f"{CHATML}: no seed in {MAX_SEED_TRIES} tries gives clear greedy margins")
+    for stale in expected_dir.glob(f"{CHATML}.*"):
+        stale.unlink()
+    for file_name, array in arrays.items():
+        # The vision features of this model add nothing the other fixtures do not check.
+        if not file_name.endswith(".vision_features.npy"):
+            np.save(expected_dir / file_name, array)
+    for case in cases:
+        case.pop("vision_features_npy", None)
+    write_json(expected_dir / f"{CHATML}.json", {
+        "model": CHATML,
+        "checkpoint": f"models/{CHATML}",
+        "stored_dtype": DTYPE_NAMES[CHATML_SPEC["dtype"]],
+        "layout": CHATML_SPEC["layout"],
+        "seed": seed,
+        "rejected_seeds": rejected,
+        "margin_rule": f"every greedy run: min_margin >= {MARGIN_FRACTION} * max|logit| over its steps,"
+                       f" every greedy token < 32000, >= {MIN_DISTINCT_TOKENS} distinct tokens",
+        "greedy_steps": GREEDY_STEPS,
+        "cases": cases,
+    })
+    print(f"{CHATML}: seed {seed}, {len(cases)} cases, margins "
+          + ", ".join(f"{c['min_margin'] / c['max_abs_logit_over_steps']:.3g}" for c in cases))
+
+
+# ---------------------------------------------------------------------------------------------
 
 SECTIONS = {
     "tokenizers": tokenizer_cases,
     "chat": chat_cases,
     "preprocess": preprocess_cases,
     "models": models_and_expected,
+    "liuhaotian": liuhaotian_fixture,
+    "chatml": chatml_fixture,
 }
 
 

@@ -1,5 +1,6 @@
 //! The `llava` command as a user runs it, on the bundled tiny model (tests/fixtures/models/
-//! mistral-tiny), checked against the transformers fixtures.
+//! mistral-tiny) and the original-LLaVA-layout one (liuhaotian-tiny), checked against the
+//! transformers fixtures.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -136,4 +137,77 @@ fn chat_answers_a_follow_up_like_transformers_from_scratch() {
     let answers: Vec<&str> =
         stdout.split("> ").filter_map(|turn| turn.split("\n[").next()).filter(|a| !a.is_empty()).collect();
     assert_eq!(answers, [case["turn1"]["greedy_text"].as_str().unwrap(), case["greedy_text"].as_str().unwrap()]);
+}
+
+/// `--pixels-out` writes the normalised tiles as float32 `[tiles, 3, 336, 336]`, bit-exact with
+/// transformers' pixel_values (tests/fixtures/preprocess.json). The original-LLaVA folder, which
+/// ships no preprocessor config, gets the same pixels from its defaults.
+#[test]
+fn preprocess_pixels_out_matches_transformers() {
+    use sha2::Digest;
+    let cases: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/preprocess.json")).unwrap(),
+    )
+    .unwrap();
+    let case = cases.as_array().unwrap().iter().find(|c| c["name"] == "chelsea.png").unwrap();
+    let liuhaotian = root().join("tests/fixtures/models/liuhaotian-tiny");
+    let chelsea = image("chelsea.png");
+    for (label, model) in [("bundled", None), ("liuhaotian", Some(liuhaotian.to_str().unwrap()))] {
+        let npy = std::env::temp_dir().join(format!("llava-cli-pixels-{label}-{}.npy", std::process::id()));
+        let mut args = vec!["preprocess", "--image", chelsea.to_str().unwrap()];
+        args.extend(["--json", "--pixels-out", npy.to_str().unwrap()]);
+        args.extend(model.iter().flat_map(|m| ["--model", m]));
+        let info = json_stdout(&llava(&args));
+        assert_eq!(info["tiles"], case["num_patches"], "{label}");
+
+        let bytes = std::fs::read(&npy).unwrap();
+        std::fs::remove_file(&npy).unwrap();
+        // .npy version 1: magic, version, u16 header length, header, data.
+        assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00", "{label}");
+        let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+        let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
+        assert!(header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"), "{header}");
+        assert!(header.contains("'shape': (3, 3, 336, 336)"), "{label}: {header}");
+        assert_eq!(case["pixels_shape"], serde_json::json!([3, 3, 336, 336]));
+        let data = &bytes[10 + header_len..];
+        assert_eq!(data.len(), 3 * 3 * 336 * 336 * 4, "{label}");
+        let digest: String = sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(digest, case["pixels_sha256"].as_str().unwrap(), "{label}: pixels differ from transformers");
+        for sample in case["samples"].as_array().unwrap() {
+            let i = sample[0].as_u64().unwrap() as usize;
+            let got = f32::from_le_bytes(data[4 * i..4 * i + 4].try_into().unwrap());
+            assert_eq!(got, sample[1].as_f64().unwrap() as f32, "{label}: pixel {i}");
+        }
+    }
+}
+
+/// An original liuhaotian/llava-v1.6 folder runs as downloaded: LLaVA's tensor names, its
+/// `llava_llama` config with `mm_vision_tower` naming a CLIP folder, a tokenizer without `<image>`,
+/// and LLaVA's llava_v1 conversation template.
+#[test]
+fn run_liuhaotian_layout_gives_transformers_greedy_tokens() {
+    let path = root().join("tests/fixtures/expected/liuhaotian-tiny.json");
+    let expected: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let case = expected["cases"].as_array().unwrap().iter().find(|c| c["id"] == "rocket_en").unwrap();
+    let model = root().join("tests/fixtures/models/liuhaotian-tiny");
+    // Pillow's decode of rocket.jpg, as the reference saw it.
+    let rocket = root().join("tests/fixtures/decoded/rocket.png");
+    let out = llava(&[
+        "run",
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        rocket.to_str().unwrap(),
+        "--prompt",
+        case["question"].as_str().unwrap(),
+        "--max-new-tokens",
+        "16",
+        "--ignore-eos",
+        "--json",
+    ]);
+    let reply = json_stdout(&out);
+    assert_eq!(reply["tokens"], case["greedy_tokens"]);
+    assert_eq!(reply["image_tokens"], case["image_tokens"]);
+    assert_eq!(reply["prompt_tokens"].as_u64().unwrap() as usize, case["input_ids"].as_array().unwrap().len());
+    assert_eq!(reply["text"], case["greedy_text"]);
 }

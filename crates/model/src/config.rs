@@ -159,25 +159,28 @@ pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
 pub const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 impl LlavaConfig {
-    /// Reads `dir/config.json`.
+    /// Reads `dir/config.json` (and, for the original LLaVA layout, the vision tower's
+    /// `config.json` when `mm_vision_tower` names a folder).
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let path = dir.as_ref().join(CONFIG_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
-        Self::from_json_named(&text, &path.display().to_string())
+        Self::from_json_named(&text, &path.display().to_string(), Some(dir.as_ref()))
     }
 
+    /// Parses a `config.json` on its own: an original-LLaVA `mm_vision_tower` must then be a
+    /// tower this crate knows by name.
     pub fn from_json(json: &str) -> Result<Self> {
-        Self::from_json_named(json, CONFIG_FILE)
+        Self::from_json_named(json, CONFIG_FILE, None)
     }
 
-    fn from_json_named(json: &str, file: &str) -> Result<Self> {
+    fn from_json_named(json: &str, file: &str, dir: Option<&Path>) -> Result<Self> {
         let root_value = parse_json_object(json, file)?;
         let root = Fields::root(file, &root_value);
         let model_type = root.string("model_type", None)?;
         match model_type.as_deref() {
             Some("llava_next") => parse_llava_hf(&root),
-            Some("llava_llama") => parse_original(&root, TextArch::Llama),
-            Some("llava_mistral") => parse_original(&root, TextArch::Mistral),
+            Some("llava_llama") => parse_original(&root, TextArch::Llama, dir),
+            Some("llava_mistral") => parse_original(&root, TextArch::Mistral, dir),
             Some(other) => Err(ModelError::config(
                 file,
                 format!(
@@ -276,17 +279,11 @@ fn parse_llava_hf(root: &Fields) -> Result<LlavaConfig> {
     Ok(config)
 }
 
-fn parse_original(root: &Fields, arch: TextArch) -> Result<LlavaConfig> {
+fn parse_original(root: &Fields, arch: TextArch, dir: Option<&Path>) -> Result<LlavaConfig> {
     let tower = root
         .string("mm_vision_tower", None)?
         .ok_or_else(|| root.error("mm_vision_tower", "missing"))?;
-    if !tower.ends_with("clip-vit-large-patch14-336") {
-        return Err(root.error(
-            "mm_vision_tower",
-            format!("vision tower `{tower}` is not supported (expected openai/clip-vit-large-patch14-336)"),
-        ));
-    }
-    let vision = VisionConfig::CLIP_VIT_L_14_336;
+    let vision = original_vision_tower(root, &tower, dir)?;
     let mm_hidden_size = root.usize("mm_hidden_size", vision.hidden_size)?;
     if mm_hidden_size != vision.hidden_size {
         return Err(root.error(
@@ -337,6 +334,50 @@ fn parse_original(root: &Fields, arch: TextArch) -> Result<LlavaConfig> {
     };
     validate(&config, root.file)?;
     Ok(config)
+}
+
+/// LLaVA builds its tower with `CLIPVisionModel.from_pretrained(mm_vision_tower)`, which takes a
+/// local folder as well as a hub name. A folder (absolute, or relative to the model folder) holding
+/// a CLIP `config.json` is read; otherwise the name must be the tower LLaVA-1.6 uses,
+/// `openai/clip-vit-large-patch14-336`, whose geometry is known.
+fn original_vision_tower(root: &Fields, tower: &str, dir: Option<&Path>) -> Result<VisionConfig> {
+    if let Some(folder) = dir.map(|dir| dir.join(tower)) {
+        let path = folder.join(CONFIG_FILE);
+        if path.is_file() {
+            let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+            return clip_vision_config(&text, &path.display().to_string());
+        }
+    }
+    if tower.ends_with("clip-vit-large-patch14-336") {
+        return Ok(VisionConfig::CLIP_VIT_L_14_336);
+    }
+    let looked = match dir {
+        Some(dir) => format!("no {CONFIG_FILE} in {}", dir.join(tower).display()),
+        None => "the model folder was not given".to_string(),
+    };
+    Err(root.error(
+        "mm_vision_tower",
+        format!(
+            "vision tower `{tower}` is not supported: it is not a folder with a CLIP {CONFIG_FILE} \
+             ({looked}) nor openai/clip-vit-large-patch14-336"
+        ),
+    ))
+}
+
+/// A CLIP tower's `config.json`: a `CLIPConfig` (`model_type: clip`, the tower in `vision_config`)
+/// or a `CLIPVisionConfig` (`model_type: clip_vision_model`), missing keys taking the class defaults.
+fn clip_vision_config(json: &str, file: &str) -> Result<VisionConfig> {
+    let root_value = parse_json_object(json, file)?;
+    let root = Fields::root(file, &root_value);
+    let empty = Map::new();
+    match root.string("model_type", None)?.as_deref() {
+        Some("clip") => {
+            let fields = root.object("vision_config")?.unwrap_or_else(|| root.child("vision_config", &empty));
+            parse_vision(&fields, &VisionConfig::CLIP_CLASS_DEFAULTS)
+        }
+        None | Some("clip_vision_model") => parse_vision(&root, &VisionConfig::CLIP_CLASS_DEFAULTS),
+        Some(other) => Err(root.error("model_type", format!("vision tower `{other}` is not supported"))),
+    }
 }
 
 fn parse_vision(fields: &Fields, defaults: &VisionConfig) -> Result<VisionConfig> {
@@ -1103,6 +1144,65 @@ mod tests {
         assert_eq!(mistral.text.arch, TextArch::Mistral);
         // Not written in the file, so MistralConfig's default applies.
         assert_eq!(mistral.text.sliding_window, Some(4096));
+    }
+
+    #[test]
+    fn original_llava_vision_tower_from_a_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let tower = dir.path().join("tiny-clip");
+        std::fs::create_dir(&tower).unwrap();
+        let config = LIUHAOTIAN_VICUNA
+            .replace("openai/clip-vit-large-patch14-336", "tiny-clip")
+            .replace("\"mm_hidden_size\": 1024", "\"mm_hidden_size\": 64");
+        std::fs::write(dir.path().join("config.json"), &config).unwrap();
+
+        // A CLIPConfig (as openai/clip-vit-large-patch14-336 ships): the tower is `vision_config`,
+        // its missing keys take CLIPVisionConfig's defaults.
+        std::fs::write(
+            tower.join("config.json"),
+            r#"{"model_type": "clip", "text_config": {"hidden_size": 512},
+                "vision_config": {"hidden_size": 64, "num_attention_heads": 4, "image_size": 336, "patch_size": 14}}"#,
+        )
+        .unwrap();
+        let c = LlavaConfig::from_dir(dir.path()).unwrap();
+        let expected = VisionConfig {
+            hidden_size: 64,
+            num_attention_heads: 4,
+            image_size: 336,
+            patch_size: 14,
+            ..VisionConfig::CLIP_CLASS_DEFAULTS
+        };
+        assert_eq!(c.vision, expected);
+
+        // A CLIPVisionConfig, named by an absolute path.
+        std::fs::write(
+            tower.join("config.json"),
+            r#"{"model_type": "clip_vision_model", "hidden_size": 64, "num_attention_heads": 2,
+                "num_hidden_layers": 3, "image_size": 336, "patch_size": 14, "hidden_act": "gelu"}"#,
+        )
+        .unwrap();
+        let absolute = config.replace("\"tiny-clip\"", &format!("{:?}", tower.display().to_string()));
+        std::fs::write(dir.path().join("config.json"), &absolute).unwrap();
+        let c = LlavaConfig::from_dir(dir.path()).unwrap();
+        assert_eq!((c.vision.hidden_size, c.vision.num_hidden_layers), (64, 3));
+        assert_eq!((c.vision.num_attention_heads, c.vision.hidden_act), (2, Activation::Gelu));
+
+        // mm_hidden_size must agree with the tower.
+        let wrong = absolute.replace("\"mm_hidden_size\": 64", "\"mm_hidden_size\": 1024");
+        std::fs::write(dir.path().join("config.json"), wrong).unwrap();
+        let msg = LlavaConfig::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(msg.contains("mm_hidden_size") && msg.contains("64"), "{msg}");
+
+        // Not a tower: named in the error with the folder looked in; without a folder, a name only.
+        std::fs::write(tower.join("config.json"), r#"{"model_type": "siglip_vision_model"}"#).unwrap();
+        std::fs::write(dir.path().join("config.json"), &config).unwrap();
+        let msg = LlavaConfig::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(msg.contains("siglip_vision_model") && msg.contains("tiny-clip"), "{msg}");
+        std::fs::remove_file(tower.join("config.json")).unwrap();
+        let msg = LlavaConfig::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(msg.contains("`tiny-clip`") && msg.contains("no config.json in"), "{msg}");
+        let msg = error(&config);
+        assert!(msg.contains("`tiny-clip`") && msg.contains("model folder was not given"), "{msg}");
     }
 
     #[test]

@@ -169,7 +169,7 @@ impl ChatSession {
         let gpu = model.gpu();
         let mut batch = gpu.batch();
         let new_ids = &ids[common..];
-        let x = model.language().embed(&mut batch, new_ids)?;
+        let x = model.embed_prompt(&mut batch, new_ids)?;
         if let (Some(image), Some(image_start)) = (&self.image, image_start) {
             model.splice_image(&mut batch, &x, common, image_start, image)?;
         }

@@ -21,6 +21,11 @@ use crate::weights::{WeightPrecision, Weights};
 /// Default KV-cache size: room for the largest AnyRes image (2928 tokens) plus a conversation.
 pub const DEFAULT_CONTEXT: usize = 4096;
 
+/// Marks image positions in [`Llava::tokenize_prompt`]'s ids for checkpoints whose vocabulary has no
+/// image token (the original LLaVA layout, where LLaVA itself uses the id -200). It is outside every
+/// vocabulary; those positions take the image features, never an embedding row.
+pub const IMAGE_MARKER: u32 = u32::MAX;
+
 #[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
     pub precision: WeightPrecision,
@@ -162,12 +167,8 @@ impl Llava {
     /// Assembles the model from its files and uploaded weights.
     pub fn new(gpu: Arc<Gpu>, files: ModelFiles, mut weights: Weights, options: &LoadOptions) -> Result<Llava> {
         let config = &files.config;
-        let image_token = match config.image_token_index {
-            Some(id) => id,
-            None => files.tokenizer.token_id("<image>").ok_or_else(|| {
-                ModelError::Tokenizer("the tokenizer has no <image> token and the config names none".into())
-            })?,
-        };
+        // The original LLaVA layout names no image token: its prompts are split at "<image>".
+        let image_token = config.image_token_index.unwrap_or(IMAGE_MARKER);
         let w = &mut weights;
         let vision = VisionTower::load(w, &config.vision, config.vision_feature_layer)?;
         let projector =
@@ -202,6 +203,12 @@ impl Llava {
         self.context
     }
 
+    /// The id that marks image positions in [`Llava::tokenize_prompt`]'s output: the checkpoint's
+    /// `<image>` token, or [`IMAGE_MARKER`] for the original LLaVA layout.
+    pub fn image_token(&self) -> u32 {
+        self.image_token
+    }
+
     pub fn is_eos(&self, id: u32) -> bool {
         self.files.eos_ids.contains(&id)
     }
@@ -221,11 +228,14 @@ impl Llava {
         self.files.template.render(&all, true)
     }
 
-    /// Token ids of `prompt` with its `<image>` expanded to `image_tokens` ids, and where the
-    /// image starts.
+    /// Token ids of `prompt` with its `<image>` expanded to `image_tokens` ids of
+    /// [`Llava::image_token`], and where the image starts.
     pub fn tokenize_prompt(&self, prompt: &str, image_tokens: Option<usize>) -> Result<(Vec<u32>, Option<usize>)> {
         let image_id = self.image_token;
-        let ids = self.files.tokenizer.encode(prompt, true)?;
+        let ids = match self.files.config.image_token_index {
+            Some(_) => self.files.tokenizer.encode(prompt, true)?,
+            None => self.tokenize_image_text(prompt)?,
+        };
         let slots: Vec<usize> = ids.iter().enumerate().filter(|&(_, &id)| id == image_id).map(|(i, _)| i).collect();
         match (slots.as_slice(), image_tokens) {
             ([], None) => Ok((ids, None)),
@@ -243,6 +253,34 @@ impl Llava {
                 many.len()
             ))),
         }
+    }
+
+    /// LLaVA's `tokenizer_image_token` (llava/mm_utils.py): the text between `<image>`s is tokenized
+    /// piece by piece, the first piece's BOS is kept once, the later pieces' leading BOS dropped, and
+    /// one [`IMAGE_MARKER`] goes between pieces.
+    fn tokenize_image_text(&self, prompt: &str) -> Result<Vec<u32>> {
+        let tokenizer = &self.files.tokenizer;
+        let chunks = prompt.split("<image>").map(|chunk| tokenizer.encode(chunk, true)).collect::<Result<Vec<_>>>()?;
+        let bos = self.files.config.text.bos_token_id.or_else(|| tokenizer.token_id("<s>"));
+        let skip = usize::from(bos.is_some() && chunks[0].first().copied() == bos);
+        let mut ids = chunks[0][..skip].to_vec();
+        for (i, chunk) in chunks.iter().enumerate() {
+            if i > 0 {
+                ids.push(IMAGE_MARKER);
+            }
+            ids.extend_from_slice(chunk.get(skip..).unwrap_or_default());
+        }
+        Ok(ids)
+    }
+
+    /// Embeddings of prompt ids; image positions get a placeholder row that
+    /// [`Llava::splice_image`] overwrites.
+    pub(crate) fn embed_prompt(&self, batch: &mut Batch, ids: &[u32]) -> Result<Tensor> {
+        if self.image_token != IMAGE_MARKER || !ids.contains(&IMAGE_MARKER) {
+            return self.language.embed(batch, ids);
+        }
+        let ids: Vec<u32> = ids.iter().map(|&id| if id == IMAGE_MARKER { 0 } else { id }).collect();
+        self.language.embed(batch, &ids)
     }
 
     /// Runs the vision tower and projector on an image.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use crate::config::{LlavaConfig, TextArch};
+use crate::config::{ConfigLayout, LlavaConfig, TextArch};
 use crate::error::{ModelError, Result};
 
 /// A `tokenizer.json` tokenizer. Cloning is cheap (shared).
@@ -23,6 +23,14 @@ impl Tokenizer {
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         let path = dir.join("tokenizer.json");
+        if !path.exists() && dir.join("tokenizer.model").is_file() {
+            // Original LLaVA folders ship only the SentencePiece model, which this crate cannot read.
+            return Err(ModelError::Tokenizer(format!(
+                "{} has tokenizer.model but no tokenizer.json; write one with transformers: \
+                 AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)",
+                dir.display()
+            )));
+        }
         let json = std::fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
         let tokenizer_config = read_if_present(&dir.join("tokenizer_config.json"))?;
         let model_type = match read_json_if_present(&dir.join("config.json"))? {
@@ -273,8 +281,11 @@ impl Message {
 pub enum BuiltinTemplate {
     /// `{system} USER: <image>\n{question} ASSISTANT:`
     Vicuna,
-    /// `[INST] <image>\n{question} [/INST]`
+    /// `[INST] <image>\n{question} [/INST]` (llava-hf's Mistral template)
     Mistral,
+    /// LLaVA's `mistral_instruct` (original liuhaotian checkpoints): `[INST] <image>\n{question}
+    /// [/INST]`, answers as ` {answer} </s>`, a system prompt in `<<SYS>>` inside the first turn.
+    MistralInstruct,
     /// Yi-34B: `<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n...`
     ChatMl,
 }
@@ -312,6 +323,24 @@ const MISTRAL_TEMPLATE: &str = concat!(
     "{% endfor %}",
 );
 
+/// LLaVA's `conv_mistral_instruct` (`SeparatorStyle.LLAMA_2`, sep "", sep2 "</s>", no system).
+const MISTRAL_INSTRUCT_TEMPLATE: &str = concat!(
+    "{% set system = '' %}{% set turns = messages %}",
+    "{% if messages and messages[0]['role'] == 'system' %}",
+    "{% set system = messages[0]['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}",
+    "{% set turns = messages[1:] %}{% endif %}",
+    "{% for message in turns %}",
+    "{% if message['role'] == 'user' %}{{ '[INST] ' }}",
+    "{% if loop.first and system %}{{ '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' }}{% endif %}",
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}",
+    "{{ message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') }}",
+    "{{ ' [/INST]' }}",
+    "{% elif message['role'] == 'assistant' %}",
+    "{{ ' ' + (message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) + ' </s>' }}",
+    "{% else %}{{ raise_exception('mistral_instruct template: unexpected role ' + message['role']) }}{% endif %}",
+    "{% endfor %}",
+);
+
 const CHATML_TEMPLATE: &str = concat!(
     "{% if not (messages and messages[0]['role'] == 'system') %}",
     "{{ '<|im_start|>system\\nAnswer the questions.<|im_end|>' }}{% endif %}",
@@ -326,11 +355,15 @@ const CHATML_TEMPLATE: &str = concat!(
 
 impl BuiltinTemplate {
     /// Yi-34B (vocab 64000 / 64064) speaks ChatML; otherwise Mistral or Vicuna by architecture.
+    /// For original LLaVA checkpoints this is the conversation mode LLaVA's run scripts pick from
+    /// the model name (and SGLang's templates follow): `chatml_direct` for llava-v1.6-34b,
+    /// `mistral_instruct` for llava-v1.6-mistral-7b, `llava_v1` for llava-v1.6-vicuna-*.
     pub fn for_config(config: &LlavaConfig) -> Self {
-        match (config.text.vocab_size, config.text.arch) {
-            (64000 | 64064, _) => BuiltinTemplate::ChatMl,
-            (_, TextArch::Mistral) => BuiltinTemplate::Mistral,
-            (_, TextArch::Llama) => BuiltinTemplate::Vicuna,
+        match (config.text.vocab_size, config.text.arch, config.layout) {
+            (64000 | 64064, _, _) => BuiltinTemplate::ChatMl,
+            (_, TextArch::Mistral, ConfigLayout::OriginalLlava) => BuiltinTemplate::MistralInstruct,
+            (_, TextArch::Mistral, ConfigLayout::LlavaHf) => BuiltinTemplate::Mistral,
+            (_, TextArch::Llama, _) => BuiltinTemplate::Vicuna,
         }
     }
 
@@ -338,6 +371,7 @@ impl BuiltinTemplate {
         match self {
             BuiltinTemplate::Vicuna => VICUNA_TEMPLATE,
             BuiltinTemplate::Mistral => MISTRAL_TEMPLATE,
+            BuiltinTemplate::MistralInstruct => MISTRAL_INSTRUCT_TEMPLATE,
             BuiltinTemplate::ChatMl => CHATML_TEMPLATE,
         }
     }
@@ -698,6 +732,11 @@ mod tests {
             as_written
         );
 
+        let sentencepiece_only = tempfile::tempdir().unwrap();
+        std::fs::write(sentencepiece_only.path().join("tokenizer.model"), b"sp").unwrap();
+        let err = Tokenizer::from_dir(sentencepiece_only.path()).err().unwrap().to_string();
+        assert!(err.contains("no tokenizer.json") && err.contains("save_pretrained"), "{err}");
+
         let bad = Tokenizer::from_bytes_with_config(b"{}", Some(b"{\"tokenizer_class\": "), None)
             .err()
             .unwrap();
@@ -826,6 +865,33 @@ mod tests {
         assert!(err.to_string().contains("only user and assistant roles"), "{err}");
     }
 
+    /// LLaVA's `conv_mistral_instruct.get_prompt()` (`SeparatorStyle.LLAMA_2`: `wrap_inst`, answers
+    /// `" " + answer + " " + sep2`, `wrap_sys` only for a non-empty system), worked by hand.
+    #[test]
+    fn mistral_instruct_follows_llava_conversation() {
+        let template = ChatTemplate::builtin(BuiltinTemplate::MistralInstruct);
+        let turns = [
+            Message::user(1, "What is shown in this image?"),
+            Message::assistant("A rocket."),
+            Message::user(0, "What color is it?"),
+        ];
+        assert_eq!(
+            template.render(&turns[..1], true).unwrap(),
+            "[INST] <image>\nWhat is shown in this image? [/INST]"
+        );
+        assert_eq!(
+            template.render(&turns, true).unwrap(),
+            "[INST] <image>\nWhat is shown in this image? [/INST] A rocket. </s>[INST] What color is it? [/INST]"
+        );
+        let with_system = [Message::system("Be brief."), Message::user(1, "Compare."), Message::assistant("Same.")];
+        assert_eq!(
+            template.render(&with_system, false).unwrap(),
+            "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n<image>\nCompare. [/INST] Same. </s>"
+        );
+        let err = template.render(&[Message { role: "tool".into(), images: 0, text: "x".into() }], true);
+        assert!(err.unwrap_err().to_string().contains("unexpected role tool"));
+    }
+
     #[test]
     fn shipped_template_raise_exception_is_an_error() {
         let tool = [Message {
@@ -918,6 +984,20 @@ mod tests {
         assert_eq!(choose("llama", 32064), BuiltinTemplate::Vicuna);
         assert_eq!(choose("llama", 64064), BuiltinTemplate::ChatMl);
         assert_eq!(choose("llama", 64000), BuiltinTemplate::ChatMl);
+
+        // Original LLaVA checkpoints: the conversation modes LLaVA's run scripts pick.
+        let original = |model: &str, vocab: usize| {
+            let json = format!(
+                r#"{{"model_type": "{model}", "vocab_size": {vocab},
+                    "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_projector_type": "mlp2x_gelu",
+                    "mm_patch_merge_type": "spatial_unpad", "image_aspect_ratio": "anyres",
+                    "image_grid_pinpoints": [[336, 672]]}}"#
+            );
+            BuiltinTemplate::for_config(&LlavaConfig::from_json(&json).unwrap())
+        };
+        assert_eq!(original("llava_llama", 32000), BuiltinTemplate::Vicuna);
+        assert_eq!(original("llava_mistral", 32000), BuiltinTemplate::MistralInstruct);
+        assert_eq!(original("llava_llama", 64000), BuiltinTemplate::ChatMl);
 
         // A folder without a template falls back to the built-in one.
         let dir = tempfile::tempdir().unwrap();

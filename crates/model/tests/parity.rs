@@ -141,3 +141,21 @@ fn tied_f32_matches_transformers() {
 fn bf16_tiny_matches_transformers() {
     check_model("bf16-tiny");
 }
+
+/// A llava-v1.6-34b-style checkpoint: ChatML template shipped as chat_template.jinja,
+/// `<|im_start|>`/`<|im_end|>` special tokens (on a Llama-2 tokenizer: there is no Yi tokenizer in
+/// the shared test data), eos `<|im_end|>` from generation_config.json.
+#[test]
+fn chatml_tiny_matches_transformers() {
+    let llava = load("chatml-tiny", WeightPrecision::F32);
+    let im_end = llava.tokenizer().token_id("<|im_end|>");
+    assert_eq!(im_end, Some(32003));
+    assert!(llava.is_eos(32003));
+    for case in expected("chatml-tiny")["cases"].as_array().unwrap() {
+        let image = !case["image"].is_null();
+        let question = case["question"].as_str().unwrap();
+        let rendered = llava.render_chat(None, &[llava_model::Message::user(image as usize, question)]).unwrap();
+        assert_eq!(rendered, case["prompt"].as_str().unwrap(), "chatml-tiny/{}: rendered prompt", case["id"]);
+    }
+    check_model("chatml-tiny");
+}
