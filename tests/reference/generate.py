@@ -4,7 +4,7 @@ Writes tests/fixtures/ from transformers (PIL image backend, torch CPU, float32)
 tests never need Python. Deterministic: re-running rewrites byte-identical files.
 
     python tests/reference/generate.py                 # everything
-    python tests/reference/generate.py --only chat     # one or more of: tokenizers chat preprocess models
+    python tests/reference/generate.py --only chat     # one or more of: tokenizers chat preprocess models liuhaotian chatml quant
 """
 
 import argparse
@@ -1087,6 +1087,261 @@ def chatml_fixture():
 
 
 # ---------------------------------------------------------------------------------------------
+# Quantization quality: a tiny checkpoint with realistic initialization, and fake-quantized runs
+# ---------------------------------------------------------------------------------------------
+#
+# The fixtures above use TEXT_INITIALIZER_RANGE = 0.4 in rows of 32-64: that network is chaotic
+# (a 0.5 % weight perturbation moves the logits by several %), so their quantized cosines measure
+# the chaos, not the quantizer. The quality gates run on QUANT_GATE_MODEL instead: transformers'
+# default initialization (initializer_range 0.02, CLIP's own rules for the vision tower), wider
+# rows, four layers and the real tokenizer. Its weights are not committed (fp16 would be ~40 MB):
+# weights.json lists every tensor with the std transformers' initialization gives it, and both
+# this script and the Rust test draw the values from the same counter-based generator below,
+# bit for bit (checked through a sha256 of all values).
+
+QUANT_GATE_MODEL = "quant-gate"
+QUANT_GATE_SEED = 2024
+QUANT_GATE_SPEC = dict(
+    text=dict(model_type="llama", hidden_size=256, intermediate_size=768, num_attention_heads=4,
+              num_key_value_heads=2, rope_theta=1e4, num_hidden_layers=4),
+    vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                image_size=336, patch_size=14, projection_dim=128),
+    tokenizer="llama2-vicuna",
+    cases=[("rocket_en", "rocket.jpg", ROCKET_QUESTION), ("text_only", None, TEXT_ONLY_QUESTION)],
+)
+# Realistic initialization gives flat logits (|logit| < 1.4), so near-ties are closer than the
+# 1e-3 rule above allows; the runtime's f32 logits agree with transformers' to ~1e-6 of max|logit|,
+# so 1e-4 still leaves the f32 greedy comparison a clear margin.
+QUANT_GATE_MARGIN_FRACTION = 1e-4
+SPLITMIX_GAMMA = 0x9E3779B97F4A7C15
+MASK64 = (1 << 64) - 1
+
+
+def fnv1a64(text: str) -> int:
+    h = 0xCBF29CE484222325
+    for byte in text.encode():
+        h = ((h ^ byte) * 0x100000001B3) & MASK64
+    return h
+
+
+def splitmix64(counters: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function of state `counters` (uint64, wrapping)."""
+    z = counters.copy()
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return z
+
+
+def generated_normal(name: str, seed: int, count: int) -> np.ndarray:
+    """`count` approximately standard-normal f64 values for tensor `name`: value i sums the twelve
+    16-bit words of SplitMix64 outputs 3i..3i+2 (state = seed ^ fnv1a64(name), + (j + 1) * gamma)
+    as uniforms (k + 0.5) / 65536 and subtracts 6 (Irwin-Hall, bounded at 6 sigma). Integer sums
+    and one power-of-two division: exact in any language."""
+    base = np.uint64(seed ^ fnv1a64(name))
+    with np.errstate(over="ignore"):
+        counters = base + (np.arange(1, 3 * count + 1, dtype=np.uint64) * np.uint64(SPLITMIX_GAMMA))
+        words = splitmix64(counters).reshape(count, 3)
+    total = np.zeros(count, dtype=np.int64)
+    for shift in (0, 16, 32, 48):
+        total += ((words >> np.uint64(shift)) & np.uint64(0xFFFF)).astype(np.int64).sum(axis=1)
+    return (total + 6 - 6 * 65536).astype(np.float64) / 65536.0
+
+
+def canonical_name(name: str) -> str:
+    """transformers 5 in-memory name -> the runtime's canonical name."""
+    for prefix, canonical in (("model.vision_tower.vision_model.", "vision_model."),
+                              ("model.vision_tower.", "vision_model."), ("model.multi_modal_projector.", "multi_modal_projector."),
+                              ("model.language_model.", "model."), ("model.image_newline", "image_newline"),
+                              ("lm_head.", "lm_head.")):
+        if name.startswith(prefix):
+            return canonical + name[len(prefix):]
+    raise ValueError(f"unexpected tensor {name}")
+
+
+def quant_gate_config() -> LlavaNextConfig:
+    spec = QUANT_GATE_SPEC
+    text = dict(TEXT_COMMON, **spec["text"])
+    text.pop("model_type")
+    return LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**spec["vision"]),
+        text_config=LlamaConfig(**text, tie_word_embeddings=False),
+        image_token_index=IMAGE_TOKEN_ID,
+        image_grid_pinpoints=GRID_PINPOINTS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+
+
+def quant_gate_recipe(model) -> list:
+    """Every parameter: canonical name, shape, and either a constant (norms, biases) or the std of
+    transformers' initialization of it (its sample std, 3 significant digits)."""
+    recipe = []
+    for name, value in model.named_parameters():
+        value = value.detach()
+        entry = {"name": canonical_name(name), "shape": list(value.shape)}
+        if bool((value == value.flatten()[0]).all()):
+            entry["constant"] = float(value.flatten()[0])
+        else:
+            entry["std"] = float(f"{float(value.std()):.3g}")
+        recipe.append(entry)
+    return recipe
+
+
+def recipe_tensor(entry, seed) -> np.ndarray:
+    """The f16 values of one recipe entry."""
+    count = int(np.prod(entry["shape"]))
+    if "constant" in entry:
+        values = np.full(count, entry["constant"], dtype=np.float32)
+    else:
+        values = (generated_normal(entry["name"], seed, count) * entry["std"]).astype(np.float32)
+    return values.astype(np.float16).reshape(entry["shape"])
+
+
+def build_quant_gate_model():
+    """The quant-gate model in float32, with the generated (f16-exact) weights, and its recipe."""
+    config = quant_gate_config()
+    torch.manual_seed(QUANT_GATE_SEED)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    recipe = quant_gate_recipe(model)
+    digest = hashlib.sha256()
+    by_canonical = {}
+    for entry in recipe:
+        values = recipe_tensor(entry, QUANT_GATE_SEED)
+        digest.update(values.astype("<f2").tobytes())
+        by_canonical[entry["name"]] = torch.from_numpy(values.astype(np.float32))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(by_canonical[canonical_name(name)])
+    return model, config, recipe, digest.hexdigest()
+
+
+def fake_quantize(values: np.ndarray, kind: str) -> np.ndarray:
+    """Quantize then dequantize a [rows, cols] matrix exactly as llava_gpu::quant does (groups of 32
+    along rows, f16 scales; Q8: max|w| / 127; Q4: m / -8 with m the value of largest magnitude,
+    nibbles clamped to 0..15; rounding half away from zero, all in f32)."""
+    rows, cols = values.shape
+    groups = values.astype(np.float32).reshape(-1, 32)
+    if kind == "q8":
+        scale_f32 = np.abs(groups).max(axis=1) / np.float32(127)
+    else:
+        largest = groups[np.arange(len(groups)), np.abs(groups).argmax(axis=1)]
+        scale_f32 = largest / np.float32(-8)
+    scale = scale_f32.astype(np.float16).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(scale == 0, np.float32(0), np.float32(1) / scale).astype(np.float32)
+    x = groups * inverse[:, None]
+    q = np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))
+    q = np.clip(q, -127, 127) if kind == "q8" else np.clip(q + 8, 0, 15) - 8
+    return (q * scale[:, None]).astype(np.float32).reshape(rows, cols)
+
+
+def quantized_kind(canonical: str, shape, precision: str):
+    """The runtime's default storage (crates/model/src/weights.rs, storage_dtype_keeping): under q4
+    the language model's linear layers and token embeddings are Q4, the lm_head, vision tower and
+    projector Q8; under q8 every quantizable matrix is Q8. None: kept in f16/f32."""
+    if len(shape) != 2 or shape[1] % 32 != 0 or canonical.startswith("vision_model.embeddings"):
+        return None
+    return "q4" if precision == "q4" and canonical.startswith("model.") else "q8"
+
+
+@torch.no_grad()
+def fake_quantized_logits(model, inputs, precision: str) -> np.ndarray:
+    """First-step logits of `model` with its matrices replaced by their dequantized copies."""
+    original = {name: param.detach().clone() for name, param in model.named_parameters()}
+    try:
+        for name, param in model.named_parameters():
+            kind = quantized_kind(canonical_name(name), tuple(param.shape), precision)
+            if kind is not None:
+                param.copy_(torch.from_numpy(fake_quantize(param.numpy(), kind)))
+        return model(**inputs, logits_to_keep=1).logits[0, -1].float().numpy()
+    finally:
+        for name, param in model.named_parameters():
+            param.copy_(original[name])
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def quant_gate_fixture():
+    """models/quant-gate (config, tokenizer and processor files, weights.json) and its expected
+    f32 outputs; returns the model and processor."""
+    name, spec = QUANT_GATE_MODEL, QUANT_GATE_SPEC
+    folder = FIXTURES / "models" / name
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    model, config, recipe, digest = build_quant_gate_model()
+    config.save_pretrained(folder)
+    processor = build_processor(spec["tokenizer"])
+    processor.save_pretrained(folder)
+    # The tokenizer.json of the first model with this tokenizer (see write_tokenizer_files).
+    homes = {MODELS[m]["tokenizer"]: m for m in reversed(list(MODELS))}
+    write_tokenizer_files(spec, folder, homes)
+    write_json(folder / "weights.json", {
+        "generator": "generate.py generated_normal: value = f16(f32(std * irwin_hall_12(splitmix64)))",
+        "seed": QUANT_GATE_SEED,
+        "sha256_f16": digest,
+        "tensors": recipe,
+    })
+    cases = []
+    for case_id, image_name, question in spec["cases"]:
+        _, prompt = chat_prompt(processor, [question], image_first=image_name is not None)
+        inputs = model_inputs(processor, prompt, image_name)
+        tokens, logits, min_margin, max_abs = greedy(model, inputs)
+        if min_margin < QUANT_GATE_MARGIN_FRACTION * max_abs:
+            sys.exit(f"{name}/{case_id}: greedy margin {min_margin:.3g} < {QUANT_GATE_MARGIN_FRACTION} * {max_abs:.3g}")
+        logits_npy = f"{name}.{case_id}.logits.npy"
+        np.save(FIXTURES / "expected" / logits_npy, logits)
+        fake = {p: round(cosine(fake_quantized_logits(model, inputs, p), logits), 6) for p in ("q8", "q4")}
+        cases.append({"id": case_id, "image": image_name, "question": question, "prompt": prompt,
+                      "input_ids": inputs["input_ids"][0].tolist(), "greedy_tokens": tokens,
+                      "greedy_text": processor.tokenizer.decode(tokens, skip_special_tokens=True),
+                      "min_margin": min_margin, "max_abs_logit_over_steps": max_abs,
+                      "logits_npy": logits_npy, "fake_quantized_cosine": fake})
+        print(f"{name}/{case_id}: transformers on dequantized weights, cosine {fake}")
+    write_json(FIXTURES / "expected" / f"{name}.json", {
+        "model": name, "checkpoint": f"models/{name}", "weights": f"models/{name}/weights.json",
+        "greedy_steps": GREEDY_STEPS, "cases": cases,
+    })
+
+
+QUANT_CHAOTIC_CASES = [("vicuna-tiny", "rocket_en"), ("mistral-tiny", "rocket_en"), ("tied-f32", "astronaut_en"),
+                       ("bf16-tiny", "coffee_en")]
+
+
+def quant_quality():
+    """The quant-gate fixture, and for each tiny fixture above the first-step logits cosine that
+    transformers itself gets with the runtime's dequantized weights (expected/quant_quality.json):
+    what quantization costs on those weights, whatever runs them."""
+    quant_gate_fixture()
+    results = []
+    for name, case_id in QUANT_CHAOTIC_CASES:
+        spec = MODELS[name]
+        folder = FIXTURES / "models" / name
+        model = LlavaNextForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+        processor = AutoProcessor.from_pretrained(folder)
+        expected = json.loads((FIXTURES / "expected" / f"{name}.json").read_text())
+        case = next(c for c in expected["cases"] if c["id"] == case_id)
+        inputs = model_inputs(processor, case["prompt"], case["image"])
+        want = np.load(FIXTURES / "expected" / case["logits_npy"])
+        fake = {p: round(cosine(fake_quantized_logits(model, inputs, p), want), 6) for p in ("q8", "q4")}
+        results.append({"model": name, "case": case_id, "stored_dtype": DTYPE_NAMES[spec["dtype"]],
+                        "fake_quantized_cosine": fake})
+        print(f"{name}/{case_id}: transformers on dequantized weights, cosine {fake}")
+    write_json(FIXTURES / "expected" / "quant_quality.json", {
+        "what": "first-step logits cosine of transformers (f32) with each matrix quantized and dequantized "
+                "as the runtime stores it, against the f32 logits of the same case",
+        "chaotic_fixtures": results,
+    })
+
+
+# ---------------------------------------------------------------------------------------------
 
 SECTIONS = {
     "tokenizers": tokenizer_cases,
@@ -1095,6 +1350,7 @@ SECTIONS = {
     "models": models_and_expected,
     "liuhaotian": liuhaotian_fixture,
     "chatml": chatml_fixture,
+    "quant": quant_quality,
 }
 
 

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use llava_gpu::Gpu;
 use llava_model::generate::{GenerateParams, Turn};
 use llava_model::llava::{LoadOptions, Llava, ModelFiles};
-use llava_model::weights::WeightPrecision;
+use llava_model::weights::{KeepOptions, KeepPrecision, WeightPrecision};
 use llava_model::convert::{self, ConversionPlan};
 use llava_model::{Dtype, LlavaConfig, ModelError, npy};
 use web_time::Instant;
@@ -145,6 +145,27 @@ struct ConvertArgs {
     /// Print the size summary for the config alone, reading no weights and writing nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Precision of the vision tower and projector (default: q8 under q8 and q4, else f16).
+    #[arg(long, value_enum)]
+    keep_vision: Option<KeepArg>,
+    /// Precision of the token embeddings and lm_head (default: q8 under q8 and q4, else f16).
+    #[arg(long, value_enum)]
+    keep_lm_head: Option<KeepArg>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KeepArg {
+    F16,
+    Q8,
+}
+
+impl From<KeepArg> for KeepPrecision {
+    fn from(arg: KeepArg) -> KeepPrecision {
+        match arg {
+            KeepArg::F16 => KeepPrecision::F16,
+            KeepArg::Q8 => KeepPrecision::Q8,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -342,18 +363,19 @@ fn convert(args: ConvertArgs) -> CliResult<()> {
         return Err("--shard-mb must be at least 1".into());
     }
     let shard_bytes = args.shard_mb << 20;
+    let keep = KeepOptions { vision: args.keep_vision.map(Into::into), lm_head: args.keep_lm_head.map(Into::into) };
     if args.dry_run {
         let config_path = if args.input.is_dir() { args.input.join("config.json") } else { args.input.clone() };
         let text = std::fs::read_to_string(&config_path).map_err(|e| format!("reading {}: {e}", config_path.display()))?;
         let config = LlavaConfig::from_json(&text)?;
         // Hub checkpoints store f16 or bf16; the stored dtype only matters for f32 weights.
-        let plan = ConversionPlan::for_config(&config, Dtype::F16, precision, shard_bytes);
+        let plan = ConversionPlan::for_config(&config, Dtype::F16, precision, keep, shard_bytes);
         println!("{} (dry run, {:?}):\n{}", config_path.display(), precision, plan.summary());
         return Ok(());
     }
     let output = args.output.expect("clap requires --output without --dry-run");
     let start = Instant::now();
-    let converted = convert::convert(&args.input, &output, precision, shard_bytes)?;
+    let converted = convert::convert(&args.input, &output, precision, keep, shard_bytes)?;
     println!(
         "converted {} -> {} ({:?}) in {:.1}s:\n{}",
         args.input.display(),

@@ -1,6 +1,7 @@
 //! Converts a HuggingFace checkpoint folder to the converted format (docs/converted-format.md),
-//! tensor by tensor: each is read, converted to the dtype [`storage_dtype_of`] picks (the same
-//! rule as quantize-on-load, so both give the same bytes), and appended to its shard. Shard
+//! tensor by tensor: each is read, converted to the dtype [`storage_dtype_keeping`] picks (with
+//! the default [`KeepOptions`], the same rule as quantize-on-load, so both give the same bytes),
+//! and appended to its shard. Shard
 //! headers depend only on names and shapes, so the whole layout, with exact file sizes, is
 //! planned before any weight is read; `--dry-run` prints that plan from a config alone.
 
@@ -21,7 +22,7 @@ use crate::manifest::{
     FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, Manifest, QWEIGHT_SUFFIX, QuantScheme,
     SCALES_SUFFIX, ShardEntry, Storage, hex, precision_name,
 };
-use crate::weights::{WeightPrecision, storage_dtype_of};
+use crate::weights::{KeepOptions, WeightPrecision, storage_dtype_keeping};
 
 /// Default shard size: 64 MiB.
 pub const DEFAULT_SHARD_BYTES: u64 = 64 << 20;
@@ -121,12 +122,13 @@ impl ConversionPlan {
     pub fn new(
         tensors: &[(String, Vec<usize>, Dtype)],
         precision: WeightPrecision,
+        keep: KeepOptions,
         shard_bytes: u64,
     ) -> ConversionPlan {
         let mut groups: Vec<Vec<PlannedTensor>> = Vec::new();
         let mut current = 0u64;
         for (name, shape, stored) in tensors {
-            let dtype = storage_dtype_of(name, shape, *stored, precision);
+            let dtype = storage_dtype_keeping(name, shape, *stored, precision, keep);
             let storage = Storage::from_gpu_dtype(dtype).expect("storage_dtype never picks U32");
             let tensor = PlannedTensor {
                 name: name.clone(),
@@ -168,13 +170,14 @@ impl ConversionPlan {
         config: &LlavaConfig,
         stored: Dtype,
         precision: WeightPrecision,
+        keep: KeepOptions,
         shard_bytes: u64,
     ) -> Self {
         let tensors: Vec<_> = model_tensors(config)
             .into_iter()
             .map(|(name, shape)| (name, shape, stored))
             .collect();
-        ConversionPlan::new(&tensors, precision, shard_bytes)
+        ConversionPlan::new(&tensors, precision, keep, shard_bytes)
     }
 
     pub fn summary(&self) -> SizeSummary {
@@ -340,6 +343,7 @@ pub fn model_tensors(config: &LlavaConfig) -> Vec<(String, Vec<usize>)> {
 pub fn plan_checkpoint(
     checkpoint: &Checkpoint,
     precision: WeightPrecision,
+    keep: KeepOptions,
     shard_bytes: u64,
 ) -> Result<ConversionPlan> {
     let mut tensors = Vec::new();
@@ -356,7 +360,7 @@ pub fn plan_checkpoint(
         };
         tensors.push((name.to_string(), info.shape.clone(), dtype));
     }
-    Ok(ConversionPlan::new(&tensors, precision, shard_bytes))
+    Ok(ConversionPlan::new(&tensors, precision, keep, shard_bytes))
 }
 
 /// Converts the checkpoint folder `input` into `output` (created if needed), one tensor in host
@@ -366,6 +370,7 @@ pub fn convert(
     input: &Path,
     output: &Path,
     precision: WeightPrecision,
+    keep: KeepOptions,
     shard_bytes: u64,
 ) -> Result<Converted> {
     let config_path = input.join("config.json");
@@ -375,7 +380,7 @@ pub fn convert(
         .map_err(|e| ModelError::config("config.json", e.to_string()))?;
     LlavaConfig::from_json(&config_text)?;
     let checkpoint = Checkpoint::open(input)?;
-    let plan = plan_checkpoint(&checkpoint, precision, shard_bytes)?;
+    let plan = plan_checkpoint(&checkpoint, precision, keep, shard_bytes)?;
     std::fs::create_dir_all(output).map_err(|e| ModelError::io(output, e))?;
     if std::fs::canonicalize(input).ok() == std::fs::canonicalize(output).ok() {
         return Err(ModelError::Input(

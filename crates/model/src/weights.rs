@@ -24,28 +24,83 @@ pub enum WeightPrecision {
     Q4,
 }
 
-/// The GPU dtype a tensor is kept in: vectors and the vision embeddings in f32; language-model
-/// matrices in the chosen precision; vision and projector matrices at most down to f16 under Q4
-/// (they are small, and the image features feed every answer token).
+/// What the vision tower and projector, or the vocabulary matrices (`lm_head` and
+/// `model.embed_tokens`), are kept in instead of the default (`llava convert --keep-vision`,
+/// `--keep-lm-head`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeepPrecision {
+    F16,
+    Q8,
+}
+
+/// Per-part overrides of the default storage; `None` keeps the default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeepOptions {
+    pub vision: Option<KeepPrecision>,
+    pub lm_head: Option<KeepPrecision>,
+}
+
+/// The GPU dtype a tensor is kept in (the default choices, as quantize-on-load uses them).
 pub fn storage_dtype(name: &str, host: &HostTensor, precision: WeightPrecision) -> DType {
     storage_dtype_of(name, &host.shape, host.dtype, precision)
 }
 
 /// [`storage_dtype`] from a tensor's shape and stored dtype alone (for size plans without weights).
 pub fn storage_dtype_of(name: &str, shape: &[usize], stored: Dtype, precision: WeightPrecision) -> DType {
+    storage_dtype_keeping(name, shape, stored, precision, KeepOptions::default())
+}
+
+/// The GPU dtype of a tensor. Vectors and the vision embeddings: f32. Under F32 (and Native on
+/// an f32 checkpoint) everything is f32. Otherwise matrices whose rows do not split into groups
+/// of 32 are f16, and the rest by part (measured in docs/converted-format.md):
+/// - language-model linear layers: the chosen precision (f16 unless Q8 or Q4);
+/// - `lm_head`: Q8 under Q4 and Q8, else f16. Its error reaches every logit directly, and Q8
+///   costs LLaVA-1.6-Mistral-7B 66 MB over Q4;
+/// - `model.embed_tokens`: like the linear layers (one row per token is read; Q4 keeps the
+///   7B download under 4.5 GB). A tied table is this one, so it is Q4 under Q4 too;
+/// - vision tower and projector: Q8 under Q4 and Q8, else f16 (Q4 there costs image answers
+///   several times the error of the whole language model at Q8, for 0.16 GB).
+///
+/// `keep.lm_head` sets both vocabulary matrices, `keep.vision` the vision tower and projector.
+pub fn storage_dtype_keeping(
+    name: &str,
+    shape: &[usize],
+    stored: Dtype,
+    precision: WeightPrecision,
+    keep: KeepOptions,
+) -> DType {
     if shape.len() < 2 || name.starts_with("vision_model.embeddings") {
         return DType::F32;
     }
-    let cols: usize = shape[1..].iter().product();
-    let language = name.starts_with("model.") || name == "lm_head.weight";
     match precision {
-        WeightPrecision::Native if stored == Dtype::F32 => DType::F32,
-        WeightPrecision::F32 => DType::F32,
-        WeightPrecision::Q8 if shape.len() == 2 && quantizable(cols) => DType::Q8,
-        WeightPrecision::Q4 if shape.len() == 2 && quantizable(cols) && language => DType::Q4,
-        WeightPrecision::Q4 if shape.len() == 2 && quantizable(cols) => DType::Q8,
-        _ => DType::F16,
+        WeightPrecision::F32 => return DType::F32,
+        WeightPrecision::Native if stored == Dtype::F32 => return DType::F32,
+        _ => {}
     }
+    if shape.len() != 2 || !quantizable(shape[1]) {
+        return DType::F16;
+    }
+    let language = match precision {
+        WeightPrecision::Q8 => DType::Q8,
+        WeightPrecision::Q4 => DType::Q4,
+        _ => DType::F16,
+    };
+    let (keep, default) = match name {
+        "lm_head.weight" => (keep.lm_head, at_least_q8(language)),
+        "model.embed_tokens.weight" => (keep.lm_head, language),
+        _ if name.starts_with("model.") => (None, language),
+        _ => (keep.vision, at_least_q8(language)),
+    };
+    match keep {
+        Some(KeepPrecision::F16) => DType::F16,
+        Some(KeepPrecision::Q8) => DType::Q8,
+        None => default,
+    }
+}
+
+/// Q4 raised to Q8; other dtypes as they are.
+fn at_least_q8(dtype: DType) -> DType {
+    if dtype == DType::Q4 { DType::Q8 } else { dtype }
 }
 
 /// Converts a host tensor to `dtype` and uploads it.

@@ -12,7 +12,7 @@ use llava_model::convert::{self, ConversionPlan, DEFAULT_SHARD_BYTES};
 use llava_model::generate::{GenerateParams, Reply, Turn};
 use llava_model::llava::{Llava, LoadOptions};
 use llava_model::manifest::{MANIFEST_FILE, Manifest, Storage};
-use llava_model::weights::WeightPrecision;
+use llava_model::weights::{KeepOptions, KeepPrecision, WeightPrecision};
 use serde_json::{Value, json};
 
 fn root() -> PathBuf {
@@ -74,9 +74,15 @@ const TEST_SHARD_BYTES: u64 = 1 << 20;
 fn converted_matches_quantize_on_load(model: &str) {
     for precision in [WeightPrecision::Q8, WeightPrecision::Q4] {
         let out = tempfile::tempdir().unwrap();
-        let manifest = convert::convert(&fixture(model), out.path(), precision, TEST_SHARD_BYTES)
-            .unwrap()
-            .manifest;
+        let manifest = convert::convert(
+            &fixture(model),
+            out.path(),
+            precision,
+            KeepOptions::default(),
+            TEST_SHARD_BYTES,
+        )
+        .unwrap()
+        .manifest;
         assert!(
             manifest.shards.len() > 1,
             "{model}: {} shards",
@@ -108,6 +114,7 @@ fn converted_matches_quantize_on_load(model: &str) {
         let plan = ConversionPlan::new(
             &checkpoint_tensors(&fixture(model)),
             precision,
+            KeepOptions::default(),
             TEST_SHARD_BYTES,
         );
         assert_eq!(
@@ -222,7 +229,13 @@ fn mistral_7b_q4_download_is_at_most_4_5_gb() {
         WeightPrecision::Q8,
         WeightPrecision::Q4,
     ] {
-        let plan = ConversionPlan::for_config(&config, Dtype::F16, precision, DEFAULT_SHARD_BYTES);
+        let plan = ConversionPlan::for_config(
+            &config,
+            Dtype::F16,
+            precision,
+            KeepOptions::default(),
+            DEFAULT_SHARD_BYTES,
+        );
         let summary = plan.summary();
         eprintln!("LLaVA-1.6-Mistral-7B {precision:?} ({params} params):\n{summary}");
         // Hand count: vectors and the vision embeddings stay f32 (4 bytes a parameter), the rest
@@ -241,8 +254,8 @@ fn mistral_7b_q4_download_is_at_most_4_5_gb() {
                 "q4 total {} bytes",
                 summary.total
             );
-            // The LLM's matrices at 4.5 bits (a nibble plus an f16 scale per 32), the vision
-            // tower and projector matrices at 8.5 bits.
+            // The LLM's matrices and token embeddings at 4.5 bits (a nibble plus an f16 scale
+            // per 32), the lm_head, vision tower and projector matrices at 8.5 bits.
             let q4 = summary.by_storage[&Storage::Q4];
             assert_eq!(q4.bytes * 32, q4.params * 18);
             let q8 = summary.by_storage[&Storage::Q8];
@@ -260,6 +273,7 @@ fn converted_copy() -> tempfile::TempDir {
         &fixture("vicuna-tiny"),
         out.path(),
         WeightPrecision::Q8,
+        KeepOptions::default(),
         TEST_SHARD_BYTES,
     )
     .unwrap();
@@ -388,19 +402,23 @@ fn converted_model_refuses_another_precision() {
 
 #[test]
 fn storage_kinds_follow_the_load_rule() {
-    // Under q4: LLM matrices q4, vision/projector matrices q8, vectors and embeddings f32.
+    // Under q4: LLM matrices and token embeddings q4; lm_head, vision and projector matrices q8;
+    // vectors and the vision embeddings f32.
     let out = tempfile::tempdir().unwrap();
     let manifest = convert::convert(
         &fixture("vicuna-tiny"),
         out.path(),
         WeightPrecision::Q4,
+        KeepOptions::default(),
         DEFAULT_SHARD_BYTES,
     )
     .unwrap()
     .manifest;
     let kinds = &manifest.quant.tensors;
     assert_eq!(kinds["model.layers.0.mlp.up_proj.weight"], Storage::Q4);
-    assert_eq!(kinds["lm_head.weight"], Storage::Q4);
+    assert_eq!(kinds["model.layers.1.self_attn.v_proj.weight"], Storage::Q4);
+    assert_eq!(kinds["lm_head.weight"], Storage::Q8);
+    assert_eq!(kinds["model.embed_tokens.weight"], Storage::Q4);
     assert_eq!(
         kinds["vision_model.encoder.layers.0.mlp.fc1.weight"],
         Storage::Q8
@@ -424,4 +442,55 @@ fn storage_kinds_follow_the_load_rule() {
             std::fs::read(fixture("vicuna-tiny").join(file)).unwrap()
         );
     }
+}
+
+#[test]
+fn keep_options_override_vision_and_lm_head_storage() {
+    let dir = fixture("vicuna-tiny");
+    let tensors = checkpoint_tensors(&dir);
+    let kinds = |precision, vision, lm_head| {
+        let keep = KeepOptions { vision, lm_head };
+        let plan = ConversionPlan::new(&tensors, precision, keep, DEFAULT_SHARD_BYTES);
+        let all: Vec<_> = plan.shards.into_iter().flat_map(|s| s.tensors).collect();
+        let of = |name: &str| all.iter().find(|t| t.name == name).unwrap().storage;
+        [
+            of("model.layers.0.mlp.up_proj.weight"),
+            of("vision_model.encoder.layers.0.self_attn.q_proj.weight"),
+            of("multi_modal_projector.linear_2.weight"),
+            of("model.embed_tokens.weight"),
+            of("lm_head.weight"),
+        ]
+    };
+    use KeepPrecision::{F16, Q8};
+    use Storage as S;
+    assert_eq!(
+        kinds(WeightPrecision::Q4, None, None),
+        [S::Q4, S::Q8, S::Q8, S::Q4, S::Q8]
+    );
+    assert_eq!(
+        kinds(WeightPrecision::Q4, Some(F16), None),
+        [S::Q4, S::F16, S::F16, S::Q4, S::Q8]
+    );
+    assert_eq!(
+        kinds(WeightPrecision::Q4, None, Some(Q8)),
+        [S::Q4, S::Q8, S::Q8, S::Q8, S::Q8]
+    );
+    assert_eq!(
+        kinds(WeightPrecision::Q4, None, Some(F16)),
+        [S::Q4, S::Q8, S::Q8, S::F16, S::F16]
+    );
+    assert_eq!(
+        kinds(WeightPrecision::Q8, Some(F16), Some(F16)),
+        [S::Q8, S::F16, S::F16, S::F16, S::F16]
+    );
+    assert_eq!(
+        kinds(WeightPrecision::F16, Some(Q8), None),
+        [S::F16, S::Q8, S::Q8, S::F16, S::F16]
+    );
+    assert_eq!(
+        kinds(WeightPrecision::F16, None, Some(Q8)),
+        [S::F16, S::F16, S::F16, S::Q8, S::Q8]
+    );
+    // f32 is the unquantized reference: overrides do not apply.
+    assert_eq!(kinds(WeightPrecision::F32, Some(Q8), Some(Q8)), [S::F32; 5]);
 }

@@ -333,6 +333,18 @@ mod tests {
         );
     }
 
+    /// Found by the quant-gate fixture (crates/model/tests/quant_quality.rs): on llvmpipe the tiled
+    /// kernel leaves rows from about the 29th key tile on unwritten (zeros) or short of their last
+    /// tile, for D = 32, 64 and 128 (D = 16, whose tiles hold 128 keys, passes at 2162 rows).
+    /// First bad rows: D = 128 from t = 448, D = 64 from t = 928, D = 32 from t = 1792.
+    #[test]
+    #[ignore = "fails on llvmpipe: long causal prefill with D >= 32 (see doc comment); cause not found yet"]
+    fn long_causal_prefill_at_head_dims_32_to_128() {
+        for (tq, d) in [(600, 128), (1200, 64), (2000, 32)] {
+            check(case(1, tq, 4, 2, d, 4096, tq, Mask::Causal { q_offset: 0 }), 2e-5, 40);
+        }
+    }
+
     #[test]
     fn unmasked_batches_like_the_vision_tower() {
         check(case(3, 70, 2, 2, 64, 70, 70, Mask::None), 2e-5, 20);
