@@ -1,4 +1,4 @@
-// variants: TILED HEAD_DIM_16 | SPLIT HEAD_DIM_16 | COMBINE HEAD_DIM_16 | TILED HEAD_DIM_32 | SPLIT HEAD_DIM_32 | COMBINE HEAD_DIM_32 | TILED HEAD_DIM_64 | SPLIT HEAD_DIM_64 | COMBINE HEAD_DIM_64 | TILED HEAD_DIM_128 | SPLIT HEAD_DIM_128 | COMBINE HEAD_DIM_128
+// variants: TILED HEAD_DIM_16 | TILED PARTIAL HEAD_DIM_16 | SPLIT HEAD_DIM_16 | COMBINE HEAD_DIM_16 | TILED HEAD_DIM_32 | TILED PARTIAL HEAD_DIM_32 | SPLIT HEAD_DIM_32 | COMBINE HEAD_DIM_32 | TILED HEAD_DIM_64 | TILED PARTIAL HEAD_DIM_64 | SPLIT HEAD_DIM_64 | COMBINE HEAD_DIM_64 | TILED HEAD_DIM_128 | TILED PARTIAL HEAD_DIM_128 | SPLIT HEAD_DIM_128 | COMBINE HEAD_DIM_128
 // Scaled dot-product attention over f32 activations with an online (flash-attention) softmax:
 // a running max and sum per query row, so no [Tq, Tk] score matrix and no overflow.
 //
@@ -9,7 +9,9 @@
 //
 // Entry points:
 // - attention_tiled: one thread per query row, 64 rows per workgroup, K/V tiles in workgroup
-//   memory (prefill, vision tower).
+//   memory (prefill, vision tower). With PARTIAL, each workgroup also takes only one chunk of
+//   the keys and writes an unnormalised partial like attention_split, which attention_combine
+//   merges: for drivers that cap the loop iterations of an invocation (llvmpipe).
 // - attention_split + attention_combine: flash-decoding for few rows (decode, Tq = 1): each
 //   workgroup scores one chunk of keys for all rows of a kv head and writes an unnormalised partial
 //   (max, sum, weighted values); the combine pass merges the chunks.
@@ -24,8 +26,12 @@ struct Params {
     causal: u32,
     q_offset: u32,
     group: u32,
-    // attention_tiled: row tiles per (b, kv head); split/combine: key chunks.
-    tiles: u32,
+    // attention_tiled: row tiles per (b, kv head).
+    row_tiles: u32,
+    // Key chunks per (b, kv head) and keys per chunk (attention_tiled with PARTIAL, split,
+    // combine).
+    chunks: u32,
+    chunk_keys: u32,
     scale: f32,
 }
 
@@ -69,7 +75,13 @@ fn q_index(b: u32, r: u32, kvh: u32) -> u32 {
 @group(0) @binding(1) var<storage, read> q: array<f32>;
 @group(0) @binding(2) var<storage, read> k: array<f32>;
 @group(0) @binding(3) var<storage, read> v: array<f32>;
+#if PARTIAL
+// As attention_split's: [B, Hkv, chunks, rows, D] and [B, Hkv, chunks, rows] (max, sum).
+@group(0) @binding(4) var<storage, read_write> part_out: array<f32>;
+@group(0) @binding(5) var<storage, read_write> part_stats: array<vec2<f32>>;
+#else
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
+#endif
 
 const ROWS_PER_WG: u32 = 64u;
 // Floats per K (and V) tile: two tiles take 16 KiB, WebGPU's default workgroup memory.
@@ -86,20 +98,24 @@ fn attention_tiled(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let wg_index = wg.x + wg.y * nwg.x;
-    if (wg_index >= p.batch * p.hkv * p.tiles) {
+    if (wg_index >= p.batch * p.hkv * p.row_tiles * p.chunks) {
         return;
     }
-    let tile = wg_index % p.tiles;
-    let kvh = (wg_index / p.tiles) % p.hkv;
-    let b = wg_index / (p.tiles * p.hkv);
+    let chunk = wg_index % p.chunks;
+    let tile = (wg_index / p.chunks) % p.row_tiles;
+    let bh = wg_index / (p.chunks * p.row_tiles);
+    let kvh = bh % p.hkv;
+    let b = bh / p.hkv;
     let rows = p.tq * p.group;
     let r = tile * ROWS_PER_WG + lid;
     let is_row = r < rows;
     // Idle threads work on the last row (results dropped) so that all reach the barriers.
     let row = min(r, rows - 1u);
-    let limit = key_limit(row / p.group);
     let last_row = min(tile * ROWS_PER_WG + ROWS_PER_WG, rows) - 1u;
-    let end = key_limit(last_row / p.group);
+    // This workgroup's keys: begin..end (the whole cache unless PARTIAL splits it).
+    let begin = chunk * p.chunk_keys;
+    let end = min(key_limit(last_row / p.group), begin + p.chunk_keys);
+    let limit = min(key_limit(row / p.group), end);
 
     var qr: array<f32, D>;
     var acc: array<f32, D>;
@@ -112,7 +128,7 @@ fn attention_tiled(
     var l = 0.0;
     var s: array<f32, BK>;
 
-    for (var k0 = 0u; k0 < end; k0 += BK) {
+    for (var k0 = begin; k0 < end; k0 += BK) {
         // The previous tile must be consumed before it is overwritten.
         workgroupBarrier();
         for (var i = lid; i < TILE_FLOATS; i += ROWS_PER_WG) {
@@ -157,10 +173,18 @@ fn attention_tiled(
     }
 
     if (is_row) {
+#if PARTIAL
+        let part_row = bh * p.chunks + chunk;
+        part_stats[part_row * rows + r] = vec2(m, l);
+        for (var d = 0u; d < D; d++) {
+            part_out[(part_row * rows + r) * D + d] = acc[d];
+        }
+#else
         let inv = 1.0 / l;
         for (var d = 0u; d < D; d++) {
             out[qb + d] = acc[d] * inv;
         }
+#endif
     }
 }
 #endif
@@ -188,11 +212,11 @@ fn attention_split(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let wg_index = wg.x + wg.y * nwg.x;
-    if (wg_index >= p.batch * p.hkv * p.tiles) {
+    if (wg_index >= p.batch * p.hkv * p.chunks) {
         return;
     }
-    let chunk = wg_index % p.tiles;
-    let bh = wg_index / p.tiles;
+    let chunk = wg_index % p.chunks;
+    let bh = wg_index / p.chunks;
     let kvh = bh % p.hkv;
     let b = bh / p.hkv;
     let rows = p.tq * p.group;
@@ -222,7 +246,7 @@ fn attention_split(
     workgroupBarrier();
 
     // Row statistics: thread r scans its row's scores and turns them into exp(s - max).
-    let part_row = bh * p.tiles + chunk;
+    let part_row = bh * p.chunks + chunk;
     if (lid < rows) {
         var m = MASKED;
         for (var j = 0u; j < n_keys; j++) {
@@ -269,14 +293,14 @@ fn attention_combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
     let kvh = h / p.group;
     let rows = p.tq * p.group;
     let r = t * p.group + h % p.group;
-    let first = (b * p.hkv + kvh) * p.tiles;
+    let first = (b * p.hkv + kvh) * p.chunks;
     var m = MASKED;
-    for (var c = 0u; c < p.tiles; c++) {
+    for (var c = 0u; c < p.chunks; c++) {
         m = max(m, part_stats[(first + c) * rows + r].x);
     }
     var num = 0.0;
     var den = 0.0;
-    for (var c = 0u; c < p.tiles; c++) {
+    for (var c = 0u; c < p.chunks; c++) {
         let st = part_stats[(first + c) * rows + r];
         // Chunks a row cannot see have max MASKED and weight exp(MASKED - m) = 0.
         let w = exp(st.x - m);

@@ -162,6 +162,15 @@ impl Gpu {
         self.features.shader_f16
     }
 
+    /// Most loop iterations one shader invocation may run, counting every loop together, where the
+    /// driver caps them: Mesa's llvmpipe silently leaves all loops of an invocation after 65535
+    /// iterations (`LP_MAX_TGSI_LOOP_ITERATIONS`), so kernels whose loops grow with the input
+    /// split their work across workgroups there.
+    pub fn loop_budget(&self) -> Option<u32> {
+        let llvmpipe = self.info.name.contains("llvmpipe") || self.info.driver.contains("llvmpipe");
+        llvmpipe.then_some(65_535)
+    }
+
     /// Largest number of bytes one storage binding may cover.
     pub fn max_binding(&self) -> u64 {
         (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
