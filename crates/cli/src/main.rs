@@ -1,6 +1,6 @@
 //! `llava`: run LLaVA-1.6 on an image natively (wgpu on Vulkan/Metal/DX12).
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use llava_gpu::Gpu;
 use llava_model::generate::{GenerateParams, Turn};
 use llava_model::llava::{LoadOptions, Llava, ModelFiles};
+use llava_model::loader::{Progress, Stage};
 use llava_model::weights::{KeepOptions, KeepPrecision, WeightPrecision};
 use llava_model::convert::{self, ConversionPlan};
 use llava_model::{Dtype, LlavaConfig, ModelError, npy};
@@ -209,8 +210,29 @@ fn load(args: &ModelArgs) -> CliResult<(Llava, f64)> {
         Some(Precision::Q4) => WeightPrecision::Q4,
     };
     let dir = model_dir(&args.model);
-    let model = Llava::load_dir(gpu, &dir, &LoadOptions { precision, context: args.context })
-        .map_err(|e| format!("loading {}: {e}", dir.display()))?;
+    let options = LoadOptions { precision, context: args.context };
+    // A progress line on a terminal only: redirected stderr (logs, tests) stays clean.
+    let terminal = std::io::stderr().is_terminal();
+    let mut show = |p: Progress<'_>| {
+        if !terminal {
+            return;
+        }
+        match p.stage {
+            Stage::Config => {}
+            Stage::Weights => eprint!(
+                "\rloading weights: {:.1} / {:.1} MiB ({})\x1b[K",
+                p.bytes_done as f64 / 1048576.0,
+                p.bytes_total as f64 / 1048576.0,
+                p.file
+            ),
+            Stage::Ready => eprint!("\r\x1b[K"),
+        }
+    };
+    let loaded = Llava::load_dir_with_progress(gpu, &dir, &options, &mut show);
+    if terminal && loaded.is_err() {
+        eprintln!();
+    }
+    let model = loaded.map_err(|e| format!("loading {}: {e}", dir.display()))?;
     Ok((model, start.elapsed().as_secs_f64()))
 }
 

@@ -212,7 +212,7 @@ pub fn file_names(canonical: &str) -> Vec<(Spelling, String)> {
 }
 
 /// Buffers and unused weights some checkpoints carry: skipped without complaint.
-fn is_ignorable(file_name: &str) -> bool {
+pub(crate) fn is_ignorable(file_name: &str) -> bool {
     file_name.ends_with("rotary_emb.inv_freq")
         || file_name.ends_with("position_ids")
         || map_name(file_name, |c| {
@@ -487,23 +487,7 @@ impl Checkpoint {
             }
         }
         if !unknown.is_empty() {
-            const SHOWN: usize = 20;
-            let more = unknown.len().saturating_sub(SHOWN);
-            let list = unknown
-                .iter()
-                .take(SHOWN)
-                .map(|n| format!("`{n}`"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let tail = if more > 0 {
-                format!(" and {more} more")
-            } else {
-                String::new()
-            };
-            return Err(ModelError::checkpoint(
-                dir,
-                format!("tensors not part of a LLaVA-1.6 model: {list}{tail}"),
-            ));
+            return Err(ModelError::checkpoint(dir, not_part_of_the_model(&unknown)));
         }
         if let Some(index) = index {
             for (name, file_index) in index {
@@ -519,6 +503,11 @@ impl Checkpoint {
             }
         }
         Ok(Checkpoint { files, tensors })
+    }
+
+    /// The safetensors files, in the order they are read.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
     }
 
     /// Canonical names of all tensors, sorted.
@@ -595,6 +584,15 @@ impl Checkpoint {
             format!("tensor `{canonical}` is missing; looked for {tried}"),
         )
     }
+}
+
+/// The error message for file tensor names that no LLaVA-1.6 tensor maps from.
+pub(crate) fn not_part_of_the_model(unknown: &[String]) -> String {
+    const SHOWN: usize = 20;
+    let more = unknown.len().saturating_sub(SHOWN);
+    let list = unknown.iter().take(SHOWN).map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+    let tail = if more > 0 { format!(" and {more} more") } else { String::new() };
+    format!("tensors not part of a LLaVA-1.6 model: {list}{tail}")
 }
 
 /// Reads `model.safetensors.index.json`: the shard files (sorted) and the file index of each name.

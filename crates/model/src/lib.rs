@@ -7,6 +7,7 @@ pub mod error;
 pub mod generate;
 pub mod language;
 pub mod llava;
+pub mod loader;
 pub mod manifest;
 pub mod npy;
 pub mod projector;

@@ -11,7 +11,8 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{GenerationConfig, LlavaConfig, PreprocessorConfig};
 use crate::error::{ModelError, Result};
 use crate::generate::ChatSession;
-use crate::manifest::{MANIFEST_FILE, Manifest, precision_name};
+use crate::loader::{self, Progress, Stage, WeightLoader};
+use crate::manifest::{MANIFEST_FILE, Manifest};
 use crate::language::LanguageModel;
 use crate::projector::Projector;
 use crate::text::{BuiltinTemplate, ChatTemplate, Message, Tokenizer};
@@ -139,29 +140,67 @@ impl Llava {
     /// Loads a HuggingFace-layout checkpoint folder (llava-hf or liuhaotian), uploading one
     /// tensor at a time, or a converted folder (recognised by its `manifest.json`).
     pub fn load_dir(gpu: Arc<Gpu>, dir: &Path, options: &LoadOptions) -> Result<Llava> {
+        Llava::load_dir_with_progress(gpu, dir, options, &mut |_| {})
+    }
+
+    /// [`Llava::load_dir`], reporting the stages and the weight bytes read to `progress`. The
+    /// shards stream through [`WeightLoader`], so the host holds one chunk and one tensor at a
+    /// time; the model exists only once every shard has been read and verified.
+    pub fn load_dir_with_progress(
+        gpu: Arc<Gpu>,
+        dir: &Path,
+        options: &LoadOptions,
+        progress: &mut dyn FnMut(Progress<'_>),
+    ) -> Result<Llava> {
         if dir.join(MANIFEST_FILE).is_file() {
-            return Llava::load_converted(gpu, dir, options);
+            return Llava::load_converted_with_progress(gpu, dir, options, progress);
         }
+        progress(Progress { bytes_done: 0, bytes_total: 0, stage: Stage::Config, file: "config.json" });
         let files = ModelFiles::from_dir(dir)?;
-        let weights = Weights::from_checkpoint(&gpu, &Checkpoint::open(dir)?, options.precision)?;
-        Llava::new(gpu, files, weights, options)
+        let checkpoint = Checkpoint::open(dir)?;
+        let total = loader::files_size(checkpoint.files())?;
+        let names: Vec<String> = checkpoint
+            .files()
+            .iter()
+            .map(|p| p.file_name().expect("a file").to_string_lossy().into_owned())
+            .collect();
+        let location = dir.display().to_string();
+        let mut weights = WeightLoader::checkpoint(&gpu, options.precision, &location, total);
+        loader::load_files(&mut weights, dir, &names, progress)?;
+        let weights = weights.finish()?;
+        let llava = Llava::new(gpu, files, weights, options)?;
+        progress(Progress { bytes_done: total, bytes_total: total, stage: Stage::Ready, file: "" });
+        Ok(llava)
     }
 
     /// Loads a converted folder. Its weights are used as stored: `options.precision` must be
     /// `Native` or the precision it was converted to.
     pub fn load_converted(gpu: Arc<Gpu>, dir: &Path, options: &LoadOptions) -> Result<Llava> {
+        Llava::load_converted_with_progress(gpu, dir, options, &mut |_| {})
+    }
+
+    fn load_converted_with_progress(
+        gpu: Arc<Gpu>,
+        dir: &Path,
+        options: &LoadOptions,
+        progress: &mut dyn FnMut(Progress<'_>),
+    ) -> Result<Llava> {
+        progress(Progress { bytes_done: 0, bytes_total: 0, stage: Stage::Config, file: MANIFEST_FILE });
         let manifest = Manifest::read(dir)?;
-        let wanted = precision_name(options.precision);
-        if options.precision != WeightPrecision::Native && wanted != manifest.quant.precision {
-            return Err(ModelError::Input(format!(
-                "{} was converted to {}; it cannot be loaded as {wanted} (convert it again)",
-                dir.display(),
-                manifest.quant.precision
-            )));
-        }
+        manifest.check_precision(options.precision).map_err(|e| match e {
+            ModelError::Input(msg) => ModelError::Input(format!("{}: {msg}", dir.display())),
+            other => other,
+        })?;
         let files = ModelFiles::from_dir(dir)?;
-        let weights = Weights::from_converted(&gpu, dir, &manifest)?;
-        Llava::new(gpu, files, weights, options)
+        let total = manifest.total_bytes();
+        let names: Vec<String> = manifest.shards.iter().map(|s| s.file.clone()).collect();
+        let location = dir.display().to_string();
+        let mut weights = WeightLoader::converted(&gpu, manifest, &location);
+        loader::load_files(&mut weights, dir, &names, progress)?;
+        let weights = weights.finish()?;
+        let llava = Llava::new(gpu, files, weights, options)?;
+        progress(Progress { bytes_done: total, bytes_total: total, stage: Stage::Ready, file: "" });
+        Ok(llava)
     }
 
     /// Assembles the model from its files and uploaded weights.

@@ -1,21 +1,19 @@
 //! The converted-model format (docs/converted-format.md): a `manifest.json` next to safetensors
 //! shards that store each tensor in the layout the GPU reads (f32, f16, or Q8/Q4 as a packed
 //! `<name>.qweight` U8 tensor plus `<name>.scales` F16 `[rows, cols / 32]`), so loading is a
-//! plain upload. This module reads and checks manifests and loads shards into [`Weights`].
+//! plain upload. This module reads and checks manifests; [`crate::loader`] streams the shards.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use half::f16;
-use llava_gpu::quant::{QUANT_GROUP, QuantMatrix};
-use llava_gpu::{DType, Gpu, Tensor};
+use llava_gpu::DType;
+use llava_gpu::quant::QUANT_GROUP;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::checkpoint::{Dtype, SafetensorsEntry, StoredDtype, header_len, parse_header};
 use crate::error::{ModelError, Result};
-use crate::weights::{WeightPrecision, Weights};
+use crate::weights::WeightPrecision;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const FORMAT_NAME: &str = "llava-webgpu";
@@ -189,166 +187,20 @@ impl Manifest {
         Ok(())
     }
 
+    /// Checks that the model may be loaded at `precision`: its weights are used as stored, so
+    /// only `Native` or the precision it was converted to.
+    pub fn check_precision(&self, precision: WeightPrecision) -> Result<()> {
+        let wanted = precision_name(precision);
+        if precision != WeightPrecision::Native && wanted != self.quant.precision {
+            return Err(ModelError::Input(format!(
+                "this model was converted to {}; it cannot be loaded as {wanted} (convert it again)",
+                self.quant.precision
+            )));
+        }
+        Ok(())
+    }
+
     pub fn total_bytes(&self) -> u64 {
         self.shards.iter().map(|s| s.bytes).sum()
     }
-}
-
-/// Loads every shard of a converted folder into GPU tensors, one shard in host memory at a time:
-/// checks its size and SHA-256, parses its header and uploads each tensor's bytes as stored.
-pub fn load_weights(gpu: &Gpu, dir: &Path, manifest: &Manifest) -> Result<Weights> {
-    let mut weights = Weights::default();
-    for shard in &manifest.shards {
-        let path = dir.join(&shard.file);
-        let bytes = std::fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
-        check_shard(&path, shard, &bytes)?;
-        for (name, tensor) in shard_tensors(gpu, &path, shard, &manifest.quant.tensors, &bytes)? {
-            weights.insert_tensor(name, tensor);
-        }
-    }
-    Ok(weights)
-}
-
-/// Size and SHA-256 of a shard's bytes against its manifest entry.
-pub fn check_shard(path: &Path, shard: &ShardEntry, bytes: &[u8]) -> Result<()> {
-    if bytes.len() as u64 != shard.bytes {
-        let msg = format!(
-            "{} bytes, the manifest says {} (truncated or incomplete download?)",
-            bytes.len(),
-            shard.bytes
-        );
-        return Err(ModelError::checkpoint(path, msg));
-    }
-    let digest = sha256_hex(bytes);
-    if !digest.eq_ignore_ascii_case(&shard.sha256) {
-        let msg = format!(
-            "SHA-256 {digest} does not match the manifest's {} (corrupt file?)",
-            shard.sha256
-        );
-        return Err(ModelError::checkpoint(path, msg));
-    }
-    Ok(())
-}
-
-/// Parses a verified shard and uploads its tensors, checking that its header holds exactly the
-/// entries the manifest's storage kinds call for.
-pub fn shard_tensors(
-    gpu: &Gpu,
-    path: &Path,
-    shard: &ShardEntry,
-    storage: &BTreeMap<String, Storage>,
-    bytes: &[u8],
-) -> Result<Vec<(String, Tensor)>> {
-    let fail = |msg: String| ModelError::checkpoint(path, msg);
-    let prefix: [u8; 8] = bytes
-        .get(..8)
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| fail("too short".into()))?;
-    let size = bytes.len() as u64;
-    let len = header_len(prefix, size).map_err(fail)?;
-    let entries = parse_header(&bytes[8..8 + len as usize], size).map_err(fail)?;
-    let mut by_name: BTreeMap<String, SafetensorsEntry> =
-        entries.into_iter().map(|e| (e.name.clone(), e)).collect();
-    let mut tensors = Vec::with_capacity(shard.tensors.len());
-    for name in &shard.tensors {
-        let kind = storage
-            .get(name)
-            .ok_or_else(|| fail(format!("tensor {name} has no storage kind")))?;
-        let tensor = match *kind {
-            Storage::F32 => {
-                let (shape, data) = take_entry(&mut by_name, bytes, path, name, "F32")?;
-                Tensor::from_bytes(gpu, &shape, DType::F32, data)?
-            }
-            Storage::F16 => {
-                let (shape, data) = take_entry(&mut by_name, bytes, path, name, "F16")?;
-                Tensor::from_bytes(gpu, &shape, DType::F16, data)?
-            }
-            kind @ (Storage::Q8 | Storage::Q4) => {
-                let (qshape, data) = take_entry(
-                    &mut by_name,
-                    bytes,
-                    path,
-                    &format!("{name}{QWEIGHT_SUFFIX}"),
-                    "U8",
-                )?;
-                let (sshape, scales) = take_entry(
-                    &mut by_name,
-                    bytes,
-                    path,
-                    &format!("{name}{SCALES_SUFFIX}"),
-                    "F16",
-                )?;
-                let per_byte = if kind == Storage::Q4 { 2 } else { 1 };
-                let [rows, packed] = qshape[..] else {
-                    return Err(fail(format!(
-                        "tensor {name}{QWEIGHT_SUFFIX} has shape {qshape:?}, expected 2-D"
-                    )));
-                };
-                let cols = packed * per_byte;
-                if cols % QUANT_GROUP != 0 || sshape != [rows, cols / QUANT_GROUP] {
-                    return Err(fail(format!(
-                        "tensor {name}: scales of shape {sshape:?} do not fit {kind:?} weights of {rows}x{cols}"
-                    )));
-                }
-                let scales = scales
-                    .chunks_exact(2)
-                    .map(|b| f16::from_le_bytes([b[0], b[1]]))
-                    .collect();
-                let matrix = QuantMatrix {
-                    dtype: kind.gpu_dtype(),
-                    rows,
-                    cols,
-                    data: data.to_vec(),
-                    scales,
-                };
-                Tensor::from_quant(gpu, &matrix)?
-            }
-        };
-        tensors.push((name.clone(), tensor));
-    }
-    if let Some(extra) = by_name.keys().next() {
-        return Err(fail(format!(
-            "holds tensor {extra}, which the manifest does not list for this shard"
-        )));
-    }
-    Ok(tensors)
-}
-
-/// Removes entry `name` from a shard's header entries; it must have safetensors dtype `dtype`.
-fn take_entry<'a>(
-    by_name: &mut BTreeMap<String, SafetensorsEntry>,
-    bytes: &'a [u8],
-    path: &Path,
-    name: &str,
-    dtype: &str,
-) -> Result<(Vec<usize>, &'a [u8])> {
-    let fail = |msg: String| ModelError::checkpoint(path, msg);
-    let entry = by_name
-        .remove(name)
-        .ok_or_else(|| fail(format!("has no tensor {name}")))?;
-    let stored = match &entry.info.dtype {
-        StoredDtype::Known(Dtype::F32) => "F32",
-        StoredDtype::Known(Dtype::F16) => "F16",
-        StoredDtype::Known(Dtype::BF16) => "BF16",
-        StoredDtype::Unsupported(other) => other.as_str(),
-    };
-    if stored != dtype {
-        return Err(fail(format!(
-            "tensor {name} is stored as {stored}, the format needs {dtype}"
-        )));
-    }
-    let numel: usize = entry.info.shape.iter().product();
-    // parse_header checks the byte counts of float dtypes only.
-    if dtype == "U8" && (entry.end - entry.start) as usize != numel {
-        let msg = format!(
-            "tensor {name}: {} bytes for U8 shape {:?}",
-            entry.end - entry.start,
-            entry.info.shape
-        );
-        return Err(fail(msg));
-    }
-    Ok((
-        entry.info.shape,
-        &bytes[entry.start as usize..entry.end as usize],
-    ))
 }

@@ -1,13 +1,13 @@
-//! Model weights on the GPU. Tensors are uploaded one at a time as they are read (from files or
-//! a network stream), converted to the precision the model keeps, then taken by the model's
-//! `load` functions by canonical name with a shape check.
+//! Model weights on the GPU. Tensors are uploaded one at a time as they are read (by
+//! [`crate::loader`], from files or a network stream), converted to the precision the model
+//! keeps, then taken by the model's `load` functions by canonical name with a shape check.
 
 use std::collections::HashMap;
 
 use llava_gpu::quant::{self, quantizable};
 use llava_gpu::{DType, Gpu, Tensor};
 
-use crate::checkpoint::{Checkpoint, Dtype, HostTensor};
+use crate::checkpoint::{Dtype, HostTensor};
 use crate::error::{ModelError, Result};
 
 /// How the large matrices of the language model are kept on the GPU.
@@ -124,18 +124,6 @@ pub struct Weights {
 }
 
 impl Weights {
-    /// Uploads every tensor of a checkpoint folder, one tensor in host memory at a time.
-    pub fn from_checkpoint(gpu: &Gpu, checkpoint: &Checkpoint, precision: WeightPrecision) -> Result<Weights> {
-        let mut weights = Weights::default();
-        let mut names: Vec<&str> = checkpoint.names().collect();
-        names.sort_unstable();
-        for name in names {
-            let host = checkpoint.read(name)?;
-            weights.insert(gpu, name, &host, precision)?;
-        }
-        Ok(weights)
-    }
-
     pub fn insert(&mut self, gpu: &Gpu, name: &str, host: &HostTensor, precision: WeightPrecision) -> Result<()> {
         let tensor = upload(gpu, host, storage_dtype(name, host, precision))?;
         self.tensors.insert(name.to_string(), tensor);
@@ -145,11 +133,6 @@ impl Weights {
     /// Adds a tensor already in its storage layout (from a converted folder).
     pub fn insert_tensor(&mut self, name: String, tensor: Tensor) {
         self.tensors.insert(name, tensor);
-    }
-
-    /// Loads a converted folder (see [`crate::manifest`]), checking each shard's size and SHA-256.
-    pub fn from_converted(gpu: &Gpu, dir: &std::path::Path, manifest: &crate::manifest::Manifest) -> Result<Weights> {
-        crate::manifest::load_weights(gpu, dir, manifest)
     }
 
     /// Takes the tensor `name`, which must have `shape`.

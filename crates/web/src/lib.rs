@@ -5,7 +5,6 @@
 //! `tests/build-wasm.sh` builds it into `pkg/`; `pkg/index.js` is the hand-written API on top.
 
 pub mod image_input;
-pub mod safetensors_stream;
 pub mod self_test;
 
 #[cfg(target_arch = "wasm32")]

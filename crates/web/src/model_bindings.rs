@@ -1,5 +1,6 @@
-//! The model exports: `loadModel` fetches a HuggingFace-layout folder and streams its weights to
-//! the GPU tensor by tensor; `Model.chat` opens a `ChatSession` whose `send` streams tokens to a
+//! The model exports: `loadModel` fetches a HuggingFace-layout or converted folder and streams
+//! its shards through the model crate's `WeightLoader` (the same code as the native loader), one
+//! fetch chunk at a time; `Model.chat` opens a `ChatSession` whose `send` streams tokens to a
 //! JavaScript callback. Everything else is the model crate, unchanged.
 
 use std::cell::RefCell;
@@ -9,19 +10,20 @@ use std::sync::Arc;
 use js_sys::{Function, Object, Promise, Uint8Array};
 use llava_model::generate::{GenerateParams, Turn};
 use llava_model::llava::{FileContents, Llava, LoadOptions, ModelFiles};
-use llava_model::weights::{WeightPrecision, Weights};
+use llava_model::loader::{Progress, Stage, WeightLoader};
+use llava_model::manifest::{MANIFEST_FILE, Manifest};
+use llava_model::weights::WeightPrecision;
 use serde::Deserialize;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 
 use crate::bindings::{from_js, image_source, js_error, set, to_js};
-use crate::safetensors_stream::SafetensorsStream;
 
 #[wasm_bindgen]
 extern "C" {
     /// The worker's global `fetch`.
     #[wasm_bindgen(js_name = fetch)]
-    fn fetch_url(url: &str) -> Promise;
+    fn global_fetch(url: &str) -> Promise;
 
     type Response;
     #[wasm_bindgen(method, getter)]
@@ -48,33 +50,62 @@ extern "C" {
     fn read(this: &StreamReader) -> Promise;
 }
 
-async fn fetch(url: &str) -> Result<Response, JsError> {
-    let response = JsFuture::from(fetch_url(url))
-        .await
-        .map_err(|e| JsError::new(&format!("could not fetch {url}: {}", describe(&e))))?;
-    Ok(response.unchecked_into())
+/// Downloads through the global `fetch`, or through the caller's `fetch` option (a caching
+/// fetch, say): any `(url) => Promise<Response>`.
+struct Fetcher {
+    custom: Option<Function>,
+}
+
+impl Fetcher {
+    async fn fetch(&self, url: &str) -> Result<Response, JsError> {
+        let promise = match &self.custom {
+            None => global_fetch(url),
+            Some(fetch) => {
+                let value = fetch
+                    .call1(&JsValue::NULL, &JsValue::from_str(url))
+                    .map_err(|e| {
+                        JsError::new(&format!("could not fetch {url}: {}", describe(&e)))
+                    })?;
+                Promise::resolve(&value)
+            }
+        };
+        let response = JsFuture::from(promise)
+            .await
+            .map_err(|e| JsError::new(&format!("could not fetch {url}: {}", describe(&e))))?;
+        if !response.is_object() {
+            return Err(JsError::new(&format!(
+                "fetching {url} did not give a Response"
+            )));
+        }
+        Ok(response.unchecked_into())
+    }
+
+    /// The text of `base/name`; `None` on 404 when the file is optional.
+    async fn text(
+        &self,
+        base: &str,
+        name: &str,
+        optional: bool,
+    ) -> Result<Option<String>, JsError> {
+        let url = format!("{base}{name}");
+        let response = self.fetch(&url).await?;
+        if optional && response.status() == 404 {
+            return Ok(None);
+        }
+        if !response.ok() {
+            return Err(JsError::new(&format!("{url}: HTTP {}", response.status())));
+        }
+        let text = JsFuture::from(response.text())
+            .await
+            .map_err(|e| JsError::new(&format!("reading {url}: {}", describe(&e))))?;
+        Ok(text.as_string())
+    }
 }
 
 fn describe(e: &JsValue) -> String {
     e.dyn_ref::<js_sys::Error>()
         .map(|e| String::from(e.message()))
         .unwrap_or_else(|| format!("{e:?}"))
-}
-
-/// The text of `base/name`; `None` on 404 when the file is optional.
-async fn fetch_text(base: &str, name: &str, optional: bool) -> Result<Option<String>, JsError> {
-    let url = format!("{base}{name}");
-    let response = fetch(&url).await?;
-    if optional && response.status() == 404 {
-        return Ok(None);
-    }
-    if !response.ok() {
-        return Err(JsError::new(&format!("{url}: HTTP {}", response.status())));
-    }
-    let text = JsFuture::from(response.text())
-        .await
-        .map_err(|e| JsError::new(&format!("reading {url}: {}", describe(&e))))?;
-    Ok(text.as_string())
 }
 
 #[derive(Default, Deserialize)]
@@ -100,71 +131,141 @@ fn precision(name: Option<&str>) -> Result<WeightPrecision, JsError> {
     })
 }
 
-/// Reports `{ loaded, total, file }` (bytes) to the page.
-struct Progress {
-    callback: Option<Function>,
-    loaded: u64,
-    total: u64,
-}
-
-impl Progress {
-    fn report(&self, file: &str) {
-        if let Some(callback) = &self.callback {
-            let event = Object::new();
-            set(&event, "loaded", self.loaded as f64);
-            set(&event, "total", self.total.max(self.loaded) as f64);
-            set(&event, "file", file);
-            let _ = callback.call1(&JsValue::NULL, &event);
-        }
+/// Reports `{ loaded, total, file, stage }` (weight bytes; stage "config" | "weights" | "ready").
+fn report(callback: Option<&Function>, progress: Progress<'_>) {
+    if let Some(callback) = callback {
+        let event = Object::new();
+        set(&event, "loaded", progress.bytes_done as f64);
+        set(&event, "total", progress.bytes_total as f64);
+        set(&event, "file", progress.file);
+        set(&event, "stage", progress.stage.as_str());
+        let _ = callback.call1(&JsValue::NULL, &event);
     }
 }
 
-/// The weight files: the index's shards (and its total tensor bytes), or `model.safetensors`.
-async fn weight_files(base: &str) -> Result<(Vec<String>, Option<u64>), JsError> {
-    let Some(index) = fetch_text(base, "model.safetensors.index.json", true).await? else {
-        return Ok((vec!["model.safetensors".into()], None));
-    };
-    let index: serde_json::Value = serde_json::from_str(&index)
-        .map_err(|e| JsError::new(&format!("model.safetensors.index.json: {e}")))?;
-    let map = index["weight_map"]
-        .as_object()
-        .ok_or_else(|| JsError::new("model.safetensors.index.json has no weight_map"))?;
-    let mut files: Vec<String> = map
-        .values()
-        .filter_map(|v| v.as_str().map(str::to_string))
-        .collect();
-    files.sort();
-    files.dedup();
-    if files.iter().any(|f| f.contains('/') || f.contains("..")) {
-        return Err(JsError::new(
-            "model.safetensors.index.json names a shard outside the folder",
+/// How the folder stores its weights.
+enum Layout {
+    Converted(Manifest),
+    /// Shard files and, from the index, their total tensor bytes.
+    Checkpoint(Vec<String>, Option<u64>),
+}
+
+/// Finds the layout: an HF index, else a `manifest.json`, else a single `model.safetensors`
+/// (probed in that order so that a sharded HF folder triggers no 404).
+async fn layout(fetcher: &Fetcher, base: &str, manifest_url: bool) -> Result<Layout, JsError> {
+    let parse_manifest =
+        |text: &str| Manifest::from_json(text).map_err(|e| JsError::new(&format!("{base}{e}")));
+    if manifest_url {
+        let text = fetcher
+            .text(base, MANIFEST_FILE, false)
+            .await?
+            .unwrap_or_default();
+        return Ok(Layout::Converted(parse_manifest(&text)?));
+    }
+    if let Some(index) = fetcher
+        .text(base, "model.safetensors.index.json", true)
+        .await?
+    {
+        let index: serde_json::Value = serde_json::from_str(&index)
+            .map_err(|e| JsError::new(&format!("model.safetensors.index.json: {e}")))?;
+        let map = index["weight_map"]
+            .as_object()
+            .ok_or_else(|| JsError::new("model.safetensors.index.json has no weight_map"))?;
+        let mut files: Vec<String> = map
+            .values()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        files.sort();
+        files.dedup();
+        if files.iter().any(|f| f.contains('/') || f.contains("..")) {
+            return Err(JsError::new(
+                "model.safetensors.index.json names a shard outside the folder",
+            ));
+        }
+        return Ok(Layout::Checkpoint(
+            files,
+            index["metadata"]["total_size"].as_u64(),
         ));
     }
-    Ok((files, index["metadata"]["total_size"].as_u64()))
+    if let Some(text) = fetcher.text(base, MANIFEST_FILE, true).await? {
+        return Ok(Layout::Converted(parse_manifest(&text)?));
+    }
+    Ok(Layout::Checkpoint(vec!["model.safetensors".into()], None))
 }
 
-/// Streams one safetensors file into `weights`, one tensor in memory at a time.
+/// Fetches the config, tokenizer, template, processor and generation files. A converted folder
+/// lists the ones it has (and carries the config in its manifest), so nothing is probed.
+async fn model_files(
+    fetcher: &Fetcher,
+    base: &str,
+    layout: &Layout,
+) -> Result<ModelFiles, JsError> {
+    let listed = |name: &str| match layout {
+        Layout::Converted(manifest) => manifest.files.iter().any(|f| f == name),
+        Layout::Checkpoint(..) => true,
+    };
+    let optional = |name: &'static str| async move {
+        if listed(name) {
+            fetcher.text(base, name, true).await
+        } else {
+            Ok(None)
+        }
+    };
+    let config = match layout {
+        Layout::Converted(manifest) if !listed("config.json") => manifest.config.to_string(),
+        _ => fetcher
+            .text(base, "config.json", false)
+            .await?
+            .unwrap_or_default(),
+    };
+    let tokenizer = fetcher
+        .text(base, "tokenizer.json", false)
+        .await?
+        .unwrap_or_default();
+    let tokenizer_config = optional("tokenizer_config.json").await?;
+    let chat_template = optional("chat_template.jinja").await?;
+    let processor = match optional("preprocessor_config.json").await? {
+        Some(text) => Some(text),
+        None => optional("processor_config.json").await?,
+    };
+    let generation = optional("generation_config.json").await?;
+    ModelFiles::from_contents(&FileContents {
+        config: &config,
+        tokenizer: tokenizer.as_bytes(),
+        tokenizer_config: tokenizer_config.as_deref(),
+        chat_template: chat_template.as_deref(),
+        processor: processor.as_deref(),
+        generation: generation.as_deref(),
+    })
+    .map_err(js_error)
+}
+
+/// Streams one shard through the loader, one fetch chunk at a time.
 async fn stream_shard(
-    gpu: &llava_gpu::Gpu,
-    url: &str,
+    fetcher: &Fetcher,
+    base: &str,
     file: &str,
-    weights: &mut Weights,
-    precision: WeightPrecision,
-    progress: &mut Progress,
+    loader: &mut WeightLoader<'_>,
+    on_progress: Option<&Function>,
 ) -> Result<(), JsError> {
-    let response = fetch(url).await?;
+    let url = format!("{base}{file}");
+    let response = fetcher.fetch(&url).await?;
     if !response.ok() {
         return Err(JsError::new(&format!("{url}: HTTP {}", response.status())));
     }
-    let size = response
-        .headers()
-        .get("content-length")
-        .and_then(|v| v.parse::<u64>().ok());
+    // A compressed response's Content-Length counts the compressed bytes.
+    let headers = response.headers();
+    let size = match headers.get("content-encoding") {
+        Some(encoding) if encoding != "identity" => None,
+        _ => headers
+            .get("content-length")
+            .and_then(|v| v.parse::<u64>().ok()),
+    };
     let body = response
         .body()
         .ok_or_else(|| JsError::new(&format!("{url}: empty response")))?;
+    loader.begin_shard(file, size).map_err(js_error)?;
     let reader = body.get_reader();
-    let mut stream = SafetensorsStream::new(size);
     loop {
         let step = JsFuture::from(reader.read())
             .await
@@ -178,21 +279,10 @@ async fn stream_shard(
         let chunk: Uint8Array = js_sys::Reflect::get(&step, &"value".into())
             .map_err(|_| JsError::new("a stream chunk without a value"))?
             .unchecked_into();
-        let chunk = chunk.to_vec();
-        progress.loaded += chunk.len() as u64;
-        for (name, host) in stream
-            .push(&chunk)
-            .map_err(|e| JsError::new(&format!("{file}: {e}")))?
-        {
-            weights
-                .insert(gpu, &name, &host, precision)
-                .map_err(js_error)?;
-        }
-        progress.report(file);
+        loader.push(&chunk.to_vec()).map_err(js_error)?;
+        report(on_progress, loader.progress());
     }
-    stream
-        .finish()
-        .map_err(|e| JsError::new(&format!("{file}: {e}")))
+    loader.end_shard().map_err(js_error)
 }
 
 /// A loaded model on this worker's GPU.
@@ -201,72 +291,89 @@ pub struct Model {
     llava: Rc<Llava>,
 }
 
-/// Fetches the checkpoint folder at `base_url` (config, tokenizer, template, processor and
-/// generation configs, then the weights, streamed) and builds the model. `options`: `{ quant,
-/// context }`; `on_progress` receives `{ loaded, total, file }`.
+/// Fetches the model at `base_url` and builds it: a HuggingFace-layout folder (config,
+/// tokenizer, template, processor and generation configs, safetensors shards) or a converted
+/// folder (its `manifest.json`, the files it lists, shards checked against their SHA-256);
+/// `base_url` may also name the `manifest.json` itself. `options`: `{ quant, context, fetch }`,
+/// where `fetch(url) => Promise<Response>` replaces the global fetch for every download;
+/// `on_progress` receives `{ loaded, total, file, stage }`.
 #[wasm_bindgen(js_name = loadModel)]
 pub async fn load_model(
     base_url: String,
     options: JsValue,
     on_progress: Option<Function>,
 ) -> Result<Model, JsError> {
+    let custom = if options.is_object() {
+        let value = js_sys::Reflect::get(&options, &"fetch".into()).unwrap_or(JsValue::UNDEFINED);
+        match value.dyn_into::<Function>() {
+            Ok(fetch) => Some(fetch),
+            Err(value) if value.is_undefined() || value.is_null() => None,
+            Err(_) => return Err(JsError::new("the `fetch` option must be a function")),
+        }
+    } else {
+        None
+    };
+    // JSON.stringify drops the function, so the other settings parse as before.
     let settings: LoadSettings = from_js(&options, "load options")?;
     let precision = precision(settings.quant.as_deref())?;
-    let base = if base_url.ends_with('/') {
+    let fetcher = Fetcher { custom };
+    let on_progress = on_progress.as_ref();
+    let manifest_url = base_url.ends_with(MANIFEST_FILE);
+    let base = if manifest_url {
+        base_url[..base_url.len() - MANIFEST_FILE.len()].to_string()
+    } else if base_url.ends_with('/') {
         base_url
     } else {
         format!("{base_url}/")
     };
 
-    let config = fetch_text(&base, "config.json", false)
-        .await?
-        .unwrap_or_default();
-    let tokenizer = fetch_text(&base, "tokenizer.json", false)
-        .await?
-        .unwrap_or_default();
-    let tokenizer_config = fetch_text(&base, "tokenizer_config.json", true).await?;
-    let chat_template = fetch_text(&base, "chat_template.jinja", true).await?;
-    let processor = match fetch_text(&base, "preprocessor_config.json", true).await? {
-        Some(text) => Some(text),
-        None => fetch_text(&base, "processor_config.json", true).await?,
+    let config_file = if manifest_url {
+        MANIFEST_FILE
+    } else {
+        "config.json"
     };
-    let generation = fetch_text(&base, "generation_config.json", true).await?;
-    let files = ModelFiles::from_contents(&FileContents {
-        config: &config,
-        tokenizer: tokenizer.as_bytes(),
-        tokenizer_config: tokenizer_config.as_deref(),
-        chat_template: chat_template.as_deref(),
-        processor: processor.as_deref(),
-        generation: generation.as_deref(),
-    })
-    .map_err(js_error)?;
-
+    report(
+        on_progress,
+        Progress {
+            bytes_done: 0,
+            bytes_total: 0,
+            stage: Stage::Config,
+            file: config_file,
+        },
+    );
+    let layout = layout(&fetcher, &base, manifest_url).await?;
+    let files = model_files(&fetcher, &base, &layout).await?;
     let gpu = Arc::new(llava_gpu::Gpu::new().await.map_err(js_error)?);
-    let (shards, total) = weight_files(&base).await?;
-    let mut progress = Progress {
-        callback: on_progress,
-        loaded: 0,
-        total: total.unwrap_or(0),
+    let (mut loader, shards) = match layout {
+        Layout::Converted(manifest) => {
+            manifest.check_precision(precision).map_err(js_error)?;
+            let shards: Vec<String> = manifest.shards.iter().map(|s| s.file.clone()).collect();
+            (WeightLoader::converted(&gpu, manifest, &base), shards)
+        }
+        Layout::Checkpoint(shards, total) => (
+            WeightLoader::checkpoint(&gpu, precision, &base, total.unwrap_or(0)),
+            shards,
+        ),
     };
-    let mut weights = Weights::default();
     for shard in &shards {
-        stream_shard(
-            &gpu,
-            &format!("{base}{shard}"),
-            shard,
-            &mut weights,
-            precision,
-            &mut progress,
-        )
-        .await?;
+        stream_shard(&fetcher, &base, shard, &mut loader, on_progress).await?;
     }
-    progress.total = progress.loaded;
-    progress.report("");
+    let loaded = loader.progress().bytes_done;
+    let weights = loader.finish().map_err(js_error)?;
     let options = LoadOptions {
         precision,
         context: settings.context,
     };
     let llava = Llava::new(gpu, files, weights, &options).map_err(js_error)?;
+    report(
+        on_progress,
+        Progress {
+            bytes_done: loaded,
+            bytes_total: loaded,
+            stage: Stage::Ready,
+            file: "",
+        },
+    );
     Ok(Model {
         llava: Rc::new(llava),
     })
