@@ -19,7 +19,7 @@ use llava_model::checkpoint::{Spelling, file_names};
 use llava_model::convert;
 use llava_model::llava::{Llava, LoadOptions};
 use llava_model::loader::{Progress, Stage};
-use llava_model::weights::WeightPrecision;
+use llava_model::weights::{KeepOptions, WeightPrecision};
 use serde_json::{Value, json};
 
 /// Bytes currently allocated and the highest value since the last reset.
@@ -148,7 +148,7 @@ fn loading_a_converted_model_keeps_host_memory_under_two_shards_plus_64_mib() {
     let (hf, converted) = (work.path().join("hf"), work.path().join("converted"));
     std::fs::create_dir_all(&hf).unwrap();
     synthetic_checkpoint(&hf);
-    let manifest = convert::convert(&hf, &converted, WeightPrecision::F16, SHARD_BYTES)
+    let manifest = convert::convert(&hf, &converted, WeightPrecision::F16, KeepOptions::default(), SHARD_BYTES)
         .unwrap()
         .manifest;
     let largest = manifest.shards.iter().map(|s| s.bytes).max().unwrap();
