@@ -3,12 +3,12 @@
 // and a text-only greedy answer equals the native CLI's on the same converted folder token for
 // token. A corrupted shard fails the load with an Error naming the file and the checksum.
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 
 import { openBrowser } from './harness.js';
+import { llava } from './native.js';
 import { repoRoot } from './server.js';
 
 const SOURCE = 'tests/fixtures/models/mistral-tiny';
@@ -17,14 +17,6 @@ const CORRUPT = 'target/browser-fixtures/mistral-tiny-q8-corrupt';
 const PROMPT = 'What is the capital of France?';
 const MAX_NEW_TOKENS = 8;
 const SLOW = 300_000;
-
-function llava(args) {
-  const bin = path.join(repoRoot, 'target/release/llava');
-  if (!fs.existsSync(bin)) {
-    execFileSync('cargo', ['build', '--release', '-p', 'llava-cli'], { cwd: repoRoot, stdio: 'inherit' });
-  }
-  return execFileSync(bin, args, { cwd: repoRoot, maxBuffer: 1 << 26, stdio: ['ignore', 'pipe', 'inherit'] });
-}
 
 function convert(output) {
   fs.rmSync(path.join(repoRoot, output), { recursive: true, force: true });

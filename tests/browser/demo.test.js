@@ -3,12 +3,12 @@
 // the native CLI's (`llava run --json`) for the same image and question; then a follow-up
 // question streams new tokens, and Stop cancels a long answer.
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 
 import { artifactsDir, openBrowser, sharedDir } from './harness.js';
+import { llava } from './native.js';
 import { repoRoot } from './server.js';
 
 const MODEL = 'tests/fixtures/models/mistral-tiny';
@@ -20,16 +20,8 @@ const SLOW = 600_000;
 
 /** The native CLI's greedy answer to the same question about the same file. */
 function nativeTokens() {
-  const bin = path.join(repoRoot, 'target/release/llava');
-  if (!fs.existsSync(bin)) {
-    execFileSync('cargo', ['build', '--release', '-p', 'llava-cli'], { cwd: repoRoot, stdio: 'inherit' });
-  }
-  const out = execFileSync(
-    bin,
-    ['run', '--json', '--model', MODEL, '--image', IMAGE, '--prompt', QUESTION, '--max-new-tokens', String(MAX_NEW_TOKENS)],
-    { cwd: repoRoot, maxBuffer: 1 << 26, stdio: ['ignore', 'pipe', 'inherit'] },
-  );
-  return JSON.parse(out.toString()).tokens;
+  const args = ['run', '--json', '--model', MODEL, '--image', IMAGE, '--prompt', QUESTION];
+  return JSON.parse(llava([...args, '--max-new-tokens', String(MAX_NEW_TOKENS)]).toString()).tokens;
 }
 
 let browser;

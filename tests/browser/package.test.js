@@ -1,20 +1,21 @@
 // The package the way an app uses it: `npm pack`, installed from the tarball into a fresh
 // project whose plain page imports 'llava-webgpu' through an import map. The page loads the
-// bundled tiny model quantized to q4 (progress events up to 'ready'), sends an image's bytes and a
-// question, and the streamed tokens equal the native CLI's for the same model, image, prompt and
-// precision. After a reload the model loads again from the Cache API, without one request for a
+// bundled tiny model converted to q4 by `llava convert` (written at test time under target/, in
+// several shards; progress events up to 'ready'), sends an image's bytes and a question, and the
+// streamed tokens equal the native CLI's for the same converted folder, image and prompt. After a reload the model loads again from the Cache API, without one request for a
 // model file, and answers the same.
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 
 import { openBrowser, sharedDir } from './harness.js';
 import { packAndInstall } from './pack.js';
+import { llava } from './native.js';
 import { repoRoot } from './server.js';
 
-const MODEL = 'tests/fixtures/models/mistral-tiny';
+const SOURCE = 'tests/fixtures/models/mistral-tiny';
+const MODEL = 'target/browser-fixtures/mistral-tiny-q4';
 const IMAGE = 'testdata/images/chelsea.png';
 const QUESTION = 'What is in this picture?';
 const QUANT = 'q4';
@@ -24,18 +25,13 @@ const SLOW = 600_000;
 
 /** The native CLI's greedy answer ({ tokens, text }) to the same question about the same file. */
 function nativeAnswer() {
-  const bin = path.join(repoRoot, 'target/release/llava');
-  if (!fs.existsSync(bin)) {
-    execFileSync('cargo', ['build', '--release', '-p', 'llava-cli'], { cwd: repoRoot, stdio: 'inherit' });
-  }
   const args = ['run', '--json', '--model', MODEL, '--image', path.join(sharedDir, IMAGE), '--prompt', QUESTION];
-  const out = execFileSync(bin, [...args, '--quant', QUANT, '--max-new-tokens', String(MAX_NEW_TOKENS)], {
-    cwd: repoRoot,
-    maxBuffer: 1 << 26,
-    stdio: ['ignore', 'pipe', 'inherit'],
-  });
-  return JSON.parse(out.toString());
+  return JSON.parse(llava([...args, '--max-new-tokens', String(MAX_NEW_TOKENS)]).toString());
 }
+
+// Small shards, so that the model spans several files.
+fs.rmSync(path.join(repoRoot, MODEL), { recursive: true, force: true });
+llava(['convert', '--input', SOURCE, '--output', MODEL, '--quant', QUANT, '--shard-mb', '1']);
 
 const modelFiles = fs.readdirSync(path.join(repoRoot, MODEL));
 const shards = modelFiles.filter((f) => f.endsWith('.safetensors')).sort();
@@ -104,6 +100,7 @@ function checkAnswer({ pieces, result }, want) {
 let want;
 let first;
 test('the installed package loads the model with progress and answers as natively', { timeout: SLOW }, async () => {
+  assert.ok(shards.length > 1, `${shards.length} shards`);
   want = nativeAnswer();
   assert.ok(want.tokens.length > 0);
   requests.length = 0;
