@@ -190,8 +190,8 @@ fn run_liuhaotian_layout_gives_transformers_greedy_tokens() {
     let expected: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let case = expected["cases"].as_array().unwrap().iter().find(|c| c["id"] == "rocket_en").unwrap();
     let model = root().join("tests/fixtures/models/liuhaotian-tiny");
-    // Pillow's decode of rocket.jpg, as the reference saw it.
-    let rocket = root().join("tests/fixtures/decoded/rocket.png");
+    // The JPEG itself: crates/image decodes it as Pillow does.
+    let rocket = root().join("../shared/testdata/images/rocket.jpg");
     let out = llava(&[
         "run",
         "--model",

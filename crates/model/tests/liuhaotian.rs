@@ -21,12 +21,9 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// JPEGs as lossless PNG copies of Pillow's decode (see tests/parity.rs).
+/// A test image of ../shared/testdata/images, decoded as Pillow decodes it (JPEGs too).
 fn load_image(name: &str) -> llava_image::Rgb8 {
-    let path = match name.strip_suffix(".jpg") {
-        Some(stem) => root().join(format!("tests/fixtures/decoded/{stem}.png")),
-        None => root().join("../shared/testdata/images").join(name),
-    };
+    let path = root().join("../shared/testdata/images").join(name);
     llava_image::decode(&std::fs::read(&path).unwrap()).unwrap()
 }
 

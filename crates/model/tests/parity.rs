@@ -22,13 +22,10 @@ fn gpu() -> Arc<Gpu> {
     GPU.get_or_init(|| Arc::new(Gpu::new_blocking().expect("a wgpu adapter"))).clone()
 }
 
-/// The test image as transformers saw it: JPEGs come as lossless PNG copies of Pillow's decode
-/// (our JPEG decoder differs from libjpeg-turbo by a few levels; see crates/image).
-pub fn load_image(name: &str) -> llava_image::Rgb8 {
-    let path = match name.strip_suffix(".jpg") {
-        Some(stem) => root().join(format!("tests/fixtures/decoded/{stem}.png")),
-        None => root().join("../shared/testdata/images").join(name),
-    };
+/// A test image of ../shared/testdata/images, decoded as Pillow decodes it (JPEGs too: crates/image
+/// matches libjpeg-turbo byte for byte).
+fn load_image(name: &str) -> llava_image::Rgb8 {
+    let path = root().join("../shared/testdata/images").join(name);
     llava_image::decode(&std::fs::read(&path).unwrap()).unwrap()
 }
 
