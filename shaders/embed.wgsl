@@ -1,5 +1,5 @@
-// Row gathers: token embeddings (table F32 / F16 / Q8 / Q4) and f32 row gathers.
-// variants: F32 | F16 | Q8 QUANT | Q4 QUANT
+// Row gathers: token embeddings (table F32 / F16 / Q8 / Q6 / Q4) and f32 row gathers.
+// variants: F32 | F16 | Q8 QUANT | Q6 QUANT | Q4 QUANT
 // One thread per output element. The table binding may be a window of rows
 // [p.start, p.start + p.window); each dispatch writes only the outputs whose row falls inside
 // its window, so the windows together cover every id. Ids >= p.vocab are clamped to the last
@@ -28,6 +28,12 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 #endif
 
+#if Q4
+// quant.rs Q4_VALUES: nibble n stands for Q4_VALUES[n] * scale.
+const Q4_VALUES = array<f32, 16>(-127.0, -104.0, -83.0, -65.0, -49.0, -35.0, -22.0, -10.0, 1.0, 13.0, 25.0, 38.0,
+                                 53.0, 69.0, 89.0, 113.0);
+#endif
+
 // Element `idx` of the bound window (row-major, layouts as in tensor.rs / quant.rs).
 fn load(idx: u32) -> f32 {
 #if F32
@@ -36,17 +42,34 @@ fn load(idx: u32) -> f32 {
 #if F16
     return unpack2x16float(table[idx / 2u])[idx & 1u];
 #endif
-#if QUANT
+#if Q8
     let group = idx / 32u;
+#endif
+#if Q6
+    let group = idx / 64u;
+#endif
+#if Q4
+    let group = idx / 64u;
+#endif
+#if QUANT
     let scale = unpack2x16float(scales[group / 2u])[group & 1u];
 #endif
 #if Q8
     let q = extractBits(i32(table[idx / 4u]), 8u * (idx & 3u), 8u);
     return f32(q) * scale;
 #endif
+#if Q6
+    // Rows of d values: d / 8 words of low nibbles, then d / 16 words of high bit pairs.
+    let row = idx / p.d;
+    let col = idx % p.d;
+    let base = row * (3u * p.d / 16u);
+    let lo = extractBits(table[base + col / 8u], 4u * (col & 7u), 4u);
+    let hi = extractBits(table[base + p.d / 8u + col / 16u], 2u * (col & 15u), 2u);
+    return (f32(lo | (hi << 4u)) - 32.0) * scale;
+#endif
 #if Q4
     let q = extractBits(table[idx / 8u], 4u * (idx & 7u), 4u);
-    return (f32(q) - 8.0) * scale;
+    return Q4_VALUES[q] * scale;
 #endif
 }
 

@@ -1,8 +1,9 @@
 // Linear layers: y = x · wᵀ (+ bias). x: [M, K] f32, w: [N, K] (PyTorch Linear layout), y: [M, .] f32.
-// variants: W_F32 | W_F32 BIAS | W_F16 | W_F16 BIAS | W_Q8 QUANT | W_Q8 QUANT BIAS | W_Q4 QUANT | W_Q4 QUANT BIAS | W_F16 SHADER_F16 | W_F16 SHADER_F16 BIAS
+// variants: W_F32 | W_F32 BIAS | W_F16 | W_F16 BIAS | W_Q8 QUANT | W_Q8 QUANT BIAS | W_Q6 QUANT | W_Q6 QUANT BIAS | W_Q4 QUANT | W_Q4 QUANT BIAS | W_F16 SHADER_F16 | W_F16 SHADER_F16 BIAS
 //
-// Flags: exactly one of W_F32 / W_F16 / W_Q8 / W_Q4 picks the weight layout (see tensor.rs and
-// quant.rs); QUANT is set with W_Q8 / W_Q4 (adds the f16 scales buffer); BIAS adds the bias.
+// Flags: exactly one of W_F32 / W_F16 / W_Q8 / W_Q6 / W_Q4 picks the weight layout (see tensor.rs
+// and quant.rs); QUANT is set with W_Q8 / W_Q6 / W_Q4 (adds the f16 scales buffer); BIAS adds
+// the bias.
 // SHADER_F16 (with W_F16; devices with shader-f16; registry.rs adds `enable f16;`) reads the
 // weights as vec2<f16> and keeps the GEMM's weight tile in f16. Products and sums stay f32: x is
 // f32, and rounding it to f16 alone would move a dot product by ~2e-4 of its size.
@@ -55,11 +56,41 @@ fn bias_at(col: u32) -> f32 {
 #endif
 }
 
+#if W_Q8
+const GROUP: u32 = 32u;
+#endif
+#if W_Q6
+const GROUP: u32 = 64u;
+#endif
+#if W_Q4
+const GROUP: u32 = 64u;
+#endif
+
 #if QUANT
-// f16 scale of quantization group g (two per word, even index in the low half).
-fn scale_at(g: u32) -> f32 {
+// f16 scale of the quantization group of element e (two per word, even index in the low half).
+fn scale_at(e: u32) -> f32 {
+    let g = e / GROUP;
     let pair = unpack2x16float(scales[g / 2u]);
     return select(pair.x, pair.y, (g & 1u) == 1u);
+}
+#endif
+
+#if W_Q4
+// quant.rs Q4_VALUES as signed bytes, four per word: code n is byte n % 4 of word n / 4.
+fn q4_value(n: u32) -> f32 {
+    let codes = vec4<u32>(0xbfad9881u, 0xf6eaddcfu, 0x26190d01u, 0x71594535u);
+    return f32(extractBits(bitcast<i32>(codes[n >> 2u]), 8u * (n & 3u), 8u));
+}
+
+fn q4_values(n: vec4<u32>) -> vec4<f32> {
+    return vec4<f32>(q4_value(n.x), q4_value(n.y), q4_value(n.z), q4_value(n.w));
+}
+#endif
+
+#if W_Q6
+// Q6 rows of K values: K / 8 words of low nibbles, then K / 16 words of high bit pairs.
+fn q6_row_words() -> u32 {
+    return 3u * p.k / 16u;
 }
 #endif
 
@@ -80,11 +111,17 @@ fn w_at(n: u32, c: u32) -> f32 {
 #endif
 #if W_Q8
     let q = bitcast<i32>(w[e / 4u] << (24u - 8u * (e & 3u))) >> 24u;
-    return f32(q) * scale_at(e / 32u);
+    return f32(q) * scale_at(e);
+#endif
+#if W_Q6
+    let base = n * q6_row_words();
+    let lo = (w[base + c / 8u] >> (4u * (c & 7u))) & 15u;
+    let hi = (w[base + p.k / 8u + c / 16u] >> (2u * (c & 15u))) & 3u;
+    return (f32(lo | (hi << 4u)) - 32.0) * scale_at(e);
 #endif
 #if W_Q4
     let nibble = (w[e / 8u] >> (4u * (e & 7u))) & 15u;
-    return (f32(nibble) - 8.0) * scale_at(e / 32u);
+    return q4_value(nibble) * scale_at(e);
 #endif
 }
 
@@ -167,7 +204,7 @@ fn gemv(
                     bitcast<i32>(word << 8u),
                     bitcast<i32>(word),
                 ) >> vec4<u32>(24u));
-                let s = scale_at((jk + 4u * c4) / 32u);
+                let s = scale_at(jk + 4u * c4);
                 for (var i = 0u; i < GEMV_M; i++) {
                     if (i >= rows) {
                         break;
@@ -176,12 +213,30 @@ fn gemv(
                 }
             }
 #endif
+#if W_Q6
+            let row = j * q6_row_words();
+            for (var c8 = lane; c8 < p.k / 8u; c8 += GEMV_LANES) {
+                let word = vec4<u32>(w[row + c8]);
+                let high = vec4<u32>(w[row + p.k / 8u + c8 / 2u] >> (16u * (c8 & 1u)));
+                let lo = vec4<f32>(((word >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u))
+                    | (((high >> vec4<u32>(0u, 2u, 4u, 6u)) & vec4<u32>(3u)) << vec4<u32>(4u))) - 32.0;
+                let hi = vec4<f32>(((word >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u))
+                    | (((high >> vec4<u32>(8u, 10u, 12u, 14u)) & vec4<u32>(3u)) << vec4<u32>(4u))) - 32.0;
+                let s = scale_at(jk + 8u * c8);
+                for (var i = 0u; i < GEMV_M; i++) {
+                    if (i >= rows) {
+                        break;
+                    }
+                    acc[i] += s * (dot(lo, x4(m0 + i, 8u * c8)) + dot(hi, x4(m0 + i, 8u * c8 + 4u)));
+                }
+            }
+#endif
 #if W_Q4
             for (var c8 = lane; c8 < p.k / 8u; c8 += GEMV_LANES) {
                 let word = vec4<u32>(w[jk / 8u + c8]);
-                let lo = vec4<f32>((word >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u)) - 8.0;
-                let hi = vec4<f32>((word >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u)) - 8.0;
-                let s = scale_at((jk + 8u * c8) / 32u);
+                let lo = q4_values((word >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u));
+                let hi = q4_values((word >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u));
+                let s = scale_at(jk + 8u * c8);
                 for (var i = 0u; i < GEMV_M; i++) {
                     if (i >= rows) {
                         break;
@@ -222,7 +277,7 @@ const TILE: u32 = 64u;
 const TILE_K: u32 = 16u;
 
 // f16 weights stay f16 in the w tile (exact, half the workgroup memory traffic); dequantized
-// Q8/Q4 values need f32 (q * scale has more than 11 significant bits).
+// Q8/Q6/Q4 values need f32 (q * scale has more than 11 significant bits).
 #if W_F16
 #if SHADER_F16
 alias WTile = f16;

@@ -1224,33 +1224,68 @@ def build_quant_gate_model():
     return model, config, recipe, digest.hexdigest()
 
 
-def fake_quantize(values: np.ndarray, kind: str) -> np.ndarray:
-    """Quantize then dequantize a [rows, cols] matrix exactly as llava_gpu::quant does (groups of 32
-    along rows, f16 scales; Q8: max|w| / 127; Q4: m / -8 with m the value of largest magnitude,
-    nibbles clamped to 0..15; rounding half away from zero, all in f32)."""
-    rows, cols = values.shape
-    groups = values.astype(np.float32).reshape(-1, 32)
-    if kind == "q8":
-        scale_f32 = np.abs(groups).max(axis=1) / np.float32(127)
-    else:
-        largest = groups[np.arange(len(groups)), np.abs(groups).argmax(axis=1)]
-        scale_f32 = largest / np.float32(-8)
-    scale = scale_f32.astype(np.float16).astype(np.float32)
+# llava_gpu::quant's Q4 code book (llama.cpp's IQ4_NL values): nibble n stands for Q4_VALUES[n] * scale.
+Q4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
+Q4_MIDPOINTS = ((Q4_VALUES[:-1] + Q4_VALUES[1:]) / 2).astype(np.float32)
+# The scales Q4 tries: the value of largest magnitude m over Q4_VALUES[0] + t or Q4_VALUES[15] + t.
+Q4_SCALE_DIVISORS = [-127 + t for t in (-4, -2, 0)] + [113 + t for t in (-4, -2, 0)]
+GROUP_SIZES = {"q8": 32, "q6": 64, "q4": 64}
+
+
+def f16_round(values: np.ndarray) -> np.ndarray:
+    return values.astype(np.float16).astype(np.float32)
+
+
+def inverse_of(scale: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
-        inverse = np.where(scale == 0, np.float32(0), np.float32(1) / scale).astype(np.float32)
-    x = groups * inverse[:, None]
+        return np.where(scale == 0, np.float32(0), np.float32(1) / scale).astype(np.float32)
+
+
+def fake_quantize(values: np.ndarray, kind: str) -> np.ndarray:
+    """Quantize then dequantize a [rows, cols] matrix exactly as llava_gpu::quant does, all in f32
+    with f16 scales, groups along rows (GROUP_SIZES). Q8: scale max|w| / 127, round half away from
+    zero. Q6: scale m / -32 (m the value of largest magnitude), q in -32..31. Q4: each divisor of
+    Q4_SCALE_DIVISORS in turn gives a scale; values go to the nearest code (Q4_MIDPOINTS, a value
+    on a midpoint to the lower code); the scale with the smallest squared error (summed in f64)
+    wins, the first on ties."""
+    rows, cols = values.shape
+    groups = values.astype(np.float32).reshape(-1, GROUP_SIZES[kind])
+    largest = groups[np.arange(len(groups)), np.abs(groups).argmax(axis=1)]
+    if kind == "q4":
+        best = np.zeros_like(groups)
+        best_error = np.full(len(groups), np.inf)
+        for divisor in Q4_SCALE_DIVISORS:
+            scale = f16_round(largest / np.float32(divisor))
+            codes = np.searchsorted(Q4_MIDPOINTS, groups * inverse_of(scale)[:, None], side="left")
+            dequantized = (Q4_VALUES[codes] * scale[:, None]).astype(np.float32)
+            error = ((dequantized - groups).astype(np.float64) ** 2).sum(axis=1)
+            better = error < best_error
+            best[better], best_error[better] = dequantized[better], error[better]
+        return best.reshape(rows, cols)
+    if kind == "q8":
+        scale = f16_round(np.abs(groups).max(axis=1) / np.float32(127))
+    else:
+        scale = f16_round(largest / np.float32(-32))
+    x = groups * inverse_of(scale)[:, None]
     q = np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))
-    q = np.clip(q, -127, 127) if kind == "q8" else np.clip(q + 8, 0, 15) - 8
+    q = np.clip(q, -127, 127) if kind == "q8" else np.clip(q, -32, 31)
     return (q * scale[:, None]).astype(np.float32).reshape(rows, cols)
 
 
 def quantized_kind(canonical: str, shape, precision: str):
-    """The runtime's default storage (crates/model/src/weights.rs, storage_dtype_keeping): under q4
-    the language model's linear layers and token embeddings are Q4, the lm_head, vision tower and
-    projector Q8; under q8 every quantizable matrix is Q8. None: kept in f16/f32."""
+    """The runtime's default storage (crates/model/src/weights.rs, storage_dtype_keeping). Under q4:
+    the language model's attention value/output matrices and token embeddings Q6, its other linear
+    layers Q4, the lm_head, vision tower and projector Q8; a matrix whose rows do not split into
+    its kind's groups falls back to Q8. Under q8 every quantizable matrix is Q8. None: kept in
+    f16/f32."""
     if len(shape) != 2 or shape[1] % 32 != 0 or canonical.startswith("vision_model.embeddings"):
         return None
-    return "q4" if precision == "q4" and canonical.startswith("model.") else "q8"
+    kind = "q8"
+    if precision == "q4" and canonical.startswith("model."):
+        six = canonical.endswith(("self_attn.v_proj.weight", "self_attn.o_proj.weight")) or \
+            canonical == "model.embed_tokens.weight"
+        kind = "q6" if six else "q4"
+    return kind if shape[1] % GROUP_SIZES[kind] == 0 else "q8"
 
 
 @torch.no_grad()

@@ -127,7 +127,7 @@ fn weight(gpu: &Gpu, dtype: DType, n: usize, k: usize) -> Result<(Tensor, f64)> 
         _ => Tensor::from_quant(gpu, &quantize(dtype, n, k, &w))?,
     };
     let scales = if dtype.is_quantized() {
-        (n * k / Tensor::QUANT_GROUP * 2) as f64
+        (n * k / dtype.group_size() * 2) as f64
     } else {
         0.0
     };
@@ -320,7 +320,7 @@ fn main() -> Result<()> {
     }
     for &shape in &gemvs {
         cpu_sgemm_row(&mut table, shape)?;
-        for dtype in [DType::F32, DType::F16, DType::Q8, DType::Q4] {
+        for dtype in [DType::F32, DType::F16, DType::Q8, DType::Q6, DType::Q4] {
             for gpu in devices(dtype) {
                 linear_row(gpu, &mut table, LinearKernel::Gemv, dtype, shape)?;
             }

@@ -10,7 +10,7 @@
 //!   declaration), so shaders only write `#if SHADER_F16` sections; such pipelines need a device
 //!   with SHADER_F16 ([`crate::Gpu::has_f16`]).
 //!   A shader whose flags are not independent lists its valid sets on a `// variants:` line
-//!   (e.g. `// variants: F32 | F16 | Q8 QUANT | Q4 QUANT`); the naga test validates those.
+//!   (e.g. `// variants: F32 | F16 | Q8 QUANT | Q6 QUANT | Q4 QUANT`); the naga test validates those.
 //! - **override constants** (`override TILE: u32 = 64;`), set per pipeline by name, for sizes.
 
 use std::collections::HashMap;

@@ -5,14 +5,14 @@
 //! - `F16`: IEEE half, row-major, two per 32-bit word (element `2i` in the low half), read in WGSL
 //!   with `unpack2x16float`, so no device feature is needed. The buffer is padded to 4 bytes.
 //! - `U32`: token ids and other indices.
-//! - `Q8` / `Q4`: group-quantized 2-D weights, see [`crate::quant`]; the packed values live in
-//!   the main buffer and the per-group f16 scales in a second one.
+//! - `Q8` / `Q6` / `Q4`: group-quantized 2-D weights, see [`crate::quant`]; the packed values
+//!   live in the main buffer and the per-group f16 scales in a second one.
 
 use std::sync::Arc;
 
 use crate::context::{Binding, Gpu};
 use crate::error::{GpuError, Result, shape_err};
-use crate::quant::{QUANT_GROUP, QuantMatrix};
+use crate::quant::QuantMatrix;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
@@ -20,12 +20,22 @@ pub enum DType {
     F16,
     U32,
     Q8,
+    Q6,
     Q4,
 }
 
 impl DType {
     pub fn is_quantized(self) -> bool {
-        matches!(self, DType::Q8 | DType::Q4)
+        matches!(self, DType::Q8 | DType::Q6 | DType::Q4)
+    }
+
+    /// Values per quantization group (columns per f16 scale); 0 for unquantized dtypes.
+    pub fn group_size(self) -> usize {
+        match self {
+            DType::Q8 => 32,
+            DType::Q6 | DType::Q4 => 64,
+            _ => 0,
+        }
     }
 
     /// Bytes of the main buffer for `numel` elements (before the 4-byte padding).
@@ -35,6 +45,7 @@ impl DType {
             DType::F32 | DType::U32 => 4 * n,
             DType::F16 => 2 * n,
             DType::Q8 => n,
+            DType::Q6 => n * 3 / 4,
             DType::Q4 => n / 2,
         }
     }
@@ -197,9 +208,6 @@ impl Tensor {
         let bytes = gpu.read_buffer(&self.buffer, self.offset, self.byte_len()).await?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
-
-    /// Group size of quantized tensors (columns per f16 scale).
-    pub const QUANT_GROUP: usize = QUANT_GROUP;
 }
 
 /// `queue.write_buffer` needs a multiple of 4 bytes.

@@ -11,7 +11,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
-use llava_gpu::quant::{self, QUANT_GROUP};
+use llava_gpu::quant;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -67,14 +67,11 @@ impl PlannedTensor {
                 self.shape.clone(),
                 2 * numel as u64,
             )],
-            Storage::Q8 | Storage::Q4 => {
+            Storage::Q8 | Storage::Q6 | Storage::Q4 => {
                 let (rows, cols) = (self.shape[0], self.shape[1]);
-                let packed = if self.storage == Storage::Q4 {
-                    cols / 2
-                } else {
-                    cols
-                };
-                let groups = cols / QUANT_GROUP;
+                let dtype = self.storage.gpu_dtype();
+                let packed = dtype.data_bytes(cols) as usize;
+                let groups = cols / dtype.group_size();
                 vec![
                     (
                         format!("{}{QWEIGHT_SUFFIX}", self.name),
@@ -418,7 +415,7 @@ pub fn convert(
         files,
         quant: QuantScheme {
             precision: precision_name(precision).into(),
-            group_size: QUANT_GROUP,
+            group_sizes: Storage::group_sizes(),
             tensors: storage,
         },
         shards,
@@ -460,7 +457,7 @@ fn write_shard(checkpoint: &Checkpoint, path: &Path, planned: &PlannedShard) -> 
                 .write_all(bytemuck::cast_slice(&host.to_f32()))
                 .map_err(io)?,
             Storage::F16 => out.write_all(&host.to_f16_bytes()).map_err(io)?,
-            Storage::Q8 | Storage::Q4 => {
+            Storage::Q8 | Storage::Q6 | Storage::Q4 => {
                 let q = quant::quantize(
                     t.storage.gpu_dtype(),
                     t.shape[0],

@@ -16,7 +16,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use half::f16;
-use llava_gpu::quant::{QUANT_GROUP, QuantMatrix};
+use llava_gpu::quant::QuantMatrix;
 use llava_gpu::{DType, Gpu, Tensor};
 use sha2::{Digest, Sha256};
 
@@ -544,7 +544,7 @@ impl Uploads<'_> {
                     ));
                     wanted.push(entry);
                 }
-                Storage::Q8 | Storage::Q4 => {
+                Storage::Q8 | Storage::Q6 | Storage::Q4 => {
                     let qname = format!("{name}{QWEIGHT_SUFFIX}");
                     let sname = format!("{name}{SCALES_SUFFIX}");
                     let data = self.take_entry(&mut by_name, &qname, "U8")?;
@@ -562,8 +562,9 @@ impl Uploads<'_> {
                     let &[rows, packed] = &qshape[..] else {
                         return Err(self.fail(format!("tensor {qname} has shape {qshape:?}, expected 2-D")));
                     };
-                    let cols = packed * if *kind == Storage::Q4 { 2 } else { 1 };
-                    if cols % QUANT_GROUP != 0 || *sshape != [rows, cols / QUANT_GROUP] {
+                    let group = kind.gpu_dtype().group_size();
+                    let cols = kind.cols_from_packed(packed).unwrap_or(0);
+                    if cols == 0 || cols % group != 0 || *sshape != [rows, cols / group] {
                         return Err(self.fail(format!(
                             "tensor {name}: scales of shape {sshape:?} do not fit {kind:?} weights of {rows}x{cols}"
                         )));
@@ -895,7 +896,7 @@ mod tests {
             "version": crate::manifest::FORMAT_VERSION,
             "config": {},
             "files": [],
-            "quant": {"precision": "f32", "group_size": QUANT_GROUP, "tensors": tensors},
+            "quant": {"precision": "f32", "group_sizes": Storage::group_sizes(), "tensors": tensors},
             "shards": shards.iter().map(|(file, bytes, names)| json!({
                 "file": file, "bytes": bytes.len(), "sha256": sha256_hex(bytes), "tensors": names,
             })).collect::<Vec<_>>(),

@@ -1,13 +1,12 @@
 //! The converted-model format (docs/converted-format.md): a `manifest.json` next to safetensors
-//! shards that store each tensor in the layout the GPU reads (f32, f16, or Q8/Q4 as a packed
-//! `<name>.qweight` U8 tensor plus `<name>.scales` F16 `[rows, cols / 32]`), so loading is a
+//! shards that store each tensor in the layout the GPU reads (f32, f16, or Q8/Q6/Q4 as a packed
+//! `<name>.qweight` U8 tensor plus `<name>.scales` F16 `[rows, cols / group]`), so loading is a
 //! plain upload. This module reads and checks manifests; [`crate::loader`] streams the shards.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use llava_gpu::DType;
-use llava_gpu::quant::QUANT_GROUP;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -17,7 +16,8 @@ use crate::weights::WeightPrecision;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const FORMAT_NAME: &str = "llava-webgpu";
-pub const FORMAT_VERSION: u64 = 1;
+/// Version 2: Q4 with a code book and groups of 64, Q6 (version 1 had Q4_0 in groups of 32).
+pub const FORMAT_VERSION: u64 = 2;
 
 /// Suffixes of the two safetensors entries of a quantized matrix.
 pub const QWEIGHT_SUFFIX: &str = ".qweight";
@@ -39,7 +39,8 @@ pub struct Manifest {
 pub struct QuantScheme {
     /// What the converter was asked for: "f32", "f16", "q8" or "q4".
     pub precision: String,
-    pub group_size: usize,
+    /// Values per f16 scale of each quantized storage kind ([`Storage::group_sizes`]).
+    pub group_sizes: BTreeMap<Storage, usize>,
     /// How each tensor is stored, by canonical name.
     pub tensors: BTreeMap<String, Storage>,
 }
@@ -51,15 +52,35 @@ pub enum Storage {
     F32,
     F16,
     Q8,
+    Q6,
     Q4,
 }
 
 impl Storage {
+    /// The group size of every quantized kind, as a manifest records them.
+    pub fn group_sizes() -> BTreeMap<Storage, usize> {
+        [Storage::Q8, Storage::Q6, Storage::Q4]
+            .into_iter()
+            .map(|s| (s, s.gpu_dtype().group_size()))
+            .collect()
+    }
+
+    /// The columns of a quantized matrix whose `.qweight` rows hold `packed` bytes.
+    pub fn cols_from_packed(self, packed: usize) -> Option<usize> {
+        match self {
+            Storage::Q8 => Some(packed),
+            Storage::Q6 => (packed % 3 == 0).then_some(packed / 3 * 4),
+            Storage::Q4 => Some(packed * 2),
+            Storage::F32 | Storage::F16 => None,
+        }
+    }
+
     pub fn gpu_dtype(self) -> DType {
         match self {
             Storage::F32 => DType::F32,
             Storage::F16 => DType::F16,
             Storage::Q8 => DType::Q8,
+            Storage::Q6 => DType::Q6,
             Storage::Q4 => DType::Q4,
         }
     }
@@ -70,6 +91,7 @@ impl Storage {
             DType::F32 => Some(Storage::F32),
             DType::F16 => Some(Storage::F16),
             DType::Q8 => Some(Storage::Q8),
+            DType::Q6 => Some(Storage::Q6),
             DType::Q4 => Some(Storage::Q4),
             DType::U32 => None,
         }
@@ -142,10 +164,11 @@ impl Manifest {
 
     fn check(&self) -> Result<()> {
         let bad = |msg: String| ModelError::config(MANIFEST_FILE, msg);
-        if self.quant.group_size != QUANT_GROUP {
+        if self.quant.group_sizes != Storage::group_sizes() {
             return Err(bad(format!(
-                "group size {} is not supported (only {QUANT_GROUP})",
-                self.quant.group_size
+                "group sizes {:?} are not supported (only {:?})",
+                self.quant.group_sizes,
+                Storage::group_sizes()
             )));
         }
         let mut files = BTreeSet::new();

@@ -20,7 +20,8 @@ pub enum WeightPrecision {
     F16,
     /// Group-quantized int8 (see `llava_gpu::quant`).
     Q8,
-    /// Group-quantized int4.
+    /// Group-quantized 4-bit, with the attention value/output matrices and the token embeddings
+    /// at 6 bits (see [`storage_dtype_keeping`]).
     Q4,
 }
 
@@ -51,17 +52,19 @@ pub fn storage_dtype_of(name: &str, shape: &[usize], stored: Dtype, precision: W
 }
 
 /// The GPU dtype of a tensor. Vectors and the vision embeddings: f32. Under F32 (and Native on
-/// an f32 checkpoint) everything is f32. Otherwise matrices whose rows do not split into groups
-/// of 32 are f16, and the rest by part (measured in docs/converted-format.md):
-/// - language-model linear layers: the chosen precision (f16 unless Q8 or Q4);
-/// - `lm_head`: Q8 under Q4 and Q8, else f16. Its error reaches every logit directly, and Q8
-///   costs LLaVA-1.6-Mistral-7B 66 MB over Q4;
-/// - `model.embed_tokens`: like the linear layers (one row per token is read; Q4 keeps the
-///   7B download under 4.5 GB). A tied table is this one, so it is Q4 under Q4 too;
+/// an f32 checkpoint) everything is f32. Otherwise by part (measured in
+/// docs/converted-format.md, "Quality"):
+/// - language-model linear layers: the chosen precision (f16 unless Q8 or Q4); under Q4 the
+///   attention value and output matrices are Q6 (their errors add up along the residual stream:
+///   at Q4 they cost more than all other layers together);
+/// - `lm_head`: Q8 under Q4 and Q8, else f16. Its error reaches every logit directly;
+/// - `model.embed_tokens`: Q8 under Q8, Q6 under Q4 (a tied table is this one), else f16;
 /// - vision tower and projector: Q8 under Q4 and Q8, else f16 (Q4 there costs image answers
 ///   several times the error of the whole language model at Q8, for 0.16 GB).
 ///
-/// `keep.lm_head` sets both vocabulary matrices, `keep.vision` the vision tower and projector.
+/// A matrix whose rows do not split into its dtype's groups falls back to Q8 (groups of 32),
+/// or f16 when that does not fit either. `keep.lm_head` sets both vocabulary matrices,
+/// `keep.vision` the vision tower and projector.
 pub fn storage_dtype_keeping(
     name: &str,
     shape: &[usize],
@@ -77,11 +80,12 @@ pub fn storage_dtype_keeping(
         WeightPrecision::Native if stored == Dtype::F32 => return DType::F32,
         _ => {}
     }
-    if shape.len() != 2 || !quantizable(shape[1]) {
+    if shape.len() != 2 {
         return DType::F16;
     }
     let language = match precision {
         WeightPrecision::Q8 => DType::Q8,
+        WeightPrecision::Q4 if is_six_bit_under_q4(name) => DType::Q6,
         WeightPrecision::Q4 => DType::Q4,
         _ => DType::F16,
     };
@@ -91,16 +95,29 @@ pub fn storage_dtype_keeping(
         _ if name.starts_with("model.") => (None, language),
         _ => (keep.vision, at_least_q8(language)),
     };
-    match keep {
+    let dtype = match keep {
         Some(KeepPrecision::F16) => DType::F16,
         Some(KeepPrecision::Q8) => DType::Q8,
         None => default,
+    };
+    match dtype {
+        DType::F16 => DType::F16,
+        d if quantizable(d, shape[1]) => d,
+        _ if quantizable(DType::Q8, shape[1]) => DType::Q8,
+        _ => DType::F16,
     }
 }
 
-/// Q4 raised to Q8; other dtypes as they are.
+/// The language-model matrices that Q4 keeps at Q6.
+fn is_six_bit_under_q4(name: &str) -> bool {
+    name == "model.embed_tokens.weight"
+        || name.ends_with(".self_attn.v_proj.weight")
+        || name.ends_with(".self_attn.o_proj.weight")
+}
+
+/// Q4 and Q6 raised to Q8; other dtypes as they are.
 fn at_least_q8(dtype: DType) -> DType {
-    if dtype == DType::Q4 { DType::Q8 } else { dtype }
+    if dtype.is_quantized() { DType::Q8 } else { dtype }
 }
 
 /// Converts a host tensor to `dtype` and uploads it.
@@ -108,7 +125,7 @@ pub fn upload(gpu: &Gpu, host: &HostTensor, dtype: DType) -> Result<Tensor> {
     let t = match dtype {
         DType::F32 => Tensor::from_f32(gpu, &host.shape, &host.to_f32())?,
         DType::F16 => Tensor::from_bytes(gpu, &host.shape, DType::F16, &host.to_f16_bytes())?,
-        DType::Q8 | DType::Q4 => {
+        DType::Q8 | DType::Q6 | DType::Q4 => {
             let (rows, cols) = (host.shape[0], host.shape[1]);
             Tensor::from_quant(gpu, &quant::quantize(dtype, rows, cols, &host.to_f32()))?
         }
@@ -124,7 +141,13 @@ pub struct Weights {
 }
 
 impl Weights {
-    pub fn insert(&mut self, gpu: &Gpu, name: &str, host: &HostTensor, precision: WeightPrecision) -> Result<()> {
+    pub fn insert(
+        &mut self,
+        gpu: &Gpu,
+        name: &str,
+        host: &HostTensor,
+        precision: WeightPrecision,
+    ) -> Result<()> {
         let tensor = upload(gpu, host, storage_dtype(name, host, precision))?;
         self.tensors.insert(name.to_string(), tensor);
         Ok(())

@@ -254,10 +254,15 @@ fn mistral_7b_q4_download_is_at_most_4_5_gb() {
                 "q4 total {} bytes",
                 summary.total
             );
-            // The LLM's matrices and token embeddings at 4.5 bits (a nibble plus an f16 scale
-            // per 32), the lm_head, vision tower and projector matrices at 8.5 bits.
+            // The LLM's matrices at 4.25 bits (a nibble plus an f16 scale per 64), its attention
+            // value/output matrices and token embeddings at 6.25 bits, the lm_head, vision tower
+            // and projector matrices at 8.5 bits (a byte plus an f16 scale per 32).
             let q4 = summary.by_storage[&Storage::Q4];
-            assert_eq!(q4.bytes * 32, q4.params * 18);
+            assert_eq!(q4.bytes * 64, q4.params * 34);
+            let q6 = summary.by_storage[&Storage::Q6];
+            assert_eq!(q6.bytes * 64, q6.params * 50);
+            let per_layer = 4096 * 1024 + 4096 * 4096;
+            assert_eq!(q6.params, 32 * per_layer + 32064 * 4096);
             let q8 = summary.by_storage[&Storage::Q8];
             assert_eq!(q8.bytes * 32, q8.params * 34);
         }
@@ -338,11 +343,19 @@ fn sha256_mismatch_is_reported() {
 #[test]
 fn unknown_manifest_version_is_reported() {
     let dir = converted_copy();
-    edit_manifest(dir.path(), |m| m["version"] = json!(2));
-    assert_mentions(
-        &load_error(dir.path()),
-        &[MANIFEST_FILE, "version 2", "not supported"],
-    );
+    // Version 1 (Q4_0 in groups of 32) and a future version alike.
+    for version in [1, 3] {
+        edit_manifest(dir.path(), |m| m["version"] = json!(version));
+        assert_mentions(
+            &load_error(dir.path()),
+            &[
+                MANIFEST_FILE,
+                &format!("version {version}"),
+                "not supported",
+                "convert the model again",
+            ],
+        );
+    }
 }
 
 #[test]
@@ -402,8 +415,8 @@ fn converted_model_refuses_another_precision() {
 
 #[test]
 fn storage_kinds_follow_the_load_rule() {
-    // Under q4: LLM matrices and token embeddings q4; lm_head, vision and projector matrices q8;
-    // vectors and the vision embeddings f32.
+    // Under q4: LLM matrices q4, but its attention value/output matrices and token embeddings
+    // q6; lm_head, vision and projector matrices q8; vectors and the vision embeddings f32.
     let out = tempfile::tempdir().unwrap();
     let manifest = convert::convert(
         &fixture("vicuna-tiny"),
@@ -416,9 +429,11 @@ fn storage_kinds_follow_the_load_rule() {
     .manifest;
     let kinds = &manifest.quant.tensors;
     assert_eq!(kinds["model.layers.0.mlp.up_proj.weight"], Storage::Q4);
-    assert_eq!(kinds["model.layers.1.self_attn.v_proj.weight"], Storage::Q4);
+    assert_eq!(kinds["model.layers.1.self_attn.q_proj.weight"], Storage::Q4);
+    assert_eq!(kinds["model.layers.1.self_attn.v_proj.weight"], Storage::Q6);
+    assert_eq!(kinds["model.layers.0.self_attn.o_proj.weight"], Storage::Q6);
     assert_eq!(kinds["lm_head.weight"], Storage::Q8);
-    assert_eq!(kinds["model.embed_tokens.weight"], Storage::Q4);
+    assert_eq!(kinds["model.embed_tokens.weight"], Storage::Q6);
     assert_eq!(
         kinds["vision_model.encoder.layers.0.mlp.fc1.weight"],
         Storage::Q8
@@ -465,11 +480,11 @@ fn keep_options_override_vision_and_lm_head_storage() {
     use Storage as S;
     assert_eq!(
         kinds(WeightPrecision::Q4, None, None),
-        [S::Q4, S::Q8, S::Q8, S::Q4, S::Q8]
+        [S::Q4, S::Q8, S::Q8, S::Q6, S::Q8]
     );
     assert_eq!(
         kinds(WeightPrecision::Q4, Some(F16), None),
-        [S::Q4, S::F16, S::F16, S::Q4, S::Q8]
+        [S::Q4, S::F16, S::F16, S::Q6, S::Q8]
     );
     assert_eq!(
         kinds(WeightPrecision::Q4, None, Some(Q8)),

@@ -1,4 +1,4 @@
-//! Row gathers: token embedding lookup (F32 / F16 / Q8 / Q4 tables) and [`gather_rows`] for
+//! Row gathers: token embedding lookup (F32 / F16 / Q8 / Q6 / Q4 tables) and [`gather_rows`] for
 //! f32 activations (packing image features, dropping CLS tokens).
 //!
 //! A 7B model's embedding table (262 MB in f16, 525 MB in f32) can exceed the adapter's largest
@@ -10,7 +10,6 @@
 
 use crate::context::Binding;
 use crate::error::{GpuError, Result, shape_err};
-use crate::quant::QUANT_GROUP;
 use crate::registry::{PipelineKey, Shader};
 use crate::{Batch, DType, Gpu, Tensor, shader};
 
@@ -44,7 +43,7 @@ pub fn gather_rows(batch: &mut Batch, src: &Tensor, index: &Tensor) -> Result<Te
 
 /// Bytes per table row in the main buffer and in the scales buffer (0 when unquantized).
 fn row_bytes(table: &Tensor, d: usize) -> (u64, u64) {
-    let scales = if table.dtype().is_quantized() { (d / QUANT_GROUP) as u64 * 2 } else { 0 };
+    let scales = if table.dtype().is_quantized() { (d / table.dtype().group_size()) as u64 * 2 } else { 0 };
     (table.dtype().data_bytes(d), scales)
 }
 
@@ -92,6 +91,7 @@ pub(crate) fn gather_windowed(
         DType::F32 => "F32",
         DType::F16 => "F16",
         DType::Q8 => "Q8",
+        DType::Q6 => "Q6",
         DType::Q4 => "Q4",
         DType::U32 => {
             return Err(GpuError::Unsupported { op, what: "a U32 table".into() });
@@ -191,13 +191,14 @@ mod tests {
 
     #[test]
     fn embedding_matches_cpu_for_every_table_dtype() {
-        // Odd widths for F32/F16 (F16 rows then straddle u32 words); quantized rows need D % 32 == 0.
+        // Odd widths for F32/F16 (F16 rows then straddle u32 words); quantized rows need whole groups.
         for (dtype, vocab, d) in [
             (DType::F32, 301, 5),
             (DType::F16, 301, 7),
             (DType::F32, 50, 1000),
             (DType::Q8, 97, 96),
-            (DType::Q4, 97, 160),
+            (DType::Q6, 97, 192),
+            (DType::Q4, 97, 192),
         ] {
             let (table, values) = upload_table(dtype, vocab, d, 3);
             let ids: Vec<u32> = vec![0, vocab as u32 - 1, 17, 17, 3, 42, 1, vocab as u32 - 2, 5];
@@ -221,6 +222,7 @@ mod tests {
             (DType::F32, 700, 5, 5_000),
             (DType::F16, 700, 6, 3_000),
             (DType::Q8, 300, 64, 5_000),
+            (DType::Q6, 300, 64, 4_000),
             (DType::Q4, 300, 64, 3_000),
         ] {
             let (table, values) = upload_table(dtype, vocab, d, 5);

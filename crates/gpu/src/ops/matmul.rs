@@ -1,5 +1,5 @@
 //! Linear layers: `y = x · wᵀ (+ bias)` with f32 activations and weights in PyTorch Linear layout
-//! `[N, K] = [out, in]`, stored as F32, F16 or group-quantized Q8 / Q4 (dequantized in-shader).
+//! `[N, K] = [out, in]`, stored as F32, F16 or group-quantized Q8 / Q6 / Q4 (dequantized in-shader).
 //!
 //! Two kernels (shaders/matmul.wgsl): a GEMV for few rows of x (decode, where reading the weights
 //! is the whole cost) and a tiled GEMM otherwise. Weights larger than one storage binding (a
@@ -14,7 +14,6 @@
 
 use crate::context::Binding;
 use crate::error::{GpuError, Result, shape_err};
-use crate::quant::QUANT_GROUP;
 use crate::registry::{PipelineKey, SHADER_F16, Shader};
 use crate::{Batch, DType, Tensor, shader};
 
@@ -47,7 +46,7 @@ struct Params {
     col0: u32,
 }
 
-/// `y = x · wᵀ (+ bias)`. x: `[.., K]` f32; w: `[N, K]` of F32 | F16 | Q8 | Q4; bias: `[N]` F32.
+/// `y = x · wᵀ (+ bias)`. x: `[.., K]` f32; w: `[N, K]` of F32 | F16 | Q8 | Q6 | Q4; bias: `[N]` F32.
 /// Returns `[.., N]` f32.
 pub fn linear(batch: &mut Batch, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     linear_with(batch, x, w, bias, LinearKernel::Auto)
@@ -94,6 +93,7 @@ pub(crate) fn linear_windowed(
             DType::F32 => "W_F32",
             DType::F16 => "W_F16",
             DType::Q8 => "W_Q8",
+            DType::Q6 => "W_Q6",
             _ => "W_Q4",
         })
         .flag_if(w.dtype().is_quantized(), "QUANT")
@@ -154,7 +154,7 @@ fn check_shapes(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<(usize,
             format!("x must be f32 [.., K], got {:?} {:?}", x.dtype(), x.shape()),
         ));
     }
-    if !matches!(w.dtype(), DType::F32 | DType::F16 | DType::Q8 | DType::Q4) {
+    if !matches!(w.dtype(), DType::F32 | DType::F16 | DType::Q8 | DType::Q6 | DType::Q4) {
         return Err(GpuError::Unsupported {
             op: OP,
             what: format!("weights of dtype {:?}", w.dtype()),
@@ -174,13 +174,11 @@ fn check_shapes(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<(usize,
             ),
         ));
     }
-    if w.dtype().is_quantized() && (k % QUANT_GROUP != 0 || w.scales_binding().is_none()) {
+    let group = w.dtype().group_size();
+    if w.dtype().is_quantized() && (k % group != 0 || w.scales_binding().is_none()) {
         return Err(shape_err(
             OP,
-            format!(
-                "quantized w {:?} needs K % {QUANT_GROUP} == 0 and scales",
-                w.shape()
-            ),
+            format!("{:?} w {:?} needs K % {group} == 0 and scales", w.dtype(), w.shape()),
         ));
     }
     if let Some(b) = bias
@@ -197,7 +195,7 @@ fn check_shapes(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<(usize,
 /// Bytes of one weight row in the main buffer and in the scales buffer (0 unless quantized).
 fn row_bytes(w: &Tensor, k: usize) -> (u64, u64) {
     let scales = if w.dtype().is_quantized() {
-        (k / QUANT_GROUP) as u64 * 2
+        (k / w.dtype().group_size()) as u64 * 2
     } else {
         0
     };
@@ -432,9 +430,11 @@ mod tests {
 
     #[test]
     fn quantized_weights_match_dequantized_cpu() {
-        for dtype in [DType::Q8, DType::Q4] {
+        for dtype in [DType::Q8, DType::Q6, DType::Q4] {
+            // K in whole groups: one, three, two and five of them.
+            let g = dtype.group_size();
             for kernel in KERNELS {
-                for (m, k, n) in [(1, 32, 3), (1, 96, 67), (3, 64, 5), (66, 160, 70)] {
+                for (m, k, n) in [(1, g, 3), (1, 3 * g, 67), (3, 2 * g, 5), (66, 5 * g, 70)] {
                     check(dtype, &[m], k, n, m != 3, kernel, u64::MAX);
                 }
             }
@@ -458,8 +458,10 @@ mod tests {
             check(DType::F16, &[3], 37, 300, true, kernel, 128 * 74);
             // Q8 K = 64: the 4-byte scale rows align every 64 rows -> 64 + 64 + 22.
             check(DType::Q8, &[2], 64, 150, true, kernel, 64 * 64);
-            // Q4 K = 128: 64-byte rows, 8-byte scale rows -> windows of 32 rows.
-            check(DType::Q4, &[70], 128, 100, false, kernel, 32 * 64 + 100);
+            // Q6 K = 128: 96-byte rows (8-row step), 4-byte scale rows (64-row step) -> 64 + 64 + 22.
+            check(DType::Q6, &[4], 128, 150, true, kernel, 64 * 96 + 100);
+            // Q4 K = 256: 128-byte rows, 8-byte scale rows -> windows of 32 rows.
+            check(DType::Q4, &[70], 256, 100, false, kernel, 32 * 128 + 100);
         }
     }
 
@@ -480,7 +482,7 @@ mod tests {
         assert_eq!(window_rows(1000, 64, (64, 4), 256, 100 * 64).unwrap(), 64);
         // Q4 K = 4096 fits any binding here, but element indices must stay below 2^31.
         assert_eq!(
-            window_rows(1 << 20, 4096, (2048, 256), 256, u64::MAX).unwrap(),
+            window_rows(1 << 20, 4096, (2048, 128), 256, u64::MAX).unwrap(),
             1 << 19
         );
     }
@@ -489,11 +491,11 @@ mod tests {
     /// their own, stricter, compilers on the same text).
     #[test]
     fn every_variant_validates() {
-        for weights in ["W_F32", "W_F16", "W_Q8", "W_Q4"] {
+        for weights in ["W_F32", "W_F16", "W_Q8", "W_Q6", "W_Q4"] {
             for with_bias in [false, true] {
                 for f16 in [false, weights == "W_F16"] {
                     let mut flags = vec![weights];
-                    flags.extend(["W_Q8", "W_Q4"].contains(&weights).then_some("QUANT"));
+                    flags.extend(["W_Q8", "W_Q6", "W_Q4"].contains(&weights).then_some("QUANT"));
                     flags.extend(with_bias.then_some("BIAS"));
                     flags.extend(f16.then_some(SHADER_F16));
                     let source = crate::registry::preprocess(SHADER.source, &flags).unwrap();
