@@ -7,6 +7,7 @@
 
 use half::f16;
 use llava_gpu::quant;
+use llava_gpu::ops::matmul::LinearKernel;
 use llava_gpu::{DType, Gpu, Result, Tensor, ops};
 use serde::Serialize;
 
@@ -142,6 +143,9 @@ pub async fn run(gpu: &Gpu, seed: u64) -> Result<SelfTestReport> {
         .map(f16::from_f32)
         .collect();
     let table_q8 = quant::quantize(DType::Q8, VOCAB, D, &random(VOCAB * D, seed + 5));
+    // The code-book Q4 and the split-plane Q6 layouts, as tables and as linear weights.
+    let table_q6 = quant::quantize(DType::Q6, VOCAB, D, &random(VOCAB * D, seed + 8));
+    let table_q4 = quant::quantize(DType::Q4, VOCAB, D, &random(VOCAB * D, seed + 9));
     let ids: Vec<u32> = vec![3, 0, VOCAB as u32 - 1, 17, 3, (seed % VOCAB as u64) as u32];
     let pixels = random(3 * SIDE * SIDE, seed + 6);
     let kernel: Vec<f16> = random(CHANNELS * 3 * PATCH * PATCH, seed + 7)
@@ -155,6 +159,8 @@ pub async fn run(gpu: &Gpu, seed: u64) -> Result<SelfTestReport> {
     let logits_t = Tensor::from_f32(gpu, &[ROWS, ARGMAX_N], &logits)?;
     let table_t = Tensor::from_f16(gpu, &[VOCAB, D], &table)?;
     let table_q8_t = Tensor::from_quant(gpu, &table_q8)?;
+    let table_q6_t = Tensor::from_quant(gpu, &table_q6)?;
+    let table_q4_t = Tensor::from_quant(gpu, &table_q4)?;
     let ids_t = Tensor::from_u32(gpu, &[ids.len()], &ids)?;
     let pixels_t = Tensor::from_f32(gpu, &[1, 3, SIDE, SIDE], &pixels)?;
     let kernel_t = Tensor::from_f16(gpu, &[CHANNELS, 3, PATCH, PATCH], &kernel)?;
@@ -167,6 +173,13 @@ pub async fn run(gpu: &Gpu, seed: u64) -> Result<SelfTestReport> {
     let best = ops::reduce::argmax(&mut batch, &logits_t)?;
     let rows = ops::embed::embedding(&mut batch, &table_t, &ids_t)?;
     let rows_q8 = ops::embed::embedding(&mut batch, &table_q8_t, &ids_t)?;
+    let rows_q6 = ops::embed::embedding(&mut batch, &table_q6_t, &ids_t)?;
+    let rows_q4 = ops::embed::embedding(&mut batch, &table_q4_t, &ids_t)?;
+    // The tables double as [VOCAB, D] linear weights.
+    let q6_gemv = ops::matmul::linear_with(&mut batch, &x_t, &table_q6_t, None, LinearKernel::Gemv)?;
+    let q6_gemm = ops::matmul::linear_with(&mut batch, &x_t, &table_q6_t, None, LinearKernel::Gemm)?;
+    let q4_gemv = ops::matmul::linear_with(&mut batch, &x_t, &table_q4_t, None, LinearKernel::Gemv)?;
+    let q4_gemm = ops::matmul::linear_with(&mut batch, &x_t, &table_q4_t, None, LinearKernel::Gemm)?;
     let patches = ops::conv::patch_embed(&mut batch, &pixels_t, &kernel_t, PATCH)?;
     batch.submit()?;
 
@@ -197,6 +210,22 @@ pub async fn run(gpu: &Gpu, seed: u64) -> Result<SelfTestReport> {
             &gather_cpu(&quant::dequantize(&table_q8), &ids),
             1e-6,
         ),
+        Check::floats(
+            "embedding_q6",
+            &rows_q6.to_f32(gpu).await?,
+            &gather_cpu(&quant::dequantize(&table_q6), &ids),
+            1e-6,
+        ),
+        Check::floats(
+            "embedding_q4",
+            &rows_q4.to_f32(gpu).await?,
+            &gather_cpu(&quant::dequantize(&table_q4), &ids),
+            1e-6,
+        ),
+        Check::floats("linear_q6_gemv", &q6_gemv.to_f32(gpu).await?, &linear_cpu(&x, &table_q6), 1e-4),
+        Check::floats("linear_q6_gemm", &q6_gemm.to_f32(gpu).await?, &linear_cpu(&x, &table_q6), 1e-4),
+        Check::floats("linear_q4_gemv", &q4_gemv.to_f32(gpu).await?, &linear_cpu(&x, &table_q4), 1e-4),
+        Check::floats("linear_q4_gemm", &q4_gemm.to_f32(gpu).await?, &linear_cpu(&x, &table_q4), 1e-4),
         Check::floats(
             "patch_embed_f16",
             &patches.to_f32(gpu).await?,
@@ -234,6 +263,14 @@ pub async fn run(gpu: &Gpu, seed: u64) -> Result<SelfTestReport> {
         passed: checks.iter().all(|c| c.passed),
         checks,
     })
+}
+
+/// x [ROWS, D] times the dequantized weights [N, D] transposed.
+fn linear_cpu(x: &[f32], w: &quant::QuantMatrix) -> Vec<f32> {
+    let w = quant::dequantize(w);
+    x.chunks(D)
+        .flat_map(|row| w.chunks(D).map(move |wn| row.iter().zip(wn).map(|(a, b)| a * b).sum::<f32>()))
+        .collect()
 }
 
 fn f16_to_f32(v: &[f16]) -> Vec<f32> {
@@ -340,6 +377,12 @@ mod tests {
                 "argmax",
                 "embedding_f16",
                 "embedding_q8",
+                "embedding_q6",
+                "embedding_q4",
+                "linear_q6_gemv",
+                "linear_q6_gemm",
+                "linear_q4_gemv",
+                "linear_q4_gemm",
                 "patch_embed_f16"
             ]
         );
