@@ -465,19 +465,16 @@ fn bf16_tiny_quantized_cost_is_the_weights() {
 }
 
 #[test]
-#[ignore = "slow on llvmpipe (~3 min); the numbers of docs/converted-format.md"]
 fn vicuna_tiny_quantized_cost_is_the_weights() {
     check_chaotic("vicuna-tiny", "rocket_en");
 }
 
 #[test]
-#[ignore = "slow on llvmpipe (~3 min); the numbers of docs/converted-format.md"]
 fn mistral_tiny_quantized_cost_is_the_weights() {
     check_chaotic("mistral-tiny", "rocket_en");
 }
 
 #[test]
-#[ignore = "slow on llvmpipe (~3 min); the numbers of docs/converted-format.md"]
 fn tied_f32_quantized_cost_is_the_weights() {
     check_chaotic("tied-f32", "astronaut_en");
 }
