@@ -360,6 +360,16 @@ pub fn plan_checkpoint(
     Ok(ConversionPlan::new(&tensors, precision, keep, shard_bytes))
 }
 
+/// `<tower>/config.json` when an original-LLaVA config's `mm_vision_tower` names a folder inside
+/// `input` with a CLIP config: the converted folder needs it too, at the same place, to read the
+/// same config.
+fn local_tower_config(config: &Value, input: &Path) -> Option<String> {
+    let tower = config.get("mm_vision_tower")?.as_str()?;
+    let inside = Path::new(tower).components().all(|c| matches!(c, std::path::Component::Normal(_)));
+    let file = format!("{tower}/config.json");
+    (inside && input.join(&file).is_file()).then_some(file)
+}
+
 /// Converts the checkpoint folder `input` into `output` (created if needed), one tensor in host
 /// memory at a time. The manifest is written last, so an interrupted conversion leaves a folder
 /// that does not load as a converted model.
@@ -375,7 +385,7 @@ pub fn convert(
         std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
     let config: Value = serde_json::from_str(&config_text)
         .map_err(|e| ModelError::config("config.json", e.to_string()))?;
-    LlavaConfig::from_json(&config_text)?;
+    LlavaConfig::from_dir(input)?;
     let checkpoint = Checkpoint::open(input)?;
     let plan = plan_checkpoint(&checkpoint, precision, keep, shard_bytes)?;
     std::fs::create_dir_all(output).map_err(|e| ModelError::io(output, e))?;
@@ -397,6 +407,13 @@ pub fn convert(
             std::fs::copy(&from, &to).map_err(|e| ModelError::io(&to, e))?;
             files.push(name.to_string());
         }
+    }
+    if let Some(tower_config) = local_tower_config(&config, input) {
+        let to = output.join(&tower_config);
+        let folder = to.parent().expect("a file in a folder");
+        std::fs::create_dir_all(folder).map_err(|e| ModelError::io(folder, e))?;
+        std::fs::copy(input.join(&tower_config), &to).map_err(|e| ModelError::io(&to, e))?;
+        files.push(tower_config);
     }
     let mut shards = Vec::with_capacity(plan.shards.len());
     let mut storage = BTreeMap::new();

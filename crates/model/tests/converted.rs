@@ -2,59 +2,28 @@
 //! quantizing on load, so the same logits and tokens), size plans from a config alone, and each
 //! kind of broken folder as a clear error.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::path::Path;
 
-use llava_gpu::Gpu;
 use llava_model::checkpoint::{Checkpoint, Dtype};
 use llava_model::config::LlavaConfig;
 use llava_model::convert::{self, ConversionPlan, DEFAULT_SHARD_BYTES};
-use llava_model::generate::{GenerateParams, Reply, Turn};
+use llava_model::generate::Reply;
 use llava_model::llava::{Llava, LoadOptions};
 use llava_model::manifest::{MANIFEST_FILE, Manifest, Storage};
 use llava_model::weights::{KeepOptions, KeepPrecision, WeightPrecision};
 use serde_json::{Value, json};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod common;
+use common::{expected, fixture, gpu, greedy_raw, load_image};
 
-fn fixture(model: &str) -> PathBuf {
-    root().join("tests/fixtures/models").join(model)
-}
-
-fn gpu() -> Arc<Gpu> {
-    static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
-    GPU.get_or_init(|| Arc::new(Gpu::new_blocking().expect("a wgpu adapter")))
-        .clone()
-}
-
-/// 16 greedy tokens and first-step logits of the fixture's text-only raw-prompt case.
+/// 16 greedy tokens and first-step logits of the fixture's text-only raw-prompt case, or of its
+/// first case (with its image) when it has none.
 fn run(llava: &Llava, model: &str) -> Reply {
-    let expected: Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join(format!("tests/fixtures/expected/{model}.json")))
-            .unwrap(),
-    )
-    .unwrap();
-    let case = expected["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["id"] == "text_only")
-        .unwrap();
-    let mut chat = llava.chat(None).unwrap();
-    let turn = Turn {
-        image: None,
-        text: case["prompt"].as_str().unwrap(),
-        raw_prompt: true,
-        want_logits: true,
-    };
-    let params = GenerateParams {
-        max_new_tokens: 16,
-        ignore_eos: true,
-        ..Default::default()
-    };
-    pollster::block_on(chat.send(llava, turn, &params, |_| true)).unwrap()
+    let expected = expected(model);
+    let cases = expected["cases"].as_array().unwrap();
+    let case = cases.iter().find(|c| c["id"] == "text_only").unwrap_or(&cases[0]);
+    let image = case["image"].as_str().map(load_image);
+    greedy_raw(llava, image.as_ref(), case["prompt"].as_str().unwrap())
 }
 
 fn load(dir: &Path, precision: WeightPrecision) -> llava_model::Result<Llava> {
@@ -63,7 +32,7 @@ fn load(dir: &Path, precision: WeightPrecision) -> llava_model::Result<Llava> {
         dir,
         &LoadOptions {
             precision,
-            context: Some(256),
+            context: None,
         },
     )
 }
@@ -160,6 +129,26 @@ fn vicuna_tiny_converted_equals_quantize_on_load() {
 #[test]
 fn mistral_tiny_converted_equals_quantize_on_load() {
     converted_matches_quantize_on_load("mistral-tiny");
+}
+
+#[test]
+fn tied_f32_converted_equals_quantize_on_load() {
+    converted_matches_quantize_on_load("tied-f32");
+}
+
+#[test]
+fn bf16_tiny_converted_equals_quantize_on_load() {
+    converted_matches_quantize_on_load("bf16-tiny");
+}
+
+#[test]
+fn liuhaotian_tiny_converted_equals_quantize_on_load() {
+    converted_matches_quantize_on_load("liuhaotian-tiny");
+}
+
+#[test]
+fn chatml_tiny_converted_equals_quantize_on_load() {
+    converted_matches_quantize_on_load("chatml-tiny");
 }
 
 /// The tensor list derived from a config matches what the fixture checkpoints hold.

@@ -5,27 +5,17 @@
 //! token on LLaVA's `tokenizer_image_token` ids, and recorded its prompt ids, image features,
 //! first-step logits (image token's logit dropped) and 16 greedy tokens.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use llava_gpu::Gpu;
 use llava_model::config::ConfigLayout;
-use llava_model::generate::{GenerateParams, Turn};
+use llava_model::generate::Turn;
 use llava_model::llava::{IMAGE_MARKER, Llava, LoadOptions};
 use llava_model::npy;
 use llava_model::text::Message;
 use llava_model::weights::WeightPrecision;
 use serde_json::Value;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// A test image of ../shared/testdata/images, decoded as Pillow decodes it (JPEGs too).
-fn load_image(name: &str) -> llava_image::Rgb8 {
-    let path = root().join("../shared/testdata/images").join(name);
-    llava_image::decode(&std::fs::read(&path).unwrap()).unwrap()
-}
+mod common;
+use common::{gpu, greedy16, load_image, root};
 
 fn ids(v: &Value) -> Vec<i64> {
     v.as_array()
@@ -47,7 +37,7 @@ fn liuhaotian_tiny_matches_transformers() {
         &std::fs::read_to_string(root().join("tests/fixtures/expected/liuhaotian-tiny.json")).unwrap(),
     )
     .unwrap();
-    let gpu = Arc::new(Gpu::new_blocking().expect("a wgpu adapter"));
+    let gpu = gpu();
     let dir = root().join("tests/fixtures/models/liuhaotian-tiny");
     let options = LoadOptions {
         precision: WeightPrecision::F32,
@@ -121,12 +111,7 @@ fn liuhaotian_tiny_matches_transformers() {
             raw_prompt: true,
             want_logits: true,
         };
-        let params = GenerateParams {
-            max_new_tokens: 16,
-            ignore_eos: true,
-            ..Default::default()
-        };
-        let reply = pollster::block_on(chat.send(&llava, turn, &params, |_| true)).unwrap();
+        let reply = pollster::block_on(chat.send(&llava, turn, &greedy16(), |_| true)).unwrap();
         assert_eq!(
             (reply.prompt_tokens, reply.image_tokens),
             (want.len(), image_tokens),
@@ -162,7 +147,7 @@ fn liuhaotian_tiny_matches_transformers() {
 /// without `<image>` is a plain encode; too many or unwanted `<image>`s are errors.
 #[test]
 fn liuhaotian_prompt_splitting() {
-    let gpu = Arc::new(Gpu::new_blocking().expect("a wgpu adapter"));
+    let gpu = gpu();
     let dir = root().join("tests/fixtures/models/liuhaotian-tiny");
     let llava = Llava::load_dir(gpu, &dir, &LoadOptions::default()).unwrap();
     let tokenizer = llava.tokenizer();

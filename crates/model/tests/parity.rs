@@ -3,36 +3,15 @@
 //! Checked per case: prompt ids, packed image features, first-step logits (max |diff| <= 1e-4 x
 //! max |logit|), 16 greedy tokens, and multi-turn chat with KV-cache reuse.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
 
-use llava_gpu::Gpu;
-use llava_model::generate::{GenerateParams, Turn};
+use llava_model::generate::Turn;
 use llava_model::llava::{LoadOptions, Llava};
 use llava_model::npy;
 use llava_model::weights::WeightPrecision;
 use serde_json::Value;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn gpu() -> Arc<Gpu> {
-    static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
-    GPU.get_or_init(|| Arc::new(Gpu::new_blocking().expect("a wgpu adapter"))).clone()
-}
-
-/// A test image of ../shared/testdata/images, decoded as Pillow decodes it (JPEGs too: crates/image
-/// matches libjpeg-turbo byte for byte).
-fn load_image(name: &str) -> llava_image::Rgb8 {
-    let path = root().join("../shared/testdata/images").join(name);
-    llava_image::decode(&std::fs::read(&path).unwrap()).unwrap()
-}
-
-fn expected(model: &str) -> Value {
-    let path = root().join(format!("tests/fixtures/expected/{model}.json"));
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
+mod common;
+use common::{expected, gpu, greedy16, load_image, root};
 
 fn load(model: &str, precision: WeightPrecision) -> Llava {
     let dir = root().join("tests/fixtures/models").join(model);
@@ -41,10 +20,6 @@ fn load(model: &str, precision: WeightPrecision) -> Llava {
 
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
-
-fn greedy16() -> GenerateParams {
-    GenerateParams { max_new_tokens: 16, ignore_eos: true, ..Default::default() }
 }
 
 fn assert_close_rel(got: &[f32], want: &[f32], rel: f32, what: &str) {

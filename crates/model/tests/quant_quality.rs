@@ -21,38 +21,24 @@
 //! 0.969 on the text case, because the errors of the value/output matrices add up along the
 //! residual stream. Numbers and the measured alternatives: docs/converted-format.md, "Quality".
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::path::Path;
+use std::sync::OnceLock;
 
 use half::f16;
 use llava_gpu::quant::{dequantize, quantize};
-use llava_gpu::{DType, Gpu};
+use llava_gpu::DType;
 use llava_model::checkpoint::{Checkpoint, Dtype, HostTensor, is_canonical};
 use llava_model::config::LlavaConfig;
 use llava_model::convert::model_tensors;
-use llava_model::generate::{GenerateParams, Reply, Turn};
+use llava_model::generate::Reply;
 use llava_model::llava::{Llava, LoadOptions, ModelFiles};
 use llava_model::npy;
 use llava_model::weights::{WeightPrecision, Weights, storage_dtype};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn gpu() -> Arc<Gpu> {
-    static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
-    GPU.get_or_init(|| Arc::new(Gpu::new_blocking().expect("a wgpu adapter")))
-        .clone()
-}
-
-/// A test image of ../shared/testdata/images, decoded as Pillow decodes it (JPEGs too: crates/image
-/// matches libjpeg-turbo byte for byte).
-fn load_image(name: &str) -> llava_image::Rgb8 {
-    let path = root().join("../shared/testdata/images").join(name);
-    llava_image::decode(&std::fs::read(&path).unwrap()).unwrap()
-}
+mod common;
+use common::{gpu, greedy_raw, load_image, root};
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
@@ -109,19 +95,7 @@ fn read_case(model: &str, case_id: &str) -> Case {
 
 /// 16 greedy steps (no eos stop) with the first-step logits.
 fn run(llava: &Llava, case: &Case) -> Reply {
-    let mut chat = llava.chat(None).unwrap();
-    let turn = Turn {
-        image: case.image.as_ref(),
-        text: &case.prompt,
-        raw_prompt: true,
-        want_logits: true,
-    };
-    let params = GenerateParams {
-        max_new_tokens: 16,
-        ignore_eos: true,
-        ..Default::default()
-    };
-    pollster::block_on(chat.send(llava, turn, &params, |_| true)).unwrap()
+    greedy_raw(llava, case.image.as_ref(), &case.prompt)
 }
 
 /// The fixture's weights as `precision` would store them, but quantized and dequantized on the
