@@ -14,7 +14,7 @@ use llava_gpu::ops::attention::{Mask, attention};
 use llava_gpu::ops::elementwise::add;
 use llava_gpu::ops::matmul::{GEMV_MAX_ROWS, LinearKernel, linear_with};
 use llava_gpu::quant::quantize;
-use llava_gpu::{DType, Gpu, GpuOptions, Result, Tensor};
+use llava_gpu::{DType, Gpu, GpuOptions, Result, Tensor, random};
 
 /// Runs after warm-up until this many samples or [`SAMPLE_BUDGET`], whichever comes first.
 const SAMPLES: usize = 9;
@@ -100,19 +100,6 @@ fn wait(gpu: &Gpu) -> Result<()> {
         })
         .map_err(|e| llava_gpu::GpuError::Readback(e.to_string()))?;
     gpu.check()
-}
-
-/// Deterministic values in [-1, 1) (xorshift).
-fn random(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
 }
 
 /// A `[n, k]` weight in `dtype` and the bytes a kernel reads for it (values + scales).

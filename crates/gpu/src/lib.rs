@@ -17,5 +17,19 @@ pub use context::{Batch, Binding, Gpu, GpuFeatures, GpuOptions};
 pub use error::{GpuError, Result};
 pub use tensor::{DType, Tensor};
 
+/// `n` pseudo-random values in [-1, 1) from `seed` (xorshift64): deterministic inputs for the
+/// kernel tests, the benchmark and the web self-test, with no dependency.
+pub fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
 #[cfg(test)]
 pub(crate) mod testing;

@@ -2,6 +2,7 @@
 
 use std::sync::OnceLock;
 
+pub use crate::random;
 use crate::{Gpu, GpuOptions};
 
 /// The device shared by all tests of this crate (tests run in parallel on it). It has
@@ -19,19 +20,6 @@ pub fn gpu_without_f16() -> &'static Gpu {
         Gpu::with_options_blocking(GpuOptions { f16: false })
             .expect("a wgpu adapter (install mesa-vulkan-drivers)")
     })
-}
-
-/// `n` pseudo-random values in [-1, 1) from `seed` (xorshift; no dependency needed).
-pub fn random(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
 }
 
 /// Asserts `|got - want| <= tol * max(1, |want|)` element-wise, naming the first failure.

@@ -8,7 +8,7 @@
 use half::f16;
 use llava_gpu::quant;
 use llava_gpu::ops::matmul::LinearKernel;
-use llava_gpu::{DType, Gpu, Result, Tensor, ops};
+use llava_gpu::{DType, Gpu, Result, Tensor, ops, random};
 use serde::Serialize;
 
 /// What [`run`] found. Serialised with camelCase names for JavaScript.
@@ -108,19 +108,6 @@ impl Check {
             passed: mismatches == 0,
         }
     }
-}
-
-/// `n` pseudo-random values in [-1, 1) from `seed` (xorshift64).
-fn random(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
 }
 
 const ROWS: usize = 4;
