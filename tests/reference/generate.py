@@ -612,15 +612,54 @@ class MarginTooSmall(Exception):
     """This seed gives near-tied or degenerate greedy runs; try the next one."""
 
 
-def run_greedy_case(model, processor, prompt, image_name):
-    inputs = model_inputs(processor, prompt, image_name)
-    tokens, prompt_logits, min_margin, max_abs = greedy(model, inputs)
+MARGIN_RULE = (f"every greedy run: min_margin >= {MARGIN_FRACTION} * max|logit| over its steps,"
+               f" every greedy token < 32000, >= {MIN_DISTINCT_TOKENS} distinct tokens")
+
+
+def check_margins(tokens, min_margin, max_abs):
+    """MARGIN_RULE, or MarginTooSmall."""
     if min_margin < MARGIN_FRACTION * max_abs:
         raise MarginTooSmall(f"min_margin {min_margin:.3g} < {MARGIN_FRACTION} * {max_abs:.3g}")
     if max(tokens) >= IMAGE_TOKEN_ID:
         raise MarginTooSmall(f"greedy produced a non-text token id {max(tokens)}")
     if len(set(tokens)) < MIN_DISTINCT_TOKENS:
         raise MarginTooSmall(f"greedy repeats: only {len(set(tokens))} distinct tokens")
+
+
+def first_clear_seed(name, attempt):
+    """attempt(seed) for seeds from FIRST_SEED on until one does not raise MarginTooSmall:
+    (seed, the rejected seeds with their reasons, attempt's result)."""
+    rejected = []
+    for seed in range(FIRST_SEED, FIRST_SEED + MAX_SEED_TRIES):
+        try:
+            return seed, rejected, attempt(seed)
+        except MarginTooSmall as reason:
+            print(f"{name}: seed {seed} rejected: {reason}")
+            rejected.append({"seed": seed, "reason": str(reason)})
+    sys.exit(f"{name}: no seed in {MAX_SEED_TRIES} tries gives clear greedy margins")
+
+
+def write_expected(name, header, seed, rejected, cases, arrays):
+    """expected/<name>.json (the model, `header`'s keys, the seed search and the cases) and its
+    arrays, replacing the model's old files."""
+    expected_dir = FIXTURES / "expected"
+    expected_dir.mkdir(parents=True, exist_ok=True)
+    for stale in expected_dir.glob(f"{name}.*"):
+        stale.unlink()
+    for file_name, array in arrays.items():
+        np.save(expected_dir / file_name, array)
+    write_json(expected_dir / f"{name}.json", {
+        "model": name, "checkpoint": f"models/{name}", **header, "seed": seed, "rejected_seeds": rejected,
+        "margin_rule": MARGIN_RULE, "greedy_steps": GREEDY_STEPS, "cases": cases,
+    })
+    print(f"{name}: seed {seed}, {len(cases)} cases, margins "
+          + ", ".join(f"{c['min_margin'] / c['max_abs_logit_over_steps']:.3g}" for c in cases))
+
+
+def run_greedy_case(model, processor, prompt, image_name):
+    inputs = model_inputs(processor, prompt, image_name)
+    tokens, prompt_logits, min_margin, max_abs = greedy(model, inputs)
+    check_margins(tokens, min_margin, max_abs)
     input_ids = inputs["input_ids"][0]
     result = {
         "prompt": prompt,
@@ -685,44 +724,17 @@ def expected_for_model(name, spec, model, processor):
 
 
 def models_and_expected():
-    expected_dir = FIXTURES / "expected"
-    expected_dir.mkdir(parents=True, exist_ok=True)
-    # Only this section's files: other sections write into expected/ too.
-    for stale in expected_dir.iterdir():
-        if stale.name.split(".")[0] in MODELS:
-            stale.unlink()
     tokenizer_homes = {}
     for name, spec in MODELS.items():
-        rejected = []
-        for seed in range(FIRST_SEED, FIRST_SEED + MAX_SEED_TRIES):
+        def attempt(seed):
             homes = dict(tokenizer_homes)
             written = write_checkpoint(name, spec, seed, homes)
             model, processor = load_checkpoint(name, spec, written)
-            try:
-                cases, arrays = expected_for_model(name, spec, model, processor)
-                break
-            except MarginTooSmall as reason:
-                print(f"{name}: seed {seed} rejected: {reason}")
-                rejected.append({"seed": seed, "reason": str(reason)})
-        else:
-            sys.exit(f"{name}: no seed in {MAX_SEED_TRIES} tries gives clear greedy margins")
-        tokenizer_homes = homes
-        for file_name, array in arrays.items():
-            np.save(expected_dir / file_name, array)
-        write_json(expected_dir / f"{name}.json", {
-            "model": name,
-            "checkpoint": f"models/{name}",
-            "stored_dtype": DTYPE_NAMES[spec["dtype"]],
-            "layout": spec["layout"],
-            "seed": seed,
-            "rejected_seeds": rejected,
-            "margin_rule": f"every greedy run: min_margin >= {MARGIN_FRACTION} * max|logit| over its steps,"
-                           f" every greedy token < 32000, >= {MIN_DISTINCT_TOKENS} distinct tokens",
-            "greedy_steps": GREEDY_STEPS,
-            "cases": cases,
-        })
-        print(f"{name}: seed {seed}, {len(cases)} cases, margins "
-              + ", ".join(f"{c['min_margin'] / c['max_abs_logit_over_steps']:.3g}" for c in cases))
+            return expected_for_model(name, spec, model, processor), homes
+
+        seed, rejected, ((cases, arrays), tokenizer_homes) = first_clear_seed(name, attempt)
+        header = {"stored_dtype": DTYPE_NAMES[spec["dtype"]], "layout": spec["layout"]}
+        write_expected(name, header, seed, rejected, cases, arrays)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -911,12 +923,7 @@ def liuhaotian_expected(model, tokenizer, image_processor, count_processor):
         inputs = {"input_ids": torch.tensor([expanded]), **{k: inputs[k] for k in ("pixel_values", "image_sizes")
                                                              if k in inputs}}
         tokens, prompt_logits, min_margin, max_abs = greedy(model, inputs)
-        if min_margin < MARGIN_FRACTION * max_abs:
-            raise MarginTooSmall(f"min_margin {min_margin:.3g} < {MARGIN_FRACTION} * {max_abs:.3g}")
-        if max(tokens) >= IMAGE_TOKEN_ID:
-            raise MarginTooSmall(f"greedy produced the image token {max(tokens)}")
-        if len(set(tokens)) < MIN_DISTINCT_TOKENS:
-            raise MarginTooSmall(f"greedy repeats: only {len(set(tokens))} distinct tokens")
+        check_margins(tokens, min_margin, max_abs)
         logits = prompt_logits[:IMAGE_TOKEN_ID]
         case = {
             "id": case_id, "image": image_name, "question": question, "prompt": prompt,
@@ -937,13 +944,11 @@ def liuhaotian_expected(model, tokenizer, image_processor, count_processor):
 
 def liuhaotian_fixture():
     folder = FIXTURES / "models" / LIUHAOTIAN
-    expected_dir = FIXTURES / "expected"
-    expected_dir.mkdir(parents=True, exist_ok=True)
     image_processor = LlavaNextImageProcessorPil(**IMAGE_PROCESSOR_KWARGS)
     count_processor = build_processor("llama2-vicuna")
     dtype = torch.float16
-    rejected = []
-    for seed in range(FIRST_SEED, FIRST_SEED + MAX_SEED_TRIES):
+
+    def attempt(seed):
         model = liuhaotian_equivalent_model(seed)
         write_liuhaotian_folder(folder, model, dtype)
         # The reference runs the stored (fp16-rounded) weights in float32. Parameters only: buffers
@@ -956,33 +961,12 @@ def liuhaotian_fixture():
             assert torch.equal(stored[liuhaotian_tensor_name(name)].float(), value[:IMAGE_TOKEN_ID]), name
         tokenizer = AutoTokenizer.from_pretrained(folder)
         assert tokenizer.convert_tokens_to_ids("<image>") == tokenizer.unk_token_id, "<image> must not be a token"
-        try:
-            cases, arrays = liuhaotian_expected(model, tokenizer, image_processor, count_processor)
-            break
-        except MarginTooSmall as reason:
-            print(f"{LIUHAOTIAN}: seed {seed} rejected: {reason}")
-            rejected.append({"seed": seed, "reason": str(reason)})
-    else:
-        sys.exit(f"{LIUHAOTIAN}: no seed in {MAX_SEED_TRIES} tries gives clear greedy margins")
-    for stale in expected_dir.glob(f"{LIUHAOTIAN}.*"):
-        stale.unlink()
-    for file_name, array in arrays.items():
-        np.save(expected_dir / file_name, array)
-    write_json(expected_dir / f"{LIUHAOTIAN}.json", {
-        "model": LIUHAOTIAN,
-        "checkpoint": f"models/{LIUHAOTIAN}",
-        "stored_dtype": DTYPE_NAMES[dtype],
-        "layout": "liuhaotian",
-        "reference": "LlavaNextForConditionalGeneration with the same weights, vocab 32001 (image token 32000)",
-        "seed": seed,
-        "rejected_seeds": rejected,
-        "margin_rule": f"every greedy run: min_margin >= {MARGIN_FRACTION} * max|logit| over its steps,"
-                       f" every greedy token < 32000, >= {MIN_DISTINCT_TOKENS} distinct tokens",
-        "greedy_steps": GREEDY_STEPS,
-        "cases": cases,
-    })
-    print(f"{LIUHAOTIAN}: seed {seed}, {len(cases)} cases, margins "
-          + ", ".join(f"{c['min_margin'] / c['max_abs_logit_over_steps']:.3g}" for c in cases))
+        return liuhaotian_expected(model, tokenizer, image_processor, count_processor)
+
+    seed, rejected, (cases, arrays) = first_clear_seed(LIUHAOTIAN, attempt)
+    header = {"stored_dtype": DTYPE_NAMES[dtype], "layout": "liuhaotian",
+              "reference": "LlavaNextForConditionalGeneration with the same weights, vocab 32001 (image token 32000)"}
+    write_expected(LIUHAOTIAN, header, seed, rejected, cases, arrays)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1051,44 +1035,21 @@ def write_chatml_checkpoint(folder: Path, seed):
 
 def chatml_fixture():
     folder = FIXTURES / "models" / CHATML
-    expected_dir = FIXTURES / "expected"
-    expected_dir.mkdir(parents=True, exist_ok=True)
-    rejected = []
-    for seed in range(FIRST_SEED, FIRST_SEED + MAX_SEED_TRIES):
+
+    def attempt(seed):
         written = write_chatml_checkpoint(folder, seed)
         model, processor = load_checkpoint(CHATML, CHATML_SPEC, written)
         assert [processor.tokenizer.convert_tokens_to_ids(t) for t in CHATML_TOKENS] == list(CHATML_TOKENS.values())
         assert model.generation_config.eos_token_id == CHATML_TOKENS["<|im_end|>"]
-        try:
-            cases, arrays = expected_for_model(CHATML, CHATML_SPEC, model, processor)
-            break
-        except MarginTooSmall as reason:
-            print(f"{CHATML}: seed {seed} rejected: {reason}")
-            rejected.append({"seed": seed, "reason": str(reason)})
-    else:
-        sys.exit(f"{CHATML}: no seed in {MAX_SEED_TRIES} tries gives clear greedy margins")
-    for stale in expected_dir.glob(f"{CHATML}.*"):
-        stale.unlink()
-    for file_name, array in arrays.items():
-        # The vision features of this model add nothing the other fixtures do not check.
-        if not file_name.endswith(".vision_features.npy"):
-            np.save(expected_dir / file_name, array)
+        return expected_for_model(CHATML, CHATML_SPEC, model, processor)
+
+    seed, rejected, (cases, arrays) = first_clear_seed(CHATML, attempt)
+    # The vision features of this model add nothing the other fixtures do not check.
+    arrays = {name: array for name, array in arrays.items() if not name.endswith(".vision_features.npy")}
     for case in cases:
         case.pop("vision_features_npy", None)
-    write_json(expected_dir / f"{CHATML}.json", {
-        "model": CHATML,
-        "checkpoint": f"models/{CHATML}",
-        "stored_dtype": DTYPE_NAMES[CHATML_SPEC["dtype"]],
-        "layout": CHATML_SPEC["layout"],
-        "seed": seed,
-        "rejected_seeds": rejected,
-        "margin_rule": f"every greedy run: min_margin >= {MARGIN_FRACTION} * max|logit| over its steps,"
-                       f" every greedy token < 32000, >= {MIN_DISTINCT_TOKENS} distinct tokens",
-        "greedy_steps": GREEDY_STEPS,
-        "cases": cases,
-    })
-    print(f"{CHATML}: seed {seed}, {len(cases)} cases, margins "
-          + ", ".join(f"{c['min_margin'] / c['max_abs_logit_over_steps']:.3g}" for c in cases))
+    header = {"stored_dtype": DTYPE_NAMES[CHATML_SPEC["dtype"]], "layout": CHATML_SPEC["layout"]}
+    write_expected(CHATML, header, seed, rejected, cases, arrays)
 
 
 # ---------------------------------------------------------------------------------------------
