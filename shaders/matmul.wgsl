@@ -1,9 +1,9 @@
 // Linear layers: y = x · wᵀ (+ bias). x: [M, K] f32, w: [N, K] (PyTorch Linear layout), y: [M, .] f32.
-// variants: W_F32 | W_F32 BIAS | W_F16 | W_F16 BIAS | W_Q8 QUANT | W_Q8 QUANT BIAS | W_Q6 QUANT | W_Q6 QUANT BIAS | W_Q4 QUANT | W_Q4 QUANT BIAS | W_F16 SHADER_F16 | W_F16 SHADER_F16 BIAS
+// variants: W_F32 | W_F32 BIAS | W_F16 | W_F16 BIAS | W_Q8 QUANT | W_Q8 QUANT BIAS | W_Q6 QUANT NIBBLE_WORDS | W_Q6 QUANT NIBBLE_WORDS BIAS | W_Q4 QUANT NIBBLE_WORDS | W_Q4 QUANT NIBBLE_WORDS BIAS | W_F16 SHADER_F16 | W_F16 SHADER_F16 BIAS
 //
 // Flags: exactly one of W_F32 / W_F16 / W_Q8 / W_Q6 / W_Q4 picks the weight layout (see tensor.rs
-// and quant.rs); QUANT is set with W_Q8 / W_Q6 / W_Q4 (adds the f16 scales buffer); BIAS adds
-// the bias.
+// and quant.rs); QUANT is set with W_Q8 / W_Q6 / W_Q4 (adds the f16 scales buffer), NIBBLE_WORDS
+// with W_Q6 / W_Q4 (the GEMV reads eight values per word of nibbles); BIAS adds the bias.
 // SHADER_F16 (with W_F16; devices with shader-f16; registry.rs adds `enable f16;`) reads the
 // weights as vec2<f16> and keeps the GEMM's weight tile in f16. Products and sums stay f32: x is
 // f32, and rounding it to f16 alone would move a dot product by ~2e-4 of its size.
@@ -85,12 +85,31 @@ fn q4_value(n: u32) -> f32 {
 fn q4_values(n: vec4<u32>) -> vec4<f32> {
     return vec4<f32>(q4_value(n.x), q4_value(n.y), q4_value(n.z), q4_value(n.w));
 }
+
+// Values 8 c8 .. 8 c8 + 7 of row n, unscaled.
+fn eight_values(n: u32, c8: u32) -> mat2x4<f32> {
+    let word = vec4<u32>(w[n * p.k / 8u + c8]);
+    return mat2x4<f32>(q4_values((word >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u)),
+                       q4_values((word >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u)));
+}
 #endif
 
 #if W_Q6
 // Q6 rows of K values: K / 8 words of low nibbles, then K / 16 words of high bit pairs.
 fn q6_row_words() -> u32 {
     return 3u * p.k / 16u;
+}
+
+// Values 8 c8 .. 8 c8 + 7 of row n, unscaled.
+fn eight_values(n: u32, c8: u32) -> mat2x4<f32> {
+    let row = n * q6_row_words();
+    let word = vec4<u32>(w[row + c8]);
+    let high = vec4<u32>(w[row + p.k / 8u + c8 / 2u] >> (16u * (c8 & 1u)));
+    let lo = ((word >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u))
+        | (((high >> vec4<u32>(0u, 2u, 4u, 6u)) & vec4<u32>(3u)) << vec4<u32>(4u));
+    let hi = ((word >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u))
+        | (((high >> vec4<u32>(8u, 10u, 12u, 14u)) & vec4<u32>(3u)) << vec4<u32>(4u));
+    return mat2x4<f32>(vec4<f32>(lo) - 32.0, vec4<f32>(hi) - 32.0);
 }
 #endif
 
@@ -213,35 +232,15 @@ fn gemv(
                 }
             }
 #endif
-#if W_Q6
-            let row = j * q6_row_words();
+#if NIBBLE_WORDS
             for (var c8 = lane; c8 < p.k / 8u; c8 += GEMV_LANES) {
-                let word = vec4<u32>(w[row + c8]);
-                let high = vec4<u32>(w[row + p.k / 8u + c8 / 2u] >> (16u * (c8 & 1u)));
-                let lo = vec4<f32>(((word >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u))
-                    | (((high >> vec4<u32>(0u, 2u, 4u, 6u)) & vec4<u32>(3u)) << vec4<u32>(4u))) - 32.0;
-                let hi = vec4<f32>(((word >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u))
-                    | (((high >> vec4<u32>(8u, 10u, 12u, 14u)) & vec4<u32>(3u)) << vec4<u32>(4u))) - 32.0;
+                let v = eight_values(j, c8);
                 let s = scale_at(jk + 8u * c8);
                 for (var i = 0u; i < GEMV_M; i++) {
                     if (i >= rows) {
                         break;
                     }
-                    acc[i] += s * (dot(lo, x4(m0 + i, 8u * c8)) + dot(hi, x4(m0 + i, 8u * c8 + 4u)));
-                }
-            }
-#endif
-#if W_Q4
-            for (var c8 = lane; c8 < p.k / 8u; c8 += GEMV_LANES) {
-                let word = vec4<u32>(w[jk / 8u + c8]);
-                let lo = q4_values((word >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u));
-                let hi = q4_values((word >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u));
-                let s = scale_at(jk + 8u * c8);
-                for (var i = 0u; i < GEMV_M; i++) {
-                    if (i >= rows) {
-                        break;
-                    }
-                    acc[i] += s * (dot(lo, x4(m0 + i, 8u * c8)) + dot(hi, x4(m0 + i, 8u * c8 + 4u)));
+                    acc[i] += s * (dot(v[0], x4(m0 + i, 8u * c8)) + dot(v[1], x4(m0 + i, 8u * c8 + 4u)));
                 }
             }
 #endif

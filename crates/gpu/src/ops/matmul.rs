@@ -97,6 +97,7 @@ pub(crate) fn linear_windowed(
             _ => "W_Q4",
         })
         .flag_if(w.dtype().is_quantized(), "QUANT")
+        .flag_if(matches!(w.dtype(), DType::Q6 | DType::Q4), "NIBBLE_WORDS")
         .flag_if(w.dtype() == DType::F16 && batch.gpu().has_f16(), SHADER_F16)
         .flag_if(bias.is_some(), "BIAS");
 
@@ -496,6 +497,7 @@ mod tests {
                 for f16 in [false, weights == "W_F16"] {
                     let mut flags = vec![weights];
                     flags.extend(["W_Q8", "W_Q6", "W_Q4"].contains(&weights).then_some("QUANT"));
+                    flags.extend(["W_Q6", "W_Q4"].contains(&weights).then_some("NIBBLE_WORDS"));
                     flags.extend(with_bias.then_some("BIAS"));
                     flags.extend(f16.then_some(SHADER_F16));
                     let source = crate::registry::preprocess(SHADER.source, &flags).unwrap();
