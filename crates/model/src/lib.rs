@@ -11,6 +11,7 @@ pub mod loader;
 pub mod manifest;
 pub mod npy;
 pub mod projector;
+pub mod sentencepiece;
 pub mod text;
 pub mod vision;
 pub mod weights;

@@ -1,4 +1,5 @@
-//! Text side: the checkpoint's tokenizer (`tokenizer.json` via the `tokenizers` crate),
+//! Text side: the checkpoint's tokenizer (`tokenizer.json` via the `tokenizers` crate, or a
+//! SentencePiece `tokenizer.model` converted to one),
 //! incremental detokenisation for streaming, and chat templates rendered with minijinja the way
 //! transformers' `apply_chat_template` renders them.
 
@@ -9,6 +10,7 @@ use serde_json::{Value, json};
 
 use crate::config::{ConfigLayout, LlavaConfig, TextArch};
 use crate::error::{ModelError, Result};
+use crate::sentencepiece::SentencePieceModel;
 
 /// A `tokenizer.json` tokenizer. Cloning is cheap (shared).
 #[derive(Clone)]
@@ -17,21 +19,15 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
-    /// Loads `dir/tokenizer.json` the way transformers 5.24 `AutoTokenizer` loads the folder
-    /// (see [`Tokenizer::from_bytes_with_config`]), reading `tokenizer_config.json` and the
-    /// `model_type` of `config.json` when present.
+    /// Loads `dir/tokenizer.json` (or, when the folder has none, `dir/tokenizer.model`: see
+    /// [`Tokenizer::from_sentencepiece_with_config`]) the way transformers 5.24 `AutoTokenizer`
+    /// loads the folder (see [`Tokenizer::from_bytes_with_config`]), reading
+    /// `tokenizer_config.json` and the `model_type` of `config.json` when present.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         let path = dir.join("tokenizer.json");
-        if !path.exists() && dir.join("tokenizer.model").is_file() {
-            // Original LLaVA folders ship only the SentencePiece model, which this crate cannot read.
-            return Err(ModelError::Tokenizer(format!(
-                "{} has tokenizer.model but no tokenizer.json; write one with transformers: \
-                 AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)",
-                dir.display()
-            )));
-        }
-        let json = std::fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
+        let sentencepiece_path = dir.join("tokenizer.model");
+        let sentencepiece_only = !path.exists() && sentencepiece_path.is_file();
         let tokenizer_config = read_if_present(&dir.join("tokenizer_config.json"))?;
         let model_type = match read_json_if_present(&dir.join("config.json"))? {
             Some(config) => config
@@ -40,15 +36,32 @@ impl Tokenizer {
                 .map(str::to_string),
             None => None,
         };
-        Self::from_bytes_with_config(
-            &json,
-            tokenizer_config.as_deref().map(str::as_bytes),
-            model_type.as_deref(),
-        )
-        .map_err(|e| match e {
+        let tokenizer_config = tokenizer_config.as_deref().map(str::as_bytes);
+        let loaded = if sentencepiece_only {
+            let model = std::fs::read(&sentencepiece_path).map_err(|e| ModelError::io(&sentencepiece_path, e))?;
+            Self::from_sentencepiece_with_config(&model, tokenizer_config, model_type.as_deref())
+        } else {
+            let json = std::fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
+            Self::from_bytes_with_config(&json, tokenizer_config, model_type.as_deref())
+        };
+        loaded.map_err(|e| match e {
             ModelError::Tokenizer(msg) => ModelError::Tokenizer(format!("{}: {msg}", dir.display())),
             other => other,
         })
+    }
+
+    /// A SentencePiece `tokenizer.model` (a folder without `tokenizer.json`, like the original
+    /// LLaVA checkpoints) converted as transformers 5.24 converts it (see [`crate::sentencepiece`]),
+    /// then read like a `tokenizer.json` by [`Tokenizer::from_bytes_with_config`]. Only BPE models
+    /// with byte fallback (Llama, Mistral) are supported.
+    pub fn from_sentencepiece_with_config(
+        sentencepiece_model: &[u8],
+        tokenizer_config_json: Option<&[u8]>,
+        model_type: Option<&str>,
+    ) -> Result<Self> {
+        let config = parse_tokenizer_config(tokenizer_config_json)?;
+        let json = SentencePieceModel::parse(sentencepiece_model)?.tokenizer_json(&config, model_type)?;
+        Self::from_bytes_with_config(&json.to_string().into_bytes(), tokenizer_config_json, model_type)
     }
 
     /// `tokenizer.json` plus the folder's `tokenizer_config.json` and `config.json` model type.
@@ -66,11 +79,7 @@ impl Tokenizer {
         tokenizer_config_json: Option<&[u8]>,
         model_type: Option<&str>,
     ) -> Result<Self> {
-        let config: Value = match tokenizer_config_json {
-            Some(bytes) => serde_json::from_slice(bytes)
-                .map_err(|e| ModelError::Tokenizer(format!("tokenizer_config.json: malformed JSON: {e}")))?,
-            None => Value::Null,
-        };
+        let config = parse_tokenizer_config(tokenizer_config_json)?;
         let llava_folder = matches!(
             model_type,
             Some("llava" | "llava_next" | "llava_llama" | "llava_mistral")
@@ -480,6 +489,14 @@ fn describe(error: &minijinja::Error) -> String {
     }
 }
 
+fn parse_tokenizer_config(bytes: Option<&[u8]>) -> Result<Value> {
+    match bytes {
+        Some(bytes) => serde_json::from_slice(bytes)
+            .map_err(|e| ModelError::Tokenizer(format!("tokenizer_config.json: malformed JSON: {e}"))),
+        None => Ok(Value::Null),
+    }
+}
+
 fn read_if_present(path: &Path) -> Result<Option<String>> {
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(Some(text)),
@@ -732,10 +749,11 @@ mod tests {
             as_written
         );
 
+        // A folder without tokenizer.json reads tokenizer.model (tests/sentencepiece.rs).
         let sentencepiece_only = tempfile::tempdir().unwrap();
         std::fs::write(sentencepiece_only.path().join("tokenizer.model"), b"sp").unwrap();
         let err = Tokenizer::from_dir(sentencepiece_only.path()).err().unwrap().to_string();
-        assert!(err.contains("no tokenizer.json") && err.contains("save_pretrained"), "{err}");
+        assert!(err.contains("tokenizer.model is not a valid SentencePiece model"), "{err}");
 
         let bad = Tokenizer::from_bytes_with_config(b"{}", Some(b"{\"tokenizer_class\": "), None)
             .err()
