@@ -1,7 +1,9 @@
 // A converted (q8) model in Chromium: `llava convert` writes it at test time under target/, the page
 // loads it through its manifest.json (shards streamed through the shared loader, SHA-256 checked),
 // and a text-only greedy answer equals the native CLI's on the same converted folder token for
-// token. A corrupted shard fails the load with an Error naming the file and the checksum.
+// token. A corrupted shard fails the load with an Error naming the file and the checksum. A folder
+// with the SentencePiece tokenizer.model instead of tokenizer.json (as the original LLaVA
+// checkpoints ship it) is converted in the page as natively.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -14,6 +16,9 @@ import { repoRoot } from './server.js';
 const SOURCE = 'tests/fixtures/models/mistral-tiny';
 const CONVERTED = 'target/browser-fixtures/mistral-tiny-q8';
 const CORRUPT = 'target/browser-fixtures/mistral-tiny-q8-corrupt';
+const SENTENCEPIECE = 'target/browser-fixtures/mistral-tiny-q8-sentencepiece';
+// Mistral-7B v0.1's tokenizer.model: the tokenizer of mistral-tiny's tokenizer.json.
+const TOKENIZER_MODEL = 'tests/fixtures/sentencepiece/mistral-7b-v0.1/tokenizer.model';
 const PROMPT = 'What is the capital of France?';
 const MAX_NEW_TOKENS = 8;
 const SLOW = 300_000;
@@ -34,6 +39,11 @@ before(async () => {
   const bytes = fs.readFileSync(shard);
   bytes[bytes.length - 1] ^= 0x40;
   fs.writeFileSync(shard, bytes);
+  const sentencepiece = convert(SENTENCEPIECE);
+  fs.rmSync(path.join(repoRoot, SENTENCEPIECE, 'tokenizer.json'));
+  fs.copyFileSync(path.join(repoRoot, TOKENIZER_MODEL), path.join(repoRoot, SENTENCEPIECE, 'tokenizer.model'));
+  sentencepiece.files = sentencepiece.files.map((f) => (f === 'tokenizer.json' ? 'tokenizer.model' : f));
+  fs.writeFileSync(path.join(repoRoot, SENTENCEPIECE, 'manifest.json'), JSON.stringify(sentencepiece));
   browser = await openBrowser();
   browser.page.setDefaultTimeout(SLOW);
   await browser.page.goto(`${browser.url}web/index.html`);
@@ -42,12 +52,14 @@ after(async () => {
   await browser?.close();
 });
 
-test('a converted q8 model answers like the native CLI', { timeout: SLOW }, async () => {
-  assert.ok(manifest.shards.length > 1, `${manifest.shards.length} shards`);
-  const native = JSON.parse(
-    llava(['run', '--json', '--model', CONVERTED, '--prompt', PROMPT, '--max-new-tokens', String(MAX_NEW_TOKENS)]).toString(),
-  ).tokens;
-  const got = await browser.page.evaluate(
+function nativeRun(folder, prompt) {
+  return JSON.parse(
+    llava(['run', '--json', '--model', folder, '--prompt', prompt, '--max-new-tokens', String(MAX_NEW_TOKENS)]).toString(),
+  );
+}
+
+async function browserRun(url, prompt) {
+  return browser.page.evaluate(
     async ([url, prompt, maxNewTokens]) => {
       const { LlavaModel } = await import('/pkg/index.js');
       const progress = [];
@@ -57,8 +69,14 @@ test('a converted q8 model answers like the native CLI', { timeout: SLOW }, asyn
       model.dispose();
       return { tokens: Array.from(tokens), stopReason, last: progress.at(-1), files: [...new Set(progress.map((p) => p.file))] };
     },
-    [`/${CONVERTED}/manifest.json`, PROMPT, MAX_NEW_TOKENS],
+    [url, prompt, MAX_NEW_TOKENS],
   );
+}
+
+test('a converted q8 model answers like the native CLI', { timeout: SLOW }, async () => {
+  assert.ok(manifest.shards.length > 1, `${manifest.shards.length} shards`);
+  const native = nativeRun(CONVERTED, PROMPT).tokens;
+  const got = await browserRun(`/${CONVERTED}/manifest.json`, PROMPT);
   assert.deepEqual(got.tokens, native);
   const total = manifest.shards.reduce((sum, s) => sum + s.bytes, 0);
   assert.equal(got.last.loaded, total);
@@ -81,4 +99,13 @@ test('a corrupted shard is an Error naming the file and its SHA-256', { timeout:
   assert.equal(error?.isError, true);
   assert.ok(error.message.includes(corrupt.shards[1].file), error.message);
   assert.ok(error.message.includes(`SHA-256`) && error.message.includes(corrupt.shards[1].sha256), error.message);
+});
+
+test('a folder with tokenizer.model and no tokenizer.json answers like the native CLI', { timeout: SLOW }, async () => {
+  // Spaces, accents and an emoji (byte fallback) go through the converted tokenizer.
+  const prompt = `${PROMPT} Ünïcode 🚀  spaces`;
+  const native = nativeRun(SENTENCEPIECE, prompt);
+  const got = await browserRun(`/${SENTENCEPIECE}/manifest.json`, prompt);
+  assert.deepEqual(got.tokens, native.tokens);
+  assert.deepEqual(browser.problems, []);
 });

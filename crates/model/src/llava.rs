@@ -74,11 +74,13 @@ impl ModelFiles {
         let preprocessor = contents.processor.map(PreprocessorConfig::from_any_json).transpose()?;
         let generation = contents.generation.map(GenerationConfig::from_json).transpose()?;
         let model_type = if config.layout == crate::config::ConfigLayout::OriginalLlava { "llava_llama" } else { "llava_next" };
-        let tokenizer = Tokenizer::from_bytes_with_config(
-            contents.tokenizer,
-            contents.tokenizer_config.map(str::as_bytes),
-            Some(model_type),
-        )?;
+        let tokenizer_config = contents.tokenizer_config.map(str::as_bytes);
+        let tokenizer = match contents.tokenizer {
+            TokenizerFile::Json(json) => Tokenizer::from_bytes_with_config(json, tokenizer_config, Some(model_type)),
+            TokenizerFile::SentencePiece(model) => {
+                Tokenizer::from_sentencepiece_with_config(model, tokenizer_config, Some(model_type))
+            }
+        }?;
         let template = match contents.chat_template {
             Some(source) => ChatTemplate::from_source(source)?,
             None => ChatTemplate::builtin(BuiltinTemplate::for_config(&config)),
@@ -93,10 +95,17 @@ impl ModelFiles {
     }
 }
 
+/// A checkpoint's tokenizer: `tokenizer.json`, or for folders without one the SentencePiece
+/// `tokenizer.model`.
+pub enum TokenizerFile<'a> {
+    Json(&'a [u8]),
+    SentencePiece(&'a [u8]),
+}
+
 /// The text of a checkpoint's small files, for [`ModelFiles::from_contents`].
 pub struct FileContents<'a> {
     pub config: &'a str,
-    pub tokenizer: &'a [u8],
+    pub tokenizer: TokenizerFile<'a>,
     pub tokenizer_config: Option<&'a str>,
     /// The Jinja source (from `chat_template.jinja`, or the string in `chat_template.json`).
     pub chat_template: Option<&'a str>,

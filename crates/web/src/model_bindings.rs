@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use js_sys::{Function, Object, Promise, Uint8Array};
 use llava_model::generate::{GenerateParams, Turn};
-use llava_model::llava::{FileContents, Llava, LoadOptions, ModelFiles};
+use llava_model::llava::{FileContents, Llava, LoadOptions, ModelFiles, TokenizerFile};
 use llava_model::loader::{Progress, Stage, WeightLoader};
 use llava_model::manifest::{MANIFEST_FILE, Manifest};
 use llava_model::weights::WeightPrecision;
@@ -36,6 +36,8 @@ extern "C" {
     fn body(this: &Response) -> Option<ReadableStream>;
     #[wasm_bindgen(method)]
     fn text(this: &Response) -> Promise;
+    #[wasm_bindgen(method, js_name = arrayBuffer)]
+    fn array_buffer(this: &Response) -> Promise;
 
     type Headers;
     #[wasm_bindgen(method)]
@@ -80,13 +82,8 @@ impl Fetcher {
         Ok(response.unchecked_into())
     }
 
-    /// The text of `base/name`; `None` on 404 when the file is optional.
-    async fn text(
-        &self,
-        base: &str,
-        name: &str,
-        optional: bool,
-    ) -> Result<Option<String>, JsError> {
+    /// The response for `base/name`; `None` on 404 when the file is optional.
+    async fn file(&self, base: &str, name: &str, optional: bool) -> Result<Option<Response>, JsError> {
         let url = format!("{base}{name}");
         let response = self.fetch(&url).await?;
         if optional && response.status() == 404 {
@@ -95,10 +92,30 @@ impl Fetcher {
         if !response.ok() {
             return Err(JsError::new(&format!("{url}: HTTP {}", response.status())));
         }
+        Ok(Some(response))
+    }
+
+    /// The text of `base/name`; `None` on 404 when the file is optional.
+    async fn text(&self, base: &str, name: &str, optional: bool) -> Result<Option<String>, JsError> {
+        let Some(response) = self.file(base, name, optional).await? else {
+            return Ok(None);
+        };
         let text = JsFuture::from(response.text())
             .await
-            .map_err(|e| JsError::new(&format!("reading {url}: {}", describe(&e))))?;
+            .map_err(|e| JsError::new(&format!("reading {base}{name}: {}", describe(&e))))?;
         Ok(text.as_string())
+    }
+
+    /// The bytes of `base/name` (a required file).
+    async fn bytes(&self, base: &str, name: &str) -> Result<Vec<u8>, JsError> {
+        let response = self
+            .file(base, name, false)
+            .await?
+            .ok_or_else(|| JsError::new(&format!("{base}{name}: not found")))?;
+        let buffer = JsFuture::from(response.array_buffer())
+            .await
+            .map_err(|e| JsError::new(&format!("reading {base}{name}: {}", describe(&e))))?;
+        Ok(Uint8Array::new(&buffer).to_vec())
     }
 }
 
@@ -193,6 +210,11 @@ async fn layout(fetcher: &Fetcher, base: &str, manifest_url: bool) -> Result<Lay
     Ok(Layout::Checkpoint(vec!["model.safetensors".into()], None))
 }
 
+enum FetchedTokenizer {
+    Json(String),
+    SentencePiece(Vec<u8>),
+}
+
 /// Fetches the config, tokenizer, template, processor and generation files. A converted folder
 /// lists the ones it has (and carries the config in its manifest), so nothing is probed.
 async fn model_files(
@@ -218,10 +240,15 @@ async fn model_files(
             .await?
             .unwrap_or_default(),
     };
-    let tokenizer = fetcher
-        .text(base, "tokenizer.json", false)
-        .await?
-        .unwrap_or_default();
+    // A folder without tokenizer.json (like the original LLaVA checkpoints) has tokenizer.model.
+    let tokenizer_json = match layout {
+        Layout::Converted(_) if !listed("tokenizer.json") => None,
+        _ => fetcher.text(base, "tokenizer.json", listed("tokenizer.model")).await?,
+    };
+    let tokenizer = match tokenizer_json {
+        Some(json) => FetchedTokenizer::Json(json),
+        None => FetchedTokenizer::SentencePiece(fetcher.bytes(base, "tokenizer.model").await?),
+    };
     let tokenizer_config = optional("tokenizer_config.json").await?;
     let chat_template = optional("chat_template.jinja").await?;
     let processor = match optional("preprocessor_config.json").await? {
@@ -231,7 +258,10 @@ async fn model_files(
     let generation = optional("generation_config.json").await?;
     ModelFiles::from_contents(&FileContents {
         config: &config,
-        tokenizer: tokenizer.as_bytes(),
+        tokenizer: match &tokenizer {
+            FetchedTokenizer::Json(json) => TokenizerFile::Json(json.as_bytes()),
+            FetchedTokenizer::SentencePiece(model) => TokenizerFile::SentencePiece(model),
+        },
         tokenizer_config: tokenizer_config.as_deref(),
         chat_template: chat_template.as_deref(),
         processor: processor.as_deref(),
