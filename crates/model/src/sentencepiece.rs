@@ -22,6 +22,30 @@ use crate::error::{ModelError, Result};
 /// The SentencePiece metaspace that stands for a space.
 const METASPACE: &str = "\u{2581}";
 
+/// transformers' `LlamaTokenizer` space handling from `tokenizer_config.json`: the `Metaspace`
+/// pre-tokenizer ("first", "always" with `legacy: true`, "never" with `add_prefix_space: false`)
+/// and the decoder (stripping one leading space unless `add_prefix_space: false`).
+pub(crate) fn llama_tokenizer_spaces(config: &Value) -> (Value, Value) {
+    let add_prefix_space = config.get("add_prefix_space").and_then(Value::as_bool).unwrap_or(true);
+    let legacy = config.get("legacy").and_then(Value::as_bool).unwrap_or(false);
+    let prepend_scheme = match (add_prefix_space, legacy) {
+        (false, _) => "never",
+        (true, true) => "always",
+        (true, false) => "first",
+    };
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": METASPACE}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if add_prefix_space {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    let pre_tokenizer =
+        json!({"type": "Metaspace", "replacement": METASPACE, "prepend_scheme": prepend_scheme, "split": false});
+    (pre_tokenizer, json!({"type": "Sequence", "decoders": decoders}))
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PieceType {
     Normal,
@@ -202,24 +226,7 @@ impl SentencePieceModel {
                 }
             }
         }
-        let add_prefix_space = config
-            .get("add_prefix_space")
-            .and_then(Value::as_bool)
-            .unwrap_or(true);
-        let legacy = config.get("legacy").and_then(Value::as_bool).unwrap_or(false);
-        let prepend_scheme = match (add_prefix_space, legacy) {
-            (false, _) => "never",
-            (true, true) => "always",
-            (true, false) => "first",
-        };
-        let mut decoders = vec![
-            json!({"type": "Replace", "pattern": {"String": METASPACE}, "content": " "}),
-            json!({"type": "ByteFallback"}),
-            json!({"type": "Fuse"}),
-        ];
-        if add_prefix_space {
-            decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
-        }
+        let (pre_tokenizer, decoder) = llama_tokenizer_spaces(config);
         let defaults = [
             ("bos_token", "<s>"),
             ("eos_token", "</s>"),
@@ -232,9 +239,9 @@ impl SentencePieceModel {
             "padding": null,
             "added_tokens": added_tokens.entries,
             "normalizer": null,
-            "pre_tokenizer": {"type": "Metaspace", "replacement": METASPACE, "prepend_scheme": prepend_scheme, "split": false},
+            "pre_tokenizer": pre_tokenizer,
             "post_processor": post_processor(config, &added_tokens)?,
-            "decoder": {"type": "Sequence", "decoders": decoders},
+            "decoder": decoder,
             "model": {
                 "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                 "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::config::{ConfigLayout, LlavaConfig, TextArch};
 use crate::error::{ModelError, Result};
-use crate::sentencepiece::SentencePieceModel;
+use crate::sentencepiece::{SentencePieceModel, llama_tokenizer_spaces};
 
 /// A `tokenizer.json` tokenizer. Cloning is cheap (shared).
 #[derive(Clone)]
@@ -93,38 +93,15 @@ impl Tokenizer {
         }
         let mut tokenizer: Value = serde_json::from_slice(tokenizer_json)
             .map_err(|e| ModelError::Tokenizer(format!("tokenizer.json: malformed JSON: {e}")))?;
-        let add_prefix_space = config
-            .get("add_prefix_space")
-            .and_then(Value::as_bool)
-            .unwrap_or(true);
-        let legacy = config.get("legacy").and_then(Value::as_bool).unwrap_or(false);
-        let prepend_scheme = match (add_prefix_space, legacy) {
-            (false, _) => "never",
-            (true, true) => "always",
-            (true, false) => "first",
-        };
-        let mut decoders = vec![
-            json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
-            json!({"type": "ByteFallback"}),
-            json!({"type": "Fuse"}),
-        ];
-        if add_prefix_space {
-            decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
-        }
+        let (pre_tokenizer, decoder) = llama_tokenizer_spaces(&config);
         let Some(fields) = tokenizer.as_object_mut() else {
             return Err(ModelError::Tokenizer(
                 "tokenizer.json: expected a JSON object".into(),
             ));
         };
         fields.insert("normalizer".into(), Value::Null);
-        fields.insert(
-            "pre_tokenizer".into(),
-            json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": prepend_scheme, "split": false}),
-        );
-        fields.insert(
-            "decoder".into(),
-            json!({"type": "Sequence", "decoders": decoders}),
-        );
+        fields.insert("pre_tokenizer".into(), pre_tokenizer);
+        fields.insert("decoder".into(), decoder);
         let inner: tokenizers::Tokenizer = serde_json::from_value(tokenizer)
             .map_err(|e| ModelError::Tokenizer(format!("cannot load tokenizer.json: {e}")))?;
         Ok(Tokenizer {
