@@ -33,17 +33,50 @@ pub(crate) fn llama_tokenizer_spaces(config: &Value) -> (Value, Value) {
         (true, true) => "always",
         (true, false) => "first",
     };
+    let pre_tokenizer =
+        json!({"type": "Metaspace", "replacement": METASPACE, "prepend_scheme": prepend_scheme, "split": false});
+    (pre_tokenizer, metaspace_decoder(add_prefix_space))
+}
+
+/// Metaspace back to spaces, byte-fallback pieces back to bytes, and (for a tokenizer that adds
+/// a prefix space) the first leading space stripped.
+fn metaspace_decoder(strip_prefix_space: bool) -> Value {
     let mut decoders = vec![
         json!({"type": "Replace", "pattern": {"String": METASPACE}, "content": " "}),
         json!({"type": "ByteFallback"}),
         json!({"type": "Fuse"}),
     ];
-    if add_prefix_space {
+    if strip_prefix_space {
         decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
     }
-    let pre_tokenizer =
-        json!({"type": "Metaspace", "replacement": METASPACE, "prepend_scheme": prepend_scheme, "split": false});
-    (pre_tokenizer, json!({"type": "Sequence", "decoders": decoders}))
+    json!({"type": "Sequence", "decoders": decoders})
+}
+
+/// A `tokenizer.json` value: a byte-fallback BPE model (`unk_token` null or a piece) with its
+/// added tokens, post-processor and the given normalizer, pre-tokenizer and decoder.
+fn bpe_tokenizer_json(
+    config: &Value,
+    added_tokens: &AddedTokens,
+    [normalizer, pre_tokenizer, decoder]: [Value; 3],
+    unk_token: Value,
+    vocab: Map<String, Value>,
+    merges: Vec<Value>,
+) -> Result<Value> {
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added_tokens.entries,
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": post_processor(config, added_tokens)?,
+        "decoder": decoder,
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": unk_token, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "vocab": vocab, "merges": merges,
+        },
+    }))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -233,21 +266,8 @@ impl SentencePieceModel {
             ("unk_token", "<unk>"),
         ];
         let added_tokens = self.added_tokens(config, &defaults, false)?;
-        Ok(json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added_tokens.entries,
-            "normalizer": null,
-            "pre_tokenizer": pre_tokenizer,
-            "post_processor": post_processor(config, &added_tokens)?,
-            "decoder": decoder,
-            "model": {
-                "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
-                "vocab": vocab, "merges": merges,
-            },
-        }))
+        let pipeline = [Value::Null, pre_tokenizer, decoder];
+        bpe_tokenizer_json(config, &added_tokens, pipeline, Value::Null, vocab, merges)
     }
 
     /// transformers' `TokenizersBackend` via `SpmConverter.build_tokenizer_from_spm_proto`: merges of
@@ -301,14 +321,6 @@ impl SentencePieceModel {
         } else {
             Value::Null
         };
-        let mut decoders = vec![
-            json!({"type": "Replace", "pattern": {"String": METASPACE}, "content": " "}),
-            json!({"type": "ByteFallback"}),
-            json!({"type": "Fuse"}),
-        ];
-        if spec.add_dummy_prefix {
-            decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
-        }
 
         let trainer = &self.trainer;
         let defaults: Vec<(&str, &str)> = [
@@ -321,21 +333,9 @@ impl SentencePieceModel {
         .map(|(key, _, piece)| (key, piece))
         .collect();
         let added_tokens = self.added_tokens(config, &defaults, spec.add_dummy_prefix)?;
-        Ok(json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added_tokens.entries,
-            "normalizer": {"type": "Sequence", "normalizers": normalizers},
-            "pre_tokenizer": pre_tokenizer,
-            "post_processor": post_processor(config, &added_tokens)?,
-            "decoder": {"type": "Sequence", "decoders": decoders},
-            "model": {
-                "type": "BPE", "dropout": null, "unk_token": trainer.unk_piece, "continuing_subword_prefix": null,
-                "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
-                "vocab": vocab, "merges": merges,
-            },
-        }))
+        let normalizer = json!({"type": "Sequence", "normalizers": normalizers});
+        let pipeline = [normalizer, pre_tokenizer, metaspace_decoder(spec.add_dummy_prefix)];
+        bpe_tokenizer_json(config, &added_tokens, pipeline, json!(trainer.unk_piece), vocab, merges)
     }
 
     /// The added tokens transformers registers, in its order: `added_tokens_decoder` by id, the
