@@ -10,7 +10,7 @@ import path from 'node:path';
 import { after, before, test } from 'node:test';
 
 import { openBrowser } from './harness.js';
-import { llava } from './native.js';
+import { convert, llava } from './native.js';
 import { repoRoot } from './server.js';
 
 const SOURCE = 'tests/fixtures/models/mistral-tiny';
@@ -23,23 +23,16 @@ const PROMPT = 'What is the capital of France?';
 const MAX_NEW_TOKENS = 8;
 const SLOW = 300_000;
 
-function convert(output) {
-  fs.rmSync(path.join(repoRoot, output), { recursive: true, force: true });
-  // Small shards, so that the model spans several.
-  llava(['convert', '--input', SOURCE, '--output', output, '--quant', 'q8', '--shard-mb', '1']);
-  return JSON.parse(fs.readFileSync(path.join(repoRoot, output, 'manifest.json'), 'utf8'));
-}
-
 let browser;
 let manifest;
 before(async () => {
-  manifest = convert(CONVERTED);
-  const corrupt = convert(CORRUPT);
+  manifest = convert(SOURCE, CONVERTED, 'q8');
+  const corrupt = convert(SOURCE, CORRUPT, 'q8');
   const shard = path.join(repoRoot, CORRUPT, corrupt.shards[1].file);
   const bytes = fs.readFileSync(shard);
   bytes[bytes.length - 1] ^= 0x40;
   fs.writeFileSync(shard, bytes);
-  const sentencepiece = convert(SENTENCEPIECE);
+  const sentencepiece = convert(SOURCE, SENTENCEPIECE, 'q8');
   fs.rmSync(path.join(repoRoot, SENTENCEPIECE, 'tokenizer.json'));
   fs.copyFileSync(path.join(repoRoot, TOKENIZER_MODEL), path.join(repoRoot, SENTENCEPIECE, 'tokenizer.model'));
   sentencepiece.files = sentencepiece.files.map((f) => (f === 'tokenizer.json' ? 'tokenizer.model' : f));

@@ -11,7 +11,7 @@ import { after, before, test } from 'node:test';
 
 import { openBrowser, sharedDir } from './harness.js';
 import { packAndInstall } from './pack.js';
-import { llava } from './native.js';
+import { convert, llava } from './native.js';
 import { repoRoot } from './server.js';
 
 const SOURCE = 'tests/fixtures/models/mistral-tiny';
@@ -29,9 +29,7 @@ function nativeAnswer() {
   return JSON.parse(llava([...args, '--max-new-tokens', String(MAX_NEW_TOKENS)]).toString());
 }
 
-// Small shards, so that the model spans several files.
-fs.rmSync(path.join(repoRoot, MODEL), { recursive: true, force: true });
-llava(['convert', '--input', SOURCE, '--output', MODEL, '--quant', QUANT, '--shard-mb', '1']);
+convert(SOURCE, MODEL, QUANT);
 
 const modelFiles = fs.readdirSync(path.join(repoRoot, MODEL));
 const shards = modelFiles.filter((f) => f.endsWith('.safetensors')).sort();
