@@ -2,6 +2,7 @@
 //! [`Batch`], which records dispatches into one command encoder.
 
 use std::num::NonZeroU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{GpuError, Result};
@@ -51,6 +52,7 @@ pub struct Gpu {
     registry: PipelineRegistry,
     /// First error wgpu reported through its callbacks since the last [`Gpu::check`].
     error: Arc<Mutex<Option<GpuError>>>,
+    counters: CounterCells,
 }
 
 impl Gpu {
@@ -137,6 +139,7 @@ impl Gpu {
             },
             registry: PipelineRegistry::default(),
             error,
+            counters: CounterCells::default(),
         })
     }
 
@@ -154,6 +157,23 @@ impl Gpu {
     }
     pub fn features(&self) -> GpuFeatures {
         self.features
+    }
+
+    /// What this device has done since it was opened (see [`Counters`]).
+    pub fn counters(&self) -> Counters {
+        self.counters.snapshot()
+    }
+
+    /// Writes `bytes` into `buffer` at `offset` through the queue (a multiple of 4 bytes).
+    pub fn write(&self, buffer: &wgpu::Buffer, offset: u64, bytes: &[u8]) {
+        self.counters.add(&self.counters.bytes_written, bytes.len() as u64);
+        self.queue.write_buffer(buffer, offset, bytes);
+    }
+
+    /// Submits command buffers, counted.
+    pub(crate) fn submit(&self, commands: impl IntoIterator<Item = wgpu::CommandBuffer>) -> wgpu::SubmissionIndex {
+        self.counters.add(&self.counters.submits, 1);
+        self.queue.submit(commands)
     }
 
     /// Whether the device has SHADER_F16, so that `SHADER_F16` kernel variants (`enable f16;`)
@@ -203,26 +223,6 @@ impl Gpu {
         self.registry.get(&self.device, key)
     }
 
-    /// Starts recording a batch of dispatches.
-    pub fn batch(&self) -> Batch<'_> {
-        self.batch_with_uniform_arena(UNIFORM_ARENA_BYTES)
-    }
-
-    /// A batch whose parameter buffers hold `arena_bytes` each (tests use small ones).
-    pub(crate) fn batch_with_uniform_arena(&self, arena_bytes: u64) -> Batch<'_> {
-        Batch {
-            gpu: self,
-            encoder: self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor::default()),
-            uniforms: UniformArena {
-                capacity: arena_bytes,
-                buffer: None,
-                used: 0,
-                staged: Vec::new(),
-                staged_from: 0,
-            },
-        }
-    }
-
     /// Splits `n` workgroups into an x/y grid within the per-dimension limit. Kernels recover
     /// the linear index as `wg.x + wg.y * num_workgroups.x` and skip indices `>= n`.
     pub fn grid(&self, n: u32) -> [u32; 3] {
@@ -238,6 +238,7 @@ impl Gpu {
         if size > self.limits.max_buffer_size {
             return Err(GpuError::TooLarge { bytes: size, limit: self.limits.max_buffer_size, what: "buffer" });
         }
+        self.counters.add(&self.counters.buffers, 1);
         Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
             label: None,
             size: size.max(4).next_multiple_of(4),
@@ -254,7 +255,8 @@ impl Gpu {
             self.create_buffer(padded, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?;
         let mut encoder = self.device.create_command_encoder(&Default::default());
         encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, padded);
-        self.queue.submit([encoder.finish()]);
+        self.submit([encoder.finish()]);
+        self.counters.add(&self.counters.bytes_read, size);
         let (tx, rx) = futures_channel::oneshot::channel();
         staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
@@ -315,7 +317,7 @@ impl UniformArena {
         let buffer = match &self.buffer {
             Some(b) if self.used + size <= b.size() => b.clone(),
             _ => {
-                self.upload(&gpu.queue);
+                self.upload(gpu);
                 let capacity = self.capacity.max(size);
                 let usage = wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST;
                 let fresh = gpu.create_buffer(capacity, usage)?;
@@ -334,23 +336,58 @@ impl UniformArena {
     }
 
     /// Writes what was packed since the last upload.
-    fn upload(&mut self, queue: &wgpu::Queue) {
+    fn upload(&mut self, gpu: &Gpu) {
         if let Some(buffer) = &self.buffer
             && !self.staged.is_empty()
         {
-            queue.write_buffer(buffer, self.staged_from, &self.staged);
+            gpu.write(buffer, self.staged_from, &self.staged);
         }
         self.staged.clear();
         self.staged_from = self.used;
     }
 }
 
+/// Where a batch's dispatches go: into a command encoder now, or into a [`Plan`] to replay.
+enum Target {
+    /// `pass` is the compute pass being recorded (consecutive dispatches share one), closed
+    /// before a copy and before the encoder is submitted.
+    Encoder { encoder: wgpu::CommandEncoder, pass: Option<wgpu::ComputePass<'static>> },
+    Plan(Vec<PlanStep>),
+}
+
 /// Dispatches recorded into one command encoder and submitted together, so that a whole layer
-/// (or a whole decode step) reaches the GPU in one submission.
+/// (or a whole decode step) reaches the GPU in one submission. A batch made by [`Gpu::plan`]
+/// records into a [`Plan`] instead: the ops run once, allocating their outputs and bind groups
+/// once, and the plan replays the same dispatches as often as wanted.
 pub struct Batch<'g> {
     gpu: &'g Gpu,
-    encoder: wgpu::CommandEncoder,
+    target: Target,
     uniforms: UniformArena,
+}
+
+impl Gpu {
+    /// Starts recording a batch of dispatches.
+    pub fn batch(&self) -> Batch<'_> {
+        self.batch_with_uniform_arena(UNIFORM_ARENA_BYTES)
+    }
+
+    /// A batch whose parameter buffers hold `arena_bytes` each (tests use small ones).
+    pub(crate) fn batch_with_uniform_arena(&self, arena_bytes: u64) -> Batch<'_> {
+        let encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
+        Batch { gpu: self, target: Target::Encoder { encoder, pass: None }, uniforms: UniformArena::new(arena_bytes) }
+    }
+
+    /// Starts recording a [`Plan`]: ops called on the returned batch allocate their outputs and
+    /// bind groups now, and [`Batch::into_plan`] keeps their dispatches for replay.
+    pub fn plan(&self) -> Batch<'_> {
+        Batch { gpu: self, target: Target::Plan(Vec::new()), uniforms: UniformArena::new(UNIFORM_ARENA_BYTES) }
+    }
+}
+
+impl UniformArena {
+    fn new(capacity: u64) -> Self {
+        UniformArena { capacity, buffer: None, used: 0, staged: Vec::new(), staged_from: 0 }
+    }
 }
 
 impl<'g> Batch<'g> {
@@ -369,8 +406,30 @@ impl<'g> Batch<'g> {
         buffers: &[Binding<'_>],
         workgroups: [u32; 3],
     ) -> Result<()> {
+        let mut padded = params.to_vec();
+        padded.resize(params.len().max(16).next_multiple_of(16), 0);
+        let (uniform, offset) = self.uniforms.push(self.gpu, &padded)?;
+        let params = Binding { buffer: &uniform, offset, size: padded.len() as u64 };
+        let entries: Vec<(u32, Binding)> =
+            std::iter::once(params).chain(buffers.iter().copied()).enumerate().map(|(i, b)| (i as u32, b)).collect();
+        self.dispatch_entries(key, &entries, workgroups)
+    }
+
+    /// Packs `params` (padded to 16 bytes) with the batch's other parameters; for
+    /// [`Batch::dispatch_entries`].
+    pub fn params(&mut self, params: &[u8]) -> Result<Uniform> {
+        let mut padded = params.to_vec();
+        padded.resize(params.len().max(16).next_multiple_of(16), 0);
+        let (buffer, offset) = self.uniforms.push(self.gpu, &padded)?;
+        Ok(Uniform { buffer, offset, size: padded.len() as u64 })
+    }
+
+    /// [`Batch::dispatch`] with every binding given by number, its parameters (a uniform) too:
+    /// planned decode kernels also bind a uniform of per-token values (position, cache length)
+    /// that is rewritten before each replay.
+    pub fn dispatch_entries(&mut self, key: &PipelineKey, entries: &[(u32, Binding<'_>)], workgroups: [u32; 3]) -> Result<()> {
         let pipeline = self.gpu.pipeline(key)?;
-        for b in buffers {
+        for (_, b) in entries {
             if b.size > self.gpu.max_binding() {
                 return Err(GpuError::TooLarge {
                     bytes: b.size,
@@ -379,63 +438,274 @@ impl<'g> Batch<'g> {
                 });
             }
         }
-        let mut padded = params.to_vec();
-        padded.resize(params.len().max(16).next_multiple_of(16), 0);
-        let (uniform, offset) = self.uniforms.push(self.gpu, &padded)?;
-        let mut entries = vec![wgpu::BindGroupEntry {
-            binding: 0,
-            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer: &uniform,
-                offset,
-                size: NonZeroU64::new(padded.len() as u64),
-            }),
-        }];
-        for (i, b) in buffers.iter().enumerate() {
-            entries.push(wgpu::BindGroupEntry {
-                binding: i as u32 + 1,
+        let entries: Vec<wgpu::BindGroupEntry> = entries
+            .iter()
+            .map(|&(binding, b)| wgpu::BindGroupEntry {
+                binding,
                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                     buffer: b.buffer,
                     offset: b.offset,
                     size: NonZeroU64::new(b.size.next_multiple_of(4)),
                 }),
-            });
-        }
+            })
+            .collect();
+        self.gpu.counters.add(&self.gpu.counters.bind_groups, 1);
         let bind_group = self.gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(key.entry),
             layout: &pipeline.get_bind_group_layout(0),
             entries: &entries,
         });
-        let mut pass = self.encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some(key.entry),
-            timestamp_writes: None,
-        });
-        pass.set_pipeline(&pipeline);
-        pass.set_bind_group(0, &bind_group, &[]);
-        pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
+        let step = PlanStep::Dispatch { pipeline, bind_group, workgroups };
+        match &mut self.target {
+            Target::Plan(steps) => steps.push(step),
+            Target::Encoder { .. } => self.encode(&step),
+        }
         Ok(())
     }
 
     /// Records a buffer-to-buffer copy.
     pub fn copy(&mut self, src: Binding<'_>, dst: Binding<'_>) {
-        self.encoder.copy_buffer_to_buffer(src.buffer, src.offset, dst.buffer, dst.offset, src.size);
+        let step = PlanStep::Copy {
+            src: src.buffer.clone(),
+            src_offset: src.offset,
+            dst: dst.buffer.clone(),
+            dst_offset: dst.offset,
+            size: src.size,
+        };
+        match &mut self.target {
+            Target::Plan(steps) => steps.push(step),
+            Target::Encoder { .. } => self.encode(&step),
+        }
+    }
+
+    /// Records the dispatches (and copies) of `plan`.
+    pub fn run(&mut self, plan: &Plan) -> Result<()> {
+        if !std::ptr::eq(plan.gpu_id, self.gpu) {
+            return Err(GpuError::Validation("a plan ran on another device than it was made for".into()));
+        }
+        for step in &plan.steps {
+            match &mut self.target {
+                Target::Plan(steps) => steps.push(step.clone()),
+                Target::Encoder { .. } => self.encode(step),
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies `size` bytes of `src` into `dst`, a buffer the host maps ([`Readback`]).
+    pub fn copy_to_host(&mut self, src: Binding<'_>, dst: &Readback) {
+        self.copy(src, Binding { buffer: &dst.buffer, offset: 0, size: src.size });
+    }
+
+    fn encode(&mut self, step: &PlanStep) {
+        let Target::Encoder { encoder, pass } = &mut self.target else { unreachable!("encoding a plan") };
+        match step {
+            PlanStep::Dispatch { pipeline, bind_group, workgroups } => {
+                let pass = pass.get_or_insert_with(|| {
+                    self.gpu.counters.add(&self.gpu.counters.passes, 1);
+                    encoder.begin_compute_pass(&wgpu::ComputePassDescriptor::default()).forget_lifetime()
+                });
+                self.gpu.counters.add(&self.gpu.counters.dispatches, 1);
+                pass.set_pipeline(pipeline);
+                pass.set_bind_group(0, bind_group, &[]);
+                pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
+            }
+            PlanStep::Copy { src, src_offset, dst, dst_offset, size } => {
+                // A copy cannot happen inside a compute pass.
+                *pass = None;
+                encoder.copy_buffer_to_buffer(src, *src_offset, dst, *dst_offset, *size);
+            }
+        }
+    }
+
+    /// Ends recording into a plan (see [`Gpu::plan`]).
+    pub fn into_plan(mut self) -> Result<Plan> {
+        self.uniforms.upload(self.gpu);
+        let Target::Plan(steps) = std::mem::replace(&mut self.target, Target::Plan(Vec::new())) else {
+            return Err(GpuError::Validation("into_plan on a batch that encodes commands".into()));
+        };
+        self.gpu.check()?;
+        Ok(Plan { steps, gpu_id: self.gpu })
+    }
+
+    /// The commands recorded so far, with the parameters they read written to the GPU.
+    fn finish_encoder(&mut self) -> Result<wgpu::CommandBuffer> {
+        let fresh = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
+        let target = std::mem::replace(&mut self.target, Target::Encoder { encoder: fresh, pass: None });
+        self.uniforms.upload(self.gpu);
+        match target {
+            Target::Encoder { encoder, pass } => {
+                drop(pass);
+                Ok(encoder.finish())
+            }
+            Target::Plan(_) => Err(GpuError::Validation("submitting a batch that records a plan".into())),
+        }
     }
 
     /// Submits what was recorded so far and goes on with a fresh encoder. Long forward passes
     /// flush between layers so that the intermediate buffers of one layer can be freed before
     /// the next is recorded.
     pub fn flush(&mut self) -> Result<()> {
-        let fresh = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
-        let encoder = std::mem::replace(&mut self.encoder, fresh);
-        self.uniforms.upload(&self.gpu.queue);
-        self.gpu.queue.submit([encoder.finish()]);
+        let commands = self.finish_encoder()?;
+        self.gpu.submit([commands]);
         self.gpu.check()
     }
 
     /// Submits everything recorded and reports any error wgpu raised while recording.
     pub fn submit(mut self) -> Result<()> {
-        self.uniforms.upload(&self.gpu.queue);
-        self.gpu.queue.submit([self.encoder.finish()]);
-        self.gpu.check()
+        self.flush()
+    }
+}
+
+/// A uniform buffer range: kernel parameters packed by [`Batch::params`], or a small buffer of its
+/// own that is rewritten between submissions ([`Uniform::new`]).
+pub struct Uniform {
+    buffer: wgpu::Buffer,
+    offset: u64,
+    size: u64,
+}
+
+impl Uniform {
+    /// A uniform buffer of `size` bytes (a multiple of 16) of its own, written with [`Uniform::write`].
+    pub fn new(gpu: &Gpu, size: u64) -> Result<Uniform> {
+        let size = size.max(16).next_multiple_of(16);
+        let buffer = gpu.create_buffer(size, wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST)?;
+        Ok(Uniform { buffer, offset: 0, size })
+    }
+
+    pub fn binding(&self) -> Binding<'_> {
+        Binding { buffer: &self.buffer, offset: self.offset, size: self.size }
+    }
+
+    /// Writes `bytes` at the start of the range; the next submission sees them.
+    pub fn write(&self, gpu: &Gpu, bytes: &[u8]) {
+        gpu.write(&self.buffer, self.offset, bytes);
+    }
+}
+
+/// One recorded command of a [`Plan`].
+#[derive(Clone)]
+enum PlanStep {
+    Dispatch { pipeline: Arc<wgpu::ComputePipeline>, bind_group: wgpu::BindGroup, workgroups: [u32; 3] },
+    Copy { src: wgpu::Buffer, src_offset: u64, dst: wgpu::Buffer, dst_offset: u64, size: u64 },
+}
+
+/// Dispatches recorded once, with their pipelines, bind groups and parameters, and replayed by
+/// [`Batch::run`] without creating anything: the decode step of a chat is one plan.
+pub struct Plan {
+    steps: Vec<PlanStep>,
+    /// The device the plan's bind groups belong to (compared by address only).
+    gpu_id: *const Gpu,
+}
+
+// The raw pointer is an identity, never dereferenced.
+unsafe impl Send for Plan {}
+unsafe impl Sync for Plan {}
+
+impl Plan {
+    /// Number of dispatches per replay.
+    pub fn dispatches(&self) -> usize {
+        self.steps.iter().filter(|s| matches!(s, PlanStep::Dispatch { .. })).count()
+    }
+}
+
+/// A small buffer the host reads back after each submission (a sampled token id), made once and
+/// reused: no staging buffer is created per read.
+pub struct Readback {
+    buffer: wgpu::Buffer,
+    size: u64,
+}
+
+impl Readback {
+    pub fn new(gpu: &Gpu, size: u64) -> Result<Readback> {
+        let size = size.next_multiple_of(4);
+        let buffer = gpu.create_buffer(size, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?;
+        Ok(Readback { buffer, size })
+    }
+
+    /// Waits for the submissions that wrote this buffer and returns its bytes. Natively this
+    /// blocks on the device; on the web it awaits `mapAsync`.
+    pub async fn read(&self, gpu: &Gpu) -> Result<Vec<u8>> {
+        let (tx, rx) = futures_channel::oneshot::channel();
+        self.buffer.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        #[cfg(not(target_arch = "wasm32"))]
+        gpu.device
+            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+            .map_err(|e| GpuError::Readback(e.to_string()))?;
+        let mapped = rx.await.map_err(|_| GpuError::Readback("map callback dropped".into()));
+        gpu.check()?;
+        mapped?.map_err(|e| GpuError::Readback(e.to_string()))?;
+        let view = self.buffer.get_mapped_range(..).map_err(|e| GpuError::Readback(e.to_string()))?;
+        let bytes = view.to_vec();
+        drop(view);
+        self.buffer.unmap();
+        gpu.counters.add(&gpu.counters.bytes_read, self.size);
+        Ok(bytes)
+    }
+}
+
+/// What a device has done since it was opened; subtract two snapshots for what happened in
+/// between. Counted where this crate creates or submits something, so work done through
+/// `device()`/`queue()` directly is not seen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Compute dispatches recorded.
+    pub dispatches: u64,
+    /// Compute passes begun (consecutive dispatches share one).
+    pub passes: u64,
+    pub submits: u64,
+    pub buffers_created: u64,
+    pub bind_groups_created: u64,
+    /// Bytes written to the GPU through the queue (uploads and parameters).
+    pub bytes_written: u64,
+    /// Bytes copied back to the host.
+    pub bytes_read: u64,
+}
+
+impl std::ops::Sub for Counters {
+    type Output = Counters;
+    fn sub(self, o: Counters) -> Counters {
+        Counters {
+            dispatches: self.dispatches - o.dispatches,
+            passes: self.passes - o.passes,
+            submits: self.submits - o.submits,
+            buffers_created: self.buffers_created - o.buffers_created,
+            bind_groups_created: self.bind_groups_created - o.bind_groups_created,
+            bytes_written: self.bytes_written - o.bytes_written,
+            bytes_read: self.bytes_read - o.bytes_read,
+        }
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct CounterCells {
+    dispatches: AtomicU64,
+    passes: AtomicU64,
+    submits: AtomicU64,
+    buffers: AtomicU64,
+    bind_groups: AtomicU64,
+    bytes_written: AtomicU64,
+    bytes_read: AtomicU64,
+}
+
+impl CounterCells {
+    fn add(&self, cell: &AtomicU64, n: u64) {
+        cell.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> Counters {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Counters {
+            dispatches: get(&self.dispatches),
+            passes: get(&self.passes),
+            submits: get(&self.submits),
+            buffers_created: get(&self.buffers),
+            bind_groups_created: get(&self.bind_groups),
+            bytes_written: get(&self.bytes_written),
+            bytes_read: get(&self.bytes_read),
+        }
     }
 }
 

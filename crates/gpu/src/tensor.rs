@@ -213,10 +213,10 @@ impl Tensor {
 /// `queue.write_buffer` needs a multiple of 4 bytes.
 fn write_padded(gpu: &Gpu, buffer: &wgpu::Buffer, bytes: &[u8]) {
     if bytes.len() % 4 == 0 {
-        gpu.queue().write_buffer(buffer, 0, bytes);
+        gpu.write(buffer, 0, bytes);
     } else {
         let mut padded = bytes.to_vec();
         padded.resize(bytes.len().next_multiple_of(4), 0);
-        gpu.queue().write_buffer(buffer, 0, &padded);
+        gpu.write(buffer, 0, &padded);
     }
 }

@@ -232,8 +232,16 @@ fn window_rows(
     Ok(rows as usize)
 }
 
+/// Row windows `(start, count)` of w (`[N, K]`), each within one storage binding.
+pub(crate) fn row_windows(gpu: &crate::Gpu, w: &Tensor, k: usize) -> Result<Vec<(usize, usize)>> {
+    let n = w.rows();
+    let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
+    let step = window_rows(n, k, row_bytes(w, k), align, gpu.max_binding())?;
+    Ok((0..n).step_by(step.max(1)).map(|start| (start, step.min(n - start))).collect())
+}
+
 /// Bindings of rows `start..start + count` of w (and of their quantization scales).
-fn window_bindings(w: &Tensor, k: usize, start: usize, count: usize) -> (Binding<'_>, Option<Binding<'_>>) {
+pub(crate) fn window_bindings(w: &Tensor, k: usize, start: usize, count: usize) -> (Binding<'_>, Option<Binding<'_>>) {
     let (data_row, scales_row) = row_bytes(w, k);
     let data = w.binding();
     let data = Binding {

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod conv;
+pub mod decode;
 pub mod elementwise;
 pub mod embed;
 pub mod matmul;

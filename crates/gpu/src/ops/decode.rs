@@ -1,0 +1,633 @@
+//! The kernels of a planned decode step (shaders/decode.wgsl): one token, recorded once into a
+//! [`crate::Plan`] and replayed per token. Each reads the token's position and cache length from a
+//! [`StepUniform`] written before the replay, so nothing is recreated per token.
+//!
+//! - [`gemv`]: `y = W · x` for one row of x with 16-byte weight loads, x staged in workgroup
+//!   memory, an optional RMSNorm folded into the staging ([`Norm`]) and an [`Epilogue`]: plain
+//!   store, residual add, SiLU·mul of a `[gate; up]` matrix, or RoPE + KV-cache store of a
+//!   `[q; k]` matrix with `v` beside it. Fusing these is what keeps a decoder layer at six
+//!   dispatches (norm+qkv, attend, combine, o+residual, norm+gate/up, down+residual).
+//! - [`attend`]: one query position against the cache (flash-decoding in chunks of 64 keys,
+//!   merged by a second dispatch).
+//! - [`sample_greedy`]: the next token on the GPU, where the next step's embedding reads it.
+
+use crate::context::{Binding, Uniform};
+use crate::error::{GpuError, Result, shape_err};
+use crate::registry::{PipelineKey, Shader};
+use crate::{Batch, DType, Gpu, Tensor, shader};
+
+const SHADER: Shader = shader!("decode");
+/// Rows per GEMV workgroup (two quads).
+const GEMV_ROWS: usize = 8;
+/// Keys per attention workgroup; the cache capacity must be a multiple of it.
+pub const ATTEND_KEYS: usize = 64;
+/// Query heads per kv head times head dim, at most (workgroup memory of `attend`).
+const ATTEND_QMAX: usize = 2048;
+const ATTEND_MAX_GROUP: usize = 8;
+
+/// The per-token values every planned kernel reads.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Step {
+    /// Position of the token being run (its keys and values go to this cache row).
+    pub pos: u32,
+    /// Keys the query attends to (`pos + 1`).
+    pub kv_len: u32,
+    /// Index of the token in the reply (the sampler's random stream).
+    pub index: u32,
+    pub pad: u32,
+}
+
+/// The uniform holding a [`Step`], rewritten before each replay of a plan.
+pub struct StepUniform(Uniform);
+
+impl StepUniform {
+    pub fn new(gpu: &Gpu) -> Result<StepUniform> {
+        Ok(StepUniform(Uniform::new(gpu, size_of::<Step>() as u64)?))
+    }
+
+    pub fn write(&self, gpu: &Gpu, step: Step) {
+        self.0.write(gpu, bytemuck::bytes_of(&step));
+    }
+
+    fn binding(&self) -> Binding<'_> {
+        self.0.binding()
+    }
+}
+
+/// RMSNorm folded into a [`gemv`]'s input: `x * rsqrt(mean(x²) + eps) * weight`.
+#[derive(Clone, Copy)]
+pub struct Norm<'a> {
+    pub weight: &'a Tensor,
+    pub eps: f32,
+}
+
+/// What a [`gemv`] does with its results.
+#[derive(Clone, Copy)]
+pub enum Epilogue<'a> {
+    /// `y = W · x` (weights larger than a storage binding go in row windows).
+    Store,
+    /// `y += W · x`, in place (the residual stream).
+    Residual,
+    /// W is `[gate; up]` (`2m` rows): `y[j] = silu(gate_j) · up_j`.
+    SiluMul,
+    /// W is `[q; k]`: RoPE at the step's position on q and k, q to `y` and k into `kv`; v is
+    /// `v · x` into `kv`.
+    Qkv(Qkv<'a>),
+}
+
+/// The attention geometry of an [`Epilogue::Qkv`].
+#[derive(Clone, Copy)]
+pub struct Qkv<'a> {
+    /// `[kv_heads · head_dim, K]`, in any weight format.
+    pub v: &'a Tensor,
+    /// The layer's cache `[2, capacity, kv_heads, head_dim]` (keys, then values), F32 or F16.
+    pub kv: &'a Tensor,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rope_theta: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct GemvParams {
+    n: u32,
+    k: u32,
+    col0: u32,
+    eps: f32,
+    m: u32,
+    q_rows: u32,
+    kv_rows: u32,
+    head_dim: u32,
+    kv_heads: u32,
+    capacity: u32,
+    pad: [u32; 2],
+    inv_freq: [f32; 128],
+}
+
+fn format_flag(prefix: char, dtype: DType) -> &'static str {
+    match (prefix, dtype) {
+        ('W', DType::F32) => "W_F32",
+        ('W', DType::F16) => "W_F16",
+        ('W', DType::Q8) => "W_Q8",
+        ('W', DType::Q6) => "W_Q6",
+        ('W', _) => "W_Q4",
+        (_, DType::F32) => "V_F32",
+        (_, DType::F16) => "V_F16",
+        (_, DType::Q8) => "V_Q8",
+        (_, DType::Q6) => "V_Q6",
+        _ => "V_Q4",
+    }
+}
+
+/// Values one 16-byte load of the format holds; K must be a multiple.
+fn unit(dtype: DType) -> usize {
+    match dtype {
+        DType::F32 => 4,
+        DType::F16 => 8,
+        DType::Q8 => 16,
+        _ => 32,
+    }
+}
+
+/// Checks that `w` (`[N, K]`) can go through the decode GEMV; returns (N, K).
+fn gemv_weights(what: &str, w: &Tensor, k: usize) -> Result<usize> {
+    const OP: &str = "decode gemv";
+    if !matches!(w.dtype(), DType::F32 | DType::F16 | DType::Q8 | DType::Q6 | DType::Q4) {
+        return Err(GpuError::Unsupported { op: OP, what: format!("{what} of dtype {:?}", w.dtype()) });
+    }
+    let (n, wk) = w.dims2().map_err(|_| shape_err(OP, format!("{what} must be [N, K], got {:?}", w.shape())))?;
+    if wk != k || k % unit(w.dtype()) != 0 || k % w.dtype().group_size().max(1) != 0 {
+        return Err(shape_err(
+            OP,
+            format!("{what} {:?} {:?} needs K = {k}, a multiple of {}", w.dtype(), w.shape(), unit(w.dtype())),
+        ));
+    }
+    Ok(n)
+}
+
+/// Whether [`gemv`] takes `w` for inputs of length `k` (else the caller keeps the general path).
+pub fn gemv_supports(w: &Tensor, k: usize) -> bool {
+    gemv_weights("w", w, k).is_ok()
+}
+
+/// Records `y (op)= W · norm(x)` for one row of x (see [`Epilogue`]). x: `[K]` or `[1, K]` F32;
+/// y: F32 of the epilogue's length (N; m for SiluMul; q rows for Qkv).
+pub fn gemv(
+    batch: &mut Batch,
+    step: &StepUniform,
+    x: &Tensor,
+    w: &Tensor,
+    norm: Option<Norm<'_>>,
+    epilogue: Epilogue<'_>,
+    y: &Tensor,
+) -> Result<()> {
+    const OP: &str = "decode gemv";
+    let k = x.last_dim();
+    if x.dtype() != DType::F32 || x.rows() != 1 || y.dtype() != DType::F32 {
+        return Err(shape_err(OP, format!("x {:?} and y {:?} must be one f32 row", x.shape(), y.shape())));
+    }
+    let n = gemv_weights("w", w, k)?;
+    if let Some(norm) = norm
+        && (norm.weight.dtype() != DType::F32 || norm.weight.numel() != k)
+    {
+        return Err(shape_err(OP, format!("norm weight must be f32 [{k}], got {:?}", norm.weight.shape())));
+    }
+    let mut params = GemvParams {
+        n: n as u32,
+        k: k as u32,
+        col0: 0,
+        eps: norm.map_or(0.0, |n| n.eps),
+        m: 0,
+        q_rows: 0,
+        kv_rows: 0,
+        head_dim: 0,
+        kv_heads: 0,
+        capacity: 0,
+        pad: [0; 2],
+        inv_freq: [0.0; 128],
+    };
+    let mut key = PipelineKey::new(SHADER, "gemv")
+        .flag("GEMV")
+        .flag(format_flag('W', w.dtype()))
+        .flag_if(w.dtype().is_quantized(), "QUANT")
+        .flag_if(norm.is_some(), "NORM");
+    let want_y = |len: usize| {
+        if y.numel() == len {
+            Ok(())
+        } else {
+            Err(shape_err(OP, format!("y has {} values, want {len}", y.numel())))
+        }
+    };
+    let quads = match epilogue {
+        Epilogue::Store => {
+            want_y(n)?;
+            n.div_ceil(4)
+        }
+        Epilogue::Residual => {
+            want_y(n)?;
+            key = key.flag("RESIDUAL");
+            n.div_ceil(4)
+        }
+        Epilogue::SiluMul => {
+            if n % 2 != 0 {
+                return Err(shape_err(OP, format!("[gate; up] has an odd row count {n}")));
+            }
+            want_y(n / 2)?;
+            params.m = (n / 2) as u32;
+            key = key.flag("SILU");
+            (n / 2).div_ceil(2)
+        }
+        Epilogue::Qkv(a) => {
+            let (q_rows, kv_rows) = (a.heads * a.head_dim, a.kv_heads * a.head_dim);
+            let d = a.head_dim;
+            if d == 0 || d % 4 != 0 || d > 256 || a.kv_heads == 0 || a.heads % a.kv_heads != 0 {
+                return Err(shape_err(OP, format!("qkv needs head dim % 4 == 0 and <= 256 (got {d}) and whole groups")));
+            }
+            if n != q_rows + kv_rows || gemv_weights("v", a.v, k)? != kv_rows {
+                return Err(shape_err(
+                    OP,
+                    format!("[q; k] {:?} and v {:?} do not match {} + {} heads of {d}", w.shape(), a.v.shape(), a.heads, a.kv_heads),
+                ));
+            }
+            let capacity = kv_capacity(a.kv, a.kv_heads, d)?;
+            want_y(q_rows)?;
+            params.q_rows = q_rows as u32;
+            params.kv_rows = kv_rows as u32;
+            params.head_dim = d as u32;
+            params.kv_heads = a.kv_heads as u32;
+            params.capacity = capacity as u32;
+            // transformers' inv_freq = 1 / theta^(2i / d), computed in f32 as the rope op does.
+            for i in 0..d / 2 {
+                params.inv_freq[i] = 1.0 / a.rope_theta.powf((2 * i) as f32 / d as f32);
+            }
+            key = key
+                .flag("QKV")
+                .flag(format_flag('V', a.v.dtype()))
+                .flag_if(a.kv.dtype() == DType::F16, "KV_F16");
+            (q_rows + kv_rows) / 4 + kv_rows / 4
+        }
+    };
+    let gpu = batch.gpu();
+    // Rows of w per dispatch: all of them unless a plain store needs windows.
+    let windows = match epilogue {
+        Epilogue::Store => crate::ops::matmul::row_windows(gpu, w, k)?,
+        _ => vec![(0, n)],
+    };
+    for (start, count) in windows {
+        let (data, scales) = crate::ops::matmul::window_bindings(w, k, start, count);
+        params.n = count as u32;
+        params.col0 = start as u32;
+        let quads = if count == n { quads } else { count.div_ceil(4) };
+        let uniform = batch.params(bytemuck::bytes_of(&params))?;
+        let mut entries = vec![(0, uniform.binding()), (2, x.binding()), (3, data)];
+        entries.extend(scales.map(|s| (4, s)));
+        entries.extend(norm.map(|n| (5, n.weight.binding())));
+        if let Epilogue::Qkv(a) = epilogue {
+            entries.push((1, step.binding()));
+            entries.push((6, a.v.binding()));
+            entries.extend(a.v.scales_binding().map(|s| (7, s)));
+            entries.push((8, a.kv.binding()));
+        }
+        entries.push((9, y.binding()));
+        let grid = gpu.grid(quads.div_ceil(GEMV_ROWS / 4) as u32);
+        batch.dispatch_entries(&key, &entries, grid)?;
+    }
+    Ok(())
+}
+
+/// Capacity of a cache `[2, capacity, kv_heads, head_dim]` (a multiple of [`ATTEND_KEYS`]).
+fn kv_capacity(kv: &Tensor, kv_heads: usize, head_dim: usize) -> Result<usize> {
+    match *kv.shape() {
+        [2, cap, h, d] if h == kv_heads && d == head_dim && cap % ATTEND_KEYS == 0
+            && matches!(kv.dtype(), DType::F32 | DType::F16) => Ok(cap),
+        _ => Err(shape_err(
+            "decode",
+            format!(
+                "the KV cache must be f32/f16 [2, capacity % {ATTEND_KEYS} == 0, {kv_heads}, {head_dim}], got {:?} {:?}",
+                kv.dtype(),
+                kv.shape()
+            ),
+        )),
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct AttendParams {
+    heads: u32,
+    kv_heads: u32,
+    head_dim: u32,
+    capacity: u32,
+    scale: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct CombineParams {
+    heads: u32,
+    head_dim: u32,
+    chunks: u32,
+}
+
+/// Whether [`attend`] takes this geometry.
+pub fn attend_supports(heads: usize, kv_heads: usize, head_dim: usize) -> bool {
+    kv_heads > 0
+        && heads % kv_heads == 0
+        && heads / kv_heads <= ATTEND_MAX_GROUP
+        && heads / kv_heads * head_dim <= ATTEND_QMAX
+        && head_dim > 0
+}
+
+/// Attention of one query position `q` (`[heads · head_dim]` F32) against the first
+/// `step.kv_len` positions of `kv` (see [`Qkv::kv`]), scale `head_dim^-0.5`. Returns
+/// `[heads · head_dim]`.
+pub fn attend(batch: &mut Batch, step: &StepUniform, q: &Tensor, kv: &Tensor, heads: usize, kv_heads: usize) -> Result<Tensor> {
+    const OP: &str = "decode attend";
+    let head_dim = q.numel() / heads.max(1);
+    if !attend_supports(heads, kv_heads, head_dim) || q.dtype() != DType::F32 || head_dim * heads != q.numel() {
+        return Err(shape_err(OP, format!("q {:?} with {heads} heads over {kv_heads} kv heads", q.shape())));
+    }
+    let capacity = kv_capacity(kv, kv_heads, head_dim)?;
+    let gpu = batch.gpu();
+    let chunks = capacity / ATTEND_KEYS;
+    let part_out = Tensor::empty(gpu, &[heads * chunks, head_dim], DType::F32)?;
+    let part_stats = Tensor::empty(gpu, &[heads * chunks, 2], DType::F32)?;
+    let out = Tensor::empty(gpu, q.shape(), DType::F32)?;
+    let params = AttendParams {
+        heads: heads as u32,
+        kv_heads: kv_heads as u32,
+        head_dim: head_dim as u32,
+        capacity: capacity as u32,
+        scale: (head_dim as f32).powf(-0.5),
+    };
+    let uniform = batch.params(bytemuck::bytes_of(&params))?;
+    let key = PipelineKey::new(SHADER, "attend").flag("ATTEND").flag_if(kv.dtype() == DType::F16, "KV_F16");
+    let entries = [
+        (0, uniform.binding()),
+        (1, step.binding()),
+        (2, q.binding()),
+        (3, kv.binding()),
+        (4, part_out.binding()),
+        (5, part_stats.binding()),
+    ];
+    batch.dispatch_entries(&key, &entries, gpu.grid((kv_heads * chunks) as u32))?;
+    let params = CombineParams { heads: heads as u32, head_dim: head_dim as u32, chunks: chunks as u32 };
+    let uniform = batch.params(bytemuck::bytes_of(&params))?;
+    let entries = [
+        (0, uniform.binding()),
+        (1, step.binding()),
+        (2, part_out.binding()),
+        (3, part_stats.binding()),
+        (4, out.binding()),
+    ];
+    let key = PipelineKey::new(SHADER, "attend_combine").flag("COMBINE");
+    batch.dispatch_entries(&key, &entries, gpu.grid(q.numel().div_ceil(256) as u32))?;
+    Ok(out)
+}
+
+/// Writes the index of the largest logit (the first on ties, as `torch.argmax`) to `token[0]`
+/// (the next step's input) and `token[1]` (for the host). logits: `[V]` or `[1, V]` F32.
+pub fn sample_greedy(batch: &mut Batch, logits: &Tensor, token: &Tensor) -> Result<()> {
+    if logits.dtype() != DType::F32 || logits.rows() != 1 || token.dtype() != DType::U32 || token.numel() < 2 {
+        return Err(shape_err("sample", format!("logits {:?} and token {:?}", logits.shape(), token.shape())));
+    }
+    let vocab = logits.last_dim() as u32;
+    let uniform = batch.params(bytemuck::bytes_of(&[vocab, 0, 0, 0]))?;
+    let key = PipelineKey::new(SHADER, "sample").flag("SAMPLE");
+    let entries = [(0, uniform.binding()), (2, logits.binding()), (3, token.binding())];
+    batch.dispatch_entries(&key, &entries, [1, 1, 1])
+}
+
+#[cfg(test)]
+mod tests {
+    use half::f16;
+
+    use super::*;
+    use crate::quant::{dequantize, quantize};
+    use crate::testing::{assert_close, gpu, random};
+
+    /// Weights `[n, k]` in `dtype` with the f32 values the kernel must compute with.
+    fn weights(dtype: DType, n: usize, k: usize, seed: u64) -> (Tensor, Vec<f32>) {
+        let gpu = gpu();
+        let w = random(n * k, seed);
+        match dtype {
+            DType::F32 => (Tensor::from_f32(gpu, &[n, k], &w).unwrap(), w),
+            DType::F16 => {
+                let h: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+                let exact = h.iter().map(|v| v.to_f32()).collect();
+                (Tensor::from_f16(gpu, &[n, k], &h).unwrap(), exact)
+            }
+            _ => {
+                let q = quantize(dtype, n, k, &w);
+                (Tensor::from_quant(gpu, &q).unwrap(), dequantize(&q))
+            }
+        }
+    }
+
+    fn matvec(w: &[f32], x: &[f32]) -> Vec<f32> {
+        w.chunks(x.len()).map(|row| row.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32).collect()
+    }
+
+    /// norm.rs's RMSNorm in f64.
+    fn rms_norm(x: &[f32], g: &[f32], eps: f32) -> Vec<f32> {
+        let ms = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / x.len() as f64;
+        let r = 1.0 / (ms + eps as f64).sqrt();
+        x.iter().zip(g).map(|(v, g)| (*v as f64 * r * *g as f64) as f32).collect()
+    }
+
+    fn run(build: impl FnOnce(&mut Batch, &StepUniform), step: Step) {
+        let gpu = gpu();
+        let uniform = StepUniform::new(gpu).unwrap();
+        let mut plan = gpu.plan();
+        build(&mut plan, &uniform);
+        let plan = plan.into_plan().unwrap();
+        uniform.write(gpu, step);
+        let mut batch = gpu.batch();
+        batch.run(&plan).unwrap();
+        batch.submit().unwrap();
+    }
+
+    const FORMATS: [DType; 5] = [DType::F32, DType::F16, DType::Q8, DType::Q6, DType::Q4];
+
+    /// Every format, with and without the folded norm, over K spanning three staging chunks.
+    #[test]
+    fn gemv_store_residual_and_silu_match_cpu() {
+        let gpu = gpu();
+        for dtype in FORMATS {
+            for (n, k) in [(13, 64), (40, 4608)] {
+                let (w, wf) = weights(dtype, n, k, n as u64 + k as u64);
+                let x = random(k, 7);
+                let g: Vec<f32> = random(k, 8).iter().map(|v| 1.0 + v / 2.0).collect();
+                let tx = Tensor::from_f32(gpu, &[1, k], &x).unwrap();
+                let tg = Tensor::from_f32(gpu, &[k], &g).unwrap();
+                let base = random(n, 9);
+                let store = Tensor::empty(gpu, &[1, n], DType::F32).unwrap();
+                let residual = Tensor::from_f32(gpu, &[1, n], &base).unwrap();
+                let act = Tensor::empty(gpu, &[1, n / 2], DType::F32).unwrap();
+                let norm = Norm { weight: &tg, eps: 1e-5 };
+                run(
+                    |b, s| {
+                        gemv(b, s, &tx, &w, Some(norm), Epilogue::Store, &store).unwrap();
+                        gemv(b, s, &tx, &w, None, Epilogue::Residual, &residual).unwrap();
+                    },
+                    Step::default(),
+                );
+                let what = format!("{dtype:?} {n}x{k}");
+                let tol = 2e-5 * (k as f32).sqrt();
+                let normed = matvec(&wf, &rms_norm(&x, &g, 1e-5));
+                assert_close(&pollster::block_on(store.to_f32(gpu)).unwrap(), &normed, tol, &format!("{what} norm store"));
+                let plus: Vec<f32> = matvec(&wf, &x).iter().zip(&base).map(|(a, b)| a + b).collect();
+                assert_close(&pollster::block_on(residual.to_f32(gpu)).unwrap(), &plus, tol, &format!("{what} residual"));
+                // SiLU·mul over the first n/2*2 rows as [gate; up].
+                let rows = n / 2 * 2;
+                let (wg, wgf) = weights(dtype, rows, k, 3 + k as u64);
+                run(|b, s| gemv(b, s, &tx, &wg, None, Epilogue::SiluMul, &act).unwrap(), Step::default());
+                let full = matvec(&wgf, &x);
+                let m = rows / 2;
+                let want: Vec<f32> = (0..m).map(|j| full[j] / (1.0 + (-full[j]).exp()) * full[m + j]).collect();
+                assert_close(&pollster::block_on(act.to_f32(gpu)).unwrap(), &want, tol, &format!("{what} silu"));
+            }
+        }
+    }
+
+    /// RoPE (rotate-half) of one head in f64 at angles `pos * inv_freq` (inv_freq in f32 as the op).
+    fn rope(v: &mut [f32], pos: usize, theta: f32) {
+        let d = v.len();
+        for i in 0..d / 2 {
+            let inv = 1.0 / theta.powf((2 * i) as f32 / d as f32);
+            let a = (pos as f32 * inv) as f64;
+            let (s, c) = a.sin_cos();
+            let (lo, hi) = (v[i] as f64, v[i + d / 2] as f64);
+            v[i] = (lo * c - hi * s) as f32;
+            v[i + d / 2] = (hi * c + lo * s) as f32;
+        }
+    }
+
+    fn kv_tensor(data: &[f32], shape: &[usize], dtype: DType) -> Tensor {
+        match dtype {
+            DType::F16 => {
+                let h: Vec<f16> = data.iter().map(|&v| f16::from_f32(v)).collect();
+                Tensor::from_f16(gpu(), shape, &h).unwrap()
+            }
+            _ => Tensor::from_f32(gpu(), shape, data).unwrap(),
+        }
+    }
+
+    fn round(v: &[f32], dtype: DType) -> Vec<f32> {
+        match dtype {
+            DType::F16 => v.iter().map(|&x| f16::from_f32(x).to_f32()).collect(),
+            _ => v.to_vec(),
+        }
+    }
+
+    /// q to y, k and v into the cache row `pos`, RoPE on q and k, the other cache rows untouched.
+    #[test]
+    fn qkv_epilogue_ropes_and_stores_the_cache_row() {
+        let gpu = gpu();
+        for (dtype, v_dtype, kv_dtype) in [
+            (DType::F32, DType::F32, DType::F32),
+            (DType::F16, DType::F16, DType::F16),
+            (DType::Q4, DType::Q6, DType::F16),
+            (DType::Q8, DType::Q8, DType::F32),
+        ] {
+            for (heads, kv_heads, d, pos) in [(4, 2, 12, 5), (8, 2, 128, 1000), (2, 2, 8, 0)] {
+                let k = 128;
+                let (q_rows, kv_rows, cap) = (heads * d, kv_heads * d, 1024);
+                let (w, wf) = weights(dtype, q_rows + kv_rows, k, d as u64);
+                let (v, vf) = weights(v_dtype, kv_rows, k, d as u64 + 1);
+                let x = random(k, 3);
+                let g: Vec<f32> = random(k, 4).iter().map(|v| 1.0 + v / 2.0).collect();
+                let cache = round(&random(2 * cap * kv_rows, 5), kv_dtype);
+                let tx = Tensor::from_f32(gpu, &[k], &x).unwrap();
+                let tg = Tensor::from_f32(gpu, &[k], &g).unwrap();
+                let kv = kv_tensor(&cache, &[2, cap, kv_heads, d], kv_dtype);
+                let y = Tensor::empty(gpu, &[q_rows], DType::F32).unwrap();
+                let theta = 10000.0;
+                let qkv = Qkv { v: &v, kv: &kv, heads, kv_heads, head_dim: d, rope_theta: theta };
+                run(
+                    |b, s| gemv(b, s, &tx, &w, Some(Norm { weight: &tg, eps: 1e-6 }), Epilogue::Qkv(qkv), &y).unwrap(),
+                    Step { pos: pos as u32, kv_len: pos as u32 + 1, ..Default::default() },
+                );
+                let xn = rms_norm(&x, &g, 1e-6);
+                let mut qk = matvec(&wf, &xn);
+                qk.chunks_mut(d).for_each(|head| rope(head, pos, theta));
+                let vv = matvec(&vf, &xn);
+                let mut want_cache = cache.clone();
+                want_cache[pos * kv_rows..(pos + 1) * kv_rows].copy_from_slice(&round(&qk[q_rows..], kv_dtype));
+                let vrow = (cap + pos) * kv_rows;
+                want_cache[vrow..vrow + kv_rows].copy_from_slice(&round(&vv, kv_dtype));
+                let what = format!("{dtype:?}/{v_dtype:?} kv {kv_dtype:?} {heads}x{kv_heads}x{d} pos {pos}");
+                let tol = 2e-5 * (k as f32).sqrt();
+                assert_close(&pollster::block_on(y.to_f32(gpu)).unwrap(), &qk[..q_rows], tol, &format!("{what}: q"));
+                let got = pollster::block_on(kv.to_f32(gpu)).unwrap();
+                // f16 rounding of a value within tol of the reference may land one step away.
+                let kv_tol = if kv_dtype == DType::F16 { 2e-3 } else { tol };
+                assert_close(&got, &want_cache, kv_tol, &format!("{what}: cache"));
+            }
+        }
+    }
+
+    fn attend_cpu(q: &[f32], cache: &[f32], heads: usize, kv_heads: usize, cap: usize, kv_len: usize) -> Vec<f32> {
+        let d = q.len() / heads;
+        let group = heads / kv_heads;
+        let mut out = vec![0.0; q.len()];
+        for h in 0..heads {
+            let kvh = h / group;
+            let key = |j: usize| &cache[(j * kv_heads + kvh) * d..][..d];
+            let value = |j: usize| &cache[((cap + j) * kv_heads + kvh) * d..][..d];
+            let scores: Vec<f64> = (0..kv_len)
+                .map(|j| key(j).iter().zip(&q[h * d..]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (d as f64).sqrt())
+                .collect();
+            let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+            let total: f64 = w.iter().sum();
+            for e in 0..d {
+                out[h * d + e] = ((0..kv_len).map(|j| w[j] * value(j)[e] as f64).sum::<f64>() / total) as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn attend_matches_cpu_for_any_head_dim_and_length() {
+        let gpu = gpu();
+        for kv_dtype in [DType::F32, DType::F16] {
+            for (heads, kv_heads, d, cap, kv_len) in
+                [(4, 1, 128, 128, 1), (8, 2, 12, 64, 40), (4, 4, 64, 256, 200), (32, 8, 128, 192, 129), (3, 3, 1, 64, 64), (7, 1, 256, 128, 77)]
+            {
+                let q: Vec<f32> = random(heads * d, d as u64).iter().map(|v| v * 3.0).collect();
+                let mut cache = round(&random(2 * cap * kv_heads * d, 11), kv_dtype);
+                // Rows past kv_len must never be read.
+                cache[kv_len * kv_heads * d..cap * kv_heads * d].fill(f32::NAN);
+                cache[(cap + kv_len) * kv_heads * d..].fill(f32::NAN);
+                let tq = Tensor::from_f32(gpu, &[heads * d], &q).unwrap();
+                let kv = kv_tensor(&cache, &[2, cap, kv_heads, d], kv_dtype);
+                let out = std::cell::RefCell::new(None);
+                run(
+                    |b, s| *out.borrow_mut() = Some(attend(b, s, &tq, &kv, heads, kv_heads).unwrap()),
+                    Step { pos: kv_len as u32 - 1, kv_len: kv_len as u32, ..Default::default() },
+                );
+                let got = pollster::block_on(out.into_inner().unwrap().to_f32(gpu)).unwrap();
+                let want = attend_cpu(&q, &cache, heads, kv_heads, cap, kv_len);
+                assert_close(&got, &want, 1e-5, &format!("{kv_dtype:?} {heads}/{kv_heads} d {d} len {kv_len}"));
+            }
+        }
+    }
+
+    #[test]
+    fn greedy_sample_takes_the_first_largest_logit() {
+        let gpu = gpu();
+        let mut logits = random(32000, 3);
+        logits[31999] = 5.0;
+        logits[20001] = 5.0;
+        let tl = Tensor::from_f32(gpu, &[1, 32000], &logits).unwrap();
+        let token = Tensor::from_u32(gpu, &[2], &[7, 7]).unwrap();
+        run(|b, _| sample_greedy(b, &tl, &token).unwrap(), Step::default());
+        assert_eq!(pollster::block_on(token.to_u32(gpu)).unwrap(), [20001, 20001]);
+    }
+
+    /// A replayed plan creates nothing: no buffer, no bind group, one pass.
+    #[test]
+    fn replaying_a_plan_creates_nothing() {
+        // A device of its own: the shared one counts the other tests' work too.
+        let gpu = &Gpu::new_blocking().unwrap();
+        let tl = Tensor::from_f32(gpu, &[1, 300], &random(300, 1)).unwrap();
+        let token = Tensor::from_u32(gpu, &[2], &[0, 0]).unwrap();
+        let step = StepUniform::new(gpu).unwrap();
+        let mut plan = gpu.plan();
+        sample_greedy(&mut plan, &tl, &token).unwrap();
+        sample_greedy(&mut plan, &tl, &token).unwrap();
+        let plan = plan.into_plan().unwrap();
+        let before = gpu.counters();
+        step.write(gpu, Step::default());
+        let mut batch = gpu.batch();
+        batch.run(&plan).unwrap();
+        batch.submit().unwrap();
+        let used = gpu.counters() - before;
+        assert_eq!((used.buffers_created, used.bind_groups_created), (0, 0));
+        assert_eq!((used.dispatches, used.passes, used.submits), (2, 1, 1));
+        assert_eq!(used.bytes_written, 16);
+    }
+}

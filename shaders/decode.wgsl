@@ -1,0 +1,657 @@
+// The planned decode step (one token, M = 1): fused GEMVs, the attention of one query position,
+// and the sampler. Every kernel here reads the per-token values (position, cache length) from the
+// `step` uniform, which is rewritten before each replay, so the step is recorded once per chat.
+// variants: GEMV W_F32 | GEMV W_F16 | GEMV W_Q8 QUANT | GEMV W_Q6 QUANT | GEMV W_Q4 QUANT | GEMV W_F32 NORM | GEMV W_F16 NORM | GEMV W_Q8 QUANT NORM | GEMV W_Q6 QUANT NORM | GEMV W_Q4 QUANT NORM | GEMV W_F32 RESIDUAL | GEMV W_F16 RESIDUAL | GEMV W_Q8 QUANT RESIDUAL | GEMV W_Q6 QUANT RESIDUAL | GEMV W_Q4 QUANT RESIDUAL | GEMV W_F32 NORM SILU | GEMV W_F16 NORM SILU | GEMV W_Q8 QUANT NORM SILU | GEMV W_Q6 QUANT NORM SILU | GEMV W_Q4 QUANT NORM SILU | GEMV W_F32 NORM QKV V_F32 | GEMV W_F16 NORM QKV V_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 | GEMV W_Q4 QUANT NORM QKV V_Q6 | GEMV W_Q4 QUANT NORM QKV V_Q4 | GEMV W_F16 NORM QKV V_F16 KV_F16 | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 KV_F16 | ATTEND | ATTEND KV_F16 | COMBINE | SAMPLE
+//
+// GEMV (`gemv`): y = W · x for one row of x, W `[N, K]` in the layout of tensor.rs / quant.rs.
+// A workgroup computes 8 rows with 32 lanes each; a lane reads its row 16 bytes at a time (one
+// "unit": 32 values of Q4/Q6, 16 of Q8, 8 of F16, 4 of F32) against x staged in workgroup memory,
+// 2048 values at a time. Rows go in quads of four to the epilogue (one thread per quad):
+// - default: y[col0 + row] = acc (rows in windows of a larger matrix start at col0);
+// - RESIDUAL: y[row] += acc (o_proj and down_proj add into the residual stream in place);
+// - SILU: W is [gate; up] (2m rows), y[j] = silu(gate_j) * up_j;
+// - QKV: W is [q; k] (format W_*), a second matrix w_v holds v (format V_*): RoPE on q and k,
+//   q to `y`, k and v into the layer's KV cache at the step's position (f32, or f16 with KV_F16).
+// NORM folds the RMSNorm before the matrix into the staging of x (x * rsqrt(mean(x^2) + eps) * g,
+// summed as norm.wgsl sums it, so the normalised values are the same).
+//
+// ATTEND + COMBINE (`attend`, `attend_combine`): attention of the step's query against the first
+// kv_len cached keys, split into chunks of 64 keys per workgroup (flash-decoding), then merged.
+//
+// SAMPLE (`sample`): the next token from the logits, on the GPU, written where the next step's
+// embedding reads it and where the host reads it back.
+
+struct Step {
+    // Position of the token being run (its keys and values go to this cache row).
+    pos: u32,
+    // Keys the query attends to (pos + 1).
+    kv_len: u32,
+    // Index of this token in the reply (the sampler's random stream).
+    index: u32,
+    pad: u32,
+}
+
+@group(0) @binding(1) var<uniform> step: Step;
+
+#if GEMV
+struct Params {
+    // Rows of W (of this window), K, and the first output column of this window.
+    n: u32,
+    k: u32,
+    col0: u32,
+    eps: f32,
+    // SILU: m, the rows of gate. QKV: rows of q, of k (and of v), head dim, kv heads, capacity.
+    m: u32,
+    q_rows: u32,
+    kv_rows: u32,
+    head_dim: u32,
+    kv_heads: u32,
+    capacity: u32,
+    pad0: u32,
+    pad1: u32,
+    // QKV: RoPE's inverse frequencies, inv_freq[i] = inv_freq[i / 4][i % 4].
+    inv_freq: array<vec4<f32>, 32>,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(2) var<storage, read> x: array<f32>;
+@group(0) @binding(3) var<storage, read> w: array<vec4<u32>>;
+#if QUANT
+@group(0) @binding(4) var<storage, read> scales: array<u32>;
+#endif
+#if NORM
+@group(0) @binding(5) var<storage, read> norm_weight: array<f32>;
+#endif
+#if QKV
+#if V_Q8
+@group(0) @binding(6) var<storage, read> w_v: array<vec4<u32>>;
+@group(0) @binding(7) var<storage, read> scales_v: array<u32>;
+#endif
+#if V_Q6
+@group(0) @binding(6) var<storage, read> w_v: array<vec4<u32>>;
+@group(0) @binding(7) var<storage, read> scales_v: array<u32>;
+#endif
+#if V_Q4
+@group(0) @binding(6) var<storage, read> w_v: array<vec4<u32>>;
+@group(0) @binding(7) var<storage, read> scales_v: array<u32>;
+#endif
+#if V_F16
+@group(0) @binding(6) var<storage, read> w_v: array<vec4<u32>>;
+#endif
+#if V_F32
+@group(0) @binding(6) var<storage, read> w_v: array<vec4<u32>>;
+#endif
+// [2, capacity, kv_heads, head_dim]: keys, then values.
+#if KV_F16
+@group(0) @binding(8) var<storage, read_write> kv: array<u32>;
+#else
+@group(0) @binding(8) var<storage, read_write> kv: array<f32>;
+#endif
+#endif
+@group(0) @binding(9) var<storage, read_write> y: array<f32>;
+
+const WG: u32 = 256u;
+const LANES: u32 = 32u;
+const ROWS: u32 = 8u;
+const XCHUNK: u32 = 2048u;
+
+var<workgroup> xs: array<f32, XCHUNK>;
+var<workgroup> partial: array<f32, WG>;
+var<workgroup> row_sums: array<f32, ROWS>;
+// Q4's code book (quant.rs Q4_VALUES), looked up per nibble.
+var<workgroup> codebook: array<f32, 16>;
+
+// quant.rs Q4_VALUES as signed bytes, four per word: code n is byte n % 4 of word n / 4.
+fn q4_value(n: u32) -> f32 {
+    let codes = vec4<u32>(0xbfad9881u, 0xf6eaddcfu, 0x26190d01u, 0x71594535u);
+    return f32(extractBits(bitcast<i32>(codes[n >> 2u]), 8u * (n & 3u), 8u));
+}
+
+fn f16_scale(words: u32, g: u32) -> f32 {
+    let pair = unpack2x16float(words);
+    return select(pair.x, pair.y, (g & 1u) == 1u);
+}
+
+// Dot products of one 16-byte unit with xs from `xb`, unscaled where the format has scales.
+fn dot_f32(u: vec4<u32>, xb: u32) -> f32 {
+    return dot(bitcast<vec4<f32>>(u), vec4<f32>(xs[xb], xs[xb + 1u], xs[xb + 2u], xs[xb + 3u]));
+}
+
+fn dot_f16(u: vec4<u32>, xb: u32) -> f32 {
+    var acc = 0.0;
+    for (var i = 0u; i < 4u; i++) {
+        let pair = unpack2x16float(u[i]);
+        acc += pair.x * xs[xb + 2u * i] + pair.y * xs[xb + 2u * i + 1u];
+    }
+    return acc;
+}
+
+fn dot_q8(u: vec4<u32>, xb: u32) -> f32 {
+    var acc = 0.0;
+    for (var i = 0u; i < 4u; i++) {
+        let word = u[i];
+        let q = vec4<f32>(vec4<i32>(
+            bitcast<i32>(word << 24u),
+            bitcast<i32>(word << 16u),
+            bitcast<i32>(word << 8u),
+            bitcast<i32>(word),
+        ) >> vec4<u32>(24u));
+        let b = xb + 4u * i;
+        acc += dot(q, vec4<f32>(xs[b], xs[b + 1u], xs[b + 2u], xs[b + 3u]));
+    }
+    return acc;
+}
+
+fn dot_q4(u: vec4<u32>, xb: u32) -> f32 {
+    var acc = 0.0;
+    for (var i = 0u; i < 4u; i++) {
+        let word = u[i];
+        let b = xb + 8u * i;
+        let lo = vec4<f32>(codebook[word & 15u], codebook[(word >> 4u) & 15u],
+                           codebook[(word >> 8u) & 15u], codebook[(word >> 12u) & 15u]);
+        let hi = vec4<f32>(codebook[(word >> 16u) & 15u], codebook[(word >> 20u) & 15u],
+                           codebook[(word >> 24u) & 15u], codebook[word >> 28u]);
+        acc += dot(lo, vec4<f32>(xs[b], xs[b + 1u], xs[b + 2u], xs[b + 3u]))
+             + dot(hi, vec4<f32>(xs[b + 4u], xs[b + 5u], xs[b + 6u], xs[b + 7u]));
+    }
+    return acc;
+}
+
+// `high` holds the unit's 32 high bit pairs (two words).
+fn dot_q6(u: vec4<u32>, high: vec2<u32>, xb: u32) -> f32 {
+    var acc = 0.0;
+    for (var i = 0u; i < 4u; i++) {
+        let word = vec4<u32>(u[i]);
+        let hw = vec4<u32>(high[i / 2u] >> (16u * (i & 1u)));
+        let lo = ((word >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u))
+            | (((hw >> vec4<u32>(0u, 2u, 4u, 6u)) & vec4<u32>(3u)) << vec4<u32>(4u));
+        let hi = ((word >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u))
+            | (((hw >> vec4<u32>(8u, 10u, 12u, 14u)) & vec4<u32>(3u)) << vec4<u32>(4u));
+        let b = xb + 8u * i;
+        acc += dot(vec4<f32>(lo) - 32.0, vec4<f32>(xs[b], xs[b + 1u], xs[b + 2u], xs[b + 3u]))
+             + dot(vec4<f32>(hi) - 32.0, vec4<f32>(xs[b + 4u], xs[b + 5u], xs[b + 6u], xs[b + 7u]));
+    }
+    return acc;
+}
+
+// Values per unit of the main matrix's format.
+#if W_F32
+const W_UNIT: u32 = 4u;
+#endif
+#if W_F16
+const W_UNIT: u32 = 8u;
+#endif
+#if W_Q8
+const W_UNIT: u32 = 16u;
+const W_GROUP: u32 = 32u;
+#endif
+#if W_Q6
+const W_UNIT: u32 = 32u;
+const W_GROUP: u32 = 64u;
+#endif
+#if W_Q4
+const W_UNIT: u32 = 32u;
+const W_GROUP: u32 = 64u;
+#endif
+
+// Unit `c` (of the row's K / W_UNIT) of row `row` of w, dotted with xs from `xb`.
+fn unit_w(row: u32, c: u32, xb: u32) -> f32 {
+#if W_F32
+    return dot_f32(w[row * (p.k / 4u) + c], xb);
+#endif
+#if W_F16
+    return dot_f16(w[row * (p.k / 8u) + c], xb);
+#endif
+#if QUANT
+    let g = (row * p.k + c * W_UNIT) / W_GROUP;
+    let s = f16_scale(scales[g / 2u], g);
+#endif
+#if W_Q8
+    return s * dot_q8(w[row * (p.k / 16u) + c], xb);
+#endif
+#if W_Q4
+    return s * dot_q4(w[row * (p.k / 32u) + c], xb);
+#endif
+#if W_Q6
+    // A row is K / 8 nibble words, then K / 16 words of high bit pairs (quant.rs).
+    let base = row * (3u * p.k / 16u);
+    let h = (base + p.k / 8u + 2u * c) / 4u;
+    let hw = w[h];
+    let high = select(hw.xy, hw.zw, ((base + p.k / 8u + 2u * c) & 2u) != 0u);
+    return s * dot_q6(w[base / 4u + c], high, xb);
+#endif
+}
+
+#if QKV
+#if V_F32
+const V_UNIT: u32 = 4u;
+#endif
+#if V_F16
+const V_UNIT: u32 = 8u;
+#endif
+#if V_Q8
+const V_UNIT: u32 = 16u;
+const V_GROUP: u32 = 32u;
+#endif
+#if V_Q6
+const V_UNIT: u32 = 32u;
+const V_GROUP: u32 = 64u;
+#endif
+#if V_Q4
+const V_UNIT: u32 = 32u;
+const V_GROUP: u32 = 64u;
+#endif
+
+// As unit_w, for w_v.
+fn unit_v(row: u32, c: u32, xb: u32) -> f32 {
+#if V_F32
+    return dot_f32(w_v[row * (p.k / 4u) + c], xb);
+#endif
+#if V_F16
+    return dot_f16(w_v[row * (p.k / 8u) + c], xb);
+#endif
+#if !V_F32
+#if !V_F16
+    let g = (row * p.k + c * V_UNIT) / V_GROUP;
+    let s = f16_scale(scales_v[g / 2u], g);
+#endif
+#endif
+#if V_Q8
+    return s * dot_q8(w_v[row * (p.k / 16u) + c], xb);
+#endif
+#if V_Q4
+    return s * dot_q4(w_v[row * (p.k / 32u) + c], xb);
+#endif
+#if V_Q6
+    let base = row * (3u * p.k / 16u);
+    let h = (base + p.k / 8u + 2u * c) / 4u;
+    let hw = w_v[h];
+    let high = select(hw.xy, hw.zw, ((base + p.k / 8u + 2u * c) & 2u) != 0u);
+    return s * dot_q6(w_v[base / 4u + c], high, xb);
+#endif
+}
+#endif
+
+// Which matrix row slot `slot` (0..4) of quad `quad` computes: (row, from w_v, valid).
+fn quad_row(quad: u32, slot: u32) -> vec3<u32> {
+#if SILU
+    // Outputs 2 quad and 2 quad + 1: their gate rows, then their up rows.
+    let j = 2u * quad + (slot & 1u);
+    return vec3<u32>(j + (slot >> 1u) * p.m, 0u, u32(j < p.m));
+#else
+#if QKV
+    // q and k heads in quads (i, i + 1, i + D/2, i + 1 + D/2) for RoPE; then v in fours.
+    let per_head = p.head_dim / 4u;
+    let qk_quads = (p.q_rows + p.kv_rows) / 4u;
+    if (quad < qk_quads) {
+        let head = quad / per_head;
+        let i = 2u * (quad % per_head) + (slot & 1u) + (slot >> 1u) * (p.head_dim / 2u);
+        return vec3<u32>(head * p.head_dim + i, 0u, 1u);
+    }
+    let row = 4u * (quad - qk_quads) + slot;
+    return vec3<u32>(row, 1u, u32(row < p.kv_rows));
+#else
+    let row = 4u * quad + slot;
+    return vec3<u32>(row, 0u, u32(row < p.n));
+#endif
+#endif
+}
+
+#if QKV
+// RoPE (rope.wgsl's sin/cos, so q and k equal the rope kernel's).
+const FOUR_OVER_PI: f32 = 1.2732395447351628;
+const PI4_A: f32 = 0.78515625;
+const PI4_B: f32 = 2.4187564849853515625e-4;
+const PI4_C: f32 = 3.77489497744594108e-8;
+
+fn sin_cos(a: f32) -> vec2<f32> {
+    var j = u32(a * FOUR_OVER_PI);
+    j += j & 1u;
+    let y = f32(j);
+    let r = ((a - y * PI4_A) - y * PI4_B) - y * PI4_C;
+    let z = r * r;
+    let s = ((-1.9515295891e-4 * z + 8.3321608736e-3) * z - 1.6666654611e-1) * z * r + r;
+    let c = ((2.443315711809948e-5 * z - 1.388731625493765e-3) * z + 4.166664568298827e-2) * z * z
+        - 0.5 * z + 1.0;
+    switch ((j >> 1u) & 3u) {
+        case 0u: { return vec2(s, c); }
+        case 1u: { return vec2(c, -s); }
+        case 2u: { return vec2(-s, -c); }
+        default: { return vec2(-c, s); }
+    }
+}
+
+// Stores values e and e + 1 of the KV cache (element index e even).
+fn store_kv(e: u32, a: f32, b: f32) {
+#if KV_F16
+    kv[e / 2u] = pack2x16float(vec2<f32>(a, b));
+#else
+    kv[e] = a;
+    kv[e + 1u] = b;
+#endif
+}
+#endif
+
+// Writes the four results of quad `quad` (slot order of quad_row).
+fn epilogue(quad: u32, v: vec4<f32>) {
+#if SILU
+    let j = 2u * quad;
+    if (j < p.m) {
+        y[j] = v.x / (1.0 + exp(-v.x)) * v.z;
+    }
+    if (j + 1u < p.m) {
+        y[j + 1u] = v.y / (1.0 + exp(-v.y)) * v.w;
+    }
+#else
+#if QKV
+    let per_head = p.head_dim / 4u;
+    let qk_quads = (p.q_rows + p.kv_rows) / 4u;
+    let kv_row = step.pos * p.kv_rows;
+    if (quad < qk_quads) {
+        let head = quad / per_head;
+        let i = 2u * (quad % per_head);
+        let half = p.head_dim / 2u;
+        let f = f32(step.pos);
+        let sc0 = sin_cos(f * p.inv_freq[i / 4u][i % 4u]);
+        let sc1 = sin_cos(f * p.inv_freq[(i + 1u) / 4u][(i + 1u) % 4u]);
+        let lo = vec2<f32>(v.x * sc0.y - v.z * sc0.x, v.y * sc1.y - v.w * sc1.x);
+        let hi = vec2<f32>(v.z * sc0.y + v.x * sc0.x, v.w * sc1.y + v.y * sc1.x);
+        let e = head * p.head_dim + i;
+        if (e < p.q_rows) {
+            y[e] = lo.x;
+            y[e + 1u] = lo.y;
+            y[e + half] = hi.x;
+            y[e + half + 1u] = hi.y;
+        } else {
+            let k = kv_row + e - p.q_rows;
+            store_kv(k, lo.x, lo.y);
+            store_kv(k + half, hi.x, hi.y);
+        }
+        return;
+    }
+    let row = 4u * (quad - qk_quads);
+    if (row < p.kv_rows) {
+        let e = p.capacity * p.kv_rows + kv_row + row;
+        store_kv(e, v.x, v.y);
+        store_kv(e + 2u, v.z, v.w);
+    }
+#else
+    for (var s = 0u; s < 4u; s++) {
+        let row = 4u * quad + s;
+        if (row < p.n) {
+#if RESIDUAL
+            y[row] += v[s];
+#else
+            y[p.col0 + row] = v[s];
+#endif
+        }
+    }
+#endif
+#endif
+}
+
+@compute @workgroup_size(256)
+fn gemv(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let group = wg.x + wg.y * nwg.x;
+    let r = lid / LANES;
+    let lane = lid % LANES;
+    let quad = group * 2u + r / 4u;
+    let which = quad_row(quad, r % 4u);
+    if (lid < 16u) {
+        codebook[lid] = q4_value(lid);
+    }
+#if NORM
+    // norm.wgsl's sum: strided per thread, then a pairwise tree.
+    var sq = 0.0;
+    for (var i = lid; i < p.k; i += WG) {
+        sq += x[i] * x[i];
+    }
+    partial[lid] = sq;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            partial[lid] += partial[lid + s];
+        }
+        workgroupBarrier();
+    }
+    let rms = inverseSqrt(partial[0] / f32(p.k) + p.eps);
+#endif
+    var acc = 0.0;
+    for (var c0 = 0u; c0 < p.k; c0 += XCHUNK) {
+        let len = min(XCHUNK, p.k - c0);
+        workgroupBarrier();
+        for (var i = lid; i < len; i += WG) {
+#if NORM
+            xs[i] = x[c0 + i] * rms * norm_weight[c0 + i];
+#else
+            xs[i] = x[c0 + i];
+#endif
+        }
+        workgroupBarrier();
+        if (which.z != 0u) {
+#if QKV
+            if (which.y != 0u) {
+                for (var c = lane; c < len / V_UNIT; c += LANES) {
+                    acc += unit_v(which.x, c0 / V_UNIT + c, c * V_UNIT);
+                }
+            } else {
+                for (var c = lane; c < len / W_UNIT; c += LANES) {
+                    acc += unit_w(which.x, c0 / W_UNIT + c, c * W_UNIT);
+                }
+            }
+#else
+            for (var c = lane; c < len / W_UNIT; c += LANES) {
+                acc += unit_w(which.x, c0 / W_UNIT + c, c * W_UNIT);
+            }
+#endif
+        }
+    }
+    workgroupBarrier();
+    partial[lid] = acc;
+    workgroupBarrier();
+    if (lid < ROWS) {
+        var sum = 0.0;
+        for (var l = 0u; l < LANES; l++) {
+            sum += partial[lid * LANES + l];
+        }
+        row_sums[lid] = sum;
+    }
+    workgroupBarrier();
+    if (lid < 2u) {
+        let b = 4u * lid;
+        epilogue(group * 2u + lid, vec4<f32>(row_sums[b], row_sums[b + 1u], row_sums[b + 2u], row_sums[b + 3u]));
+    }
+}
+#endif
+
+#if ATTEND
+struct AttendParams {
+    heads: u32,
+    kv_heads: u32,
+    head_dim: u32,
+    capacity: u32,
+    scale: f32,
+}
+
+@group(0) @binding(0) var<uniform> a: AttendParams;
+// q: [heads, head_dim]; kv as in the QKV epilogue.
+@group(0) @binding(2) var<storage, read> q: array<f32>;
+#if KV_F16
+@group(0) @binding(3) var<storage, read> kv: array<u32>;
+#else
+@group(0) @binding(3) var<storage, read> kv: array<f32>;
+#endif
+// Per (head, chunk): head_dim weighted value sums, and (max, sum) of the chunk's scores.
+@group(0) @binding(4) var<storage, read_write> part_out: array<f32>;
+@group(0) @binding(5) var<storage, read_write> part_stats: array<vec2<f32>>;
+
+const KEYS: u32 = 64u;
+// Query heads per kv head times head dim, at most.
+const QMAX: u32 = 2048u;
+const MASKED: f32 = -3.0e38;
+
+var<workgroup> qs: array<f32, QMAX>;
+var<workgroup> probs: array<f32, 512>; // [group (<= 8)][KEYS]
+
+fn cached(e: u32) -> f32 {
+#if KV_F16
+    let pair = unpack2x16float(kv[e / 2u]);
+    return select(pair.x, pair.y, (e & 1u) == 1u);
+#else
+    return kv[e];
+#endif
+}
+
+// Workgroup (kv head, chunk): scores of the chunk's keys for the kv head's query heads, their
+// softmax statistics and the unnormalised weighted sum of values.
+@compute @workgroup_size(256)
+fn attend(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let index = wg.x + wg.y * nwg.x;
+    let chunks = a.capacity / KEYS;
+    let kvh = index / chunks;
+    let chunk = index % chunks;
+    let k0 = chunk * KEYS;
+    if (kvh >= a.kv_heads || k0 >= step.kv_len) {
+        return;
+    }
+    let d = a.head_dim;
+    let group = a.heads / a.kv_heads;
+    let keys = min(KEYS, step.kv_len - k0);
+    for (var i = lid; i < group * d; i += 256u) {
+        qs[i] = q[kvh * group * d + i] * a.scale;
+    }
+    workgroupBarrier();
+    // Thread (key j, row set lid / KEYS): rows lid / KEYS, + 4.
+    let j = lid % KEYS;
+    for (var r = lid / KEYS; r < group; r += 4u) {
+        var s = MASKED;
+        if (j < keys) {
+            let kb = ((k0 + j) * a.kv_heads + kvh) * d;
+            s = 0.0;
+            for (var e = 0u; e < d; e++) {
+                s += qs[r * d + e] * cached(kb + e);
+            }
+        }
+        probs[r * KEYS + j] = s;
+    }
+    workgroupBarrier();
+    let part = (kvh * group) * chunks + chunk;
+    if (lid < group) {
+        var m = MASKED;
+        for (var i = 0u; i < keys; i++) {
+            m = max(m, probs[lid * KEYS + i]);
+        }
+        var l = 0.0;
+        for (var i = 0u; i < keys; i++) {
+            let e = exp(probs[lid * KEYS + i] - m);
+            probs[lid * KEYS + i] = e;
+            l += e;
+        }
+        part_stats[part + lid * chunks] = vec2<f32>(m, l);
+    }
+    workgroupBarrier();
+    let values = a.capacity * a.kv_heads * d;
+    for (var o = lid; o < group * d; o += 256u) {
+        let r = o / d;
+        let e = o % d;
+        var acc = 0.0;
+        for (var i = 0u; i < keys; i++) {
+            acc += probs[r * KEYS + i] * cached(values + ((k0 + i) * a.kv_heads + kvh) * d + e);
+        }
+        part_out[(part + r * chunks) * d + e] = acc;
+    }
+}
+#endif
+
+#if COMBINE
+struct CombineParams {
+    heads: u32,
+    head_dim: u32,
+    chunks: u32,
+}
+
+@group(0) @binding(0) var<uniform> c: CombineParams;
+@group(0) @binding(2) var<storage, read> part_out: array<f32>;
+@group(0) @binding(3) var<storage, read> part_stats: array<vec2<f32>>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+
+// One thread per output (head, e): merges the chunks that hold keys.
+@compute @workgroup_size(256)
+fn attend_combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let o = gid.x + gid.y * nwg.x * 256u;
+    if (o >= c.heads * c.head_dim) {
+        return;
+    }
+    let h = o / c.head_dim;
+    let e = o % c.head_dim;
+    let used = (step.kv_len + 63u) / 64u;
+    var m = -3.0e38;
+    for (var k = 0u; k < used; k++) {
+        m = max(m, part_stats[h * c.chunks + k].x);
+    }
+    var num = 0.0;
+    var den = 0.0;
+    for (var k = 0u; k < used; k++) {
+        let st = part_stats[h * c.chunks + k];
+        let w = exp(st.x - m);
+        num += w * part_out[(h * c.chunks + k) * c.head_dim + e];
+        den += w * st.y;
+    }
+    out[o] = num / den;
+}
+#endif
+
+#if SAMPLE
+struct SampleParams {
+    vocab: u32,
+}
+
+@group(0) @binding(0) var<uniform> sp: SampleParams;
+@group(0) @binding(2) var<storage, read> logits: array<f32>;
+// [0]: the token the next step embeds; [1]: the same, for the host to read back.
+@group(0) @binding(3) var<storage, read_write> token: array<u32>;
+
+const NONE: u32 = 0xffffffffu;
+var<workgroup> best_value: array<f32, 256>;
+var<workgroup> best_index: array<u32, 256>;
+
+fn beats(v: f32, i: u32, bv: f32, bi: u32) -> bool {
+    return i != NONE && (bi == NONE || v > bv || (v == bv && i < bi));
+}
+
+// Greedy: the first index of the largest logit (torch.argmax), one workgroup.
+@compute @workgroup_size(256)
+fn sample(@builtin(local_invocation_index) lid: u32) {
+    var bv = 0.0;
+    var bi = NONE;
+    for (var i = lid; i < sp.vocab; i += 256u) {
+        let v = logits[i];
+        if (bi == NONE || v > bv) {
+            bv = v;
+            bi = i;
+        }
+    }
+    best_value[lid] = bv;
+    best_index[lid] = bi;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s >>= 1u) {
+        if (lid < s && beats(best_value[lid + s], best_index[lid + s], best_value[lid], best_index[lid])) {
+            best_value[lid] = best_value[lid + s];
+            best_index[lid] = best_index[lid + s];
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        token[0] = best_index[0];
+        token[1] = best_index[0];
+    }
+}
+#endif
