@@ -9,9 +9,10 @@
 // 2048 values at a time. Rows go in quads of four to the epilogue (one thread per quad):
 // - default: y[col0 + row] = acc (rows in windows of a larger matrix start at col0);
 // - RESIDUAL: y[row] += acc (o_proj and down_proj add into the residual stream in place);
-// - SILU: W is [gate; up] (2m rows), y[j] = silu(gate_j) * up_j;
-// - QKV: W is [q; k] (format W_*), a second matrix w_v holds v (format V_*): RoPE on q and k,
-//   q to `y`, k and v into the layer's KV cache at the step's position (f32, or f16 with KV_F16).
+// - SILU: `w` holds gate and up (m rows each), y[j] = silu(gate_j) * up_j;
+// - QKV: `w` holds q and k (format W_*), `w_v` holds v (format V_*): RoPE on q and k, q to `y`,
+//   k and v into the layer's KV cache at the step's position (f32, or f16 with KV_F16).
+// Two matrices in one binding sit at the offsets a_* and b_* of Params (tensor.rs, Tensor::pack).
 // NORM folds the RMSNorm before the matrix into the staging of x (x * rsqrt(mean(x^2) + eps) * g,
 // summed as norm.wgsl sums it, so the normalised values are the same).
 //
@@ -47,8 +48,18 @@ struct Params {
     head_dim: u32,
     kv_heads: u32,
     capacity: u32,
+    // Where the matrices start in the bound buffers, data in 16-byte units and scales in words:
+    // a = the main matrix (q under QKV, gate under SILU), b = k or up, v = QKV's v.
+    a_data: u32,
+    a_scales: u32,
+    b_data: u32,
+    b_scales: u32,
+    v_data: u32,
+    v_scales: u32,
     pad0: u32,
     pad1: u32,
+    pad2: u32,
+    pad3: u32,
     // QKV: RoPE's inverse frequencies, inv_freq[i] = inv_freq[i / 4][i % 4].
     inv_freq: array<vec4<f32>, 32>,
 }
@@ -194,30 +205,39 @@ const W_UNIT: u32 = 32u;
 const W_GROUP: u32 = 64u;
 #endif
 
-// Unit `c` (of the row's K / W_UNIT) of row `row` of w, dotted with xs from `xb`.
-fn unit_w(row: u32, c: u32, xb: u32) -> f32 {
+fn scale_word(i: u32) -> u32 {
+#if QUANT
+    return scales[i];
+#else
+    return 0u;
+#endif
+}
+
+// Unit `c` (of the row's K / W_UNIT) of row `row` of the matrix at (data, sc) in w, dotted with
+// xs from `xb`.
+fn unit_w(row: u32, c: u32, xb: u32, data: u32, sc: u32) -> f32 {
 #if W_F32
-    return dot_f32(w[row * (p.k / 4u) + c], xb);
+    return dot_f32(w[data + row * (p.k / 4u) + c], xb);
 #endif
 #if W_F16
-    return dot_f16(w[row * (p.k / 8u) + c], xb);
+    return dot_f16(w[data + row * (p.k / 8u) + c], xb);
 #endif
 #if QUANT
     let g = (row * p.k + c * W_UNIT) / W_GROUP;
-    let s = f16_scale(scales[g / 2u], g);
+    let s = f16_scale(scale_word(sc + g / 2u), g);
 #endif
 #if W_Q8
-    return s * dot_q8(w[row * (p.k / 16u) + c], xb);
+    return s * dot_q8(w[data + row * (p.k / 16u) + c], xb);
 #endif
 #if W_Q4
-    return s * dot_q4(w[row * (p.k / 32u) + c], xb);
+    return s * dot_q4(w[data + row * (p.k / 32u) + c], xb);
 #endif
 #if W_Q6
     // A row is K / 8 nibble words, then K / 16 words of high bit pairs (quant.rs).
-    let base = row * (3u * p.k / 16u);
-    let h = (base + p.k / 8u + 2u * c) / 4u;
-    let hw = w[h];
-    let high = select(hw.xy, hw.zw, ((base + p.k / 8u + 2u * c) & 2u) != 0u);
+    let base = 4u * data + row * (3u * p.k / 16u);
+    let h = base + p.k / 8u + 2u * c;
+    let hw = w[h / 4u];
+    let high = select(hw.xy, hw.zw, (h & 2u) != 0u);
     return s * dot_q6(w[base / 4u + c], high, xb);
 #endif
 }
@@ -244,40 +264,42 @@ const V_GROUP: u32 = 64u;
 
 // As unit_w, for w_v.
 fn unit_v(row: u32, c: u32, xb: u32) -> f32 {
+    let data = p.v_data;
 #if V_F32
-    return dot_f32(w_v[row * (p.k / 4u) + c], xb);
+    return dot_f32(w_v[data + row * (p.k / 4u) + c], xb);
 #endif
 #if V_F16
-    return dot_f16(w_v[row * (p.k / 8u) + c], xb);
+    return dot_f16(w_v[data + row * (p.k / 8u) + c], xb);
 #endif
 #if !V_F32
 #if !V_F16
     let g = (row * p.k + c * V_UNIT) / V_GROUP;
-    let s = f16_scale(scales_v[g / 2u], g);
+    let s = f16_scale(scales_v[p.v_scales + g / 2u], g);
 #endif
 #endif
 #if V_Q8
-    return s * dot_q8(w_v[row * (p.k / 16u) + c], xb);
+    return s * dot_q8(w_v[data + row * (p.k / 16u) + c], xb);
 #endif
 #if V_Q4
-    return s * dot_q4(w_v[row * (p.k / 32u) + c], xb);
+    return s * dot_q4(w_v[data + row * (p.k / 32u) + c], xb);
 #endif
 #if V_Q6
-    let base = row * (3u * p.k / 16u);
-    let h = (base + p.k / 8u + 2u * c) / 4u;
-    let hw = w_v[h];
-    let high = select(hw.xy, hw.zw, ((base + p.k / 8u + 2u * c) & 2u) != 0u);
+    let base = 4u * data + row * (3u * p.k / 16u);
+    let h = base + p.k / 8u + 2u * c;
+    let hw = w_v[h / 4u];
+    let high = select(hw.xy, hw.zw, (h & 2u) != 0u);
     return s * dot_q6(w_v[base / 4u + c], high, xb);
 #endif
 }
 #endif
 
-// Which matrix row slot `slot` (0..4) of quad `quad` computes: (row, from w_v, valid).
+// Which row slot `slot` (0..4) of quad `quad` computes: (row in its matrix, matrix: 0 = a,
+// 1 = b, 2 = v, valid).
 fn quad_row(quad: u32, slot: u32) -> vec3<u32> {
 #if SILU
     // Outputs 2 quad and 2 quad + 1: their gate rows, then their up rows.
     let j = 2u * quad + (slot & 1u);
-    return vec3<u32>(j + (slot >> 1u) * p.m, 0u, u32(j < p.m));
+    return vec3<u32>(j, slot >> 1u, u32(j < p.m));
 #else
 #if QKV
     // q and k heads in quads (i, i + 1, i + D/2, i + 1 + D/2) for RoPE; then v in fours.
@@ -286,10 +308,14 @@ fn quad_row(quad: u32, slot: u32) -> vec3<u32> {
     if (quad < qk_quads) {
         let head = quad / per_head;
         let i = 2u * (quad % per_head) + (slot & 1u) + (slot >> 1u) * (p.head_dim / 2u);
-        return vec3<u32>(head * p.head_dim + i, 0u, 1u);
+        let row = head * p.head_dim + i;
+        if (row < p.q_rows) {
+            return vec3<u32>(row, 0u, 1u);
+        }
+        return vec3<u32>(row - p.q_rows, 1u, 1u);
     }
     let row = 4u * (quad - qk_quads) + slot;
-    return vec3<u32>(row, 1u, u32(row < p.kv_rows));
+    return vec3<u32>(row, 2u, u32(row < p.kv_rows));
 #else
     let row = 4u * quad + slot;
     return vec3<u32>(row, 0u, u32(row < p.n));
@@ -432,23 +458,20 @@ fn gemv(
 #endif
         }
         workgroupBarrier();
-        if (which.z != 0u) {
-#if QKV
-            if (which.y != 0u) {
-                for (var c = lane; c < len / V_UNIT; c += LANES) {
-                    acc += unit_v(which.x, c0 / V_UNIT + c, c * V_UNIT);
-                }
-            } else {
-                for (var c = lane; c < len / W_UNIT; c += LANES) {
-                    acc += unit_w(which.x, c0 / W_UNIT + c, c * W_UNIT);
-                }
-            }
-#else
+        if (which.z != 0u && which.y < 2u) {
+            let data = select(p.a_data, p.b_data, which.y == 1u);
+            let sc = select(p.a_scales, p.b_scales, which.y == 1u);
             for (var c = lane; c < len / W_UNIT; c += LANES) {
-                acc += unit_w(which.x, c0 / W_UNIT + c, c * W_UNIT);
+                acc += unit_w(which.x, c0 / W_UNIT + c, c * W_UNIT, data, sc);
             }
-#endif
         }
+#if QKV
+        if (which.z != 0u && which.y == 2u) {
+            for (var c = lane; c < len / V_UNIT; c += LANES) {
+                acc += unit_v(which.x, c0 / V_UNIT + c, c * V_UNIT);
+            }
+        }
+#endif
     }
     workgroupBarrier();
     partial[lid] = acc;

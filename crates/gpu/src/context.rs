@@ -289,6 +289,11 @@ impl<'a> Binding<'a> {
     pub fn slice(self, offset: u64, size: u64) -> Binding<'a> {
         Binding { buffer: self.buffer, offset: self.offset + offset, size }
     }
+
+    /// The same start, `size` bytes long.
+    pub fn with_size(self, size: u64) -> Binding<'a> {
+        Binding { size, ..self }
+    }
 }
 
 /// Bytes of each uniform buffer a batch packs its dispatches' parameters into: 256 dispatches at

@@ -6,7 +6,10 @@
 //!   with `unpack2x16float`, so no device feature is needed. The buffer is padded to 4 bytes.
 //! - `U32`: token ids and other indices.
 //! - `Q8` / `Q6` / `Q4`: group-quantized 2-D weights, see [`crate::quant`]; the packed values
-//!   live in the main buffer and the per-group f16 scales in a second one.
+//!   and, after them at an aligned offset, the per-group f16 scales share one buffer.
+//!
+//! Several weights can share one buffer ([`Tensor::pack`]): the decode step's fused kernels read
+//! q and k (or gate and up) through one binding.
 
 use std::sync::Arc;
 
@@ -61,7 +64,8 @@ pub struct Tensor {
     buffer: Arc<wgpu::Buffer>,
     /// Byte offset of element 0 inside `buffer` (non-zero for views).
     offset: u64,
-    scales: Option<Arc<wgpu::Buffer>>,
+    /// Byte offset of the f16 group scales inside `buffer` (quantized tensors only).
+    scales: Option<u64>,
     shape: Vec<usize>,
     dtype: DType,
 }
@@ -87,7 +91,7 @@ impl Tensor {
             ));
         }
         let t = Tensor::empty(gpu, shape, dtype)?;
-        write_padded(gpu, &t.buffer, bytes);
+        write_padded(gpu, &t.buffer, 0, bytes);
         Ok(t)
     }
 
@@ -105,17 +109,51 @@ impl Tensor {
 
     /// Uploads a group-quantized matrix (layout in [`crate::quant`]).
     pub fn from_quant(gpu: &Gpu, q: &QuantMatrix) -> Result<Tensor> {
-        let data = gpu.create_buffer(q.data.len() as u64, STORAGE)?;
-        write_padded(gpu, &data, &q.data);
-        let scales = gpu.create_buffer(q.scales.len() as u64 * 2, STORAGE)?;
-        write_padded(gpu, &scales, bytemuck::cast_slice(&q.scales));
+        let scales_at = aligned(gpu, q.data.len() as u64);
+        let buffer = gpu.create_buffer(scales_at + q.scales.len() as u64 * 2, STORAGE)?;
+        write_padded(gpu, &buffer, 0, &q.data);
+        write_padded(gpu, &buffer, scales_at, bytemuck::cast_slice(&q.scales));
         Ok(Tensor {
-            buffer: Arc::new(data),
+            buffer: Arc::new(buffer),
             offset: 0,
-            scales: Some(Arc::new(scales)),
+            scales: Some(scales_at),
             shape: vec![q.rows, q.cols],
             dtype: q.dtype,
         })
+    }
+
+    /// Moves `tensors` into one new buffer (each part at an aligned offset) and returns views of
+    /// it in the same order, so that one binding covers them all. The copies are submitted here;
+    /// the old buffers are freed once the caller drops the originals.
+    pub fn pack(gpu: &Gpu, tensors: &[&Tensor]) -> Result<Vec<Tensor>> {
+        let mut size = 0;
+        let mut places = Vec::with_capacity(tensors.len());
+        for t in tensors {
+            let data = size;
+            size = aligned(gpu, data + t.byte_len());
+            let scales = t.scales_binding().map(|s| {
+                let at = size;
+                size = aligned(gpu, at + s.size);
+                at
+            });
+            places.push((data, scales));
+        }
+        let buffer = Arc::new(gpu.create_buffer(size, STORAGE)?);
+        let mut batch = gpu.batch();
+        let packed = tensors
+            .iter()
+            .zip(places)
+            .map(|(t, (data, scales))| {
+                let whole = Binding { buffer: &buffer, offset: 0, size };
+                batch.copy(t.binding().with_size(t.byte_len().next_multiple_of(4)), whole.slice(data, 0));
+                if let (Some(src), Some(at)) = (t.scales_binding(), scales) {
+                    batch.copy(src.with_size(src.size.next_multiple_of(4)), whole.slice(at, 0));
+                }
+                Tensor { buffer: buffer.clone(), offset: data, scales, shape: t.shape.clone(), dtype: t.dtype }
+            })
+            .collect();
+        batch.submit()?;
+        Ok(packed)
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -181,7 +219,18 @@ impl Tensor {
 
     /// The f16 group scales of a quantized tensor.
     pub fn scales_binding(&self) -> Option<Binding<'_>> {
-        self.scales.as_ref().map(|s| Binding { buffer: s, offset: 0, size: s.size() })
+        let groups = self.numel() / self.dtype.group_size().max(1);
+        self.scales.map(|at| Binding { buffer: &self.buffer, offset: at, size: groups as u64 * 2 })
+    }
+
+    /// Whether `other` lives in the same buffer (see [`Tensor::pack`]).
+    pub fn shares_buffer(&self, other: &Tensor) -> bool {
+        Arc::ptr_eq(&self.buffer, &other.buffer)
+    }
+
+    /// Byte offsets of the data and of the scales (0 when unquantized) inside the buffer.
+    pub fn offsets(&self) -> (u64, u64) {
+        (self.offset, self.scales.unwrap_or(0))
     }
 
     pub fn buffer(&self) -> &wgpu::Buffer {
@@ -211,12 +260,17 @@ impl Tensor {
 }
 
 /// `queue.write_buffer` needs a multiple of 4 bytes.
-fn write_padded(gpu: &Gpu, buffer: &wgpu::Buffer, bytes: &[u8]) {
+fn write_padded(gpu: &Gpu, buffer: &wgpu::Buffer, offset: u64, bytes: &[u8]) {
     if bytes.len() % 4 == 0 {
-        gpu.write(buffer, 0, bytes);
+        gpu.write(buffer, offset, bytes);
     } else {
         let mut padded = bytes.to_vec();
         padded.resize(bytes.len().next_multiple_of(4), 0);
-        gpu.write(buffer, 0, &padded);
+        gpu.write(buffer, offset, &padded);
     }
+}
+
+/// `bytes` rounded up to the storage-binding offset alignment.
+fn aligned(gpu: &Gpu, bytes: u64) -> u64 {
+    bytes.next_multiple_of(gpu.limits().min_storage_buffer_offset_alignment.max(4) as u64)
 }

@@ -69,16 +69,18 @@ pub enum Epilogue<'a> {
     Store,
     /// `y += W · x`, in place (the residual stream).
     Residual,
-    /// W is `[gate; up]` (`2m` rows): `y[j] = silu(gate_j) · up_j`.
-    SiluMul,
-    /// W is `[q; k]`: RoPE at the step's position on q and k, q to `y` and k into `kv`; v is
-    /// `v · x` into `kv`.
+    /// W is gate; `up` (same shape and format, packed in one buffer with it by [`Tensor::pack`]):
+    /// `y[j] = silu(gate_j) · up_j`.
+    SiluMul { up: &'a Tensor },
+    /// W is q: RoPE at the step's position on q and k, q to `y` and k into `kv`; v into `kv`.
     Qkv(Qkv<'a>),
 }
 
 /// The attention geometry of an [`Epilogue::Qkv`].
 #[derive(Clone, Copy)]
 pub struct Qkv<'a> {
+    /// `[kv_heads · head_dim, K]` in q's format, packed in one buffer with q ([`Tensor::pack`]).
+    pub k: &'a Tensor,
     /// `[kv_heads · head_dim, K]`, in any weight format.
     pub v: &'a Tensor,
     /// The layer's cache `[2, capacity, kv_heads, head_dim]` (keys, then values), F32 or F16.
@@ -102,7 +104,13 @@ struct GemvParams {
     head_dim: u32,
     kv_heads: u32,
     capacity: u32,
-    pad: [u32; 2],
+    a_data: u32,
+    a_scales: u32,
+    b_data: u32,
+    b_scales: u32,
+    v_data: u32,
+    v_scales: u32,
+    pad: [u32; 4],
     inv_freq: [f32; 128],
 }
 
@@ -185,7 +193,13 @@ pub fn gemv(
         head_dim: 0,
         kv_heads: 0,
         capacity: 0,
-        pad: [0; 2],
+        a_data: 0,
+        a_scales: 0,
+        b_data: 0,
+        b_scales: 0,
+        v_data: 0,
+        v_scales: 0,
+        pad: [0; 4],
         inv_freq: [0.0; 128],
     };
     let mut key = PipelineKey::new(SHADER, "gemv")
@@ -210,14 +224,13 @@ pub fn gemv(
             key = key.flag("RESIDUAL");
             n.div_ceil(4)
         }
-        Epilogue::SiluMul => {
-            if n % 2 != 0 {
-                return Err(shape_err(OP, format!("[gate; up] has an odd row count {n}")));
-            }
-            want_y(n / 2)?;
-            params.m = (n / 2) as u32;
+        Epilogue::SiluMul { up } => {
+            packed_with(w, up, "up")?;
+            want_y(n)?;
+            params.m = n as u32;
+            (params.b_data, params.b_scales) = places(up);
             key = key.flag("SILU");
-            (n / 2).div_ceil(2)
+            n.div_ceil(2)
         }
         Epilogue::Qkv(a) => {
             let (q_rows, kv_rows) = (a.heads * a.head_dim, a.kv_heads * a.head_dim);
@@ -225,12 +238,22 @@ pub fn gemv(
             if d == 0 || d % 4 != 0 || d > 256 || a.kv_heads == 0 || a.heads % a.kv_heads != 0 {
                 return Err(shape_err(OP, format!("qkv needs head dim % 4 == 0 and <= 256 (got {d}) and whole groups")));
             }
-            if n != q_rows + kv_rows || gemv_weights("v", a.v, k)? != kv_rows {
+            packed_with(w, a.k, "k")?;
+            if n != q_rows || a.k.rows() != kv_rows || gemv_weights("v", a.v, k)? != kv_rows {
                 return Err(shape_err(
                     OP,
-                    format!("[q; k] {:?} and v {:?} do not match {} + {} heads of {d}", w.shape(), a.v.shape(), a.heads, a.kv_heads),
+                    format!(
+                        "q {:?}, k {:?} and v {:?} do not match {} + {} heads of {d}",
+                        w.shape(),
+                        a.k.shape(),
+                        a.v.shape(),
+                        a.heads,
+                        a.kv_heads
+                    ),
                 ));
             }
+            (params.b_data, params.b_scales) = places(a.k);
+            (params.v_data, params.v_scales) = places(a.v);
             let capacity = kv_capacity(a.kv, a.kv_heads, d)?;
             want_y(q_rows)?;
             params.q_rows = q_rows as u32;
@@ -250,7 +273,23 @@ pub fn gemv(
         }
     };
     let gpu = batch.gpu();
-    // Rows of w per dispatch: all of them unless a plain store needs windows.
+    if !matches!(epilogue, Epilogue::Store | Epilogue::Residual) {
+        // Two matrices in one buffer: bind all of it, with the places in the parameters.
+        (params.a_data, params.a_scales) = places(w);
+        let whole = whole_buffer(w);
+        let uniform = batch.params(bytemuck::bytes_of(&params))?;
+        let mut entries = vec![(0, uniform.binding()), (2, x.binding()), (3, whole)];
+        entries.extend(w.dtype().is_quantized().then_some((4, whole)));
+        entries.extend(norm.map(|n| (5, n.weight.binding())));
+        if let Epilogue::Qkv(a) = epilogue {
+            let v = whole_buffer(a.v);
+            entries.extend([(1, step.binding()), (6, v), (8, a.kv.binding())]);
+            entries.extend(a.v.dtype().is_quantized().then_some((7, v)));
+        }
+        entries.push((9, y.binding()));
+        return batch.dispatch_entries(&key, &entries, gpu.grid(quads.div_ceil(GEMV_ROWS / 4) as u32));
+    }
+    // One matrix: in row windows where it exceeds a storage binding (a plain store only).
     let windows = match epilogue {
         Epilogue::Store => crate::ops::matmul::row_windows(gpu, w, k)?,
         _ => vec![(0, n)],
@@ -259,22 +298,36 @@ pub fn gemv(
         let (data, scales) = crate::ops::matmul::window_bindings(w, k, start, count);
         params.n = count as u32;
         params.col0 = start as u32;
-        let quads = if count == n { quads } else { count.div_ceil(4) };
         let uniform = batch.params(bytemuck::bytes_of(&params))?;
         let mut entries = vec![(0, uniform.binding()), (2, x.binding()), (3, data)];
         entries.extend(scales.map(|s| (4, s)));
         entries.extend(norm.map(|n| (5, n.weight.binding())));
-        if let Epilogue::Qkv(a) = epilogue {
-            entries.push((1, step.binding()));
-            entries.push((6, a.v.binding()));
-            entries.extend(a.v.scales_binding().map(|s| (7, s)));
-            entries.push((8, a.kv.binding()));
-        }
         entries.push((9, y.binding()));
-        let grid = gpu.grid(quads.div_ceil(GEMV_ROWS / 4) as u32);
+        let grid = gpu.grid(count.div_ceil(4).div_ceil(GEMV_ROWS / 4) as u32);
         batch.dispatch_entries(&key, &entries, grid)?;
     }
     Ok(())
+}
+
+/// Checks that `other` is packed in `w`'s buffer with w's format and shape.
+fn packed_with(w: &Tensor, other: &Tensor, what: &str) -> Result<()> {
+    if !w.shares_buffer(other) || other.dtype() != w.dtype() || other.last_dim() != w.last_dim() {
+        return Err(shape_err(
+            "decode gemv",
+            format!("{what} {:?} {:?} must be packed with {:?} {:?} (Tensor::pack)", other.dtype(), other.shape(), w.dtype(), w.shape()),
+        ));
+    }
+    Ok(())
+}
+
+/// Where a tensor starts in its buffer: data in 16-byte units, scales in words.
+fn places(t: &Tensor) -> (u32, u32) {
+    let (data, scales) = t.offsets();
+    ((data / 16) as u32, (scales / 4) as u32)
+}
+
+fn whole_buffer(t: &Tensor) -> Binding<'_> {
+    Binding { buffer: t.buffer(), offset: 0, size: t.buffer().size() }
 }
 
 /// Capacity of a cache `[2, capacity, kv_heads, head_dim]` (a multiple of [`ATTEND_KEYS`]).
@@ -460,13 +513,15 @@ mod tests {
                 assert_close(&pollster::block_on(store.to_f32(gpu)).unwrap(), &normed, tol, &format!("{what} norm store"));
                 let plus: Vec<f32> = matvec(&wf, &x).iter().zip(&base).map(|(a, b)| a + b).collect();
                 assert_close(&pollster::block_on(residual.to_f32(gpu)).unwrap(), &plus, tol, &format!("{what} residual"));
-                // SiLU·mul over the first n/2*2 rows as [gate; up].
-                let rows = n / 2 * 2;
-                let (wg, wgf) = weights(dtype, rows, k, 3 + k as u64);
-                run(|b, s| gemv(b, s, &tx, &wg, None, Epilogue::SiluMul, &act).unwrap(), Step::default());
-                let full = matvec(&wgf, &x);
-                let m = rows / 2;
-                let want: Vec<f32> = (0..m).map(|j| full[j] / (1.0 + (-full[j]).exp()) * full[m + j]).collect();
+                // SiLU·mul of gate and up (n / 2 rows each) packed in one buffer.
+                let m = n / 2;
+                let (gate, gf) = weights(dtype, m, k, 3 + k as u64);
+                let (up, uf) = weights(dtype, m, k, 4 + k as u64);
+                let packed = Tensor::pack(gpu, &[&gate, &up]).unwrap();
+                let up = &packed[1];
+                run(|b, s| gemv(b, s, &tx, &packed[0], None, Epilogue::SiluMul { up }, &act).unwrap(), Step::default());
+                let (g, u) = (matvec(&gf, &x), matvec(&uf, &x));
+                let want: Vec<f32> = (0..m).map(|j| g[j] / (1.0 + (-g[j]).exp()) * u[j]).collect();
                 assert_close(&pollster::block_on(act.to_f32(gpu)).unwrap(), &want, tol, &format!("{what} silu"));
             }
         }
@@ -515,8 +570,11 @@ mod tests {
             for (heads, kv_heads, d, pos) in [(4, 2, 12, 5), (8, 2, 128, 1000), (2, 2, 8, 0)] {
                 let k = 128;
                 let (q_rows, kv_rows, cap) = (heads * d, kv_heads * d, 1024);
-                let (w, wf) = weights(dtype, q_rows + kv_rows, k, d as u64);
+                let (q, qf) = weights(dtype, q_rows, k, d as u64);
+                let (kw, kf) = weights(dtype, kv_rows, k, d as u64 + 2);
+                let qk = Tensor::pack(gpu, &[&q, &kw]).unwrap();
                 let (v, vf) = weights(v_dtype, kv_rows, k, d as u64 + 1);
+                let wf: Vec<f32> = qf.iter().chain(&kf).copied().collect();
                 let x = random(k, 3);
                 let g: Vec<f32> = random(k, 4).iter().map(|v| 1.0 + v / 2.0).collect();
                 let cache = round(&random(2 * cap * kv_rows, 5), kv_dtype);
@@ -525,9 +583,9 @@ mod tests {
                 let kv = kv_tensor(&cache, &[2, cap, kv_heads, d], kv_dtype);
                 let y = Tensor::empty(gpu, &[q_rows], DType::F32).unwrap();
                 let theta = 10000.0;
-                let qkv = Qkv { v: &v, kv: &kv, heads, kv_heads, head_dim: d, rope_theta: theta };
+                let qkv = Qkv { k: &qk[1], v: &v, kv: &kv, heads, kv_heads, head_dim: d, rope_theta: theta };
                 run(
-                    |b, s| gemv(b, s, &tx, &w, Some(Norm { weight: &tg, eps: 1e-6 }), Epilogue::Qkv(qkv), &y).unwrap(),
+                    |b, s| gemv(b, s, &tx, &qk[0], Some(Norm { weight: &tg, eps: 1e-6 }), Epilogue::Qkv(qkv), &y).unwrap(),
                     Step { pos: pos as u32, kv_len: pos as u32 + 1, ..Default::default() },
                 );
                 let xn = rms_norm(&x, &g, 1e-6);
