@@ -287,6 +287,7 @@ fn run(args: RunArgs) -> CliResult<()> {
             "image_tokens": reply.image_tokens,
             "stop_reason": reply.stop_reason,
             "timings": timings,
+            "gpu": reply.gpu,
         });
         println!("{out}");
     } else {

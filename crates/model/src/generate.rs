@@ -1,10 +1,12 @@
 //! Generation: sampling, stop rules, and chat sessions that keep their KV cache across turns.
 
+use llava_gpu::ops::decode::Step;
 use llava_gpu::ops::reduce::argmax;
+use llava_gpu::{Batch, Counters, Gpu};
 use web_time::Instant;
 
 use crate::error::{ModelError, Result};
-use crate::language::KvCache;
+use crate::language::{DecodePlan, KvCache};
 use crate::llava::{EncodedImage, Llava};
 use crate::text::Message;
 
@@ -73,6 +75,37 @@ pub struct Timings {
     pub decode_tokens_per_s: f64,
 }
 
+/// What the GPU was asked to do per decode token (the averages over a reply's tokens after the
+/// first, whose prefill is not counted).
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct GpuPerToken {
+    pub dispatches: f64,
+    pub passes: f64,
+    pub submits: f64,
+    pub buffers_created: f64,
+    pub bind_groups_created: f64,
+    pub bytes_written: f64,
+    pub bytes_read: f64,
+    /// Whether the planned decode step ran (else op by op).
+    pub planned: bool,
+}
+
+impl GpuPerToken {
+    fn average(c: Counters, tokens: usize, planned: bool) -> GpuPerToken {
+        let n = tokens.max(1) as f64;
+        GpuPerToken {
+            dispatches: c.dispatches as f64 / n,
+            passes: c.passes as f64 / n,
+            submits: c.submits as f64 / n,
+            buffers_created: c.buffers_created as f64 / n,
+            bind_groups_created: c.bind_groups_created as f64 / n,
+            bytes_written: c.bytes_written as f64 / n,
+            bytes_read: c.bytes_read as f64 / n,
+            planned,
+        }
+    }
+}
+
 /// The result of one turn.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Reply {
@@ -83,6 +116,8 @@ pub struct Reply {
     pub image_tokens: usize,
     pub stop_reason: StopReason,
     pub timings: Timings,
+    /// GPU work per decode token.
+    pub gpu: GpuPerToken,
     /// Logits at the last prompt position, when asked for.
     #[serde(skip)]
     pub first_logits: Option<Vec<f32>>,
@@ -105,13 +140,15 @@ pub struct ChatSession {
     messages: Vec<Message>,
     image: Option<EncodedImage>,
     cache: KvCache,
+    /// The decode step over `cache`, recorded at the first turn (`None` inside: not plannable).
+    plan: Option<Option<DecodePlan>>,
     /// The ids whose keys and values are in `cache`, in order.
     cached_ids: Vec<u32>,
 }
 
 impl ChatSession {
     pub(crate) fn new(system: Option<String>, cache: KvCache) -> ChatSession {
-        ChatSession { system, messages: Vec::new(), image: None, cache, cached_ids: Vec::new() }
+        ChatSession { system, messages: Vec::new(), image: None, cache, plan: None, cached_ids: Vec::new() }
     }
 
     /// Forgets the conversation and the image (the GPU cache is kept for reuse).
@@ -173,31 +210,44 @@ impl ChatSession {
         if let (Some(image), Some(image_start)) = (&self.image, image_start) {
             model.splice_image(&mut batch, &x, common, image_start, image)?;
         }
-        let hidden = model.language().forward(&mut batch, &x, &mut self.cache)?;
-        self.cached_ids.extend_from_slice(new_ids);
-        let logits = model.language().logits(&mut batch, &hidden)?;
+        if self.plan.is_none() {
+            self.plan = Some(model.language().plan_decode(gpu, &self.cache)?);
+        }
+        let plan = self.plan.as_ref().and_then(Option::as_ref);
         let mut sampler = Sampler::new(params, &ids);
-        let first_logits = if turn.want_logits || !params.greedy() {
-            batch.submit()?;
-            Some(logits.to_f32(gpu).await?)
-        } else {
-            let best = argmax(&mut batch, &logits)?;
-            batch.submit()?;
-            sampler.pending = Some(best.to_u32(gpu).await?[0]);
-            None
+        let last = model.language().forward_last(&mut batch, &x, &mut self.cache)?;
+        self.cached_ids.extend_from_slice(new_ids);
+        let first_logits = match plan {
+            Some(plan) => {
+                batch.copy(last.binding(), plan.h.binding());
+                batch.run(&plan.head)?;
+                plan.pick(gpu, batch, &mut sampler, turn.want_logits).await?
+            }
+            None => {
+                let hidden = model.language().final_norm(&mut batch, &last)?;
+                let logits = model.language().logits(&mut batch, &hidden)?;
+                if turn.want_logits || !params.greedy() {
+                    batch.submit()?;
+                    let logits = logits.to_f32(gpu).await?;
+                    sampler.pending = Some(sampler.sample(&logits));
+                    Some(logits)
+                } else {
+                    let best = argmax(&mut batch, &logits)?;
+                    batch.submit()?;
+                    sampler.pending = Some(best.to_u32(gpu).await?[0]);
+                    None
+                }
+            }
         };
         timings.prefill_s = start.elapsed().as_secs_f64();
         timings.prefill_tokens = new_ids.len();
 
         let start = Instant::now();
+        let counted_from = gpu.counters();
         let mut decoder = model.tokenizer().stream_decoder(true);
         let mut tokens = Vec::new();
         let mut text = String::new();
-        let mut next = match (&first_logits, sampler.pending.take()) {
-            (_, Some(id)) => id,
-            (Some(l), None) => sampler.sample(l),
-            (None, None) => unreachable!("prefill yields logits or an argmax"),
-        };
+        let mut next = sampler.pending.take().expect("prefill picks the first token");
         let stop_reason = loop {
             tokens.push(next);
             sampler.seen(next);
@@ -221,19 +271,38 @@ impl ChatSession {
             }
             // One decode step: one submission, one number (or the logits) read back.
             let mut batch = gpu.batch();
-            let x = model.language().embed(&mut batch, &[next])?;
-            let hidden = model.language().forward(&mut batch, &x, &mut self.cache)?;
-            self.cached_ids.push(next);
-            let logits = model.language().logits(&mut batch, &hidden)?;
-            next = if params.greedy() {
-                let best = argmax(&mut batch, &logits)?;
-                batch.submit()?;
-                best.to_u32(gpu).await?[0]
-            } else {
-                batch.submit()?;
-                sampler.sample(&logits.to_f32(gpu).await?)
+            next = match plan {
+                Some(plan) => {
+                    let pos = self.cache.len();
+                    let step = Step { pos: pos as u32, kv_len: pos as u32 + 1, index: tokens.len() as u32, pad: 0 };
+                    plan.step.write(gpu, step);
+                    if !sampler.picked_on_gpu {
+                        // The host picked this token: the step embeds it from token[0].
+                        gpu.write(plan.token.buffer(), 0, bytemuck::bytes_of(&next));
+                    }
+                    batch.run(&plan.layers)?;
+                    batch.run(&plan.head)?;
+                    self.cache.extend(1)?;
+                    plan.pick(gpu, batch, &mut sampler, false).await?;
+                    sampler.pending.take().expect("picked")
+                }
+                None => {
+                    let x = model.language().embed(&mut batch, &[next])?;
+                    let hidden = model.language().forward(&mut batch, &x, &mut self.cache)?;
+                    let logits = model.language().logits(&mut batch, &hidden)?;
+                    if params.greedy() {
+                        let best = argmax(&mut batch, &logits)?;
+                        batch.submit()?;
+                        best.to_u32(gpu).await?[0]
+                    } else {
+                        batch.submit()?;
+                        sampler.sample(&logits.to_f32(gpu).await?)
+                    }
+                }
             };
+            self.cached_ids.push(tokens[tokens.len() - 1]);
         };
+        let gpu_per_token = GpuPerToken::average(gpu.counters() - counted_from, tokens.len().saturating_sub(1), plan.is_some());
         timings.decode_s = start.elapsed().as_secs_f64();
         timings.decode_tokens_per_s = tokens.len() as f64 / timings.decode_s.max(1e-9);
 
@@ -248,8 +317,31 @@ impl ChatSession {
             image_tokens: image_tokens.unwrap_or(0),
             stop_reason,
             timings,
+            gpu: gpu_per_token,
             first_logits,
         })
+    }
+}
+
+impl DecodePlan {
+    /// Submits `batch` (whose last commands computed the plan's logits) and picks the next token
+    /// into `sampler.pending`: greedily on the GPU (reading back 4 bytes), or on the host from the
+    /// logits. Returns the logits when they were read (`want_logits` or host sampling).
+    async fn pick(&self, gpu: &Gpu, mut batch: Batch<'_>, sampler: &mut Sampler<'_>, want_logits: bool) -> Result<Option<Vec<f32>>> {
+        if sampler.params.greedy() && !want_logits {
+            batch.run(&self.sample)?;
+            batch.copy_to_host(self.token.binding().slice(4, 4), &self.readback);
+            batch.submit()?;
+            let bytes = self.readback.read(gpu).await?;
+            sampler.pending = Some(u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes")));
+            sampler.picked_on_gpu = true;
+            return Ok(None);
+        }
+        batch.submit()?;
+        let logits = self.logits.to_f32(gpu).await?;
+        sampler.pending = Some(sampler.sample(&logits));
+        sampler.picked_on_gpu = false;
+        Ok(Some(logits))
     }
 }
 
@@ -260,11 +352,13 @@ struct Sampler<'a> {
     seen: Vec<u32>,
     /// A token already chosen on the GPU.
     pending: Option<u32>,
+    /// Whether the GPU sampler picked `pending` (and wrote it where the next step reads it).
+    picked_on_gpu: bool,
 }
 
 impl<'a> Sampler<'a> {
     fn new(params: &'a GenerateParams, prompt: &[u32]) -> Self {
-        Sampler { params, rng: params.seed ^ 0x2545_F491_4F6C_DD1D, seen: prompt.to_vec(), pending: None }
+        Sampler { params, rng: params.seed ^ 0x2545_F491_4F6C_DD1D, seen: prompt.to_vec(), pending: None, picked_on_gpu: false }
     }
 
     fn seen(&mut self, id: u32) {

@@ -6,45 +6,72 @@ use llava_gpu::ops::embed::embedding;
 use llava_gpu::ops::matmul::linear;
 use llava_gpu::ops::norm::rms_norm;
 use llava_gpu::ops::rope::rope;
-use llava_gpu::{Batch, DType, Gpu, Tensor};
+use llava_gpu::ops::decode::{self, ATTEND_KEYS, Epilogue, Norm, Qkv, StepUniform};
+use llava_gpu::{Batch, DType, Gpu, Plan, Readback, Tensor};
 
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
 use crate::weights::Weights;
 
-struct DecoderLayer {
-    input_layernorm: Tensor,
-    q_proj: Tensor,
-    k_proj: Tensor,
-    v_proj: Tensor,
-    o_proj: Tensor,
-    post_attention_layernorm: Tensor,
-    gate_proj: Tensor,
-    up_proj: Tensor,
-    down_proj: Tensor,
+pub(crate) struct DecoderLayer {
+    pub(crate) input_layernorm: Tensor,
+    pub(crate) q_proj: Tensor,
+    pub(crate) k_proj: Tensor,
+    pub(crate) v_proj: Tensor,
+    pub(crate) o_proj: Tensor,
+    pub(crate) post_attention_layernorm: Tensor,
+    pub(crate) gate_proj: Tensor,
+    pub(crate) up_proj: Tensor,
+    pub(crate) down_proj: Tensor,
 }
 
 impl DecoderLayer {
-    fn load(w: &mut Weights, cfg: &TextConfig, i: usize) -> Result<DecoderLayer> {
+    fn load(w: &mut Weights, gpu: &Gpu, cfg: &TextConfig, i: usize) -> Result<DecoderLayer> {
         let (d, m) = (cfg.hidden_size, cfg.intermediate_size);
         let (q_dim, kv_dim) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
         let p = format!("model.layers.{i}");
+        let (q_proj, k_proj) = packed(
+            gpu,
+            w.take(&format!("{p}.self_attn.q_proj.weight"), &[q_dim, d])?,
+            w.take(&format!("{p}.self_attn.k_proj.weight"), &[kv_dim, d])?,
+        )?;
+        let (gate_proj, up_proj) = packed(
+            gpu,
+            w.take(&format!("{p}.mlp.gate_proj.weight"), &[m, d])?,
+            w.take(&format!("{p}.mlp.up_proj.weight"), &[m, d])?,
+        )?;
         Ok(DecoderLayer {
             input_layernorm: w.take(&format!("{p}.input_layernorm.weight"), &[d])?,
-            q_proj: w.take(&format!("{p}.self_attn.q_proj.weight"), &[q_dim, d])?,
-            k_proj: w.take(&format!("{p}.self_attn.k_proj.weight"), &[kv_dim, d])?,
+            q_proj,
+            k_proj,
             v_proj: w.take(&format!("{p}.self_attn.v_proj.weight"), &[kv_dim, d])?,
             o_proj: w.take(&format!("{p}.self_attn.o_proj.weight"), &[d, q_dim])?,
             post_attention_layernorm: w.take(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
-            gate_proj: w.take(&format!("{p}.mlp.gate_proj.weight"), &[m, d])?,
-            up_proj: w.take(&format!("{p}.mlp.up_proj.weight"), &[m, d])?,
+            gate_proj,
+            up_proj,
             down_proj: w.take(&format!("{p}.mlp.down_proj.weight"), &[d, m])?,
         })
     }
 }
 
-/// Keys and values of every layer for the tokens seen so far, `[1, capacity, kv_heads, head_dim]`.
+/// q/k and gate/up in one buffer each, so that the decode step's fused kernels read a pair
+/// through one binding (the pair keeps separate tensors; its meaning is unchanged). Pairs of
+/// different formats, or too large for one binding, stay apart.
+fn packed(gpu: &Gpu, a: Tensor, b: Tensor) -> Result<(Tensor, Tensor)> {
+    let bytes = |t: &Tensor| t.byte_len() * 2;
+    if a.dtype() != b.dtype() || bytes(&a) + bytes(&b) > gpu.max_binding() {
+        return Ok((a, b));
+    }
+    let mut pair = Tensor::pack(gpu, &[&a, &b])?;
+    let b = pair.pop().expect("two tensors");
+    Ok((pair.pop().expect("two tensors"), b))
+}
+
+/// Keys and values of every layer for the tokens seen so far: per layer one tensor
+/// `[2, rows, kv_heads, head_dim]` (keys, then values; `rows` is the capacity rounded up to the
+/// decode attention's chunk), viewed as `[1, rows, kv_heads, head_dim]` keys and values.
 pub struct KvCache {
+    pub(crate) layers: Vec<Tensor>,
     keys: Vec<Tensor>,
     values: Vec<Tensor>,
     len: usize,
@@ -65,6 +92,14 @@ impl KvCache {
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
     }
+    /// Counts `n` more tokens as cached (a planned decode step wrote their keys and values).
+    pub(crate) fn extend(&mut self, n: usize) -> Result<()> {
+        if self.len + n > self.capacity {
+            return Err(ModelError::ContextOverflow { needed: self.len + n, capacity: self.capacity });
+        }
+        self.len += n;
+        Ok(())
+    }
 }
 
 pub struct LanguageModel {
@@ -77,11 +112,11 @@ pub struct LanguageModel {
 }
 
 impl LanguageModel {
-    pub fn load(w: &mut Weights, cfg: &TextConfig, tie_word_embeddings: bool) -> Result<LanguageModel> {
+    pub fn load(w: &mut Weights, gpu: &Gpu, cfg: &TextConfig, tie_word_embeddings: bool) -> Result<LanguageModel> {
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
         Ok(LanguageModel {
             embed_tokens: w.take("model.embed_tokens.weight", &[v, d])?,
-            layers: (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(w, cfg, i)).collect::<Result<_>>()?,
+            layers: (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(w, gpu, cfg, i)).collect::<Result<_>>()?,
             norm: w.take("model.norm.weight", &[d])?,
             lm_head: if tie_word_embeddings { None } else { Some(w.take("lm_head.weight", &[v, d])?) },
             cfg: cfg.clone(),
@@ -94,14 +129,17 @@ impl LanguageModel {
 
     /// An empty cache for up to `capacity` tokens.
     pub fn new_cache(&self, gpu: &Gpu, capacity: usize) -> Result<KvCache> {
-        let shape = [1, capacity, self.cfg.num_key_value_heads, self.cfg.head_dim];
-        let n = self.layers.len();
-        Ok(KvCache {
-            keys: (0..n).map(|_| Tensor::empty(gpu, &shape, DType::F32)).collect::<Result<_, _>>()?,
-            values: (0..n).map(|_| Tensor::empty(gpu, &shape, DType::F32)).collect::<Result<_, _>>()?,
-            len: 0,
-            capacity,
-        })
+        let (hkv, hd) = (self.cfg.num_key_value_heads, self.cfg.head_dim);
+        let rows = capacity.next_multiple_of(ATTEND_KEYS);
+        let mut cache = KvCache { layers: Vec::new(), keys: Vec::new(), values: Vec::new(), len: 0, capacity };
+        for _ in &self.layers {
+            let layer = Tensor::empty(gpu, &[2, rows, hkv, hd], DType::F32)?;
+            let flat = layer.reshape(&[2 * rows, hkv * hd])?;
+            cache.keys.push(flat.narrow_rows(gpu, 0, rows)?.reshape(&[1, rows, hkv, hd])?);
+            cache.values.push(flat.narrow_rows(gpu, rows, rows)?.reshape(&[1, rows, hkv, hd])?);
+            cache.layers.push(layer);
+        }
+        Ok(cache)
     }
 
     /// Embeddings `[T, D]` of token ids (ids must be < vocab; checked here).
@@ -117,6 +155,12 @@ impl LanguageModel {
     /// Runs `x: [T, D]` (the embeddings of the next T tokens) through the decoder, appending their
     /// keys and values to `cache`. Returns the final-normed hidden state of the LAST token `[1, D]`.
     pub fn forward(&self, batch: &mut Batch, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let last = self.forward_last(batch, x, cache)?;
+        self.final_norm(batch, &last)
+    }
+
+    /// [`LanguageModel::forward`] before the final norm: the residual stream of the last token.
+    pub fn forward_last(&self, batch: &mut Batch, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let t = x.shape()[0];
         let pos = cache.len;
         if t == 0 {
@@ -158,11 +202,107 @@ impl LanguageModel {
         let d = c.hidden_size as u64 * 4;
         let last = Tensor::empty(batch.gpu(), &[1, c.hidden_size], DType::F32)?;
         batch.copy(h.binding().slice((t as u64 - 1) * d, d), last.binding());
-        Ok(rms_norm(batch, &last, &self.norm, eps)?)
+        Ok(last)
+    }
+
+    /// The final norm of [`LanguageModel::forward_last`]'s residual stream.
+    pub fn final_norm(&self, batch: &mut Batch, last: &Tensor) -> Result<Tensor> {
+        Ok(rms_norm(batch, last, &self.norm, self.cfg.rms_norm_eps as f32)?)
     }
 
     /// Vocabulary logits `[1, V]` of a final hidden state `[1, D]`.
     pub fn logits(&self, batch: &mut Batch, hidden: &Tensor) -> Result<Tensor> {
         Ok(linear(batch, hidden, self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None)?)
+    }
+}
+
+/// The decode step of one chat, planned once ([`LanguageModel::plan_decode`]): its buffers and
+/// bind groups exist before the first token, so a token is one parameter write, one submit of
+/// one compute pass and a 4-byte readback. Per layer six dispatches: norm + q/k/v (+ RoPE and the
+/// cache write), attention and its merge, o_proj (+ residual), norm + gate/up (+ SiLU·mul),
+/// down_proj (+ residual).
+pub struct DecodePlan {
+    pub(crate) step: StepUniform,
+    /// `[0]`: the token the step embeds (the sampler writes it); `[1]`: the same, for the host.
+    pub(crate) token: Tensor,
+    /// The residual stream of the token being run (the prefill leaves its last row here).
+    pub(crate) h: Tensor,
+    pub(crate) logits: Tensor,
+    /// Embedding of `token[0]` and the layers, at the step's position.
+    pub(crate) layers: Plan,
+    /// Final norm and lm_head of `h` into `logits`.
+    pub(crate) head: Plan,
+    /// Greedy sampling of `logits` into `token`.
+    pub(crate) sample: Plan,
+    pub(crate) readback: Readback,
+}
+
+impl LanguageModel {
+    /// Records the decode step over `cache`, or `None` where the fused kernels do not take this
+    /// model (a head dim not a multiple of 4, q/k or gate/up in different formats, weights over
+    /// one binding, ...): decoding then runs op by op through [`LanguageModel::forward`].
+    pub fn plan_decode(&self, gpu: &Gpu, cache: &KvCache) -> Result<Option<DecodePlan>> {
+        if !self.plannable(cache) {
+            return Ok(None);
+        }
+        let c = &self.cfg;
+        let (hq, hkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let eps = c.rms_norm_eps as f32;
+        let step = StepUniform::new(gpu)?;
+        let token = Tensor::from_u32(gpu, &[2, 1], &[0, 0])?;
+        let logits = Tensor::empty(gpu, &[1, c.vocab_size], DType::F32)?;
+
+        let mut b = gpu.plan();
+        let ids = token.narrow_rows(gpu, 0, 1)?.reshape(&[1])?;
+        let h = embedding(&mut b, &self.embed_tokens, &ids)?;
+        let q = Tensor::empty(gpu, &[hq * hd], DType::F32)?;
+        let act = Tensor::empty(gpu, &[c.intermediate_size], DType::F32)?;
+        for (layer, kv) in self.layers.iter().zip(&cache.layers) {
+            let rope_theta = c.rope_theta as f32;
+            let qkv = Qkv { k: &layer.k_proj, v: &layer.v_proj, kv, heads: hq, kv_heads: hkv, head_dim: hd, rope_theta };
+            let norm = Norm { weight: &layer.input_layernorm, eps };
+            decode::gemv(&mut b, &step, &h, &layer.q_proj, Some(norm), Epilogue::Qkv(qkv), &q)?;
+            let o = decode::attend(&mut b, &step, &q, kv, hq, hkv)?;
+            decode::gemv(&mut b, &step, &o, &layer.o_proj, None, Epilogue::Residual, &h)?;
+            let norm = Norm { weight: &layer.post_attention_layernorm, eps };
+            let silu = Epilogue::SiluMul { up: &layer.up_proj };
+            decode::gemv(&mut b, &step, &h, &layer.gate_proj, Some(norm), silu, &act)?;
+            decode::gemv(&mut b, &step, &act, &layer.down_proj, None, Epilogue::Residual, &h)?;
+        }
+        let layers = b.into_plan()?;
+
+        let mut b = gpu.plan();
+        let norm = Norm { weight: &self.norm, eps };
+        decode::gemv(&mut b, &step, &h, self.lm_head(), Some(norm), Epilogue::Store, &logits)?;
+        let head = b.into_plan()?;
+        let mut b = gpu.plan();
+        decode::sample_greedy(&mut b, &logits, &token)?;
+        let sample = b.into_plan()?;
+        let readback = Readback::new(gpu, 4)?;
+        Ok(Some(DecodePlan { step, token, h, logits, layers, head, sample, readback }))
+    }
+
+    fn lm_head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    fn plannable(&self, cache: &KvCache) -> bool {
+        let c = &self.cfg;
+        let (d, hd) = (c.hidden_size, c.head_dim);
+        let same = |a: &Tensor, b: &Tensor| a.shares_buffer(b) && a.dtype() == b.dtype();
+        decode::attend_supports(c.num_attention_heads, c.num_key_value_heads, hd)
+            && hd % 4 == 0
+            && hd <= 256
+            && cache.layers.len() == self.layers.len()
+            && decode::gemv_supports(self.lm_head(), d)
+            && self.layers.iter().all(|l| {
+                same(&l.q_proj, &l.k_proj)
+                    && same(&l.gate_proj, &l.up_proj)
+                    && decode::gemv_supports(&l.q_proj, d)
+                    && decode::gemv_supports(&l.v_proj, d)
+                    && decode::gemv_supports(&l.o_proj, l.o_proj.last_dim())
+                    && decode::gemv_supports(&l.gate_proj, d)
+                    && decode::gemv_supports(&l.down_proj, c.intermediate_size)
+            })
     }
 }

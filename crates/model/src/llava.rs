@@ -221,7 +221,7 @@ impl Llava {
         let vision = VisionTower::load(w, &config.vision, config.vision_feature_layer)?;
         let projector =
             Projector::load(w, config.vision.hidden_size, config.text.hidden_size, config.projector_hidden_act)?;
-        let language = LanguageModel::load(w, &config.text, config.tie_word_embeddings)?;
+        let language = LanguageModel::load(w, &gpu, &config.text, config.tie_word_embeddings)?;
         let mut limit = config.text.max_position_embeddings;
         if let Some(window) = config.text.sliding_window {
             // Past its window Mistral attends to a sliding span; contexts stay within it.
