@@ -106,7 +106,7 @@ const LANES: u32 = 32u;
 const ROWS: u32 = 8u;
 const XCHUNK: u32 = 2048u;
 
-var<workgroup> xs: array<f32, XCHUNK>;
+var<workgroup> xs: array<vec4<f32>, 512>; // XCHUNK / 4
 var<workgroup> partial: array<f32, WG>;
 var<workgroup> row_sums: array<f32, ROWS>;
 // Q4's code book (quant.rs Q4_VALUES), looked up per nibble.
@@ -124,17 +124,15 @@ fn f16_scale(words: u32, g: u32) -> f32 {
 }
 
 // Dot products of one 16-byte unit with xs from `xb`, unscaled where the format has scales.
+// xb counts values (a multiple of 4): xs holds them four to a vector.
 fn dot_f32(u: vec4<u32>, xb: u32) -> f32 {
-    return dot(bitcast<vec4<f32>>(u), vec4<f32>(xs[xb], xs[xb + 1u], xs[xb + 2u], xs[xb + 3u]));
+    return dot(bitcast<vec4<f32>>(u), xs[xb / 4u]);
 }
 
 fn dot_f16(u: vec4<u32>, xb: u32) -> f32 {
-    var acc = 0.0;
-    for (var i = 0u; i < 4u; i++) {
-        let pair = unpack2x16float(u[i]);
-        acc += pair.x * xs[xb + 2u * i] + pair.y * xs[xb + 2u * i + 1u];
-    }
-    return acc;
+    let a = vec4<f32>(unpack2x16float(u.x), unpack2x16float(u.y));
+    let b = vec4<f32>(unpack2x16float(u.z), unpack2x16float(u.w));
+    return dot(a, xs[xb / 4u]) + dot(b, xs[xb / 4u + 1u]);
 }
 
 fn dot_q8(u: vec4<u32>, xb: u32) -> f32 {
@@ -147,8 +145,7 @@ fn dot_q8(u: vec4<u32>, xb: u32) -> f32 {
             bitcast<i32>(word << 8u),
             bitcast<i32>(word),
         ) >> vec4<u32>(24u));
-        let b = xb + 4u * i;
-        acc += dot(q, vec4<f32>(xs[b], xs[b + 1u], xs[b + 2u], xs[b + 3u]));
+        acc += dot(q, xs[xb / 4u + i]);
     }
     return acc;
 }
@@ -157,13 +154,12 @@ fn dot_q4(u: vec4<u32>, xb: u32) -> f32 {
     var acc = 0.0;
     for (var i = 0u; i < 4u; i++) {
         let word = u[i];
-        let b = xb + 8u * i;
+        let b = xb / 4u + 2u * i;
         let lo = vec4<f32>(codebook[word & 15u], codebook[(word >> 4u) & 15u],
                            codebook[(word >> 8u) & 15u], codebook[(word >> 12u) & 15u]);
         let hi = vec4<f32>(codebook[(word >> 16u) & 15u], codebook[(word >> 20u) & 15u],
                            codebook[(word >> 24u) & 15u], codebook[word >> 28u]);
-        acc += dot(lo, vec4<f32>(xs[b], xs[b + 1u], xs[b + 2u], xs[b + 3u]))
-             + dot(hi, vec4<f32>(xs[b + 4u], xs[b + 5u], xs[b + 6u], xs[b + 7u]));
+        acc += dot(lo, xs[b]) + dot(hi, xs[b + 1u]);
     }
     return acc;
 }
@@ -178,9 +174,8 @@ fn dot_q6(u: vec4<u32>, high: vec2<u32>, xb: u32) -> f32 {
             | (((hw >> vec4<u32>(0u, 2u, 4u, 6u)) & vec4<u32>(3u)) << vec4<u32>(4u));
         let hi = ((word >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u))
             | (((hw >> vec4<u32>(8u, 10u, 12u, 14u)) & vec4<u32>(3u)) << vec4<u32>(4u));
-        let b = xb + 8u * i;
-        acc += dot(vec4<f32>(lo) - 32.0, vec4<f32>(xs[b], xs[b + 1u], xs[b + 2u], xs[b + 3u]))
-             + dot(vec4<f32>(hi) - 32.0, vec4<f32>(xs[b + 4u], xs[b + 5u], xs[b + 6u], xs[b + 7u]));
+        let b = xb / 4u + 2u * i;
+        acc += dot(vec4<f32>(lo) - 32.0, xs[b]) + dot(vec4<f32>(hi) - 32.0, xs[b + 1u]);
     }
     return acc;
 }
@@ -450,11 +445,13 @@ fn gemv(
     for (var c0 = 0u; c0 < p.k; c0 += XCHUNK) {
         let len = min(XCHUNK, p.k - c0);
         workgroupBarrier();
-        for (var i = lid; i < len; i += WG) {
+        for (var i = lid; i < len / 4u; i += WG) {
+            let e = c0 + 4u * i;
+            let v = vec4<f32>(x[e], x[e + 1u], x[e + 2u], x[e + 3u]);
 #if NORM
-            xs[i] = x[c0 + i] * rms * norm_weight[c0 + i];
+            xs[i] = v * rms * vec4<f32>(norm_weight[e], norm_weight[e + 1u], norm_weight[e + 2u], norm_weight[e + 3u]);
 #else
-            xs[i] = x[c0 + i];
+            xs[i] = v;
 #endif
         }
         workgroupBarrier();

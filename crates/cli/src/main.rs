@@ -1,5 +1,7 @@
 //! `llava`: run LLaVA-1.6 on an image natively (wgpu on Vulkan/Metal/DX12).
 
+mod bench;
+
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -35,6 +37,8 @@ enum Command {
     Chat(ChatArgs),
     /// Convert a checkpoint folder to sharded, GPU-layout weights (docs/converted-format.md).
     Convert(ConvertArgs),
+    /// Time a random-weight model of a real geometry (vision, prefill, decode) on this GPU.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -183,6 +187,7 @@ fn main() -> ExitCode {
         Command::Preprocess(args) => preprocess(args),
         Command::Chat(args) => chat(args),
         Command::Convert(args) => convert(args),
+        Command::Bench(args) => bench::bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

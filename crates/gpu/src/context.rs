@@ -191,6 +191,15 @@ impl Gpu {
         llvmpipe.then_some(65_535)
     }
 
+    /// Waits until the GPU has finished everything submitted (natively; benchmarks time with it).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+            .map_err(|e| GpuError::Readback(e.to_string()))?;
+        self.check()
+    }
+
     /// Largest number of bytes one storage binding may cover.
     pub fn max_binding(&self) -> u64 {
         (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)

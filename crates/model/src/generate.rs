@@ -1,8 +1,7 @@
 //! Generation: sampling, stop rules, and chat sessions that keep their KV cache across turns.
 
-use llava_gpu::ops::decode::Step;
 use llava_gpu::ops::reduce::argmax;
-use llava_gpu::{Batch, Counters, Gpu};
+use llava_gpu::{Batch, Counters};
 use web_time::Instant;
 
 use crate::error::{ModelError, Result};
@@ -219,9 +218,8 @@ impl ChatSession {
         self.cached_ids.extend_from_slice(new_ids);
         let first_logits = match plan {
             Some(plan) => {
-                batch.copy(last.binding(), plan.h.binding());
-                batch.run(&plan.head)?;
-                plan.pick(gpu, batch, &mut sampler, turn.want_logits).await?
+                plan.record_head(&mut batch, &last)?;
+                sampler.pick(plan, batch, turn.want_logits).await?
             }
             None => {
                 let hidden = model.language().final_norm(&mut batch, &last)?;
@@ -273,17 +271,9 @@ impl ChatSession {
             let mut batch = gpu.batch();
             next = match plan {
                 Some(plan) => {
-                    let pos = self.cache.len();
-                    let step = Step { pos: pos as u32, kv_len: pos as u32 + 1, index: tokens.len() as u32, pad: 0 };
-                    plan.step.write(gpu, step);
-                    if !sampler.picked_on_gpu {
-                        // The host picked this token: the step embeds it from token[0].
-                        gpu.write(plan.token.buffer(), 0, bytemuck::bytes_of(&next));
-                    }
-                    batch.run(&plan.layers)?;
-                    batch.run(&plan.head)?;
-                    self.cache.extend(1)?;
-                    plan.pick(gpu, batch, &mut sampler, false).await?;
+                    let host_token = (!sampler.picked_on_gpu).then_some(next);
+                    plan.record_step(&mut batch, &mut self.cache, tokens.len(), host_token)?;
+                    sampler.pick(plan, batch, false).await?;
                     sampler.pending.take().expect("picked")
                 }
                 None => {
@@ -323,24 +313,18 @@ impl ChatSession {
     }
 }
 
-impl DecodePlan {
-    /// Submits `batch` (whose last commands computed the plan's logits) and picks the next token
-    /// into `sampler.pending`: greedily on the GPU (reading back 4 bytes), or on the host from the
-    /// logits. Returns the logits when they were read (`want_logits` or host sampling).
-    async fn pick(&self, gpu: &Gpu, mut batch: Batch<'_>, sampler: &mut Sampler<'_>, want_logits: bool) -> Result<Option<Vec<f32>>> {
-        if sampler.params.greedy() && !want_logits {
-            batch.run(&self.sample)?;
-            batch.copy_to_host(self.token.binding().slice(4, 4), &self.readback);
-            batch.submit()?;
-            let bytes = self.readback.read(gpu).await?;
-            sampler.pending = Some(u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes")));
-            sampler.picked_on_gpu = true;
+impl Sampler<'_> {
+    /// Submits `batch` (ending in the plan's recorded head) and picks the next token into
+    /// `pending`: greedily on the GPU (4 bytes read back), or on the host from the logits.
+    /// Returns the logits when they were read (`want_logits` or host sampling).
+    async fn pick(&mut self, plan: &DecodePlan, batch: Batch<'_>, want_logits: bool) -> Result<Option<Vec<f32>>> {
+        self.picked_on_gpu = self.params.greedy() && !want_logits;
+        if self.picked_on_gpu {
+            self.pending = Some(plan.submit_greedy(batch).await?);
             return Ok(None);
         }
-        batch.submit()?;
-        let logits = self.logits.to_f32(gpu).await?;
-        sampler.pending = Some(sampler.sample(&logits));
-        sampler.picked_on_gpu = false;
+        let logits = plan.submit_for_logits(batch).await?;
+        self.pending = Some(self.sample(&logits));
         Ok(Some(logits))
     }
 }

@@ -6,7 +6,7 @@ use llava_gpu::ops::embed::embedding;
 use llava_gpu::ops::matmul::linear;
 use llava_gpu::ops::norm::rms_norm;
 use llava_gpu::ops::rope::rope;
-use llava_gpu::ops::decode::{self, ATTEND_KEYS, Epilogue, Norm, Qkv, StepUniform};
+use llava_gpu::ops::decode::{self, ATTEND_KEYS, Epilogue, Norm, Qkv, Step, StepUniform};
 use llava_gpu::{Batch, DType, Gpu, Plan, Readback, Tensor};
 
 use crate::config::TextConfig;
@@ -222,19 +222,61 @@ impl LanguageModel {
 /// cache write), attention and its merge, o_proj (+ residual), norm + gate/up (+ SiLU·mul),
 /// down_proj (+ residual).
 pub struct DecodePlan {
-    pub(crate) step: StepUniform,
+    step: StepUniform,
     /// `[0]`: the token the step embeds (the sampler writes it); `[1]`: the same, for the host.
-    pub(crate) token: Tensor,
+    token: Tensor,
     /// The residual stream of the token being run (the prefill leaves its last row here).
-    pub(crate) h: Tensor,
-    pub(crate) logits: Tensor,
+    h: Tensor,
+    logits: Tensor,
     /// Embedding of `token[0]` and the layers, at the step's position.
-    pub(crate) layers: Plan,
+    layers: Plan,
     /// Final norm and lm_head of `h` into `logits`.
-    pub(crate) head: Plan,
+    head: Plan,
     /// Greedy sampling of `logits` into `token`.
-    pub(crate) sample: Plan,
-    pub(crate) readback: Readback,
+    sample: Plan,
+    readback: Readback,
+}
+
+impl DecodePlan {
+    /// Records the step of the next token into `batch` at the cache's end and counts it cached:
+    /// `host_token` where the host picked it, else the one the GPU sampler left in `token[0]`.
+    /// `index` is the token's place in the reply.
+    pub fn record_step(&self, batch: &mut Batch, cache: &mut KvCache, index: usize, host_token: Option<u32>) -> Result<()> {
+        let gpu = batch.gpu();
+        let pos = cache.len();
+        cache.extend(1)?;
+        let step = Step { pos: pos as u32, kv_len: pos as u32 + 1, index: index as u32, pad: 0 };
+        self.step.write(gpu, step);
+        if let Some(id) = host_token {
+            gpu.write(self.token.buffer(), 0, bytemuck::bytes_of(&id));
+        }
+        batch.run(&self.layers)?;
+        Ok(batch.run(&self.head)?)
+    }
+
+    /// Records the final norm and lm_head of `last` (the prefill's last residual row).
+    pub fn record_head(&self, batch: &mut Batch, last: &Tensor) -> Result<()> {
+        batch.copy(last.binding(), self.h.binding());
+        Ok(batch.run(&self.head)?)
+    }
+
+    /// Submits `batch` (ending in a recorded head) with the greedy sampler, and returns its token
+    /// (4 bytes read back; the next step embeds it from the GPU).
+    pub async fn submit_greedy(&self, mut batch: Batch<'_>) -> Result<u32> {
+        let gpu = batch.gpu();
+        batch.run(&self.sample)?;
+        batch.copy_to_host(self.token.binding().slice(4, 4), &self.readback);
+        batch.submit()?;
+        let bytes = self.readback.read(gpu).await?;
+        Ok(u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes")))
+    }
+
+    /// Submits `batch` (ending in a recorded head) and reads the logits back.
+    pub async fn submit_for_logits(&self, batch: Batch<'_>) -> Result<Vec<f32>> {
+        let gpu = batch.gpu();
+        batch.submit()?;
+        Ok(self.logits.to_f32(gpu).await?)
+    }
 }
 
 impl LanguageModel {
@@ -280,6 +322,24 @@ impl LanguageModel {
         let sample = b.into_plan()?;
         let readback = Readback::new(gpu, 4)?;
         Ok(Some(DecodePlan { step, token, h, logits, layers, head, sample, readback }))
+    }
+
+    /// Bytes of weights one decode step reads: every layer's matrices and norms, the final norm
+    /// and lm_head (and one embedding row, which is negligible and not counted).
+    pub fn decode_weight_bytes(&self) -> u64 {
+        let bytes = |t: &Tensor| t.byte_len() + t.scales_binding().map_or(0, |s| s.size);
+        let layers: u64 = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.input_layernorm, &l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.post_attention_layernorm]
+                    .into_iter()
+                    .chain([&l.gate_proj, &l.up_proj, &l.down_proj])
+                    .map(bytes)
+                    .sum::<u64>()
+            })
+            .sum();
+        layers + bytes(&self.norm) + bytes(self.lm_head())
     }
 
     fn lm_head(&self) -> &Tensor {

@@ -138,6 +138,63 @@ pub fn upload(gpu: &Gpu, host: &HostTensor, dtype: DType) -> Result<Tensor> {
 #[derive(Default)]
 pub struct Weights {
     tensors: HashMap<String, Tensor>,
+    /// Made up on [`Weights::take`] instead (see [`Weights::random`]).
+    random: Option<RandomWeights>,
+}
+
+/// Random weights in a precision's storage dtypes, made one tensor at a time as the model takes
+/// them: a model of any geometry straight into GPU memory, for benchmarks (`llava bench`).
+struct RandomWeights {
+    gpu: std::sync::Arc<Gpu>,
+    precision: WeightPrecision,
+    state: u64,
+}
+
+impl RandomWeights {
+    fn next(&mut self) -> u64 {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        self.state
+    }
+
+    /// Values of magnitude ~0.03-0.06 (f16 exponent 10) with random signs and mantissas; vectors
+    /// (norm weights, biases) near 1; quantized codes uniformly random with scales of ~2e-4.
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let dtype = storage_dtype_of(name, shape, Dtype::F16, self.precision);
+        let numel: usize = shape.iter().product();
+        let gpu = self.gpu.clone();
+        let gpu = &*gpu;
+        let half_bits = |r: u64, exponent: u64| ((r & 0x83ff) | (exponent << 10)) as u16;
+        let t = match dtype {
+            DType::F32 => {
+                let base = if shape.len() == 1 { 1.0 } else { 0.0 };
+                let values: Vec<f32> = (0..numel).map(|_| base + (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 0.1 - 0.05).collect();
+                Tensor::from_f32(gpu, shape, &values)?
+            }
+            DType::F16 => {
+                let mut bits = Vec::with_capacity(numel + 3);
+                while bits.len() < numel {
+                    let r = self.next();
+                    bits.extend((0..4).map(|i| half_bits(r >> (16 * i), 10)));
+                }
+                bits.truncate(numel);
+                Tensor::from_bytes(gpu, shape, DType::F16, bytemuck::cast_slice(&bits))?
+            }
+            _ => {
+                let (rows, cols) = (shape[0], shape[1]);
+                let mut data = vec![0u8; dtype.data_bytes(numel) as usize];
+                for chunk in data.chunks_mut(8) {
+                    let r = self.next().to_le_bytes();
+                    chunk.copy_from_slice(&r[..chunk.len()]);
+                }
+                let groups = numel / dtype.group_size();
+                let scales = (0..groups).map(|_| half::f16::from_bits(half_bits(self.next(), 3) & 0x7fff)).collect();
+                Tensor::from_quant(gpu, &quant::QuantMatrix { dtype, rows, cols, data, scales })?
+            }
+        };
+        Ok(t)
+    }
 }
 
 impl Weights {
@@ -158,8 +215,18 @@ impl Weights {
         self.tensors.insert(name, tensor);
     }
 
+    /// Weights that do not come from a checkpoint: every [`Weights::take`] makes a random tensor of
+    /// the asked shape in `precision`'s storage dtype for that name (as for an f16 checkpoint).
+    pub fn random(gpu: std::sync::Arc<Gpu>, precision: WeightPrecision, seed: u64) -> Weights {
+        let state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        Weights { tensors: HashMap::new(), random: Some(RandomWeights { gpu, precision, state }) }
+    }
+
     /// Takes the tensor `name`, which must have `shape`.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if let Some(random) = &mut self.random {
+            return random.tensor(name, shape);
+        }
         let t = self
             .tensors
             .remove(name)
