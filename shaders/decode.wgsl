@@ -632,46 +632,258 @@ fn attend_combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
 #if SAMPLE
 struct SampleParams {
     vocab: u32,
+    // 0: greedy (the first largest penalised logit); else logits are divided by it.
+    temperature: f32,
+    // Keep the top_k most likely (0: all) ...
+    top_k: u32,
+    // ... then the smallest set, in order of probability, whose mass reaches top_p.
+    top_p: f32,
+    // transformers' repetition penalty on the ids marked in `seen` (1: off).
+    penalty: f32,
+    seed_lo: u32,
+    seed_hi: u32,
 }
 
 @group(0) @binding(0) var<uniform> sp: SampleParams;
 @group(0) @binding(2) var<storage, read> logits: array<f32>;
 // [0]: the token the next step embeds; [1]: the same, for the host to read back.
 @group(0) @binding(3) var<storage, read_write> token: array<u32>;
+// Bit i: id i was seen (prompt and reply so far); the picked token is added.
+@group(0) @binding(4) var<storage, read_write> seen: array<u32>;
 
 const NONE: u32 = 0xffffffffu;
-var<workgroup> best_value: array<f32, 256>;
-var<workgroup> best_index: array<u32, 256>;
+var<workgroup> red_a: array<f32, 256>;
+var<workgroup> red_b: array<u32, 256>;
 
 fn beats(v: f32, i: u32, bv: f32, bi: u32) -> bool {
     return i != NONE && (bi == NONE || v > bv || (v == bv && i < bi));
 }
 
-// Greedy: the first index of the largest logit (torch.argmax), one workgroup.
-@compute @workgroup_size(256)
-fn sample(@builtin(local_invocation_index) lid: u32) {
-    var bv = 0.0;
-    var bi = NONE;
-    for (var i = lid; i < sp.vocab; i += 256u) {
-        let v = logits[i];
-        if (bi == NONE || v > bv) {
-            bv = v;
-            bi = i;
-        }
+// Logit i after the repetition penalty (and the temperature where there is one).
+fn z(i: u32) -> f32 {
+    var l = logits[i];
+    if (sp.penalty != 1.0 && (seen[i / 32u] & (1u << (i % 32u))) != 0u) {
+        l = select(l * sp.penalty, l / sp.penalty, l > 0.0);
     }
-    best_value[lid] = bv;
-    best_index[lid] = bi;
+    if (sp.temperature > 0.0) {
+        l = l / sp.temperature;
+    }
+    return l;
+}
+
+// Order-preserving key of a float (larger value, larger key).
+fn key(v: f32) -> u32 {
+    let b = bitcast<u32>(v);
+    return select(b | 0x80000000u, ~b, (b & 0x80000000u) != 0u);
+}
+
+fn sum_f32(lid: u32, v: f32) -> f32 {
+    workgroupBarrier();
+    red_a[lid] = v;
     workgroupBarrier();
     for (var s = 128u; s > 0u; s >>= 1u) {
-        if (lid < s && beats(best_value[lid + s], best_index[lid + s], best_value[lid], best_index[lid])) {
-            best_value[lid] = best_value[lid + s];
-            best_index[lid] = best_index[lid + s];
+        if (lid < s) {
+            red_a[lid] += red_a[lid + s];
         }
         workgroupBarrier();
     }
-    if (lid == 0u) {
-        token[0] = best_index[0];
-        token[1] = best_index[0];
+    return workgroupUniformLoad(&red_a[0]);
+}
+
+fn sum_u32(lid: u32, v: u32) -> u32 {
+    workgroupBarrier();
+    red_b[lid] = v;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            red_b[lid] += red_b[lid + s];
+        }
+        workgroupBarrier();
     }
+    return workgroupUniformLoad(&red_b[0]);
+}
+
+// A uniform number in [0, 1) from (seed, index) (generate.rs `gpu_uniform` is the same).
+fn uniform01(index: u32) -> f32 {
+    var h = sp.seed_lo ^ (index * 0x9E3779B9u);
+    h = (h ^ (h >> 16u)) * 0x85EBCA6Bu;
+    h = (h ^ sp.seed_hi ^ (h >> 13u)) * 0xC2B2AE35u;
+    h = h ^ (h >> 16u);
+    return f32(h >> 8u) / 16777216.0;
+}
+
+// A cut (t, b) keeps the tokens of key > t and those of key t below index b: a prefix of the
+// tokens ordered by logit (descending), then index.
+fn kept(i: u32, kz: u32, cut: vec2<u32>) -> bool {
+    return kz > cut.x || (kz == cut.x && i < cut.y);
+}
+
+// Picks the next token (one workgroup). Greedy: the first largest penalised logit. Sampling:
+// transformers' order (penalty, temperature, top-k, top-p), the top-k and top-p cuts found by
+// binary searches over the keys (no sort), then a draw over the kept tokens in index order.
+@compute @workgroup_size(256)
+fn sample(@builtin(local_invocation_index) lid: u32) {
+    let v = sp.vocab;
+    let index = step.index;
+    var bv = 0.0;
+    var bi = NONE;
+    for (var i = lid; i < v; i += 256u) {
+        let l = z(i);
+        if (bi == NONE || l > bv) {
+            bv = l;
+            bi = i;
+        }
+    }
+    red_a[lid] = bv;
+    red_b[lid] = bi;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s >>= 1u) {
+        if (lid < s && beats(red_a[lid + s], red_b[lid + s], red_a[lid], red_b[lid])) {
+            red_a[lid] = red_a[lid + s];
+            red_b[lid] = red_b[lid + s];
+        }
+        workgroupBarrier();
+    }
+    let best = red_b[0];
+    let m = red_a[0];
+    var picked = best;
+    if (sp.temperature > 0.0) {
+        // Everything kept: the cut below every key.
+        var cut = vec2<u32>(0u, 0u);
+        if (sp.top_k > 0u && sp.top_k < v) {
+            // The largest t with #(key >= t) >= k, then the ties that fill up to k.
+            var lo = 0u;
+            var hi = 0xffffffffu;
+            while (lo < hi) {
+                let mid = hi - (hi - lo) / 2u;
+                var c = 0u;
+                for (var i = lid; i < v; i += 256u) {
+                    c += u32(key(z(i)) >= mid);
+                }
+                if (sum_u32(lid, c) >= sp.top_k) {
+                    lo = mid;
+                } else {
+                    hi = mid - 1u;
+                }
+            }
+            var above = 0u;
+            for (var i = lid; i < v; i += 256u) {
+                above += u32(key(z(i)) > lo);
+            }
+            cut = tie_cut(lid, lo, sp.top_k - sum_u32(lid, above));
+        }
+        if (sp.top_p < 1.0) {
+            var mass = 0.0;
+            for (var i = lid; i < v; i += 256u) {
+                let zi = z(i);
+                mass += select(0.0, exp(zi - m), kept(i, key(zi), cut));
+            }
+            let limit = sp.top_p * sum_f32(lid, mass);
+            // The smallest t with mass(key > t) < limit (within the top-k set).
+            var lo = 0u;
+            var hi = 0xffffffffu;
+            while (lo < hi) {
+                let mid = lo + (hi - lo) / 2u;
+                var above = 0.0;
+                for (var i = lid; i < v; i += 256u) {
+                    let zi = z(i);
+                    let kz = key(zi);
+                    above += select(0.0, exp(zi - m), kz > mid && kept(i, kz, cut));
+                }
+                if (sum_f32(lid, above) < limit) {
+                    hi = mid;
+                } else {
+                    lo = mid + 1u;
+                }
+            }
+            var above = 0.0;
+            for (var i = lid; i < v; i += 256u) {
+                let zi = z(i);
+                let kz = key(zi);
+                above += select(0.0, exp(zi - m), kz > lo && kept(i, kz, cut));
+            }
+            // Tokens of key lo (mass q each, in index order) are kept while the mass before them
+            // is below the limit: the first ceil(rest / q).
+            let rest = limit - sum_f32(lid, above);
+            let q = exp(unkey(lo) - m);
+            let ties = tie_cut(lid, lo, u32(min(ceil(rest / q), f32(v))));
+            // Within the top-k cut, tighter of the two.
+            if (ties.x > cut.x || (ties.x == cut.x && ties.y < cut.y)) {
+                cut = ties;
+            }
+        }
+        // Draw over the kept tokens in index order: each thread sums a contiguous range.
+        let per = (v + 255u) / 256u;
+        let first = lid * per;
+        let last = min(first + per, v);
+        var mass = 0.0;
+        for (var i = first; i < last; i++) {
+            let zi = z(i);
+            mass += select(0.0, exp(zi - m), kept(i, key(zi), cut));
+        }
+        workgroupBarrier();
+        red_a[lid] = mass;
+        workgroupBarrier();
+        if (lid == 0u) {
+            var total = 0.0;
+            for (var t = 0u; t < 256u; t++) {
+                total += red_a[t];
+            }
+            let goal = uniform01(index) * total;
+            var acc = 0.0;
+            var choice = best;
+            for (var t = 0u; t < 256u; t++) {
+                if (acc + red_a[t] > goal && red_a[t] > 0.0) {
+                    let s = t * per;
+                    let e = min(s + per, v);
+                    for (var i = s; i < e; i++) {
+                        let zi = z(i);
+                        if (kept(i, key(zi), cut)) {
+                            choice = i;
+                            acc += exp(zi - m);
+                            if (acc > goal) {
+                                break;
+                            }
+                        }
+                    }
+                    break;
+                }
+                acc += red_a[t];
+            }
+            red_b[0] = choice;
+        }
+        workgroupBarrier();
+        picked = red_b[0];
+    }
+    if (lid == 0u) {
+        token[0] = picked;
+        token[1] = picked;
+        seen[picked / 32u] |= 1u << (picked % 32u);
+    }
+}
+
+// The float of a key.
+fn unkey(k: u32) -> f32 {
+    return bitcast<f32>(select(~k, k & 0x7fffffffu, (k & 0x80000000u) != 0u));
+}
+
+// The cut (t, b) that keeps the first `need` tokens of key t in index order: the largest b with
+// at most `need` of them below it.
+fn tie_cut(lid: u32, t: u32, need: u32) -> vec2<u32> {
+    var lo = 0u;
+    var hi = sp.vocab;
+    while (lo < hi) {
+        let mid = hi - (hi - lo) / 2u;
+        var c = 0u;
+        for (var i = lid; i < mid; i += 256u) {
+            c += u32(key(z(i)) == t);
+        }
+        if (sum_u32(lid, c) <= need) {
+            lo = mid;
+        } else {
+            hi = mid - 1u;
+        }
+    }
+    return vec2<u32>(t, lo);
 }
 #endif

@@ -1,12 +1,13 @@
 //! `llava bench`: a random-weight model of a real geometry, made straight into GPU memory (no
 //! checkpoint), timed phase by phase with the GPU's work waited for: the vision tower on five
 //! tiles, the prefill of an image prompt, and decode steps at that context (planned greedy, planned
-//! with host sampling, and op by op as before the planned step, for a same-run ratio), beside a
-//! copy-bandwidth probe that gives decode its roofline.
+//! with temperature, top-k, top-p and a repetition penalty, and op by op as before the planned
+//! step, for a same-run ratio), beside a copy-bandwidth probe that gives decode its roofline.
 
 use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
+use llava_gpu::ops::decode::Sampling;
 use llava_gpu::ops::reduce::argmax;
 use llava_gpu::{Counters, Gpu, Tensor, random};
 use llava_model::config::{Activation, TextArch, TextConfig, VisionConfig};
@@ -179,30 +180,26 @@ pub fn bench(args: BenchArgs) -> CliResult<()> {
     })?;
 
     let plan = language.plan_decode(&gpu, &cache)?.ok_or("this geometry has no planned decode step")?;
-    let decode = |cache: &mut KvCache, host_sampling: bool| -> CliResult<Decode> {
+    let decode = |cache: &mut KvCache, sampling: Sampling| -> CliResult<Decode> {
+        plan.set_sampling(&gpu, sampling, &[]);
         let mut batch = gpu.batch();
         let last = Tensor::empty(&gpu, &[1, text.hidden_size], llava_gpu::DType::F32)?;
         plan.record_head(&mut batch, &last)?;
-        let mut next = pollster::block_on(plan.submit_greedy(batch))?;
+        pollster::block_on(plan.submit_sampled(batch, false))?;
         let before = gpu.counters();
         let ((), secs) = timed(&gpu, || {
             for i in 0..args.tokens {
                 let mut batch = gpu.batch();
-                let host_token = host_sampling.then_some(next);
-                plan.record_step(&mut batch, cache, i, host_token)?;
-                next = if host_sampling {
-                    let logits = pollster::block_on(plan.submit_for_logits(batch))?;
-                    sample_top_p(&logits, 0.9, i as u64)
-                } else {
-                    pollster::block_on(plan.submit_greedy(batch))?
-                };
+                plan.record_step(&mut batch, cache, i)?;
+                pollster::block_on(plan.submit_sampled(batch, false))?;
             }
             Ok(())
         })?;
         Ok(Decode { tokens_per_s: args.tokens as f64 / secs, counters: gpu.counters() - before, tokens: args.tokens })
     };
-    let greedy = decode(&mut cache, false)?;
-    let sampled = decode(&mut cache, true)?;
+    let greedy = decode(&mut cache, Sampling::GREEDY)?;
+    let top_p = Sampling { temperature: 1.0, top_k: 40, top_p: 0.9, repetition_penalty: 1.1, seed: 1 };
+    let sampled = decode(&mut cache, top_p)?;
 
     // The op-by-op step (what every token ran before the planned step), greedy.
     let before = gpu.counters();
@@ -287,7 +284,7 @@ fn print_table(r: &serde_json::Value) {
     println!("prefill {} tokens: {:.3} s ({:.1} tokens/s); time to first token {:.3} s", r["prompt_tokens"], f("prefill_s"), f("prefill_tokens_per_s"), f("time_to_first_token_s"));
     println!();
     println!("{:<22} {:>9} {:>8} {:>9} {:>10} {:>7} {:>7} {:>8} {:>11} {:>10} {:>10}", "decode", "tokens/s", "ms/layer", "roofline%", "dispatches", "passes", "submits", "buffers", "bind groups", "B written", "B read");
-    for (label, key) in [("planned, greedy", "decode_greedy"), ("planned, host top-p", "decode_sampled"), ("op by op (before)", "decode_op_by_op")] {
+    for (label, key) in [("planned, greedy", "decode_greedy"), ("planned, sampled", "decode_sampled"), ("op by op (before)", "decode_op_by_op")] {
         let d = &r[key];
         let p = &d["per_token"];
         let g = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
@@ -319,20 +316,3 @@ fn copy_bandwidth(gpu: &Gpu) -> CliResult<f64> {
     Ok(2.0 * 8.0 * bytes as f64 / best / 1e9)
 }
 
-/// Nucleus sampling with temperature 1 (the host sampler's work per token, for the sampled row).
-fn sample_top_p(logits: &[f32], top_p: f64, seed: u64) -> u32 {
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    let max = logits[order[0]];
-    let probs: Vec<f64> = order.iter().map(|&i| ((logits[i] - max) as f64).exp()).collect();
-    let total: f64 = probs.iter().sum();
-    let r = (random(1, seed + 1)[0] as f64 + 1.0) / 2.0 * top_p * total;
-    let mut cumulative = 0.0;
-    for (p, &i) in probs.iter().zip(&order) {
-        cumulative += p;
-        if cumulative >= r {
-            return i as u32;
-        }
-    }
-    order[0] as u32
-}

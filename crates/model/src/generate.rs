@@ -1,7 +1,8 @@
 //! Generation: sampling, stop rules, and chat sessions that keep their KV cache across turns.
 
+use llava_gpu::ops::decode::Sampling;
 use llava_gpu::ops::reduce::argmax;
-use llava_gpu::{Batch, Counters};
+use llava_gpu::Counters;
 use web_time::Instant;
 
 use crate::error::{ModelError, Result};
@@ -45,6 +46,17 @@ impl Default for GenerateParams {
 impl GenerateParams {
     fn greedy(&self) -> bool {
         self.temperature <= 0.0 && self.repetition_penalty == 1.0
+    }
+
+    /// The GPU sampler's settings.
+    fn sampling(&self) -> Sampling {
+        Sampling {
+            temperature: self.temperature.max(0.0),
+            top_k: u32::try_from(self.top_k).unwrap_or(u32::MAX),
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+        }
     }
 }
 
@@ -218,8 +230,11 @@ impl ChatSession {
         self.cached_ids.extend_from_slice(new_ids);
         let first_logits = match plan {
             Some(plan) => {
+                plan.set_sampling(gpu, params.sampling(), &ids);
                 plan.record_head(&mut batch, &last)?;
-                sampler.pick(plan, batch, turn.want_logits).await?
+                let (first, logits) = plan.submit_sampled(batch, turn.want_logits).await?;
+                sampler.pending = Some(first);
+                logits
             }
             None => {
                 let hidden = model.language().final_norm(&mut batch, &last)?;
@@ -271,10 +286,8 @@ impl ChatSession {
             let mut batch = gpu.batch();
             next = match plan {
                 Some(plan) => {
-                    let host_token = (!sampler.picked_on_gpu).then_some(next);
-                    plan.record_step(&mut batch, &mut self.cache, tokens.len(), host_token)?;
-                    sampler.pick(plan, batch, false).await?;
-                    sampler.pending.take().expect("picked")
+                    plan.record_step(&mut batch, &mut self.cache, tokens.len())?;
+                    plan.submit_sampled(batch, false).await?.0
                 }
                 None => {
                     let x = model.language().embed(&mut batch, &[next])?;
@@ -313,36 +326,20 @@ impl ChatSession {
     }
 }
 
-impl Sampler<'_> {
-    /// Submits `batch` (ending in the plan's recorded head) and picks the next token into
-    /// `pending`: greedily on the GPU (4 bytes read back), or on the host from the logits.
-    /// Returns the logits when they were read (`want_logits` or host sampling).
-    async fn pick(&mut self, plan: &DecodePlan, batch: Batch<'_>, want_logits: bool) -> Result<Option<Vec<f32>>> {
-        self.picked_on_gpu = self.params.greedy() && !want_logits;
-        if self.picked_on_gpu {
-            self.pending = Some(plan.submit_greedy(batch).await?);
-            return Ok(None);
-        }
-        let logits = plan.submit_for_logits(batch).await?;
-        self.pending = Some(self.sample(&logits));
-        Ok(Some(logits))
-    }
-}
-
-/// transformers' logits processing order: repetition penalty, temperature, top-k, top-p.
+/// transformers' logits processing order: repetition penalty, temperature, top-k, top-p. The
+/// host sampler of models whose decode step is not planned (the planned step samples on the GPU,
+/// `llava_gpu::ops::decode::sample`, with the same distribution).
 struct Sampler<'a> {
     params: &'a GenerateParams,
     rng: u64,
     seen: Vec<u32>,
     /// A token already chosen on the GPU.
     pending: Option<u32>,
-    /// Whether the GPU sampler picked `pending` (and wrote it where the next step reads it).
-    picked_on_gpu: bool,
 }
 
 impl<'a> Sampler<'a> {
     fn new(params: &'a GenerateParams, prompt: &[u32]) -> Self {
-        Sampler { params, rng: params.seed ^ 0x2545_F491_4F6C_DD1D, seen: prompt.to_vec(), pending: None, picked_on_gpu: false }
+        Sampler { params, rng: params.seed ^ 0x2545_F491_4F6C_DD1D, seen: prompt.to_vec(), pending: None }
     }
 
     fn seen(&mut self, id: u32) {
@@ -462,6 +459,28 @@ mod tests {
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
+    }
+
+    /// The GPU sampler (through its host reference, which its own test ties to the GPU) draws from
+    /// the same distribution as this host sampler.
+    #[test]
+    fn gpu_sampler_has_the_host_samplers_distribution() {
+        let logits = [2.0, 1.5, 1.5, 0.3, -0.5, 1.9, -2.0, 0.0];
+        let seen = [5, 6];
+        for p in [params(0.8, 4, 0.9, 1.2), params(1.0, 0, 1.0, 1.0), params(1.5, 0, 0.7, 1.0), params(0.6, 3, 1.0, 1.0)] {
+            let n = 40_000;
+            let mut host = [0usize; 8];
+            let mut s = Sampler::new(&p, &seen);
+            (0..n).for_each(|_| host[s.sample(&logits) as usize] += 1);
+            let mut gpu = [0usize; 8];
+            let sampling = GenerateParams { seed: 9, ..p.clone() }.sampling();
+            (0..n).for_each(|i| gpu[llava_gpu::ops::decode::sample_reference(&logits, sampling, &seen, i as u32) as usize] += 1);
+            for (t, (h, g)) in host.iter().zip(&gpu).enumerate() {
+                let (h, g) = (*h as f64 / n as f64, *g as f64 / n as f64);
+                assert!((h - g).abs() < 0.012, "{p:?}: token {t}: host {h:.4}, gpu {g:.4}");
+                assert_eq!(h == 0.0, g == 0.0, "{p:?}: token {t} kept by one sampler only");
+            }
+        }
     }
 
     #[test]

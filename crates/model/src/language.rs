@@ -6,7 +6,7 @@ use llava_gpu::ops::embed::embedding;
 use llava_gpu::ops::matmul::linear;
 use llava_gpu::ops::norm::rms_norm;
 use llava_gpu::ops::rope::rope;
-use llava_gpu::ops::decode::{self, ATTEND_KEYS, Epilogue, Norm, Qkv, Step, StepUniform};
+use llava_gpu::ops::decode::{self, ATTEND_KEYS, Epilogue, Norm, Qkv, SamplerState, Sampling, Step, StepUniform};
 use llava_gpu::{Batch, DType, Gpu, Plan, Readback, Tensor};
 
 use crate::config::TextConfig;
@@ -232,50 +232,51 @@ pub struct DecodePlan {
     layers: Plan,
     /// Final norm and lm_head of `h` into `logits`.
     head: Plan,
-    /// Greedy sampling of `logits` into `token`.
+    /// Sampling of `logits` into `token` as `sampler` says.
     sample: Plan,
+    sampler: SamplerState,
     readback: Readback,
 }
 
 impl DecodePlan {
-    /// Records the step of the next token into `batch` at the cache's end and counts it cached:
-    /// `host_token` where the host picked it, else the one the GPU sampler left in `token[0]`.
-    /// `index` is the token's place in the reply.
-    pub fn record_step(&self, batch: &mut Batch, cache: &mut KvCache, index: usize, host_token: Option<u32>) -> Result<()> {
-        let gpu = batch.gpu();
+    /// Sets how the next tokens are picked and the ids the repetition penalty starts from.
+    pub fn set_sampling(&self, gpu: &Gpu, sampling: Sampling, seen: &[u32]) {
+        self.sampler.reset(gpu, sampling, seen);
+    }
+
+    /// Records the step of the token the sampler left in `token[0]`, at the cache's end, and
+    /// counts it cached; `index` is the token's place in the reply (the sampler's random stream).
+    pub fn record_step(&self, batch: &mut Batch, cache: &mut KvCache, index: usize) -> Result<()> {
         let pos = cache.len();
         cache.extend(1)?;
         let step = Step { pos: pos as u32, kv_len: pos as u32 + 1, index: index as u32, pad: 0 };
-        self.step.write(gpu, step);
-        if let Some(id) = host_token {
-            gpu.write(self.token.buffer(), 0, bytemuck::bytes_of(&id));
-        }
+        self.step.write(batch.gpu(), step);
         batch.run(&self.layers)?;
         Ok(batch.run(&self.head)?)
     }
 
-    /// Records the final norm and lm_head of `last` (the prefill's last residual row).
+    /// Records the final norm and lm_head of `last` (the prefill's last residual row); the token
+    /// it leads to is the reply's first.
     pub fn record_head(&self, batch: &mut Batch, last: &Tensor) -> Result<()> {
+        self.step.write(batch.gpu(), Step::default());
         batch.copy(last.binding(), self.h.binding());
         Ok(batch.run(&self.head)?)
     }
 
-    /// Submits `batch` (ending in a recorded head) with the greedy sampler, and returns its token
-    /// (4 bytes read back; the next step embeds it from the GPU).
-    pub async fn submit_greedy(&self, mut batch: Batch<'_>) -> Result<u32> {
+    /// Submits `batch` (ending in a recorded head) with the sampler, and returns its token
+    /// (4 bytes read back; the next step embeds it from the GPU) and, with `want_logits`, the
+    /// logits it was picked from.
+    pub async fn submit_sampled(&self, mut batch: Batch<'_>, want_logits: bool) -> Result<(u32, Option<Vec<f32>>)> {
         let gpu = batch.gpu();
         batch.run(&self.sample)?;
         batch.copy_to_host(self.token.binding().slice(4, 4), &self.readback);
         batch.submit()?;
+        let logits = match want_logits {
+            true => Some(self.logits.to_f32(gpu).await?),
+            false => None,
+        };
         let bytes = self.readback.read(gpu).await?;
-        Ok(u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes")))
-    }
-
-    /// Submits `batch` (ending in a recorded head) and reads the logits back.
-    pub async fn submit_for_logits(&self, batch: Batch<'_>) -> Result<Vec<f32>> {
-        let gpu = batch.gpu();
-        batch.submit()?;
-        Ok(self.logits.to_f32(gpu).await?)
+        Ok((u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes")), logits))
     }
 }
 
@@ -317,11 +318,12 @@ impl LanguageModel {
         let norm = Norm { weight: &self.norm, eps };
         decode::gemv(&mut b, &step, &h, self.lm_head(), Some(norm), Epilogue::Store, &logits)?;
         let head = b.into_plan()?;
+        let sampler = SamplerState::new(gpu, c.vocab_size)?;
         let mut b = gpu.plan();
-        decode::sample_greedy(&mut b, &logits, &token)?;
+        decode::sample(&mut b, &step, &sampler, &logits, &token)?;
         let sample = b.into_plan()?;
         let readback = Readback::new(gpu, 4)?;
-        Ok(Some(DecodePlan { step, token, h, logits, layers, head, sample, readback }))
+        Ok(Some(DecodePlan { step, token, h, logits, layers, head, sample, sampler, readback }))
     }
 
     /// Bytes of weights one decode step reads: every layer's matrices and norms, the final norm

@@ -9,7 +9,8 @@
 //!   dispatches (norm+qkv, attend, combine, o+residual, norm+gate/up, down+residual).
 //! - [`attend`]: one query position against the cache (flash-decoding in chunks of 64 keys,
 //!   merged by a second dispatch).
-//! - [`sample_greedy`]: the next token on the GPU, where the next step's embedding reads it.
+//! - [`sample`]: the next token on the GPU (greedy or sampled), where the next step's embedding
+//!   reads it.
 
 use crate::context::{Binding, Uniform};
 use crate::error::{GpuError, Result, shape_err};
@@ -420,17 +421,150 @@ pub fn attend(batch: &mut Batch, step: &StepUniform, q: &Tensor, kv: &Tensor, he
     Ok(out)
 }
 
-/// Writes the index of the largest logit (the first on ties, as `torch.argmax`) to `token[0]`
-/// (the next step's input) and `token[1]` (for the host). logits: `[V]` or `[1, V]` F32.
-pub fn sample_greedy(batch: &mut Batch, logits: &Tensor, token: &Tensor) -> Result<()> {
-    if logits.dtype() != DType::F32 || logits.rows() != 1 || token.dtype() != DType::U32 || token.numel() < 2 {
+/// How [`sample`] picks a token: transformers' logits processing (repetition penalty,
+/// temperature, top-k, top-p), then a draw with a uniform number from `(seed, step.index)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampling {
+    /// 0: greedy (the first largest penalised logit, as `torch.argmax`).
+    pub temperature: f32,
+    /// 0: all.
+    pub top_k: u32,
+    pub top_p: f32,
+    /// 1: off.
+    pub repetition_penalty: f32,
+    pub seed: u64,
+}
+
+impl Sampling {
+    pub const GREEDY: Sampling = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 0 };
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct SampleParams {
+    vocab: u32,
+    temperature: f32,
+    top_k: u32,
+    top_p: f32,
+    penalty: f32,
+    seed_lo: u32,
+    seed_hi: u32,
+    pad: u32,
+}
+
+/// The sampler's state on the GPU: its settings (rewritten per turn) and the set of ids the
+/// repetition penalty applies to (the prompt's, then each picked token's).
+pub struct SamplerState {
+    params: Uniform,
+    seen: Tensor,
+    vocab: usize,
+}
+
+impl SamplerState {
+    pub fn new(gpu: &Gpu, vocab: usize) -> Result<SamplerState> {
+        let words = vocab.div_ceil(32).max(1);
+        Ok(SamplerState {
+            params: Uniform::new(gpu, size_of::<SampleParams>() as u64)?,
+            seen: Tensor::from_u32(gpu, &[words], &vec![0; words])?,
+            vocab,
+        })
+    }
+
+    /// Sets the sampling of the next tokens and the ids seen so far (ids outside the vocabulary
+    /// are ignored, as the host sampler ignores them).
+    pub fn reset(&self, gpu: &Gpu, sampling: Sampling, seen: &[u32]) {
+        let params = SampleParams {
+            vocab: self.vocab as u32,
+            temperature: sampling.temperature,
+            top_k: sampling.top_k,
+            top_p: sampling.top_p,
+            penalty: sampling.repetition_penalty,
+            seed_lo: sampling.seed as u32,
+            seed_hi: (sampling.seed >> 32) as u32,
+            pad: 0,
+        };
+        self.params.write(gpu, bytemuck::bytes_of(&params));
+        let mut bits = vec![0u32; self.seen.numel()];
+        for &id in seen.iter().filter(|&&id| (id as usize) < self.vocab) {
+            bits[id as usize / 32] |= 1 << (id % 32);
+        }
+        gpu.write(self.seen.buffer(), 0, bytemuck::cast_slice(&bits));
+    }
+}
+
+/// Picks the next token from `logits` (`[V]` or `[1, V]` F32) as `state` says, on the GPU (one
+/// workgroup; top-k and top-p are cut by binary searches over the logits, not a sort), and
+/// writes it to `token[0]` (the next step's input) and `token[1]` (for the host).
+pub fn sample(batch: &mut Batch, step: &StepUniform, state: &SamplerState, logits: &Tensor, token: &Tensor) -> Result<()> {
+    if logits.dtype() != DType::F32 || logits.rows() != 1 || logits.last_dim() != state.vocab
+        || token.dtype() != DType::U32 || token.numel() < 2
+    {
         return Err(shape_err("sample", format!("logits {:?} and token {:?}", logits.shape(), token.shape())));
     }
-    let vocab = logits.last_dim() as u32;
-    let uniform = batch.params(bytemuck::bytes_of(&[vocab, 0, 0, 0]))?;
     let key = PipelineKey::new(SHADER, "sample").flag("SAMPLE");
-    let entries = [(0, uniform.binding()), (2, logits.binding()), (3, token.binding())];
+    let entries = [
+        (0, state.params.binding()),
+        (1, step.binding()),
+        (2, logits.binding()),
+        (3, token.binding()),
+        (4, state.seen.binding()),
+    ];
     batch.dispatch_entries(&key, &entries, [1, 1, 1])
+}
+
+/// The GPU sampler's uniform number for `(seed, index)`, in [0, 1).
+pub fn sample_uniform(seed: u64, index: u32) -> f32 {
+    let mut h = (seed as u32) ^ index.wrapping_mul(0x9E37_79B9);
+    h = (h ^ (h >> 16)).wrapping_mul(0x85EB_CA6B);
+    h = (h ^ (seed >> 32) as u32 ^ (h >> 13)).wrapping_mul(0xC2B2_AE35);
+    h ^= h >> 16;
+    (h >> 8) as f32 / 16_777_216.0
+}
+
+/// The token [`sample`] picks, computed on the host with the same steps (its reference).
+pub fn sample_reference(logits: &[f32], sampling: Sampling, seen: &[u32], index: u32) -> u32 {
+    let seen: std::collections::HashSet<u32> = seen.iter().copied().collect();
+    let z: Vec<f32> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| {
+            let p = sampling.repetition_penalty;
+            let l = if p != 1.0 && seen.contains(&(i as u32)) { if l > 0.0 { l / p } else { l * p } } else { l };
+            if sampling.temperature > 0.0 { l / sampling.temperature } else { l }
+        })
+        .collect();
+    // Order: logit descending, then index.
+    let mut order: Vec<usize> = (0..z.len()).collect();
+    order.sort_by(|&a, &b| z[b].total_cmp(&z[a]).then(a.cmp(&b)));
+    if sampling.temperature <= 0.0 {
+        return order[0] as u32;
+    }
+    let m = z[order[0]];
+    let k = if sampling.top_k > 0 { (sampling.top_k as usize).min(z.len()) } else { z.len() };
+    let mass = |i: usize| ((z[i] - m) as f64).exp();
+    let total: f64 = order[..k].iter().map(|&i| mass(i)).sum();
+    let mut keep = k;
+    if sampling.top_p < 1.0 {
+        let limit = sampling.top_p as f64 * total;
+        let mut before = 0.0;
+        keep = order[..k].iter().take_while(|&&i| {
+            let kept = before < limit;
+            before += mass(i);
+            kept
+        }).count().max(1);
+    }
+    let mut kept: Vec<usize> = order[..keep].to_vec();
+    kept.sort_unstable();
+    let sum: f64 = kept.iter().map(|&i| mass(i)).sum();
+    let goal = sample_uniform(sampling.seed, index) as f64 * sum;
+    let mut acc = 0.0;
+    for &i in &kept {
+        acc += mass(i);
+        if acc > goal {
+            return i as u32;
+        }
+    }
+    *kept.last().expect("one kept") as u32
 }
 
 #[cfg(test)]
@@ -654,16 +788,70 @@ mod tests {
         }
     }
 
-    #[test]
-    fn greedy_sample_takes_the_first_largest_logit() {
+    /// Runs the GPU sampler on `logits` for reply indices `0..draws`.
+    fn gpu_samples(logits: &[f32], sampling: Sampling, seen: &[u32], draws: u32) -> Vec<u32> {
         let gpu = gpu();
+        let v = logits.len();
+        let tl = Tensor::from_f32(gpu, &[1, v], logits).unwrap();
+        let token = Tensor::from_u32(gpu, &[2], &[7, 7]).unwrap();
+        let state = SamplerState::new(gpu, v).unwrap();
+        let step = StepUniform::new(gpu).unwrap();
+        let mut plan = gpu.plan();
+        sample(&mut plan, &step, &state, &tl, &token).unwrap();
+        let plan = plan.into_plan().unwrap();
+        (0..draws)
+            .map(|index| {
+                // The picked tokens join the penalised set: start from the same set each draw.
+                state.reset(gpu, sampling, seen);
+                step.write(gpu, Step { index, ..Default::default() });
+                let mut batch = gpu.batch();
+                batch.run(&plan).unwrap();
+                batch.submit().unwrap();
+                let t = pollster::block_on(token.to_u32(gpu)).unwrap();
+                assert_eq!(t[0], t[1]);
+                t[0]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn greedy_sample_takes_the_first_largest_penalised_logit() {
         let mut logits = random(32000, 3);
         logits[31999] = 5.0;
         logits[20001] = 5.0;
-        let tl = Tensor::from_f32(gpu, &[1, 32000], &logits).unwrap();
-        let token = Tensor::from_u32(gpu, &[2], &[7, 7]).unwrap();
-        run(|b, _| sample_greedy(b, &tl, &token).unwrap(), Step::default());
-        assert_eq!(pollster::block_on(token.to_u32(gpu)).unwrap(), [20001, 20001]);
+        assert_eq!(gpu_samples(&logits, Sampling::GREEDY, &[], 1), [20001]);
+        // A penalty of 2 halves 20001's and 31999's logits; 300 (4.0) is then the largest.
+        logits[300] = 4.0;
+        let penalised = Sampling { repetition_penalty: 2.0, ..Sampling::GREEDY };
+        assert_eq!(gpu_samples(&logits, penalised, &[20001, 31999, u32::MAX], 1), [300]);
+    }
+
+    /// The GPU sampler picks what its host reference picks with the same numbers, for top-k and
+    /// top-p cuts through ties, penalties and plain temperature sampling.
+    #[test]
+    fn sampler_matches_its_reference() {
+        let v = 3000;
+        let mut logits: Vec<f32> = random(v, 5).iter().map(|x| x * 4.0).collect();
+        // Ties at the top and around the cuts, in index order far apart.
+        for i in [10, 500, 2999, 1200] {
+            logits[i] = 4.5;
+        }
+        for i in [7, 70, 700] {
+            logits[i] = 3.9;
+        }
+        let seen = [10, 70, 2500];
+        for sampling in [
+            Sampling { temperature: 1.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 1 },
+            Sampling { temperature: 0.7, top_k: 3, top_p: 1.0, repetition_penalty: 1.0, seed: 2 },
+            Sampling { temperature: 0.7, top_k: 6, top_p: 1.0, repetition_penalty: 1.3, seed: 3 },
+            Sampling { temperature: 1.3, top_k: 0, top_p: 0.5, repetition_penalty: 1.0, seed: 4 },
+            Sampling { temperature: 1.0, top_k: 50, top_p: 0.9, repetition_penalty: 1.1, seed: 5 },
+            Sampling { temperature: 0.5, top_k: 0, top_p: 1e-6, repetition_penalty: 1.0, seed: 6 },
+        ] {
+            let got = gpu_samples(&logits, sampling, &seen, 64);
+            let want: Vec<u32> = (0..64).map(|i| sample_reference(&logits, sampling, &seen, i)).collect();
+            assert_eq!(got, want, "{sampling:?}");
+        }
     }
 
     /// A replayed plan creates nothing: no buffer, no bind group, one pass.
@@ -674,9 +862,10 @@ mod tests {
         let tl = Tensor::from_f32(gpu, &[1, 300], &random(300, 1)).unwrap();
         let token = Tensor::from_u32(gpu, &[2], &[0, 0]).unwrap();
         let step = StepUniform::new(gpu).unwrap();
+        let state = SamplerState::new(gpu, 300).unwrap();
         let mut plan = gpu.plan();
-        sample_greedy(&mut plan, &tl, &token).unwrap();
-        sample_greedy(&mut plan, &tl, &token).unwrap();
+        sample(&mut plan, &step, &state, &tl, &token).unwrap();
+        sample(&mut plan, &step, &state, &tl, &token).unwrap();
         let plan = plan.into_plan().unwrap();
         let before = gpu.counters();
         step.write(gpu, Step::default());
