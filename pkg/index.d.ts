@@ -148,6 +148,17 @@ export interface ChatResult {
   imageTokens: number;
   stopReason: 'eos' | 'stop_string' | 'max_tokens' | 'cancelled';
   timings: { visionS: number; prefillS: number; prefillTokens: number; decodeS: number; decodeTokensPerS: number };
+  /** GPU work per decode token (after the first): with the planned decode step, 0 buffers and bind groups created, 1 submit, 4 bytes read. */
+  gpu: {
+    planned: boolean;
+    dispatches: number;
+    passes: number;
+    submits: number;
+    buffersCreated: number;
+    bindGroupsCreated: number;
+    bytesWritten: number;
+    bytesRead: number;
+  };
 }
 
 export interface ChatReply extends AsyncIterable<StreamedToken> {

@@ -199,7 +199,7 @@ export class LlavaChat {
 
   /**
    * Asks one question. Returns a `ChatReply`: async-iterable over the streamed `{ text, tokenId }`,
-   * with `.result` resolving to `{ text, tokens, promptTokens, imageTokens, stopReason, timings }`.
+   * with `.result` resolving to `{ text, tokens, promptTokens, imageTokens, stopReason, timings, gpu }`.
    * Aborting `signal` (or calling `.cancel()`) stops generation after the current token.
    */
   send({ image, text = '', signal, ...params } = {}) {

@@ -97,6 +97,14 @@ function checkAnswer({ pieces, result }, want) {
     streamed,
   );
   assert.equal(pieces.map((p) => p.text).join(''), result.text);
+  // The browser runs the planned decode step too: per token after the first, nothing created,
+  // one submit of one pass, the token id read back.
+  assert.ok(result.tokens.length > 1, 'more than one token to count');
+  const { planned, buffersCreated, bindGroupsCreated, submits, passes, bytesRead } = result.gpu;
+  assert.deepEqual(
+    { planned, buffersCreated, bindGroupsCreated, submits, passes, bytesRead },
+    { planned: true, buffersCreated: 0, bindGroupsCreated: 0, submits: 1, passes: 1, bytesRead: 4 },
+  );
 }
 
 let want;

@@ -477,7 +477,7 @@ impl Chat {
     /// Runs one turn. `image`: `{ encoded }` or `{ width, height, rgba }` (or null); `params`: the
     /// generation settings plus `rawPrompt`; `on_token({ text, tokenId })` is called per token and
     /// cancels generation by returning `false`. Resolves to `{ text, tokens, promptTokens,
-    /// imageTokens, stopReason, timings }`.
+    /// imageTokens, stopReason, timings, gpu }` (`gpu`: the GPU work per decode token).
     pub fn send(
         &self,
         image: JsValue,
@@ -540,6 +540,17 @@ impl Chat {
             set(&timings, "decodeS", t.decode_s);
             set(&timings, "decodeTokensPerS", t.decode_tokens_per_s);
             set(&out, "timings", timings);
+            let g = &reply.gpu;
+            let gpu = Object::new();
+            set(&gpu, "planned", g.planned);
+            set(&gpu, "dispatches", g.dispatches);
+            set(&gpu, "passes", g.passes);
+            set(&gpu, "submits", g.submits);
+            set(&gpu, "buffersCreated", g.buffers_created);
+            set(&gpu, "bindGroupsCreated", g.bind_groups_created);
+            set(&gpu, "bytesWritten", g.bytes_written);
+            set(&gpu, "bytesRead", g.bytes_read);
+            set(&out, "gpu", gpu);
             Ok::<JsValue, JsValue>(out.into())
         })
     }
