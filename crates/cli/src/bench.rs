@@ -2,14 +2,15 @@
 //! checkpoint), timed phase by phase with the GPU's work waited for: the vision tower on five
 //! tiles, the prefill of an image prompt, and decode steps at that context (planned greedy, planned
 //! with temperature, top-k, top-p and a repetition penalty, and op by op as before the planned
-//! step, for a same-run ratio), beside a copy-bandwidth probe that gives decode its roofline.
+//! step, for a same-run ratio), beside bandwidth probes: the read probe (a kernel that only
+//! streams memory) is decode's roofline.
 
 use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
 use llava_gpu::ops::decode::Sampling;
 use llava_gpu::ops::reduce::argmax;
-use llava_gpu::{Counters, Gpu, Tensor, random};
+use llava_gpu::{Counters, Gpu, Tensor, probe, random};
 use llava_model::config::{Activation, TextArch, TextConfig, VisionConfig};
 use llava_model::language::{KvCache, LanguageModel};
 use llava_model::projector::Projector;
@@ -153,7 +154,9 @@ pub fn bench(args: BenchArgs) -> CliResult<()> {
     })?;
     let (vision, projector, language) = model;
 
-    let copy_gb_s = copy_bandwidth(&gpu)?;
+    let probe_bytes = if gpu.loop_budget().is_some() { 64 << 20 } else { 1 << 30 };
+    let copy_gb_s = probe::copy_bandwidth(&gpu, probe_bytes)? / 1e9;
+    let read_gb_s = probe::read_bandwidth(&gpu, probe_bytes)? / 1e9;
 
     // The vision tower and projector on five 336-pixel tiles (a 2x2 grid and the overview).
     let side = vision_cfg.image_size;
@@ -221,7 +224,8 @@ pub fn bench(args: BenchArgs) -> CliResult<()> {
     let weight_bytes = language.decode_weight_bytes();
     let kv_bytes = (2 * text.num_hidden_layers * args.prompt_tokens * text.num_key_value_heads * text.head_dim * 4) as u64;
     let bytes_per_token = (weight_bytes + kv_bytes) as f64;
-    let roofline_tokens_per_s = copy_gb_s * 1e9 / bytes_per_token;
+    // The decode step reads (its writes are a few KB): the read probe is its roofline.
+    let roofline_tokens_per_s = read_gb_s * 1e9 / bytes_per_token;
     let info = gpu.info();
     let report = serde_json::json!({
         "adapter": format!("{} ({:?}, {})", info.name, info.backend, info.driver),
@@ -231,6 +235,7 @@ pub fn bench(args: BenchArgs) -> CliResult<()> {
         "quant": format!("{:?}", precision),
         "build_s": build_s,
         "copy_gb_s": copy_gb_s,
+        "read_gb_s": read_gb_s,
         "vision_5_tiles_s": vision_s,
         "prompt_tokens": args.prompt_tokens,
         "prefill_s": prefill_s,
@@ -279,7 +284,10 @@ fn print_table(r: &serde_json::Value) {
         r["layers"], r["vision_layers"], r["quant"].as_str().unwrap_or(""),
         f("weight_bytes_per_token") / 1e6, f("kv_bytes_per_token") / 1e6, r["prompt_tokens"]
     );
-    println!("copy probe: {:.1} GB/s (bytes read + written); decode roofline {:.1} tokens/s", f("copy_gb_s"), f("roofline_tokens_per_s"));
+    println!(
+        "probes: read {:.1} GB/s (a kernel streaming 16-byte loads), copy {:.1} GB/s (read + written); decode roofline {:.1} tokens/s (bytes per token / read probe)",
+        f("read_gb_s"), f("copy_gb_s"), f("roofline_tokens_per_s")
+    );
     println!("vision tower, 5 tiles: {:.3} s", f("vision_5_tiles_s"));
     println!("prefill {} tokens: {:.3} s ({:.1} tokens/s); time to first token {:.3} s", r["prompt_tokens"], f("prefill_s"), f("prefill_tokens_per_s"), f("time_to_first_token_s"));
     println!();
@@ -294,25 +302,5 @@ fn print_table(r: &serde_json::Value) {
             g(&p["submits"]), g(&p["buffers_created"]), g(&p["bind_groups_created"]), g(&p["bytes_written"]), g(&p["bytes_read"])
         );
     }
-}
-
-/// GB/s of buffer-to-buffer copies (bytes read plus bytes written), 8 copies per submission.
-fn copy_bandwidth(gpu: &Gpu) -> CliResult<f64> {
-    let bytes = if gpu.loop_budget().is_some() { 32 << 20 } else { 512 << 20 };
-    let src = Tensor::empty(gpu, &[bytes / 4], llava_gpu::DType::F32)?;
-    let dst = Tensor::empty(gpu, &[bytes / 4], llava_gpu::DType::F32)?;
-    let copies = |n: usize| -> CliResult<f64> {
-        let ((), secs) = timed(gpu, || {
-            let mut batch = gpu.batch();
-            for _ in 0..n {
-                batch.copy(src.binding(), dst.binding());
-            }
-            Ok(batch.submit()?)
-        })?;
-        Ok(secs)
-    };
-    copies(2)?;
-    let best = (0..3).map(|_| copies(8)).collect::<CliResult<Vec<f64>>>()?.into_iter().fold(f64::INFINITY, f64::min);
-    Ok(2.0 * 8.0 * bytes as f64 / best / 1e9)
 }
 

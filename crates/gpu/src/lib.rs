@@ -9,6 +9,8 @@
 pub mod context;
 pub mod error;
 pub mod ops;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod probe;
 pub mod quant;
 pub mod registry;
 pub mod tensor;
