@@ -113,15 +113,19 @@ const BK_MAX: u32 = 32u;
 // Most head-dim values one thread owns.
 const W_MAX: u32 = 16u;
 // Threads per query row (a power of two, at least D / W_MAX), dims per thread (ceil(D / LANES))
-// and keys per tile (min(BK_MAX, TILE_FLOATS / D)); set by the host.
+// and keys per tile (min(BK_MAX, TILE_FLOATS / D)); set by the host. VEC4 (D and W multiples of
+// 4) reads the tiles a vec4 at a time: several times fewer loads where each is costly (llvmpipe
+// loads lane by lane).
 override LANES: u32 = 4u;
 override W: u32 = 16u;
 override BK: u32 = 16u;
+override VEC4: bool = true;
 
-var<workgroup> k_tile: array<f32, TILE_FLOATS>;
-var<workgroup> v_tile: array<f32, TILE_FLOATS>;
-// partial[j * THREADS + thread]: a lane's dot product of its q slice with key j of the tile.
-var<workgroup> partial: array<f32, THREADS * BK_MAX>;
+// Tiles of BK keys of D floats, four floats per element.
+var<workgroup> k_tile: array<vec4<f32>, TILE_FLOATS / 4u>;
+var<workgroup> v_tile: array<vec4<f32>, TILE_FLOATS / 4u>;
+// Float j * THREADS + thread: a lane's dot product of its q slice with key j of the tile.
+var<workgroup> partial: array<vec4<f32>, THREADS * BK_MAX / 4u>;
 
 @compute @workgroup_size(64)
 fn attention_tiled(
@@ -155,11 +159,11 @@ fn attention_tiled(
     // This lane's dims: d0..d0 + wn (a constant W when LANES divides D; high lanes may own none).
     let d0 = min(lane * W, D);
     let wn = select(min(W, D - d0), W, LANES * W == D);
-    var qr: array<f32, W_MAX>;
-    var acc: array<f32, W_MAX>;
+    var qr: array<vec4<f32>, W_MAX / 4u>;
+    var acc: array<vec4<f32>, W_MAX / 4u>;
     let qb = q_index(b, row, kvh) + d0;
     for (var w = 0u; w < wn; w++) {
-        qr[w] = q[qb + w] * p.scale;
+        qr[w / 4u][w % 4u] = q[qb + w] * p.scale;
     }
     var m = MASKED;
     var l = 0.0;
@@ -168,27 +172,41 @@ fn attention_tiled(
     for (var k0 = begin; k0 < end; k0 += BK) {
         // The previous tile and its partial dots must be consumed before they are overwritten.
         workgroupBarrier();
-        for (var i = lid; i < BK * D; i += THREADS) {
-            let j = k0 + i / D;
-            var kx = 0.0;
-            var vx = 0.0;
-            // Positions past the valid cache may hold anything (NaN): never read them.
-            if (j < end) {
-                let idx = kv_index(b, j, kvh) + i % D;
-                kx = k_at(idx);
-                vx = v_at(idx);
+        for (var i4 = lid; i4 < (BK * D + 3u) / 4u; i4 += THREADS) {
+            var kx = vec4(0.0);
+            var vx = vec4(0.0);
+            for (var c = 0u; c < 4u; c++) {
+                let i = 4u * i4 + c;
+                let j = k0 + i / D;
+                // Positions past the valid cache may hold anything (NaN): never read them.
+                if (i < BK * D && j < end) {
+                    let idx = kv_index(b, j, kvh) + i % D;
+                    kx[c] = k_at(idx);
+                    vx[c] = v_at(idx);
+                }
             }
-            k_tile[i] = kx;
-            v_tile[i] = vx;
+            k_tile[i4] = kx;
+            v_tile[i4] = vx;
         }
         workgroupBarrier();
 
         for (var j = 0u; j < BK; j++) {
             var dot = 0.0;
-            for (var w = 0u; w < wn; w++) {
-                dot += qr[w] * k_tile[j * D + d0 + w];
+            let e0 = j * D + d0;
+            if (VEC4) {
+                var dot4 = vec4(0.0);
+                for (var w4 = 0u; w4 < W / 4u; w4++) {
+                    dot4 += qr[w4] * k_tile[e0 / 4u + w4];
+                }
+                dot = dot4.x + dot4.y + dot4.z + dot4.w;
+            } else {
+                for (var w = 0u; w < wn; w++) {
+                    let e = e0 + w;
+                    dot += qr[w / 4u][w % 4u] * k_tile[e / 4u][e % 4u];
+                }
             }
-            partial[j * THREADS + lid] = dot;
+            let pi = j * THREADS + lid;
+            partial[pi / 4u][pi % 4u] = dot;
         }
         workgroupBarrier();
 
@@ -197,8 +215,17 @@ fn attention_tiled(
         let first_lane = slot * LANES;
         for (var j = 0u; j < BK; j++) {
             var dot = 0.0;
-            for (var x = 0u; x < LANES; x++) {
-                dot += partial[j * THREADS + first_lane + x];
+            let p0 = j * THREADS + first_lane;
+            if (LANES >= 4u) {
+                var dot4 = vec4(0.0);
+                for (var x = 0u; x < LANES / 4u; x++) {
+                    dot4 += partial[p0 / 4u + x];
+                }
+                dot = dot4.x + dot4.y + dot4.z + dot4.w;
+            } else {
+                for (var x = 0u; x < LANES; x++) {
+                    dot += partial[(p0 + x) / 4u][(p0 + x) % 4u];
+                }
             }
             s[j] = select(MASKED, dot, k0 + j < limit);
             tile_max = max(tile_max, s[j]);
@@ -211,12 +238,23 @@ fn attention_tiled(
             s[j] = pj;
             l += pj;
         }
-        for (var w = 0u; w < wn; w++) {
-            var a = acc[w] * alpha;
-            for (var j = 0u; j < BK; j++) {
-                a += s[j] * v_tile[j * D + d0 + w];
+        if (VEC4) {
+            for (var w4 = 0u; w4 < W / 4u; w4++) {
+                var a = acc[w4] * alpha;
+                for (var j = 0u; j < BK; j++) {
+                    a += s[j] * v_tile[(j * D + d0) / 4u + w4];
+                }
+                acc[w4] = a;
             }
-            acc[w] = a;
+        } else {
+            for (var w = 0u; w < wn; w++) {
+                var a = acc[w / 4u][w % 4u] * alpha;
+                for (var j = 0u; j < BK; j++) {
+                    let e = j * D + d0 + w;
+                    a += s[j] * v_tile[e / 4u][e % 4u];
+                }
+                acc[w / 4u][w % 4u] = a;
+            }
         }
     }
 
@@ -227,12 +265,12 @@ fn attention_tiled(
             part_stats[part_row] = vec2(m, l);
         }
         for (var w = 0u; w < wn; w++) {
-            part_out[part_row * D + d0 + w] = acc[w];
+            part_out[part_row * D + d0 + w] = acc[w / 4u][w % 4u];
         }
 #else
         let inv = 1.0 / l;
         for (var w = 0u; w < wn; w++) {
-            out[qb + w] = acc[w] * inv;
+            out[qb + w] = acc[w / 4u][w % 4u] * inv;
         }
 #endif
     }

@@ -81,7 +81,9 @@ impl TiledShape {
     /// tile body, as if none were unrolled), for drivers that cap them.
     fn loop_iterations_per_tile(&self, d: usize) -> usize {
         let (bk, w) = (self.tile_keys, self.dims_per_lane);
-        1 + (bk * d).div_ceil(TILED_THREADS) + bk * (w + 1) + bk * (self.lanes + 1) + bk + w * (bk + 1)
+        // Tile loads: vec4 steps of four elements each.
+        let load = (bk * d).div_ceil(4 * TILED_THREADS) * 5;
+        1 + load + bk * (w + 1) + bk * (self.lanes + 1) + bk + w * (bk + 1)
     }
 }
 
@@ -218,7 +220,8 @@ pub fn attention(
             .constant("D", d as u32)
             .constant("LANES", shape.lanes as u32)
             .constant("W", shape.dims_per_lane as u32)
-            .constant("BK", shape.tile_keys as u32);
+            .constant("BK", shape.tile_keys as u32)
+            .constant("VEC4", (d % 4 == 0 && shape.dims_per_lane % 4 == 0) as u32);
         if key_chunks == 1 {
             batch.dispatch(
                 &key,
