@@ -1,20 +1,27 @@
-// variants: TILED HEAD_DIM_16 | TILED PARTIAL HEAD_DIM_16 | SPLIT HEAD_DIM_16 | COMBINE HEAD_DIM_16 | TILED HEAD_DIM_32 | TILED PARTIAL HEAD_DIM_32 | SPLIT HEAD_DIM_32 | COMBINE HEAD_DIM_32 | TILED HEAD_DIM_64 | TILED PARTIAL HEAD_DIM_64 | SPLIT HEAD_DIM_64 | COMBINE HEAD_DIM_64 | TILED HEAD_DIM_128 | TILED PARTIAL HEAD_DIM_128 | SPLIT HEAD_DIM_128 | COMBINE HEAD_DIM_128
-// Scaled dot-product attention over f32 activations with an online (flash-attention) softmax:
-// a running max and sum per query row, so no [Tq, Tk] score matrix and no overflow.
+// variants: TILED | TILED PARTIAL | SPLIT | COMBINE | TILED KV_F16 | TILED PARTIAL KV_F16 | SPLIT KV_F16 | KV_STORE_F16
+// Scaled dot-product attention over f32 queries with an online (flash-attention) softmax: a
+// running max and sum per query row, so no [Tq, Tk] score matrix and no overflow. K/V are f32 or,
+// with KV_F16, f16 (two halves per u32 word, read with unpack2x16float: no device feature needed).
 //
 // q, out: [B, Tq, Hq, D]; k, v: [B, Tcap, Hkv, D] of which positions < kv_len are valid (the
 // rest is never read). Query head h reads kv head h / group. The query rows that share a kv head,
 // (t, g) for t < Tq and g < group, are numbered r = t * group + g, so one workgroup serves all the
 // query heads of a kv head and reads each K/V tile once for them.
 //
+// The head dim D (1..=256) is an override constant, so every head dim gets its own pipeline with
+// constant loop bounds.
+//
 // Entry points:
-// - attention_tiled: one thread per query row, 64 rows per workgroup, K/V tiles in workgroup
-//   memory (prefill, vision tower). With PARTIAL, each workgroup also takes only one chunk of
-//   the keys and writes an unnormalised partial like attention_split, which attention_combine
-//   merges: for drivers that cap the loop iterations of an invocation (llvmpipe).
+// - attention_tiled: flash attention for prefill and the vision tower. LANES threads share a
+//   query row, each owning a slice of W <= 16 dims of q and of the output (registers stay small at
+//   any D); K/V tiles of BK keys go through workgroup memory, the lanes' partial dot products are
+//   summed there. With PARTIAL, each workgroup also takes only one chunk of the keys and writes an
+//   unnormalised partial like attention_split, which attention_combine merges: for drivers that
+//   cap the loop iterations of an invocation (llvmpipe).
 // - attention_split + attention_combine: flash-decoding for few rows (decode, Tq = 1): each
 //   workgroup scores one chunk of keys for all rows of a kv head and writes an unnormalised partial
 //   (max, sum, weighted values); the combine pass merges the chunks.
+// - kv_store (KV_STORE_F16): writes f32 rows into an f16 cache at a position.
 
 struct Params {
     batch: u32,
@@ -35,23 +42,13 @@ struct Params {
     scale: f32,
 }
 
-@group(0) @binding(0) var<uniform> p: Params;
-
-#if HEAD_DIM_16
-const D: u32 = 16u;
-#endif
-#if HEAD_DIM_32
-const D: u32 = 32u;
-#endif
-#if HEAD_DIM_64
-const D: u32 = 64u;
-#endif
-#if HEAD_DIM_128
-const D: u32 = 128u;
-#endif
+override D: u32 = 64u;
 
 // Stands for a masked score; far below any real one, finite so that differences stay defined.
 const MASKED: f32 = -3.0e38;
+
+#if !KV_STORE_F16
+@group(0) @binding(0) var<uniform> p: Params;
 
 // Exclusive end of the keys query position t may see.
 fn key_limit(t: u32) -> u32 {
@@ -70,11 +67,36 @@ fn q_index(b: u32, r: u32, kvh: u32) -> u32 {
     let h = kvh * p.group + r % p.group;
     return ((b * p.tq + t) * p.hq + h) * D;
 }
+#endif
 
-#if TILED
+#if !COMBINE
+#if !KV_STORE_F16
 @group(0) @binding(1) var<storage, read> q: array<f32>;
+#if KV_F16
+@group(0) @binding(2) var<storage, read> k: array<u32>;
+@group(0) @binding(3) var<storage, read> v: array<u32>;
+
+fn k_at(e: u32) -> f32 {
+    return unpack2x16float(k[e >> 1u])[e & 1u];
+}
+fn v_at(e: u32) -> f32 {
+    return unpack2x16float(v[e >> 1u])[e & 1u];
+}
+#else
 @group(0) @binding(2) var<storage, read> k: array<f32>;
 @group(0) @binding(3) var<storage, read> v: array<f32>;
+
+fn k_at(e: u32) -> f32 {
+    return k[e];
+}
+fn v_at(e: u32) -> f32 {
+    return v[e];
+}
+#endif
+#endif
+#endif
+
+#if TILED
 #if PARTIAL
 // As attention_split's: [B, Hkv, chunks, rows, D] and [B, Hkv, chunks, rows] (max, sum).
 @group(0) @binding(4) var<storage, read_write> part_out: array<f32>;
@@ -83,13 +105,27 @@ fn q_index(b: u32, r: u32, kvh: u32) -> u32 {
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 #endif
 
-const ROWS_PER_WG: u32 = 64u;
-// Floats per K (and V) tile: two tiles take 16 KiB, WebGPU's default workgroup memory.
-const TILE_FLOATS: u32 = 2048u;
-const BK: u32 = TILE_FLOATS / D;
+const THREADS: u32 = 64u;
+// Floats per K (and V) tile and most keys per tile: the tiles and the partial dot products
+// (THREADS * BK_MAX) take 16 KiB, WebGPU's default workgroup memory.
+const TILE_FLOATS: u32 = 1024u;
+const BK_MAX: u32 = 32u;
+// Most head-dim values one thread owns.
+const W_MAX: u32 = 16u;
+// Threads per query row (a power of two, at least D / W_MAX), dims per thread (ceil(D / LANES))
+// and keys per tile (min(BK_MAX, TILE_FLOATS / D)); set by the host. VEC4 (D and W multiples of
+// 4) reads the tiles a vec4 at a time: several times fewer loads where each is costly (llvmpipe
+// loads lane by lane).
+override LANES: u32 = 4u;
+override W: u32 = 16u;
+override BK: u32 = 16u;
+override VEC4: bool = true;
 
-var<workgroup> k_tile: array<f32, TILE_FLOATS>;
-var<workgroup> v_tile: array<f32, TILE_FLOATS>;
+// Tiles of BK keys of D floats, four floats per element.
+var<workgroup> k_tile: array<vec4<f32>, TILE_FLOATS / 4u>;
+var<workgroup> v_tile: array<vec4<f32>, TILE_FLOATS / 4u>;
+// Float j * THREADS + thread: a lane's dot product of its q slice with key j of the tile.
+var<workgroup> partial: array<vec4<f32>, THREADS * BK_MAX / 4u>;
 
 @compute @workgroup_size(64)
 fn attention_tiled(
@@ -101,56 +137,95 @@ fn attention_tiled(
     if (wg_index >= p.batch * p.hkv * p.row_tiles * p.chunks) {
         return;
     }
+    let rows_per_wg = THREADS / LANES;
     let chunk = wg_index % p.chunks;
     let tile = (wg_index / p.chunks) % p.row_tiles;
     let bh = wg_index / (p.chunks * p.row_tiles);
     let kvh = bh % p.hkv;
     let b = bh / p.hkv;
     let rows = p.tq * p.group;
-    let r = tile * ROWS_PER_WG + lid;
+    let slot = lid / LANES;
+    let lane = lid % LANES;
+    let r = tile * rows_per_wg + slot;
     let is_row = r < rows;
     // Idle threads work on the last row (results dropped) so that all reach the barriers.
     let row = min(r, rows - 1u);
-    let last_row = min(tile * ROWS_PER_WG + ROWS_PER_WG, rows) - 1u;
+    let last_row = min(tile * rows_per_wg + rows_per_wg, rows) - 1u;
     // This workgroup's keys: begin..end (the whole cache unless PARTIAL splits it).
     let begin = chunk * p.chunk_keys;
     let end = min(key_limit(last_row / p.group), begin + p.chunk_keys);
     let limit = min(key_limit(row / p.group), end);
 
-    var qr: array<f32, D>;
-    var acc: array<f32, D>;
-    let qb = q_index(b, row, kvh);
-    for (var d = 0u; d < D; d++) {
-        qr[d] = q[qb + d] * p.scale;
-        acc[d] = 0.0;
+    // This lane's dims: d0..d0 + wn (a constant W when LANES divides D; high lanes may own none).
+    let d0 = min(lane * W, D);
+    let wn = select(min(W, D - d0), W, LANES * W == D);
+    var qr: array<vec4<f32>, W_MAX / 4u>;
+    var acc: array<vec4<f32>, W_MAX / 4u>;
+    let qb = q_index(b, row, kvh) + d0;
+    for (var w = 0u; w < wn; w++) {
+        qr[w / 4u][w % 4u] = q[qb + w] * p.scale;
     }
     var m = MASKED;
     var l = 0.0;
-    var s: array<f32, BK>;
+    var s: array<f32, BK_MAX>;
 
     for (var k0 = begin; k0 < end; k0 += BK) {
-        // The previous tile must be consumed before it is overwritten.
+        // The previous tile and its partial dots must be consumed before they are overwritten.
         workgroupBarrier();
-        for (var i = lid; i < TILE_FLOATS; i += ROWS_PER_WG) {
-            let j = k0 + i / D;
-            var kx = 0.0;
-            var vx = 0.0;
-            // Positions past the valid cache may hold anything (NaN): never read them.
-            if (j < end) {
-                let idx = kv_index(b, j, kvh) + i % D;
-                kx = k[idx];
-                vx = v[idx];
+        for (var i4 = lid; i4 < (BK * D + 3u) / 4u; i4 += THREADS) {
+            var kx = vec4(0.0);
+            var vx = vec4(0.0);
+            for (var c = 0u; c < 4u; c++) {
+                let i = 4u * i4 + c;
+                let j = k0 + i / D;
+                // Positions past the valid cache may hold anything (NaN): never read them.
+                if (i < BK * D && j < end) {
+                    let idx = kv_index(b, j, kvh) + i % D;
+                    kx[c] = k_at(idx);
+                    vx[c] = v_at(idx);
+                }
             }
-            k_tile[i] = kx;
-            v_tile[i] = vx;
+            k_tile[i4] = kx;
+            v_tile[i4] = vx;
         }
         workgroupBarrier();
 
-        var tile_max = m;
         for (var j = 0u; j < BK; j++) {
             var dot = 0.0;
-            for (var d = 0u; d < D; d++) {
-                dot += qr[d] * k_tile[j * D + d];
+            let e0 = j * D + d0;
+            if (VEC4) {
+                var dot4 = vec4(0.0);
+                for (var w4 = 0u; w4 < W / 4u; w4++) {
+                    dot4 += qr[w4] * k_tile[e0 / 4u + w4];
+                }
+                dot = dot4.x + dot4.y + dot4.z + dot4.w;
+            } else {
+                for (var w = 0u; w < wn; w++) {
+                    let e = e0 + w;
+                    dot += qr[w / 4u][w % 4u] * k_tile[e / 4u][e % 4u];
+                }
+            }
+            let pi = j * THREADS + lid;
+            partial[pi / 4u][pi % 4u] = dot;
+        }
+        workgroupBarrier();
+
+        // Every lane of a row sums the same partials, so all keep identical softmax statistics.
+        var tile_max = m;
+        let first_lane = slot * LANES;
+        for (var j = 0u; j < BK; j++) {
+            var dot = 0.0;
+            let p0 = j * THREADS + first_lane;
+            if (LANES >= 4u) {
+                var dot4 = vec4(0.0);
+                for (var x = 0u; x < LANES / 4u; x++) {
+                    dot4 += partial[p0 / 4u + x];
+                }
+                dot = dot4.x + dot4.y + dot4.z + dot4.w;
+            } else {
+                for (var x = 0u; x < LANES; x++) {
+                    dot += partial[(p0 + x) / 4u][(p0 + x) % 4u];
+                }
             }
             s[j] = select(MASKED, dot, k0 + j < limit);
             tile_max = max(tile_max, s[j]);
@@ -163,26 +238,39 @@ fn attention_tiled(
             s[j] = pj;
             l += pj;
         }
-        for (var d = 0u; d < D; d++) {
-            var a = acc[d] * alpha;
-            for (var j = 0u; j < BK; j++) {
-                a += s[j] * v_tile[j * D + d];
+        if (VEC4) {
+            for (var w4 = 0u; w4 < W / 4u; w4++) {
+                var a = acc[w4] * alpha;
+                for (var j = 0u; j < BK; j++) {
+                    a += s[j] * v_tile[(j * D + d0) / 4u + w4];
+                }
+                acc[w4] = a;
             }
-            acc[d] = a;
+        } else {
+            for (var w = 0u; w < wn; w++) {
+                var a = acc[w / 4u][w % 4u] * alpha;
+                for (var j = 0u; j < BK; j++) {
+                    let e = j * D + d0 + w;
+                    a += s[j] * v_tile[e / 4u][e % 4u];
+                }
+                acc[w / 4u][w % 4u] = a;
+            }
         }
     }
 
     if (is_row) {
 #if PARTIAL
-        let part_row = bh * p.chunks + chunk;
-        part_stats[part_row * rows + r] = vec2(m, l);
-        for (var d = 0u; d < D; d++) {
-            part_out[(part_row * rows + r) * D + d] = acc[d];
+        let part_row = (bh * p.chunks + chunk) * rows + r;
+        if (lane == 0u) {
+            part_stats[part_row] = vec2(m, l);
+        }
+        for (var w = 0u; w < wn; w++) {
+            part_out[part_row * D + d0 + w] = acc[w / 4u][w % 4u];
         }
 #else
         let inv = 1.0 / l;
-        for (var d = 0u; d < D; d++) {
-            out[qb + d] = acc[d] * inv;
+        for (var w = 0u; w < wn; w++) {
+            out[qb + w] = acc[w / 4u][w % 4u] * inv;
         }
 #endif
     }
@@ -190,19 +278,17 @@ fn attention_tiled(
 #endif
 
 #if SPLIT
-@group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> k: array<f32>;
-@group(0) @binding(3) var<storage, read> v: array<f32>;
 // [B, Hkv, chunks, rows, D] weighted value sums and [B, Hkv, chunks, rows] (max, sum) pairs.
 @group(0) @binding(4) var<storage, read_write> part_out: array<f32>;
 @group(0) @binding(5) var<storage, read_write> part_stats: array<vec2<f32>>;
 
 // Keys per workgroup (one per thread while scoring).
 const CHUNK: u32 = 128u;
-// Most query rows per kv head the split kernel serves.
+// Most query rows per kv head the split kernel serves, and the largest head dim.
 const MAX_ROWS: u32 = 8u;
+const MAX_D: u32 = 256u;
 
-var<workgroup> q_rows: array<f32, MAX_ROWS * D>;
+var<workgroup> q_rows: array<f32, MAX_ROWS * MAX_D>;
 var<workgroup> probs: array<f32, MAX_ROWS * CHUNK>;
 
 @compute @workgroup_size(128)
@@ -228,19 +314,18 @@ fn attention_split(
     }
     workgroupBarrier();
 
-    // Scores: thread lid takes key k0 + lid for every row.
+    // Scores: thread lid takes key k0 + lid for every row, reading each key value once.
     if (lid < n_keys) {
-        var kr: array<f32, D>;
+        var dots: array<f32, MAX_ROWS>;
         let kb = kv_index(b, k0 + lid, kvh);
         for (var d = 0u; d < D; d++) {
-            kr[d] = k[kb + d];
+            let kx = k_at(kb + d);
+            for (var r = 0u; r < rows; r++) {
+                dots[r] += q_rows[r * D + d] * kx;
+            }
         }
         for (var r = 0u; r < rows; r++) {
-            var dot = 0.0;
-            for (var d = 0u; d < D; d++) {
-                dot += q_rows[r * D + d] * kr[d];
-            }
-            probs[r * CHUNK + lid] = select(MASKED, dot, k0 + lid < key_limit(r / p.group));
+            probs[r * CHUNK + lid] = select(MASKED, dots[r], k0 + lid < key_limit(r / p.group));
         }
     }
     workgroupBarrier();
@@ -268,7 +353,7 @@ fn attention_split(
         let d = i % D;
         var a = 0.0;
         for (var j = 0u; j < n_keys; j++) {
-            a += probs[r * CHUNK + j] * v[kv_index(b, k0 + j, kvh) + d];
+            a += probs[r * CHUNK + j] * v_at(kv_index(b, k0 + j, kvh) + d);
         }
         part_out[part_row * rows * D + i] = a;
     }
@@ -308,5 +393,39 @@ fn attention_combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
         den += w * st.y;
     }
     out[e] = num / den;
+}
+#endif
+
+#if KV_STORE_F16
+struct StoreParams {
+    // Elements to write and the cache element they start at.
+    count: u32,
+    start: u32,
+}
+@group(0) @binding(0) var<uniform> sp: StoreParams;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> cache: array<u32>;
+
+// One thread per cache word that the rows touch. A word shared with an element outside
+// start..start + count (an odd start or end) keeps that half: no other thread writes the word.
+@compute @workgroup_size(256)
+fn kv_store(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let end = sp.start + sp.count;
+    let word = sp.start / 2u + gid.x + gid.y * nwg.x * 256u;
+    if (word * 2u >= end) {
+        return;
+    }
+    var pair = vec2(0.0);
+    var keep = 0u;
+    for (var half = 0u; half < 2u; half++) {
+        let e = word * 2u + half;
+        if (e >= sp.start && e < end) {
+            pair[half] = src[e - sp.start];
+        } else {
+            keep |= 0xffffu << (16u * half);
+        }
+    }
+    // The kept half's bits are copied, not round-tripped through f32.
+    cache[word] = (pack2x16float(pair) & ~keep) | (cache[word] & keep);
 }
 #endif

@@ -4,7 +4,7 @@ Writes tests/fixtures/ from transformers (PIL image backend, torch CPU, float32)
 tests never need Python. Deterministic: re-running rewrites byte-identical files.
 
     python tests/reference/generate.py                 # everything
-    python tests/reference/generate.py --only chat     # one or more of: tokenizers chat preprocess models liuhaotian chatml quant
+    python tests/reference/generate.py --only chat     # one or more of: tokenizers chat preprocess models odd_heads liuhaotian chatml quant
 """
 
 import argparse
@@ -389,6 +389,21 @@ MODELS = {
         multi_turn=None,
     ),
 }
+# Head dims off the usual powers of two (vision 24 / 2 = 12, text 40 / 2 = 20, GQA 2/1), written by
+# their own section so that the models above are not regenerated.
+ODD_HEAD_MODELS = {
+    "odd-heads-tiny": dict(
+        vision=dict(hidden_size=24, intermediate_size=48, num_attention_heads=2, projection_dim=24),
+        text=dict(model_type="llama", hidden_size=40, intermediate_size=64, num_attention_heads=2,
+                  num_key_value_heads=1, rope_theta=1e4),
+        tokenizer="llama2-vicuna", dtype=torch.float16, layout="transformers5", tie=True,
+        cases=[
+            ("rocket_en", "rocket.jpg", ROCKET_QUESTION),
+            ("text_only", None, TEXT_ONLY_QUESTION),
+        ],
+        multi_turn=None,
+    ),
+}
 # Files larger than this are symlinked to the first model folder that holds the same tokenizer.
 SHARED_TOKENIZER_FILE = "tokenizer.json"
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -401,7 +416,7 @@ def make_config(spec) -> LlavaNextConfig:
     text_config = text_config_class(**text, tie_word_embeddings=spec["tie"],
                                     initializer_range=TEXT_INITIALIZER_RANGE)
     return LlavaNextConfig(
-        vision_config=CLIPVisionConfig(**VISION_CONFIG),
+        vision_config=CLIPVisionConfig(**dict(VISION_CONFIG, **spec.get("vision", {}))),
         text_config=text_config,
         image_token_index=IMAGE_TOKEN_ID,
         image_grid_pinpoints=GRID_PINPOINTS,
@@ -723,9 +738,9 @@ def expected_for_model(name, spec, model, processor):
     return cases, arrays
 
 
-def models_and_expected():
-    tokenizer_homes = {}
-    for name, spec in MODELS.items():
+def models_and_expected(models=MODELS, tokenizer_homes=None):
+    tokenizer_homes = {} if tokenizer_homes is None else tokenizer_homes
+    for name, spec in models.items():
         def attempt(seed):
             homes = dict(tokenizer_homes)
             written = write_checkpoint(name, spec, seed, homes)
@@ -735,6 +750,11 @@ def models_and_expected():
         seed, rejected, ((cases, arrays), tokenizer_homes) = first_clear_seed(name, attempt)
         header = {"stored_dtype": DTYPE_NAMES[spec["dtype"]], "layout": spec["layout"]}
         write_expected(name, header, seed, rejected, cases, arrays)
+
+
+def odd_head_models():
+    """ODD_HEAD_MODELS, as `models` writes its own; tokenizer.json links to vicuna-tiny's copy."""
+    models_and_expected(ODD_HEAD_MODELS, {"llama2-vicuna": "vicuna-tiny"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1349,6 +1369,7 @@ SECTIONS = {
     "chat": chat_cases,
     "preprocess": preprocess_cases,
     "models": models_and_expected,
+    "odd_heads": odd_head_models,
     "liuhaotian": liuhaotian_fixture,
     "chatml": chatml_fixture,
     "quant": quant_quality,

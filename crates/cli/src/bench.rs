@@ -171,7 +171,7 @@ pub fn bench(args: BenchArgs) -> CliResult<()> {
 
     // Prefill of the prompt, to the first token.
     let x = Tensor::from_f32(&gpu, &[args.prompt_tokens, text.hidden_size], &random(args.prompt_tokens * text.hidden_size, 2))?;
-    let mut cache = language.new_cache(&gpu, context)?;
+    let mut cache = language.new_cache(&gpu, context, llava_gpu::DType::F32)?;
     let (_, prefill_s) = timed(&gpu, || {
         let mut batch = gpu.batch();
         let last = language.forward_last(&mut batch, &x, &mut cache)?;

@@ -1,4 +1,6 @@
-//! Kernel benchmark (not a test): `cargo bench -p llava-gpu --bench kernels [-- --full]`.
+//! Kernel benchmark (not a test): `cargo bench -p llava-gpu --bench kernels [-- --full]
+//! [--only gemm,gemv,crossover,attention,dispatch]` (`--only` picks sections; the copy baseline
+//! always runs).
 //!
 //! Prints one plain table: time per call (median after warm-up, each call submitted and waited
 //! for), GFLOP/s and GB/s of weights read, beside same-run baselines (a CPU sgemm on the same
@@ -246,6 +248,13 @@ fn attention_rows(gpu: &Gpu, table: &mut Table, full: bool) -> Result<()> {
 fn main() -> Result<()> {
     let full =
         std::env::args().any(|a| a == "--full") || std::env::var("LLAVA_BENCH_FULL").is_ok_and(|v| v == "1");
+    let args: Vec<String> = std::env::args().collect();
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|list| list.split(',').map(String::from).collect());
+    let section = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|s| s == name));
     let gpu = Gpu::new_blocking()?;
     // The same adapter without shader-f16, for the f32 rows beside the f16 ones.
     let plain = if gpu.has_f16() {
@@ -288,7 +297,8 @@ fn main() -> Result<()> {
         )
     } else {
         (
-            vec![(577, 256, 1024), (256, 512, 512)],
+            // The vision MLP's real fc1 too: the GEMM target shape on llvmpipe.
+            vec![(577, 256, 1024), (577, 1024, 4096), (256, 512, 512)],
             vec![(1, 1024, 1024), (1, 1024, 3584)],
             1024,
             64 << 20,
@@ -297,7 +307,7 @@ fn main() -> Result<()> {
 
     let mut table = Table { rows: Vec::new() };
     copy_row(&gpu, &mut table, copy_bytes)?;
-    for &shape in &gemms {
+    for &shape in gemms.iter().filter(|_| section("gemm")) {
         cpu_sgemm_row(&mut table, shape)?;
         for dtype in [DType::F32, DType::F16, DType::Q4] {
             for gpu in devices(dtype) {
@@ -305,7 +315,7 @@ fn main() -> Result<()> {
             }
         }
     }
-    for &shape in &gemvs {
+    for &shape in gemvs.iter().filter(|_| section("gemv")) {
         cpu_sgemm_row(&mut table, shape)?;
         for dtype in [DType::F32, DType::F16, DType::Q8, DType::Q6, DType::Q4] {
             for gpu in devices(dtype) {
@@ -315,14 +325,18 @@ fn main() -> Result<()> {
     }
     // Where the GEMV stops paying: the same f16 weight through both kernels for growing M.
     let mut crossover = Vec::new();
-    for m in [1, 2, 4, 8, 16, 32] {
+    for m in [1, 2, 4, 8, 16, 32].into_iter().filter(|_| section("crossover")) {
         let shape = (m, sweep_k, sweep_k);
         let gemv = linear_row(&gpu, &mut table, LinearKernel::Gemv, DType::F16, shape)?;
         let gemm = linear_row(&gpu, &mut table, LinearKernel::Gemm, DType::F16, shape)?;
         crossover.push(format!("M={m}: gemm/gemv {:.2}", gemm / gemv));
     }
-    attention_rows(&gpu, &mut table, full)?;
-    dispatch_row(&gpu, &mut table, 256)?;
+    if section("attention") {
+        attention_rows(&gpu, &mut table, full)?;
+    }
+    if section("dispatch") {
+        dispatch_row(&gpu, &mut table, 256)?;
+    }
 
     table.print();
     println!(

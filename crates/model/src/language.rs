@@ -1,6 +1,6 @@
 //! The Llama / Mistral decoder with grouped-query attention and a GPU KV cache.
 
-use llava_gpu::ops::attention::{Mask, attention};
+use llava_gpu::ops::attention::{Mask, attention, kv_store};
 use llava_gpu::ops::elementwise::{add, silu_mul};
 use llava_gpu::ops::embed::embedding;
 use llava_gpu::ops::matmul::linear;
@@ -127,13 +127,16 @@ impl LanguageModel {
         &self.cfg
     }
 
-    /// An empty cache for up to `capacity` tokens.
-    pub fn new_cache(&self, gpu: &Gpu, capacity: usize) -> Result<KvCache> {
+    /// An empty cache for up to `capacity` tokens, stored as `dtype` (F32 or F16).
+    pub fn new_cache(&self, gpu: &Gpu, capacity: usize, dtype: DType) -> Result<KvCache> {
+        if !matches!(dtype, DType::F32 | DType::F16) {
+            return Err(ModelError::Input(format!("a {dtype:?} KV cache (it must be F32 or F16)")));
+        }
         let (hkv, hd) = (self.cfg.num_key_value_heads, self.cfg.head_dim);
         let rows = capacity.next_multiple_of(ATTEND_KEYS);
         let mut cache = KvCache { layers: Vec::new(), keys: Vec::new(), values: Vec::new(), len: 0, capacity };
         for _ in &self.layers {
-            let layer = Tensor::empty(gpu, &[2, rows, hkv, hd], DType::F32)?;
+            let layer = Tensor::empty(gpu, &[2, rows, hkv, hd], dtype)?;
             let flat = layer.reshape(&[2 * rows, hkv * hd])?;
             cache.keys.push(flat.narrow_rows(gpu, 0, rows)?.reshape(&[1, rows, hkv, hd])?);
             cache.values.push(flat.narrow_rows(gpu, rows, rows)?.reshape(&[1, rows, hkv, hd])?);
@@ -173,7 +176,6 @@ impl LanguageModel {
         let (hq, hkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let eps = c.rms_norm_eps as f32;
         let theta = c.rope_theta as f32;
-        let kv_row = (hkv * hd * 4) as u64;
         let mut h = x.clone();
         for (layer, (k_cache, v_cache)) in self.layers.iter().zip(cache.keys.iter().zip(&cache.values)) {
             let a = rms_norm(batch, &h, &layer.input_layernorm, eps)?;
@@ -182,8 +184,8 @@ impl LanguageModel {
             let v = linear(batch, &a, &layer.v_proj, None)?;
             let q = rope(batch, &q, pos, theta)?.reshape(&[1, t, hq, hd])?;
             let k = rope(batch, &k, pos, theta)?;
-            batch.copy(k.binding(), k_cache.binding().slice(pos as u64 * kv_row, t as u64 * kv_row));
-            batch.copy(v.binding(), v_cache.binding().slice(pos as u64 * kv_row, t as u64 * kv_row));
+            kv_store(batch, &k, k_cache, pos)?;
+            kv_store(batch, &v, v_cache, pos)?;
             let o = attention(batch, &q, k_cache, v_cache, pos + t, Mask::Causal { q_offset: pos })?;
             let o = linear(batch, &o.reshape(&[t, hq * hd])?, &layer.o_proj, None)?;
             h = add(batch, &h, &o)?;

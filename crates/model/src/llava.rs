@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use llava_gpu::ops::embed::gather_rows;
-use llava_gpu::{Batch, Gpu, Tensor};
+use llava_gpu::{Batch, DType, Gpu, Tensor};
 use llava_image::{ImageConfig, Rgb8};
 
 use crate::checkpoint::Checkpoint;
@@ -263,7 +263,7 @@ impl Llava {
 
     /// A new conversation with its own KV cache.
     pub fn chat(&self, system: Option<String>) -> Result<ChatSession> {
-        Ok(ChatSession::new(system, self.language.new_cache(&self.gpu, self.context)?))
+        Ok(ChatSession::new(system, self.language.new_cache(&self.gpu, self.context, DType::F32)?))
     }
 
     /// The prompt for a conversation, from the checkpoint's chat template.

@@ -74,7 +74,7 @@ fn mistral_7b_layer_decodes_without_creating_anything() {
     };
     let mut w = Weights::random(gpu.clone(), WeightPrecision::Q4, 3);
     let language = LanguageModel::load(&mut w, &gpu, &text, false).unwrap();
-    let mut cache = language.new_cache(&gpu, 64).unwrap();
+    let mut cache = language.new_cache(&gpu, 64, llava_gpu::DType::F32).unwrap();
     let x = Tensor::from_f32(&gpu, &[40, 4096], &llava_gpu::random(40 * 4096, 1)).unwrap();
     let mut batch = gpu.batch();
     let last = language.forward_last(&mut batch, &x, &mut cache).unwrap();

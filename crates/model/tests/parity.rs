@@ -114,6 +114,17 @@ fn bf16_tiny_matches_transformers() {
     check_model("bf16-tiny");
 }
 
+/// Head dims off the powers of two: vision 12 (hidden 24, 2 heads), text 20 (hidden 40, 2 query
+/// heads on 1 kv head), tied embeddings.
+#[test]
+fn odd_head_dims_match_transformers() {
+    let llava = load("odd-heads-tiny", WeightPrecision::F32);
+    let (vision, text) = (&llava.config().vision, &llava.config().text);
+    assert_eq!(vision.hidden_size / vision.num_attention_heads, 12);
+    assert_eq!((text.head_dim, text.num_attention_heads, text.num_key_value_heads), (20, 2, 1));
+    check_model("odd-heads-tiny");
+}
+
 /// A llava-v1.6-34b-style checkpoint: ChatML template shipped as chat_template.jinja,
 /// `<|im_start|>`/`<|im_end|>` special tokens (on a Llama-2 tokenizer: there is no Yi tokenizer in
 /// the shared test data), eos `<|im_end|>` from generation_config.json.

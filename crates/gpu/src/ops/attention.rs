@@ -1,27 +1,30 @@
-//! Scaled dot-product attention with grouped-query heads, a KV cache of fixed capacity, and an
-//! online (flash-attention style) f32 softmax that never materialises the score matrix.
+//! Scaled dot-product attention with grouped-query heads, a KV cache of fixed capacity in f32 or
+//! f16, and an online (flash-attention style) f32 softmax that never materialises the score
+//! matrix. Any head dim from 1 to [`MAX_HEAD_DIM`].
 //!
-//! Two kernels (shaders/attention.wgsl): `attention_tiled` (one thread per query row, K/V tiles in
-//! workgroup memory) for prefill and the vision tower, and flash-decoding `attention_split` +
-//! `attention_combine` when a kv head has at most [`SPLIT_MAX_ROWS`] query rows (decode), so
-//! that thousands of keys are spread over many workgroups instead of one per head.
+//! Two kernels (shaders/attention.wgsl): `attention_tiled` (flash attention: a few threads per
+//! query row, each owning a slice of the head dim, K/V tiles in workgroup memory) for prefill and
+//! the vision tower, and flash-decoding `attention_split` + `attention_combine` when a kv head has
+//! at most [`SPLIT_MAX_ROWS`] query rows (decode), so that thousands of keys are spread over many
+//! workgroups instead of one per head. [`kv_store`] appends rows to a cache in its dtype.
 
 use crate::error::{GpuError, Result, shape_err};
 use crate::registry::PipelineKey;
 use crate::{Batch, DType, Tensor, shader};
 
 const SHADER: crate::registry::Shader = shader!("attention");
-/// Must match ROWS_PER_WG in attention.wgsl.
-const TILED_ROWS_PER_WG: usize = 64;
+/// The largest head dim the kernels take (must match MAX_D in attention.wgsl).
+pub const MAX_HEAD_DIM: usize = 256;
+/// Must match THREADS, TILE_FLOATS, BK_MAX and W_MAX in attention.wgsl.
+const TILED_THREADS: usize = 64;
+const TILE_FLOATS: usize = 1024;
+const TILE_MAX_KEYS: usize = 32;
+const MAX_DIMS_PER_THREAD: usize = 16;
 /// Must match MAX_ROWS and CHUNK in attention.wgsl.
 const SPLIT_MAX_ROWS: usize = 8;
 const SPLIT_CHUNK: usize = 128;
-/// K/V tiles one `attention_tiled` invocation loops over per key chunk where the driver caps loop
-/// iterations ([`crate::Gpu::loop_budget`]): on llvmpipe, rows went wrong past ~28 tiles.
-const TILES_PER_CHUNK_UNDER_BUDGET: usize = 16;
-/// Must match TILE_FLOATS in attention.wgsl: a K/V tile holds TILE_FLOATS / D keys.
-const TILE_FLOATS: usize = 2048;
 const COMBINE_WORKGROUP: u32 = 256;
+const STORE_WORKGROUP: u32 = 256;
 
 /// Which keys a query row sees.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,23 +53,41 @@ struct Params {
     scale: f32,
 }
 
-fn head_dim_flag(d: usize) -> Option<&'static str> {
-    match d {
-        16 => Some("HEAD_DIM_16"),
-        32 => Some("HEAD_DIM_32"),
-        64 => Some("HEAD_DIM_64"),
-        128 => Some("HEAD_DIM_128"),
-        _ => None,
+/// How `attention_tiled` splits the work at head dim `d`.
+#[derive(Clone, Copy, Debug)]
+struct TiledShape {
+    /// Threads per query row (a power of two) and head-dim values each owns.
+    lanes: usize,
+    dims_per_lane: usize,
+    /// Keys per K/V tile.
+    tile_keys: usize,
+}
+
+impl TiledShape {
+    fn new(d: usize) -> TiledShape {
+        let lanes = d.div_ceil(MAX_DIMS_PER_THREAD).next_power_of_two();
+        TiledShape {
+            lanes,
+            dims_per_lane: d.div_ceil(lanes),
+            tile_keys: (TILE_FLOATS / d).min(TILE_MAX_KEYS),
+        }
+    }
+
+    fn rows_per_workgroup(&self) -> usize {
+        TILED_THREADS / self.lanes
+    }
+
+    /// An upper bound of the loop iterations one invocation runs per K/V tile (every loop of the
+    /// tile body, as if none were unrolled), for drivers that cap them.
+    fn loop_iterations_per_tile(&self, d: usize) -> usize {
+        let (bk, w) = (self.tile_keys, self.dims_per_lane);
+        // Tile loads: vec4 steps of four elements each.
+        let load = (bk * d).div_ceil(4 * TILED_THREADS) * 5;
+        1 + load + bk * (w + 1) + bk * (self.lanes + 1) + bk + w * (bk + 1)
     }
 }
 
 fn dims4(op_arg: &str, t: &Tensor) -> Result<[usize; 4]> {
-    if t.dtype() != DType::F32 {
-        return Err(GpuError::Unsupported {
-            op: "attention",
-            what: format!("{:?} {op_arg}", t.dtype()),
-        });
-    }
     match *t.shape() {
         [b, s, h, d] => Ok([b, s, h, d]),
         ref s => Err(shape_err(
@@ -77,9 +98,10 @@ fn dims4(op_arg: &str, t: &Tensor) -> Result<[usize; 4]> {
 }
 
 /// Scaled dot-product attention, scale = head_dim^-0.5, softmax in f32.
-/// q: `[B, Tq, Hq, D]`; k, v: `[B, Tcap, Hkv, D]` where only the first `kv_len` positions are
-/// valid (a KV cache with capacity Tcap; the rest is never read); grouped-query: query head h
-/// reads kv head `h / (Hq / Hkv)`. D must be 16, 32, 64 or 128. Returns `[B, Tq, Hq, D]`.
+/// q: `[B, Tq, Hq, D]` f32; k, v: `[B, Tcap, Hkv, D]`, both f32 or both f16, where only the first
+/// `kv_len` positions are valid (a KV cache with capacity Tcap; the rest is never read);
+/// grouped-query: query head h reads kv head `h / (Hq / Hkv)`. D is 1 to [`MAX_HEAD_DIM`].
+/// Returns `[B, Tq, Hq, D]` f32.
 pub fn attention(
     batch: &mut Batch,
     q: &Tensor,
@@ -90,10 +112,28 @@ pub fn attention(
 ) -> Result<Tensor> {
     let [b, tq, hq, d] = dims4("q", q)?;
     let [kb, tcap, hkv, kd] = dims4("k", k)?;
-    if v.shape() != k.shape() || v.dtype() != DType::F32 {
+    if q.dtype() != DType::F32 {
+        return Err(GpuError::Unsupported {
+            op: "attention",
+            what: format!("{:?} q (q must be F32)", q.dtype()),
+        });
+    }
+    if !matches!(k.dtype(), DType::F32 | DType::F16) {
+        return Err(GpuError::Unsupported {
+            op: "attention",
+            what: format!("{:?} k (k and v must be F32 or F16)", k.dtype()),
+        });
+    }
+    if v.shape() != k.shape() || v.dtype() != k.dtype() {
         return Err(shape_err(
             "attention",
-            format!("v {:?} must match k {:?}", v.shape(), k.shape()),
+            format!(
+                "v {:?} {:?} must match k {:?} {:?}",
+                v.shape(),
+                v.dtype(),
+                k.shape(),
+                k.dtype()
+            ),
         ));
     }
     if kb != b || kd != d {
@@ -104,6 +144,12 @@ pub fn attention(
                 q.shape(),
                 k.shape()
             ),
+        ));
+    }
+    if d == 0 || d > MAX_HEAD_DIM {
+        return Err(shape_err(
+            "attention",
+            format!("head dim {d} must be in 1..={MAX_HEAD_DIM}"),
         ));
     }
     if hkv == 0 || hq % hkv != 0 {
@@ -133,15 +179,12 @@ pub fn attention(
             (true, q_offset)
         }
     };
-    let flag = head_dim_flag(d).ok_or_else(|| GpuError::Unsupported {
-        op: "attention",
-        what: format!("head dim {d}"),
-    })?;
     let gpu = batch.gpu();
     let out = Tensor::empty(gpu, q.shape(), DType::F32)?;
     if q.numel() == 0 {
         return Ok(out);
     }
+    let kv_f16 = k.dtype() == DType::F16;
     let group = hq / hkv;
     let rows = tq * group;
     let mut params = Params {
@@ -161,15 +204,24 @@ pub fn attention(
     };
 
     if rows > SPLIT_MAX_ROWS {
-        let row_tiles = rows.div_ceil(TILED_ROWS_PER_WG);
+        let shape = TiledShape::new(d);
+        let row_tiles = rows.div_ceil(shape.rows_per_workgroup());
         params.row_tiles = row_tiles as u32;
-        let chunk_keys = TILES_PER_CHUNK_UNDER_BUDGET * (TILE_FLOATS / d);
-        let key_chunks = match gpu.loop_budget() {
-            Some(_) => kv_len.div_ceil(chunk_keys),
-            None => 1,
-        };
+        // Under a loop budget, each workgroup takes a chunk of whole tiles within half of it.
+        let chunk_keys = gpu.loop_budget().map(|budget| {
+            let tiles = (budget as usize / 2 / shape.loop_iterations_per_tile(d)).max(1);
+            tiles * shape.tile_keys
+        });
+        let key_chunks = chunk_keys.map_or(1, |c| kv_len.div_ceil(c));
         let grid = gpu.grid((b * hkv * row_tiles * key_chunks) as u32);
-        let key = PipelineKey::new(SHADER, "attention_tiled").flag("TILED").flag(flag);
+        let key = PipelineKey::new(SHADER, "attention_tiled")
+            .flag("TILED")
+            .flag_if(kv_f16, "KV_F16")
+            .constant("D", d as u32)
+            .constant("LANES", shape.lanes as u32)
+            .constant("W", shape.dims_per_lane as u32)
+            .constant("BK", shape.tile_keys as u32)
+            .constant("VEC4", (d % 4 == 0 && shape.dims_per_lane % 4 == 0) as u32);
         if key_chunks == 1 {
             batch.dispatch(
                 &key,
@@ -180,7 +232,7 @@ pub fn attention(
             return Ok(out);
         }
         params.chunks = key_chunks as u32;
-        params.chunk_keys = chunk_keys as u32;
+        params.chunk_keys = chunk_keys.unwrap_or(kv_len) as u32;
         let parts = b * hkv * key_chunks * rows;
         let part_out = Tensor::empty(gpu, &[parts, d], DType::F32)?;
         let part_stats = Tensor::empty(gpu, &[parts, 2], DType::F32)?;
@@ -196,7 +248,7 @@ pub fn attention(
             ],
             grid,
         )?;
-        return combine(batch, &params, flag, &part_out, &part_stats, out);
+        return combine(batch, &params, d, &part_out, &part_stats, out);
     }
 
     let chunks = kv_len.div_ceil(SPLIT_CHUNK);
@@ -208,7 +260,8 @@ pub fn attention(
     batch.dispatch(
         &PipelineKey::new(SHADER, "attention_split")
             .flag("SPLIT")
-            .flag(flag),
+            .flag_if(kv_f16, "KV_F16")
+            .constant("D", d as u32),
         bytemuck::bytes_of(&params),
         &[
             q.binding(),
@@ -219,14 +272,14 @@ pub fn attention(
         ],
         gpu.grid((b * hkv * chunks) as u32),
     )?;
-    combine(batch, &params, flag, &part_out, &part_stats, out)
+    combine(batch, &params, d, &part_out, &part_stats, out)
 }
 
 /// Merges the per-chunk partials (max, sum, weighted values) of every query row into `out`.
 fn combine(
     batch: &mut Batch,
     params: &Params,
-    head_dim_flag: &'static str,
+    d: usize,
     part_out: &Tensor,
     part_stats: &Tensor,
     out: Tensor,
@@ -235,12 +288,88 @@ fn combine(
     batch.dispatch(
         &PipelineKey::new(SHADER, "attention_combine")
             .flag("COMBINE")
-            .flag(head_dim_flag),
+            .constant("D", d as u32),
         bytemuck::bytes_of(params),
         &[part_out.binding(), part_stats.binding(), out.binding()],
         grid,
     )?;
     Ok(out)
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct StoreParams {
+    count: u32,
+    start: u32,
+}
+
+/// Writes `rows`, the f32 keys or values of T new tokens (`[T, Hkv, D]` or `[T, Hkv * D]`), into
+/// `cache` (`[1, capacity, Hkv, D]`, F32 or F16) at positions `pos..pos + T`, converting to the
+/// cache's dtype (f16 rounds to nearest even). The rest of the cache is left as it is.
+pub fn kv_store(batch: &mut Batch, rows: &Tensor, cache: &Tensor, pos: usize) -> Result<()> {
+    let (capacity, row) = match *cache.shape() {
+        [1, capacity, hkv, d] if hkv * d > 0 => (capacity, hkv * d),
+        ref s => {
+            return Err(shape_err(
+                "kv_store",
+                format!("cache must be [1, capacity, Hkv, D] with Hkv, D > 0, got {s:?}"),
+            ));
+        }
+    };
+    if rows.dtype() != DType::F32 {
+        return Err(GpuError::Unsupported {
+            op: "kv_store",
+            what: format!("{:?} rows (rows must be F32)", rows.dtype()),
+        });
+    }
+    let last = rows.last_dim();
+    let hd = cache.shape()[3];
+    let t = rows.numel() / row;
+    if rows.numel() % row != 0 || !(last == hd || last == row) || t == 0 {
+        return Err(shape_err(
+            "kv_store",
+            format!(
+                "rows {:?} must be [T, Hkv, D] or [T, Hkv * D] for cache {:?}, T >= 1",
+                rows.shape(),
+                cache.shape()
+            ),
+        ));
+    }
+    if pos + t > capacity {
+        return Err(shape_err(
+            "kv_store",
+            format!("positions {pos}..{} exceed the cache capacity {capacity}", pos + t),
+        ));
+    }
+    match cache.dtype() {
+        DType::F32 => {
+            let bytes = (row * 4) as u64;
+            batch.copy(
+                rows.binding(),
+                cache.binding().slice(pos as u64 * bytes, t as u64 * bytes),
+            );
+            Ok(())
+        }
+        DType::F16 => {
+            let (start, count) = (pos * row, t * row);
+            let words = (start + count).div_ceil(2) - start / 2;
+            let params = StoreParams {
+                count: count as u32,
+                start: start as u32,
+            };
+            let grid = batch.gpu().grid((words as u32).div_ceil(STORE_WORKGROUP));
+            batch.dispatch(
+                &PipelineKey::new(SHADER, "kv_store").flag("KV_STORE_F16"),
+                bytemuck::bytes_of(&params),
+                &[rows.binding(), cache.binding()],
+                grid,
+            )
+        }
+        dtype => Err(GpuError::Unsupported {
+            op: "kv_store",
+            what: format!("{dtype:?} cache (the cache must be F32 or F16)"),
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -259,6 +388,8 @@ mod tests {
         mask: Mask,
         /// Multiplies q and k (large values stress the softmax's stability).
         magnitude: f32,
+        /// The dtype K and V are stored in (the reference reads the same rounded values).
+        kv_dtype: DType,
     }
 
     /// Plain softmax(q k^T * scale) v in f64, reading only the first kv_len cache positions.
@@ -316,15 +447,24 @@ mod tests {
             }
         }
         let tq = Tensor::from_f32(gpu, &[c.b, c.tq, c.hq, c.d], &q).unwrap();
-        let tk = Tensor::from_f32(gpu, &[c.b, c.tcap, c.hkv, c.d], &k).unwrap();
-        let tv = Tensor::from_f32(gpu, &[c.b, c.tcap, c.hkv, c.d], &v).unwrap();
+        let kv_shape = [c.b, c.tcap, c.hkv, c.d];
+        let upload = |x: &mut Vec<f32>| match c.kv_dtype {
+            DType::F32 => Tensor::from_f32(gpu, &kv_shape, x).unwrap(),
+            DType::F16 => {
+                let h: Vec<half::f16> = x.iter().map(|&e| half::f16::from_f32(e)).collect();
+                *x = h.iter().map(|&e| f32::from(e)).collect();
+                Tensor::from_f16(gpu, &kv_shape, &h).unwrap()
+            }
+            dtype => panic!("no {dtype:?} cache"),
+        };
+        let (tk, tv) = (upload(&mut k), upload(&mut v));
         let mut batch = gpu.batch();
         let out = attention(&mut batch, &tq, &tk, &tv, c.kv_len, c.mask).unwrap();
         batch.submit().unwrap();
         let got = pollster::block_on(out.to_f32(gpu)).unwrap();
         let what = format!(
-            "attention b{} tq{} hq{}/hkv{} d{} kv {}/{} {:?} x{}",
-            c.b, c.tq, c.hq, c.hkv, c.d, c.kv_len, c.tcap, c.mask, c.magnitude
+            "attention b{} tq{} hq{}/hkv{} d{} kv {}/{} {:?} x{} {:?}",
+            c.b, c.tq, c.hq, c.hkv, c.d, c.kv_len, c.tcap, c.mask, c.magnitude, c.kv_dtype
         );
         assert_close(&got, &attention_cpu(&c, &q, &k, &v), tol, &what);
     }
@@ -351,6 +491,7 @@ mod tests {
             kv_len,
             mask,
             magnitude: 1.0,
+            kv_dtype: DType::F32,
         }
     }
 
@@ -479,12 +620,123 @@ mod tests {
             "batch"
         );
         assert!(run(&t(&[4, 4, 16]), &kv, &kv, 8, Mask::None).is_err(), "rank 3");
-        let d48 = t(&[1, 4, 4, 48]);
-        assert!(
-            run(&d48, &t(&[1, 8, 2, 48]), &t(&[1, 8, 2, 48]), 8, Mask::None).is_err(),
-            "head dim 48"
-        );
-        let half = Tensor::empty(gpu, &[1, 4, 4, 16], DType::F16).unwrap();
-        assert!(run(&half, &kv, &kv, 8, Mask::None).is_err(), "f16 q");
+        let d257 = t(&[1, 4, 4, 257]);
+        let err = run(&d257, &t(&[1, 8, 2, 257]), &t(&[1, 8, 2, 257]), 8, Mask::None).unwrap_err();
+        assert!(err.to_string().contains("head dim 257 must be in 1..=256"), "{err}");
+        let half = |shape: &[usize]| Tensor::empty(gpu, shape, DType::F16).unwrap();
+        assert!(run(&half(&[1, 4, 4, 16]), &kv, &kv, 8, Mask::None).is_err(), "f16 q");
+        let half_kv = half(&[1, 8, 2, 16]);
+        assert!(run(&q, &half_kv, &half_kv, 8, Mask::None).is_ok(), "f16 k and v");
+        assert!(run(&q, &half_kv, &kv, 8, Mask::None).is_err(), "f16 k with f32 v");
+        let ids = Tensor::empty(gpu, &[1, 8, 2, 16], DType::U32).unwrap();
+        assert!(run(&q, &ids, &ids, 8, Mask::None).is_err(), "u32 k and v");
+    }
+
+    /// Head dims off the old 16/32/64/128 list, from one value per head to 256: uneven lanes
+    /// (20, 80, 96), one thread per row (1, 8, 12), 16 lanes (256); causal and not, GQA, the
+    /// tiled path (prefill) and the split path (decode).
+    #[test]
+    fn every_head_dim_causal_and_not_with_gqa() {
+        for (i, d) in [1, 8, 12, 20, 80, 96, 128, 256].into_iter().enumerate() {
+            let seed = 100 + 10 * i as u64;
+            check(case(1, 37, 4, 2, d, 50, 45, Mask::Causal { q_offset: 8 }), 2e-5, seed);
+            check(case(2, 21, 3, 1, d, 30, 21, Mask::None), 2e-5, seed + 1);
+            check(case(1, 1, 6, 2, d, 200, 150, Mask::Causal { q_offset: 149 }), 2e-5, seed + 2);
+            check(case(1, 2, 2, 2, d, 140, 131, Mask::None), 2e-5, seed + 3);
+        }
+    }
+
+    /// Every head dim from 1 to 40 and a few odd ones up to 255, small, through the tiled path
+    /// (and its lane splits that leave high lanes without dims, e.g. 130 = 15 lanes of 9).
+    #[test]
+    fn head_dims_1_to_40_and_odd_ones_to_255() {
+        for d in (1..=40).chain([47, 63, 65, 127, 129, 130, 200, 255]) {
+            check(case(1, 10, 2, 1, d, 24, 20, Mask::Causal { q_offset: 10 }), 2e-5, d as u64);
+        }
+    }
+
+    /// Long prefills at odd head dims: under llvmpipe's loop budget these split the keys into
+    /// chunks (PARTIAL + combine), with a chunk boundary inside the causal window.
+    #[test]
+    fn long_prefill_at_odd_head_dims() {
+        check(case(1, 900, 2, 1, 12, 1000, 900, Mask::Causal { q_offset: 0 }), 2e-5, 60);
+        check(case(1, 200, 2, 2, 96, 1200, 1100, Mask::Causal { q_offset: 900 }), 2e-5, 61);
+        check(case(1, 300, 1, 1, 256, 300, 300, Mask::None), 2e-5, 62);
+    }
+
+    /// K/V stored as f16 (as a KV cache may be): the reference reads the same rounded values, so
+    /// the tolerance is the f32 one. Tiled, chunked and split paths, even and odd head dims.
+    #[test]
+    fn f16_keys_and_values() {
+        let f16 = |c: Case| Case { kv_dtype: DType::F16, ..c };
+        for (i, d) in [64, 128, 12, 7].into_iter().enumerate() {
+            let seed = 200 + 10 * i as u64;
+            check(f16(case(1, 33, 4, 2, d, 60, 50, Mask::Causal { q_offset: 17 })), 2e-5, seed);
+            check(f16(case(1, 1, 4, 1, d, 300, 257, Mask::Causal { q_offset: 256 })), 2e-5, seed + 1);
+            check(f16(case(2, 17, 1, 1, d, 17, 17, Mask::None)), 2e-5, seed + 2);
+        }
+        check(f16(case(1, 700, 2, 1, 64, 800, 700, Mask::Causal { q_offset: 0 })), 2e-5, 250);
+    }
+
+    /// Runs kv_store of `t` rows at `pos` into a cache filled with a marker and checks every
+    /// element: the rows (rounded like the cache's dtype) at pos.., the marker elsewhere.
+    fn check_store(dtype: DType, capacity: usize, hkv: usize, d: usize, pos: usize, t: usize) {
+        let gpu = gpu();
+        let row = hkv * d;
+        let marker = -7.25f32;
+        let rows = random(t * row, (pos * 31 + d) as u64);
+        let shape = [1, capacity, hkv, d];
+        let cache = match dtype {
+            DType::F32 => Tensor::from_f32(gpu, &shape, &vec![marker; capacity * row]).unwrap(),
+            _ => Tensor::from_f16(gpu, &shape, &vec![half::f16::from_f32(marker); capacity * row])
+                .unwrap(),
+        };
+        let src = Tensor::from_f32(gpu, &[t, hkv, d], &rows).unwrap();
+        let mut batch = gpu.batch();
+        kv_store(&mut batch, &src, &cache, pos).unwrap();
+        batch.submit().unwrap();
+        let got = pollster::block_on(cache.to_f32(gpu)).unwrap();
+        let round = |x: f32| match dtype {
+            DType::F32 => x,
+            _ => f32::from(half::f16::from_f32(x)),
+        };
+        for (i, &g) in got.iter().enumerate() {
+            let want = match i.checked_sub(pos * row) {
+                Some(j) if j < t * row => round(rows[j]),
+                _ => marker,
+            };
+            assert_eq!(g, want, "kv_store {dtype:?} cap {capacity} hkv {hkv} d {d} pos {pos} t {t}: element {i}");
+        }
+    }
+
+    #[test]
+    fn kv_store_writes_rows_at_a_position_in_the_cache_dtype() {
+        for dtype in [DType::F32, DType::F16] {
+            check_store(dtype, 10, 2, 8, 3, 4);
+            // Odd rows (Hkv * D = 5): rows start and end inside an f16 word whose other half
+            // belongs to a neighbouring position and must survive.
+            check_store(dtype, 9, 1, 5, 3, 1);
+            check_store(dtype, 9, 1, 5, 4, 3);
+            check_store(dtype, 7, 1, 5, 0, 7);
+            check_store(dtype, 600, 3, 7, 11, 513);
+        }
+    }
+
+    #[test]
+    fn kv_store_rejects_bad_input() {
+        let gpu = gpu();
+        let cache = Tensor::empty(gpu, &[1, 8, 2, 4], DType::F16).unwrap();
+        let rows = |shape: &[usize], dtype| Tensor::empty(gpu, shape, dtype).unwrap();
+        let store = |src: &Tensor, cache: &Tensor, pos| kv_store(&mut gpu.batch(), src, cache, pos);
+        assert!(store(&rows(&[3, 2, 4], DType::F32), &cache, 5).is_ok());
+        assert!(store(&rows(&[3, 8], DType::F32), &cache, 5).is_ok());
+        let err = store(&rows(&[3, 2, 4], DType::F32), &cache, 6).unwrap_err();
+        assert!(err.to_string().contains("positions 6..9 exceed the cache capacity 8"), "{err}");
+        assert!(store(&rows(&[3, 2, 4], DType::F16), &cache, 0).is_err(), "f16 rows");
+        assert!(store(&rows(&[3, 3, 4], DType::F32), &cache, 0).is_err(), "3 kv heads");
+        assert!(store(&rows(&[0, 2, 4], DType::F32), &cache, 0).is_err(), "no rows");
+        assert!(store(&rows(&[3, 2, 4], DType::F32), &rows(&[8, 2, 4], DType::F32), 0).is_err(), "rank 3 cache");
+        let ids = rows(&[1, 8, 2, 4], DType::U32);
+        assert!(store(&rows(&[3, 2, 4], DType::F32), &ids, 0).is_err(), "u32 cache");
     }
 }
