@@ -146,7 +146,7 @@ export interface ChatResult {
   tokens: Uint32Array;
   promptTokens: number;
   imageTokens: number;
-  stopReason: 'eos' | 'stop_string' | 'max_tokens' | 'cancelled';
+  stopReason: 'eos' | 'stop_string' | 'max_tokens' | 'cancelled' | 'context_full';
   timings: { visionS: number; prefillS: number; prefillTokens: number; decodeS: number; decodeTokensPerS: number };
 }
 

@@ -61,7 +61,10 @@ impl ModelFiles {
         Ok(ModelFiles {
             tokenizer: Tokenizer::from_dir(dir)?,
             template: ChatTemplate::for_model(dir, &config)?,
-            image_config: image_config(&config, preprocessor.as_ref()),
+            image_config: image_config(&config, preprocessor.as_ref(), [
+                &dir.join("config.json").display().to_string(),
+                &dir.join("preprocessor_config.json").display().to_string(),
+            ])?,
             eos_ids: eos_ids(&config, generation.as_ref()),
             config,
         })
@@ -88,7 +91,7 @@ impl ModelFiles {
         Ok(ModelFiles {
             tokenizer,
             template,
-            image_config: image_config(&config, preprocessor.as_ref()),
+            image_config: image_config(&config, preprocessor.as_ref(), ["config.json", "processor_config.json"])?,
             eos_ids: eos_ids(&config, generation.as_ref()),
             config,
         })
@@ -113,16 +116,21 @@ pub struct FileContents<'a> {
     pub generation: Option<&'a str>,
 }
 
-fn image_config(config: &LlavaConfig, pre: Option<&PreprocessorConfig>) -> ImageConfig {
+/// The image settings, checked: `files` names the config and preprocessor files for errors.
+/// The config caps image and pinpoint sizes far below `u32::MAX`, so the casts are exact.
+pub(crate) fn image_config(config: &LlavaConfig, pre: Option<&PreprocessorConfig>, files: [&str; 2]) -> Result<ImageConfig> {
+    let pinpoints_file = if pre.is_some_and(|p| p.image_grid_pinpoints.is_some()) { files[1] } else { files[0] };
     let pre = pre.cloned().unwrap_or_else(|| PreprocessorConfig::for_model(config));
     let pinpoints = pre.image_grid_pinpoints.as_ref().unwrap_or(&config.image_grid_pinpoints);
-    ImageConfig {
+    let image_config = ImageConfig {
         tile_size: config.vision.image_size as u32,
         patch_size: config.vision.patch_size as u32,
         grid_pinpoints: pinpoints.iter().map(|&[h, w]| [h as u32, w as u32]).collect(),
         image_mean: pre.image_mean,
         image_std: pre.image_std,
-    }
+    };
+    image_config.validate().map_err(|e| ModelError::config(pinpoints_file, e.to_string()))?;
+    Ok(image_config)
 }
 
 fn eos_ids(config: &LlavaConfig, generation: Option<&GenerationConfig>) -> Vec<u32> {
