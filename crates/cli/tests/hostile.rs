@@ -54,8 +54,8 @@ fn hostile_arguments_and_files_give_clear_errors() {
     std::fs::write(converted.join("config.json"), "{}").unwrap();
     let huge_config = dir.join("config.json");
     std::fs::write(&huge_config, r#"{"model_type": "llava_next", "text_config": {"hidden_size": 1099511627776}}"#).unwrap();
-    // A 60-byte edit: one pinpoint of 100 x 100 tiles.
-    let pinpoints = model_with_preprocessor(r#"{"image_grid_pinpoints": [[336, 672], [33600, 33600]]}"#);
+    // A few bytes edited: one pinpoint of 40 x 40 tiles of 336 pixels.
+    let pinpoints = model_with_preprocessor(r#"{"image_grid_pinpoints": [[336, 672], [13440, 13440]]}"#);
     let logo = image("logo.png");
     let (logo, dir_s, fifo_s) = (logo.to_str().unwrap(), dir.to_str().unwrap(), fifo.to_str().unwrap());
 
@@ -65,18 +65,18 @@ fn hostile_arguments_and_files_give_clear_errors() {
         (vec!["preprocess", "--image", fifo_s], "fifo.png: is not a regular file"),
         (
             vec!["preprocess", "--model", pinpoints.to_str().unwrap(), "--image", logo],
-            "preprocessor_config.json: invalid image config: image_grid_pinpoints entry [33600, 33600] makes 10000 tiles",
+            "preprocessor_config.json: invalid image config: image_grid_pinpoints entry [13440, 13440] makes 1600 tiles",
         ),
         (vec!["run", "--prompt", "hi", "--temperature", "NaN"], "generation parameter `temperature` is NaN"),
         (vec!["run", "--prompt", "hi", "--temperature=-1"], "`temperature` is -1.0; it must be a finite number >= 0"),
         (vec!["run", "--prompt", "hi", "--repetition-penalty", "0"], "`repetition_penalty` is 0.0"),
         (vec!["run", "--prompt", "hi", "--top-p", "0"], "`top_p` is 0.0; it must be in (0, 1]"),
         (vec!["run", "--prompt", "hi", "--stop", ""], "`stop` is [\"\"]; it must be non-empty strings"),
-        (vec!["convert", "--input", dir_s, "--dry-run", "--shard-mb", "18446744073709551615"], "--shard-mb must be between 1 and"),
-        (vec!["convert", "--input", dir_s, "--dry-run", "--shard-mb", "0"], "--shard-mb must be between 1 and"),
-        (vec!["convert", "--input", huge_config.to_str().unwrap(), "--dry-run"], "key `text_config.hidden_size`: 1099511627776 must be between 1 and 65536"),
+        (vec!["convert", "--quant", "q4", "--input", dir_s, "--dry-run", "--shard-mb", "18446744073709551615"], "--shard-mb must be between 1 and"),
+        (vec!["convert", "--quant", "q4", "--input", dir_s, "--dry-run", "--shard-mb", "0"], "--shard-mb must be between 1 and"),
+        (vec!["convert", "--quant", "q4", "--input", huge_config.to_str().unwrap(), "--dry-run"], "key `text_config.hidden_size`: 1099511627776 must be between 1 and 65536"),
         (
-            vec!["convert", "--input", converted.to_str().unwrap(), "--output", dir_s],
+            vec!["convert", "--quant", "q4", "--input", converted.to_str().unwrap(), "--output", dir_s],
             "is already a converted folder (it has manifest.json)",
         ),
     ];
