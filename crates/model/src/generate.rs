@@ -71,7 +71,9 @@ impl GenerateParams {
 #[derive(Clone, Debug)]
 pub struct TokenEvent<'a> {
     pub token_id: u32,
-    /// The new text this token completes (may be empty while a multi-byte character is partial).
+    /// The new text this token completes. It may be empty while a multi-byte character is
+    /// partial, or while the text could be the beginning of a stop string: held-back text comes
+    /// with a later token, or in one last event (with the last token's id) when generation ends.
     pub text: &'a str,
 }
 
@@ -185,7 +187,15 @@ impl ChatSession {
         } else {
             let mut messages = self.messages.clone();
             messages.push(Message::user(turn.image.is_some() as usize, turn.text));
-            model.render_chat(self.system.as_deref(), &messages)?
+            let prompt = model.render_chat(self.system.as_deref(), &messages)?;
+            if turn.image.is_some() && !prompt.contains("<image>") {
+                return Err(ModelError::Template(
+                    "the chat template wrote no `<image>` for the message's image (it must render an \
+                     {\"type\": \"image\"} content item as `<image>`)"
+                        .into(),
+                ));
+            }
+            prompt
         };
         let (ids, image_start) = model.tokenize_prompt(&prompt, image_tokens)?;
         if ids.len() + params.max_new_tokens.min(1) > self.cache.capacity() {
@@ -231,7 +241,10 @@ impl ChatSession {
             (Some(l), None) => sampler.sample(l),
             (None, None) => unreachable!("prefill yields logits or an argmax"),
         };
-        let stop_reason = if params.max_new_tokens == 0 { StopReason::MaxTokens } else { loop {
+        let stop_reason = loop {
+            if params.max_new_tokens == 0 {
+                break StopReason::MaxTokens;
+            }
             tokens.push(next);
             sampler.seen(next);
             if !params.ignore_eos && model.is_eos(next) {
@@ -269,7 +282,7 @@ impl ChatSession {
                 batch.submit()?;
                 sampler.sample(&logits.to_f32(gpu).await?)
             };
-        } };
+        };
         // Text held back because it could have begun a stop string.
         if let Some(&last) = tokens.last().filter(|_| streamed < text.len()) {
             on_token(TokenEvent { token_id: last, text: &text[streamed..] });

@@ -58,8 +58,10 @@ impl ModelFiles {
         let config = LlavaConfig::from_dir(dir)?;
         let preprocessor = PreprocessorConfig::from_dir(dir)?;
         let generation = GenerationConfig::from_dir(dir)?;
+        let tokenizer = Tokenizer::from_dir(dir)?;
+        check_image_token(&config, &tokenizer, &dir.join("config.json").display().to_string())?;
         Ok(ModelFiles {
-            tokenizer: Tokenizer::from_dir(dir)?,
+            tokenizer,
             template: ChatTemplate::for_model(dir, &config)?,
             image_config: image_config(&config, preprocessor.as_ref(), [
                 &dir.join("config.json").display().to_string(),
@@ -84,6 +86,7 @@ impl ModelFiles {
                 Tokenizer::from_sentencepiece_with_config(model, tokenizer_config, Some(model_type))
             }
         }?;
+        check_image_token(&config, &tokenizer, "config.json")?;
         let template = match contents.chat_template {
             Some(source) => ChatTemplate::from_source(source)?,
             None => ChatTemplate::builtin(BuiltinTemplate::for_config(&config)),
@@ -114,6 +117,29 @@ pub struct FileContents<'a> {
     pub chat_template: Option<&'a str>,
     pub processor: Option<&'a str>,
     pub generation: Option<&'a str>,
+}
+
+/// The image token must be a row of the embedding table and the tokenizer's `<image>`, or no
+/// prompt can place an image (each cause named here rather than as a prompt without `<image>`).
+fn check_image_token(config: &LlavaConfig, tokenizer: &Tokenizer, file: &str) -> Result<()> {
+    let Some(id) = config.image_token_index else { return Ok(()) };
+    let vocab = config.text.vocab_size;
+    if id as usize >= vocab {
+        return Err(ModelError::config(
+            file,
+            format!("key `image_token_index`: {id} is outside the vocabulary of {vocab} tokens (text_config.vocab_size)"),
+        ));
+    }
+    match tokenizer.token_id("<image>") {
+        Some(found) if found == id => Ok(()),
+        Some(found) => Err(ModelError::config(
+            file,
+            format!("key `image_token_index`: {id}, but the tokenizer's `<image>` token is {found}"),
+        )),
+        None => Err(ModelError::Tokenizer(format!(
+            "the tokenizer has no `<image>` token, which {file} (image_token_index {id}) needs to place images"
+        ))),
+    }
 }
 
 /// The image settings, checked: `files` names the config and preprocessor files for errors.

@@ -167,3 +167,51 @@ fn generation_limits_and_stop_strings() {
         .to_string();
     assert!(err.contains("`temperature` is NaN"), "{err}");
 }
+
+/// A copy of the bundled model with `file` replaced by `contents`.
+fn bundled_with(file: &str, contents: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture("mistral-tiny")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(dir.path().join(file), contents).unwrap();
+    dir
+}
+
+/// What used to be one "the prompt has no <image>" message, per cause.
+#[test]
+fn each_cause_of_a_missing_image_placeholder_is_named() {
+    let config = std::fs::read_to_string(fixture("mistral-tiny").join("config.json")).unwrap();
+    for (id, expected) in [
+        ("40000", "key `image_token_index`: 40000 is outside the vocabulary of 32064 tokens"),
+        ("1", "key `image_token_index`: 1, but the tokenizer's `<image>` token is 32000"),
+    ] {
+        let dir = bundled_with("config.json", &config.replace("\"image_token_index\": 32000", &format!("\"image_token_index\": {id}")));
+        let msg = llava_model::llava::ModelFiles::from_dir(dir.path()).map(|_| ()).unwrap_err().to_string();
+        assert!(msg.contains("config.json: ") && msg.contains(expected), "{msg}");
+    }
+    // A template that drops image content items.
+    let dir = bundled_with(
+        "chat_template.jinja",
+        "{% for m in messages %}{{ m['content'] if m['content'] is string else m['content'][-1]['text'] }}{% endfor %}",
+    );
+    let llava = Llava::load_dir(gpu(), dir.path(), &LoadOptions::default()).unwrap();
+    let image = load_image("logo.png");
+    let err = pollster::block_on(llava.chat(None).unwrap().send(&llava, turn(Some(&image), "What?"), &greedy16(), |_| true))
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("the chat template wrote no `<image>` for the message's image"), "{err}");
+}
+
+#[test]
+fn a_config_that_disagrees_with_the_weights_says_so() {
+    let config = std::fs::read_to_string(fixture("mistral-tiny").join("config.json")).unwrap();
+    let dir = bundled_with("config.json", &config.replace("\"hidden_size\": 64", "\"hidden_size\": 128"));
+    let msg = Llava::load_dir(gpu(), dir.path(), &LoadOptions::default()).map(|_| ()).unwrap_err().to_string();
+    assert!(
+        msg.contains("multi_modal_projector.linear_1.weight has shape [64, 32], but config.json's sizes make it [128, 32]"),
+        "{msg}"
+    );
+}
