@@ -402,10 +402,7 @@ pub fn convert(
             "the output folder must differ from the input folder".into(),
         ));
     }
-    let stale = output.join(MANIFEST_FILE);
-    if stale.exists() {
-        std::fs::remove_file(&stale).map_err(|e| ModelError::io(&stale, e))?;
-    }
+    clear_previous_conversion(input, output)?;
 
     let mut files = Vec::new();
     for name in COPIED_FILES {
@@ -452,6 +449,27 @@ pub fn convert(
         manifest,
         summary: plan.summary(),
     })
+}
+
+/// Removes what an earlier conversion in `output` would leave mixed into this one: its manifest
+/// first (so an interrupted run leaves no loadable mix), then the shards it lists and the copied
+/// files this input does not have (a stale `chat_template.jinja` would be read as this model's).
+fn clear_previous_conversion(input: &Path, output: &Path) -> Result<()> {
+    let manifest_path = output.join(MANIFEST_FILE);
+    let Ok(text) = std::fs::read_to_string(&manifest_path) else { return Ok(()) };
+    std::fs::remove_file(&manifest_path).map_err(|e| ModelError::io(&manifest_path, e))?;
+    // Read leniently: a manifest of another version still names its shards.
+    let previous: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    let shards = previous["shards"].as_array().into_iter().flatten().filter_map(|s| s["file"].as_str());
+    let plain = |name: &&str| Path::new(name).components().count() == 1 && !name.starts_with('.');
+    let copied = COPIED_FILES.iter().copied().filter(|name| !input.join(name).is_file());
+    for name in shards.filter(plain).chain(copied) {
+        let path = output.join(name);
+        if path.is_file() {
+            std::fs::remove_file(&path).map_err(|e| ModelError::io(&path, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// What [`convert`] wrote.
