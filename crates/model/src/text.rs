@@ -374,7 +374,7 @@ const TEMPLATE_NAME: &str = "chat";
 
 /// Template instructions one render may run: real chat templates use a few dozen per message; a
 /// hostile one (nested `range(100000)` loops) stops with an error instead of running for hours.
-const TEMPLATE_FUEL: u64 = 5_000_000;
+const TEMPLATE_FUEL: u64 = 1_000_000;
 
 impl ChatTemplate {
     /// Compiles a Jinja chat template with transformers' settings (`trim_blocks`,
