@@ -146,7 +146,7 @@ export interface ChatResult {
   tokens: Uint32Array;
   promptTokens: number;
   imageTokens: number;
-  stopReason: 'eos' | 'stop_string' | 'max_tokens' | 'cancelled';
+  stopReason: 'eos' | 'stop_string' | 'max_tokens' | 'cancelled' | 'context_full';
   timings: { visionS: number; prefillS: number; prefillTokens: number; decodeS: number; decodeTokensPerS: number };
   /** GPU work per decode token (after the first): with the planned decode step, 0 buffers and bind groups created, 1 submit, 4 bytes read. */
   gpu: {

@@ -9,3 +9,10 @@ echo "== wasm build (pkg/)"
 tests/build-wasm.sh
 echo "== browser tests (headless Chromium, WebGPU)"
 node --test tests/browser/
+
+# Optional: FUZZ_SECONDS=30 tests/run-all.sh also fuzzes each target briefly (needs nightly and
+# cargo-fuzz); the corpus itself is replayed by `cargo test` above.
+if [ -n "${FUZZ_SECONDS:-}" ]; then
+  echo "== fuzzing (${FUZZ_SECONDS}s per target)"
+  tests/fuzz.sh "$FUZZ_SECONDS"
+fi

@@ -2,14 +2,14 @@
 
 mod bench;
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use llava_gpu::Gpu;
-use llava_model::generate::{GenerateParams, Turn};
+use llava_model::generate::{GenerateParams, StopReason, Turn};
 use llava_model::llava::{LoadOptions, Llava, ModelFiles};
 use llava_model::loader::{Progress, Stage};
 use llava_model::weights::{KeepOptions, KeepPrecision, WeightPrecision};
@@ -241,9 +241,27 @@ fn load(args: &ModelArgs) -> CliResult<(Llava, f64)> {
     Ok((model, start.elapsed().as_secs_f64()))
 }
 
+/// Reads and decodes an image file. Only regular files are read (a directory, FIFO or device such
+/// as /dev/zero is refused before any read), and never more than the decoder accepts.
 fn read_image(path: &Path) -> CliResult<llava_image::Rgb8> {
-    let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    Ok(llava_image::decode(&bytes).map_err(|e| format!("{}: {e}", path.display()))?)
+    let fail = |msg: String| format!("--image {}: {msg}", path.display());
+    let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
+    if meta.is_dir() {
+        return Err(fail("is a directory, not an image file".into()).into());
+    }
+    if !meta.is_file() {
+        return Err(fail("is not a regular file (a device, FIFO or socket); give an image file".into()).into());
+    }
+    let max = llava_image::MAX_ENCODED_BYTES;
+    if meta.len() > max {
+        return Err(fail(format!("is {} bytes; image files over {max} bytes (256 MiB) are refused", meta.len())).into());
+    }
+    let mut bytes = Vec::new();
+    // A file that grows while it is read still stops one byte past the limit.
+    std::fs::File::open(path)
+        .and_then(|file| file.take(max + 1).read_to_end(&mut bytes))
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(llava_image::decode(&bytes).map_err(|e| fail(e.to_string()))?)
 }
 
 impl SamplingArgs {
@@ -262,6 +280,8 @@ impl SamplingArgs {
 }
 
 fn run(args: RunArgs) -> CliResult<()> {
+    let params = args.sampling.params();
+    params.validate()?;
     let image = args.image.as_deref().map(read_image).transpose()?;
     let (model, load_s) = load(&args.model)?;
     let mut session = model.chat(args.system.clone())?;
@@ -272,7 +292,7 @@ fn run(args: RunArgs) -> CliResult<()> {
         want_logits: args.logits_out.is_some(),
     };
     let stream = !args.json;
-    let reply = pollster::block_on(session.send(&model, turn, &args.sampling.params(), |event| {
+    let reply = pollster::block_on(session.send(&model, turn, &params, |event| {
         if stream {
             print!("{}", event.text);
             let _ = std::io::stdout().flush();
@@ -346,11 +366,12 @@ fn preprocess(args: PreprocessArgs) -> CliResult<()> {
 }
 
 fn chat(args: ChatArgs) -> CliResult<()> {
-    let mut image = args.image.as_deref().map(read_image).transpose()?;
+    let params = args.sampling.params();
+    params.validate()?;
+    let image = args.image.as_deref().map(read_image).transpose()?;
     let (model, load_s) = load(&args.model)?;
     eprintln!("loaded in {load_s:.1}s. Type a question; /reset starts over; an empty line or Ctrl-D quits.");
     let mut session = model.chat(args.system.clone())?;
-    let params = args.sampling.params();
     let stdin = std::io::stdin();
     loop {
         print!("> ");
@@ -362,22 +383,30 @@ fn chat(args: ChatArgs) -> CliResult<()> {
         let question = line.trim();
         if question == "/reset" {
             session.reset();
-            image = args.image.as_deref().map(read_image).transpose()?;
             continue;
         }
-        // The image goes with the first question only; follow-ups reuse its cached tokens.
-        let first_image = image.take();
-        let turn = Turn { image: first_image.as_ref(), text: question, raw_prompt: false, want_logits: false };
+        // The image goes with the first question that succeeds; follow-ups reuse its cached tokens.
+        let turn_image = image.as_ref().filter(|_| !session.has_image());
+        let turn = Turn { image: turn_image, text: question, raw_prompt: false, want_logits: false };
         let reply = pollster::block_on(session.send(&model, turn, &params, |event| {
             print!("{}", event.text);
             let _ = std::io::stdout().flush();
             true
         }));
+        // A failed turn leaves the conversation as it was: say why and take the next question.
         match reply {
-            Ok(reply) => println!("\n[{:.1} tokens/s]", reply.timings.decode_tokens_per_s),
+            Ok(reply) => println!("\n[{:.1} tokens/s{}]", reply.timings.decode_tokens_per_s, stop_note(&reply)),
             Err(e @ ModelError::ContextOverflow { .. }) => println!("\nerror: {e} (use /reset)"),
-            Err(e) => return Err(e.into()),
+            Err(e) => println!("\nerror: {e}"),
         }
+    }
+}
+
+/// Why a chat reply ended early, when the user may want to act on it.
+fn stop_note(reply: &llava_model::generate::Reply) -> &'static str {
+    match reply.stop_reason {
+        StopReason::ContextFull => ", the context is full: use /reset",
+        _ => "",
     }
 }
 
@@ -387,10 +416,11 @@ fn convert(args: ConvertArgs) -> CliResult<()> {
         ConvertQuant::Q8 => WeightPrecision::Q8,
         ConvertQuant::Q4 => WeightPrecision::Q4,
     };
-    if args.shard_mb == 0 {
-        return Err("--shard-mb must be at least 1".into());
-    }
-    let shard_bytes = args.shard_mb << 20;
+    // At most 2^44 MiB, so that the size in bytes fits in 64 bits.
+    let shard_bytes = match args.shard_mb.checked_mul(1 << 20) {
+        Some(bytes) if bytes > 0 => bytes,
+        _ => return Err(format!("--shard-mb must be between 1 and {} (MiB)", u64::MAX >> 20).into()),
+    };
     let keep = KeepOptions { vision: args.keep_vision.map(Into::into), lm_head: args.keep_lm_head.map(Into::into) };
     if args.dry_run {
         let config_path = if args.input.is_dir() { args.input.join("config.json") } else { args.input.clone() };

@@ -7,7 +7,7 @@ use std::io::Cursor;
 
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
 
-use crate::{ImageError, MAX_PIXELS, MAX_SIDE, Rgb8};
+use crate::{ImageError, MAX_ENCODED_BYTES, MAX_PIXELS, MAX_SIDE, Rgb8};
 
 /// Refuses empty images and images over [`MAX_SIDE`] or [`MAX_PIXELS`].
 pub(crate) fn check_size(width: u32, height: u32) -> Result<(), ImageError> {
@@ -105,6 +105,9 @@ pub fn from_pixels(
 /// pixel buffer is allocated. The EXIF orientation tag is ignored (transformers does not apply it
 /// either). Embedded ICC profiles are ignored (as Pillow's `convert` does).
 pub fn decode(bytes: &[u8]) -> Result<Rgb8, ImageError> {
+    if bytes.len() as u64 > MAX_ENCODED_BYTES {
+        return Err(ImageError::FileTooLarge { bytes: bytes.len() as u64, max: MAX_ENCODED_BYTES });
+    }
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| ImageError::Decode(e.to_string()))?;

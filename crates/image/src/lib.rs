@@ -18,8 +18,8 @@
 //! crate's port of libjpeg-turbo's decoding path (the accurate integer IDCT in the arithmetic of
 //! its x86-64 SIMD kernels, block smoothing, `jdsample` fancy upsampling, `jdcolor`, libjpeg's
 //! handling of damaged data) for 8-bit Huffman-coded baseline/extended/progressive files with 1 or
-//! 3 components; arithmetic-coded, lossless and CMYK files fall back to zune-jpeg and are not
-//! exact. A JPEG whose data runs out is refused as truncated, as Pillow does.
+//! 3 components; lossless and CMYK files fall back to zune-jpeg and are not exact; arithmetic-coded
+//! files are refused. A JPEG whose data runs out is refused as truncated, as Pillow does.
 //!
 //! Limits: images with zero pixels, a side over [`MAX_SIDE`] (16384) or more than [`MAX_PIXELS`]
 //! (50 megapixels) are refused with an [`ImageError`]; [`decode`] checks this from the header before
@@ -40,6 +40,13 @@ use decode::check_size;
 pub const MAX_SIDE: u32 = 16384;
 /// Largest accepted image area, in pixels (50 megapixels).
 pub const MAX_PIXELS: u64 = 50_000_000;
+/// Largest accepted encoded image, in bytes (256 MiB: an uncompressed 50-megapixel RGBA PNG fits).
+pub const MAX_ENCODED_BYTES: u64 = 256 << 20;
+/// Most tiles a grid pinpoint may cut an image into (LLaVA-1.6 uses at most 3).
+pub const MAX_TILES: u32 = 64;
+/// Most pixels [`preprocess`] may produce for one image (the overview plus every tile of the
+/// largest pinpoint): 16 Mi pixels, 192 MiB of f32 values. Bounds the work a config can ask for.
+pub const MAX_PREPROCESSED_PIXELS: u64 = 1 << 24;
 
 /// An 8-bit RGB image, rows top to bottom, pixels interleaved `[r, g, b]` (HWC).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,9 +111,21 @@ impl ImageConfig {
                     self.tile_size
                 ));
             }
+            let tiles = u64::from(h / self.tile_size) * u64::from(w / self.tile_size);
+            let pixels = (1 + tiles) * u64::from(self.tile_size).pow(2);
+            if tiles > u64::from(MAX_TILES) || pixels > MAX_PREPROCESSED_PIXELS {
+                return bad(format!(
+                    "image_grid_pinpoints entry [{h}, {w}] makes {tiles} tiles of {0}x{0} pixels; at most {MAX_TILES} tiles \
+                     and {MAX_PREPROCESSED_PIXELS} pixels with the overview are accepted",
+                    self.tile_size
+                ));
+            }
         }
-        if self.image_std.contains(&0.0) {
-            return bad("image_std contains 0".into());
+        if self.image_mean.iter().chain(&self.image_std).any(|x| !x.is_finite()) || self.image_std.contains(&0.0) {
+            return bad(format!(
+                "image_mean {:?} and image_std {:?} must be finite, and image_std non-zero",
+                self.image_mean, self.image_std
+            ));
         }
         Ok(())
     }
@@ -125,6 +144,8 @@ pub enum ImageError {
     SideTooLarge { width: u32, height: u32, max: u32 },
     #[error("image is {width}x{height}; at most {max} pixels (50 megapixels) are accepted")]
     TooManyPixels { width: u32, height: u32, max: u64 },
+    #[error("the encoded image is {bytes} bytes; at most {max} bytes (256 MiB) are accepted")]
+    FileTooLarge { bytes: u64, max: u64 },
     #[error("unrecognised image format (expected PNG, JPEG, WebP or GIF)")]
     UnknownFormat,
     #[error("cannot decode image: {0}")]

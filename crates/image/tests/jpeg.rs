@@ -184,3 +184,24 @@ fn bad_frame_headers_are_errors() {
     // Sampling factor 0.
     assert!(decode_error(&with(11, &[0x01])).contains("sampling factor"));
 }
+
+/// Arithmetic coding is refused by name (zune-jpeg, the fallback, reported it as "Number of
+/// components cannot be zero").
+#[test]
+fn arithmetic_coding_is_refused_by_name() {
+    let err = decode(&read(&fixture("jpeg/arithmetic_37x23_q75_420.jpg"))).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "cannot decode image: arithmetic-coded JPEG (frame marker FFC9) is not supported; save the image as a \
+         Huffman-coded JPEG or as PNG"
+    );
+}
+
+/// Encoded images are capped before any work, so a huge buffer from a browser is refused too.
+#[test]
+fn encoded_images_over_the_cap_are_refused() {
+    let bytes = vec![0u8; llava_image::MAX_ENCODED_BYTES as usize + 1];
+    let err = decode(&bytes).unwrap_err();
+    assert!(matches!(err, ImageError::FileTooLarge { .. }), "{err}");
+    assert!(err.to_string().contains("at most 268435456 bytes (256 MiB)"), "{err}");
+}

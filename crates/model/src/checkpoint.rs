@@ -348,7 +348,8 @@ pub fn parse_header(json: &[u8], file_size: u64) -> std::result::Result<Vec<Safe
         let (Some(begin), Some(end)) = (begin, end) else {
             return Err(bad("missing or invalid data_offsets"));
         };
-        if begin > end || data_start + end > file_size {
+        // Offsets come from the file: an `end` near 2^64 must not wrap into the header.
+        if begin > end || end.checked_add(data_start).is_none_or(|end| end > file_size) {
             return Err(format!(
                 "tensor `{name}`: bytes {begin}..{end} after the header lie outside the file of {file_size} \
                  bytes (truncated file?)"
@@ -377,7 +378,7 @@ pub fn parse_header(json: &[u8], file_size: u64) -> std::result::Result<Vec<Safe
     Ok(entries)
 }
 
-fn checked_numel(shape: &[usize]) -> Option<u64> {
+pub(crate) fn checked_numel(shape: &[usize]) -> Option<u64> {
     shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64))
 }
 
@@ -861,6 +862,26 @@ mod tests {
                 })
             );
         }
+    }
+
+    #[test]
+    fn offsets_that_wrap_past_2_pow_64_are_refused() {
+        // `end` + the header length wraps to a small number: without checked arithmetic the debug
+        // build panics and the release build reads the header text as the tensor's bytes.
+        let end = u64::MAX - 20;
+        let header = format!(
+            r#"{{"w":{{"dtype":"F32","shape":[1],"data_offsets":[{},{end}]}}}}"#,
+            end - 4
+        );
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(header.as_bytes());
+        file.extend_from_slice(&[0; 64]);
+        let msg = parse_header(header.as_bytes(), file.len() as u64).unwrap_err();
+        assert!(msg.contains("tensor `w`") && msg.contains("outside the file"), "{msg}");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("model.safetensors"), &file).unwrap();
+        let msg = open_err(dir.path());
+        assert!(msg.contains("model.safetensors") && msg.contains("outside the file"), "{msg}");
     }
 
     #[test]

@@ -149,6 +149,20 @@ pub struct LlavaConfig {
 
 const CONFIG_FILE: &str = "config.json";
 
+/// Upper bounds on config sizes: far above any LLaVA-1.6 model, low enough that every tensor
+/// size and byte count derived from them fits in 64 bits, and that a few edited bytes cannot ask
+/// for terabytes.
+pub const MAX_HIDDEN_SIZE: usize = 1 << 16;
+pub const MAX_INTERMEDIATE_SIZE: usize = 1 << 18;
+pub const MAX_LAYERS: usize = 1 << 10;
+pub const MAX_HEADS: usize = 1 << 10;
+pub const MAX_HEAD_DIM: usize = 1 << 10;
+pub const MAX_VOCAB_SIZE: usize = 1 << 22;
+/// Largest vision-tower input side (`image_size`), in pixels.
+pub const MAX_IMAGE_SIZE: usize = 4096;
+/// Most patches per tile side (`image_size / patch_size`; 24 for CLIP ViT-L/14-336).
+pub const MAX_PATCHES_PER_SIDE: usize = 128;
+
 /// `LlavaNextConfig.image_grid_pinpoints` default.
 const DEFAULT_PINPOINTS: [[usize; 2]; 5] = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]];
 
@@ -381,14 +395,33 @@ fn clip_vision_config(json: &str, file: &str) -> Result<VisionConfig> {
 }
 
 fn parse_vision(fields: &Fields, defaults: &VisionConfig) -> Result<VisionConfig> {
+    let hidden_size = fields.size("hidden_size", defaults.hidden_size, MAX_HIDDEN_SIZE)?;
+    let num_attention_heads = fields.size("num_attention_heads", defaults.num_attention_heads, MAX_HEADS)?;
+    if !hidden_size.is_multiple_of(num_attention_heads) {
+        return Err(fields.error(
+            "hidden_size",
+            format!("{hidden_size} is not a multiple of num_attention_heads {num_attention_heads}"),
+        ));
+    }
+    let image_size = fields.size("image_size", defaults.image_size, MAX_IMAGE_SIZE)?;
+    let patch_size = fields.size("patch_size", defaults.patch_size, image_size)?;
+    if !image_size.is_multiple_of(patch_size) || image_size / patch_size > MAX_PATCHES_PER_SIDE {
+        return Err(fields.error(
+            "patch_size",
+            format!(
+                "image_size {image_size} must be a multiple of patch_size {patch_size}, \
+                 with at most {MAX_PATCHES_PER_SIDE} patches per side"
+            ),
+        ));
+    }
     Ok(VisionConfig {
-        hidden_size: fields.usize("hidden_size", defaults.hidden_size)?,
-        intermediate_size: fields.usize("intermediate_size", defaults.intermediate_size)?,
-        num_hidden_layers: fields.usize("num_hidden_layers", defaults.num_hidden_layers)?,
-        num_attention_heads: fields.usize("num_attention_heads", defaults.num_attention_heads)?,
-        image_size: fields.usize("image_size", defaults.image_size)?,
-        patch_size: fields.usize("patch_size", defaults.patch_size)?,
-        layer_norm_eps: fields.f64("layer_norm_eps", defaults.layer_norm_eps)?,
+        hidden_size,
+        intermediate_size: fields.size("intermediate_size", defaults.intermediate_size, MAX_INTERMEDIATE_SIZE)?,
+        num_hidden_layers: fields.size("num_hidden_layers", defaults.num_hidden_layers, MAX_LAYERS)?,
+        num_attention_heads,
+        image_size,
+        patch_size,
+        layer_norm_eps: fields.positive_f64("layer_norm_eps", defaults.layer_norm_eps)?,
         hidden_act: fields.activation("hidden_act", defaults.hidden_act)?,
     })
 }
@@ -399,21 +432,40 @@ fn parse_text(fields: &Fields, arch: TextArch) -> Result<TextConfig> {
         TextArch::Llama => (11008, 2048, None),
         TextArch::Mistral => (14336, 4096 * 32, Some(4096)),
     };
-    let hidden_size = fields.usize("hidden_size", 4096)?;
-    let num_attention_heads = fields.usize("num_attention_heads", 32)?;
-    if num_attention_heads == 0 {
-        return Err(fields.error("num_attention_heads", "must be positive"));
-    }
+    let hidden_size = fields.size("hidden_size", 4096, MAX_HIDDEN_SIZE)?;
+    let num_attention_heads = fields.size("num_attention_heads", 32, MAX_HEADS)?;
     // An explicit null means "same as the attention heads" in both classes.
     let num_key_value_heads = match (arch, fields.has("num_key_value_heads")) {
         (TextArch::Mistral, false) => 8,
-        _ => fields
-            .opt_usize("num_key_value_heads")?
-            .unwrap_or(num_attention_heads),
+        _ if fields.get("num_key_value_heads").is_none() => num_attention_heads,
+        _ => fields.size("num_key_value_heads", num_attention_heads, num_attention_heads)?,
     };
+    if !num_attention_heads.is_multiple_of(num_key_value_heads) {
+        return Err(fields.error(
+            "num_key_value_heads",
+            format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"),
+        ));
+    }
+    // Without `head_dim` the classes use hidden_size / num_attention_heads, which must be exact.
+    let head_dim = match fields.get("head_dim") {
+        Some(_) => fields.size("head_dim", 0, MAX_HEAD_DIM)?,
+        None if hidden_size.is_multiple_of(num_attention_heads) => hidden_size / num_attention_heads,
+        None => {
+            return Err(fields.error(
+                "hidden_size",
+                format!("{hidden_size} is not a multiple of num_attention_heads {num_attention_heads} (and no head_dim is given)"),
+            ));
+        }
+    };
+    if !head_dim.is_multiple_of(2) || head_dim > MAX_HEAD_DIM {
+        return Err(fields.error("head_dim", format!("{head_dim} must be even and at most {MAX_HEAD_DIM} (RoPE rotates pairs)")));
+    }
     // LlamaConfig has no sliding window: a stray key in a Llama config is ignored, as there.
     let sliding_window = match arch {
-        TextArch::Mistral if fields.has("sliding_window") => fields.opt_usize("sliding_window")?,
+        TextArch::Mistral if fields.get("sliding_window").is_some() => {
+            Some(fields.size("sliding_window", 0, usize::MAX)?)
+        }
+        TextArch::Mistral if fields.has("sliding_window") => None,
         _ => sliding_default,
     };
     let eos_token_ids = if fields.has("eos_token_id") {
@@ -429,18 +481,16 @@ fn parse_text(fields: &Fields, arch: TextArch) -> Result<TextConfig> {
     Ok(TextConfig {
         arch,
         hidden_size,
-        intermediate_size: fields.usize("intermediate_size", intermediate_default)?,
-        num_hidden_layers: fields.usize("num_hidden_layers", 32)?,
+        intermediate_size: fields.size("intermediate_size", intermediate_default, MAX_INTERMEDIATE_SIZE)?,
+        num_hidden_layers: fields.size("num_hidden_layers", 32, MAX_LAYERS)?,
         num_attention_heads,
         num_key_value_heads,
-        head_dim: fields
-            .opt_usize("head_dim")?
-            .unwrap_or(hidden_size / num_attention_heads),
+        head_dim,
         hidden_act: fields.activation("hidden_act", Activation::Silu)?,
-        rms_norm_eps: fields.f64("rms_norm_eps", 1e-6)?,
+        rms_norm_eps: fields.positive_f64("rms_norm_eps", 1e-6)?,
         rope_theta: rope_theta(fields)?,
-        vocab_size: fields.usize("vocab_size", 32000)?,
-        max_position_embeddings: fields.usize("max_position_embeddings", max_positions_default)?,
+        vocab_size: fields.size("vocab_size", 32000, MAX_VOCAB_SIZE)?,
+        max_position_embeddings: fields.size("max_position_embeddings", max_positions_default, usize::MAX)?,
         sliding_window,
         tie_word_embeddings: fields.bool("tie_word_embeddings", false)?,
         bos_token_id,
@@ -465,55 +515,40 @@ fn rope_theta(fields: &Fields) -> Result<f64> {
                 }
             }
             if params.get("rope_theta").is_some() {
-                return params.f64("rope_theta", 0.0);
+                return params.positive_f64("rope_theta", 0.0);
             }
         }
     }
-    fields.f64("rope_theta", 10_000.0)
+    fields.positive_f64("rope_theta", 10_000.0)
 }
 
+/// Cross-field rules; each size was range-checked where it was read.
 fn validate(config: &LlavaConfig, file: &str) -> Result<()> {
     let v = &config.vision;
-    let t = &config.text;
-    let checks: [(bool, String); 6] = [
-        (
-            v.num_attention_heads > 0 && v.hidden_size.is_multiple_of(v.num_attention_heads),
+    let layers = v.num_hidden_layers as i64;
+    let used = match config.vision_feature_layer {
+        layer if layer < 0 => layers + 1 + layer,
+        layer => layer,
+    };
+    if !(0..=layers).contains(&used) {
+        let key = match config.layout {
+            ConfigLayout::LlavaHf => "vision_feature_layer",
+            ConfigLayout::OriginalLlava => "mm_vision_select_layer",
+        };
+        return Err(ModelError::config(
+            file,
             format!(
-                "vision hidden_size {} is not a multiple of num_attention_heads {}",
-                v.hidden_size, v.num_attention_heads
+                "key `{key}`: {} is outside the hidden states of the {layers}-layer vision tower \
+                 (-{} ..= {layers})",
+                config.vision_feature_layer,
+                layers + 1
             ),
-        ),
-        (
-            v.patch_size > 0 && v.image_size.is_multiple_of(v.patch_size),
-            format!(
-                "vision image_size {} is not a multiple of patch_size {}",
-                v.image_size, v.patch_size
-            ),
-        ),
-        (
-            t.num_key_value_heads > 0 && t.num_attention_heads.is_multiple_of(t.num_key_value_heads),
-            format!(
-                "text num_attention_heads {} is not a multiple of num_key_value_heads {}",
-                t.num_attention_heads, t.num_key_value_heads
-            ),
-        ),
-        (
-            t.head_dim > 0 && t.head_dim.is_multiple_of(2),
-            format!("text head_dim {} must be even and positive", t.head_dim),
-        ),
-        (
-            t.hidden_size > 0 && t.vocab_size > 0,
-            "text hidden_size and vocab_size must be positive".to_string(),
-        ),
-        (
-            !config.image_grid_pinpoints.is_empty(),
-            "image_grid_pinpoints is empty".to_string(),
-        ),
-    ];
-    match checks.into_iter().find(|(ok, _)| !ok) {
-        Some((_, msg)) => Err(ModelError::config(file, msg)),
-        None => Ok(()),
+        ));
     }
+    if config.image_grid_pinpoints.is_empty() {
+        return Err(ModelError::config(file, "key `image_grid_pinpoints`: the list is empty"));
+    }
+    Ok(())
 }
 
 /// `preprocessor_config.json` of a `LlavaNextImageProcessor`.
@@ -712,6 +747,24 @@ impl<'a> Fields<'a> {
         Ok(self.opt_usize(key)?.unwrap_or(default))
     }
 
+    /// A size in `1..=max`.
+    fn size(&self, key: &str, default: usize, max: usize) -> Result<usize> {
+        let value = self.usize(key, default)?;
+        if value == 0 || value > max {
+            return Err(self.error(key, format!("{value} must be between 1 and {max}")));
+        }
+        Ok(value)
+    }
+
+    /// A finite positive number (an epsilon, a RoPE base).
+    fn positive_f64(&self, key: &str, default: f64) -> Result<f64> {
+        let value = self.f64(key, default)?;
+        if !(value.is_finite() && value > 0.0) {
+            return Err(self.error(key, format!("{value} must be a finite positive number")));
+        }
+        Ok(value)
+    }
+
     fn opt_u32(&self, key: &str) -> Result<Option<u32>> {
         self.get(key)
             .map(|v| {
@@ -789,13 +842,21 @@ impl<'a> Fields<'a> {
         let Some(value) = self.get(key) else {
             return Ok(None);
         };
-        let bad = || self.type_error(key, "a list of [height, width] pairs of positive integers", value);
+        let bad = || {
+            let rule = format!("a list of [height, width] pairs of integers in 1..={}", llava_image::MAX_SIDE);
+            self.type_error(key, &rule, value)
+        };
+        let side = |v: &Value| {
+            v.as_u64()
+                .filter(|&s| (1..=u64::from(llava_image::MAX_SIDE)).contains(&s))
+                .map(|s| s as usize)
+        };
         let items = value.as_array().ok_or_else(bad)?;
         items
             .iter()
             .map(|pair| match pair.as_array().map(Vec::as_slice) {
-                Some([h, w]) => match (h.as_u64(), w.as_u64()) {
-                    (Some(h), Some(w)) if h > 0 && w > 0 => Ok([h as usize, w as usize]),
+                Some([h, w]) => match (side(h), side(w)) {
+                    (Some(h), Some(w)) => Ok([h, w]),
                     _ => Err(bad()),
                 },
                 _ => Err(bad()),
@@ -808,14 +869,21 @@ impl<'a> Fields<'a> {
         match self.get(key) {
             None => Ok(default),
             // A single number applies to all three channels.
-            Some(Value::Number(n)) => Ok([n.as_f64().unwrap_or(f64::NAN) as f32; 3]),
+            Some(value @ Value::Number(n)) => {
+                let x = n.as_f64().unwrap_or(f64::NAN) as f32;
+                if !x.is_finite() {
+                    return Err(self.type_error(key, "finite numbers", value));
+                }
+                Ok([x; 3])
+            }
             Some(value @ Value::Array(items)) if items.len() == 3 => {
                 let mut out = [0f32; 3];
                 for (slot, item) in out.iter_mut().zip(items) {
                     *slot = item
                         .as_f64()
-                        .ok_or_else(|| self.type_error(key, "three numbers", value))?
-                        as f32;
+                        .map(|x| x as f32)
+                        .filter(|x| x.is_finite())
+                        .ok_or_else(|| self.type_error(key, "three finite numbers", value))?;
                 }
                 Ok(out)
             }
@@ -830,7 +898,7 @@ impl<'a> Fields<'a> {
         };
         let bad = || self.type_error(key, "an integer, {height, width} or {shortest_edge}", value);
         match value {
-            Value::Number(n) => n.as_u64().map(|s| [s as usize; 2]).ok_or_else(bad),
+            Value::Number(n) => n.as_u64().and_then(|s| usize::try_from(s).ok()).map(|s| [s; 2]).ok_or_else(bad),
             Value::Object(map) => {
                 let size = self.child(key, map);
                 match (
@@ -1260,6 +1328,50 @@ mod tests {
             heads.contains("not a multiple of num_attention_heads 12"),
             "{heads}"
         );
+    }
+
+    /// One test per rule: each hostile value is refused with the file, the key and the rule.
+    #[test]
+    fn values_outside_the_models_invariants_are_refused() {
+        let cases = [
+            (r#"{"text_config": {"hidden_size": 1099511627776}}"#, "`text_config.hidden_size`: 1099511627776 must be between 1 and 65536"),
+            (r#"{"text_config": {"hidden_size": 0}}"#, "`text_config.hidden_size`: 0 must be between 1"),
+            (r#"{"text_config": {"vocab_size": 0}}"#, "`text_config.vocab_size`: 0 must be between 1"),
+            (r#"{"text_config": {"num_hidden_layers": 100000}}"#, "`text_config.num_hidden_layers`: 100000 must be between 1 and 1024"),
+            (r#"{"text_config": {"intermediate_size": 4294967296}}"#, "`text_config.intermediate_size`"),
+            (r#"{"text_config": {"num_attention_heads": 0}}"#, "`text_config.num_attention_heads`: 0 must be between 1"),
+            (r#"{"text_config": {"hidden_size": 100, "num_attention_heads": 3}}"#, "`text_config.hidden_size`: 100 is not a multiple of num_attention_heads 3"),
+            (r#"{"text_config": {"num_key_value_heads": 5}}"#, "`text_config.num_key_value_heads`: 5 does not divide num_attention_heads 32"),
+            (r#"{"text_config": {"num_key_value_heads": 64}}"#, "`text_config.num_key_value_heads`: 64 must be between 1 and 32"),
+            (r#"{"text_config": {"head_dim": 7}}"#, "`text_config.head_dim`: 7 must be even"),
+            (r#"{"text_config": {"rms_norm_eps": -1e-6}}"#, "`text_config.rms_norm_eps`: -0.000001 must be a finite positive number"),
+            (r#"{"text_config": {"rms_norm_eps": 0}}"#, "`text_config.rms_norm_eps`: 0 must be a finite positive"),
+            (r#"{"text_config": {"rope_theta": -10000}}"#, "`text_config.rope_theta`: -10000 must be a finite positive"),
+            (r#"{"text_config": {"rope_parameters": {"rope_theta": 0}}}"#, "`text_config.rope_parameters.rope_theta`: 0 must be"),
+            (r#"{"text_config": {"max_position_embeddings": 0}}"#, "`text_config.max_position_embeddings`: 0 must be between 1"),
+            (r#"{"text_config": {"model_type": "mistral", "sliding_window": 0}}"#, "`text_config.sliding_window`: 0 must be between 1"),
+            (r#"{"vision_config": {"patch_size": 0}}"#, "`vision_config.patch_size`: 0 must be between 1 and 224"),
+            (r#"{"vision_config": {"image_size": 336, "patch_size": 15}}"#, "`vision_config.patch_size`: image_size 336 must be a multiple of patch_size 15"),
+            (r#"{"vision_config": {"image_size": 336, "patch_size": 1}}"#, "with at most 128 patches per side"),
+            (r#"{"vision_config": {"image_size": 1000000}}"#, "`vision_config.image_size`: 1000000 must be between 1 and 4096"),
+            (r#"{"vision_config": {"layer_norm_eps": -1}}"#, "`vision_config.layer_norm_eps`: -1 must be a finite positive"),
+            (r#"{"vision_config": {"hidden_size": 0}}"#, "`vision_config.hidden_size`: 0 must be between 1"),
+            (r#"{"vision_feature_layer": 25}"#, "`vision_feature_layer`: 25 is outside the hidden states of the 24-layer vision tower"),
+            (r#"{"vision_feature_layer": -26}"#, "`vision_feature_layer`: -26 is outside"),
+            (r#"{"image_grid_pinpoints": [[336, 4294967632]]}"#, "`image_grid_pinpoints`: expected a list of [height, width] pairs of integers in 1..=16384"),
+            (r#"{"image_grid_pinpoints": []}"#, "`image_grid_pinpoints`: the list is empty"),
+        ];
+        for (fields, expected) in cases {
+            let mut json: Value = serde_json::from_str(fields).unwrap();
+            json["model_type"] = "llava_next".into();
+            let msg = error(&json.to_string());
+            assert!(msg.starts_with("config.json: key ") && msg.contains(expected), "{fields}: {msg}");
+        }
+        // The limits themselves are accepted.
+        parse(r#"{"model_type": "llava_next", "vision_feature_layer": 24, "text_config": {"hidden_size": 65536, "num_attention_heads": 64},
+                  "image_grid_pinpoints": [[16384, 16384]]}"#);
+        let msg = PreprocessorConfig::from_json(r#"{"image_mean": [1e300, 0, 0]}"#).unwrap_err().to_string();
+        assert!(msg.contains("`image_mean`: expected three finite numbers"), "{msg}");
     }
 
     #[test]

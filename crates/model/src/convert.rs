@@ -53,19 +53,20 @@ pub struct PlannedTensor {
 impl PlannedTensor {
     /// The safetensors entries it becomes: (name, dtype, shape, bytes).
     fn entries(&self) -> Vec<(String, &'static str, Vec<usize>, u64)> {
-        let numel: usize = self.shape.iter().product();
+        // In u64: sizes from a validated config fit it, but not a 32-bit usize (wasm).
+        let numel: u64 = self.shape.iter().map(|&d| d as u64).product();
         match self.storage {
             Storage::F32 => vec![(
                 self.name.clone(),
                 "F32",
                 self.shape.clone(),
-                4 * numel as u64,
+                4 * numel,
             )],
             Storage::F16 => vec![(
                 self.name.clone(),
                 "F16",
                 self.shape.clone(),
-                2 * numel as u64,
+                2 * numel,
             )],
             Storage::Q8 | Storage::Q6 | Storage::Q4 => {
                 let (rows, cols) = (self.shape[0], self.shape[1]);
@@ -77,13 +78,13 @@ impl PlannedTensor {
                         format!("{}{QWEIGHT_SUFFIX}", self.name),
                         "U8",
                         vec![rows, packed],
-                        (rows * packed) as u64,
+                        rows as u64 * packed as u64,
                     ),
                     (
                         format!("{}{SCALES_SUFFIX}", self.name),
                         "F16",
                         vec![rows, groups],
-                        (2 * rows * groups) as u64,
+                        2 * rows as u64 * groups as u64,
                     ),
                 ]
             }
@@ -134,7 +135,7 @@ impl ConversionPlan {
             };
             let size = tensor.bytes();
             match groups.last_mut() {
-                Some(group) if current + size <= shard_bytes => group.push(tensor),
+                Some(group) if current.saturating_add(size) <= shard_bytes => group.push(tensor),
                 _ => {
                     groups.push(vec![tensor]);
                     current = 0;
@@ -186,7 +187,7 @@ impl ConversionPlan {
             for t in &shard.tensors {
                 let row = summary.by_storage.entry(t.storage).or_default();
                 row.tensors += 1;
-                row.params += t.shape.iter().product::<usize>() as u64;
+                row.params += t.shape.iter().map(|&d| d as u64).product::<u64>();
                 row.bytes += t.bytes();
             }
         }
@@ -380,6 +381,13 @@ pub fn convert(
     keep: KeepOptions,
     shard_bytes: u64,
 ) -> Result<Converted> {
+    if input.join(MANIFEST_FILE).is_file() {
+        return Err(ModelError::Input(format!(
+            "{} is already a converted folder (it has {MANIFEST_FILE}); convert takes a checkpoint \
+             folder, and a converted one loads as it is",
+            input.display()
+        )));
+    }
     let config_path = input.join("config.json");
     let config_text =
         std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
@@ -394,10 +402,7 @@ pub fn convert(
             "the output folder must differ from the input folder".into(),
         ));
     }
-    let stale = output.join(MANIFEST_FILE);
-    if stale.exists() {
-        std::fs::remove_file(&stale).map_err(|e| ModelError::io(&stale, e))?;
-    }
+    clear_previous_conversion(input, output)?;
 
     let mut files = Vec::new();
     for name in COPIED_FILES {
@@ -444,6 +449,27 @@ pub fn convert(
         manifest,
         summary: plan.summary(),
     })
+}
+
+/// Removes what an earlier conversion in `output` would leave mixed into this one: its manifest
+/// first (so an interrupted run leaves no loadable mix), then the shards it lists and the copied
+/// files this input does not have (a stale `chat_template.jinja` would be read as this model's).
+fn clear_previous_conversion(input: &Path, output: &Path) -> Result<()> {
+    let manifest_path = output.join(MANIFEST_FILE);
+    let Ok(text) = std::fs::read_to_string(&manifest_path) else { return Ok(()) };
+    std::fs::remove_file(&manifest_path).map_err(|e| ModelError::io(&manifest_path, e))?;
+    // Read leniently: a manifest of another version still names its shards.
+    let previous: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    let shards = previous["shards"].as_array().into_iter().flatten().filter_map(|s| s["file"].as_str());
+    let plain = |name: &&str| Path::new(name).components().count() == 1 && !name.starts_with('.');
+    let copied = COPIED_FILES.iter().copied().filter(|name| !input.join(name).is_file());
+    for name in shards.filter(plain).chain(copied) {
+        let path = output.join(name);
+        if path.is_file() {
+            std::fs::remove_file(&path).map_err(|e| ModelError::io(&path, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// What [`convert`] wrote.

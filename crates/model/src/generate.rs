@@ -44,6 +44,26 @@ impl Default for GenerateParams {
 }
 
 impl GenerateParams {
+    /// Checks every parameter before any work, naming the parameter and the rule.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |name: &str, value: &dyn std::fmt::Debug, rule: &str| {
+            Err(ModelError::Input(format!("generation parameter `{name}` is {value:?}; it must be {rule}")))
+        };
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad("temperature", &self.temperature, "a finite number >= 0 (0: greedy)");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", &self.top_p, "in (0, 1]");
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad("repetition_penalty", &self.repetition_penalty, "a finite number > 0 (1: off)");
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return bad("stop", &self.stop, "non-empty strings (an empty one would stop at once)");
+        }
+        Ok(())
+    }
+
     fn greedy(&self) -> bool {
         self.temperature <= 0.0 && self.repetition_penalty == 1.0
     }
@@ -64,7 +84,9 @@ impl GenerateParams {
 #[derive(Clone, Debug)]
 pub struct TokenEvent<'a> {
     pub token_id: u32,
-    /// The new text this token completes (may be empty while a multi-byte character is partial).
+    /// The new text this token completes. It may be empty while a multi-byte character is
+    /// partial, or while the text could be the beginning of a stop string: held-back text comes
+    /// with a later token, or in one last event (with the last token's id) when generation ends.
     pub text: &'a str,
 }
 
@@ -75,6 +97,8 @@ pub enum StopReason {
     StopString,
     MaxTokens,
     Cancelled,
+    /// The KV cache is full: the reply holds the text generated so far.
+    ContextFull,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -174,6 +198,11 @@ impl ChatSession {
         &self.messages
     }
 
+    /// Whether an image is part of the conversation (a turn that failed adds none).
+    pub fn has_image(&self) -> bool {
+        self.image.is_some()
+    }
+
     /// Runs one turn, streaming tokens to `on_token`; returning `false` from it cancels.
     pub async fn send(
         &mut self,
@@ -182,27 +211,39 @@ impl ChatSession {
         params: &GenerateParams,
         mut on_token: impl FnMut(TokenEvent<'_>) -> bool,
     ) -> Result<Reply> {
+        params.validate()?;
+        check_turn(&turn, self.image.is_some())?;
         let mut timings = Timings::default();
         if turn.raw_prompt {
             self.reset();
         }
-        if let Some(image) = turn.image {
-            if self.image.is_some() {
-                return Err(ModelError::Input(
-                    "this chat already has an image; reset the chat to ask about another one".into(),
-                ));
+        // The session takes the image only when the turn succeeds, so that a failed turn leaves
+        // the conversation as it was.
+        let new_image = match turn.image {
+            Some(image) => {
+                let start = Instant::now();
+                let encoded = model.encode_image(image).await?;
+                timings.vision_s = start.elapsed().as_secs_f64();
+                Some(encoded)
             }
-            let start = Instant::now();
-            self.image = Some(model.encode_image(image).await?);
-            timings.vision_s = start.elapsed().as_secs_f64();
-        }
-        let image_tokens = self.image.as_ref().map(|i| i.tokens);
+            None => None,
+        };
+        let image = new_image.as_ref().or(self.image.as_ref());
+        let image_tokens = image.map(|i| i.tokens);
         let prompt = if turn.raw_prompt {
             turn.text.to_string()
         } else {
             let mut messages = self.messages.clone();
             messages.push(Message::user(turn.image.is_some() as usize, turn.text));
-            model.render_chat(self.system.as_deref(), &messages)?
+            let prompt = model.render_chat(self.system.as_deref(), &messages)?;
+            if turn.image.is_some() && !prompt.contains("<image>") {
+                return Err(ModelError::Template(
+                    "the chat template wrote no `<image>` for the message's image (it must render an \
+                     {\"type\": \"image\"} content item as `<image>`)"
+                        .into(),
+                ));
+            }
+            prompt
         };
         let (ids, image_start) = model.tokenize_prompt(&prompt, image_tokens)?;
         if ids.len() + params.max_new_tokens.min(1) > self.cache.capacity() {
@@ -218,7 +259,7 @@ impl ChatSession {
         let mut batch = gpu.batch();
         let new_ids = &ids[common..];
         let x = model.embed_prompt(&mut batch, new_ids)?;
-        if let (Some(image), Some(image_start)) = (&self.image, image_start) {
+        if let (Some(image), Some(image_start)) = (image, image_start) {
             model.splice_image(&mut batch, &x, common, image_start, image)?;
         }
         if self.plan.is_none() {
@@ -260,8 +301,13 @@ impl ChatSession {
         let mut decoder = model.tokenizer().stream_decoder(true);
         let mut tokens = Vec::new();
         let mut text = String::new();
+        // Bytes of `text` already passed to `on_token`.
+        let mut streamed = 0;
         let mut next = sampler.pending.take().expect("prefill picks the first token");
         let stop_reason = loop {
+            if params.max_new_tokens == 0 {
+                break StopReason::MaxTokens;
+            }
             tokens.push(next);
             sampler.seen(next);
             if !params.ignore_eos && model.is_eos(next) {
@@ -273,14 +319,17 @@ impl ChatSession {
                 text.truncate(cut);
                 break StopReason::StopString;
             }
-            if !on_token(TokenEvent { token_id: next, text: &piece }) {
+            let release = streamable_len(&text, &params.stop).max(streamed);
+            if !on_token(TokenEvent { token_id: next, text: &text[streamed..release] }) {
+                streamed = release;
                 break StopReason::Cancelled;
             }
+            streamed = release;
             if tokens.len() >= params.max_new_tokens {
                 break StopReason::MaxTokens;
             }
             if self.cache.len() + 1 > self.cache.capacity() {
-                return Err(ModelError::ContextOverflow { needed: self.cache.len() + 1, capacity: self.cache.capacity() });
+                break StopReason::ContextFull;
             }
             // One decode step: one submission, one number (or the logits) read back.
             let mut batch = gpu.batch();
@@ -306,9 +355,16 @@ impl ChatSession {
             self.cached_ids.push(tokens[tokens.len() - 1]);
         };
         let gpu_per_token = GpuPerToken::average(gpu.counters() - counted_from, tokens.len().saturating_sub(1), plan.is_some());
+        // Text held back because it could have begun a stop string.
+        if let Some(&last) = tokens.last().filter(|_| streamed < text.len()) {
+            on_token(TokenEvent { token_id: last, text: &text[streamed..] });
+        }
         timings.decode_s = start.elapsed().as_secs_f64();
         timings.decode_tokens_per_s = tokens.len() as f64 / timings.decode_s.max(1e-9);
 
+        if new_image.is_some() {
+            self.image = new_image;
+        }
         if !turn.raw_prompt {
             self.messages.push(Message::user(turn.image.is_some() as usize, turn.text));
             self.messages.push(Message::assistant(text.clone()));
@@ -324,6 +380,35 @@ impl ChatSession {
             first_logits,
         })
     }
+}
+
+/// Refuses a turn that cannot work before it changes anything: a second image, or a chat
+/// message that types the `<image>` placeholder itself.
+fn check_turn(turn: &Turn<'_>, has_image: bool) -> Result<()> {
+    if turn.image.is_some() && has_image && !turn.raw_prompt {
+        return Err(ModelError::Input(
+            "this chat already has an image; reset the chat to ask about another one".into(),
+        ));
+    }
+    if !turn.raw_prompt && turn.text.contains("<image>") {
+        return Err(ModelError::Input(
+            "the message contains the text `<image>`, which marks where the image goes in a prompt; \
+             remove it (the image is attached separately)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// How much of `text` may be streamed: all but the longest ending that could still grow into a
+/// stop string (so the caller never sees the beginning of one).
+fn streamable_len(text: &str, stop: &[String]) -> usize {
+    let longest = stop.iter().map(String::len).max().unwrap_or(0);
+    let earliest = text.len().saturating_sub(longest.saturating_sub(1));
+    (earliest..text.len())
+        .filter(|&i| text.is_char_boundary(i))
+        .find(|&i| stop.iter().any(|s| s.starts_with(&text[i..])))
+        .unwrap_or(text.len())
 }
 
 /// transformers' logits processing order: repetition penalty, temperature, top-k, top-p. The
@@ -480,6 +565,39 @@ mod tests {
                 assert!((h - g).abs() < 0.012, "{p:?}: token {t}: host {h:.4}, gpu {g:.4}");
                 assert_eq!(h == 0.0, g == 0.0, "{p:?}: token {t} kept by one sampler only");
             }
+        }
+    }
+
+    #[test]
+    fn text_that_could_begin_a_stop_string_is_held_back() {
+        let stop = ["</answer>".to_string(), "##".to_string()];
+        assert_eq!(streamable_len("hello", &stop), 5);
+        assert_eq!(streamable_len("hello </ans", &stop), 6);
+        assert_eq!(streamable_len("hello #", &stop), 6);
+        assert_eq!(streamable_len("a < b", &stop), 5);
+        assert_eq!(streamable_len("", &stop), 0);
+        assert_eq!(streamable_len("anything <", &[]), 10);
+        // A held-back ending starts on a character boundary.
+        assert_eq!(streamable_len("é<", &["<é>".to_string()]), 2);
+        assert_eq!(streamable_len("xé", &["éa".to_string()]), 1);
+    }
+
+    #[test]
+    fn bad_sampling_parameters_are_refused_by_name() {
+        assert!(GenerateParams::default().validate().is_ok());
+        let cases = [
+            (GenerateParams { temperature: f32::NAN, ..Default::default() }, "`temperature` is NaN"),
+            (GenerateParams { temperature: -1.0, ..Default::default() }, "`temperature` is -1.0"),
+            (GenerateParams { temperature: f32::INFINITY, ..Default::default() }, "`temperature` is inf"),
+            (GenerateParams { repetition_penalty: 0.0, ..Default::default() }, "`repetition_penalty` is 0.0"),
+            (GenerateParams { repetition_penalty: f32::NAN, ..Default::default() }, "`repetition_penalty` is NaN"),
+            (GenerateParams { top_p: 0.0, ..Default::default() }, "`top_p` is 0.0; it must be in (0, 1]"),
+            (GenerateParams { top_p: 1.5, ..Default::default() }, "`top_p` is 1.5"),
+            (GenerateParams { stop: vec!["x".into(), String::new()], ..Default::default() }, "`stop` is [\"x\", \"\"]"),
+        ];
+        for (params, expected) in cases {
+            let msg = params.validate().unwrap_err().to_string();
+            assert!(msg.contains(expected), "{msg}");
         }
     }
 

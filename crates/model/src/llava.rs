@@ -58,10 +58,15 @@ impl ModelFiles {
         let config = LlavaConfig::from_dir(dir)?;
         let preprocessor = PreprocessorConfig::from_dir(dir)?;
         let generation = GenerationConfig::from_dir(dir)?;
+        let tokenizer = Tokenizer::from_dir(dir)?;
+        check_image_token(&config, &tokenizer, &dir.join("config.json").display().to_string())?;
         Ok(ModelFiles {
-            tokenizer: Tokenizer::from_dir(dir)?,
+            tokenizer,
             template: ChatTemplate::for_model(dir, &config)?,
-            image_config: image_config(&config, preprocessor.as_ref()),
+            image_config: image_config(&config, preprocessor.as_ref(), [
+                &dir.join("config.json").display().to_string(),
+                &dir.join("preprocessor_config.json").display().to_string(),
+            ])?,
             eos_ids: eos_ids(&config, generation.as_ref()),
             config,
         })
@@ -81,6 +86,7 @@ impl ModelFiles {
                 Tokenizer::from_sentencepiece_with_config(model, tokenizer_config, Some(model_type))
             }
         }?;
+        check_image_token(&config, &tokenizer, "config.json")?;
         let template = match contents.chat_template {
             Some(source) => ChatTemplate::from_source(source)?,
             None => ChatTemplate::builtin(BuiltinTemplate::for_config(&config)),
@@ -88,7 +94,7 @@ impl ModelFiles {
         Ok(ModelFiles {
             tokenizer,
             template,
-            image_config: image_config(&config, preprocessor.as_ref()),
+            image_config: image_config(&config, preprocessor.as_ref(), ["config.json", "processor_config.json"])?,
             eos_ids: eos_ids(&config, generation.as_ref()),
             config,
         })
@@ -113,16 +119,44 @@ pub struct FileContents<'a> {
     pub generation: Option<&'a str>,
 }
 
-fn image_config(config: &LlavaConfig, pre: Option<&PreprocessorConfig>) -> ImageConfig {
+/// The image token must be a row of the embedding table and the tokenizer's `<image>`, or no
+/// prompt can place an image (each cause named here rather than as a prompt without `<image>`).
+fn check_image_token(config: &LlavaConfig, tokenizer: &Tokenizer, file: &str) -> Result<()> {
+    let Some(id) = config.image_token_index else { return Ok(()) };
+    let vocab = config.text.vocab_size;
+    if id as usize >= vocab {
+        return Err(ModelError::config(
+            file,
+            format!("key `image_token_index`: {id} is outside the vocabulary of {vocab} tokens (text_config.vocab_size)"),
+        ));
+    }
+    match tokenizer.token_id("<image>") {
+        Some(found) if found == id => Ok(()),
+        Some(found) => Err(ModelError::config(
+            file,
+            format!("key `image_token_index`: {id}, but the tokenizer's `<image>` token is {found}"),
+        )),
+        None => Err(ModelError::Tokenizer(format!(
+            "the tokenizer has no `<image>` token, which {file} (image_token_index {id}) needs to place images"
+        ))),
+    }
+}
+
+/// The image settings, checked: `files` names the config and preprocessor files for errors.
+/// The config caps image and pinpoint sizes far below `u32::MAX`, so the casts are exact.
+pub(crate) fn image_config(config: &LlavaConfig, pre: Option<&PreprocessorConfig>, files: [&str; 2]) -> Result<ImageConfig> {
+    let pinpoints_file = if pre.is_some_and(|p| p.image_grid_pinpoints.is_some()) { files[1] } else { files[0] };
     let pre = pre.cloned().unwrap_or_else(|| PreprocessorConfig::for_model(config));
     let pinpoints = pre.image_grid_pinpoints.as_ref().unwrap_or(&config.image_grid_pinpoints);
-    ImageConfig {
+    let image_config = ImageConfig {
         tile_size: config.vision.image_size as u32,
         patch_size: config.vision.patch_size as u32,
         grid_pinpoints: pinpoints.iter().map(|&[h, w]| [h as u32, w as u32]).collect(),
         image_mean: pre.image_mean,
         image_std: pre.image_std,
-    }
+    };
+    image_config.validate().map_err(|e| ModelError::config(pinpoints_file, e.to_string()))?;
+    Ok(image_config)
 }
 
 fn eos_ids(config: &LlavaConfig, generation: Option<&GenerationConfig>) -> Vec<u32> {

@@ -21,8 +21,8 @@ use llava_gpu::{DType, Gpu, Tensor};
 use sha2::{Digest, Sha256};
 
 use crate::checkpoint::{
-    Dtype, HostTensor, SafetensorsEntry, StoredDtype, canonical_name, header_len, is_ignorable,
-    not_part_of_the_model, parse_header,
+    Dtype, HostTensor, SafetensorsEntry, StoredDtype, canonical_name, checked_numel, header_len,
+    is_ignorable, not_part_of_the_model, parse_header,
 };
 use crate::error::{ModelError, Result};
 use crate::manifest::{MANIFEST_FILE, Manifest, QWEIGHT_SUFFIX, SCALES_SUFFIX, Storage, hex};
@@ -275,6 +275,34 @@ fn join(location: &str, file: &str) -> String {
 
 fn size_mismatch(got: u64, want: u64) -> String {
     format!("{got} bytes, the manifest says {want} (truncated or incomplete download?)")
+}
+
+/// Streams a whole safetensors file through the shard parser `chunk` bytes at a time and returns
+/// every entry with its bytes, in file order. The entry point of the shard fuzz target.
+pub fn scan_shard(bytes: &[u8], chunk: usize) -> Result<Vec<(SafetensorsEntry, Vec<u8>)>> {
+    let mut stream = ShardStream::new("shard.safetensors".into(), Some(bytes.len() as u64));
+    let mut sink = Recording::default();
+    for part in bytes.chunks(chunk.max(1)) {
+        stream.push(part, &mut sink)?;
+    }
+    stream.finish()?;
+    Ok(sink.tensors)
+}
+
+/// Keeps every entry and its bytes.
+#[derive(Default)]
+struct Recording {
+    tensors: Vec<(SafetensorsEntry, Vec<u8>)>,
+}
+
+impl ShardSink for Recording {
+    fn header(&mut self, entries: Vec<SafetensorsEntry>) -> Result<Vec<SafetensorsEntry>> {
+        Ok(entries)
+    }
+    fn tensor(&mut self, entry: SafetensorsEntry, bytes: Cow<'_, [u8]>) -> Result<()> {
+        self.tensors.push((entry, bytes.into_owned()));
+        Ok(())
+    }
 }
 
 /// Receives a shard's header entries and then its tensors' bytes.
@@ -550,9 +578,8 @@ impl Uploads<'_> {
                     let data = self.take_entry(&mut by_name, &qname, "U8")?;
                     let scales = self.take_entry(&mut by_name, &sname, "F16")?;
                     let (qshape, sshape) = (&data.info.shape, &scales.info.shape);
-                    let numel: usize = qshape.iter().product();
                     // parse_header checks the byte counts of float dtypes only.
-                    if (data.end - data.start) as usize != numel {
+                    if checked_numel(qshape) != Some(data.end - data.start) {
                         let msg = format!(
                             "tensor {qname}: {} bytes for U8 shape {qshape:?}",
                             data.end - data.start
@@ -704,22 +731,6 @@ mod tests {
         GPU.get_or_init(|| Gpu::new_blocking().expect("a wgpu adapter"))
     }
 
-    /// Keeps every entry and records its bytes.
-    #[derive(Default)]
-    struct Recording {
-        tensors: Vec<(String, Vec<u8>)>,
-    }
-
-    impl ShardSink for Recording {
-        fn header(&mut self, entries: Vec<SafetensorsEntry>) -> Result<Vec<SafetensorsEntry>> {
-            Ok(entries)
-        }
-        fn tensor(&mut self, entry: SafetensorsEntry, bytes: Cow<'_, [u8]>) -> Result<()> {
-            self.tensors.push((entry.name, bytes.into_owned()));
-            Ok(())
-        }
-    }
-
     fn shard_files() -> Vec<PathBuf> {
         Checkpoint::open(MISTRAL).unwrap().files().to_vec()
     }
@@ -747,7 +758,8 @@ mod tests {
                 }
                 assert_eq!(stream.finish().unwrap(), sha256_hex(&bytes));
                 assert!(!sink.tensors.is_empty());
-                for (name, data) in &sink.tensors {
+                for (entry, data) in &sink.tensors {
+                    let name = &entry.name;
                     let Some(canonical) = canonical_name(name) else {
                         assert!(is_ignorable(name), "{name}");
                         continue;
@@ -758,7 +770,7 @@ mod tests {
                         "{name} in chunks of {size}"
                     );
                 }
-                let names: BTreeSet<_> = sink.tensors.iter().map(|(n, _)| n.clone()).collect();
+                let names: BTreeSet<_> = sink.tensors.iter().map(|(e, _)| e.name.clone()).collect();
                 assert_eq!(names.len(), sink.tensors.len(), "each tensor once");
             }
         }
@@ -980,5 +992,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("holds tensor lm_head.weight"), "{msg}");
+    }
+    #[test]
+    fn quantized_shapes_whose_product_overflows_are_refused() {
+        // 2^32 x 2^32 U8 values in 4 stored bytes: the product wraps to 0 in u64.
+        let header = json!({
+            "lm_head.weight.qweight": {"dtype": "U8", "shape": [1u64 << 32, 1u64 << 32], "data_offsets": [0, 4]},
+            "lm_head.weight.scales": {"dtype": "F16", "shape": [1, 1], "data_offsets": [4, 6]},
+        });
+        let json = serde_json::to_vec(&header).unwrap();
+        let mut file = (json.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(&json);
+        file.extend_from_slice(&[0; 6]);
+        let manifest = json!({
+            "format": crate::manifest::FORMAT_NAME,
+            "version": crate::manifest::FORMAT_VERSION,
+            "config": {},
+            "files": [],
+            "quant": {"precision": "q8", "group_sizes": Storage::group_sizes(), "tensors": {"lm_head.weight": "q8"}},
+            "shards": [{"file": "a.safetensors", "bytes": file.len(), "sha256": sha256_hex(&file), "tensors": ["lm_head.weight"]}],
+        });
+        let manifest = Manifest::from_json(&manifest.to_string()).unwrap();
+        let mut loader = WeightLoader::converted(gpu(), manifest, "dir");
+        let msg = push_shard(&mut loader, "a.safetensors", &file, 7).unwrap_err().to_string();
+        assert!(
+            msg.contains("dir/a.safetensors") && msg.contains("lm_head.weight.qweight: 4 bytes for U8 shape"),
+            "{msg}"
+        );
     }
 }

@@ -69,8 +69,8 @@ impl Storage {
     pub fn cols_from_packed(self, packed: usize) -> Option<usize> {
         match self {
             Storage::Q8 => Some(packed),
-            Storage::Q6 => (packed % 3 == 0).then_some(packed / 3 * 4),
-            Storage::Q4 => Some(packed * 2),
+            Storage::Q6 => (packed % 3 == 0).then(|| (packed / 3).checked_mul(4)).flatten(),
+            Storage::Q4 => packed.checked_mul(2),
             Storage::F32 | Storage::F16 => None,
         }
     }
@@ -199,6 +199,9 @@ impl Manifest {
                 }
             }
         }
+        if self.shards.iter().try_fold(0u64, |total, s| total.checked_add(s.bytes)).is_none() {
+            return Err(bad("the shard sizes (`shards[].bytes`) add up to more than 2^64 bytes".into()));
+        }
         if let Some(name) = self
             .quant
             .tensors
@@ -225,5 +228,43 @@ impl Manifest {
 
     pub fn total_bytes(&self) -> u64 {
         self.shards.iter().map(|s| s.bytes).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn manifest(shards: Value) -> Value {
+        json!({
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "config": {},
+            "files": [],
+            "quant": {"precision": "f16", "group_sizes": Storage::group_sizes(),
+                      "tensors": {"a": "f16", "b": "f16"}},
+            "shards": shards,
+        })
+    }
+
+    #[test]
+    fn shard_sizes_that_overflow_are_refused() {
+        let shard = |file: &str, bytes: u64, tensor: &str| {
+            json!({"file": file, "bytes": bytes, "sha256": "00", "tensors": [tensor]})
+        };
+        let ok = manifest(json!([shard("a.safetensors", 8, "a"), shard("b.safetensors", 16, "b")]));
+        assert_eq!(Manifest::from_json(&ok.to_string()).unwrap().total_bytes(), 24);
+        let wraps = manifest(json!([shard("a.safetensors", u64::MAX, "a"), shard("b.safetensors", 2, "b")]));
+        let msg = Manifest::from_json(&wraps.to_string()).unwrap_err().to_string();
+        assert!(msg.starts_with("manifest.json: ") && msg.contains("`shards[].bytes`"), "{msg}");
+    }
+
+    #[test]
+    fn packed_widths_that_overflow_have_no_columns() {
+        assert_eq!(Storage::Q4.cols_from_packed(6), Some(12));
+        assert_eq!(Storage::Q6.cols_from_packed(6), Some(8));
+        assert_eq!(Storage::Q4.cols_from_packed(usize::MAX), None);
+        assert_eq!(Storage::Q6.cols_from_packed(usize::MAX / 3 * 3), None);
     }
 }

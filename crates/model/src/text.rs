@@ -372,6 +372,10 @@ pub struct ChatTemplate {
 
 const TEMPLATE_NAME: &str = "chat";
 
+/// Template instructions one render may run: real chat templates use a few dozen per message; a
+/// hostile one (nested `range(100000)` loops) stops with an error instead of running for hours.
+const TEMPLATE_FUEL: u64 = 1_000_000;
+
 impl ChatTemplate {
     /// Compiles a Jinja chat template with transformers' settings (`trim_blocks`,
     /// `lstrip_blocks`, `raise_exception`, Python string methods).
@@ -379,6 +383,7 @@ impl ChatTemplate {
         let mut env = minijinja::Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",
@@ -1003,5 +1008,16 @@ mod tests {
             template.render(&[Message::user(1, "Q")], true).unwrap(),
             "[INST] <image>\nQ [/INST]"
         );
+    }
+    #[test]
+    fn a_template_that_would_run_for_hours_stops_with_an_error() {
+        let nested = "{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}";
+        let err = ChatTemplate::from_source(nested).unwrap().render(&[Message::user(0, "Q")], true).unwrap_err();
+        assert!(err.to_string().starts_with("chat template: ") && err.to_string().contains("fuel"), "{err}");
+        // A long conversation stays far within the budget.
+        let template = ChatTemplate::builtin(BuiltinTemplate::ChatMl);
+        let messages: Vec<Message> =
+            (0..500).map(|i| if i % 2 == 0 { Message::user(0, "Q") } else { Message::assistant("A") }).collect();
+        assert!(template.render(&messages, true).unwrap().matches("Q").count() >= 250);
     }
 }

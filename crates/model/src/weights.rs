@@ -232,7 +232,12 @@ impl Weights {
             .remove(name)
             .ok_or_else(|| ModelError::checkpoint("weights", format!("tensor {name} is missing")))?;
         if t.shape() != shape {
-            let msg = format!("tensor {name} has shape {:?}, expected {shape:?}", t.shape());
+            // The expected shape comes from the config's sizes.
+            let msg = format!(
+                "tensor {name} has shape {:?}, but config.json's sizes make it {shape:?} \
+                 (the config does not describe these weights)",
+                t.shape()
+            );
             return Err(ModelError::checkpoint("weights", msg));
         }
         Ok(t)

@@ -274,6 +274,30 @@ fn converted_copy() -> tempfile::TempDir {
     out
 }
 
+/// Converting into a folder that holds an earlier conversion replaces it: no old shard or copied
+/// file survives to be mixed with the new model.
+#[test]
+fn converting_over_an_earlier_conversion_replaces_it() {
+    let out = converted_copy();
+    let old_shards: Vec<String> = Manifest::read(out.path()).unwrap().shards.iter().map(|s| s.file.clone()).collect();
+    assert!(out.path().join("chat_template.jinja").is_file() && !old_shards.is_empty());
+    // liuhaotian-tiny ships no chat_template.jinja and, with one big shard, other shard names.
+    convert::convert(&fixture("liuhaotian-tiny"), out.path(), WeightPrecision::Q8, KeepOptions::default(), u64::MAX)
+        .unwrap();
+    let manifest = Manifest::read(out.path()).unwrap();
+    assert_eq!(manifest.shards.len(), 1);
+    assert!(!out.path().join("chat_template.jinja").exists());
+    for old in old_shards.iter().filter(|f| **f != manifest.shards[0].file) {
+        assert!(!out.path().join(old).exists(), "{old} is left over");
+    }
+    // It answers as the same conversion into an empty folder does.
+    let fresh = tempfile::tempdir().unwrap();
+    convert::convert(&fixture("liuhaotian-tiny"), fresh.path(), WeightPrecision::Q8, KeepOptions::default(), u64::MAX)
+        .unwrap();
+    let reply = run(&load(out.path(), WeightPrecision::Native).unwrap(), "liuhaotian-tiny");
+    assert_eq!(reply.tokens, run(&load(fresh.path(), WeightPrecision::Native).unwrap(), "liuhaotian-tiny").tokens);
+}
+
 fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut Value)) {
     let path = dir.join(MANIFEST_FILE);
     let mut manifest: Value =

@@ -7,8 +7,8 @@
 //! (greyscale) or three components (YCbCr, or RGB when libjpeg would guess so from an Adobe marker
 //! with transform 0 or component ids 'R','G','B'), any integral sampling factors, restart markers,
 //! fill bytes, and missing DHT segments (libjpeg-turbo's standard tables). [`decode_jpeg`] returns
-//! `Ok(None)` for what it does not reproduce: arithmetic coding, lossless and hierarchical files,
-//! and four components (CMYK/YCCK). Progressive files whose scans leave some of the first ten
+//! `Ok(None)` for what it does not reproduce: lossless and hierarchical files, and four components
+//! (CMYK/YCCK); arithmetic-coded files are refused with an error that says so. Progressive files whose scans leave some of the first ten
 //! coefficients unrefined get libjpeg's block smoothing.
 //!
 //! Damaged entropy-coded data is decoded the way libjpeg does it with its warnings (which Pillow
@@ -181,8 +181,16 @@ pub(crate) fn decode_jpeg(bytes: &[u8]) -> Result<Option<Rgb8>, ImageError> {
                 pos += length;
                 match marker {
                     0xc0..=0xc2 => decoder.start_frame(body, marker == 0xc2)?,
-                    // Lossless, arithmetic-coded and hierarchical frames.
-                    0xc3 | 0xc5..=0xc7 | 0xc9..=0xcb | 0xcd..=0xcf => return Ok(None),
+                    // Arithmetic coding: zune-jpeg cannot decode it either (it fails with an
+                    // unrelated message), so it is refused here by name.
+                    0xc9..=0xcb | 0xcd..=0xcf => {
+                        return Err(ImageError::Decode(format!(
+                            "arithmetic-coded JPEG (frame marker FF{marker:02X}) is not supported; \
+                             save the image as a Huffman-coded JPEG or as PNG"
+                        )));
+                    }
+                    // Lossless and hierarchical frames.
+                    0xc3 | 0xc5..=0xc7 => return Ok(None),
                     0xc4 => decoder.define_huffman_tables(body)?,
                     0xdb => decoder.define_quant_tables(body)?,
                     0xdd => decoder.define_restart_interval(body)?,
