@@ -144,4 +144,13 @@ $('send').addEventListener('click', async () => {
 
 $('stop').addEventListener('click', () => reply?.cancel());
 
+// The repository's sample picture (assets/sample.jpg), so that a first question needs no file;
+// a file chosen meanwhile wins. Without it (the page served alone) the page just waits for one.
+fetch(new URL('../assets/sample.jpg', import.meta.url))
+  .then((response) => (response.ok ? response.blob() : null))
+  .then((blob) => {
+    if (blob && !image) setImage(new File([blob], 'sample.jpg', { type: 'image/jpeg' }));
+  })
+  .catch(() => {});
+
 setState('empty');
