@@ -108,6 +108,11 @@ export interface LoadOptions {
    * not yet stored; when storage is full the files load without the cache (default true).
    */
   cache?: boolean;
+  /**
+   * GPU memory, in MiB, for the projected features of images already seen (default 256; 0: off):
+   * a new chat, a reset chat or another question about the same image skips the vision tower.
+   */
+  imageCacheMB?: number;
 }
 
 export interface GenerateOptions {
@@ -147,7 +152,15 @@ export interface ChatResult {
   promptTokens: number;
   imageTokens: number;
   stopReason: 'eos' | 'stop_string' | 'max_tokens' | 'cancelled';
-  timings: { visionS: number; prefillS: number; prefillTokens: number; decodeS: number; decodeTokensPerS: number };
+  timings: {
+    visionS: number;
+    /** The image's features came from the model's cache (the vision tower did not run). */
+    imageCached: boolean;
+    prefillS: number;
+    prefillTokens: number;
+    decodeS: number;
+    decodeTokensPerS: number;
+  };
 }
 
 export interface ChatReply extends AsyncIterable<StreamedToken> {

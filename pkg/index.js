@@ -141,9 +141,10 @@ export class LlavaModel {
    * 'download'), a file loaded without the cache (stage 'warning', also a console warning) and
    * the built model (stage 'ready'); `quant`: 'f32' | 'f16' | 'q8' | 'q4' (default: the
    * checkpoint's precision); `context`: KV-cache size in tokens; `cache` (default true): keep the
-   * downloaded files in the browser's Cache API storage for the next load.
+   * downloaded files in the browser's Cache API storage for the next load; `imageCacheMB`
+   * (default 256, 0: off): GPU memory for reusing the features of images already seen.
    */
-  static async load(url, { onProgress, quant, context, cache = true } = {}) {
+  static async load(url, { onProgress, quant, context, cache = true, imageCacheMB } = {}) {
     const client = new WorkerClient();
     const absolute = new URL(url, globalThis.location?.href).href;
     let bytes = { loaded: 0, total: 0, file: '' };
@@ -159,7 +160,7 @@ export class LlavaModel {
     try {
       const { handle, info } = await client.call(
         'loadModel',
-        { url: absolute, options: { quant, context, cache: Boolean(cache) } },
+        { url: absolute, options: { quant, context, cache: Boolean(cache), imageCacheMB } },
         { onEvent },
       );
       onProgress?.({ stage: 'ready', loaded: bytes.loaded, total: bytes.total, file: '' });

@@ -66,7 +66,10 @@ pub enum StopReason {
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Timings {
+    /// Vision tower and projector (about 0 when the image's features came from the model's cache).
     pub vision_s: f64,
+    /// The image's features were reused from the model's cache ([`crate::image_cache`]).
+    pub image_cached: bool,
     pub prefill_s: f64,
     pub prefill_tokens: usize,
     pub decode_s: f64,
@@ -145,7 +148,8 @@ impl ChatSession {
                 ));
             }
             let start = Instant::now();
-            self.image = Some(model.encode_image(image).await?);
+            let (encoded, cached) = model.encode_image_cached(image).await?;
+            (self.image, timings.image_cached) = (Some(encoded), cached);
             timings.vision_s = start.elapsed().as_secs_f64();
         }
         let image_tokens = self.image.as_ref().map(|i| i.tokens);

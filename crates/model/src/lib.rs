@@ -5,6 +5,7 @@ pub mod config;
 pub mod convert;
 pub mod error;
 pub mod generate;
+pub mod image_cache;
 pub mod language;
 pub mod llava;
 pub mod loader;
