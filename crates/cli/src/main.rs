@@ -15,6 +15,8 @@ use llava_model::convert::{self, ConversionPlan};
 use llava_model::{Dtype, LlavaConfig, ModelError, npy};
 use web_time::Instant;
 
+mod eval;
+
 /// The tiny random-weight checkpoint bundled with the repository (real geometry, nonsense answers).
 const BUNDLED_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/models/mistral-tiny");
 
@@ -35,6 +37,8 @@ enum Command {
     Chat(ChatArgs),
     /// Convert a checkpoint folder to sharded, GPU-layout weights (docs/converted-format.md).
     Convert(ConvertArgs),
+    /// Answer a JSON Lines set of questions, write the answers, print the accuracy (resumable).
+    Eval(eval::EvalArgs),
 }
 
 #[derive(Args)]
@@ -48,6 +52,9 @@ struct ModelArgs {
     /// KV-cache size in tokens.
     #[arg(long)]
     context: Option<usize>,
+    /// GPU memory for reusing images' features across chats and questions (0: off).
+    #[arg(long, default_value_t = llava_model::image_cache::DEFAULT_IMAGE_CACHE_BYTES >> 20)]
+    image_cache_mb: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -183,6 +190,7 @@ fn main() -> ExitCode {
         Command::Preprocess(args) => preprocess(args),
         Command::Chat(args) => chat(args),
         Command::Convert(args) => convert(args),
+        Command::Eval(args) => eval::eval(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -233,6 +241,7 @@ fn load(args: &ModelArgs) -> CliResult<(Llava, f64)> {
         eprintln!();
     }
     let model = loaded.map_err(|e| format!("loading {}: {e}", dir.display()))?;
+    model.set_image_cache_limit(args.image_cache_mb.saturating_mul(1 << 20));
     Ok((model, start.elapsed().as_secs_f64()))
 }
 
