@@ -35,7 +35,15 @@ export interface SelfTestReport {
 }
 
 /** Runs a few of the model's GPU kernels in the worker and compares them with the CPU. */
-export function gpuSelfTest(options?: { seed?: number }): Promise<SelfTestReport>;
+/** Where the package's worker and wasm are served, for setups that move them (default: beside pkg/index.js). */
+export interface AssetUrls {
+  /** URL of pkg/worker.js (a module worker). */
+  workerUrl?: string | URL;
+  /** URL of pkg/llava_web_bg.wasm. */
+  wasmUrl?: string | URL;
+}
+
+export function gpuSelfTest(options?: { seed?: number } & AssetUrls): Promise<SelfTestReport>;
 
 /** The image types the API accepts; encoded files (Blob, File, bytes) are decoded by the same
  * Rust code as natively. */
@@ -77,7 +85,7 @@ export interface PreprocessedImage {
 }
 
 /** Decodes and preprocesses an image exactly as the model does before the vision tower. */
-export function preprocessImage(image: ImageInput, options?: ImageOptions): Promise<PreprocessedImage>;
+export function preprocessImage(image: ImageInput, options?: ImageOptions, urls?: AssetUrls): Promise<PreprocessedImage>;
 
 export interface LoadProgress {
   /**
@@ -96,7 +104,7 @@ export interface LoadProgress {
   message?: string;
 }
 
-export interface LoadOptions {
+export interface LoadOptions extends AssetUrls {
   onProgress?: (progress: LoadProgress) => void;
   /** Precision of the weights on the GPU (default: the checkpoint's, bf16 as f16). */
   quant?: 'f32' | 'f16' | 'q8' | 'q4';
