@@ -58,7 +58,6 @@ fn a_second_chat_about_an_image_reuses_its_features() {
     }
     for reply in [&second, &after_reset] {
         assert!(reply.timings.image_cached);
-        assert!(reply.timings.vision_s < first.timings.vision_s, "{} vs {}", reply.timings.vision_s, first.timings.vision_s);
     }
     let stats = llava.image_cache_stats();
     assert_eq!((stats.hits, stats.misses, stats.entries), (2, 2, 1), "the vision tower ran only for misses");
