@@ -35,7 +35,15 @@ export interface SelfTestReport {
 }
 
 /** Runs a few of the model's GPU kernels in the worker and compares them with the CPU. */
-export function gpuSelfTest(options?: { seed?: number }): Promise<SelfTestReport>;
+/** Where the package's worker and wasm are served, for setups that move them (default: beside pkg/index.js). */
+export interface AssetUrls {
+  /** URL of pkg/worker.js (a module worker). */
+  workerUrl?: string | URL;
+  /** URL of pkg/llava_web_bg.wasm. */
+  wasmUrl?: string | URL;
+}
+
+export function gpuSelfTest(options?: { seed?: number } & AssetUrls): Promise<SelfTestReport>;
 
 /** The image types the API accepts; encoded files (Blob, File, bytes) are decoded by the same
  * Rust code as natively. */
@@ -77,7 +85,7 @@ export interface PreprocessedImage {
 }
 
 /** Decodes and preprocesses an image exactly as the model does before the vision tower. */
-export function preprocessImage(image: ImageInput, options?: ImageOptions): Promise<PreprocessedImage>;
+export function preprocessImage(image: ImageInput, options?: ImageOptions, urls?: AssetUrls): Promise<PreprocessedImage>;
 
 export interface LoadProgress {
   /**
@@ -96,7 +104,7 @@ export interface LoadProgress {
   message?: string;
 }
 
-export interface LoadOptions {
+export interface LoadOptions extends AssetUrls {
   onProgress?: (progress: LoadProgress) => void;
   /** Precision of the weights on the GPU (default: the checkpoint's, bf16 as f16). */
   quant?: 'f32' | 'f16' | 'q8' | 'q4';
@@ -108,6 +116,11 @@ export interface LoadOptions {
    * not yet stored; when storage is full the files load without the cache (default true).
    */
   cache?: boolean;
+  /**
+   * GPU memory, in MiB, for the projected features of images already seen (default 256; 0: off):
+   * a new chat, a reset chat or another question about the same image skips the vision tower.
+   */
+  imageCacheMB?: number;
 }
 
 export interface GenerateOptions {
@@ -147,7 +160,15 @@ export interface ChatResult {
   promptTokens: number;
   imageTokens: number;
   stopReason: 'eos' | 'stop_string' | 'max_tokens' | 'cancelled' | 'context_full';
-  timings: { visionS: number; prefillS: number; prefillTokens: number; decodeS: number; decodeTokensPerS: number };
+  timings: {
+    visionS: number;
+    /** The image's features came from the model's cache (the vision tower did not run). */
+    imageCached: boolean;
+    prefillS: number;
+    prefillTokens: number;
+    decodeS: number;
+    decodeTokensPerS: number;
+  };
   /** GPU work per decode token (after the first): with the planned decode step, 0 buffers and bind groups created, 1 submit, 4 bytes read. */
   gpu: {
     planned: boolean;

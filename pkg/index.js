@@ -2,15 +2,25 @@
 // beside this file (worker.js); this module is the main-thread API that talks to it.
 import { clearCache } from './cache.js';
 
-/** A module worker running pkg/worker.js, with request/response bookkeeping. */
+/**
+ * A module worker running pkg/worker.js, with request/response bookkeeping. `workerUrl` and
+ * `wasmUrl` replace the package's own worker.js and llava_web_bg.wasm, for setups that serve them
+ * elsewhere; by default both are found beside this file, through the literal
+ * `new URL(..., import.meta.url)` that Vite and webpack recognise and emit.
+ */
 class WorkerClient {
   #worker;
+  #wasmUrl;
   #pending = new Map();
   #nextId = 1;
   #failure = null;
 
-  constructor() {
-    this.#worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module', name: 'llava-webgpu' });
+  constructor({ workerUrl, wasmUrl } = {}) {
+    // Bundlers look for this exact shape: a literal URL and literal options.
+    this.#worker = workerUrl
+      ? new Worker(new URL(workerUrl, globalThis.location?.href), { type: 'module', name: 'llava-webgpu' })
+      : new Worker(new URL('./worker.js', import.meta.url), { type: 'module', name: 'llava-webgpu' });
+    this.#wasmUrl = wasmUrl ? new URL(wasmUrl, globalThis.location?.href).href : undefined;
     this.#worker.onmessage = ({ data }) => {
       const call = this.#pending.get(data.id);
       if (!call) return;
@@ -39,7 +49,7 @@ class WorkerClient {
     const id = this.#nextId++;
     return new Promise((resolve, reject) => {
       this.#pending.set(id, { resolve, reject, onEvent });
-      this.#worker.postMessage({ id, op, args }, transfer);
+      this.#worker.postMessage({ id, op, args, wasmUrl: this.#wasmUrl }, transfer);
     });
   }
 
@@ -54,8 +64,8 @@ class WorkerClient {
  * and compares them with a CPU computation. Resolves to a report of the adapter, its features
  * and limits, and each kernel's error.
  */
-export async function gpuSelfTest({ seed = 1 } = {}) {
-  const client = new WorkerClient();
+export async function gpuSelfTest({ seed = 1, workerUrl, wasmUrl } = {}) {
+  const client = new WorkerClient({ workerUrl, wasmUrl });
   try {
     return await client.call('selfTest', { seed });
   } finally {
@@ -109,11 +119,11 @@ async function toImageSource(image) {
 /**
  * Decodes and preprocesses an image exactly as the model does before the vision tower (AnyRes
  * tiling). `options` overrides preprocessor_config.json values (default LLaVA-1.6's): tileSize,
- * patchSize, gridPinpoints, imageMean, imageStd.
+ * patchSize, gridPinpoints, imageMean, imageStd; `urls`: `{ workerUrl, wasmUrl }` as for `load`.
  */
-export async function preprocessImage(image, options) {
+export async function preprocessImage(image, options, urls) {
   const { source, transfer } = await toImageSource(image);
-  const client = new WorkerClient();
+  const client = new WorkerClient(urls);
   try {
     return await client.call('preprocessImage', { image: source, options }, { transfer });
   } finally {
@@ -141,10 +151,13 @@ export class LlavaModel {
    * 'download'), a file loaded without the cache (stage 'warning', also a console warning) and
    * the built model (stage 'ready'); `quant`: 'f32' | 'f16' | 'q8' | 'q4' (default: the
    * checkpoint's precision); `context`: KV-cache size in tokens; `cache` (default true): keep the
-   * downloaded files in the browser's Cache API storage for the next load.
+   * downloaded files in the browser's Cache API storage for the next load; `imageCacheMB`
+   * (default 256, 0: off): GPU memory for reusing the features of images already seen;
+   * `workerUrl`, `wasmUrl`: where the package's worker.js and llava_web_bg.wasm are served, when
+   * a setup moves them (default: beside this module).
    */
-  static async load(url, { onProgress, quant, context, cache = true } = {}) {
-    const client = new WorkerClient();
+  static async load(url, { onProgress, quant, context, cache = true, imageCacheMB, workerUrl, wasmUrl } = {}) {
+    const client = new WorkerClient({ workerUrl, wasmUrl });
     const absolute = new URL(url, globalThis.location?.href).href;
     let bytes = { loaded: 0, total: 0, file: '' };
     const onEvent = (event) => {
@@ -159,7 +172,7 @@ export class LlavaModel {
     try {
       const { handle, info } = await client.call(
         'loadModel',
-        { url: absolute, options: { quant, context, cache: Boolean(cache) } },
+        { url: absolute, options: { quant, context, cache: Boolean(cache), imageCacheMB } },
         { onEvent },
       );
       onProgress?.({ stage: 'ready', loaded: bytes.loaded, total: bytes.total, file: '' });

@@ -6,7 +6,8 @@
 import { createCachedFetch } from './cache.js';
 import init, * as wasm from './llava_web.js';
 
-const ready = init();
+// Started by the first message, which says where the wasm is when the page moved it.
+let ready = null;
 
 /** The worker half of pkg/index.js's image conversion: Blobs are read here, off the page. */
 async function imageSource(source) {
@@ -97,8 +98,9 @@ const ops = {
 };
 
 self.onmessage = async ({ data }) => {
-  const { id, op, args } = data;
+  const { id, op, args, wasmUrl } = data;
   try {
+    ready ??= init(wasmUrl ? { module_or_path: wasmUrl } : undefined);
     await ready;
     if (!Object.hasOwn(ops, op)) throw new Error(`unknown worker operation "${op}"`);
     const value = await ops[op](args ?? {}, (event) => self.postMessage({ id, kind: 'event', value: event }));

@@ -8,7 +8,17 @@ import path from 'node:path';
 
 import { repoRoot } from './server.js';
 
-const NPM = process.platform === 'win32' ? 'npm.cmd' : 'npm';
+export const NPM = process.platform === 'win32' ? 'npm.cmd' : 'npm';
+
+/** `npm pack` of the repository into `dir`; returns { info (npm's JSON), tarball (its path) }. */
+export function pack(dir) {
+  const packed = execFileSync(NPM, ['pack', '--json', '--pack-destination', dir], {
+    cwd: repoRoot,
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  const [info] = JSON.parse(packed.toString());
+  return { info, tarball: path.join(dir, info.filename) };
+}
 
 /**
  * Packs the repository and installs the tarball into a new project. Returns { tarball, files
@@ -18,12 +28,7 @@ const NPM = process.platform === 'win32' ? 'npm.cmd' : 'npm';
 export function packAndInstall() {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'llava-pack-'));
   try {
-    const packed = execFileSync(NPM, ['pack', '--json', '--pack-destination', dir], {
-      cwd: repoRoot,
-      stdio: ['ignore', 'pipe', 'inherit'],
-    });
-    const [info] = JSON.parse(packed.toString());
-    const tarball = path.join(dir, info.filename);
+    const { info, tarball } = pack(dir);
     const project = path.join(dir, 'app');
     fs.mkdirSync(project);
     fs.writeFileSync(

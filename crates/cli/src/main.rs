@@ -17,6 +17,8 @@ use llava_model::convert::{self, ConversionPlan};
 use llava_model::{Dtype, LlavaConfig, ModelError, npy};
 use web_time::Instant;
 
+mod eval;
+
 /// The tiny random-weight checkpoint bundled with the repository (real geometry, nonsense answers).
 const BUNDLED_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/models/mistral-tiny");
 
@@ -39,6 +41,8 @@ enum Command {
     Convert(ConvertArgs),
     /// Time a random-weight model of a real geometry (vision, prefill, decode) on this GPU.
     Bench(bench::BenchArgs),
+    /// Answer a JSON Lines set of questions, write the answers, print the accuracy (resumable).
+    Eval(eval::EvalArgs),
 }
 
 #[derive(Args)]
@@ -52,6 +56,9 @@ struct ModelArgs {
     /// KV-cache size in tokens.
     #[arg(long)]
     context: Option<usize>,
+    /// GPU memory for reusing images' features across chats and questions (0: off).
+    #[arg(long, default_value_t = llava_model::image_cache::DEFAULT_IMAGE_CACHE_BYTES >> 20)]
+    image_cache_mb: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -188,6 +195,7 @@ fn main() -> ExitCode {
         Command::Chat(args) => chat(args),
         Command::Convert(args) => convert(args),
         Command::Bench(args) => bench::bench(args),
+        Command::Eval(args) => eval::eval(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -238,6 +246,7 @@ fn load(args: &ModelArgs) -> CliResult<(Llava, f64)> {
         eprintln!();
     }
     let model = loaded.map_err(|e| format!("loading {}: {e}", dir.display()))?;
+    model.set_image_cache_limit(args.image_cache_mb.saturating_mul(1 << 20));
     Ok((model, start.elapsed().as_secs_f64()))
 }
 

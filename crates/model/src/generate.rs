@@ -103,7 +103,10 @@ pub enum StopReason {
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Timings {
+    /// Vision tower and projector (about 0 when the image's features came from the model's cache).
     pub vision_s: f64,
+    /// The image's features were reused from the model's cache ([`crate::image_cache`]).
+    pub image_cached: bool,
     pub prefill_s: f64,
     pub prefill_tokens: usize,
     pub decode_s: f64,
@@ -222,7 +225,8 @@ impl ChatSession {
         let new_image = match turn.image {
             Some(image) => {
                 let start = Instant::now();
-                let encoded = model.encode_image(image).await?;
+                let (encoded, cached) = model.encode_image_cached(image).await?;
+                timings.image_cached = cached;
                 timings.vision_s = start.elapsed().as_secs_f64();
                 Some(encoded)
             }

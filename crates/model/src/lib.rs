@@ -6,6 +6,7 @@ pub mod convert;
 pub mod error;
 pub mod fuzzing;
 pub mod generate;
+pub mod image_cache;
 pub mod language;
 pub mod llava;
 pub mod loader;

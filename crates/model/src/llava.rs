@@ -11,6 +11,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{GenerationConfig, LlavaConfig, PreprocessorConfig};
 use crate::error::{ModelError, Result};
 use crate::generate::ChatSession;
+use crate::image_cache::{self, DEFAULT_IMAGE_CACHE_BYTES, ImageCache, ImageCacheStats};
 use crate::loader::{self, Progress, Stage, WeightLoader};
 use crate::manifest::{MANIFEST_FILE, Manifest};
 use crate::language::LanguageModel;
@@ -34,7 +35,9 @@ pub struct LoadOptions {
     pub context: Option<usize>,
 }
 
-/// One image run through the vision tower and projector, packed into LLM tokens.
+/// One image run through the vision tower and projector, packed into LLM tokens. Cloning shares
+/// the features' GPU buffer.
+#[derive(Clone)]
 pub struct EncodedImage {
     /// `[tokens, hidden]` rows that replace the image's placeholder ids.
     pub features: Tensor,
@@ -177,6 +180,7 @@ pub struct Llava {
     projector: Projector,
     language: LanguageModel,
     context: usize,
+    image_cache: ImageCache,
 }
 
 impl Llava {
@@ -263,7 +267,8 @@ impl Llava {
         }
         let context = options.context.unwrap_or(DEFAULT_CONTEXT).min(limit);
         gpu.check()?;
-        Ok(Llava { gpu, files, image_token, vision, projector, language, context })
+        let image_cache = ImageCache::new(DEFAULT_IMAGE_CACHE_BYTES);
+        Ok(Llava { gpu, files, image_token, vision, projector, language, context, image_cache })
     }
 
     pub fn gpu(&self) -> &Gpu {
@@ -363,6 +368,28 @@ impl Llava {
         }
         let ids: Vec<u32> = ids.iter().map(|&id| if id == IMAGE_MARKER { 0 } else { id }).collect();
         self.language.embed(batch, &ids)
+    }
+
+    /// The image's features from this model's cache, or [`Llava::encode_image`] (then cached);
+    /// the flag says whether they came from the cache.
+    pub async fn encode_image_cached(&self, image: &Rgb8) -> Result<(EncodedImage, bool)> {
+        let key = image_cache::image_key(image, &self.files.image_config);
+        if let Some(hit) = self.image_cache.get(&key) {
+            return Ok((hit, true));
+        }
+        let encoded = self.encode_image(image).await?;
+        self.image_cache.insert(key, encoded.clone());
+        Ok((encoded, false))
+    }
+
+    /// Bounds the GPU memory of the cached image features ([`DEFAULT_IMAGE_CACHE_BYTES`] unless
+    /// set; 0 turns the cache off).
+    pub fn set_image_cache_limit(&self, bytes: u64) {
+        self.image_cache.set_limit(bytes);
+    }
+
+    pub fn image_cache_stats(&self) -> ImageCacheStats {
+        self.image_cache.stats()
     }
 
     /// Runs the vision tower and projector on an image.

@@ -131,6 +131,9 @@ struct LoadSettings {
     /// "f32" | "f16" | "q8" | "q4"; absent: the checkpoint's own precision.
     quant: Option<String>,
     context: Option<usize>,
+    /// GPU memory for reusing images' features across chats, in MiB (0: off).
+    #[serde(rename = "imageCacheMB")]
+    image_cache_mb: Option<u64>,
 }
 
 fn precision(name: Option<&str>) -> Result<WeightPrecision, JsError> {
@@ -395,6 +398,9 @@ pub async fn load_model(
         context: settings.context,
     };
     let llava = Llava::new(gpu, files, weights, &options).map_err(js_error)?;
+    if let Some(mb) = settings.image_cache_mb {
+        llava.set_image_cache_limit(mb.saturating_mul(1 << 20));
+    }
     report(
         on_progress,
         Progress {
@@ -535,6 +541,7 @@ impl Chat {
             let t = &reply.timings;
             let timings = Object::new();
             set(&timings, "visionS", t.vision_s);
+            set(&timings, "imageCached", t.image_cached);
             set(&timings, "prefillS", t.prefill_s);
             set(&timings, "prefillTokens", t.prefill_tokens as u32);
             set(&timings, "decodeS", t.decode_s);
