@@ -110,6 +110,8 @@ export interface LoadOptions extends AssetUrls {
   quant?: 'f32' | 'f16' | 'q8' | 'q4';
   /** KV-cache size in tokens (default 4096, capped by the model). */
   context?: number;
+  /** What the KV cache stores (default 'f32'); 'f16' halves its memory and what each token reads. */
+  kvCache?: 'f32' | 'f16';
   /**
    * Keep the downloaded files in the browser's Cache API storage (cache 'llava-webgpu-v1'), so
    * that the next load reads them from disk and an interrupted load refetches only the files

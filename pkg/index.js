@@ -150,13 +150,14 @@ export class LlavaModel {
    * `onProgress({ stage, loaded, total, file, message })` reports downloaded bytes (stage
    * 'download'), a file loaded without the cache (stage 'warning', also a console warning) and
    * the built model (stage 'ready'); `quant`: 'f32' | 'f16' | 'q8' | 'q4' (default: the
-   * checkpoint's precision); `context`: KV-cache size in tokens; `cache` (default true): keep the
+   * checkpoint's precision); `context`: KV-cache size in tokens; `kvCache`: 'f32' (default) or
+   * 'f16', what the KV cache stores; `cache` (default true): keep the
    * downloaded files in the browser's Cache API storage for the next load; `imageCacheMB`
    * (default 256, 0: off): GPU memory for reusing the features of images already seen;
    * `workerUrl`, `wasmUrl`: where the package's worker.js and llava_web_bg.wasm are served, when
    * a setup moves them (default: beside this module).
    */
-  static async load(url, { onProgress, quant, context, cache = true, imageCacheMB, workerUrl, wasmUrl } = {}) {
+  static async load(url, { onProgress, quant, context, kvCache, cache = true, imageCacheMB, workerUrl, wasmUrl } = {}) {
     const client = new WorkerClient({ workerUrl, wasmUrl });
     const absolute = new URL(url, globalThis.location?.href).href;
     let bytes = { loaded: 0, total: 0, file: '' };
@@ -172,7 +173,7 @@ export class LlavaModel {
     try {
       const { handle, info } = await client.call(
         'loadModel',
-        { url: absolute, options: { quant, context, cache: Boolean(cache), imageCacheMB } },
+        { url: absolute, options: { quant, context, kvCache, cache: Boolean(cache), imageCacheMB } },
         { onEvent },
       );
       onProgress?.({ stage: 'ready', loaded: bytes.loaded, total: bytes.total, file: '' });

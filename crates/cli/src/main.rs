@@ -10,7 +10,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use llava_gpu::Gpu;
 use llava_model::generate::{GenerateParams, StopReason, Turn};
-use llava_model::llava::{LoadOptions, Llava, ModelFiles};
+use llava_model::llava::{KvPrecision, LoadOptions, Llava, ModelFiles};
 use llava_model::loader::{Progress, Stage};
 use llava_model::weights::{KeepOptions, KeepPrecision, WeightPrecision};
 use llava_model::convert::{self, ConversionPlan};
@@ -59,6 +59,15 @@ struct ModelArgs {
     /// GPU memory for reusing images' features across chats and questions (0: off).
     #[arg(long, default_value_t = llava_model::image_cache::DEFAULT_IMAGE_CACHE_BYTES >> 20)]
     image_cache_mb: u64,
+    /// What the KV cache stores: f16 halves its memory and the bytes each token reads from it.
+    #[arg(long, value_enum, default_value_t = KvArg::F32)]
+    kv: KvArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KvArg {
+    F32,
+    F16,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -223,7 +232,11 @@ fn load(args: &ModelArgs) -> CliResult<(Llava, f64)> {
         Some(Precision::Q4) => WeightPrecision::Q4,
     };
     let dir = model_dir(&args.model);
-    let options = LoadOptions { precision, context: args.context };
+    let kv_cache = match args.kv {
+        KvArg::F32 => KvPrecision::F32,
+        KvArg::F16 => KvPrecision::F16,
+    };
+    let options = LoadOptions { precision, context: args.context, kv_cache };
     // A progress line on a terminal only: redirected stderr (logs, tests) stays clean.
     let terminal = std::io::stderr().is_terminal();
     let mut show = |p: Progress<'_>| {

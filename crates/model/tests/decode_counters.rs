@@ -13,7 +13,7 @@ use llava_gpu::{Counters, Gpu, Tensor};
 use llava_model::config::{Activation, TextArch, TextConfig};
 use llava_model::generate::{GenerateParams, GpuPerToken, Turn};
 use llava_model::language::LanguageModel;
-use llava_model::llava::{Llava, LoadOptions};
+use llava_model::llava::{KvPrecision, Llava, LoadOptions};
 use llava_model::weights::{WeightPrecision, Weights};
 
 /// Asserts the per-token promises for a model of `layers` decoder layers.
@@ -107,4 +107,22 @@ fn mistral_7b_layer_decodes_without_creating_anything() {
         assert_planned(&g, 1, what);
         batch = gpu.batch();
     }
+}
+
+/// The planned step over an f16 cache (its kernels store and read halves) gives the greedy
+/// tokens of the f32 cache, which match transformers' (tests/parity.rs).
+#[test]
+fn f16_cache_decodes_the_f32_caches_tokens() {
+    let gpu = common::gpu();
+    let image = load_image("rocket.jpg");
+    let tokens = |kv_cache| {
+        let options = LoadOptions { kv_cache, ..LoadOptions::default() };
+        let llava = Llava::load_dir(gpu.clone(), &fixture("mistral-tiny"), &options).unwrap();
+        let mut chat = llava.chat(None).unwrap();
+        let turn = Turn { image: Some(&image), text: "What is this?", raw_prompt: false, want_logits: false };
+        let reply = pollster::block_on(chat.send(&llava, turn, &common::greedy16(), |_| true)).unwrap();
+        assert!(reply.gpu.planned);
+        reply.tokens
+    };
+    assert_eq!(tokens(KvPrecision::F16), tokens(KvPrecision::F32));
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use js_sys::{Function, Object, Promise, Uint8Array};
 use llava_model::generate::{GenerateParams, Turn};
-use llava_model::llava::{FileContents, Llava, LoadOptions, ModelFiles, TokenizerFile};
+use llava_model::llava::{FileContents, KvPrecision, Llava, LoadOptions, ModelFiles, TokenizerFile};
 use llava_model::loader::{Progress, Stage, WeightLoader};
 use llava_model::manifest::{MANIFEST_FILE, Manifest};
 use llava_model::weights::WeightPrecision;
@@ -131,6 +131,8 @@ struct LoadSettings {
     /// "f32" | "f16" | "q8" | "q4"; absent: the checkpoint's own precision.
     quant: Option<String>,
     context: Option<usize>,
+    /// "f32" (default) | "f16": what the KV cache stores.
+    kv_cache: Option<String>,
     /// GPU memory for reusing images' features across chats, in MiB (0: off).
     #[serde(rename = "imageCacheMB")]
     image_cache_mb: Option<u64>,
@@ -393,9 +395,15 @@ pub async fn load_model(
     }
     let loaded = loader.progress().bytes_done;
     let weights = loader.finish().map_err(js_error)?;
+    let kv_cache = match settings.kv_cache.as_deref() {
+        None | Some("f32") => KvPrecision::F32,
+        Some("f16") => KvPrecision::F16,
+        Some(other) => return Err(JsError::new(&format!("unknown kvCache \"{other}\": use f32 or f16"))),
+    };
     let options = LoadOptions {
         precision,
         context: settings.context,
+        kv_cache,
     };
     let llava = Llava::new(gpu, files, weights, &options).map_err(js_error)?;
     if let Some(mb) = settings.image_cache_mb {
