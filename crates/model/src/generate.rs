@@ -113,8 +113,8 @@ pub struct Timings {
     pub decode_tokens_per_s: f64,
 }
 
-/// What the GPU was asked to do per decode token (the averages over a reply's tokens after the
-/// first, whose prefill is not counted).
+/// What the GPU was asked to do per decode step (averages over the steps of a reply: every token
+/// after the first, whose prefill is not counted, and a step run ahead that the reply's end undid).
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub struct GpuPerToken {
     pub dispatches: f64,
@@ -308,6 +308,12 @@ impl ChatSession {
         // Bytes of `text` already passed to `on_token`.
         let mut streamed = 0;
         let mut next = sampler.pending.take().expect("prefill picks the first token");
+        // With the planned step, the step of the token after `next` is submitted before `next`'s
+        // own step is read back (the GPU sampler leaves each token where the next step reads it),
+        // so the GPU never waits for the host. When the reply stops, that step is undone.
+        let mut ahead = false;
+        // Decode steps submitted (a step run ahead and undone counts too).
+        let mut steps = 0;
         let stop_reason = loop {
             if params.max_new_tokens == 0 {
                 break StopReason::MaxTokens;
@@ -336,11 +342,23 @@ impl ChatSession {
                 break StopReason::ContextFull;
             }
             // One decode step: one submission, one number (or the logits) read back.
+            steps += 1;
             let mut batch = gpu.batch();
             next = match plan {
                 Some(plan) => {
-                    plan.record_step(&mut batch, &mut self.cache, tokens.len())?;
-                    plan.submit_sampled(batch, false).await?.0
+                    let slot = tokens.len();
+                    if !ahead {
+                        plan.record_step(&mut batch, &mut self.cache, slot)?;
+                        plan.submit(batch, slot)?;
+                    }
+                    // The step of the token `slot` will bring, if that token can be run.
+                    ahead = slot + 1 < params.max_new_tokens && self.cache.len() < self.cache.capacity();
+                    if ahead {
+                        let mut batch = gpu.batch();
+                        plan.record_step(&mut batch, &mut self.cache, slot + 1)?;
+                        plan.submit(batch, slot + 1)?;
+                    }
+                    plan.read(gpu, slot).await?
                 }
                 None => {
                     let x = model.language().embed(&mut batch, &[next])?;
@@ -358,7 +376,12 @@ impl ChatSession {
             };
             self.cached_ids.push(tokens[tokens.len() - 1]);
         };
-        let gpu_per_token = GpuPerToken::average(gpu.counters() - counted_from, tokens.len().saturating_sub(1), plan.is_some());
+        if ahead {
+            // The step submitted ahead ran a token the reply stopped at.
+            self.cache.truncate(self.cache.len() - 1);
+            steps += 1;
+        }
+        let gpu_per_token = GpuPerToken::average(gpu.counters() - counted_from, steps, plan.is_some());
         // Text held back because it could have begun a stop string.
         if let Some(&last) = tokens.last().filter(|_| streamed < text.len()) {
             on_token(TokenEvent { token_id: last, text: &text[streamed..] });

@@ -237,7 +237,9 @@ pub struct DecodePlan {
     /// Sampling of `logits` into `token` as `sampler` says.
     sample: Plan,
     sampler: SamplerState,
-    readback: Readback,
+    /// Where the host reads tokens back; two, so that one step can be in flight while the
+    /// previous one's token is read.
+    readback: [Readback; 2],
 }
 
 impl DecodePlan {
@@ -268,17 +270,29 @@ impl DecodePlan {
     /// Submits `batch` (ending in a recorded head) with the sampler, and returns its token
     /// (4 bytes read back; the next step embeds it from the GPU) and, with `want_logits`, the
     /// logits it was picked from.
-    pub async fn submit_sampled(&self, mut batch: Batch<'_>, want_logits: bool) -> Result<(u32, Option<Vec<f32>>)> {
+    pub async fn submit_sampled(&self, batch: Batch<'_>, want_logits: bool) -> Result<(u32, Option<Vec<f32>>)> {
         let gpu = batch.gpu();
-        batch.run(&self.sample)?;
-        batch.copy_to_host(self.token.binding().slice(4, 4), &self.readback);
-        batch.submit()?;
+        self.submit(batch, 0)?;
         let logits = match want_logits {
             true => Some(self.logits.to_f32(gpu).await?),
             false => None,
         };
-        let bytes = self.readback.read(gpu).await?;
-        Ok((u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes")), logits))
+        Ok((self.read(gpu, 0).await?, logits))
+    }
+
+    /// Submits `batch` (ending in a recorded head or step) with the sampler, its token going to
+    /// read-back slot `slot` (0 or 1) for [`DecodePlan::read`]. The next step may be recorded and
+    /// submitted before the token is read: it embeds the token from the GPU.
+    pub fn submit(&self, mut batch: Batch<'_>, slot: usize) -> Result<()> {
+        batch.run(&self.sample)?;
+        batch.copy_to_host(self.token.binding().slice(4, 4), &self.readback[slot % 2]);
+        Ok(batch.submit()?)
+    }
+
+    /// The token of the step submitted to `slot` (waits for it).
+    pub async fn read(&self, gpu: &Gpu, slot: usize) -> Result<u32> {
+        let bytes = self.readback[slot % 2].read(gpu).await?;
+        Ok(u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes")))
     }
 }
 
@@ -324,7 +338,7 @@ impl LanguageModel {
         let mut b = gpu.plan();
         decode::sample(&mut b, &step, &sampler, &logits, &token)?;
         let sample = b.into_plan()?;
-        let readback = Readback::new(gpu, 4)?;
+        let readback = [Readback::new(gpu, 4)?, Readback::new(gpu, 4)?];
         Ok(Some(DecodePlan { step, token, h, logits, layers, head, sample, sampler, readback }))
     }
 
