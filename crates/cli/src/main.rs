@@ -236,7 +236,7 @@ fn load(args: &ModelArgs) -> CliResult<(Llava, f64)> {
         KvArg::F32 => KvPrecision::F32,
         KvArg::F16 => KvPrecision::F16,
     };
-    let options = LoadOptions { precision, context: args.context, kv_cache };
+    let options = LoadOptions { precision, context: args.context };
     // A progress line on a terminal only: redirected stderr (logs, tests) stays clean.
     let terminal = std::io::stderr().is_terminal();
     let mut show = |p: Progress<'_>| {
@@ -258,8 +258,9 @@ fn load(args: &ModelArgs) -> CliResult<(Llava, f64)> {
     if terminal && loaded.is_err() {
         eprintln!();
     }
-    let model = loaded.map_err(|e| format!("loading {}: {e}", dir.display()))?;
+    let mut model = loaded.map_err(|e| format!("loading {}: {e}", dir.display()))?;
     model.set_image_cache_limit(args.image_cache_mb.saturating_mul(1 << 20));
+    model.set_kv_cache(kv_cache);
     Ok((model, start.elapsed().as_secs_f64()))
 }
 

@@ -33,8 +33,6 @@ pub struct LoadOptions {
     pub precision: WeightPrecision,
     /// KV-cache capacity in tokens (default: [`DEFAULT_CONTEXT`], capped by the model's limits).
     pub context: Option<usize>,
-    /// What the KV cache stores.
-    pub kv_cache: KvPrecision,
 }
 
 /// The KV cache's element type. f16 halves its memory and the bytes a decode step reads from it
@@ -290,7 +288,7 @@ impl Llava {
         let context = options.context.unwrap_or(DEFAULT_CONTEXT).min(limit);
         gpu.check()?;
         let image_cache = ImageCache::new(DEFAULT_IMAGE_CACHE_BYTES);
-        let kv_cache = options.kv_cache;
+        let kv_cache = KvPrecision::default();
         Ok(Llava { gpu, files, image_token, vision, projector, language, context, kv_cache, image_cache })
     }
 
@@ -321,6 +319,11 @@ impl Llava {
 
     pub fn is_eos(&self, id: u32) -> bool {
         self.files.eos_ids.contains(&id)
+    }
+
+    /// What the KV caches of chats started from now on store.
+    pub fn set_kv_cache(&mut self, kv_cache: KvPrecision) {
+        self.kv_cache = kv_cache;
     }
 
     /// A new conversation with its own KV cache.

@@ -116,8 +116,8 @@ fn f16_cache_decodes_the_f32_caches_tokens() {
     let gpu = common::gpu();
     let image = load_image("rocket.jpg");
     let tokens = |kv_cache| {
-        let options = LoadOptions { kv_cache, ..LoadOptions::default() };
-        let llava = Llava::load_dir(gpu.clone(), &fixture("mistral-tiny"), &options).unwrap();
+        let mut llava = Llava::load_dir(gpu.clone(), &fixture("mistral-tiny"), &LoadOptions::default()).unwrap();
+        llava.set_kv_cache(kv_cache);
         let mut chat = llava.chat(None).unwrap();
         let turn = Turn { image: Some(&image), text: "What is this?", raw_prompt: false, want_logits: false };
         let reply = pollster::block_on(chat.send(&llava, turn, &common::greedy16(), |_| true)).unwrap();

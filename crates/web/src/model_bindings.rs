@@ -403,9 +403,9 @@ pub async fn load_model(
     let options = LoadOptions {
         precision,
         context: settings.context,
-        kv_cache,
     };
-    let llava = Llava::new(gpu, files, weights, &options).map_err(js_error)?;
+    let mut llava = Llava::new(gpu, files, weights, &options).map_err(js_error)?;
+    llava.set_kv_cache(kv_cache);
     if let Some(mb) = settings.image_cache_mb {
         llava.set_image_cache_limit(mb.saturating_mul(1 << 20));
     }
