@@ -338,7 +338,8 @@ impl ChatSession {
             if tokens.len() >= params.max_new_tokens {
                 break StopReason::MaxTokens;
             }
-            if self.cache.len() + 1 > self.cache.capacity() {
+            // Room for the step of `next` (already counted when it was submitted ahead).
+            if self.cache.len() - usize::from(ahead) + 1 > self.cache.capacity() {
                 break StopReason::ContextFull;
             }
             // One decode step: one submission, one number (or the logits) read back.
