@@ -33,6 +33,9 @@ pub struct BenchArgs {
     vision_layers: Option<usize>,
     #[arg(long, value_enum, default_value_t = BenchQuant::Q4)]
     quant: BenchQuant,
+    /// What the KV cache stores.
+    #[arg(long, value_enum, default_value_t = BenchKv::F32)]
+    kv: BenchKv,
     /// Prompt length of the prefill (an 800x600 image and a question: 2355).
     #[arg(long, default_value_t = 2355)]
     prompt_tokens: usize,
@@ -56,6 +59,12 @@ enum Shape {
     #[value(name = "vicuna-13b")]
     Vicuna13b,
     Tiny,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BenchKv {
+    F32,
+    F16,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -171,7 +180,11 @@ pub fn bench(args: BenchArgs) -> CliResult<()> {
 
     // Prefill of the prompt, to the first token.
     let x = Tensor::from_f32(&gpu, &[args.prompt_tokens, text.hidden_size], &random(args.prompt_tokens * text.hidden_size, 2))?;
-    let mut cache = language.new_cache(&gpu, context, llava_gpu::DType::F32)?;
+    let kv_dtype = match args.kv {
+        BenchKv::F32 => llava_gpu::DType::F32,
+        BenchKv::F16 => llava_gpu::DType::F16,
+    };
+    let mut cache = language.new_cache(&gpu, context, kv_dtype)?;
     let (_, prefill_s) = timed(&gpu, || {
         let mut batch = gpu.batch();
         let last = language.forward_last(&mut batch, &x, &mut cache)?;
@@ -229,7 +242,7 @@ pub fn bench(args: BenchArgs) -> CliResult<()> {
     let op_by_op = Decode { tokens_per_s: args.op_tokens as f64 / op_secs, counters: gpu.counters() - before, tokens: args.op_tokens };
 
     let weight_bytes = language.decode_weight_bytes();
-    let kv_bytes = (2 * text.num_hidden_layers * args.prompt_tokens * text.num_key_value_heads * text.head_dim * 4) as u64;
+    let kv_bytes = kv_dtype.data_bytes(2 * text.num_hidden_layers * args.prompt_tokens * text.num_key_value_heads * text.head_dim);
     let bytes_per_token = (weight_bytes + kv_bytes) as f64;
     // The decode step reads (its writes are a few KB): the read probe is its roofline.
     let roofline_tokens_per_s = read_gb_s * 1e9 / bytes_per_token;
@@ -240,6 +253,7 @@ pub fn bench(args: BenchArgs) -> CliResult<()> {
         "layers": text.num_hidden_layers,
         "vision_layers": vision_cfg.num_hidden_layers,
         "quant": format!("{:?}", precision),
+        "kv": format!("{kv_dtype:?}"),
         "build_s": build_s,
         "copy_gb_s": copy_gb_s,
         "read_gb_s": read_gb_s,
@@ -287,8 +301,8 @@ fn print_table(r: &serde_json::Value) {
     let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
     println!("adapter: {}", r["adapter"].as_str().unwrap_or(""));
     println!(
-        "model: {name}, {} layers ({} vision layers), {}; weights read per token {:.1} MB, KV {:.1} MB at {} tokens",
-        r["layers"], r["vision_layers"], r["quant"].as_str().unwrap_or(""),
+        "model: {name}, {} layers ({} vision layers), {}, KV {}; weights read per token {:.1} MB, KV {:.1} MB at {} tokens",
+        r["layers"], r["vision_layers"], r["quant"].as_str().unwrap_or(""), r["kv"].as_str().unwrap_or(""),
         f("weight_bytes_per_token") / 1e6, f("kv_bytes_per_token") / 1e6, r["prompt_tokens"]
     );
     println!(
