@@ -11,7 +11,7 @@
 // column `col0 + j` of y (row stride `y_stride`), with bias `bias[col0 + j]`.
 //
 // Entry points: `gemv` (few rows of x: one workgroup reduces 4 outputs, 64 lanes each) and
-// `gemm` (128x128 output tiles through workgroup memory, 8x8 outputs per thread).
+// `gemm` (64x64 output tiles through workgroup memory, 4x4 outputs per thread).
 
 struct Params {
     m: u32,
@@ -268,16 +268,12 @@ fn gemv(
 }
 
 // ---------------------------------------------------------------------------------------------
-// GEMM: a 16x16 workgroup computes a TILE x TILE (128 x 128) block of y, 8 x 8 outputs per thread:
-// thread (tx, ty) owns rows 4 ty + i and 64 + 4 ty + i, columns 4 tx + j and 64 + 4 tx + j
-// (i, j < 4), so each step of k reads two vec4 of x and two of w from workgroup memory for 64
-// multiply-adds. The weights are dequantized once per tile (eight values per thread, one scale)
-// into workgroup memory. Tiles are zero-filled past M, N and K, so no size needs to be a multiple.
+// GEMM: a 16x16 workgroup computes a TILE x TILE block of y; thread (tx, ty) owns rows
+// ty + 16 i and columns tx + 16 j (i, j < 4), so reads of the tiles are conflict-free and the
+// stores coalesce. Tiles are zero-filled past M, N and K, so no size needs to be a multiple.
 
-const TILE: u32 = 128u;
+const TILE: u32 = 64u;
 const TILE_K: u32 = 16u;
-// vec4 columns of a tile row.
-const TILE4: u32 = TILE / 4u;
 
 // f16 weights stay f16 in the w tile (exact, half the workgroup memory traffic); dequantized
 // Q8/Q6/Q4 values need f32 (q * scale has more than 11 significant bits).
@@ -291,40 +287,8 @@ alias WTile = f32;
 alias WTile = f32;
 #endif
 
-// [TILE_K][TILE]: x_tile[kk][i] is x(row0 + i, k0 + kk), w_tile[kk][n] is w(n0 + n, k0 + kk).
-var<workgroup> x_tile: array<vec4<f32>, 512>; // TILE_K * TILE4
-var<workgroup> w_tile: array<vec4<WTile>, 512>;
-
-// Values c .. c + 7 of row n of the window (0 past K), dequantized. c is a multiple of 8.
-fn eight_weights(n: u32, c: u32) -> array<f32, 8> {
-    var v: array<f32, 8>;
-#if QUANT
-    // K is a multiple of the group size (>= 32): the eight values are in range and share a scale.
-    let s = scale_at(n * p.k + c);
-#if W_Q8
-    let e = n * p.k + c;
-    for (var h = 0u; h < 2u; h++) {
-        let word = w[e / 4u + h];
-        for (var b = 0u; b < 4u; b++) {
-            v[4u * h + b] = f32(bitcast<i32>(word << (24u - 8u * b)) >> 24u) * s;
-        }
-    }
-#else
-    let q = eight_values(n, c / 8u);
-    for (var b = 0u; b < 4u; b++) {
-        v[b] = q[0][b] * s;
-        v[4u + b] = q[1][b] * s;
-    }
-#endif
-#else
-    for (var b = 0u; b < 8u; b++) {
-        if (c + b < p.k) {
-            v[b] = w_at(n, c + b);
-        }
-    }
-#endif
-    return v;
-}
+var<workgroup> x_tile: array<f32, 1024>; // [TILE_K][TILE]
+var<workgroup> w_tile: array<WTile, 1024>; // [TILE_K][TILE]
 
 @compute @workgroup_size(16, 16)
 fn gemm(
@@ -334,55 +298,46 @@ fn gemm(
 ) {
     let row0 = wg.y * TILE;
     let n0 = wg.x * TILE;
-    // Loads: thread t fills row (or weight row) t / 2 of the tiles, k offsets 8 (t % 2) .. + 7.
-    let li = t / 2u;
-    let lk = 8u * (t % 2u);
-    let x_row = row0 + li;
-    let w_row = n0 + li;
-    var acc: array<vec4<f32>, 16>;
+    var acc: array<vec4<f32>, 4>;
     for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
-        let c = k0 + lk;
-        for (var b = 0u; b < 8u; b++) {
+        // 256 threads load 4 elements of each tile; 16 consecutive threads cover one row's K-slice.
+        for (var r = 0u; r < 4u; r++) {
+            let idx = t + 256u * r;
+            let i = idx / TILE_K;
+            let kk = idx % TILE_K;
+            let c = k0 + kk;
             var xv = 0.0;
-            if (x_row < p.m && c + b < p.k) {
-                xv = x[x_row * p.k + c + b];
+            if (row0 + i < p.m && c < p.k) {
+                xv = x[(row0 + i) * p.k + c];
             }
-            x_tile[(lk + b) * TILE4 + li / 4u][li % 4u] = xv;
-        }
-        var wv: array<f32, 8>;
-        if (w_row < p.n && c < p.k) {
-            wv = eight_weights(w_row, c);
-        }
-        for (var b = 0u; b < 8u; b++) {
-            w_tile[(lk + b) * TILE4 + li / 4u][li % 4u] = WTile(wv[b]);
+            x_tile[kk * TILE + i] = xv;
+            var wv = 0.0;
+            if (n0 + i < p.n && c < p.k) {
+                wv = w_at(n0 + i, c);
+            }
+            w_tile[kk * TILE + i] = WTile(wv);
         }
         workgroupBarrier();
         for (var kk = 0u; kk < TILE_K; kk++) {
-            let xa = x_tile[kk * TILE4 + lid.y];
-            let xb = x_tile[kk * TILE4 + 16u + lid.y];
-            let wa = vec4<f32>(w_tile[kk * TILE4 + lid.x]);
-            let wb = vec4<f32>(w_tile[kk * TILE4 + 16u + lid.x]);
-            for (var i = 0u; i < 4u; i++) {
-                acc[2u * i] += xa[i] * wa;
-                acc[2u * i + 1u] += xa[i] * wb;
-                acc[8u + 2u * i] += xb[i] * wa;
-                acc[9u + 2u * i] += xb[i] * wb;
-            }
+            let xb = kk * TILE + lid.y;
+            let wb = kk * TILE + lid.x;
+            let b = vec4<f32>(vec4<WTile>(w_tile[wb], w_tile[wb + 16u], w_tile[wb + 32u], w_tile[wb + 48u]));
+            acc[0] += x_tile[xb] * b;
+            acc[1] += x_tile[xb + 16u] * b;
+            acc[2] += x_tile[xb + 32u] * b;
+            acc[3] += x_tile[xb + 48u] * b;
         }
         workgroupBarrier();
     }
-    for (var i = 0u; i < 8u; i++) {
-        let row = row0 + 4u * lid.y + 64u * (i / 4u) + i % 4u;
+    for (var i = 0u; i < 4u; i++) {
+        let row = row0 + lid.y + 16u * i;
         if (row >= p.m) {
-            continue;
+            break;
         }
-        for (var half = 0u; half < 2u; half++) {
-            let sum = acc[2u * i + half];
-            for (var j = 0u; j < 4u; j++) {
-                let col = n0 + 4u * lid.x + 64u * half + j;
-                if (col < p.n) {
-                    y[row * p.y_stride + p.col0 + col] = sum[j] + bias_at(p.col0 + col);
-                }
+        for (var jj = 0u; jj < 4u; jj++) {
+            let col = n0 + lid.x + 16u * jj;
+            if (col < p.n) {
+                y[row * p.y_stride + p.col0 + col] = acc[i][jj] + bias_at(p.col0 + col);
             }
         }
     }
