@@ -744,8 +744,9 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
         }
         workgroupBarrier();
     }
-    let best = red_b[0];
-    let m = red_a[0];
+    // Uniform loads: the cuts below loop on values derived from them, with barriers inside.
+    let best = workgroupUniformLoad(&red_b[0]);
+    let m = workgroupUniformLoad(&red_a[0]);
     var picked = best;
     if (sp.temperature > 0.0) {
         // Everything kept: the cut below every key.

@@ -141,8 +141,10 @@ pub struct FileContents<'a> {
     pub generation: Option<&'a str>,
 }
 
-/// The image token must be a row of the embedding table and the tokenizer's `<image>`, or no
-/// prompt can place an image (each cause named here rather than as a prompt without `<image>`).
+/// The image token must be a row of the embedding table and, where the tokenizer has `<image>`,
+/// that token (each cause named here rather than as a prompt without `<image>`). A tokenizer
+/// without `<image>` (a SentencePiece `tokenizer.model` alone) still answers text; an image is
+/// refused when it is given ([`Llava::tokenize_prompt`]).
 fn check_image_token(config: &LlavaConfig, tokenizer: &Tokenizer, file: &str) -> Result<()> {
     let Some(id) = config.image_token_index else { return Ok(()) };
     let vocab = config.text.vocab_size;
@@ -158,9 +160,7 @@ fn check_image_token(config: &LlavaConfig, tokenizer: &Tokenizer, file: &str) ->
             file,
             format!("key `image_token_index`: {id}, but the tokenizer's `<image>` token is {found}"),
         )),
-        None => Err(ModelError::Tokenizer(format!(
-            "the tokenizer has no `<image>` token, which {file} (image_token_index {id}) needs to place images"
-        ))),
+        None => Ok(()),
     }
 }
 
@@ -359,7 +359,12 @@ impl Llava {
                 expanded.extend_from_slice(&ids[slot + 1..]);
                 Ok((expanded, Some(*slot)))
             }
-            ([], Some(_)) => Err(ModelError::Input("an image was given but the prompt has no <image>".into())),
+            ([], Some(_)) => match self.files.config.image_token_index {
+                Some(id) if self.files.tokenizer.token_id("<image>").is_none() => Err(ModelError::Tokenizer(format!(
+                    "the tokenizer has no `<image>` token, which config.json (image_token_index {id}) needs to place the image"
+                ))),
+                _ => Err(ModelError::Input("an image was given but the prompt has no <image>".into())),
+            },
             (_, None) => Err(ModelError::Input("the prompt has <image> but no image was given".into())),
             (many, Some(_)) => Err(ModelError::Input(format!(
                 "the prompt has {} <image> placeholders but one image was given",
