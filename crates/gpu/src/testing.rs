@@ -3,7 +3,10 @@
 use std::sync::OnceLock;
 
 pub use crate::random;
-use crate::{Gpu, GpuOptions};
+use half::f16;
+
+use crate::quant::{dequantize, quantize};
+use crate::{DType, Gpu, GpuOptions, Tensor};
 
 /// The device shared by all tests of this crate (tests run in parallel on it). It has
 /// shader-f16 where the adapter offers it (llvmpipe does) and `LLAVA_NO_F16` is not set.
@@ -31,5 +34,23 @@ pub fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
             (g - w).abs() <= tol * w.abs().max(1.0) && g.is_finite() == w.is_finite(),
             "{what}: element {i}: got {g}, want {w} (tol {tol})"
         );
+    }
+}
+
+/// Random weights `[n, k]` in `dtype` on `gpu`, with the f32 values a kernel must compute with
+/// (the f16-rounded or dequantized ones).
+pub fn weights(gpu: &Gpu, dtype: DType, n: usize, k: usize, seed: u64) -> (Tensor, Vec<f32>) {
+    let w = random(n * k, seed);
+    match dtype {
+        DType::F32 => (Tensor::from_f32(gpu, &[n, k], &w).unwrap(), w),
+        DType::F16 => {
+            let h: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            let exact = h.iter().map(|v| v.to_f32()).collect();
+            (Tensor::from_f16(gpu, &[n, k], &h).unwrap(), exact)
+        }
+        _ => {
+            let q = quantize(dtype, n, k, &w);
+            (Tensor::from_quant(gpu, &q).unwrap(), dequantize(&q))
+        }
     }
 }

@@ -572,25 +572,11 @@ mod tests {
     use half::f16;
 
     use super::*;
-    use crate::quant::{dequantize, quantize};
     use crate::testing::{assert_close, gpu, random};
 
-    /// Weights `[n, k]` in `dtype` with the f32 values the kernel must compute with.
+    /// Weights `[n, k]` in `dtype` on the shared device (see [`crate::testing::weights`]).
     fn weights(dtype: DType, n: usize, k: usize, seed: u64) -> (Tensor, Vec<f32>) {
-        let gpu = gpu();
-        let w = random(n * k, seed);
-        match dtype {
-            DType::F32 => (Tensor::from_f32(gpu, &[n, k], &w).unwrap(), w),
-            DType::F16 => {
-                let h: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
-                let exact = h.iter().map(|v| v.to_f32()).collect();
-                (Tensor::from_f16(gpu, &[n, k], &h).unwrap(), exact)
-            }
-            _ => {
-                let q = quantize(dtype, n, k, &w);
-                (Tensor::from_quant(gpu, &q).unwrap(), dequantize(&q))
-            }
-        }
+        crate::testing::weights(gpu(), dtype, n, k, seed)
     }
 
     fn matvec(w: &[f32], x: &[f32]) -> Vec<f32> {

@@ -271,8 +271,7 @@ mod tests {
 
     use super::*;
     use crate::Gpu;
-    use crate::quant::{dequantize, quantize};
-    use crate::testing::{gpu, gpu_without_f16, random};
+    use crate::testing::{gpu, gpu_without_f16, random, weights};
 
     /// `x · wᵀ + bias` in f64 over row-major `x: [m, k]`, `w: [n, k]`.
     fn reference(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, k: usize, n: usize) -> Vec<f32> {
@@ -308,23 +307,6 @@ mod tests {
             vec![gpu(), gpu_without_f16()]
         } else {
             vec![gpu()]
-        }
-    }
-
-    /// Weights `[n, k]` in `dtype` on `gpu`, with the f32 values the kernel must compute with.
-    fn weights(gpu: &Gpu, dtype: DType, n: usize, k: usize, seed: u64) -> (Tensor, Vec<f32>) {
-        let w = random(n * k, seed);
-        match dtype {
-            DType::F32 => (Tensor::from_f32(gpu, &[n, k], &w).unwrap(), w),
-            DType::F16 => {
-                let h: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
-                let exact = h.iter().map(|v| v.to_f32()).collect();
-                (Tensor::from_f16(gpu, &[n, k], &h).unwrap(), exact)
-            }
-            _ => {
-                let q = quantize(dtype, n, k, &w);
-                (Tensor::from_quant(gpu, &q).unwrap(), dequantize(&q))
-            }
         }
     }
 
