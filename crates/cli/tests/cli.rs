@@ -2,32 +2,16 @@
 //! mistral-tiny) and the original-LLaVA-layout one (liuhaotian-tiny), checked against the
 //! transformers fixtures.
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+
+use common::{case, image, llava, root};
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn image(name: &str) -> PathBuf {
-    root().join("../shared/testdata/images").join(name)
-}
-
-fn llava(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_llava")).args(args).output().expect("run llava")
-}
 
 fn json_stdout(out: &Output) -> Value {
     assert!(out.status.success(), "llava failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
-}
-
-fn case(id: &str) -> Value {
-    let path = root().join("tests/fixtures/expected/mistral-tiny.json");
-    let expected: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    expected["cases"].as_array().unwrap().iter().find(|c| c["id"] == id).unwrap().clone()
 }
 
 fn stderr(out: &Output) -> String {

@@ -3,18 +3,13 @@
 //! own, and with reference answers built from the model's answers; a second run with the same
 //! output file asks nothing again.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
+mod common;
+
+use common::{llava, root};
 use serde_json::{Value, json};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn llava(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_llava")).args(args).output().expect("run llava")
-}
 
 fn ok_json(out: &Output) -> Value {
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -2,28 +2,13 @@
 //! argument or file and the rule, never a panic, a hang or unbounded memory; and a chat goes on
 //! after every per-turn error.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 
+mod common;
+
+use common::{case, image, llava, root};
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn image(name: &str) -> PathBuf {
-    root().join("../shared/testdata/images").join(name)
-}
-
-fn llava(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_llava")).args(args).output().expect("run llava")
-}
-
-fn case(id: &str) -> Value {
-    let path = root().join("tests/fixtures/expected/mistral-tiny.json");
-    let expected: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    expected["cases"].as_array().unwrap().iter().find(|c| c["id"] == id).unwrap().clone()
-}
 
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("llava-cli-hostile-{name}-{}", std::process::id()));
