@@ -4,17 +4,20 @@
 // variants: GEMV W_F32 | GEMV W_F16 | GEMV W_Q8 QUANT | GEMV W_Q6 QUANT | GEMV W_Q4 QUANT | GEMV W_F32 NORM | GEMV W_F16 NORM | GEMV W_Q8 QUANT NORM | GEMV W_Q6 QUANT NORM | GEMV W_Q4 QUANT NORM | GEMV W_F32 RESIDUAL | GEMV W_F16 RESIDUAL | GEMV W_Q8 QUANT RESIDUAL | GEMV W_Q6 QUANT RESIDUAL | GEMV W_Q4 QUANT RESIDUAL | GEMV W_F32 NORM SILU | GEMV W_F16 NORM SILU | GEMV W_Q8 QUANT NORM SILU | GEMV W_Q6 QUANT NORM SILU | GEMV W_Q4 QUANT NORM SILU | GEMV W_F32 NORM QKV V_F32 | GEMV W_F16 NORM QKV V_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 | GEMV W_Q4 QUANT NORM QKV V_Q6 | GEMV W_Q4 QUANT NORM QKV V_Q4 | GEMV W_F16 NORM QKV V_F16 KV_F16 | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 KV_F16 | ATTEND | ATTEND KV_F16 | COMBINE | SAMPLE
 //
 // GEMV (`gemv`): y = W · x for one row of x, W `[N, K]` in the layout of tensor.rs / quant.rs.
-// A workgroup computes 8 rows with 32 lanes each; a lane reads its row 16 bytes at a time (one
-// "unit": 32 values of Q4/Q6, 16 of Q8, 8 of F16, 4 of F32) against x staged in workgroup memory,
-// 2048 values at a time. Rows go in quads of four to the epilogue (one thread per quad):
+// A workgroup is 8 slots of 32 lanes; each slot computes SLOT_ROWS rows (1 for F32/F16, 2 for Q8,
+// 4 for Q6/Q4), so that the x a workgroup stages serves 48-128 KiB of weights in every format and
+// each lane has several loads in flight. A lane reads its rows 16 bytes at a time (one "unit": 32
+// values of Q4/Q6, 16 of Q8, 8 of F16, 4 of F32) against x staged in workgroup memory, 2048 values
+// at a time, and takes the unit's x into registers once for all its rows. Rows go in quads of four
+// to the epilogue (one thread per quad):
 // - default: y[col0 + row] = acc (rows in windows of a larger matrix start at col0);
 // - RESIDUAL: y[row] += acc (o_proj and down_proj add into the residual stream in place);
 // - SILU: `w` holds gate and up (m rows each), y[j] = silu(gate_j) * up_j;
 // - QKV: `w` holds q and k (format W_*), `w_v` holds v (format V_*): RoPE on q and k, q to `y`,
 //   k and v into the layer's KV cache at the step's position (f32, or f16 with KV_F16).
 // Two matrices in one binding sit at the offsets a_* and b_* of Params (tensor.rs, Tensor::pack).
-// NORM folds the RMSNorm before the matrix into the staging of x (x * rsqrt(mean(x^2) + eps) * g,
-// summed as norm.wgsl sums it, so the normalised values are the same).
+// NORM folds the RMSNorm before the matrix in: x * g is staged, its sum of squares gathered while
+// staging, and the row sums are scaled by rsqrt(mean(x^2) + eps) at the end.
 //
 // ATTEND + COMBINE (`attend`, `attend_combine`): attention of the step's query against the first
 // kv_len cached keys, split into chunks of 64 keys per workgroup (flash-decoding), then merged.
@@ -103,12 +106,12 @@ struct Params {
 
 const WG: u32 = 256u;
 const LANES: u32 = 32u;
-const ROWS: u32 = 8u;
+const SLOTS: u32 = 8u;
 const XCHUNK: u32 = 2048u;
 
 var<workgroup> xs: array<vec4<f32>, 512>; // XCHUNK / 4
-var<workgroup> partial: array<f32, WG>;
-var<workgroup> row_sums: array<f32, ROWS>;
+var<workgroup> partial: array<f32, 1024>; // WG * SLOT_ROWS
+var<workgroup> row_sums: array<f32, 32>; // SLOTS * SLOT_ROWS
 // Q4's code book (quant.rs Q4_VALUES), looked up per nibble.
 var<workgroup> codebook: array<f32, 16>;
 
@@ -123,19 +126,18 @@ fn f16_scale(words: u32, g: u32) -> f32 {
     return select(pair.x, pair.y, (g & 1u) == 1u);
 }
 
-// Dot products of one 16-byte unit with xs from `xb`, unscaled where the format has scales.
-// xb counts values (a multiple of 4): xs holds them four to a vector.
-fn dot_f32(u: vec4<u32>, xb: u32) -> f32 {
-    return dot(bitcast<vec4<f32>>(u), xs[xb / 4u]);
+// Dot products of one 16-byte unit with its x values `xv`, unscaled where the format has scales.
+fn dot_f32(u: vec4<u32>, xv: XUnit) -> f32 {
+    return dot(bitcast<vec4<f32>>(u), xv[0]);
 }
 
-fn dot_f16(u: vec4<u32>, xb: u32) -> f32 {
+fn dot_f16(u: vec4<u32>, xv: XUnit) -> f32 {
     let a = vec4<f32>(unpack2x16float(u.x), unpack2x16float(u.y));
     let b = vec4<f32>(unpack2x16float(u.z), unpack2x16float(u.w));
-    return dot(a, xs[xb / 4u]) + dot(b, xs[xb / 4u + 1u]);
+    return dot(a, xv[0]) + dot(b, xv[1]);
 }
 
-fn dot_q8(u: vec4<u32>, xb: u32) -> f32 {
+fn dot_q8(u: vec4<u32>, xv: XUnit) -> f32 {
     var acc = 0.0;
     for (var i = 0u; i < 4u; i++) {
         let word = u[i];
@@ -145,27 +147,26 @@ fn dot_q8(u: vec4<u32>, xb: u32) -> f32 {
             bitcast<i32>(word << 8u),
             bitcast<i32>(word),
         ) >> vec4<u32>(24u));
-        acc += dot(q, xs[xb / 4u + i]);
+        acc += dot(q, xv[i]);
     }
     return acc;
 }
 
-fn dot_q4(u: vec4<u32>, xb: u32) -> f32 {
+fn dot_q4(u: vec4<u32>, xv: XUnit) -> f32 {
     var acc = 0.0;
     for (var i = 0u; i < 4u; i++) {
         let word = u[i];
-        let b = xb / 4u + 2u * i;
         let lo = vec4<f32>(codebook[word & 15u], codebook[(word >> 4u) & 15u],
                            codebook[(word >> 8u) & 15u], codebook[(word >> 12u) & 15u]);
         let hi = vec4<f32>(codebook[(word >> 16u) & 15u], codebook[(word >> 20u) & 15u],
                            codebook[(word >> 24u) & 15u], codebook[word >> 28u]);
-        acc += dot(lo, xs[b]) + dot(hi, xs[b + 1u]);
+        acc += dot(lo, xv[2u * i]) + dot(hi, xv[2u * i + 1u]);
     }
     return acc;
 }
 
 // `high` holds the unit's 32 high bit pairs (two words).
-fn dot_q6(u: vec4<u32>, high: vec2<u32>, xb: u32) -> f32 {
+fn dot_q6(u: vec4<u32>, high: vec2<u32>, xv: XUnit) -> f32 {
     var acc = 0.0;
     for (var i = 0u; i < 4u; i++) {
         let word = vec4<u32>(u[i]);
@@ -174,31 +175,38 @@ fn dot_q6(u: vec4<u32>, high: vec2<u32>, xb: u32) -> f32 {
             | (((hw >> vec4<u32>(0u, 2u, 4u, 6u)) & vec4<u32>(3u)) << vec4<u32>(4u));
         let hi = ((word >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u))
             | (((hw >> vec4<u32>(8u, 10u, 12u, 14u)) & vec4<u32>(3u)) << vec4<u32>(4u));
-        let b = xb / 4u + 2u * i;
-        acc += dot(vec4<f32>(lo) - 32.0, xs[b]) + dot(vec4<f32>(hi) - 32.0, xs[b + 1u]);
+        acc += dot(vec4<f32>(lo) - 32.0, xv[2u * i]) + dot(vec4<f32>(hi) - 32.0, xv[2u * i + 1u]);
     }
     return acc;
 }
 
-// Values per unit of the main matrix's format.
+// Values per unit of the main matrix's format, and rows per slot.
 #if W_F32
 const W_UNIT: u32 = 4u;
+const SLOT_ROWS: u32 = 1u;
 #endif
 #if W_F16
 const W_UNIT: u32 = 8u;
+const SLOT_ROWS: u32 = 1u;
 #endif
 #if W_Q8
 const W_UNIT: u32 = 16u;
 const W_GROUP: u32 = 32u;
+const SLOT_ROWS: u32 = 2u;
 #endif
 #if W_Q6
 const W_UNIT: u32 = 32u;
 const W_GROUP: u32 = 64u;
+const SLOT_ROWS: u32 = 4u;
 #endif
 #if W_Q4
 const W_UNIT: u32 = 32u;
 const W_GROUP: u32 = 64u;
+const SLOT_ROWS: u32 = 4u;
 #endif
+// One unit's x values, in the first W_UNIT / 4 vectors (sized for the largest unit so that every
+// dot function type-checks in every variant; QKV's v has the main matrix's unit, decode.rs checks).
+alias XUnit = array<vec4<f32>, 8>;
 
 fn scale_word(i: u32) -> u32 {
 #if QUANT
@@ -209,23 +217,23 @@ fn scale_word(i: u32) -> u32 {
 }
 
 // Unit `c` (of the row's K / W_UNIT) of row `row` of the matrix at (data, sc) in w, dotted with
-// xs from `xb`.
-fn unit_w(row: u32, c: u32, xb: u32, data: u32, sc: u32) -> f32 {
+// its x values.
+fn unit_w(row: u32, c: u32, xv: XUnit, data: u32, sc: u32) -> f32 {
 #if W_F32
-    return dot_f32(w[data + row * (p.k / 4u) + c], xb);
+    return dot_f32(w[data + row * (p.k / 4u) + c], xv);
 #endif
 #if W_F16
-    return dot_f16(w[data + row * (p.k / 8u) + c], xb);
+    return dot_f16(w[data + row * (p.k / 8u) + c], xv);
 #endif
 #if QUANT
     let g = (row * p.k + c * W_UNIT) / W_GROUP;
     let s = f16_scale(scale_word(sc + g / 2u), g);
 #endif
 #if W_Q8
-    return s * dot_q8(w[data + row * (p.k / 16u) + c], xb);
+    return s * dot_q8(w[data + row * (p.k / 16u) + c], xv);
 #endif
 #if W_Q4
-    return s * dot_q4(w[data + row * (p.k / 32u) + c], xb);
+    return s * dot_q4(w[data + row * (p.k / 32u) + c], xv);
 #endif
 #if W_Q6
     // A row is K / 8 nibble words, then K / 16 words of high bit pairs (quant.rs).
@@ -233,7 +241,7 @@ fn unit_w(row: u32, c: u32, xb: u32, data: u32, sc: u32) -> f32 {
     let h = base + p.k / 8u + 2u * c;
     let hw = w[h / 4u];
     let high = select(hw.xy, hw.zw, (h & 2u) != 0u);
-    return s * dot_q6(w[base / 4u + c], high, xb);
+    return s * dot_q6(w[base / 4u + c], high, xv);
 #endif
 }
 
@@ -258,13 +266,13 @@ const V_GROUP: u32 = 64u;
 #endif
 
 // As unit_w, for w_v.
-fn unit_v(row: u32, c: u32, xb: u32) -> f32 {
+fn unit_v(row: u32, c: u32, xv: XUnit) -> f32 {
     let data = p.v_data;
 #if V_F32
-    return dot_f32(w_v[data + row * (p.k / 4u) + c], xb);
+    return dot_f32(w_v[data + row * (p.k / 4u) + c], xv);
 #endif
 #if V_F16
-    return dot_f16(w_v[data + row * (p.k / 8u) + c], xb);
+    return dot_f16(w_v[data + row * (p.k / 8u) + c], xv);
 #endif
 #if !V_F32
 #if !V_F16
@@ -273,17 +281,17 @@ fn unit_v(row: u32, c: u32, xb: u32) -> f32 {
 #endif
 #endif
 #if V_Q8
-    return s * dot_q8(w_v[data + row * (p.k / 16u) + c], xb);
+    return s * dot_q8(w_v[data + row * (p.k / 16u) + c], xv);
 #endif
 #if V_Q4
-    return s * dot_q4(w_v[data + row * (p.k / 32u) + c], xb);
+    return s * dot_q4(w_v[data + row * (p.k / 32u) + c], xv);
 #endif
 #if V_Q6
     let base = 4u * data + row * (3u * p.k / 16u);
     let h = base + p.k / 8u + 2u * c;
     let hw = w_v[h / 4u];
     let high = select(hw.xy, hw.zw, (h & 2u) != 0u);
-    return s * dot_q6(w_v[base / 4u + c], high, xb);
+    return s * dot_q6(w_v[base / 4u + c], high, xv);
 #endif
 }
 #endif
@@ -418,19 +426,58 @@ fn gemv(
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
     let group = wg.x + wg.y * nwg.x;
-    let r = lid / LANES;
+    let slot = lid / LANES;
     let lane = lid % LANES;
-    let quad = group * 2u + r / 4u;
-    let which = quad_row(quad, r % 4u);
+    // Row j of this slot: slot % 4 of quad 2 j + slot / 4 of the workgroup's 2 SLOT_ROWS quads.
+    var rows: array<vec3<u32>, SLOT_ROWS>;
+    for (var j = 0u; j < SLOT_ROWS; j++) {
+        rows[j] = quad_row(group * 2u * SLOT_ROWS + 2u * j + slot / 4u, slot % 4u);
+    }
     if (lid < 16u) {
         codebook[lid] = q4_value(lid);
     }
-#if NORM
-    // norm.wgsl's sum: strided per thread, then a pairwise tree.
     var sq = 0.0;
-    for (var i = lid; i < p.k; i += WG) {
-        sq += x[i] * x[i];
+    var acc: array<f32, SLOT_ROWS>;
+    for (var c0 = 0u; c0 < p.k; c0 += XCHUNK) {
+        let len = min(XCHUNK, p.k - c0);
+        workgroupBarrier();
+        for (var i = lid; i < len / 4u; i += WG) {
+            let e = c0 + 4u * i;
+            let v = vec4<f32>(x[e], x[e + 1u], x[e + 2u], x[e + 3u]);
+#if NORM
+            sq += dot(v, v);
+            xs[i] = v * vec4<f32>(norm_weight[e], norm_weight[e + 1u], norm_weight[e + 2u], norm_weight[e + 3u]);
+#else
+            xs[i] = v;
+#endif
+        }
+        workgroupBarrier();
+        for (var c = lane; c < len / W_UNIT; c += LANES) {
+            var xv: XUnit;
+            for (var i = 0u; i < W_UNIT / 4u; i++) {
+                xv[i] = xs[c * (W_UNIT / 4u) + i];
+            }
+            let unit = c0 / W_UNIT + c;
+            for (var j = 0u; j < SLOT_ROWS; j++) {
+                let row = rows[j];
+                if (row.z == 0u) {
+                    continue;
+                }
+#if QKV
+                if (row.y == 2u) {
+                    acc[j] += unit_v(row.x, unit, xv);
+                    continue;
+                }
+#endif
+                let data = select(p.a_data, p.b_data, row.y == 1u);
+                let sc = select(p.a_scales, p.b_scales, row.y == 1u);
+                acc[j] += unit_w(row.x, unit, xv, data, sc);
+            }
+        }
     }
+    workgroupBarrier();
+#if NORM
+    // The sum of squares, strided per thread then a pairwise tree as in norm.wgsl.
     partial[lid] = sq;
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s >>= 1u) {
@@ -440,50 +487,27 @@ fn gemv(
         workgroupBarrier();
     }
     let rms = inverseSqrt(partial[0] / f32(p.k) + p.eps);
-#endif
-    var acc = 0.0;
-    for (var c0 = 0u; c0 < p.k; c0 += XCHUNK) {
-        let len = min(XCHUNK, p.k - c0);
-        workgroupBarrier();
-        for (var i = lid; i < len / 4u; i += WG) {
-            let e = c0 + 4u * i;
-            let v = vec4<f32>(x[e], x[e + 1u], x[e + 2u], x[e + 3u]);
-#if NORM
-            xs[i] = v * rms * vec4<f32>(norm_weight[e], norm_weight[e + 1u], norm_weight[e + 2u], norm_weight[e + 3u]);
+    workgroupBarrier();
 #else
-            xs[i] = v;
+    let rms = 1.0;
 #endif
-        }
-        workgroupBarrier();
-        if (which.z != 0u && which.y < 2u) {
-            let data = select(p.a_data, p.b_data, which.y == 1u);
-            let sc = select(p.a_scales, p.b_scales, which.y == 1u);
-            for (var c = lane; c < len / W_UNIT; c += LANES) {
-                acc += unit_w(which.x, c0 / W_UNIT + c, c * W_UNIT, data, sc);
-            }
-        }
-#if QKV
-        if (which.z != 0u && which.y == 2u) {
-            for (var c = lane; c < len / V_UNIT; c += LANES) {
-                acc += unit_v(which.x, c0 / V_UNIT + c, c * V_UNIT);
-            }
-        }
-#endif
+    for (var j = 0u; j < SLOT_ROWS; j++) {
+        partial[j * WG + lid] = acc[j];
     }
     workgroupBarrier();
-    partial[lid] = acc;
-    workgroupBarrier();
-    if (lid < ROWS) {
+    // Row `lid` = slot + 8 j: quad lid / 4 of the workgroup, slot lid % 4 of it.
+    if (lid < SLOTS * SLOT_ROWS) {
+        let base = (lid / SLOTS) * WG + (lid % SLOTS) * LANES;
         var sum = 0.0;
         for (var l = 0u; l < LANES; l++) {
-            sum += partial[lid * LANES + l];
+            sum += partial[base + l];
         }
-        row_sums[lid] = sum;
+        row_sums[lid] = sum * rms;
     }
     workgroupBarrier();
-    if (lid < 2u) {
+    if (lid < 2u * SLOT_ROWS) {
         let b = 4u * lid;
-        epilogue(group * 2u + lid, vec4<f32>(row_sums[b], row_sums[b + 1u], row_sums[b + 2u], row_sums[b + 3u]));
+        epilogue(group * 2u * SLOT_ROWS + lid, vec4<f32>(row_sums[b], row_sums[b + 1u], row_sums[b + 2u], row_sums[b + 3u]));
     }
 }
 #endif

@@ -113,7 +113,9 @@ fn eight_values(n: u32, c8: u32) -> mat2x4<f32> {
 }
 #endif
 
-// Element (n, c) of the weight window as f32.
+#if !QUANT
+// Element (n, c) of an F32 or F16 weight window as f32 (the GEMM dequantizes Q8/Q6/Q4 a word at
+// a time, load_quantized_w_tile).
 fn w_at(n: u32, c: u32) -> f32 {
     let e = n * p.k + c;
 #if W_F32
@@ -128,21 +130,8 @@ fn w_at(n: u32, c: u32) -> f32 {
     return select(pair.x, pair.y, (e & 1u) == 1u);
 #endif
 #endif
-#if W_Q8
-    let q = bitcast<i32>(w[e / 4u] << (24u - 8u * (e & 3u))) >> 24u;
-    return f32(q) * scale_at(e);
-#endif
-#if W_Q6
-    let base = n * q6_row_words();
-    let lo = (w[base + c / 8u] >> (4u * (c & 7u))) & 15u;
-    let hi = (w[base + p.k / 8u + c / 16u] >> (2u * (c & 15u))) & 3u;
-    return (f32(lo | (hi << 4u)) - 32.0) * scale_at(e);
-#endif
-#if W_Q4
-    let nibble = (w[e / 8u] >> (4u * (e & 7u))) & 15u;
-    return q4_value(nibble) * scale_at(e);
-#endif
 }
+#endif
 
 // Four consecutive values of row m of x from column c.
 fn x4(m: u32, c: u32) -> vec4<f32> {
@@ -290,6 +279,47 @@ alias WTile = f32;
 var<workgroup> x_tile: array<f32, 1024>; // [TILE_K][TILE]
 var<workgroup> w_tile: array<WTile, 1024>; // [TILE_K][TILE]
 
+#if QUANT
+// Dequantizes the [TILE_K][TILE] weight tile a word at a time: K is a multiple of the group (32
+// or 64), so a tile never passes K and the values of one word share one scale.
+fn load_quantized_w_tile(t: u32, n0: u32, k0: u32) {
+#if NIBBLE_WORDS
+    // 128 threads, each 8 values (one word of nibbles) of row t / 2.
+    if (t < 128u) {
+        let i = t / 2u;
+        let kk = 8u * (t % 2u);
+        var v = mat2x4<f32>();
+        if (n0 + i < p.n) {
+            v = eight_values(n0 + i, (k0 + kk) / 8u) * scale_at((n0 + i) * p.k + k0 + kk);
+        }
+        for (var e = 0u; e < 4u; e++) {
+            w_tile[(kk + e) * TILE + i] = v[0][e];
+            w_tile[(kk + 4u + e) * TILE + i] = v[1][e];
+        }
+    }
+#endif
+#if W_Q8
+    // 256 threads, each 4 values (one word of bytes) of row t / 4.
+    let i = t / 4u;
+    let kk = 4u * (t % 4u);
+    var v = vec4<f32>();
+    if (n0 + i < p.n) {
+        let e = (n0 + i) * p.k + k0 + kk;
+        let word = w[e / 4u];
+        v = vec4<f32>(vec4<i32>(
+            bitcast<i32>(word << 24u),
+            bitcast<i32>(word << 16u),
+            bitcast<i32>(word << 8u),
+            bitcast<i32>(word),
+        ) >> vec4<u32>(24u)) * scale_at(e);
+    }
+    for (var e = 0u; e < 4u; e++) {
+        w_tile[(kk + e) * TILE + i] = v[e];
+    }
+#endif
+}
+#endif
+
 @compute @workgroup_size(16, 16)
 fn gemm(
     @builtin(local_invocation_id) lid: vec3<u32>,
@@ -311,12 +341,17 @@ fn gemm(
                 xv = x[(row0 + i) * p.k + c];
             }
             x_tile[kk * TILE + i] = xv;
+#if !QUANT
             var wv = 0.0;
             if (n0 + i < p.n && c < p.k) {
                 wv = w_at(n0 + i, c);
             }
             w_tile[kk * TILE + i] = WTile(wv);
+#endif
         }
+#if QUANT
+        load_quantized_w_tile(t, n0, k0);
+#endif
         workgroupBarrier();
         for (var kk = 0u; kk < TILE_K; kk++) {
             let xb = kk * TILE + lid.y;
