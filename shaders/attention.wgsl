@@ -105,11 +105,11 @@ fn v_at(e: u32) -> f32 {
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 #endif
 
-const THREADS: u32 = 64u;
+const THREADS: u32 = 256u;
 // Floats per K (and V) tile and most keys per tile: the tiles and the partial dot products
 // (THREADS * BK_MAX) take 16 KiB, WebGPU's default workgroup memory.
 const TILE_FLOATS: u32 = 1024u;
-const BK_MAX: u32 = 32u;
+const BK_MAX: u32 = 8u;
 // Most head-dim values one thread owns.
 const W_MAX: u32 = 16u;
 // Threads per query row (a power of two, at least D / W_MAX), dims per thread (ceil(D / LANES))
@@ -127,7 +127,7 @@ var<workgroup> v_tile: array<vec4<f32>, TILE_FLOATS / 4u>;
 // Float j * THREADS + thread: a lane's dot product of its q slice with key j of the tile.
 var<workgroup> partial: array<vec4<f32>, THREADS * BK_MAX / 4u>;
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(256)
 fn attention_tiled(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,

@@ -4,20 +4,17 @@
 // variants: GEMV W_F32 | GEMV W_F16 | GEMV W_Q8 QUANT | GEMV W_Q6 QUANT | GEMV W_Q4 QUANT | GEMV W_F32 NORM | GEMV W_F16 NORM | GEMV W_Q8 QUANT NORM | GEMV W_Q6 QUANT NORM | GEMV W_Q4 QUANT NORM | GEMV W_F32 RESIDUAL | GEMV W_F16 RESIDUAL | GEMV W_Q8 QUANT RESIDUAL | GEMV W_Q6 QUANT RESIDUAL | GEMV W_Q4 QUANT RESIDUAL | GEMV W_F32 NORM SILU | GEMV W_F16 NORM SILU | GEMV W_Q8 QUANT NORM SILU | GEMV W_Q6 QUANT NORM SILU | GEMV W_Q4 QUANT NORM SILU | GEMV W_F32 NORM QKV V_F32 | GEMV W_F16 NORM QKV V_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 | GEMV W_Q4 QUANT NORM QKV V_Q6 | GEMV W_Q4 QUANT NORM QKV V_Q4 | GEMV W_F16 NORM QKV V_F16 KV_F16 | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 KV_F16 | ATTEND | ATTEND KV_F16 | COMBINE | SAMPLE
 //
 // GEMV (`gemv`): y = W · x for one row of x, W `[N, K]` in the layout of tensor.rs / quant.rs.
-// A workgroup is 8 slots of 32 lanes; each slot computes SLOT_ROWS rows (1 for F32/F16, 2 for Q8,
-// 4 for Q6/Q4), so that the x a workgroup stages serves 48-128 KiB of weights in every format and
-// each lane has several loads in flight. A lane reads its rows 16 bytes at a time (one "unit": 32
-// values of Q4/Q6, 16 of Q8, 8 of F16, 4 of F32) against x staged in workgroup memory, 2048 values
-// at a time, and takes the unit's x into registers once for all its rows. Rows go in quads of four
-// to the epilogue (one thread per quad):
+// A workgroup computes 8 rows with 32 lanes each; a lane reads its row 16 bytes at a time (one
+// "unit": 32 values of Q4/Q6, 16 of Q8, 8 of F16, 4 of F32) against x staged in workgroup memory,
+// 2048 values at a time. Rows go in quads of four to the epilogue (one thread per quad):
 // - default: y[col0 + row] = acc (rows in windows of a larger matrix start at col0);
 // - RESIDUAL: y[row] += acc (o_proj and down_proj add into the residual stream in place);
 // - SILU: `w` holds gate and up (m rows each), y[j] = silu(gate_j) * up_j;
 // - QKV: `w` holds q and k (format W_*), `w_v` holds v (format V_*): RoPE on q and k, q to `y`,
 //   k and v into the layer's KV cache at the step's position (f32, or f16 with KV_F16).
 // Two matrices in one binding sit at the offsets a_* and b_* of Params (tensor.rs, Tensor::pack).
-// NORM folds the RMSNorm before the matrix in: x * g is staged, its sum of squares gathered while
-// staging, and the row sums are scaled by rsqrt(mean(x^2) + eps) at the end.
+// NORM folds the RMSNorm before the matrix into the staging of x (x * rsqrt(mean(x^2) + eps) * g,
+// summed as norm.wgsl sums it, so the normalised values are the same).
 //
 // ATTEND + COMBINE (`attend`, `attend_combine`): attention of the step's query against the first
 // kv_len cached keys, split into chunks of 64 keys per workgroup (flash-decoding), then merged.
@@ -106,19 +103,20 @@ struct Params {
 
 const WG: u32 = 256u;
 const LANES: u32 = 32u;
-const SLOTS: u32 = 8u;
+const ROWS: u32 = 8u;
 const XCHUNK: u32 = 2048u;
 
 var<workgroup> xs: array<vec4<f32>, 512>; // XCHUNK / 4
-var<workgroup> partial: array<f32, 1024>; // WG * SLOT_ROWS
-var<workgroup> row_sums: array<f32, 32>; // SLOTS * SLOT_ROWS
+var<workgroup> partial: array<f32, WG>;
+var<workgroup> row_sums: array<f32, ROWS>;
 // Q4's code book (quant.rs Q4_VALUES), looked up per nibble.
 var<workgroup> codebook: array<f32, 16>;
 
 // quant.rs Q4_VALUES as signed bytes, four per word: code n is byte n % 4 of word n / 4.
 fn q4_value(n: u32) -> f32 {
-    let codes = vec4<u32>(0xbfad9881u, 0xf6eaddcfu, 0x26190d01u, 0x71594535u);
-    return f32(extractBits(bitcast<i32>(codes[n >> 2u]), 8u * (n & 3u), 8u));
+    let low = select(0xbfad9881u, 0xf6eaddcfu, (n & 4u) != 0u);
+    let high = select(0x26190d01u, 0x71594535u, (n & 4u) != 0u);
+    return f32(extractBits(bitcast<i32>(select(low, high, n >= 8u)), 8u * (n & 3u), 8u));
 }
 
 fn f16_scale(words: u32, g: u32) -> f32 {
@@ -126,87 +124,87 @@ fn f16_scale(words: u32, g: u32) -> f32 {
     return select(pair.x, pair.y, (g & 1u) == 1u);
 }
 
-// Dot products of one 16-byte unit with its x values `xv`, unscaled where the format has scales.
-fn dot_f32(u: vec4<u32>, xv: XUnit) -> f32 {
-    return dot(bitcast<vec4<f32>>(u), xv[0]);
+// Dot products of one 16-byte unit with xs from `xb`, unscaled where the format has scales.
+// xb counts values (a multiple of 4): xs holds them four to a vector.
+fn dot_f32(u: vec4<u32>, xb: u32) -> f32 {
+    return dot(bitcast<vec4<f32>>(u), xs[xb / 4u]);
 }
 
-fn dot_f16(u: vec4<u32>, xv: XUnit) -> f32 {
+fn dot_f16(u: vec4<u32>, xb: u32) -> f32 {
     let a = vec4<f32>(unpack2x16float(u.x), unpack2x16float(u.y));
     let b = vec4<f32>(unpack2x16float(u.z), unpack2x16float(u.w));
-    return dot(a, xv[0]) + dot(b, xv[1]);
+    return dot(a, xs[xb / 4u]) + dot(b, xs[xb / 4u + 1u]);
 }
 
-fn dot_q8(u: vec4<u32>, xv: XUnit) -> f32 {
-    var acc = 0.0;
-    for (var i = 0u; i < 4u; i++) {
-        let word = u[i];
-        let q = vec4<f32>(vec4<i32>(
-            bitcast<i32>(word << 24u),
-            bitcast<i32>(word << 16u),
-            bitcast<i32>(word << 8u),
-            bitcast<i32>(word),
-        ) >> vec4<u32>(24u));
-        acc += dot(q, xv[i]);
-    }
-    return acc;
+// One word of four signed bytes against xs[b]. The dot functions name each word of a unit (u.x ..
+// u.w): indexing a vector with a loop counter can put it in local memory (NVIDIA Vulkan), which
+// made the Q8/Q4 GEMVs several times slower than F16.
+fn q8_word(word: u32, b: u32) -> f32 {
+    let q = vec4<f32>(vec4<i32>(
+        bitcast<i32>(word << 24u),
+        bitcast<i32>(word << 16u),
+        bitcast<i32>(word << 8u),
+        bitcast<i32>(word),
+    ) >> vec4<u32>(24u));
+    return dot(q, xs[b]);
 }
 
-fn dot_q4(u: vec4<u32>, xv: XUnit) -> f32 {
-    var acc = 0.0;
-    for (var i = 0u; i < 4u; i++) {
-        let word = u[i];
-        let lo = vec4<f32>(codebook[word & 15u], codebook[(word >> 4u) & 15u],
-                           codebook[(word >> 8u) & 15u], codebook[(word >> 12u) & 15u]);
-        let hi = vec4<f32>(codebook[(word >> 16u) & 15u], codebook[(word >> 20u) & 15u],
-                           codebook[(word >> 24u) & 15u], codebook[word >> 28u]);
-        acc += dot(lo, xv[2u * i]) + dot(hi, xv[2u * i + 1u]);
-    }
-    return acc;
+fn dot_q8(u: vec4<u32>, xb: u32) -> f32 {
+    let b = xb / 4u;
+    return q8_word(u.x, b) + q8_word(u.y, b + 1u) + q8_word(u.z, b + 2u) + q8_word(u.w, b + 3u);
+}
+
+// One word of eight nibbles (code book indices) against xs[b], xs[b + 1].
+fn q4_word(word: u32, b: u32) -> f32 {
+    let lo = vec4<f32>(codebook[word & 15u], codebook[(word >> 4u) & 15u],
+                       codebook[(word >> 8u) & 15u], codebook[(word >> 12u) & 15u]);
+    let hi = vec4<f32>(codebook[(word >> 16u) & 15u], codebook[(word >> 20u) & 15u],
+                       codebook[(word >> 24u) & 15u], codebook[word >> 28u]);
+    return dot(lo, xs[b]) + dot(hi, xs[b + 1u]);
+}
+
+fn dot_q4(u: vec4<u32>, xb: u32) -> f32 {
+    let b = xb / 4u;
+    return q4_word(u.x, b) + q4_word(u.y, b + 2u) + q4_word(u.z, b + 4u) + q4_word(u.w, b + 6u);
+}
+
+// One word of eight low nibbles with their eight high bit pairs (the low 16 bits of `hw`).
+fn q6_word(word: u32, hw: u32, b: u32) -> f32 {
+    let w4 = vec4<u32>(word);
+    let h4 = vec4<u32>(hw);
+    let lo = ((w4 >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u))
+        | (((h4 >> vec4<u32>(0u, 2u, 4u, 6u)) & vec4<u32>(3u)) << vec4<u32>(4u));
+    let hi = ((w4 >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u))
+        | (((h4 >> vec4<u32>(8u, 10u, 12u, 14u)) & vec4<u32>(3u)) << vec4<u32>(4u));
+    return dot(vec4<f32>(lo) - 32.0, xs[b]) + dot(vec4<f32>(hi) - 32.0, xs[b + 1u]);
 }
 
 // `high` holds the unit's 32 high bit pairs (two words).
-fn dot_q6(u: vec4<u32>, high: vec2<u32>, xv: XUnit) -> f32 {
-    var acc = 0.0;
-    for (var i = 0u; i < 4u; i++) {
-        let word = vec4<u32>(u[i]);
-        let hw = vec4<u32>(high[i / 2u] >> (16u * (i & 1u)));
-        let lo = ((word >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u))
-            | (((hw >> vec4<u32>(0u, 2u, 4u, 6u)) & vec4<u32>(3u)) << vec4<u32>(4u));
-        let hi = ((word >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u))
-            | (((hw >> vec4<u32>(8u, 10u, 12u, 14u)) & vec4<u32>(3u)) << vec4<u32>(4u));
-        acc += dot(vec4<f32>(lo) - 32.0, xv[2u * i]) + dot(vec4<f32>(hi) - 32.0, xv[2u * i + 1u]);
-    }
-    return acc;
+fn dot_q6(u: vec4<u32>, high: vec2<u32>, xb: u32) -> f32 {
+    let b = xb / 4u;
+    return q6_word(u.x, high.x, b) + q6_word(u.y, high.x >> 16u, b + 2u)
+        + q6_word(u.z, high.y, b + 4u) + q6_word(u.w, high.y >> 16u, b + 6u);
 }
 
-// Values per unit of the main matrix's format, and rows per slot.
+// Values per unit of the main matrix's format.
 #if W_F32
 const W_UNIT: u32 = 4u;
-const SLOT_ROWS: u32 = 1u;
 #endif
 #if W_F16
 const W_UNIT: u32 = 8u;
-const SLOT_ROWS: u32 = 1u;
 #endif
 #if W_Q8
 const W_UNIT: u32 = 16u;
 const W_GROUP: u32 = 32u;
-const SLOT_ROWS: u32 = 2u;
 #endif
 #if W_Q6
 const W_UNIT: u32 = 32u;
 const W_GROUP: u32 = 64u;
-const SLOT_ROWS: u32 = 4u;
 #endif
 #if W_Q4
 const W_UNIT: u32 = 32u;
 const W_GROUP: u32 = 64u;
-const SLOT_ROWS: u32 = 4u;
 #endif
-// One unit's x values, in the first W_UNIT / 4 vectors (sized for the largest unit so that every
-// dot function type-checks in every variant; QKV's v has the main matrix's unit, decode.rs checks).
-alias XUnit = array<vec4<f32>, 8>;
 
 fn scale_word(i: u32) -> u32 {
 #if QUANT
@@ -217,23 +215,23 @@ fn scale_word(i: u32) -> u32 {
 }
 
 // Unit `c` (of the row's K / W_UNIT) of row `row` of the matrix at (data, sc) in w, dotted with
-// its x values.
-fn unit_w(row: u32, c: u32, xv: XUnit, data: u32, sc: u32) -> f32 {
+// xs from `xb`.
+fn unit_w(row: u32, c: u32, xb: u32, data: u32, sc: u32) -> f32 {
 #if W_F32
-    return dot_f32(w[data + row * (p.k / 4u) + c], xv);
+    return dot_f32(w[data + row * (p.k / 4u) + c], xb);
 #endif
 #if W_F16
-    return dot_f16(w[data + row * (p.k / 8u) + c], xv);
+    return dot_f16(w[data + row * (p.k / 8u) + c], xb);
 #endif
 #if QUANT
     let g = (row * p.k + c * W_UNIT) / W_GROUP;
     let s = f16_scale(scale_word(sc + g / 2u), g);
 #endif
 #if W_Q8
-    return s * dot_q8(w[data + row * (p.k / 16u) + c], xv);
+    return s * dot_q8(w[data + row * (p.k / 16u) + c], xb);
 #endif
 #if W_Q4
-    return s * dot_q4(w[data + row * (p.k / 32u) + c], xv);
+    return s * dot_q4(w[data + row * (p.k / 32u) + c], xb);
 #endif
 #if W_Q6
     // A row is K / 8 nibble words, then K / 16 words of high bit pairs (quant.rs).
@@ -241,7 +239,7 @@ fn unit_w(row: u32, c: u32, xv: XUnit, data: u32, sc: u32) -> f32 {
     let h = base + p.k / 8u + 2u * c;
     let hw = w[h / 4u];
     let high = select(hw.xy, hw.zw, (h & 2u) != 0u);
-    return s * dot_q6(w[base / 4u + c], high, xv);
+    return s * dot_q6(w[base / 4u + c], high, xb);
 #endif
 }
 
@@ -266,13 +264,13 @@ const V_GROUP: u32 = 64u;
 #endif
 
 // As unit_w, for w_v.
-fn unit_v(row: u32, c: u32, xv: XUnit) -> f32 {
+fn unit_v(row: u32, c: u32, xb: u32) -> f32 {
     let data = p.v_data;
 #if V_F32
-    return dot_f32(w_v[data + row * (p.k / 4u) + c], xv);
+    return dot_f32(w_v[data + row * (p.k / 4u) + c], xb);
 #endif
 #if V_F16
-    return dot_f16(w_v[data + row * (p.k / 8u) + c], xv);
+    return dot_f16(w_v[data + row * (p.k / 8u) + c], xb);
 #endif
 #if !V_F32
 #if !V_F16
@@ -281,17 +279,17 @@ fn unit_v(row: u32, c: u32, xv: XUnit) -> f32 {
 #endif
 #endif
 #if V_Q8
-    return s * dot_q8(w_v[data + row * (p.k / 16u) + c], xv);
+    return s * dot_q8(w_v[data + row * (p.k / 16u) + c], xb);
 #endif
 #if V_Q4
-    return s * dot_q4(w_v[data + row * (p.k / 32u) + c], xv);
+    return s * dot_q4(w_v[data + row * (p.k / 32u) + c], xb);
 #endif
 #if V_Q6
     let base = 4u * data + row * (3u * p.k / 16u);
     let h = base + p.k / 8u + 2u * c;
     let hw = w_v[h / 4u];
     let high = select(hw.xy, hw.zw, (h & 2u) != 0u);
-    return s * dot_q6(w_v[base / 4u + c], high, xv);
+    return s * dot_q6(w_v[base / 4u + c], high, xb);
 #endif
 }
 #endif
@@ -426,58 +424,19 @@ fn gemv(
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
     let group = wg.x + wg.y * nwg.x;
-    let slot = lid / LANES;
+    let r = lid / LANES;
     let lane = lid % LANES;
-    // Row j of this slot: slot % 4 of quad 2 j + slot / 4 of the workgroup's 2 SLOT_ROWS quads.
-    var rows: array<vec3<u32>, SLOT_ROWS>;
-    for (var j = 0u; j < SLOT_ROWS; j++) {
-        rows[j] = quad_row(group * 2u * SLOT_ROWS + 2u * j + slot / 4u, slot % 4u);
-    }
+    let quad = group * 2u + r / 4u;
+    let which = quad_row(quad, r % 4u);
     if (lid < 16u) {
         codebook[lid] = q4_value(lid);
     }
+#if NORM
+    // norm.wgsl's sum: strided per thread, then a pairwise tree.
     var sq = 0.0;
-    var acc: array<f32, SLOT_ROWS>;
-    for (var c0 = 0u; c0 < p.k; c0 += XCHUNK) {
-        let len = min(XCHUNK, p.k - c0);
-        workgroupBarrier();
-        for (var i = lid; i < len / 4u; i += WG) {
-            let e = c0 + 4u * i;
-            let v = vec4<f32>(x[e], x[e + 1u], x[e + 2u], x[e + 3u]);
-#if NORM
-            sq += dot(v, v);
-            xs[i] = v * vec4<f32>(norm_weight[e], norm_weight[e + 1u], norm_weight[e + 2u], norm_weight[e + 3u]);
-#else
-            xs[i] = v;
-#endif
-        }
-        workgroupBarrier();
-        for (var c = lane; c < len / W_UNIT; c += LANES) {
-            var xv: XUnit;
-            for (var i = 0u; i < W_UNIT / 4u; i++) {
-                xv[i] = xs[c * (W_UNIT / 4u) + i];
-            }
-            let unit = c0 / W_UNIT + c;
-            for (var j = 0u; j < SLOT_ROWS; j++) {
-                let row = rows[j];
-                if (row.z == 0u) {
-                    continue;
-                }
-#if QKV
-                if (row.y == 2u) {
-                    acc[j] += unit_v(row.x, unit, xv);
-                    continue;
-                }
-#endif
-                let data = select(p.a_data, p.b_data, row.y == 1u);
-                let sc = select(p.a_scales, p.b_scales, row.y == 1u);
-                acc[j] += unit_w(row.x, unit, xv, data, sc);
-            }
-        }
+    for (var i = lid; i < p.k; i += WG) {
+        sq += x[i] * x[i];
     }
-    workgroupBarrier();
-#if NORM
-    // The sum of squares, strided per thread then a pairwise tree as in norm.wgsl.
     partial[lid] = sq;
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s >>= 1u) {
@@ -487,27 +446,50 @@ fn gemv(
         workgroupBarrier();
     }
     let rms = inverseSqrt(partial[0] / f32(p.k) + p.eps);
-    workgroupBarrier();
-#else
-    let rms = 1.0;
 #endif
-    for (var j = 0u; j < SLOT_ROWS; j++) {
-        partial[j * WG + lid] = acc[j];
+    var acc = 0.0;
+    for (var c0 = 0u; c0 < p.k; c0 += XCHUNK) {
+        let len = min(XCHUNK, p.k - c0);
+        workgroupBarrier();
+        for (var i = lid; i < len / 4u; i += WG) {
+            let e = c0 + 4u * i;
+            let v = vec4<f32>(x[e], x[e + 1u], x[e + 2u], x[e + 3u]);
+#if NORM
+            xs[i] = v * rms * vec4<f32>(norm_weight[e], norm_weight[e + 1u], norm_weight[e + 2u], norm_weight[e + 3u]);
+#else
+            xs[i] = v;
+#endif
+        }
+        workgroupBarrier();
+        if (which.z != 0u && which.y < 2u) {
+            let data = select(p.a_data, p.b_data, which.y == 1u);
+            let sc = select(p.a_scales, p.b_scales, which.y == 1u);
+            for (var c = lane; c < len / W_UNIT; c += LANES) {
+                acc += unit_w(which.x, c0 / W_UNIT + c, c * W_UNIT, data, sc);
+            }
+        }
+#if QKV
+        if (which.z != 0u && which.y == 2u) {
+            for (var c = lane; c < len / V_UNIT; c += LANES) {
+                acc += unit_v(which.x, c0 / V_UNIT + c, c * V_UNIT);
+            }
+        }
+#endif
     }
     workgroupBarrier();
-    // Row `lid` = slot + 8 j: quad lid / 4 of the workgroup, slot lid % 4 of it.
-    if (lid < SLOTS * SLOT_ROWS) {
-        let base = (lid / SLOTS) * WG + (lid % SLOTS) * LANES;
+    partial[lid] = acc;
+    workgroupBarrier();
+    if (lid < ROWS) {
         var sum = 0.0;
         for (var l = 0u; l < LANES; l++) {
-            sum += partial[base + l];
+            sum += partial[lid * LANES + l];
         }
-        row_sums[lid] = sum * rms;
+        row_sums[lid] = sum;
     }
     workgroupBarrier();
-    if (lid < 2u * SLOT_ROWS) {
+    if (lid < 2u) {
         let b = 4u * lid;
-        epilogue(group * 2u * SLOT_ROWS + lid, vec4<f32>(row_sums[b], row_sums[b + 1u], row_sums[b + 2u], row_sums[b + 3u]));
+        epilogue(group * 2u + lid, vec4<f32>(row_sums[b], row_sums[b + 1u], row_sums[b + 2u], row_sums[b + 3u]));
     }
 }
 #endif
@@ -540,6 +522,7 @@ const MASKED: f32 = -3.0e38;
 
 var<workgroup> qs: array<f32, QMAX>;
 var<workgroup> probs: array<f32, 512>; // [group (<= 8)][KEYS]
+var<workgroup> lane_dots: array<f32, 256>;
 
 fn cached(e: u32) -> f32 {
 #if KV_F16
@@ -551,7 +534,9 @@ fn cached(e: u32) -> f32 {
 }
 
 // Workgroup (kv head, chunk): scores of the chunk's keys for the kv head's query heads, their
-// softmax statistics and the unnormalised weighted sum of values.
+// softmax statistics and the unnormalised weighted sum of values. Four lanes share a key (each a
+// strided quarter of the head dim) and the value sums take eight keys per step, so that every
+// thread has several loads in flight instead of one long chain of dependent ones.
 @compute @workgroup_size(256)
 fn attend(
     @builtin(local_invocation_index) lid: u32,
@@ -573,20 +558,25 @@ fn attend(
         qs[i] = q[kvh * group * d + i] * a.scale;
     }
     workgroupBarrier();
-    // Thread (key j, row set lid / KEYS): rows lid / KEYS, + 4.
-    let j = lid % KEYS;
-    for (var r = lid / KEYS; r < group; r += 4u) {
-        var s = MASKED;
+    // Thread (key j, lane): dims lane, lane + 4, ... of key j, for each query head in turn.
+    let j = lid / 4u;
+    let lane = lid % 4u;
+    let kb = ((k0 + j) * a.kv_heads + kvh) * d;
+    for (var r = 0u; r < group; r++) {
+        var s = 0.0;
         if (j < keys) {
-            let kb = ((k0 + j) * a.kv_heads + kvh) * d;
-            s = 0.0;
-            for (var e = 0u; e < d; e++) {
+            for (var e = lane; e < d; e += 4u) {
                 s += qs[r * d + e] * cached(kb + e);
             }
         }
-        probs[r * KEYS + j] = s;
+        lane_dots[lid] = s;
+        workgroupBarrier();
+        if (lane == 0u) {
+            let dot = (lane_dots[lid] + lane_dots[lid + 1u]) + (lane_dots[lid + 2u] + lane_dots[lid + 3u]);
+            probs[r * KEYS + j] = select(MASKED, dot, j < keys);
+        }
+        workgroupBarrier();
     }
-    workgroupBarrier();
     let part = (kvh * group) * chunks + chunk;
     if (lid < group) {
         var m = MASKED;
@@ -603,14 +593,25 @@ fn attend(
     }
     workgroupBarrier();
     let values = a.capacity * a.kv_heads * d;
+    let stride = a.kv_heads * d;
     for (var o = lid; o < group * d; o += 256u) {
         let r = o / d;
         let e = o % d;
-        var acc = 0.0;
-        for (var i = 0u; i < keys; i++) {
-            acc += probs[r * KEYS + i] * cached(values + ((k0 + i) * a.kv_heads + kvh) * d + e);
+        let pr = r * KEYS;
+        let vb = values + (k0 * a.kv_heads + kvh) * d + e;
+        var acc = vec4<f32>();
+        var i = 0u;
+        for (; i + 8u <= keys; i += 8u) {
+            let v = vb + i * stride;
+            acc += vec4<f32>(probs[pr + i], probs[pr + i + 1u], probs[pr + i + 2u], probs[pr + i + 3u])
+                * vec4<f32>(cached(v), cached(v + stride), cached(v + 2u * stride), cached(v + 3u * stride));
+            acc += vec4<f32>(probs[pr + i + 4u], probs[pr + i + 5u], probs[pr + i + 6u], probs[pr + i + 7u])
+                * vec4<f32>(cached(v + 4u * stride), cached(v + 5u * stride), cached(v + 6u * stride), cached(v + 7u * stride));
         }
-        part_out[(part + r * chunks) * d + e] = acc;
+        for (; i < keys; i++) {
+            acc.x += probs[pr + i] * cached(vb + i * stride);
+        }
+        part_out[(part + r * chunks) * d + e] = (acc.x + acc.y) + (acc.z + acc.w);
     }
 }
 #endif
@@ -627,29 +628,60 @@ struct CombineParams {
 @group(0) @binding(3) var<storage, read> part_stats: array<vec2<f32>>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
-// One thread per output (head, e): merges the chunks that hold keys.
+// attend's KEYS.
+const KEYS_PER_CHUNK: u32 = 64u;
+
+var<workgroup> reduce: array<f32, 256>;
+
+// The workgroup's sum (or max) of one value per thread, a pairwise tree.
+fn reduce_all(lid: u32, v: f32, take_max: bool) -> f32 {
+    reduce[lid] = v;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            let o = reduce[lid + s];
+            reduce[lid] = select(reduce[lid] + o, max(reduce[lid], o), take_max);
+        }
+        workgroupBarrier();
+    }
+    let all = reduce[0];
+    workgroupBarrier();
+    return all;
+}
+
+// Workgroup h: merges head h's chunks that hold keys. The chunks' statistics are reduced by all
+// threads at once, then each output sums its chunks four at a time.
 @compute @workgroup_size(256)
-fn attend_combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let o = gid.x + gid.y * nwg.x * 256u;
-    if (o >= c.heads * c.head_dim) {
-        return;
-    }
-    let h = o / c.head_dim;
-    let e = o % c.head_dim;
-    let used = (step.kv_len + 63u) / 64u;
+fn attend_combine(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
+    let h = wg.x;
+    let used = (step.kv_len + KEYS_PER_CHUNK - 1u) / KEYS_PER_CHUNK;
+    let first = h * c.chunks;
     var m = -3.0e38;
-    for (var k = 0u; k < used; k++) {
-        m = max(m, part_stats[h * c.chunks + k].x);
+    for (var k = lid; k < used; k += 256u) {
+        m = max(m, part_stats[first + k].x);
     }
-    var num = 0.0;
+    m = reduce_all(lid, m, true);
     var den = 0.0;
-    for (var k = 0u; k < used; k++) {
-        let st = part_stats[h * c.chunks + k];
-        let w = exp(st.x - m);
-        num += w * part_out[(h * c.chunks + k) * c.head_dim + e];
-        den += w * st.y;
+    for (var k = lid; k < used; k += 256u) {
+        let st = part_stats[first + k];
+        den += exp(st.x - m) * st.y;
     }
-    out[o] = num / den;
+    den = reduce_all(lid, den, false);
+    for (var e = lid; e < c.head_dim; e += 256u) {
+        let pb = first * c.head_dim + e;
+        var num = vec4<f32>();
+        var k = 0u;
+        for (; k + 4u <= used; k += 4u) {
+            let w = exp(vec4<f32>(part_stats[first + k].x, part_stats[first + k + 1u].x,
+                                  part_stats[first + k + 2u].x, part_stats[first + k + 3u].x) - m);
+            num += w * vec4<f32>(part_out[pb + k * c.head_dim], part_out[pb + (k + 1u) * c.head_dim],
+                                 part_out[pb + (k + 2u) * c.head_dim], part_out[pb + (k + 3u) * c.head_dim]);
+        }
+        for (; k < used; k++) {
+            num.x += exp(part_stats[first + k].x - m) * part_out[pb + k * c.head_dim];
+        }
+        out[h * c.head_dim + e] = ((num.x + num.y) + (num.z + num.w)) / den;
+    }
 }
 #endif
 

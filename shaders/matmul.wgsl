@@ -76,10 +76,13 @@ fn scale_at(e: u32) -> f32 {
 #endif
 
 #if W_Q4
-// quant.rs Q4_VALUES as signed bytes, four per word: code n is byte n % 4 of word n / 4.
+// quant.rs Q4_VALUES as signed bytes, four per word: code n is byte n % 4 of word n / 4. The word
+// is chosen by selects: a dynamically indexed vector can end up in local memory (NVIDIA Vulkan).
 fn q4_value(n: u32) -> f32 {
-    let codes = vec4<u32>(0xbfad9881u, 0xf6eaddcfu, 0x26190d01u, 0x71594535u);
-    return f32(extractBits(bitcast<i32>(codes[n >> 2u]), 8u * (n & 3u), 8u));
+    let low = select(0xbfad9881u, 0xf6eaddcfu, (n & 4u) != 0u);
+    let high = select(0x26190d01u, 0x71594535u, (n & 4u) != 0u);
+    let word = select(low, high, n >= 8u);
+    return f32(extractBits(bitcast<i32>(word), 8u * (n & 3u), 8u));
 }
 
 fn q4_values(n: vec4<u32>) -> vec4<f32> {
@@ -292,10 +295,16 @@ fn load_quantized_w_tile(t: u32, n0: u32, k0: u32) {
         if (n0 + i < p.n) {
             v = eight_values(n0 + i, (k0 + kk) / 8u) * scale_at((n0 + i) * p.k + k0 + kk);
         }
-        for (var e = 0u; e < 4u; e++) {
-            w_tile[(kk + e) * TILE + i] = v[0][e];
-            w_tile[(kk + 4u + e) * TILE + i] = v[1][e];
-        }
+        // Constant component indices keep v in registers.
+        let b = kk * TILE + i;
+        w_tile[b] = v[0].x;
+        w_tile[b + TILE] = v[0].y;
+        w_tile[b + 2u * TILE] = v[0].z;
+        w_tile[b + 3u * TILE] = v[0].w;
+        w_tile[b + 4u * TILE] = v[1].x;
+        w_tile[b + 5u * TILE] = v[1].y;
+        w_tile[b + 6u * TILE] = v[1].z;
+        w_tile[b + 7u * TILE] = v[1].w;
     }
 #endif
 #if W_Q8
@@ -313,9 +322,11 @@ fn load_quantized_w_tile(t: u32, n0: u32, k0: u32) {
             bitcast<i32>(word),
         ) >> vec4<u32>(24u)) * scale_at(e);
     }
-    for (var e = 0u; e < 4u; e++) {
-        w_tile[(kk + e) * TILE + i] = v[e];
-    }
+    let b = kk * TILE + i;
+    w_tile[b] = v.x;
+    w_tile[b + TILE] = v.y;
+    w_tile[b + 2u * TILE] = v.z;
+    w_tile[b + 3u * TILE] = v.w;
 #endif
 }
 #endif

@@ -1,10 +1,14 @@
 //! Kernel benchmark (not a test): `cargo bench -p llava-gpu --bench kernels [-- --full]
-//! [--only gemm,gemv,crossover,attention,dispatch]` (`--only` picks sections; the copy baseline
+//! [--only gemm,gemv,crossover,attention,decode,dispatch]` (`--only` picks sections; the copy baseline
 //! always runs).
 //!
-//! Prints one plain table: time per call (median after warm-up, each call submitted and waited
-//! for), GFLOP/s and GB/s of weights read, beside same-run baselines (a CPU sgemm on the same
-//! shapes and a GPU buffer copy) so the figures read as ratios. On a CPU adapter (llvmpipe) the
+//! Prints one plain table: GPU time per call, GFLOP/s and GB/s of weights read, beside same-run
+//! baselines (a CPU sgemm on the same shapes, a GPU buffer copy and the read probe) so the
+//! figures read as ratios. Each kernel is recorded once into a plan and replayed
+//! [`CALLS_PER_SUBMIT`] times per submission on a GPU (once on a CPU adapter), so the submit and
+//! wait latency is shared and the per-call time is the GPU's (median of the submissions).
+//! `--only decode` times the planned decode step's kernels (decode GEMV per format, attention of
+//! one query at a 7B context). On a CPU adapter (llvmpipe) the
 //! shapes are scaled down unless `--full` or `LLAVA_BENCH_FULL=1` asks for LLaVA's real ones.
 //! Where the adapter has shader-f16, F16 weights are timed twice: through the kernels'
 //! `SHADER_F16` variants (weights column `F16 +f16`) and on a second device without the feature
@@ -13,14 +17,17 @@
 use std::time::{Duration, Instant};
 
 use llava_gpu::ops::attention::{Mask, attention};
+use llava_gpu::ops::decode::{self, Epilogue, Step, StepUniform};
 use llava_gpu::ops::elementwise::add;
 use llava_gpu::ops::matmul::{GEMV_MAX_ROWS, LinearKernel, linear_with};
 use llava_gpu::quant::quantize;
-use llava_gpu::{DType, Gpu, GpuOptions, Result, Tensor, random};
+use llava_gpu::{Batch, DType, Gpu, GpuOptions, Result, Tensor, probe, random};
 
 /// Runs after warm-up until this many samples or [`SAMPLE_BUDGET`], whichever comes first.
 const SAMPLES: usize = 9;
 const SAMPLE_BUDGET: Duration = Duration::from_secs(3);
+/// Replays of a kernel per submission on a GPU.
+const CALLS_PER_SUBMIT: usize = 16;
 
 struct Table {
     rows: Vec<[String; 6]>,
@@ -94,6 +101,23 @@ fn median_secs(mut run: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(samples[samples.len() / 2])
 }
 
+/// Median seconds per call of the work `record` records: recorded once into a plan, replayed
+/// `calls` times per submission.
+fn gpu_secs(gpu: &Gpu, calls: usize, record: impl FnOnce(&mut Batch) -> Result<()>) -> Result<f64> {
+    let mut plan = gpu.plan();
+    record(&mut plan)?;
+    let plan = plan.into_plan()?;
+    let secs = median_secs(|| {
+        let mut batch = gpu.batch();
+        for _ in 0..calls {
+            batch.run(&plan)?;
+        }
+        batch.submit()?;
+        wait(gpu)
+    })?;
+    Ok(secs / calls as f64)
+}
+
 fn wait(gpu: &Gpu) -> Result<()> {
     gpu.device()
         .poll(wgpu::PollType::Wait {
@@ -127,18 +151,14 @@ fn weight(gpu: &Gpu, dtype: DType, n: usize, k: usize) -> Result<(Tensor, f64)> 
 fn linear_row(
     gpu: &Gpu,
     table: &mut Table,
+    calls: usize,
     kernel: LinearKernel,
     dtype: DType,
     (m, k, n): (usize, usize, usize),
 ) -> Result<f64> {
     let x = Tensor::from_f32(gpu, &[m, k], &random(m * k, 7))?;
     let (w, weight_bytes) = weight(gpu, dtype, n, k)?;
-    let secs = median_secs(|| {
-        let mut batch = gpu.batch();
-        linear_with(&mut batch, &x, &w, None, kernel)?;
-        batch.submit()?;
-        wait(gpu)
-    })?;
+    let secs = gpu_secs(gpu, calls, |batch| linear_with(batch, &x, &w, None, kernel).map(drop))?;
     let name = match kernel {
         LinearKernel::Auto => "linear",
         LinearKernel::Gemv => "linear gemv",
@@ -224,24 +244,52 @@ fn dispatch_row(gpu: &Gpu, table: &mut Table, count: usize) -> Result<()> {
 
 /// Causal attention as the LLM runs it: a prefill of `t` tokens and one decode step at context
 /// `t`, with Mistral-7B's 32 query / 8 kv heads of 128 (fewer heads on a CPU adapter).
-fn attention_rows(gpu: &Gpu, table: &mut Table, full: bool) -> Result<()> {
+fn attention_rows(gpu: &Gpu, table: &mut Table, full: bool, calls: usize) -> Result<()> {
     let (t, hq, hkv, d) = if full { (2400, 32, 8, 128) } else { (600, 8, 2, 128) };
     let k = Tensor::from_f32(gpu, &[1, t + 1, hkv, d], &random((t + 1) * hkv * d, 3))?;
     let v = Tensor::from_f32(gpu, &[1, t + 1, hkv, d], &random((t + 1) * hkv * d, 4))?;
     let kv_bytes = 2.0 * (t * hkv * d * 4) as f64;
     for (what, tq, offset) in [("attention prefill", t, 0), ("attention decode", 1, t)] {
         let q = Tensor::from_f32(gpu, &[1, tq, hq, d], &random(tq * hq * d, 5))?;
-        let secs = median_secs(|| {
-            let mut batch = gpu.batch();
-            attention(&mut batch, &q, &k, &v, offset + tq, Mask::Causal { q_offset: offset })?;
-            batch.submit()?;
-            wait(gpu)
+        let secs = gpu_secs(gpu, calls, |batch| {
+            attention(batch, &q, &k, &v, offset + tq, Mask::Causal { q_offset: offset }).map(drop)
         })?;
         // QK^T and PV over the visible keys (half of them on average for the causal prefill).
         let visible = if tq == 1 { (offset + 1) as f64 } else { (tq as f64 + 1.0) / 2.0 };
         let flops = 4.0 * (tq * hq * d) as f64 * visible;
         table.add(what, &format!("{tq}q x {}kv, {hq}/{hkv}x{d}", offset + tq), "F32", secs, flops, kv_bytes);
     }
+    Ok(())
+}
+
+/// The planned decode step's kernels at Mistral-7B sizes (scaled down on a CPU adapter): the
+/// decode GEMV (plain store) of the MLP's two shapes per weight format, and the attention of one
+/// query against an f16 cache of the bench prompt's length. GB/s read beside the read probe's.
+fn decode_rows(gpu: &Gpu, table: &mut Table, full: bool, calls: usize) -> Result<()> {
+    let (hidden, inter) = if full { (4096, 14336) } else { (1024, 3584) };
+    let bytes = if full { 1 << 30 } else { 64 << 20 };
+    let read = probe::read_bandwidth(gpu, bytes)?;
+    table.add("read probe (16-byte loads)", &format!("{} MiB", bytes >> 20), "-", bytes as f64 / read, 0.0, bytes as f64);
+    let step = StepUniform::new(gpu)?;
+    for (n, k) in [(inter, hidden), (hidden, inter)] {
+        let x = Tensor::from_f32(gpu, &[1, k], &random(k, 7))?;
+        let y = Tensor::empty(gpu, &[1, n], DType::F32)?;
+        for dtype in [DType::F16, DType::Q8, DType::Q4] {
+            let (w, weight_bytes) = weight(gpu, dtype, n, k)?;
+            let secs = gpu_secs(gpu, calls, |batch| decode::gemv(batch, &step, &x, &w, None, Epilogue::Store, &y))?;
+            table.add("decode gemv", &format!("{n}x{k}"), &format!("{dtype:?}"), secs, 2.0 * (n * k) as f64, weight_bytes);
+        }
+    }
+    let (heads, kv_heads, d, len): (usize, usize, usize, usize) = if full { (32, 8, 128, 2355) } else { (8, 2, 128, 600) };
+    let capacity = len.div_ceil(decode::ATTEND_KEYS) * decode::ATTEND_KEYS;
+    let cache: Vec<half::f16> =
+        random(2 * capacity * kv_heads * d, 11).iter().map(|&v| half::f16::from_f32(v)).collect();
+    let kv = Tensor::from_f16(gpu, &[2, capacity, kv_heads, d], &cache)?;
+    let q = Tensor::from_f32(gpu, &[heads * d], &random(heads * d, 12))?;
+    step.write(gpu, Step { pos: len as u32 - 1, kv_len: len as u32, index: 0, pad: 0 });
+    let secs = gpu_secs(gpu, calls, |batch| decode::attend(batch, &step, &q, &kv, heads, kv_heads).map(drop))?;
+    let kv_bytes = (2 * len * kv_heads * d * 2) as f64;
+    table.add("decode attend", &format!("1q x {len}kv, {heads}/{kv_heads}x{d}"), "F16 KV", secs, 4.0 * (heads * d * len) as f64, kv_bytes);
     Ok(())
 }
 
@@ -305,13 +353,14 @@ fn main() -> Result<()> {
         )
     };
 
+    let calls = if info.device_type == wgpu::DeviceType::Cpu { 1 } else { CALLS_PER_SUBMIT };
     let mut table = Table { rows: Vec::new() };
     copy_row(&gpu, &mut table, copy_bytes)?;
     for &shape in gemms.iter().filter(|_| section("gemm")) {
         cpu_sgemm_row(&mut table, shape)?;
         for dtype in [DType::F32, DType::F16, DType::Q4] {
             for gpu in devices(dtype) {
-                linear_row(gpu, &mut table, LinearKernel::Gemm, dtype, shape)?;
+                linear_row(gpu, &mut table, calls, LinearKernel::Gemm, dtype, shape)?;
             }
         }
     }
@@ -319,7 +368,7 @@ fn main() -> Result<()> {
         cpu_sgemm_row(&mut table, shape)?;
         for dtype in [DType::F32, DType::F16, DType::Q8, DType::Q6, DType::Q4] {
             for gpu in devices(dtype) {
-                linear_row(gpu, &mut table, LinearKernel::Gemv, dtype, shape)?;
+                linear_row(gpu, &mut table, calls, LinearKernel::Gemv, dtype, shape)?;
             }
         }
     }
@@ -327,12 +376,15 @@ fn main() -> Result<()> {
     let mut crossover = Vec::new();
     for m in [1, 2, 4, 8, 16, 32].into_iter().filter(|_| section("crossover")) {
         let shape = (m, sweep_k, sweep_k);
-        let gemv = linear_row(&gpu, &mut table, LinearKernel::Gemv, DType::F16, shape)?;
-        let gemm = linear_row(&gpu, &mut table, LinearKernel::Gemm, DType::F16, shape)?;
+        let gemv = linear_row(&gpu, &mut table, calls, LinearKernel::Gemv, DType::F16, shape)?;
+        let gemm = linear_row(&gpu, &mut table, calls, LinearKernel::Gemm, DType::F16, shape)?;
         crossover.push(format!("M={m}: gemm/gemv {:.2}", gemm / gemv));
     }
     if section("attention") {
-        attention_rows(&gpu, &mut table, full)?;
+        attention_rows(&gpu, &mut table, full, calls)?;
+    }
+    if section("decode") {
+        decode_rows(&gpu, &mut table, full, calls)?;
     }
     if section("dispatch") {
         dispatch_row(&gpu, &mut table, 256)?;

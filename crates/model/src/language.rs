@@ -376,7 +376,8 @@ impl LanguageModel {
             && self.layers.iter().all(|l| {
                 same(&l.q_proj, &l.k_proj)
                     && same(&l.gate_proj, &l.up_proj)
-                    && decode::qkv_supports(&l.q_proj, &l.v_proj, d)
+                    && decode::gemv_supports(&l.q_proj, d)
+                    && decode::gemv_supports(&l.v_proj, d)
                     && decode::gemv_supports(&l.o_proj, l.o_proj.last_dim())
                     && decode::gemv_supports(&l.gate_proj, d)
                     && decode::gemv_supports(&l.down_proj, c.intermediate_size)

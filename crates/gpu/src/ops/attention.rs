@@ -16,9 +16,9 @@ const SHADER: crate::registry::Shader = shader!("attention");
 /// The largest head dim the kernels take (must match MAX_D in attention.wgsl).
 pub const MAX_HEAD_DIM: usize = 256;
 /// Must match THREADS, TILE_FLOATS, BK_MAX and W_MAX in attention.wgsl.
-const TILED_THREADS: usize = 64;
+const TILED_THREADS: usize = 256;
 const TILE_FLOATS: usize = 1024;
-const TILE_MAX_KEYS: usize = 32;
+const TILE_MAX_KEYS: usize = 8;
 const MAX_DIMS_PER_THREAD: usize = 16;
 /// Must match MAX_ROWS and CHUNK in attention.wgsl.
 const SPLIT_MAX_ROWS: usize = 8;
