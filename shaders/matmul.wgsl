@@ -260,10 +260,13 @@ fn gemv(
 }
 
 // ---------------------------------------------------------------------------------------------
-// GEMM: a 16x16 workgroup computes a TILE x TILE block of y; thread (tx, ty) owns rows
-// ty + 16 i and columns tx + 16 j (i, j < 4), so reads of the tiles are conflict-free and the
-// stores coalesce. Tiles are zero-filled past M, N and K, so no size needs to be a multiple.
+// GEMM: a 16x16 workgroup computes a TILE_M x TILE block of y; thread (tx, ty) owns rows
+// ty + 16 i (i < 8) and columns tx + 16 j (j < 4), so reads of the tiles are conflict-free and the
+// stores coalesce: 12 tile reads per 32 multiply-adds. The eight accumulators are separate
+// variables: an array indexed by a loop counter can go to local memory (NVIDIA Vulkan). Tiles are
+// zero-filled past M, N and K, so no size needs to be a multiple.
 
+const TILE_M: u32 = 128u;
 const TILE: u32 = 64u;
 const TILE_K: u32 = 16u;
 
@@ -279,7 +282,7 @@ alias WTile = f32;
 alias WTile = f32;
 #endif
 
-var<workgroup> x_tile: array<f32, 1024>; // [TILE_K][TILE]
+var<workgroup> x_tile: array<f32, 2048>; // [TILE_K][TILE_M]
 var<workgroup> w_tile: array<WTile, 1024>; // [TILE_K][TILE]
 
 #if QUANT
@@ -331,18 +334,46 @@ fn load_quantized_w_tile(t: u32, n0: u32, k0: u32) {
 }
 #endif
 
+// Writes y[row, n0 + tx + 16 j] = acc[j] (+ bias) where inside y.
+fn store_gemm_row(row: u32, col: u32, acc: vec4<f32>) {
+    if (row >= p.m) {
+        return;
+    }
+    let y0 = row * p.y_stride + p.col0;
+    if (col < p.n) {
+        y[y0 + col] = acc.x + bias_at(p.col0 + col);
+    }
+    if (col + 16u < p.n) {
+        y[y0 + col + 16u] = acc.y + bias_at(p.col0 + col + 16u);
+    }
+    if (col + 32u < p.n) {
+        y[y0 + col + 32u] = acc.z + bias_at(p.col0 + col + 32u);
+    }
+    if (col + 48u < p.n) {
+        y[y0 + col + 48u] = acc.w + bias_at(p.col0 + col + 48u);
+    }
+}
+
 @compute @workgroup_size(16, 16)
 fn gemm(
     @builtin(local_invocation_id) lid: vec3<u32>,
     @builtin(local_invocation_index) t: u32,
     @builtin(workgroup_id) wg: vec3<u32>,
 ) {
-    let row0 = wg.y * TILE;
+    let row0 = wg.y * TILE_M;
     let n0 = wg.x * TILE;
-    var acc: array<vec4<f32>, 4>;
+    var a0 = vec4<f32>();
+    var a1 = vec4<f32>();
+    var a2 = vec4<f32>();
+    var a3 = vec4<f32>();
+    var a4 = vec4<f32>();
+    var a5 = vec4<f32>();
+    var a6 = vec4<f32>();
+    var a7 = vec4<f32>();
     for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
-        // 256 threads load 4 elements of each tile; 16 consecutive threads cover one row's K-slice.
-        for (var r = 0u; r < 4u; r++) {
+        // 16 consecutive threads cover one row's K-slice: 8 elements of the x tile per thread, 4
+        // of the w tile.
+        for (var r = 0u; r < 8u; r++) {
             let idx = t + 256u * r;
             let i = idx / TILE_K;
             let kk = idx % TILE_K;
@@ -351,13 +382,15 @@ fn gemm(
             if (row0 + i < p.m && c < p.k) {
                 xv = x[(row0 + i) * p.k + c];
             }
-            x_tile[kk * TILE + i] = xv;
+            x_tile[kk * TILE_M + i] = xv;
 #if !QUANT
-            var wv = 0.0;
-            if (n0 + i < p.n && c < p.k) {
-                wv = w_at(n0 + i, c);
+            if (r < 4u) {
+                var wv = 0.0;
+                if (n0 + i < p.n && c < p.k) {
+                    wv = w_at(n0 + i, c);
+                }
+                w_tile[kk * TILE + i] = WTile(wv);
             }
-            w_tile[kk * TILE + i] = WTile(wv);
 #endif
         }
 #if QUANT
@@ -365,26 +398,28 @@ fn gemm(
 #endif
         workgroupBarrier();
         for (var kk = 0u; kk < TILE_K; kk++) {
-            let xb = kk * TILE + lid.y;
+            let xb = kk * TILE_M + lid.y;
             let wb = kk * TILE + lid.x;
             let b = vec4<f32>(vec4<WTile>(w_tile[wb], w_tile[wb + 16u], w_tile[wb + 32u], w_tile[wb + 48u]));
-            acc[0] += x_tile[xb] * b;
-            acc[1] += x_tile[xb + 16u] * b;
-            acc[2] += x_tile[xb + 32u] * b;
-            acc[3] += x_tile[xb + 48u] * b;
+            a0 += x_tile[xb] * b;
+            a1 += x_tile[xb + 16u] * b;
+            a2 += x_tile[xb + 32u] * b;
+            a3 += x_tile[xb + 48u] * b;
+            a4 += x_tile[xb + 64u] * b;
+            a5 += x_tile[xb + 80u] * b;
+            a6 += x_tile[xb + 96u] * b;
+            a7 += x_tile[xb + 112u] * b;
         }
         workgroupBarrier();
     }
-    for (var i = 0u; i < 4u; i++) {
-        let row = row0 + lid.y + 16u * i;
-        if (row >= p.m) {
-            break;
-        }
-        for (var jj = 0u; jj < 4u; jj++) {
-            let col = n0 + lid.x + 16u * jj;
-            if (col < p.n) {
-                y[row * p.y_stride + p.col0 + col] = acc[i][jj] + bias_at(p.col0 + col);
-            }
-        }
-    }
+    let row = row0 + lid.y;
+    let col = n0 + lid.x;
+    store_gemm_row(row, col, a0);
+    store_gemm_row(row + 16u, col, a1);
+    store_gemm_row(row + 32u, col, a2);
+    store_gemm_row(row + 48u, col, a3);
+    store_gemm_row(row + 64u, col, a4);
+    store_gemm_row(row + 80u, col, a5);
+    store_gemm_row(row + 96u, col, a6);
+    store_gemm_row(row + 112u, col, a7);
 }

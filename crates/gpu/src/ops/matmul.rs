@@ -18,9 +18,10 @@ use crate::registry::{PipelineKey, SHADER_F16, Shader};
 use crate::{Batch, DType, Tensor, shader};
 
 const SHADER: Shader = shader!("matmul");
-/// Outputs per GEMV workgroup and the GEMM output tile (see the shader).
+/// Outputs per GEMV workgroup and the GEMM output tile, rows of x by columns (see the shader).
 const GEMV_OUTPUTS_PER_WORKGROUP: u32 = 4;
-const GEMM_TILE: u32 = 64;
+const GEMM_TILE_M: u32 = 128;
+const GEMM_TILE_N: u32 = 64;
 /// Rows of x up to which [`LinearKernel::Auto`] picks the GEMV: one GEMV pass covers 8 rows (it
 /// reads the weights once per 8 rows), and on llvmpipe the GEMV is 1.3x faster than the GEMM at
 /// M = 8, 1.2x at 16 and 3x slower at 32 (`cargo bench -p llava-gpu --bench kernels` prints this
@@ -130,7 +131,7 @@ pub(crate) fn linear_windowed(
                 .gpu()
                 .grid((count as u32).div_ceil(GEMV_OUTPUTS_PER_WORKGROUP))
         } else {
-            let grid = [(count as u32).div_ceil(GEMM_TILE), m32.div_ceil(GEMM_TILE), 1];
+            let grid = [(count as u32).div_ceil(GEMM_TILE_N), m32.div_ceil(GEMM_TILE_M), 1];
             let max = batch.gpu().limits().max_compute_workgroups_per_dimension;
             if grid[0] > max || grid[1] > max {
                 return Err(shape_err(
