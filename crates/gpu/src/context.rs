@@ -200,6 +200,22 @@ impl Gpu {
         self.check()
     }
 
+    /// Resolves once the GPU has finished everything submitted so far, so that a stage's time
+    /// includes its GPU work (natively by waiting on the device; on the web through
+    /// `onSubmittedWorkDone`, as `device.poll` does nothing there).
+    pub async fn finished(&self) -> Result<()> {
+        let (tx, rx) = futures_channel::oneshot::channel();
+        self.queue.on_submitted_work_done(move || {
+            let _ = tx.send(());
+        });
+        #[cfg(not(target_arch = "wasm32"))]
+        self.device
+            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+            .map_err(|e| GpuError::Readback(e.to_string()))?;
+        rx.await.map_err(|_| GpuError::Readback("the work-done callback was dropped".into()))?;
+        self.check()
+    }
+
     /// Largest number of bytes one storage binding may cover.
     pub fn max_binding(&self) -> u64 {
         (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
@@ -728,6 +744,23 @@ mod tests {
     use crate::ops::matmul::{LinearKernel, linear_windowed};
     use crate::testing::{assert_close, gpu, random};
     use crate::{DType, Tensor};
+
+    /// `finished` resolves only once the queue holds nothing: a vision tower's time measured up to
+    /// it includes its GPU work.
+    #[test]
+    fn finished_waits_for_submitted_work() {
+        let gpu = gpu();
+        let (m, k, n) = (64, 512, 256);
+        let x = Tensor::from_f32(gpu, &[m, k], &random(m * k, 3)).unwrap();
+        let w = Tensor::from_f32(gpu, &[n, k], &random(n * k, 4)).unwrap();
+        let mut batch = gpu.batch();
+        let y = crate::ops::matmul::linear(&mut batch, &x, &w, None).unwrap();
+        batch.submit().unwrap();
+        pollster::block_on(gpu.finished()).unwrap();
+        let status = gpu.device().poll(wgpu::PollType::Poll).unwrap();
+        assert!(status.is_queue_empty(), "{status:?}");
+        assert_eq!(y.shape(), &[m, n]);
+    }
 
     /// Dispatches whose parameters differ (one per 1-row window of a weight, each writing its own
     /// output column) through parameter buffers of 3 slots, across a flush: a dispatch that read

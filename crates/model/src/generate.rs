@@ -103,7 +103,8 @@ pub enum StopReason {
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Timings {
-    /// Vision tower and projector (about 0 when the image's features came from the model's cache).
+    /// Vision tower and projector, GPU work included (about 0 when the image's features came from
+    /// the model's cache).
     pub vision_s: f64,
     /// The image's features were reused from the model's cache ([`crate::image_cache`]).
     pub image_cached: bool,
@@ -226,6 +227,8 @@ impl ChatSession {
             Some(image) => {
                 let start = Instant::now();
                 let (encoded, cached) = model.encode_image_cached(image).await?;
+                // The tower's GPU work belongs to vision_s, not to the prefill after it.
+                model.gpu().finished().await?;
                 timings.image_cached = cached;
                 timings.vision_s = start.elapsed().as_secs_f64();
                 Some(encoded)
