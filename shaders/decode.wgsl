@@ -4,9 +4,10 @@
 // variants: GEMV W_F32 | GEMV W_F16 | GEMV W_Q8 QUANT | GEMV W_Q6 QUANT | GEMV W_Q4 QUANT | GEMV W_F32 NORM | GEMV W_F16 NORM | GEMV W_Q8 QUANT NORM | GEMV W_Q6 QUANT NORM | GEMV W_Q4 QUANT NORM | GEMV W_F32 RESIDUAL | GEMV W_F16 RESIDUAL | GEMV W_Q8 QUANT RESIDUAL | GEMV W_Q6 QUANT RESIDUAL | GEMV W_Q4 QUANT RESIDUAL | GEMV W_F32 NORM SILU | GEMV W_F16 NORM SILU | GEMV W_Q8 QUANT NORM SILU | GEMV W_Q6 QUANT NORM SILU | GEMV W_Q4 QUANT NORM SILU | GEMV W_F32 NORM QKV V_F32 | GEMV W_F16 NORM QKV V_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 | GEMV W_Q4 QUANT NORM QKV V_Q6 | GEMV W_Q4 QUANT NORM QKV V_Q4 | GEMV W_F16 NORM QKV V_F16 KV_F16 | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 KV_F16 | ATTEND | ATTEND KV_F16 | COMBINE | SAMPLE
 //
 // GEMV (`gemv`): y = W · x for one row of x, W `[N, K]` in the layout of tensor.rs / quant.rs.
-// A workgroup computes 8 rows with 32 lanes each; a lane reads its row 16 bytes at a time (one
-// "unit": 32 values of Q4/Q6, 16 of Q8, 8 of F16, 4 of F32) against x staged in workgroup memory,
-// 2048 values at a time. Rows go in quads of four to the epilogue (one thread per quad):
+// A workgroup computes 256 / LANES rows with LANES lanes each (32, or fewer where a row has fewer
+// 16-byte units: a short row would leave most lanes idle); a lane reads its row 16 bytes at a time
+// (one "unit": 32 values of Q4/Q6, 16 of Q8, 8 of F16, 4 of F32) against x staged in workgroup
+// memory, 2048 values at a time. Rows go in quads of four to the epilogue (one thread per quad):
 // - default: y[col0 + row] = acc (rows in windows of a larger matrix start at col0);
 // - RESIDUAL: y[row] += acc (o_proj and down_proj add into the residual stream in place);
 // - SILU: `w` holds gate and up (m rows each), y[j] = silu(gate_j) * up_j;
@@ -102,13 +103,15 @@ struct Params {
 @group(0) @binding(9) var<storage, read_write> y: array<f32>;
 
 const WG: u32 = 256u;
-const LANES: u32 = 32u;
-const ROWS: u32 = 8u;
+// Lanes per row (a power of two from 1 to 32, set by decode.rs), rows and quads per workgroup.
+override LANES: u32 = 32u;
+override ROWS: u32 = WG / LANES;
+override QUADS: u32 = ROWS / 4u;
 const XCHUNK: u32 = 2048u;
 
 var<workgroup> xs: array<vec4<f32>, 512>; // XCHUNK / 4
 var<workgroup> partial: array<f32, WG>;
-var<workgroup> row_sums: array<f32, ROWS>;
+var<workgroup> row_sums: array<f32, WG>; // ROWS used
 // Q4's code book (quant.rs Q4_VALUES), looked up per nibble.
 var<workgroup> codebook: array<f32, 16>;
 
@@ -426,7 +429,7 @@ fn gemv(
     let group = wg.x + wg.y * nwg.x;
     let r = lid / LANES;
     let lane = lid % LANES;
-    let quad = group * 2u + r / 4u;
+    let quad = group * QUADS + r / 4u;
     let which = quad_row(quad, r % 4u);
     if (lid < 16u) {
         codebook[lid] = q4_value(lid);
@@ -487,9 +490,9 @@ fn gemv(
         row_sums[lid] = sum;
     }
     workgroupBarrier();
-    if (lid < 2u) {
+    if (lid < QUADS) {
         let b = 4u * lid;
-        epilogue(group * 2u + lid, vec4<f32>(row_sums[b], row_sums[b + 1u], row_sums[b + 2u], row_sums[b + 3u]));
+        epilogue(group * QUADS + lid, vec4<f32>(row_sums[b], row_sums[b + 1u], row_sums[b + 2u], row_sums[b + 3u]));
     }
 }
 #endif

@@ -290,6 +290,17 @@ fn decode_rows(gpu: &Gpu, table: &mut Table, full: bool, calls: usize) -> Result
     let secs = gpu_secs(gpu, calls, |batch| decode::attend(batch, &step, &q, &kv, heads, kv_heads).map(drop))?;
     let kv_bytes = (2 * len * kv_heads * d * 2) as f64;
     table.add("decode attend", &format!("1q x {len}kv, {heads}/{kv_heads}x{d}"), "F16 KV", secs, 4.0 * (heads * d * len) as f64, kv_bytes);
+    // The sampler over Mistral's vocabulary, greedy and with top-k/top-p.
+    let vocab = 32000;
+    let logits = Tensor::from_f32(gpu, &[1, vocab], &random(vocab, 13))?;
+    let token = Tensor::from_u32(gpu, &[2], &[0, 0])?;
+    let state = decode::SamplerState::new(gpu, vocab)?;
+    let sampled = decode::Sampling { temperature: 0.7, top_k: 50, top_p: 0.9, repetition_penalty: 1.1, seed: 1 };
+    for (what, sampling) in [("greedy", decode::Sampling::GREEDY), ("t 0.7, top-k 50, top-p 0.9", sampled)] {
+        state.reset(gpu, sampling, &[1, 2, 3]);
+        let secs = gpu_secs(gpu, calls, |batch| decode::sample(batch, &step, &state, &logits, &token))?;
+        table.add("decode sample", &format!("{vocab} logits, {what}"), "F32", secs, 0.0, (vocab * 4) as f64);
+    }
     Ok(())
 }
 

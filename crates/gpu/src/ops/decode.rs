@@ -18,8 +18,9 @@ use crate::registry::{PipelineKey, Shader};
 use crate::{Batch, DType, Gpu, Tensor, shader};
 
 const SHADER: Shader = shader!("decode");
-/// Rows per GEMV workgroup (two quads).
-const GEMV_ROWS: usize = 8;
+/// Threads per GEMV workgroup and most lanes per row (see the shader).
+const GEMV_THREADS: usize = 256;
+const GEMV_MAX_LANES: usize = 32;
 /// Keys per attention workgroup; the cache capacity must be a multiple of it.
 pub const ATTEND_KEYS: usize = 64;
 /// Query heads per kv head times head dim, at most (workgroup memory of `attend`).
@@ -138,6 +139,12 @@ fn unit(dtype: DType) -> usize {
         DType::Q8 => 16,
         _ => 32,
     }
+}
+
+/// Lanes per row of the GEMV for weights of `dtype` and rows of `k` values: one per 16-byte unit
+/// of the row, as a power of two up to 32.
+fn gemv_lanes(dtype: DType, k: usize) -> usize {
+    (k / unit(dtype)).next_power_of_two().clamp(1, GEMV_MAX_LANES)
 }
 
 /// Checks that `w` (`[N, K]`) can go through the decode GEMV; returns (N, K).
@@ -273,6 +280,9 @@ pub fn gemv(
             (q_rows + kv_rows) / 4 + kv_rows / 4
         }
     };
+    let lanes = gemv_lanes(w.dtype(), k);
+    let key = key.constant("LANES", lanes as u32);
+    let quads_per_workgroup = GEMV_THREADS / lanes / 4;
     let gpu = batch.gpu();
     if !matches!(epilogue, Epilogue::Store | Epilogue::Residual) {
         // Two matrices in one buffer: bind all of it, with the places in the parameters.
@@ -288,7 +298,7 @@ pub fn gemv(
             entries.extend(a.v.dtype().is_quantized().then_some((7, v)));
         }
         entries.push((9, y.binding()));
-        return batch.dispatch_entries(&key, &entries, gpu.grid(quads.div_ceil(GEMV_ROWS / 4) as u32));
+        return batch.dispatch_entries(&key, &entries, gpu.grid(quads.div_ceil(quads_per_workgroup) as u32));
     }
     // One matrix: in row windows where it exceeds a storage binding (a plain store only).
     let windows = match epilogue {
@@ -304,7 +314,7 @@ pub fn gemv(
         entries.extend(scales.map(|s| (4, s)));
         entries.extend(norm.map(|n| (5, n.weight.binding())));
         entries.push((9, y.binding()));
-        let grid = gpu.grid(count.div_ceil(4).div_ceil(GEMV_ROWS / 4) as u32);
+        let grid = gpu.grid(count.div_ceil(4).div_ceil(quads_per_workgroup) as u32);
         batch.dispatch_entries(&key, &entries, grid)?;
     }
     Ok(())
@@ -604,12 +614,13 @@ mod tests {
 
     const FORMATS: [DType; 5] = [DType::F32, DType::F16, DType::Q8, DType::Q6, DType::Q4];
 
-    /// Every format, with and without the folded norm, over K spanning three staging chunks.
+    /// Every format, with and without the folded norm, over K spanning three staging chunks, and
+    /// short rows (fewer lanes per row, many rows per workgroup) over several workgroups.
     #[test]
     fn gemv_store_residual_and_silu_match_cpu() {
         let gpu = gpu();
         for dtype in FORMATS {
-            for (n, k) in [(13, 64), (40, 4608)] {
+            for (n, k) in [(13, 64), (300, 128), (40, 4608)] {
                 let (w, wf) = weights(dtype, n, k, n as u64 + k as u64);
                 let x = random(k, 7);
                 let g: Vec<f32> = random(k, 8).iter().map(|v| 1.0 + v / 2.0).collect();
