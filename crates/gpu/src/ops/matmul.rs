@@ -423,10 +423,10 @@ mod tests {
     #[test]
     fn quantized_weights_match_dequantized_cpu() {
         for dtype in [DType::Q8, DType::Q6, DType::Q4] {
-            // K in whole groups: one, three, two and five of them.
+            // K in whole groups: one, three, two and five of them; M past one GEMM tile (128).
             let g = dtype.group_size();
             for kernel in KERNELS {
-                for (m, k, n) in [(1, g, 3), (1, 3 * g, 67), (3, 2 * g, 5), (66, 5 * g, 70)] {
+                for (m, k, n) in [(1, g, 3), (1, 3 * g, 67), (3, 2 * g, 5), (66, 5 * g, 70), (150, 2 * g, 70)] {
                     check(dtype, &[m], k, n, m != 3, kernel, u64::MAX);
                 }
             }
