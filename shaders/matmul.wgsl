@@ -144,8 +144,8 @@ fn x4(m: u32, c: u32) -> vec4<f32> {
 
 // ---------------------------------------------------------------------------------------------
 // GEMV: 256 threads = GEMV_OUTS outputs x GEMV_LANES lanes. Each lane walks its row of w with
-// stride GEMV_LANES, for up to GEMV_M rows of x at once (so each weight is read once per GEMV_M
-// rows), then the lanes reduce through workgroup memory.
+// stride GEMV_LANES, once per row of x for up to GEMV_M rows (the weights come from memory once
+// and from cache for the other rows), then the lanes reduce through workgroup memory.
 
 const GEMV_LANES: u32 = 64u;
 const GEMV_OUTS: u32 = 4u;
@@ -166,79 +166,57 @@ fn gemv(
     let jk = j * p.k;
     for (var m0 = 0u; m0 < p.m; m0 += GEMV_M) {
         let rows = min(GEMV_M, p.m - m0);
-        // Loops over i run to the constant GEMV_M (and break) so that they unroll and acc stays in
-        // registers instead of indexed local memory.
-        var acc: array<f32, GEMV_M>;
-        if (in_range) {
+        // One row of x at a time, its sum in a scalar: an array of sums indexed by the row would
+        // go to local memory (NVIDIA Vulkan). The weights of this workgroup's outputs stay in
+        // cache across the rows.
+        for (var i = 0u; i < rows; i++) {
+            let xrow = (m0 + i) * p.k;
+            var acc = 0.0;
+            if (in_range) {
 #if W_F32
-            for (var c = lane; c < p.k; c += GEMV_LANES) {
-                let wv = w[jk + c];
-                for (var i = 0u; i < GEMV_M; i++) {
-                    if (i >= rows) {
-                        break;
-                    }
-                    acc[i] += wv * x[(m0 + i) * p.k + c];
+                for (var c = lane; c < p.k; c += GEMV_LANES) {
+                    acc += w[jk + c] * x[xrow + c];
                 }
-            }
 #endif
 #if W_F16
-            // Rows of odd K start or end mid-word: skip the halves that belong to the neighbours.
-            let last = (jk + p.k - 1u) / 2u;
-            for (var wi = jk / 2u + lane; wi <= last; wi += GEMV_LANES) {
+                // Rows of odd K start or end mid-word: skip the halves that belong to the neighbours.
+                let last = (jk + p.k - 1u) / 2u;
+                for (var wi = jk / 2u + lane; wi <= last; wi += GEMV_LANES) {
 #if SHADER_F16
-                let pair = vec2<f32>(w[wi]);
+                    let pair = vec2<f32>(w[wi]);
 #else
-                let pair = unpack2x16float(w[wi]);
+                    let pair = unpack2x16float(w[wi]);
 #endif
-                let e = 2u * wi;
-                for (var i = 0u; i < GEMV_M; i++) {
-                    if (i >= rows) {
-                        break;
-                    }
-                    let xrow = (m0 + i) * p.k;
+                    let e = 2u * wi;
                     if (e >= jk) {
-                        acc[i] += pair.x * x[xrow + e - jk];
+                        acc += pair.x * x[xrow + e - jk];
                     }
                     if (e + 1u < jk + p.k) {
-                        acc[i] += pair.y * x[xrow + e + 1u - jk];
+                        acc += pair.y * x[xrow + e + 1u - jk];
                     }
                 }
-            }
 #endif
 #if W_Q8
-            // K % 32 == 0, so rows start on a word and a word never straddles a group.
-            for (var c4 = lane; c4 < p.k / 4u; c4 += GEMV_LANES) {
-                let word = w[jk / 4u + c4];
-                let q = vec4<f32>(vec4<i32>(
-                    bitcast<i32>(word << 24u),
-                    bitcast<i32>(word << 16u),
-                    bitcast<i32>(word << 8u),
-                    bitcast<i32>(word),
-                ) >> vec4<u32>(24u));
-                let s = scale_at(jk + 4u * c4);
-                for (var i = 0u; i < GEMV_M; i++) {
-                    if (i >= rows) {
-                        break;
-                    }
-                    acc[i] += s * dot(q, x4(m0 + i, 4u * c4));
+                // K % 32 == 0, so rows start on a word and a word never straddles a group.
+                for (var c4 = lane; c4 < p.k / 4u; c4 += GEMV_LANES) {
+                    let word = w[jk / 4u + c4];
+                    let q = vec4<f32>(vec4<i32>(
+                        bitcast<i32>(word << 24u),
+                        bitcast<i32>(word << 16u),
+                        bitcast<i32>(word << 8u),
+                        bitcast<i32>(word),
+                    ) >> vec4<u32>(24u));
+                    acc += scale_at(jk + 4u * c4) * dot(q, x4(m0 + i, 4u * c4));
                 }
-            }
 #endif
 #if NIBBLE_WORDS
-            for (var c8 = lane; c8 < p.k / 8u; c8 += GEMV_LANES) {
-                let v = eight_values(j, c8);
-                let s = scale_at(jk + 8u * c8);
-                for (var i = 0u; i < GEMV_M; i++) {
-                    if (i >= rows) {
-                        break;
-                    }
-                    acc[i] += s * (dot(v[0], x4(m0 + i, 8u * c8)) + dot(v[1], x4(m0 + i, 8u * c8 + 4u)));
+                for (var c8 = lane; c8 < p.k / 8u; c8 += GEMV_LANES) {
+                    let v = eight_values(j, c8);
+                    acc += scale_at(jk + 8u * c8) * (dot(v[0], x4(m0 + i, 8u * c8)) + dot(v[1], x4(m0 + i, 8u * c8 + 4u)));
                 }
-            }
 #endif
-        }
-        for (var i = 0u; i < GEMV_M; i++) {
-            partial[i * GEMV_THREADS + lid] = acc[i];
+            }
+            partial[i * GEMV_THREADS + lid] = acc;
         }
         workgroupBarrier();
         for (var stride = GEMV_LANES / 2u; stride > 0u; stride /= 2u) {
