@@ -159,15 +159,38 @@ fn attention_tiled(
     // This lane's dims: d0..d0 + wn (a constant W when LANES divides D; high lanes may own none).
     let d0 = min(lane * W, D);
     let wn = select(min(W, D - d0), W, LANES * W == D);
-    var qr: array<vec4<f32>, W_MAX / 4u>;
-    var acc: array<vec4<f32>, W_MAX / 4u>;
     let qb = q_index(b, row, kvh) + d0;
-    for (var w = 0u; w < wn; w++) {
-        qr[w / 4u][w % 4u] = q[qb + w] * p.scale;
+    // VEC4: the lane's q slice and output sums are four vectors each (W <= 16), the tile's scores
+    // two (BK <= 8), all separate variables: arrays indexed by loop counters can go to local
+    // memory (NVIDIA Vulkan). Other head dims keep arrays.
+    var q0 = vec4(0.0);
+    var q1 = vec4(0.0);
+    var q2 = vec4(0.0);
+    var q3 = vec4(0.0);
+    var a0 = vec4(0.0);
+    var a1 = vec4(0.0);
+    var a2 = vec4(0.0);
+    var a3 = vec4(0.0);
+    var qr: array<f32, W_MAX>;
+    var acc: array<f32, W_MAX>;
+    if (VEC4) {
+        q0 = q4_at(qb);
+        if (W > 4u) {
+            q1 = q4_at(qb + 4u);
+        }
+        if (W > 8u) {
+            q2 = q4_at(qb + 8u);
+        }
+        if (W > 12u) {
+            q3 = q4_at(qb + 12u);
+        }
+    } else {
+        for (var w = 0u; w < wn; w++) {
+            qr[w] = q[qb + w] * p.scale;
+        }
     }
     var m = MASKED;
     var l = 0.0;
-    var s: array<f32, BK_MAX>;
 
     for (var k0 = begin; k0 < end; k0 += BK) {
         // The previous tile and its partial dots must be consumed before they are overwritten.
@@ -194,15 +217,22 @@ fn attention_tiled(
             var dot = 0.0;
             let e0 = j * D + d0;
             if (VEC4) {
-                var dot4 = vec4(0.0);
-                for (var w4 = 0u; w4 < W / 4u; w4++) {
-                    dot4 += qr[w4] * k_tile[e0 / 4u + w4];
+                let t = e0 / 4u;
+                var dot4 = q0 * k_tile[t];
+                if (W > 4u) {
+                    dot4 += q1 * k_tile[t + 1u];
+                }
+                if (W > 8u) {
+                    dot4 += q2 * k_tile[t + 2u];
+                }
+                if (W > 12u) {
+                    dot4 += q3 * k_tile[t + 3u];
                 }
                 dot = dot4.x + dot4.y + dot4.z + dot4.w;
             } else {
                 for (var w = 0u; w < wn; w++) {
                     let e = e0 + w;
-                    dot += qr[w / 4u][w % 4u] * k_tile[e / 4u][e % 4u];
+                    dot += qr[w] * k_tile[e / 4u][e % 4u];
                 }
             }
             let pi = j * THREADS + lid;
@@ -211,49 +241,38 @@ fn attention_tiled(
         workgroupBarrier();
 
         // Every lane of a row sums the same partials, so all keep identical softmax statistics.
-        var tile_max = m;
         let first_lane = slot * LANES;
-        for (var j = 0u; j < BK; j++) {
-            var dot = 0.0;
-            let p0 = j * THREADS + first_lane;
-            if (LANES >= 4u) {
-                var dot4 = vec4(0.0);
-                for (var x = 0u; x < LANES / 4u; x++) {
-                    dot4 += partial[p0 / 4u + x];
-                }
-                dot = dot4.x + dot4.y + dot4.z + dot4.w;
-            } else {
-                for (var x = 0u; x < LANES; x++) {
-                    dot += partial[(p0 + x) / 4u][(p0 + x) % 4u];
-                }
-            }
-            s[j] = select(MASKED, dot, k0 + j < limit);
-            tile_max = max(tile_max, s[j]);
-        }
+        let s0 = vec4(row_score(0u, k0, limit, first_lane), row_score(1u, k0, limit, first_lane),
+                      row_score(2u, k0, limit, first_lane), row_score(3u, k0, limit, first_lane));
+        let s1 = vec4(row_score(4u, k0, limit, first_lane), row_score(5u, k0, limit, first_lane),
+                      row_score(6u, k0, limit, first_lane), row_score(7u, k0, limit, first_lane));
+        let tile_max = max(m, max(max(max(s0.x, s0.y), max(s0.z, s0.w)), max(max(s1.x, s1.y), max(s1.z, s1.w))));
         let alpha = exp(m - tile_max);
         m = tile_max;
-        l *= alpha;
-        for (var j = 0u; j < BK; j++) {
-            let pj = select(0.0, exp(s[j] - m), k0 + j < limit);
-            s[j] = pj;
-            l += pj;
-        }
+        // Masked keys (and keys past the tile) weigh 0.
+        let p0 = select(vec4(0.0), exp(s0 - m), s0 != vec4(MASKED));
+        let p1 = select(vec4(0.0), exp(s1 - m), s1 != vec4(MASKED));
+        l = l * alpha + p0.x + p0.y + p0.z + p0.w + p1.x + p1.y + p1.z + p1.w;
         if (VEC4) {
-            for (var w4 = 0u; w4 < W / 4u; w4++) {
-                var a = acc[w4] * alpha;
-                for (var j = 0u; j < BK; j++) {
-                    a += s[j] * v_tile[(j * D + d0) / 4u + w4];
-                }
-                acc[w4] = a;
+            let t = d0 / 4u;
+            a0 = weigh_values(a0 * alpha, p0, p1, t);
+            if (W > 4u) {
+                a1 = weigh_values(a1 * alpha, p0, p1, t + 1u);
+            }
+            if (W > 8u) {
+                a2 = weigh_values(a2 * alpha, p0, p1, t + 2u);
+            }
+            if (W > 12u) {
+                a3 = weigh_values(a3 * alpha, p0, p1, t + 3u);
             }
         } else {
             for (var w = 0u; w < wn; w++) {
-                var a = acc[w / 4u][w % 4u] * alpha;
+                var a = acc[w] * alpha;
                 for (var j = 0u; j < BK; j++) {
                     let e = j * D + d0 + w;
-                    a += s[j] * v_tile[e / 4u][e % 4u];
+                    a += score_of(p0, p1, j) * v_tile[e / 4u][e % 4u];
                 }
-                acc[w / 4u][w % 4u] = a;
+                acc[w] = a;
             }
         }
     }
@@ -264,16 +283,107 @@ fn attention_tiled(
         if (lane == 0u) {
             part_stats[part_row] = vec2(m, l);
         }
-        for (var w = 0u; w < wn; w++) {
-            part_out[part_row * D + d0 + w] = acc[w / 4u][w % 4u];
-        }
+        let ob = part_row * D + d0;
+        let scale = 1.0;
 #else
-        let inv = 1.0 / l;
-        for (var w = 0u; w < wn; w++) {
-            out[qb + w] = acc[w / 4u][w % 4u] * inv;
-        }
+        let ob = qb;
+        let scale = 1.0 / l;
 #endif
+        if (VEC4) {
+            store4(ob, a0 * scale);
+            if (W > 4u) {
+                store4(ob + 4u, a1 * scale);
+            }
+            if (W > 8u) {
+                store4(ob + 8u, a2 * scale);
+            }
+            if (W > 12u) {
+                store4(ob + 12u, a3 * scale);
+            }
+        } else {
+            for (var w = 0u; w < wn; w++) {
+#if PARTIAL
+                part_out[ob + w] = acc[w] * scale;
+#else
+                out[ob + w] = acc[w] * scale;
+#endif
+            }
+        }
     }
+}
+
+// Four consecutive values of q from `e`, scaled.
+fn q4_at(e: u32) -> vec4<f32> {
+    return vec4(q[e], q[e + 1u], q[e + 2u], q[e + 3u]) * p.scale;
+}
+
+// The score of key j of the tile for the row whose lanes start at `first_lane`: the sum of its
+// lanes' partial dots, or MASKED for keys the row may not see and keys past the tile.
+fn row_score(j: u32, k0: u32, limit: u32, first_lane: u32) -> f32 {
+    var dot = 0.0;
+    let p0 = j * THREADS + first_lane;
+    if (LANES >= 4u) {
+        var dot4 = vec4(0.0);
+        for (var x = 0u; x < LANES / 4u; x++) {
+            dot4 += partial[p0 / 4u + x];
+        }
+        dot = dot4.x + dot4.y + dot4.z + dot4.w;
+    } else {
+        for (var x = 0u; x < LANES; x++) {
+            dot += partial[(p0 + x) / 4u][(p0 + x) % 4u];
+        }
+    }
+    return select(MASKED, dot, j < BK && k0 + j < limit);
+}
+
+// Weight j of the tile (p0 holds keys 0..3, p1 keys 4..7).
+fn score_of(p0: vec4<f32>, p1: vec4<f32>, j: u32) -> f32 {
+    let v = select(p0, p1, j >= 4u);
+    let c = j % 4u;
+    return select(select(v.x, v.y, c == 1u), select(v.z, v.w, c == 3u), c >= 2u);
+}
+
+// `a` plus the tile's values at vec4 column t weighted by p0, p1 (keys past BK are skipped: the
+// tile holds nothing there).
+fn weigh_values(a: vec4<f32>, p0: vec4<f32>, p1: vec4<f32>, t: u32) -> vec4<f32> {
+    let st = D / 4u;
+    var s = a + p0.x * v_tile[t];
+    if (BK > 1u) {
+        s += p0.y * v_tile[t + st];
+    }
+    if (BK > 2u) {
+        s += p0.z * v_tile[t + 2u * st];
+    }
+    if (BK > 3u) {
+        s += p0.w * v_tile[t + 3u * st];
+    }
+    if (BK > 4u) {
+        s += p1.x * v_tile[t + 4u * st];
+    }
+    if (BK > 5u) {
+        s += p1.y * v_tile[t + 5u * st];
+    }
+    if (BK > 6u) {
+        s += p1.z * v_tile[t + 6u * st];
+    }
+    if (BK > 7u) {
+        s += p1.w * v_tile[t + 7u * st];
+    }
+    return s;
+}
+
+fn store4(e: u32, v: vec4<f32>) {
+#if PARTIAL
+    part_out[e] = v.x;
+    part_out[e + 1u] = v.y;
+    part_out[e + 2u] = v.z;
+    part_out[e + 3u] = v.w;
+#else
+    out[e] = v.x;
+    out[e + 1u] = v.y;
+    out[e + 2u] = v.z;
+    out[e + 3u] = v.w;
+#endif
 }
 #endif
 
