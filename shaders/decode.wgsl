@@ -709,6 +709,9 @@ struct SampleParams {
 @group(0) @binding(3) var<storage, read_write> token: array<u32>;
 // Bit i: id i was seen (prompt and reply so far); the picked token is added.
 @group(0) @binding(4) var<storage, read_write> seen: array<u32>;
+// Per id: (z, exp(z - max z)), computed once so that the searches below only read them. Thread
+// lid writes and reads ids lid, lid + 256, ...; the draw, which reads others, waits for them.
+@group(0) @binding(5) var<storage, read_write> zp: array<vec2<f32>>;
 
 const NONE: u32 = 0xffffffffu;
 var<workgroup> red_a: array<f32, 256>;
@@ -788,6 +791,9 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
     var bi = NONE;
     for (var i = lid; i < v; i += 256u) {
         let l = z(i);
+        if (sp.temperature > 0.0) {
+            zp[i].x = l;
+        }
         if (bi == NONE || l > bv) {
             bv = l;
             bi = i;
@@ -808,6 +814,9 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
     let m = workgroupUniformLoad(&red_a[0]);
     var picked = best;
     if (sp.temperature > 0.0) {
+        for (var i = lid; i < v; i += 256u) {
+            zp[i].y = exp(zp[i].x - m);
+        }
         // Everything kept: the cut below every key.
         var cut = vec2<u32>(0u, 0u);
         if (sp.top_k > 0u && sp.top_k < v) {
@@ -818,7 +827,7 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
                 let mid = hi - (hi - lo) / 2u;
                 var c = 0u;
                 for (var i = lid; i < v; i += 256u) {
-                    c += u32(key(z(i)) >= mid);
+                    c += u32(key(zp[i].x) >= mid);
                 }
                 if (sum_u32(lid, c) >= sp.top_k) {
                     lo = mid;
@@ -828,15 +837,14 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
             }
             var above = 0u;
             for (var i = lid; i < v; i += 256u) {
-                above += u32(key(z(i)) > lo);
+                above += u32(key(zp[i].x) > lo);
             }
             cut = tie_cut(lid, lo, sp.top_k - sum_u32(lid, above));
         }
         if (sp.top_p < 1.0) {
             var mass = 0.0;
             for (var i = lid; i < v; i += 256u) {
-                let zi = z(i);
-                mass += select(0.0, exp(zi - m), kept(i, key(zi), cut));
+                mass += select(0.0, zp[i].y, kept(i, key(zp[i].x), cut));
             }
             let limit = sp.top_p * sum_f32(lid, mass);
             // The smallest t with mass(key > t) < limit (within the top-k set).
@@ -846,9 +854,8 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
                 let mid = lo + (hi - lo) / 2u;
                 var above = 0.0;
                 for (var i = lid; i < v; i += 256u) {
-                    let zi = z(i);
-                    let kz = key(zi);
-                    above += select(0.0, exp(zi - m), kz > mid && kept(i, kz, cut));
+                    let kz = key(zp[i].x);
+                    above += select(0.0, zp[i].y, kz > mid && kept(i, kz, cut));
                 }
                 if (sum_f32(lid, above) < limit) {
                     hi = mid;
@@ -858,9 +865,8 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
             }
             var above = 0.0;
             for (var i = lid; i < v; i += 256u) {
-                let zi = z(i);
-                let kz = key(zi);
-                above += select(0.0, exp(zi - m), kz > lo && kept(i, kz, cut));
+                let kz = key(zp[i].x);
+                above += select(0.0, zp[i].y, kz > lo && kept(i, kz, cut));
             }
             // Tokens of key lo (mass q each, in index order) are kept while the mass before them
             // is below the limit: the first ceil(rest / q).
@@ -873,13 +879,13 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
             }
         }
         // Draw over the kept tokens in index order: each thread sums a contiguous range.
+        storageBarrier();
         let per = (v + 255u) / 256u;
         let first = lid * per;
         let last = min(first + per, v);
         var mass = 0.0;
         for (var i = first; i < last; i++) {
-            let zi = z(i);
-            mass += select(0.0, exp(zi - m), kept(i, key(zi), cut));
+            mass += select(0.0, zp[i].y, kept(i, key(zp[i].x), cut));
         }
         workgroupBarrier();
         red_a[lid] = mass;
@@ -897,10 +903,9 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
                     let s = t * per;
                     let e = min(s + per, v);
                     for (var i = s; i < e; i++) {
-                        let zi = z(i);
-                        if (kept(i, key(zi), cut)) {
+                        if (kept(i, key(zp[i].x), cut)) {
                             choice = i;
-                            acc += exp(zi - m);
+                            acc += zp[i].y;
                             if (acc > goal) {
                                 break;
                             }
@@ -936,7 +941,7 @@ fn tie_cut(lid: u32, t: u32, need: u32) -> vec2<u32> {
         let mid = hi - (hi - lo) / 2u;
         var c = 0u;
         for (var i = lid; i < mid; i += 256u) {
-            c += u32(key(z(i)) == t);
+            c += u32(key(zp[i].x) == t);
         }
         if (sum_u32(lid, c) <= need) {
             lo = mid;

@@ -467,6 +467,8 @@ struct SampleParams {
 pub struct SamplerState {
     params: Uniform,
     seen: Tensor,
+    /// `[vocab, 2]`: each id's processed logit and its weight, written by the sampler itself.
+    scratch: Tensor,
     vocab: usize,
 }
 
@@ -476,6 +478,7 @@ impl SamplerState {
         Ok(SamplerState {
             params: Uniform::new(gpu, size_of::<SampleParams>() as u64)?,
             seen: Tensor::from_u32(gpu, &[words], &vec![0; words])?,
+            scratch: Tensor::empty(gpu, &[vocab.max(1), 2], DType::F32)?,
             vocab,
         })
     }
@@ -518,6 +521,7 @@ pub fn sample(batch: &mut Batch, step: &StepUniform, state: &SamplerState, logit
         (2, logits.binding()),
         (3, token.binding()),
         (4, state.seen.binding()),
+        (5, state.scratch.binding()),
     ];
     batch.dispatch_entries(&key, &entries, [1, 1, 1])
 }
