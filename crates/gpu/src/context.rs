@@ -749,7 +749,8 @@ mod tests {
     /// it includes its GPU work.
     #[test]
     fn finished_waits_for_submitted_work() {
-        let gpu = gpu();
+        // A device of its own: the shared one takes other tests' work meanwhile.
+        let gpu = &crate::Gpu::new_blocking().unwrap();
         let (m, k, n) = (64, 512, 256);
         let x = Tensor::from_f32(gpu, &[m, k], &random(m * k, 3)).unwrap();
         let w = Tensor::from_f32(gpu, &[n, k], &random(n * k, 4)).unwrap();
