@@ -11,9 +11,6 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::fs::File;
-use std::io::Read;
-use std::path::{Path, PathBuf};
 
 use half::f16;
 use llava_gpu::quant::QuantMatrix;
@@ -28,7 +25,7 @@ use crate::error::{ModelError, Result};
 use crate::manifest::{MANIFEST_FILE, Manifest, QWEIGHT_SUFFIX, SCALES_SUFFIX, Storage, hex};
 use crate::weights::{WeightPrecision, Weights};
 
-/// Bytes read from a shard file at a time by [`load_files`].
+/// Bytes read from a shard file at a time ([`crate::source::DirSource`]).
 pub const CHUNK_BYTES: usize = 4 << 20;
 
 /// What a load is doing.
@@ -226,43 +223,6 @@ impl<'g> WeightLoader<'g> {
         }
         Ok(self.uploads.weights)
     }
-}
-
-/// Streams shard files through `loader`, [`CHUNK_BYTES`] at a time, reporting progress after
-/// each chunk. `names` are file names inside `dir`.
-pub fn load_files(
-    loader: &mut WeightLoader<'_>,
-    dir: &Path,
-    names: &[String],
-    progress: &mut dyn FnMut(Progress<'_>),
-) -> Result<()> {
-    let mut chunk = vec![0u8; CHUNK_BYTES];
-    for name in names {
-        let path = dir.join(name);
-        let mut file = File::open(&path).map_err(|e| ModelError::io(&path, e))?;
-        let size = file.metadata().map_err(|e| ModelError::io(&path, e))?.len();
-        loader.begin_shard(name, Some(size))?;
-        loop {
-            let n = match file.read(&mut chunk) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(ModelError::io(&path, e)),
-            };
-            loader.push(&chunk[..n])?;
-            progress(loader.progress());
-        }
-        loader.end_shard()?;
-    }
-    Ok(())
-}
-
-/// Total size of files, for progress totals.
-pub fn files_size(paths: &[PathBuf]) -> Result<u64> {
-    paths
-        .iter()
-        .map(|p| Ok(std::fs::metadata(p).map_err(|e| ModelError::io(p, e))?.len()))
-        .sum()
 }
 
 fn join(location: &str, file: &str) -> String {
@@ -713,6 +673,7 @@ impl ShardSink for Uploads<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
     use std::sync::OnceLock;
 
     use serde_json::json;
