@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use js_sys::{Function, Object, Promise, Uint8Array};
 use llava_model::generate::{GenerateParams, Turn};
-use llava_model::ModelError;
+use llava_model::{Message, ModelError};
 use llava_model::llava::{KvPrecision, Llava, LoadOptions};
 use llava_model::loader::Progress;
 use llava_model::manifest::MANIFEST_FILE;
@@ -302,6 +302,14 @@ impl Model {
             llava: self.llava.clone(),
             session: Rc::new(RefCell::new(session)),
         })
+    }
+
+    /// The token ids of a first turn's prompt: the optional `system` prompt and the user's
+    /// `text` through the checkpoint's chat template and tokenizer (what `send` prefills).
+    #[wasm_bindgen(js_name = promptIds)]
+    pub fn prompt_ids(&self, system: Option<String>, text: &str) -> Result<Vec<u32>, JsError> {
+        let prompt = self.llava.render_chat(system.as_deref(), &[Message::user(0, text)]).map_err(js_error)?;
+        Ok(self.llava.tokenize_prompt(&prompt, None).map_err(js_error)?.0)
     }
 
     /// `{ vocabSize, context }`.
