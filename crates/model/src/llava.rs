@@ -497,9 +497,7 @@ impl Llava {
         let x_end = x_start + x.shape()[0];
         let (from, to) = (image_start.max(x_start), image_end.min(x_end));
         if from < to {
-            let row = (x.last_dim() * 4) as u64;
-            let src = image.features.binding().slice((from - image_start) as u64 * row, (to - from) as u64 * row);
-            batch.copy(src, x.binding().slice((from - x_start) as u64 * row, (to - from) as u64 * row));
+            Tensor::copy_rows(batch, &image.features, from - image_start, x, from - x_start, to - from)?;
         }
         Ok(())
     }
