@@ -1,4 +1,4 @@
-// Chat templates are found in the browser as natively (crates/model/tests/template_files.rs): a
+// Chat templates are found in the browser as natively (crates/model/tests/model_source.rs): a
 // copy of mistral-tiny whose template lives only in tokenizer_config.json, or only in
 // chat_template.json, gives the prompt ids and greedy tokens of the fixture's
 // chat_template.jinja. And loading any fixture with its file list (the `files` option) makes no

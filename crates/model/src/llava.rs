@@ -7,6 +7,7 @@ use llava_gpu::ops::embed::gather_rows;
 use llava_gpu::{Batch, DType, Gpu, Tensor};
 use llava_image::{ImageConfig, Rgb8};
 
+use crate::checkpoint::INDEX_FILE;
 use crate::config::{
     CONFIG_FILE, GENERATION_FILE, GenerationConfig, LlavaConfig, PREPROCESSOR_FILE, PROCESSOR_FILE, PreprocessorConfig,
     TowerFile, vision_tower_folder,
@@ -277,7 +278,7 @@ impl Llava {
         progress(Progress { bytes_done: 0, bytes_total: 0, stage: Stage::Config, file: first_file });
         let layout = source::find_layout(source, hint).await?;
         let location = source.location();
-        let (files, mut weights, shards) = match layout {
+        let (files, mut weights, shards, index) = match layout {
             Layout::Converted(manifest) => {
                 manifest.check_precision(options.precision).map_err(|e| match e {
                     ModelError::Input(msg) => ModelError::Input(format!("{location}: {msg}")),
@@ -285,15 +286,18 @@ impl Llava {
                 })?;
                 let files = ModelFiles::read(source, Some(&manifest)).await?;
                 let shards: Vec<String> = manifest.shards.iter().map(|s| s.file.clone()).collect();
-                (files, WeightLoader::converted(&gpu, manifest, &location), shards)
+                (files, WeightLoader::converted(&gpu, manifest, &location), shards, None)
             }
-            Layout::Checkpoint { shards, bytes_total } => {
+            Layout::Checkpoint { shards, bytes_total, index } => {
                 let files = ModelFiles::read(source, None).await?;
                 let loader = WeightLoader::checkpoint(&gpu, options.precision, &location, bytes_total.unwrap_or(0));
-                (files, loader, shards)
+                (files, loader, shards, index)
             }
         };
         source::stream_shards(source, &shards, &mut weights, progress).await?;
+        if let Some(index) = &index {
+            weights.check_index(index, &source.locate(INDEX_FILE))?;
+        }
         let loaded = weights.progress().bytes_done;
         let weights = weights.finish()?;
         let llava = Llava::new(gpu, files, weights, options)?;

@@ -18,7 +18,7 @@ use llava_gpu::{DType, Gpu, Tensor};
 use sha2::{Digest, Sha256};
 
 use crate::checkpoint::{
-    Dtype, HostTensor, SafetensorsEntry, StoredDtype, canonical_name, checked_numel, header_len,
+    Dtype, HostTensor, SafetensorsEntry, ShardIndex, StoredDtype, canonical_name, checked_numel, header_len,
     is_ignorable, not_part_of_the_model, parse_header,
 };
 use crate::error::{ModelError, Result};
@@ -204,6 +204,21 @@ impl<'g> WeightLoader<'g> {
             stage: Stage::Weights,
             file: &self.file,
         }
+    }
+
+    /// Checks a checkpoint's `model.safetensors.index.json` (named `path` in errors) against
+    /// the shards read: each tensor of the model it lists must have been in the shard it names.
+    pub fn check_index(&self, index: &ShardIndex, path: &str) -> Result<()> {
+        let shard_of: BTreeMap<&str, &str> =
+            self.uploads.origin.values().map(|(name, shard)| (name.as_str(), shard.as_str())).collect();
+        for (name, &file) in &index.file_of {
+            let listed = &index.files[file];
+            if canonical_name(name).is_some() && shard_of.get(name.as_str()) != Some(&listed.as_str()) {
+                let msg = format!("lists `{name}` in {} but that file does not contain it", join(&self.location, listed));
+                return Err(ModelError::checkpoint(path, msg));
+            }
+        }
+        Ok(())
     }
 
     /// The uploaded weights, once every shard (of a converted folder: every listed shard) has

@@ -156,8 +156,9 @@ impl ShardReader for FileShard {
 pub enum Layout {
     /// A converted folder (docs/converted-format.md).
     Converted(Manifest),
-    /// HuggingFace safetensors: the shard files and, when known up front, their total bytes.
-    Checkpoint { shards: Vec<String>, bytes_total: Option<u64> },
+    /// HuggingFace safetensors: the shard files, when known up front their total bytes, and the
+    /// index that listed them (checked against the shards once read).
+    Checkpoint { shards: Vec<String>, bytes_total: Option<u64>, index: Option<ShardIndex> },
 }
 
 /// What the caller already knows of the layout (a URL that names `manifest.json`).
@@ -200,13 +201,13 @@ pub async fn find_layout<S: ModelSource>(source: &S, hint: LayoutHint) -> Result
     if let Some(text) = read_text(source, INDEX_FILE, source.has(INDEX_FILE), true).await? {
         let index = ShardIndex::parse(&text, &source.locate(INDEX_FILE))?;
         let sizes: Option<u64> = index.files.iter().map(|f| source.size(f)).sum();
-        return Ok(Layout::Checkpoint { bytes_total: sizes.or(index.total_size), shards: index.files });
+        return Ok(Layout::Checkpoint { bytes_total: sizes.or(index.total_size), shards: index.files.clone(), index: Some(index) });
     }
     if let Some(text) = read_text(source, MANIFEST_FILE, source.has(MANIFEST_FILE), true).await? {
         return Ok(Layout::Converted(manifest(text)?));
     }
     if source.has(SINGLE_FILE) != Some(false) {
-        return Ok(Layout::Checkpoint { shards: vec![SINGLE_FILE.into()], bytes_total: source.size(SINGLE_FILE) });
+        return Ok(Layout::Checkpoint { shards: vec![SINGLE_FILE.into()], bytes_total: source.size(SINGLE_FILE), index: None });
     }
     let shards: Vec<String> = source
         .list()
@@ -221,7 +222,7 @@ pub async fn find_layout<S: ModelSource>(source: &S, hint: LayoutHint) -> Result
         ));
     }
     let bytes_total = shards.iter().map(|f| source.size(f)).sum();
-    Ok(Layout::Checkpoint { shards, bytes_total })
+    Ok(Layout::Checkpoint { shards, bytes_total, index: None })
 }
 
 /// Streams each shard through `loader`, chunk by chunk, reporting progress after each chunk.

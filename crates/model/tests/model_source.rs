@@ -1,8 +1,9 @@
 //! Chat templates are found the same way wherever a checkpoint keeps them: a copy of mistral-tiny
 //! whose template lives only in `tokenizer_config.json` (as a string, or in the list of named
 //! templates) or only in `chat_template.json` gives the prompt ids and greedy tokens of the
-//! fixture's `chat_template.jinja`. And the loading sequence asks a source that can list its
-//! folder for no file the folder lacks (on the web, a request that would answer 404).
+//! fixture's `chat_template.jinja`. The loading sequence asks a source that can list its folder
+//! for no file the folder lacks (on the web, a request that would answer 404), and checks a
+//! shard index against the shards it streamed.
 
 mod common;
 
@@ -171,4 +172,21 @@ fn a_source_that_lists_its_folder_is_asked_for_no_missing_file() {
     let asked = load_recording(in_config.path(), false);
     let probed: Vec<&str> = asked.iter().filter(|(_, found)| !found).map(|(f, _)| f.as_str()).collect();
     assert_eq!(probed, ["chat_template.jinja", "chat_template.json"]);
+}
+
+#[test]
+fn an_index_that_misplaces_a_tensor_is_named() {
+    let dir = without_jinja(|dir, jinja| std::fs::write(dir.join("chat_template.jinja"), jinja).unwrap());
+    let path = dir.path().join("model.safetensors.index.json");
+    let mut index: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let map = index["weight_map"].as_object_mut().unwrap();
+    let (name, shard) = map.iter().map(|(n, s)| (n.clone(), s.as_str().unwrap().to_string())).next().unwrap();
+    let other = map.values().map(|s| s.as_str().unwrap().to_string()).find(|s| *s != shard).unwrap();
+    map.insert(name.clone(), json!(other));
+    std::fs::write(&path, index.to_string()).unwrap();
+    let msg = Llava::load_dir(gpu(), dir.path(), &LoadOptions::default()).map(|_| ()).unwrap_err().to_string();
+    assert!(
+        msg.contains("model.safetensors.index.json") && msg.contains(&format!("lists `{name}` in")) && msg.contains(&other),
+        "{msg}"
+    );
 }
