@@ -114,10 +114,13 @@ impl ModelFiles {
         };
         let config = LlavaConfig::from_json_with_tower(&config_text, &config_file, tower)?;
 
-        // A folder without tokenizer.json (like the original LLaVA checkpoints) has tokenizer.model.
-        let tokenizer_json = match listed(TOKENIZER_FILE) {
-            Some(false) => None,
-            _ => source.read(TOKENIZER_FILE, listed(SENTENCEPIECE_FILE) != Some(false)).await?,
+        // A folder without tokenizer.json (like the original LLaVA checkpoints) has tokenizer.model;
+        // a folder with neither is told of the missing tokenizer.json.
+        let sentencepiece_only = listed(TOKENIZER_FILE) == Some(false) && listed(SENTENCEPIECE_FILE) == Some(true);
+        let tokenizer_json = if sentencepiece_only {
+            None
+        } else {
+            source.read(TOKENIZER_FILE, listed(SENTENCEPIECE_FILE) != Some(false)).await?
         };
         let tokenizer_config = optional(TOKENIZER_CONFIG_FILE).await?;
         let model_type = serde_json::from_str::<serde_json::Value>(&config_text)
@@ -290,6 +293,9 @@ impl Llava {
             }
             Layout::Checkpoint { shards, bytes_total, index } => {
                 let files = ModelFiles::read(source, None).await?;
+                if shards.is_empty() {
+                    return Err(source::no_shards(source));
+                }
                 let loader = WeightLoader::checkpoint(&gpu, options.precision, &location, bytes_total.unwrap_or(0));
                 (files, loader, shards, index)
             }

@@ -156,8 +156,8 @@ impl ShardReader for FileShard {
 pub enum Layout {
     /// A converted folder (docs/converted-format.md).
     Converted(Manifest),
-    /// HuggingFace safetensors: the shard files, when known up front their total bytes, and the
-    /// index that listed them (checked against the shards once read).
+    /// HuggingFace safetensors: the shard files (none when the folder has none), when known up
+    /// front their total bytes, and the index that listed them (checked against the shards).
     Checkpoint { shards: Vec<String>, bytes_total: Option<u64>, index: Option<ShardIndex> },
 }
 
@@ -209,20 +209,21 @@ pub async fn find_layout<S: ModelSource>(source: &S, hint: LayoutHint) -> Result
     if source.has(SINGLE_FILE) != Some(false) {
         return Ok(Layout::Checkpoint { shards: vec![SINGLE_FILE.into()], bytes_total: source.size(SINGLE_FILE), index: None });
     }
+    // None at all is reported once the config has been read (a folder without config.json is
+    // told of that first).
     let shards: Vec<String> = source
         .list()
         .unwrap_or_default()
         .into_iter()
         .filter(|name| name.ends_with(".safetensors"))
         .collect();
-    if shards.is_empty() {
-        return Err(ModelError::checkpoint(
-            source.location(),
-            "no model.safetensors, index or *.safetensors file",
-        ));
-    }
     let bytes_total = shards.iter().map(|f| source.size(f)).sum();
     Ok(Layout::Checkpoint { shards, bytes_total, index: None })
+}
+
+/// The error for a folder without weights.
+pub(crate) fn no_shards<S: ModelSource>(source: &S) -> ModelError {
+    ModelError::checkpoint(source.location(), "no model.safetensors, index or *.safetensors file")
 }
 
 /// Streams each shard through `loader`, chunk by chunk, reporting progress after each chunk.
