@@ -39,7 +39,7 @@ export interface SelfTestReport {
 export interface AssetUrls {
   /** URL of pkg/worker.js (a module worker). */
   workerUrl?: string | URL;
-  /** URL of pkg/llava_web_bg.wasm. */
+  /** URL of pkg/wasm/llava_web_bg.wasm. */
   wasmUrl?: string | URL;
 }
 
@@ -123,6 +123,13 @@ export interface LoadOptions extends AssetUrls {
    * a new chat, a reset chat or another question about the same image skips the vision tower.
    */
   imageCacheMB?: number;
+  /**
+   * The model folder's file names (paths relative to `url`), when the app knows them (the Hub
+   * API lists a repository's files): the loader then requests no file the folder lacks.
+   * Without it, the optional files (chat templates, processor and generation configs, the
+   * shard index) are probed, and each one the folder lacks costs a request answered 404.
+   */
+  files?: string[];
 }
 
 export interface GenerateOptions {

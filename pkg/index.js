@@ -153,11 +153,12 @@ export class LlavaModel {
    * checkpoint's precision); `context`: KV-cache size in tokens; `kvCache`: 'f32' (default) or
    * 'f16', what the KV cache stores; `cache` (default true): keep the
    * downloaded files in the browser's Cache API storage for the next load; `imageCacheMB`
-   * (default 256, 0: off): GPU memory for reusing the features of images already seen;
-   * `workerUrl`, `wasmUrl`: where the package's worker.js and llava_web_bg.wasm are served, when
-   * a setup moves them (default: beside this module).
+   * (default 256, 0: off): GPU memory for reusing the features of images already seen; `files`:
+   * the folder's file names when the app knows them (then nothing the folder lacks is requested);
+   * `workerUrl`, `wasmUrl`: where the package's worker.js and wasm/llava_web_bg.wasm are served,
+   * when a setup moves them (default: where this module finds them).
    */
-  static async load(url, { onProgress, quant, context, kvCache, cache = true, imageCacheMB, workerUrl, wasmUrl } = {}) {
+  static async load(url, { onProgress, quant, context, kvCache, cache = true, imageCacheMB, files, workerUrl, wasmUrl } = {}) {
     const client = new WorkerClient({ workerUrl, wasmUrl });
     const absolute = new URL(url, globalThis.location?.href).href;
     let bytes = { loaded: 0, total: 0, file: '' };
@@ -173,7 +174,7 @@ export class LlavaModel {
     try {
       const { handle, info } = await client.call(
         'loadModel',
-        { url: absolute, options: { quant, context, kvCache, cache: Boolean(cache), imageCacheMB } },
+        { url: absolute, options: { quant, context, kvCache, cache: Boolean(cache), imageCacheMB, files } },
         { onEvent },
       );
       onProgress?.({ stage: 'ready', loaded: bytes.loaded, total: bytes.total, file: '' });

@@ -4,7 +4,7 @@
 //                                                                { id, kind: 'error', message }
 //                                                                { id, kind: 'event', value }
 import { createCachedFetch } from './cache.js';
-import init, * as wasm from './llava_web.js';
+import init, * as wasm from './wasm/llava_web.js';
 
 // Started by the first message, which says where the wasm is when the page moved it.
 let ready = null;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the browser package: crates/web -> wasm32 -> wasm-bindgen (ES module + .d.ts) -> wasm-opt,
-# written to pkg/ beside the hand-written pkg/index.js, pkg/worker.js and pkg/index.d.ts.
+# written to pkg/wasm/, apart from the hand-written pkg/index.js, pkg/worker.js, pkg/cache.js and
+# pkg/index.d.ts.
 # Needs: rustup target wasm32-unknown-unknown, wasm-bindgen-cli 0.2.130, `npm ci` (binaryen).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,10 +19,10 @@ if [[ ! -x $wasm_opt ]]; then
 fi
 
 cargo build -p llava-web --release --target wasm32-unknown-unknown
-"$bindgen" target/wasm32-unknown-unknown/release/llava_web.wasm --target web --typescript --out-dir pkg
+"$bindgen" target/wasm32-unknown-unknown/release/llava_web.wasm --target web --typescript --out-dir pkg/wasm
 # The features rustc enables by default for wasm32 (all in every browser with WebGPU).
 "$wasm_opt" -O2 \
   --enable-bulk-memory --enable-bulk-memory-opt --enable-nontrapping-float-to-int --enable-sign-ext \
   --enable-mutable-globals --enable-reference-types --enable-multivalue \
-  pkg/llava_web_bg.wasm -o pkg/llava_web_bg.wasm
-ls -l pkg/llava_web_bg.wasm | awk '{ printf "pkg/llava_web_bg.wasm: %.1f MiB\n", $5 / 1048576 }'
+  pkg/wasm/llava_web_bg.wasm -o pkg/wasm/llava_web_bg.wasm
+ls -l pkg/wasm/llava_web_bg.wasm | awk '{ printf "pkg/wasm/llava_web_bg.wasm: %.1f MiB\n", $5 / 1048576 }'

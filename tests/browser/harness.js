@@ -45,7 +45,7 @@ const WATCH_UNCAPTURED = () => {
  * and page error as text, except the download cache's warnings, which go to `cacheWarnings`.
  */
 export async function openBrowser({ root = repoRoot } = {}) {
-  if (!fs.existsSync(path.join(repoRoot, 'pkg/llava_web_bg.wasm'))) {
+  if (!fs.existsSync(path.join(repoRoot, 'pkg/wasm/llava_web_bg.wasm'))) {
     throw new Error('pkg/ is not built: run `npm run build` (tests/build-wasm.sh) first');
   }
   const { server, url } = await startServer({ root });

@@ -23,11 +23,11 @@ before(async () => {
   pack = packAndInstall();
   const { project, packageDir } = pack;
   const moved = path.join(project, 'moved');
-  fs.mkdirSync(moved);
-  for (const file of ['worker.js', 'cache.js', 'llava_web.js']) {
+  fs.mkdirSync(path.join(moved, 'wasm'), { recursive: true });
+  for (const file of ['worker.js', 'cache.js', 'wasm/llava_web.js']) {
     fs.copyFileSync(path.join(packageDir, 'pkg', file), path.join(moved, file));
   }
-  fs.renameSync(path.join(packageDir, 'pkg/llava_web_bg.wasm'), path.join(moved, 'runtime.wasm'));
+  fs.renameSync(path.join(packageDir, 'pkg/wasm/llava_web_bg.wasm'), path.join(moved, 'runtime.wasm'));
   fs.copyFileSync(path.join(repoRoot, 'tests/browser/pages/moved.html'), path.join(project, 'index.html'));
   fs.copyFileSync(path.join(repoRoot, IMAGE), path.join(project, 'sample.jpg'));
   browser = await openBrowser({ root: project });

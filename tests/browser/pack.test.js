@@ -56,7 +56,7 @@ function declaredExports(text, kinds) {
 
 let pack;
 before(() => {
-  if (!fs.existsSync(path.join(repoRoot, 'pkg/llava_web_bg.wasm'))) {
+  if (!fs.existsSync(path.join(repoRoot, 'pkg/wasm/llava_web_bg.wasm'))) {
     throw new Error('pkg/ is not built: run `npm run build` (tests/build-wasm.sh) first');
   }
   pack = packAndInstall();
@@ -73,7 +73,7 @@ test('the tarball holds everything the entry point loads, and the types', () => 
   const entries = [entry.default, entry.types, manifest.types].map((p) => path.posix.normalize(p));
   const needed = closure(pack.packageDir, entries);
   // The worker, the generated bindings and the wasm are among them (found, not assumed).
-  for (const file of ['pkg/index.js', 'pkg/index.d.ts', 'pkg/worker.js', 'pkg/cache.js', 'pkg/llava_web.js', 'pkg/llava_web_bg.wasm']) {
+  for (const file of ['pkg/index.js', 'pkg/index.d.ts', 'pkg/worker.js', 'pkg/cache.js', 'pkg/wasm/llava_web.js', 'pkg/wasm/llava_web_bg.wasm']) {
     assert.ok(needed.includes(file), `${file} is not reached from the entry point: ${needed.join(', ')}`);
   }
   const missing = needed.filter((f) => !pack.files.includes(f));
@@ -81,8 +81,8 @@ test('the tarball holds everything the entry point loads, and the types', () => 
   // Installed, the files are really there and the wasm is whole.
   for (const file of needed) assert.ok(fs.existsSync(path.join(pack.packageDir, file)), file);
   assert.equal(
-    fs.statSync(path.join(pack.packageDir, 'pkg/llava_web_bg.wasm')).size,
-    fs.statSync(path.join(repoRoot, 'pkg/llava_web_bg.wasm')).size,
+    fs.statSync(path.join(pack.packageDir, 'pkg/wasm/llava_web_bg.wasm')).size,
+    fs.statSync(path.join(repoRoot, 'pkg/wasm/llava_web_bg.wasm')).size,
   );
 });
 

@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use crate::context::{Binding, Gpu};
+use crate::context::{Batch, Binding, Gpu};
 use crate::error::{GpuError, Result, shape_err};
 use crate::quant::QuantMatrix;
 
@@ -207,6 +207,40 @@ impl Tensor {
         Ok(Tensor { offset, shape, ..self.clone() })
     }
 
+    /// Copies rows `src_start..src_start + count` of `src` into `dst` from row `dst_start`, both
+    /// viewed as `[rows, last_dim]` (same dtype and row width). Unlike [`Tensor::narrow_rows`]
+    /// any row may start the range: a buffer copy needs only 4-byte aligned rows.
+    pub fn copy_rows(
+        batch: &mut Batch,
+        src: &Tensor,
+        src_start: usize,
+        dst: &Tensor,
+        dst_start: usize,
+        count: usize,
+    ) -> Result<()> {
+        let bad = |why: String| {
+            Err(shape_err(
+                "copy_rows",
+                format!("rows {src_start}+{count} of {:?} {:?} to row {dst_start} of {:?} {:?}: {why}", src.shape, src.dtype, dst.shape, dst.dtype),
+            ))
+        };
+        if src.dtype != dst.dtype || src.dtype.is_quantized() || src.last_dim() != dst.last_dim() {
+            return bad("rows of one unquantized dtype and width are needed".into());
+        }
+        if src_start + count > src.rows() || dst_start + count > dst.rows() {
+            return bad("out of range".into());
+        }
+        let row = src.dtype.data_bytes(src.last_dim());
+        if row % 4 != 0 {
+            return bad(format!("rows of {row} bytes are not 4-byte aligned"));
+        }
+        if count > 0 {
+            let bytes = row * count as u64;
+            batch.copy(src.binding().slice(row * src_start as u64, bytes), dst.binding().slice(row * dst_start as u64, bytes));
+        }
+        Ok(())
+    }
+
     /// Bytes of the main buffer this tensor covers.
     pub fn byte_len(&self) -> u64 {
         self.dtype.data_bytes(self.numel())
@@ -273,4 +307,34 @@ fn write_padded(gpu: &Gpu, buffer: &wgpu::Buffer, offset: u64, bytes: &[u8]) {
 /// `bytes` rounded up to the storage-binding offset alignment.
 fn aligned(gpu: &Gpu, bytes: u64) -> u64 {
     bytes.next_multiple_of(gpu.limits().min_storage_buffer_offset_alignment.max(4) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows land where a host-side copy puts them; mismatched or out-of-range rows are refused.
+    #[test]
+    fn copy_rows_moves_whole_rows() {
+        let gpu = Gpu::new_blocking().expect("a wgpu adapter");
+        let src_values: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let src = Tensor::from_f32(&gpu, &[4, 3], &src_values).unwrap();
+        let dst = Tensor::from_f32(&gpu, &[2, 2, 3], &[-1.0; 12]).unwrap();
+        let mut batch = gpu.batch();
+        Tensor::copy_rows(&mut batch, &src, 1, &dst, 2, 2).unwrap();
+        batch.submit().unwrap();
+        let mut want = vec![-1.0; 12];
+        want[6..12].copy_from_slice(&src_values[3..9]);
+        assert_eq!(pollster::block_on(dst.to_f32(&gpu)).unwrap(), want);
+
+        let mut batch = gpu.batch();
+        let wide = Tensor::from_f32(&gpu, &[2, 6], &[0.0; 12]).unwrap();
+        for (from, to, start, count) in [(&src, &dst, 3, 2), (&src, &dst, 0, 5), (&src, &wide, 0, 1)] {
+            let msg = Tensor::copy_rows(&mut batch, from, start, to, 0, count).unwrap_err().to_string();
+            assert!(msg.contains("copy_rows"), "{msg}");
+        }
+        let odd = Tensor::from_f16(&gpu, &[2, 3], &[half::f16::ZERO; 6]).unwrap();
+        let msg = Tensor::copy_rows(&mut batch, &odd, 0, &odd, 1, 1).unwrap_err().to_string();
+        assert!(msg.contains("not 4-byte aligned"), "{msg}");
+    }
 }

@@ -414,8 +414,8 @@ pub struct Checkpoint {
     tensors: BTreeMap<String, StoredTensor>,
 }
 
-const INDEX_FILE: &str = "model.safetensors.index.json";
-const SINGLE_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub const SINGLE_FILE: &str = "model.safetensors";
 
 impl Checkpoint {
     /// Opens `dir`: `model.safetensors.index.json` if present, else `model.safetensors`, else
@@ -599,35 +599,57 @@ pub(crate) fn not_part_of_the_model(unknown: &[String]) -> String {
 /// Reads `model.safetensors.index.json`: the shard files (sorted) and the file index of each name.
 fn read_index(dir: &Path, path: &Path) -> Result<(Vec<PathBuf>, BTreeMap<String, usize>)> {
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-    let value: Value = serde_json::from_str(&text)
-        .map_err(|e| ModelError::checkpoint(path, format!("malformed JSON: {e}")))?;
-    let weight_map = value
-        .get("weight_map")
-        .and_then(Value::as_object)
-        .ok_or_else(|| ModelError::checkpoint(path, "key `weight_map` is missing or not an object"))?;
-    let mut entries: Vec<(&str, &str)> = Vec::with_capacity(weight_map.len());
-    for (name, file) in weight_map {
-        let file = file.as_str().ok_or_else(|| {
-            ModelError::checkpoint(path, format!("key `weight_map.{name}`: expected a file name"))
-        })?;
-        // Shards live beside the index; anything else would let an index point outside the folder.
-        if file.contains('/') || file.contains('\\') || file == ".." {
-            return Err(ModelError::checkpoint(
-                path,
-                format!("shard `{file}` is not a plain file name"),
-            ));
+    let index = ShardIndex::parse(&text, &path.display().to_string())?;
+    Ok((index.files.iter().map(|f| dir.join(f)).collect(), index.file_of))
+}
+
+/// A `model.safetensors.index.json`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShardIndex {
+    /// The shard files, sorted, each a plain file name beside the index.
+    pub files: Vec<String>,
+    /// Each tensor name's position in `files`.
+    pub file_of: BTreeMap<String, usize>,
+    /// `metadata.total_size`: the tensors' bytes (a little less than the files').
+    pub total_size: Option<u64>,
+}
+
+impl ShardIndex {
+    /// Parses the index text; `path` names it in errors.
+    pub fn parse(text: &str, path: &str) -> Result<ShardIndex> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| ModelError::checkpoint(path, format!("malformed JSON: {e}")))?;
+        let weight_map = value
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| ModelError::checkpoint(path, "key `weight_map` is missing or not an object"))?;
+        let mut entries: Vec<(&str, &str)> = Vec::with_capacity(weight_map.len());
+        for (name, file) in weight_map {
+            let file = file.as_str().ok_or_else(|| {
+                ModelError::checkpoint(path, format!("key `weight_map.{name}`: expected a file name"))
+            })?;
+            // Shards live beside the index; anything else would let an index point outside the folder.
+            if file.contains('/') || file.contains('\\') || file == ".." {
+                return Err(ModelError::checkpoint(
+                    path,
+                    format!("shard `{file}` is not a plain file name"),
+                ));
+            }
+            entries.push((name, file));
         }
-        entries.push((name, file));
+        let mut files: Vec<&str> = entries.iter().map(|(_, file)| *file).collect();
+        files.sort_unstable();
+        files.dedup();
+        let file_of = entries
+            .into_iter()
+            .map(|(name, file)| (name.to_string(), files.partition_point(|f| *f < file)))
+            .collect();
+        Ok(ShardIndex {
+            files: files.into_iter().map(str::to_string).collect(),
+            file_of,
+            total_size: value.pointer("/metadata/total_size").and_then(Value::as_u64),
+        })
     }
-    let mut shard_names: Vec<&str> = entries.iter().map(|(_, file)| *file).collect();
-    shard_names.sort_unstable();
-    shard_names.dedup();
-    let files = shard_names.iter().map(|f| dir.join(f)).collect();
-    let map = entries
-        .into_iter()
-        .map(|(name, file)| (name.to_string(), shard_names.partition_point(|f| *f < file)))
-        .collect();
-    Ok((files, map))
 }
 
 #[cfg(test)]

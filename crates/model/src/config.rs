@@ -147,7 +147,7 @@ pub struct LlavaConfig {
     pub tie_word_embeddings: bool,
 }
 
-const CONFIG_FILE: &str = "config.json";
+pub const CONFIG_FILE: &str = "config.json";
 
 /// Upper bounds on config sizes: far above any LLaVA-1.6 model, low enough that every tensor
 /// size and byte count derived from them fits in 64 bits, and that a few edited bytes cannot ask
@@ -176,25 +176,42 @@ impl LlavaConfig {
     /// Reads `dir/config.json` (and, for the original LLaVA layout, the vision tower's
     /// `config.json` when `mm_vision_tower` names a folder).
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
-        let path = dir.as_ref().join(CONFIG_FILE);
+        let dir = dir.as_ref();
+        let path = dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
-        Self::from_json_named(&text, &path.display().to_string(), Some(dir.as_ref()))
+        let tower = match vision_tower_folder(&text) {
+            None => TowerFile::NotGiven,
+            Some(folder) => {
+                let path = dir.join(&folder).join(CONFIG_FILE);
+                match read_optional(&path)? {
+                    Some(text) => TowerFile::Found { file: path.display().to_string(), text },
+                    None => TowerFile::Absent(dir.join(&folder).display().to_string()),
+                }
+            }
+        };
+        Self::from_json_with_tower(&text, &path.display().to_string(), tower)
     }
 
     /// Parses a `config.json` on its own: an original-LLaVA `mm_vision_tower` must then be a
     /// tower this crate knows by name.
     pub fn from_json(json: &str) -> Result<Self> {
-        Self::from_json_named(json, CONFIG_FILE, None)
+        Self::from_json_with_tower(json, CONFIG_FILE, TowerFile::NotGiven)
     }
 
-    fn from_json_named(json: &str, file: &str, dir: Option<&Path>) -> Result<Self> {
+    /// Parses a `config.json` named `file` in messages, with what was found in the
+    /// [`vision_tower_folder`].
+    pub fn from_json_with_tower(json: &str, file: &str, tower: TowerFile) -> Result<Self> {
+        Self::from_json_named(json, file, &tower)
+    }
+
+    fn from_json_named(json: &str, file: &str, tower: &TowerFile) -> Result<Self> {
         let root_value = parse_json_object(json, file)?;
         let root = Fields::root(file, &root_value);
         let model_type = root.string("model_type", None)?;
         match model_type.as_deref() {
             Some("llava_next") => parse_llava_hf(&root),
-            Some("llava_llama") => parse_original(&root, TextArch::Llama, dir),
-            Some("llava_mistral") => parse_original(&root, TextArch::Mistral, dir),
+            Some("llava_llama") => parse_original(&root, TextArch::Llama, tower),
+            Some("llava_mistral") => parse_original(&root, TextArch::Mistral, tower),
             Some(other) => Err(ModelError::config(
                 file,
                 format!(
@@ -293,11 +310,11 @@ fn parse_llava_hf(root: &Fields) -> Result<LlavaConfig> {
     Ok(config)
 }
 
-fn parse_original(root: &Fields, arch: TextArch, dir: Option<&Path>) -> Result<LlavaConfig> {
+fn parse_original(root: &Fields, arch: TextArch, tower_file: &TowerFile) -> Result<LlavaConfig> {
     let tower = root
         .string("mm_vision_tower", None)?
         .ok_or_else(|| root.error("mm_vision_tower", "missing"))?;
-    let vision = original_vision_tower(root, &tower, dir)?;
+    let vision = original_vision_tower(root, &tower, tower_file)?;
     let mm_hidden_size = root.usize("mm_hidden_size", vision.hidden_size)?;
     if mm_hidden_size != vision.hidden_size {
         return Err(root.error(
@@ -350,24 +367,42 @@ fn parse_original(root: &Fields, arch: TextArch, dir: Option<&Path>) -> Result<L
     Ok(config)
 }
 
+/// What a loader found for an original-LLaVA `mm_vision_tower` folder's `config.json`.
+pub enum TowerFile {
+    /// No folder to look in (a `config.json` parsed on its own).
+    NotGiven,
+    /// Looked for and not there: the folder looked in.
+    Absent(String),
+    Found { file: String, text: String },
+}
+
+/// For an original-LLaVA `config.json`, the folder that may hold its vision tower's `config.json`,
+/// relative to the model folder (or absolute); `None` for other layouts and malformed files
+/// (which the parse then reports).
+pub fn vision_tower_folder(config_json: &str) -> Option<String> {
+    let value: Value = serde_json::from_str(config_json).ok()?;
+    match value.get("model_type")?.as_str()? {
+        "llava_llama" | "llava_mistral" => {}
+        _ => return None,
+    }
+    let tower = value.get("mm_vision_tower")?.as_str()?;
+    Some(tower.trim_end_matches('/').to_string())
+}
+
 /// LLaVA builds its tower with `CLIPVisionModel.from_pretrained(mm_vision_tower)`, which takes a
 /// local folder as well as a hub name. A folder (absolute, or relative to the model folder) holding
 /// a CLIP `config.json` is read; otherwise the name must be the tower LLaVA-1.6 uses,
 /// `openai/clip-vit-large-patch14-336`, whose geometry is known.
-fn original_vision_tower(root: &Fields, tower: &str, dir: Option<&Path>) -> Result<VisionConfig> {
-    if let Some(folder) = dir.map(|dir| dir.join(tower)) {
-        let path = folder.join(CONFIG_FILE);
-        if path.is_file() {
-            let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
-            return clip_vision_config(&text, &path.display().to_string());
-        }
+fn original_vision_tower(root: &Fields, tower: &str, tower_file: &TowerFile) -> Result<VisionConfig> {
+    if let TowerFile::Found { file, text } = tower_file {
+        return clip_vision_config(text, file);
     }
     if tower.ends_with("clip-vit-large-patch14-336") {
         return Ok(VisionConfig::CLIP_VIT_L_14_336);
     }
-    let looked = match dir {
-        Some(dir) => format!("no {CONFIG_FILE} in {}", dir.join(tower).display()),
-        None => "the model folder was not given".to_string(),
+    let looked = match tower_file {
+        TowerFile::Absent(folder) => format!("no {CONFIG_FILE} in {folder}"),
+        _ => "the model folder was not given".to_string(),
     };
     Err(root.error(
         "mm_vision_tower",
@@ -564,8 +599,8 @@ pub struct PreprocessorConfig {
     pub image_grid_pinpoints: Option<Vec<[usize; 2]>>,
 }
 
-const PREPROCESSOR_FILE: &str = "preprocessor_config.json";
-const PROCESSOR_FILE: &str = "processor_config.json";
+pub const PREPROCESSOR_FILE: &str = "preprocessor_config.json";
+pub const PROCESSOR_FILE: &str = "processor_config.json";
 
 impl PreprocessorConfig {
     /// Reads `dir/preprocessor_config.json`, or else the `image_processor` section of
@@ -578,9 +613,14 @@ impl PreprocessorConfig {
         }
         let path = dir.as_ref().join(PROCESSOR_FILE);
         let Some(text) = read_optional(&path)? else { return Ok(None) };
-        let file = path.display().to_string();
-        let root_value = parse_json_object(&text, &file)?;
-        let root = Fields::root(&file, &root_value);
+        Self::from_processor_json(&text, &path.display().to_string())
+    }
+
+    /// The `image_processor` section of a transformers 5 `processor_config.json` (named `file`
+    /// in errors); `Ok(None)` when it has none.
+    pub fn from_processor_json(json: &str, file: &str) -> Result<Option<Self>> {
+        let root_value = parse_json_object(json, file)?;
+        let root = Fields::root(file, &root_value);
         match root.object("image_processor")? {
             Some(section) => Self::from_fields(&section).map(Some),
             None => Ok(None),
@@ -616,7 +656,8 @@ impl PreprocessorConfig {
         }
     }
 
-    fn from_json_named(json: &str, file: &str) -> Result<Self> {
+    /// Parses a `preprocessor_config.json` named `file` in errors.
+    pub fn from_json_named(json: &str, file: &str) -> Result<Self> {
         let root_value = parse_json_object(json, file)?;
         Self::from_fields(&Fields::root(file, &root_value))
     }
@@ -644,7 +685,7 @@ pub struct GenerationConfig {
     pub pad_token_id: Option<u32>,
 }
 
-const GENERATION_FILE: &str = "generation_config.json";
+pub const GENERATION_FILE: &str = "generation_config.json";
 
 impl GenerationConfig {
     /// Reads `dir/generation_config.json`; `Ok(None)` when the folder has none.
@@ -660,7 +701,8 @@ impl GenerationConfig {
         Self::from_json_named(json, GENERATION_FILE)
     }
 
-    fn from_json_named(json: &str, file: &str) -> Result<Self> {
+    /// Parses a `generation_config.json` named `file` in errors.
+    pub fn from_json_named(json: &str, file: &str) -> Result<Self> {
         let root_value = parse_json_object(json, file)?;
         let root = Fields::root(file, &root_value);
         Ok(GenerationConfig {

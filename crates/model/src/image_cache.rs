@@ -62,7 +62,7 @@ impl ImageCache {
     }
 
     pub fn insert(&self, key: ImageKey, image: EncodedImage) {
-        let bytes = image.features.shape().iter().product::<usize>() as u64 * 4;
+        let bytes = image.features.byte_len();
         self.lock().insert(key, image, bytes);
     }
 

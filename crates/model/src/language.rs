@@ -201,9 +201,8 @@ impl LanguageModel {
             }
         }
         cache.len = pos + t;
-        let d = c.hidden_size as u64 * 4;
         let last = Tensor::empty(batch.gpu(), &[1, c.hidden_size], DType::F32)?;
-        batch.copy(h.binding().slice((t as u64 - 1) * d, d), last.binding());
+        Tensor::copy_rows(batch, &h, t - 1, &last, 0, 1)?;
         Ok(last)
     }
 

@@ -14,6 +14,7 @@ pub mod manifest;
 pub mod npy;
 pub mod projector;
 pub mod sentencepiece;
+pub mod source;
 pub mod text;
 pub mod vision;
 pub mod weights;

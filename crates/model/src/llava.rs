@@ -7,16 +7,23 @@ use llava_gpu::ops::embed::gather_rows;
 use llava_gpu::{Batch, DType, Gpu, Tensor};
 use llava_image::{ImageConfig, Rgb8};
 
-use crate::checkpoint::Checkpoint;
-use crate::config::{GenerationConfig, LlavaConfig, PreprocessorConfig};
+use crate::checkpoint::INDEX_FILE;
+use crate::config::{
+    CONFIG_FILE, GENERATION_FILE, GenerationConfig, LlavaConfig, PREPROCESSOR_FILE, PROCESSOR_FILE, PreprocessorConfig,
+    TowerFile, vision_tower_folder,
+};
 use crate::error::{ModelError, Result};
 use crate::generate::ChatSession;
 use crate::image_cache::{self, DEFAULT_IMAGE_CACHE_BYTES, ImageCache, ImageCacheStats};
-use crate::loader::{self, Progress, Stage, WeightLoader};
+use crate::loader::{Progress, Stage, WeightLoader};
 use crate::manifest::{MANIFEST_FILE, Manifest};
 use crate::language::LanguageModel;
 use crate::projector::Projector;
-use crate::text::{BuiltinTemplate, ChatTemplate, Message, Tokenizer};
+use crate::source::{self, DirSource, Layout, LayoutHint, ModelSource, read_text};
+use crate::text::{
+    BuiltinTemplate, ChatTemplate, Message, SENTENCEPIECE_FILE, TEMPLATE_JINJA_FILE, TEMPLATE_JSON_FILE,
+    TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, TemplateFiles, Tokenizer,
+};
 use crate::vision::VisionTower;
 use crate::weights::{WeightPrecision, Weights};
 
@@ -77,68 +84,100 @@ pub struct ModelFiles {
 impl ModelFiles {
     /// Reads a checkpoint folder's config, tokenizer, template and processor files.
     pub fn from_dir(dir: &Path) -> Result<ModelFiles> {
-        let config = LlavaConfig::from_dir(dir)?;
-        let preprocessor = PreprocessorConfig::from_dir(dir)?;
-        let generation = GenerationConfig::from_dir(dir)?;
-        let tokenizer = Tokenizer::from_dir(dir)?;
-        check_image_token(&config, &tokenizer, &dir.join("config.json").display().to_string())?;
-        Ok(ModelFiles {
-            tokenizer,
-            template: ChatTemplate::for_model(dir, &config)?,
-            image_config: image_config(&config, preprocessor.as_ref(), [
-                &dir.join("config.json").display().to_string(),
-                &dir.join("preprocessor_config.json").display().to_string(),
-            ])?,
-            eos_ids: eos_ids(&config, generation.as_ref()),
-            config,
-        })
+        pollster::block_on(ModelFiles::read(&DirSource::new(dir), None))
     }
 
-    /// Builds the files from their contents (for loaders that fetch them). `processor` is the
-    /// text of `preprocessor_config.json` or `processor_config.json`.
-    pub fn from_contents(contents: &FileContents<'_>) -> Result<ModelFiles> {
-        let config = LlavaConfig::from_json(contents.config)?;
-        let preprocessor = contents.processor.map(PreprocessorConfig::from_any_json).transpose()?;
-        let generation = contents.generation.map(GenerationConfig::from_json).transpose()?;
-        let model_type = if config.layout == crate::config::ConfigLayout::OriginalLlava { "llava_llama" } else { "llava_next" };
-        let tokenizer_config = contents.tokenizer_config.map(str::as_bytes);
-        let tokenizer = match contents.tokenizer {
-            TokenizerFile::Json(json) => Tokenizer::from_bytes_with_config(json, tokenizer_config, Some(model_type)),
-            TokenizerFile::SentencePiece(model) => {
-                Tokenizer::from_sentencepiece_with_config(model, tokenizer_config, Some(model_type))
+    /// Reads the config, tokenizer, template, processor and generation files from `source`, by
+    /// the rules in [`crate::source`]. A converted folder's `manifest` lists the files it has
+    /// (so nothing is probed) and carries the config when `config.json` is not among them.
+    pub async fn read<S: ModelSource>(source: &S, manifest: Option<&Manifest>) -> Result<ModelFiles> {
+        let listed = |name: &str| match manifest {
+            Some(manifest) => Some(manifest.files.iter().any(|f| f == name)),
+            None => source.has(name),
+        };
+        let optional = |name: &'static str| read_text(source, name, listed(name), true);
+
+        let config_file = source.locate(CONFIG_FILE);
+        let config_text = match manifest {
+            Some(manifest) if listed(CONFIG_FILE) == Some(false) => manifest.config.to_string(),
+            _ => read_text(source, CONFIG_FILE, None, false).await?.unwrap_or_default(),
+        };
+        let tower = match vision_tower_folder(&config_text) {
+            None => TowerFile::NotGiven,
+            Some(folder) => {
+                let file = format!("{folder}/{CONFIG_FILE}");
+                match read_text(source, &file, listed(&file), true).await? {
+                    Some(text) => TowerFile::Found { file: source.locate(&file), text },
+                    None => TowerFile::Absent(source.locate(&folder)),
+                }
             }
-        }?;
-        check_image_token(&config, &tokenizer, "config.json")?;
-        let template = match contents.chat_template {
-            Some(source) => ChatTemplate::from_source(source)?,
-            None => ChatTemplate::builtin(BuiltinTemplate::for_config(&config)),
+        };
+        let config = LlavaConfig::from_json_with_tower(&config_text, &config_file, tower)?;
+
+        // A folder without tokenizer.json (like the original LLaVA checkpoints) has tokenizer.model;
+        // a folder with neither is told of the missing tokenizer.json.
+        let sentencepiece_only = listed(TOKENIZER_FILE) == Some(false) && listed(SENTENCEPIECE_FILE) == Some(true);
+        let tokenizer_json = if sentencepiece_only {
+            None
+        } else {
+            source.read(TOKENIZER_FILE, listed(SENTENCEPIECE_FILE) != Some(false)).await?
+        };
+        let tokenizer_config = optional(TOKENIZER_CONFIG_FILE).await?;
+        let model_type = serde_json::from_str::<serde_json::Value>(&config_text)
+            .ok()
+            .and_then(|v| v.get("model_type")?.as_str().map(str::to_string));
+        let tokenizer_config_bytes = tokenizer_config.as_deref().map(str::as_bytes);
+        let tokenizer = match tokenizer_json {
+            Some(json) => Tokenizer::from_bytes_with_config(&json, tokenizer_config_bytes, model_type.as_deref()),
+            None => {
+                let model = source.read(SENTENCEPIECE_FILE, false).await?.unwrap_or_default();
+                Tokenizer::from_sentencepiece_with_config(&model, tokenizer_config_bytes, model_type.as_deref())
+            }
+        }
+        .map_err(|e| match e {
+            ModelError::Tokenizer(msg) => ModelError::Tokenizer(format!("{}: {msg}", source.location())),
+            other => other,
+        })?;
+        check_image_token(&config, &tokenizer, &config_file)?;
+
+        let jinja = optional(TEMPLATE_JINJA_FILE).await?;
+        let json = match jinja {
+            Some(_) => None,
+            None => optional(TEMPLATE_JSON_FILE).await?,
+        };
+        let (json_file, tokenizer_config_file) = (source.locate(TEMPLATE_JSON_FILE), source.locate(TOKENIZER_CONFIG_FILE));
+        let template = ChatTemplate::from_files(&TemplateFiles {
+            jinja: jinja.as_deref(),
+            json: json.as_deref().map(|text| (json_file.as_str(), text)),
+            tokenizer_config: tokenizer_config.as_deref().map(|text| (tokenizer_config_file.as_str(), text)),
+        })?
+        .unwrap_or_else(|| ChatTemplate::builtin(BuiltinTemplate::for_config(&config)));
+
+        let (preprocessor, preprocessor_file) = match optional(PREPROCESSOR_FILE).await? {
+            Some(text) => {
+                let file = source.locate(PREPROCESSOR_FILE);
+                (Some(PreprocessorConfig::from_json_named(&text, &file)?), file)
+            }
+            None => {
+                let file = source.locate(PROCESSOR_FILE);
+                match optional(PROCESSOR_FILE).await? {
+                    Some(text) => (PreprocessorConfig::from_processor_json(&text, &file)?, file),
+                    None => (None, source.locate(PREPROCESSOR_FILE)),
+                }
+            }
+        };
+        let generation = match optional(GENERATION_FILE).await? {
+            Some(text) => Some(GenerationConfig::from_json_named(&text, &source.locate(GENERATION_FILE))?),
+            None => None,
         };
         Ok(ModelFiles {
             tokenizer,
             template,
-            image_config: image_config(&config, preprocessor.as_ref(), ["config.json", "processor_config.json"])?,
+            image_config: image_config(&config, preprocessor.as_ref(), [&config_file, &preprocessor_file])?,
             eos_ids: eos_ids(&config, generation.as_ref()),
             config,
         })
     }
-}
-
-/// A checkpoint's tokenizer: `tokenizer.json`, or for folders without one the SentencePiece
-/// `tokenizer.model`.
-pub enum TokenizerFile<'a> {
-    Json(&'a [u8]),
-    SentencePiece(&'a [u8]),
-}
-
-/// The text of a checkpoint's small files, for [`ModelFiles::from_contents`].
-pub struct FileContents<'a> {
-    pub config: &'a str,
-    pub tokenizer: TokenizerFile<'a>,
-    pub tokenizer_config: Option<&'a str>,
-    /// The Jinja source (from `chat_template.jinja`, or the string in `chat_template.json`).
-    pub chat_template: Option<&'a str>,
-    pub processor: Option<&'a str>,
-    pub generation: Option<&'a str>,
 }
 
 /// The image token must be a row of the embedding table and, where the tokenizer has `<image>`,
@@ -210,63 +249,65 @@ impl Llava {
         Llava::load_dir_with_progress(gpu, dir, options, &mut |_| {})
     }
 
-    /// [`Llava::load_dir`], reporting the stages and the weight bytes read to `progress`. The
-    /// shards stream through [`WeightLoader`], so the host holds one chunk and one tensor at a
-    /// time; the model exists only once every shard has been read and verified.
+    /// [`Llava::load_dir`], reporting the stages and the weight bytes read to `progress`.
     pub fn load_dir_with_progress(
         gpu: Arc<Gpu>,
         dir: &Path,
         options: &LoadOptions,
         progress: &mut dyn FnMut(Progress<'_>),
     ) -> Result<Llava> {
-        if dir.join(MANIFEST_FILE).is_file() {
-            return Llava::load_converted_with_progress(gpu, dir, options, progress);
-        }
-        progress(Progress { bytes_done: 0, bytes_total: 0, stage: Stage::Config, file: "config.json" });
-        let files = ModelFiles::from_dir(dir)?;
-        let checkpoint = Checkpoint::open(dir)?;
-        let total = loader::files_size(checkpoint.files())?;
-        let names: Vec<String> = checkpoint
-            .files()
-            .iter()
-            .map(|p| p.file_name().expect("a file").to_string_lossy().into_owned())
-            .collect();
-        let location = dir.display().to_string();
-        let mut weights = WeightLoader::checkpoint(&gpu, options.precision, &location, total);
-        loader::load_files(&mut weights, dir, &names, progress)?;
-        let weights = weights.finish()?;
-        let llava = Llava::new(gpu, files, weights, options)?;
-        progress(Progress { bytes_done: total, bytes_total: total, stage: Stage::Ready, file: "" });
-        Ok(llava)
+        pollster::block_on(Llava::load(gpu, &DirSource::new(dir), LayoutHint::Probe, options, progress))
     }
 
     /// Loads a converted folder. Its weights are used as stored: `options.precision` must be
     /// `Native` or the precision it was converted to.
     pub fn load_converted(gpu: Arc<Gpu>, dir: &Path, options: &LoadOptions) -> Result<Llava> {
-        Llava::load_converted_with_progress(gpu, dir, options, &mut |_| {})
+        let source = DirSource::new(dir);
+        pollster::block_on(Llava::load(gpu, &source, LayoutHint::Converted, options, &mut |_| {}))
     }
 
-    fn load_converted_with_progress(
+    /// The one loading sequence, natively and on the web: finds the layout and the small files
+    /// by the rules of [`crate::source`], then streams the shards through [`WeightLoader`], so
+    /// the host holds one chunk and one tensor at a time; the model exists only once every
+    /// shard has been read and verified. `progress` hears the stages and the weight bytes read.
+    pub async fn load<S: ModelSource>(
         gpu: Arc<Gpu>,
-        dir: &Path,
+        source: &S,
+        hint: LayoutHint,
         options: &LoadOptions,
         progress: &mut dyn FnMut(Progress<'_>),
     ) -> Result<Llava> {
-        progress(Progress { bytes_done: 0, bytes_total: 0, stage: Stage::Config, file: MANIFEST_FILE });
-        let manifest = Manifest::read(dir)?;
-        manifest.check_precision(options.precision).map_err(|e| match e {
-            ModelError::Input(msg) => ModelError::Input(format!("{}: {msg}", dir.display())),
-            other => other,
-        })?;
-        let files = ModelFiles::from_dir(dir)?;
-        let total = manifest.total_bytes();
-        let names: Vec<String> = manifest.shards.iter().map(|s| s.file.clone()).collect();
-        let location = dir.display().to_string();
-        let mut weights = WeightLoader::converted(&gpu, manifest, &location);
-        loader::load_files(&mut weights, dir, &names, progress)?;
+        let first_file = if hint == LayoutHint::Converted { MANIFEST_FILE } else { CONFIG_FILE };
+        progress(Progress { bytes_done: 0, bytes_total: 0, stage: Stage::Config, file: first_file });
+        let layout = source::find_layout(source, hint).await?;
+        let location = source.location();
+        let (files, mut weights, shards, index) = match layout {
+            Layout::Converted(manifest) => {
+                manifest.check_precision(options.precision).map_err(|e| match e {
+                    ModelError::Input(msg) => ModelError::Input(format!("{location}: {msg}")),
+                    other => other,
+                })?;
+                let files = ModelFiles::read(source, Some(&manifest)).await?;
+                let shards: Vec<String> = manifest.shards.iter().map(|s| s.file.clone()).collect();
+                (files, WeightLoader::converted(&gpu, manifest, &location), shards, None)
+            }
+            Layout::Checkpoint { shards, bytes_total, index } => {
+                let files = ModelFiles::read(source, None).await?;
+                if shards.is_empty() {
+                    return Err(source::no_shards(source));
+                }
+                let loader = WeightLoader::checkpoint(&gpu, options.precision, &location, bytes_total.unwrap_or(0));
+                (files, loader, shards, index)
+            }
+        };
+        source::stream_shards(source, &shards, &mut weights, progress).await?;
+        if let Some(index) = &index {
+            weights.check_index(index, &source.locate(INDEX_FILE))?;
+        }
+        let loaded = weights.progress().bytes_done;
         let weights = weights.finish()?;
         let llava = Llava::new(gpu, files, weights, options)?;
-        progress(Progress { bytes_done: total, bytes_total: total, stage: Stage::Ready, file: "" });
+        progress(Progress { bytes_done: loaded, bytes_total: loaded, stage: Stage::Ready, file: "" });
         Ok(llava)
     }
 
@@ -466,9 +507,7 @@ impl Llava {
         let x_end = x_start + x.shape()[0];
         let (from, to) = (image_start.max(x_start), image_end.min(x_end));
         if from < to {
-            let row = (x.last_dim() * 4) as u64;
-            let src = image.features.binding().slice((from - image_start) as u64 * row, (to - from) as u64 * row);
-            batch.copy(src, x.binding().slice((from - x_start) as u64 * row, (to - from) as u64 * row));
+            Tensor::copy_rows(batch, &image.features, from - image_start, x, from - x_start, to - from)?;
         }
         Ok(())
     }

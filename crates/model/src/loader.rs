@@ -11,9 +11,6 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::fs::File;
-use std::io::Read;
-use std::path::{Path, PathBuf};
 
 use half::f16;
 use llava_gpu::quant::QuantMatrix;
@@ -21,14 +18,14 @@ use llava_gpu::{DType, Gpu, Tensor};
 use sha2::{Digest, Sha256};
 
 use crate::checkpoint::{
-    Dtype, HostTensor, SafetensorsEntry, StoredDtype, canonical_name, checked_numel, header_len,
+    Dtype, HostTensor, SafetensorsEntry, ShardIndex, StoredDtype, canonical_name, checked_numel, header_len,
     is_ignorable, not_part_of_the_model, parse_header,
 };
 use crate::error::{ModelError, Result};
 use crate::manifest::{MANIFEST_FILE, Manifest, QWEIGHT_SUFFIX, SCALES_SUFFIX, Storage, hex};
 use crate::weights::{WeightPrecision, Weights};
 
-/// Bytes read from a shard file at a time by [`load_files`].
+/// Bytes read from a shard file at a time ([`crate::source::DirSource`]).
 pub const CHUNK_BYTES: usize = 4 << 20;
 
 /// What a load is doing.
@@ -209,6 +206,21 @@ impl<'g> WeightLoader<'g> {
         }
     }
 
+    /// Checks a checkpoint's `model.safetensors.index.json` (named `path` in errors) against
+    /// the shards read: each tensor of the model it lists must have been in the shard it names.
+    pub fn check_index(&self, index: &ShardIndex, path: &str) -> Result<()> {
+        let shard_of: BTreeMap<&str, &str> =
+            self.uploads.origin.values().map(|(name, shard)| (name.as_str(), shard.as_str())).collect();
+        for (name, &file) in &index.file_of {
+            let listed = &index.files[file];
+            if canonical_name(name).is_some() && shard_of.get(name.as_str()) != Some(&listed.as_str()) {
+                let msg = format!("lists `{name}` in {} but that file does not contain it", join(&self.location, listed));
+                return Err(ModelError::checkpoint(path, msg));
+            }
+        }
+        Ok(())
+    }
+
     /// The uploaded weights, once every shard (of a converted folder: every listed shard) has
     /// been read completely and verified.
     pub fn finish(self) -> Result<Weights> {
@@ -226,43 +238,6 @@ impl<'g> WeightLoader<'g> {
         }
         Ok(self.uploads.weights)
     }
-}
-
-/// Streams shard files through `loader`, [`CHUNK_BYTES`] at a time, reporting progress after
-/// each chunk. `names` are file names inside `dir`.
-pub fn load_files(
-    loader: &mut WeightLoader<'_>,
-    dir: &Path,
-    names: &[String],
-    progress: &mut dyn FnMut(Progress<'_>),
-) -> Result<()> {
-    let mut chunk = vec![0u8; CHUNK_BYTES];
-    for name in names {
-        let path = dir.join(name);
-        let mut file = File::open(&path).map_err(|e| ModelError::io(&path, e))?;
-        let size = file.metadata().map_err(|e| ModelError::io(&path, e))?.len();
-        loader.begin_shard(name, Some(size))?;
-        loop {
-            let n = match file.read(&mut chunk) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(ModelError::io(&path, e)),
-            };
-            loader.push(&chunk[..n])?;
-            progress(loader.progress());
-        }
-        loader.end_shard()?;
-    }
-    Ok(())
-}
-
-/// Total size of files, for progress totals.
-pub fn files_size(paths: &[PathBuf]) -> Result<u64> {
-    paths
-        .iter()
-        .map(|p| Ok(std::fs::metadata(p).map_err(|e| ModelError::io(p, e))?.len()))
-        .sum()
 }
 
 fn join(location: &str, file: &str) -> String {
@@ -713,6 +688,7 @@ impl ShardSink for Uploads<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
     use std::sync::OnceLock;
 
     use serde_json::json;

@@ -51,9 +51,8 @@ impl Projector {
         let n = features.rows();
         // Source rows: the features, then the newline as one extra row.
         let src = Tensor::empty(batch.gpu(), &[n + 1, c], DType::F32)?;
-        let bytes = features.byte_len();
-        batch.copy(features.binding(), src.binding().slice(0, bytes));
-        batch.copy(self.image_newline.binding(), src.binding().slice(bytes, c as u64 * 4));
+        Tensor::copy_rows(batch, features, 0, &src, 0, n)?;
+        Tensor::copy_rows(batch, &self.image_newline, 0, &src, n, 1)?;
         let index = pack_index(grid, side, layout, n as u32);
         let index = Tensor::from_u32(batch.gpu(), &[index.len()], &index)?;
         Ok(gather_rows(batch, &src, &index)?)

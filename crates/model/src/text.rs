@@ -363,6 +363,19 @@ impl BuiltinTemplate {
     }
 }
 
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const SENTENCEPIECE_FILE: &str = "tokenizer.model";
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+pub const TEMPLATE_JINJA_FILE: &str = "chat_template.jinja";
+pub const TEMPLATE_JSON_FILE: &str = "chat_template.json";
+
+/// The files [`ChatTemplate::from_files`] looks in, as read: `(name in messages, text)`.
+pub struct TemplateFiles<'a> {
+    pub jinja: Option<&'a str>,
+    pub json: Option<(&'a str, &'a str)>,
+    pub tokenizer_config: Option<(&'a str, &'a str)>,
+}
+
 /// A compiled chat template plus the special-token strings templates may refer to.
 pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
@@ -412,15 +425,40 @@ impl ChatTemplate {
     /// or the `chat_template` key of `tokenizer_config.json` (first found); `Ok(None)` if none.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Option<Self>> {
         let dir = dir.as_ref();
-        let tokenizer_config = read_json_if_present(&dir.join("tokenizer_config.json"))?;
-        let source = if let Some(text) = read_if_present(&dir.join("chat_template.jinja"))? {
-            Some(text)
-        } else if let Some(json) = read_json_if_present(&dir.join("chat_template.json"))? {
-            Some(template_field(&json, "chat_template.json")?.ok_or_else(|| {
-                ModelError::Template("chat_template.json: key `chat_template` is missing".into())
+        let read = |name: &str| {
+            let path = dir.join(name);
+            Ok::<_, ModelError>(read_if_present(&path)?.map(|text| (path.display().to_string(), text)))
+        };
+        let tokenizer_config = read(TOKENIZER_CONFIG_FILE)?;
+        let jinja = read(TEMPLATE_JINJA_FILE)?;
+        let json = if jinja.is_none() { read(TEMPLATE_JSON_FILE)? } else { None };
+        fn as_ref(file: &Option<(String, String)>) -> Option<(&str, &str)> {
+            file.as_ref().map(|(name, text)| (name.as_str(), text.as_str()))
+        }
+        Self::from_files(&TemplateFiles {
+            jinja: jinja.as_ref().map(|(_, text)| text.as_str()),
+            json: as_ref(&json),
+            tokenizer_config: as_ref(&tokenizer_config),
+        })
+    }
+
+    /// The template among a checkpoint's files: `chat_template.jinja`, else `chat_template.json`,
+    /// else the `chat_template` key of `tokenizer_config.json`; `Ok(None)` if none. Its
+    /// `bos_token` and `eos_token` come from `tokenizer_config.json`.
+    pub fn from_files(files: &TemplateFiles<'_>) -> Result<Option<Self>> {
+        let tokenizer_config = files
+            .tokenizer_config
+            .map(|(name, text)| parse_json(name, text))
+            .transpose()?;
+        let source = if let Some(text) = files.jinja {
+            Some(text.to_string())
+        } else if let Some((name, text)) = files.json {
+            let json = parse_json(name, text)?;
+            Some(template_field(&json, name)?.ok_or_else(|| {
+                ModelError::Template(format!("{name}: key `chat_template` is missing"))
             })?)
-        } else if let Some(json) = &tokenizer_config {
-            template_field(json, "tokenizer_config.json")?
+        } else if let (Some(json), Some((name, _))) = (&tokenizer_config, files.tokenizer_config) {
+            template_field(json, name)?
         } else {
             None
         };
@@ -491,9 +529,11 @@ fn read_json_if_present(path: &Path) -> Result<Option<Value>> {
     let Some(text) = read_if_present(path)? else {
         return Ok(None);
     };
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| ModelError::Template(format!("{}: malformed JSON: {e}", path.display())))
+    parse_json(&path.display().to_string(), &text).map(Some)
+}
+
+fn parse_json(file: &str, text: &str) -> Result<Value> {
+    serde_json::from_str(text).map_err(|e| ModelError::Template(format!("{file}: malformed JSON: {e}")))
 }
 
 /// `chat_template` as a string, or (older tokenizer configs) a list of `{name, template}` of

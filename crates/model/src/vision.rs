@@ -140,12 +140,10 @@ impl VisionTower {
         let n = patches.shape()[1];
         // [CLS, patch 0, patch 1, ...] per image, then + position embedding.
         let tokens = Tensor::empty(batch.gpu(), &[b, n + 1, d], DType::F32)?;
-        let row = (d * 4) as u64;
-        for i in 0..b as u64 {
-            let start = i * (n as u64 + 1) * row;
-            batch.copy(self.class_embedding.binding(), tokens.binding().slice(start, row));
-            let image_patches = patches.binding().slice(i * n as u64 * row, n as u64 * row);
-            batch.copy(image_patches, tokens.binding().slice(start + row, n as u64 * row));
+        for i in 0..b {
+            let start = i * (n + 1);
+            Tensor::copy_rows(batch, &self.class_embedding, 0, &tokens, start, 1)?;
+            Tensor::copy_rows(batch, &patches, i * n, &tokens, start + 1, n)?;
         }
         let mut h = add(batch, &tokens, &self.position_embedding)?;
         h = self.pre_layernorm.forward(batch, &h)?;

@@ -1,17 +1,20 @@
-//! The model exports: `loadModel` fetches a HuggingFace-layout or converted folder and streams
-//! its shards through the model crate's `WeightLoader` (the same code as the native loader), one
-//! fetch chunk at a time; `Model.chat` opens a `ChatSession` whose `send` streams tokens to a
-//! JavaScript callback. Everything else is the model crate, unchanged.
+//! The model exports: `loadModel` runs the model crate's loading sequence (`Llava::load`, the
+//! native loader's code) over a fetch source, which streams each shard one fetch chunk at a time;
+//! `Model.chat` opens a `ChatSession` whose `send` streams tokens to a JavaScript callback. Which
+//! files are looked for, and how they are read, is the model crate's: this file only fetches.
 
 use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use js_sys::{Function, Object, Promise, Uint8Array};
 use llava_model::generate::{GenerateParams, Turn};
-use llava_model::llava::{FileContents, KvPrecision, Llava, LoadOptions, ModelFiles, TokenizerFile};
-use llava_model::loader::{Progress, Stage, WeightLoader};
-use llava_model::manifest::{MANIFEST_FILE, Manifest};
+use llava_model::{Message, ModelError};
+use llava_model::llava::{KvPrecision, Llava, LoadOptions};
+use llava_model::loader::Progress;
+use llava_model::manifest::MANIFEST_FILE;
+use llava_model::source::{LayoutHint, ModelSource, ShardReader};
 use llava_model::weights::WeightPrecision;
 use serde::Deserialize;
 use wasm_bindgen::prelude::*;
@@ -34,8 +37,6 @@ extern "C" {
     fn headers(this: &Response) -> Headers;
     #[wasm_bindgen(method, getter)]
     fn body(this: &Response) -> Option<ReadableStream>;
-    #[wasm_bindgen(method)]
-    fn text(this: &Response) -> Promise;
     #[wasm_bindgen(method, js_name = arrayBuffer)]
     fn array_buffer(this: &Response) -> Promise;
 
@@ -59,63 +60,125 @@ struct Fetcher {
 }
 
 impl Fetcher {
-    async fn fetch(&self, url: &str) -> Result<Response, JsError> {
+    async fn fetch(&self, url: &str) -> Result<Response, ModelError> {
         let promise = match &self.custom {
             None => global_fetch(url),
             Some(fetch) => {
                 let value = fetch
                     .call1(&JsValue::NULL, &JsValue::from_str(url))
-                    .map_err(|e| {
-                        JsError::new(&format!("could not fetch {url}: {}", describe(&e)))
-                    })?;
+                    .map_err(|e| failed(url, format!("could not fetch: {}", describe(&e))))?;
                 Promise::resolve(&value)
             }
         };
         let response = JsFuture::from(promise)
             .await
-            .map_err(|e| JsError::new(&format!("could not fetch {url}: {}", describe(&e))))?;
+            .map_err(|e| failed(url, format!("could not fetch: {}", describe(&e))))?;
         if !response.is_object() {
-            return Err(JsError::new(&format!(
-                "fetching {url} did not give a Response"
-            )));
+            return Err(failed(url, "fetching it did not give a Response".into()));
         }
         Ok(response.unchecked_into())
     }
+}
 
-    /// The response for `base/name`; `None` on 404 when the file is optional.
-    async fn file(&self, base: &str, name: &str, optional: bool) -> Result<Option<Response>, JsError> {
-        let url = format!("{base}{name}");
-        let response = self.fetch(&url).await?;
+/// A download that failed, naming its URL.
+fn failed(url: &str, msg: String) -> ModelError {
+    ModelError::Io { path: url.to_string(), source: std::io::Error::other(msg) }
+}
+
+/// A model folder at a base URL (ending in `/`). `files`, when the caller knows the folder's
+/// file names, answers [`ModelSource::has`], so nothing is requested that is not there.
+struct FetchSource {
+    fetcher: Fetcher,
+    base: String,
+    files: Option<BTreeSet<String>>,
+}
+
+impl ModelSource for FetchSource {
+    type Shard = FetchShard;
+
+    fn locate(&self, file: &str) -> String {
+        format!("{}{file}", self.base)
+    }
+
+    fn location(&self) -> String {
+        self.base.clone()
+    }
+
+    fn has(&self, file: &str) -> Option<bool> {
+        // Only files inside the folder are fetched (an original LLaVA config may name a local
+        // path as its vision tower).
+        if file.starts_with('/') || file.split('/').any(|part| part == "..") {
+            return Some(false);
+        }
+        self.files.as_ref().map(|files| files.contains(file))
+    }
+
+    fn list(&self) -> Option<Vec<String>> {
+        self.files.as_ref().map(|files| files.iter().cloned().collect())
+    }
+
+    fn size(&self, _file: &str) -> Option<u64> {
+        None
+    }
+
+    async fn read(&self, file: &str, optional: bool) -> Result<Option<Vec<u8>>, ModelError> {
+        let url = self.locate(file);
+        let response = self.fetcher.fetch(&url).await?;
         if optional && response.status() == 404 {
             return Ok(None);
         }
         if !response.ok() {
-            return Err(JsError::new(&format!("{url}: HTTP {}", response.status())));
+            return Err(failed(&url, format!("HTTP {}", response.status())));
         }
-        Ok(Some(response))
-    }
-
-    /// The text of `base/name`; `None` on 404 when the file is optional.
-    async fn text(&self, base: &str, name: &str, optional: bool) -> Result<Option<String>, JsError> {
-        let Some(response) = self.file(base, name, optional).await? else {
-            return Ok(None);
-        };
-        let text = JsFuture::from(response.text())
-            .await
-            .map_err(|e| JsError::new(&format!("reading {base}{name}: {}", describe(&e))))?;
-        Ok(text.as_string())
-    }
-
-    /// The bytes of `base/name` (a required file).
-    async fn bytes(&self, base: &str, name: &str) -> Result<Vec<u8>, JsError> {
-        let response = self
-            .file(base, name, false)
-            .await?
-            .ok_or_else(|| JsError::new(&format!("{base}{name}: not found")))?;
         let buffer = JsFuture::from(response.array_buffer())
             .await
-            .map_err(|e| JsError::new(&format!("reading {base}{name}: {}", describe(&e))))?;
-        Ok(Uint8Array::new(&buffer).to_vec())
+            .map_err(|e| failed(&url, format!("reading: {}", describe(&e))))?;
+        Ok(Some(Uint8Array::new(&buffer).to_vec()))
+    }
+
+    async fn open_shard(&self, file: &str) -> Result<FetchShard, ModelError> {
+        let url = self.locate(file);
+        let response = self.fetcher.fetch(&url).await?;
+        if !response.ok() {
+            return Err(failed(&url, format!("HTTP {}", response.status())));
+        }
+        // A compressed response's Content-Length counts the compressed bytes.
+        let headers = response.headers();
+        let size = match headers.get("content-encoding") {
+            Some(encoding) if encoding != "identity" => None,
+            _ => headers.get("content-length").and_then(|v| v.parse::<u64>().ok()),
+        };
+        let body = response.body().ok_or_else(|| failed(&url, "empty response".into()))?;
+        Ok(FetchShard { url, size, reader: body.get_reader(), chunk: Vec::new() })
+    }
+}
+
+/// A shard's response body, one stream chunk at a time.
+struct FetchShard {
+    url: String,
+    size: Option<u64>,
+    reader: StreamReader,
+    chunk: Vec<u8>,
+}
+
+impl ShardReader for FetchShard {
+    fn size(&self) -> Option<u64> {
+        self.size
+    }
+
+    async fn next_chunk(&mut self) -> Result<Option<&[u8]>, ModelError> {
+        let step = JsFuture::from(self.reader.read())
+            .await
+            .map_err(|e| failed(&self.url, format!("downloading: {}", describe(&e))))?;
+        if js_sys::Reflect::get(&step, &"done".into()).map(|d| d.is_truthy()).unwrap_or(true) {
+            return Ok(None);
+        }
+        let chunk: Uint8Array = js_sys::Reflect::get(&step, &"value".into())
+            .map_err(|_| failed(&self.url, "a stream chunk without a value".into()))?
+            .unchecked_into();
+        self.chunk.resize(chunk.length() as usize, 0);
+        chunk.copy_to(&mut self.chunk);
+        Ok(Some(&self.chunk))
     }
 }
 
@@ -136,6 +199,8 @@ struct LoadSettings {
     /// GPU memory for reusing images' features across chats, in MiB (0: off).
     #[serde(rename = "imageCacheMB")]
     image_cache_mb: Option<u64>,
+    /// The folder's file names, when the app knows them: only those are requested.
+    files: Option<Vec<String>>,
 }
 
 fn precision(name: Option<&str>) -> Result<WeightPrecision, JsError> {
@@ -165,161 +230,6 @@ fn report(callback: Option<&Function>, progress: Progress<'_>) {
     }
 }
 
-/// How the folder stores its weights.
-enum Layout {
-    Converted(Manifest),
-    /// Shard files and, from the index, their total tensor bytes.
-    Checkpoint(Vec<String>, Option<u64>),
-}
-
-/// Finds the layout: an HF index, else a `manifest.json`, else a single `model.safetensors`
-/// (probed in that order so that a sharded HF folder triggers no 404).
-async fn layout(fetcher: &Fetcher, base: &str, manifest_url: bool) -> Result<Layout, JsError> {
-    let parse_manifest =
-        |text: &str| Manifest::from_json(text).map_err(|e| JsError::new(&format!("{base}{e}")));
-    if manifest_url {
-        let text = fetcher
-            .text(base, MANIFEST_FILE, false)
-            .await?
-            .unwrap_or_default();
-        return Ok(Layout::Converted(parse_manifest(&text)?));
-    }
-    if let Some(index) = fetcher
-        .text(base, "model.safetensors.index.json", true)
-        .await?
-    {
-        let index: serde_json::Value = serde_json::from_str(&index)
-            .map_err(|e| JsError::new(&format!("model.safetensors.index.json: {e}")))?;
-        let map = index["weight_map"]
-            .as_object()
-            .ok_or_else(|| JsError::new("model.safetensors.index.json has no weight_map"))?;
-        let mut files: Vec<String> = map
-            .values()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect();
-        files.sort();
-        files.dedup();
-        if files.iter().any(|f| f.contains('/') || f.contains("..")) {
-            return Err(JsError::new(
-                "model.safetensors.index.json names a shard outside the folder",
-            ));
-        }
-        return Ok(Layout::Checkpoint(
-            files,
-            index["metadata"]["total_size"].as_u64(),
-        ));
-    }
-    if let Some(text) = fetcher.text(base, MANIFEST_FILE, true).await? {
-        return Ok(Layout::Converted(parse_manifest(&text)?));
-    }
-    Ok(Layout::Checkpoint(vec!["model.safetensors".into()], None))
-}
-
-enum FetchedTokenizer {
-    Json(String),
-    SentencePiece(Vec<u8>),
-}
-
-/// Fetches the config, tokenizer, template, processor and generation files. A converted folder
-/// lists the ones it has (and carries the config in its manifest), so nothing is probed.
-async fn model_files(
-    fetcher: &Fetcher,
-    base: &str,
-    layout: &Layout,
-) -> Result<ModelFiles, JsError> {
-    let listed = |name: &str| match layout {
-        Layout::Converted(manifest) => manifest.files.iter().any(|f| f == name),
-        Layout::Checkpoint(..) => true,
-    };
-    let optional = |name: &'static str| async move {
-        if listed(name) {
-            fetcher.text(base, name, true).await
-        } else {
-            Ok(None)
-        }
-    };
-    let config = match layout {
-        Layout::Converted(manifest) if !listed("config.json") => manifest.config.to_string(),
-        _ => fetcher
-            .text(base, "config.json", false)
-            .await?
-            .unwrap_or_default(),
-    };
-    // A folder without tokenizer.json (like the original LLaVA checkpoints) has tokenizer.model.
-    let tokenizer_json = match layout {
-        Layout::Converted(_) if !listed("tokenizer.json") => None,
-        _ => fetcher.text(base, "tokenizer.json", listed("tokenizer.model")).await?,
-    };
-    let tokenizer = match tokenizer_json {
-        Some(json) => FetchedTokenizer::Json(json),
-        None => FetchedTokenizer::SentencePiece(fetcher.bytes(base, "tokenizer.model").await?),
-    };
-    let tokenizer_config = optional("tokenizer_config.json").await?;
-    let chat_template = optional("chat_template.jinja").await?;
-    let processor = match optional("preprocessor_config.json").await? {
-        Some(text) => Some(text),
-        None => optional("processor_config.json").await?,
-    };
-    let generation = optional("generation_config.json").await?;
-    ModelFiles::from_contents(&FileContents {
-        config: &config,
-        tokenizer: match &tokenizer {
-            FetchedTokenizer::Json(json) => TokenizerFile::Json(json.as_bytes()),
-            FetchedTokenizer::SentencePiece(model) => TokenizerFile::SentencePiece(model),
-        },
-        tokenizer_config: tokenizer_config.as_deref(),
-        chat_template: chat_template.as_deref(),
-        processor: processor.as_deref(),
-        generation: generation.as_deref(),
-    })
-    .map_err(js_error)
-}
-
-/// Streams one shard through the loader, one fetch chunk at a time.
-async fn stream_shard(
-    fetcher: &Fetcher,
-    base: &str,
-    file: &str,
-    loader: &mut WeightLoader<'_>,
-    on_progress: Option<&Function>,
-) -> Result<(), JsError> {
-    let url = format!("{base}{file}");
-    let response = fetcher.fetch(&url).await?;
-    if !response.ok() {
-        return Err(JsError::new(&format!("{url}: HTTP {}", response.status())));
-    }
-    // A compressed response's Content-Length counts the compressed bytes.
-    let headers = response.headers();
-    let size = match headers.get("content-encoding") {
-        Some(encoding) if encoding != "identity" => None,
-        _ => headers
-            .get("content-length")
-            .and_then(|v| v.parse::<u64>().ok()),
-    };
-    let body = response
-        .body()
-        .ok_or_else(|| JsError::new(&format!("{url}: empty response")))?;
-    loader.begin_shard(file, size).map_err(js_error)?;
-    let reader = body.get_reader();
-    loop {
-        let step = JsFuture::from(reader.read())
-            .await
-            .map_err(|e| JsError::new(&format!("downloading {url}: {}", describe(&e))))?;
-        if js_sys::Reflect::get(&step, &"done".into())
-            .map(|d| d.is_truthy())
-            .unwrap_or(true)
-        {
-            break;
-        }
-        let chunk: Uint8Array = js_sys::Reflect::get(&step, &"value".into())
-            .map_err(|_| JsError::new("a stream chunk without a value"))?
-            .unchecked_into();
-        loader.push(&chunk.to_vec()).map_err(js_error)?;
-        report(on_progress, loader.progress());
-    }
-    loader.end_shard().map_err(js_error)
-}
-
 /// A loaded model on this worker's GPU.
 #[wasm_bindgen]
 pub struct Model {
@@ -329,9 +239,11 @@ pub struct Model {
 /// Fetches the model at `base_url` and builds it: a HuggingFace-layout folder (config,
 /// tokenizer, template, processor and generation configs, safetensors shards) or a converted
 /// folder (its `manifest.json`, the files it lists, shards checked against their SHA-256);
-/// `base_url` may also name the `manifest.json` itself. `options`: `{ quant, context, fetch }`,
-/// where `fetch(url) => Promise<Response>` replaces the global fetch for every download;
-/// `on_progress` receives `{ loaded, total, file, stage }`.
+/// `base_url` may also name the `manifest.json` itself. `options`: `{ quant, context, kvCache,
+/// imageCacheMB, files, fetch }`, where `files` lists the folder's file names when the app knows
+/// them (then no file the folder lacks is requested; otherwise optional files are probed, see
+/// `llava_model::source`) and `fetch(url) => Promise<Response>` replaces the global fetch for
+/// every download; `on_progress` receives `{ loaded, total, file, stage }`.
 #[wasm_bindgen(js_name = loadModel)]
 pub async fn load_model(
     base_url: String,
@@ -351,73 +263,31 @@ pub async fn load_model(
     // JSON.stringify drops the function, so the other settings parse as before.
     let settings: LoadSettings = from_js(&options, "load options")?;
     let precision = precision(settings.quant.as_deref())?;
-    let fetcher = Fetcher { custom };
-    let on_progress = on_progress.as_ref();
-    let manifest_url = base_url.ends_with(MANIFEST_FILE);
-    let base = if manifest_url {
-        base_url[..base_url.len() - MANIFEST_FILE.len()].to_string()
-    } else if base_url.ends_with('/') {
-        base_url
-    } else {
-        format!("{base_url}/")
-    };
-
-    let config_file = if manifest_url {
-        MANIFEST_FILE
-    } else {
-        "config.json"
-    };
-    report(
-        on_progress,
-        Progress {
-            bytes_done: 0,
-            bytes_total: 0,
-            stage: Stage::Config,
-            file: config_file,
-        },
-    );
-    let layout = layout(&fetcher, &base, manifest_url).await?;
-    let files = model_files(&fetcher, &base, &layout).await?;
-    let gpu = Arc::new(llava_gpu::Gpu::new().await.map_err(js_error)?);
-    let (mut loader, shards) = match layout {
-        Layout::Converted(manifest) => {
-            manifest.check_precision(precision).map_err(js_error)?;
-            let shards: Vec<String> = manifest.shards.iter().map(|s| s.file.clone()).collect();
-            (WeightLoader::converted(&gpu, manifest, &base), shards)
-        }
-        Layout::Checkpoint(shards, total) => (
-            WeightLoader::checkpoint(&gpu, precision, &base, total.unwrap_or(0)),
-            shards,
-        ),
-    };
-    for shard in &shards {
-        stream_shard(&fetcher, &base, shard, &mut loader, on_progress).await?;
-    }
-    let loaded = loader.progress().bytes_done;
-    let weights = loader.finish().map_err(js_error)?;
     let kv_cache = match settings.kv_cache.as_deref() {
         None | Some("f32") => KvPrecision::F32,
         Some("f16") => KvPrecision::F16,
         Some(other) => return Err(JsError::new(&format!("unknown kvCache \"{other}\": use f32 or f16"))),
     };
-    let options = LoadOptions {
-        precision,
-        context: settings.context,
+    let (base, hint) = match base_url.strip_suffix(MANIFEST_FILE) {
+        Some(base) => (base.to_string(), LayoutHint::Converted),
+        None if base_url.ends_with('/') => (base_url, LayoutHint::Probe),
+        None => (format!("{base_url}/"), LayoutHint::Probe),
     };
-    let mut llava = Llava::new(gpu, files, weights, &options).map_err(js_error)?;
+    let source = FetchSource {
+        fetcher: Fetcher { custom },
+        base,
+        files: settings.files.map(|files| files.into_iter().collect()),
+    };
+    let options = LoadOptions { precision, context: settings.context };
+    let gpu = Arc::new(llava_gpu::Gpu::new().await.map_err(js_error)?);
+    let on_progress = on_progress.as_ref();
+    let mut llava = Llava::load(gpu, &source, hint, &options, &mut |p| report(on_progress, p))
+        .await
+        .map_err(js_error)?;
     llava.set_kv_cache(kv_cache);
     if let Some(mb) = settings.image_cache_mb {
         llava.set_image_cache_limit(mb.saturating_mul(1 << 20));
     }
-    report(
-        on_progress,
-        Progress {
-            bytes_done: loaded,
-            bytes_total: loaded,
-            stage: Stage::Ready,
-            file: "",
-        },
-    );
     Ok(Model {
         llava: Rc::new(llava),
     })
@@ -432,6 +302,14 @@ impl Model {
             llava: self.llava.clone(),
             session: Rc::new(RefCell::new(session)),
         })
+    }
+
+    /// The token ids of a first turn's prompt: the optional `system` prompt and the user's
+    /// `text` through the checkpoint's chat template and tokenizer (what `send` prefills).
+    #[wasm_bindgen(js_name = promptIds)]
+    pub fn prompt_ids(&self, system: Option<String>, text: &str) -> Result<Vec<u32>, JsError> {
+        let prompt = self.llava.render_chat(system.as_deref(), &[Message::user(0, text)]).map_err(js_error)?;
+        Ok(self.llava.tokenize_prompt(&prompt, None).map_err(js_error)?.0)
     }
 
     /// `{ vocabSize, context }`.
