@@ -118,7 +118,7 @@ test('the installed package loads the model with progress and answers as nativel
   checkProgress(first.progress);
   checkAnswer(first, want);
   // The package's own files came from the installed copy, and each model file was fetched once.
-  assert.ok(requests.includes('/node_modules/llava-webgpu/pkg/llava_web_bg.wasm'), requests.join('\n'));
+  assert.ok(requests.includes('/node_modules/llava-webgpu/pkg/wasm/llava_web_bg.wasm'), requests.join('\n'));
   const modelRequests = requests.filter((p) => p.startsWith('/model/'));
   for (const shard of shards) assert.equal(modelRequests.filter((p) => p === `/model/${shard}`).length, 1, shard);
   assert.deepEqual(browser.problems, []);
