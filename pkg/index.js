@@ -202,7 +202,12 @@ export class LlavaModel {
     return new LlavaChat(this.#client, handle);
   }
 
-  /** Test hook: makes the worker's Rust code panic with `message` (tests/browser/crash.test.js). */
+  /** Test hook: destroys the model's GPU device (tests/browser/panic.test.js). */
+  __testLoseDevice() {
+    return this.#client.call('testLoseDevice', { model: this.#handle });
+  }
+
+  /** Test hook: makes the worker's Rust code panic with `message` (tests/browser/panic.test.js). */
   __testPanic(message) {
     return this.#client.call('testPanic', { message });
   }

@@ -104,7 +104,11 @@ const ops = {
     models.get(entry.model)?.chats.delete(chat);
     entry.chat.free();
   },
-  // Test hook of the panic path (tests/browser/crash.test.js).
+  // Test hook of device loss (tests/browser/panic.test.js).
+  async testLoseDevice({ model }) {
+    lookup(models, model, 'model').model.__testLoseDevice();
+  },
+  // Test hook of the panic path (tests/browser/panic.test.js).
   async testPanic({ message }) {
     await wasm.__testPanic(String(message));
   },

@@ -1,7 +1,8 @@
-// A Rust panic (a bug) never reaches JavaScript as `unreachable` or as a call that never settles:
-// the worker hands the panic message to the page, which rejects the pending call and every later
-// one with an Error saying the model must be reloaded; loading again gives a working model. The
-// panic is made by the package's test hook, inside a future, while an answer is streaming.
+// Runtime and GPU faults in the browser. A Rust panic (a bug) never reaches JavaScript as
+// `unreachable` or as a call that never settles: the worker hands the panic message to the page,
+// which rejects the pending call and every later one with an Error saying the model must be reloaded; loading again gives a working model. The
+// panic is made by the package's test hook, inside a future, while an answer is streaming. A GPU
+// device destroyed while an answer streams ends it with an Error naming the loss.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -61,4 +62,36 @@ test('a panic rejects pending and later calls with its message, and the model lo
   // The only problems reported are the panic itself (logged to the console as a bug report).
   const unexpected = browser.problems.filter((p) => !p.includes('deliberate test panic'));
   assert.deepEqual(unexpected, []);
+});
+
+test('a GPU device lost mid-answer ends it with an Error saying so, and the model loads again', { timeout: SLOW }, async () => {
+  const outcome = await browser.page.evaluate(
+    async ({ model, question }) => {
+      const { LlavaModel } = await import('/pkg/index.js');
+      const settle = (promise) =>
+        promise.then(
+          (r) => ({ stopReason: r.stopReason, tokens: r.tokens.length }),
+          (e) => ({ isError: e instanceof Error, message: e.message }),
+        );
+      const loaded = await LlavaModel.load(model, { cache: false });
+      const chat = await loaded.chat();
+      const reply = chat.send({ text: question, maxNewTokens: 200, ignoreEos: true });
+      await reply[Symbol.asyncIterator]().next();
+      await loaded.__testLoseDevice();
+      const pending = await settle(reply.result);
+      const later = await settle(chat.send({ text: question }).result);
+      loaded.dispose();
+
+      const again = await LlavaModel.load(model, { cache: false });
+      const answer = await (await again.chat()).send({ text: question, maxNewTokens: 16, ignoreEos: true }).result;
+      again.dispose();
+      return { pending, later, tokens: [...answer.tokens] };
+    },
+    { model: MODEL, question: TEXT_ONLY.question },
+  );
+  for (const what of ['pending', 'later']) {
+    assert.equal(outcome[what].isError, true, `${what}: ${JSON.stringify(outcome[what])}`);
+    assert.match(outcome[what].message, /^the GPU device was lost: it was destroyed/, what);
+  }
+  assert.deepEqual(outcome.tokens, TEXT_ONLY.greedy_tokens);
 });

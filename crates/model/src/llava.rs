@@ -258,6 +258,7 @@ impl Llava {
             ModelError::Input(msg) => ModelError::Input(format!("{}: {msg}", dir.display())),
             other => other,
         })?;
+        manifest.check_files(dir)?;
         let files = ModelFiles::from_dir(dir)?;
         let total = manifest.total_bytes();
         let names: Vec<String> = manifest.shards.iter().map(|s| s.file.clone()).collect();

@@ -12,6 +12,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::error::{ModelError, Result};
+use crate::llava::{FileContents, TokenizerFile};
 use crate::weights::WeightPrecision;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -31,6 +32,10 @@ pub struct Manifest {
     pub config: Value,
     /// The small files copied alongside (tokenizer, templates, processor and generation configs).
     pub files: Vec<String>,
+    /// Lowercase hex SHA-256 of each of `files`, by name (absent from manifests written before
+    /// it was added, whose small files are read unchecked).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub file_sha256: BTreeMap<String, String>,
     pub quant: QuantScheme,
     pub shards: Vec<ShardEntry>,
 }
@@ -222,6 +227,64 @@ impl Manifest {
                 "this model was converted to {}; it cannot be loaded as {wanted} (convert it again)",
                 self.quant.precision
             )));
+        }
+        Ok(())
+    }
+
+    /// Checks the contents of the small file `name` against its hash in the manifest (none:
+    /// nothing to check).
+    pub fn check_file(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        match self.file_sha256.get(name) {
+            Some(want) if !sha256_hex(bytes).eq_ignore_ascii_case(want) => Err(ModelError::config(
+                name,
+                format!(
+                    "SHA-256 {} does not match the {MANIFEST_FILE}'s {want}: the file was changed after \
+                     the conversion (restore it or convert the model again)",
+                    sha256_hex(bytes)
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// [`Manifest::check_file`] for every listed file of the folder `dir` that has a hash.
+    pub fn check_files(&self, dir: &Path) -> Result<()> {
+        for name in self.files.iter().filter(|name| self.file_sha256.contains_key(*name)) {
+            let path = dir.join(name);
+            let bytes = std::fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
+            self.check_file(name, &bytes).map_err(|e| match e {
+                ModelError::Config { msg, .. } => ModelError::config(path.display().to_string(), msg),
+                other => other,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// [`Manifest::check_file`] for the small files a loader fetched (the web loader), under the
+    /// names it fetched them by: the processor config is `preprocessor_config.json` where the
+    /// folder lists it, else `processor_config.json`. A config taken from the manifest itself is
+    /// not a file and has no hash.
+    pub fn check_contents(&self, contents: &FileContents<'_>) -> Result<()> {
+        let listed = |name: &str| self.files.iter().any(|f| f == name);
+        if listed("config.json") {
+            self.check_file("config.json", contents.config.as_bytes())?;
+        }
+        match contents.tokenizer {
+            TokenizerFile::Json(json) if listed("tokenizer.json") => self.check_file("tokenizer.json", json)?,
+            TokenizerFile::SentencePiece(model) => self.check_file("tokenizer.model", model)?,
+            TokenizerFile::Json(_) => {}
+        }
+        let processor =
+            if listed("preprocessor_config.json") { "preprocessor_config.json" } else { "processor_config.json" };
+        for (name, text) in [
+            ("tokenizer_config.json", contents.tokenizer_config),
+            ("chat_template.jinja", contents.chat_template),
+            (processor, contents.processor),
+            ("generation_config.json", contents.generation),
+        ] {
+            if let Some(text) = text {
+                self.check_file(name, text.as_bytes())?;
+            }
         }
         Ok(())
     }

@@ -50,6 +50,25 @@ extern "C" {
     type StreamReader;
     #[wasm_bindgen(method)]
     fn read(this: &StreamReader) -> Promise;
+
+    #[wasm_bindgen(js_name = setTimeout)]
+    fn set_timeout(callback: &Function, ms: i32);
+}
+
+/// The error of a failed reply, naming a lost device as such: the browser rejects the pending
+/// buffer mappings of a destroyed device before it resolves `device.lost`, so a readback error
+/// waits a few event-loop turns for the loss to be reported.
+async fn reply_error(llava: &Llava, e: llava_model::ModelError) -> JsError {
+    if matches!(e, llava_model::ModelError::Gpu(llava_gpu::GpuError::Readback(_))) {
+        for _ in 0..5 {
+            let tick = Promise::new(&mut |resolve, _| set_timeout(&resolve, 0));
+            let _ = JsFuture::from(tick).await;
+            if let Err(lost) = llava.gpu().check_lost() {
+                return js_error(lost);
+            }
+        }
+    }
+    js_error(e)
 }
 
 /// Downloads through the global `fetch`, or through the caller's `fetch` option (a caching
@@ -261,7 +280,7 @@ async fn model_files(
         None => optional("processor_config.json").await?,
     };
     let generation = optional("generation_config.json").await?;
-    ModelFiles::from_contents(&FileContents {
+    let contents = FileContents {
         config: &config,
         tokenizer: match &tokenizer {
             FetchedTokenizer::Json(json) => TokenizerFile::Json(json.as_bytes()),
@@ -271,8 +290,11 @@ async fn model_files(
         chat_template: chat_template.as_deref(),
         processor: processor.as_deref(),
         generation: generation.as_deref(),
-    })
-    .map_err(js_error)
+    };
+    if let Layout::Converted(manifest) = layout {
+        manifest.check_contents(&contents).map_err(|e| JsError::new(&format!("{base}{e}")))?;
+    }
+    ModelFiles::from_contents(&contents).map_err(js_error)
 }
 
 /// Streams one shard through the loader, one fetch chunk at a time.
@@ -434,6 +456,13 @@ impl Model {
         })
     }
 
+    /// For the tests of device loss: destroys this model's GPU device, as a browser does when
+    /// the GPU process crashes or the device is reclaimed.
+    #[wasm_bindgen(js_name = __testLoseDevice)]
+    pub fn test_lose_device(&self) {
+        self.llava.gpu().device().destroy();
+    }
+
     /// `{ vocabSize, context }`.
     pub fn info(&self) -> JsValue {
         let info = Object::new();
@@ -538,8 +567,11 @@ impl Chat {
                         .map(|r| r != JsValue::FALSE)
                         .unwrap_or(false)
                 })
-                .await
-                .map_err(js_error)?;
+                .await;
+            let reply = match reply {
+                Ok(reply) => reply,
+                Err(e) => return Err(reply_error(&llava, e).await.into()),
+            };
             let out = Object::new();
             set(&out, "text", reply.text.as_str());
             set(&out, "tokens", js_sys::Uint32Array::from(&reply.tokens[..]));
