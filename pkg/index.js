@@ -22,6 +22,12 @@ class WorkerClient {
       : new Worker(new URL('./worker.js', import.meta.url), { type: 'module', name: 'llava-webgpu' });
     this.#wasmUrl = wasmUrl ? new URL(wasmUrl, globalThis.location?.href).href : undefined;
     this.#worker.onmessage = ({ data }) => {
+      // Rust panicked: the worker's wasm instance is dead, and with it every model it held.
+      if (data.kind === 'crashed') {
+        this.#fail(new Error(data.message));
+        this.#worker.terminate();
+        return;
+      }
       const call = this.#pending.get(data.id);
       if (!call) return;
       if (data.kind === 'event') return call.onEvent?.(data.value);
@@ -37,9 +43,10 @@ class WorkerClient {
     this.#worker.onmessageerror = () => this.#fail(new Error('the llava-webgpu worker sent an unreadable message'));
   }
 
+  /** Rejects the pending calls and every later one with the first failure. */
   #fail(error) {
-    this.#failure = error;
-    for (const call of this.#pending.values()) call.reject(error);
+    this.#failure ??= error;
+    for (const call of this.#pending.values()) call.reject(this.#failure);
     this.#pending.clear();
   }
 
@@ -196,6 +203,16 @@ export class LlavaModel {
     return new LlavaChat(this.#client, handle);
   }
 
+  /** Test hook: destroys the model's GPU device (tests/browser/panic.test.js). */
+  __testLoseDevice() {
+    return this.#client.call('testLoseDevice', { model: this.#handle });
+  }
+
+  /** Test hook: makes the worker's Rust code panic with `message` (tests/browser/panic.test.js). */
+  __testPanic(message) {
+    return this.#client.call('testPanic', { message });
+  }
+
   /** Frees the model's GPU memory and stops its worker. */
   dispose() {
     this.#client.terminate();
@@ -227,7 +244,7 @@ export class LlavaChat {
       signal?.addEventListener('abort', () => reply.cancel(), { once: true });
       return this.#client.call(
         'send',
-        { chat: this.#handle, image: source, text, params },
+        { chat: this.#handle, image: source, text, params, cancelled: reply.start() },
         { transfer, onEvent: (event) => event.type === 'token' && reply.push({ text: event.text, tokenId: event.tokenId }) },
       );
     })();
@@ -256,6 +273,8 @@ class ChatReply {
   #done = false;
   #error = null;
   #cancel;
+  #cancelled = false;
+  #started = false;
   /** @type {Promise<object>} */
   result;
 
@@ -265,7 +284,15 @@ class ChatReply {
 
   /** Stops generation after the current token; `result` then has stopReason 'cancelled'. */
   cancel() {
-    this.#cancel().catch(() => {});
+    this.#cancelled = true;
+    // Before the request is sent (an image still being read), the request itself carries it.
+    if (this.#started) this.#cancel().catch(() => {});
+  }
+
+  /** Marks the request as sent; returns whether it was cancelled before. */
+  start() {
+    this.#started = true;
+    return this.#cancelled;
   }
 
   push(token) {

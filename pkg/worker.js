@@ -3,11 +3,30 @@
 //   page -> worker: { id, op, args }            worker -> page: { id, kind: 'result', value }
 //                                                                { id, kind: 'error', message }
 //                                                                { id, kind: 'event', value }
+//                                                                { kind: 'crashed', message }
 import { createCachedFetch } from './cache.js';
 import init, * as wasm from './wasm/llava_web.js';
 
 // Started by the first message, which says where the wasm is when the page moved it.
 let ready = null;
+
+// The Error message once Rust panicked (a bug). wasm32 panics abort: the instance and every
+// model in it are gone, so the page is told at once (a panic inside an async call would
+// otherwise leave that call pending forever) and every later operation fails with the same text.
+let crashed = null;
+
+function onPanic(panic) {
+  crashed = `llava-webgpu crashed (a bug, please report it): ${panic}; the model must be reloaded (LlavaModel.load)`;
+  self.postMessage({ kind: 'crashed', message: crashed });
+}
+
+// The trap that follows the panic surfaces as an uncaught `unreachable` here; the page already
+// has the message above.
+for (const type of ['error', 'unhandledrejection']) {
+  self.addEventListener(type, (event) => {
+    if (crashed) event.preventDefault();
+  });
+}
 
 /** The worker half of pkg/index.js's image conversion: Blobs are read here, off the page. */
 async function imageSource(source) {
@@ -61,9 +80,9 @@ const ops = {
     entry.chats.add(handle);
     return { handle };
   },
-  async send({ chat, image, text, params }, emit) {
+  async send({ chat, image, text, params, cancelled }, emit) {
     const entry = lookup(chats, chat, 'chat');
-    entry.cancelled = false;
+    entry.cancelled = Boolean(cancelled);
     const source = image == null ? null : await imageSource(image);
     // Each decode step awaits a GPU readback, so a 'cancel' message is handled between tokens.
     return entry.chat.send(source, text ?? '', params ?? {}, (token) => {
@@ -85,6 +104,14 @@ const ops = {
     models.get(entry.model)?.chats.delete(chat);
     entry.chat.free();
   },
+  // Test hook of device loss (tests/browser/panic.test.js).
+  async testLoseDevice({ model }) {
+    lookup(models, model, 'model').model.__testLoseDevice();
+  },
+  // Test hook of the panic path (tests/browser/panic.test.js).
+  async testPanic({ message }) {
+    await wasm.__testPanic(String(message));
+  },
   async disposeModel({ model }) {
     const entry = models.get(model);
     if (!entry) return;
@@ -100,12 +127,16 @@ const ops = {
 self.onmessage = async ({ data }) => {
   const { id, op, args, wasmUrl } = data;
   try {
-    ready ??= init(wasmUrl ? { module_or_path: wasmUrl } : undefined);
+    ready ??= init(wasmUrl ? { module_or_path: wasmUrl } : undefined).then(() => wasm.setPanicHandler(onPanic));
     await ready;
+    if (crashed) throw new Error(crashed);
     if (!Object.hasOwn(ops, op)) throw new Error(`unknown worker operation "${op}"`);
     const value = await ops[op](args ?? {}, (event) => self.postMessage({ id, kind: 'event', value: event }));
     self.postMessage({ id, kind: 'result', value }, transferables(value));
   } catch (e) {
-    self.postMessage({ id, kind: 'error', message: e instanceof Error ? e.message : String(e) });
+    // A panic in a synchronous call traps right after the handler ran: report the panic, not
+    // the trap's `unreachable`.
+    const message = crashed ?? (e instanceof Error ? e.message : String(e));
+    self.postMessage({ id, kind: 'error', message });
   }
 };

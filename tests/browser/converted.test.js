@@ -3,7 +3,8 @@
 // and a text-only greedy answer equals the native CLI's on the same converted folder token for
 // token. A corrupted shard fails the load with an Error naming the file and the checksum. A folder
 // with the SentencePiece tokenizer.model instead of tokenizer.json (as the original LLaVA
-// checkpoints ship it) is converted in the page as natively.
+// checkpoints ship it) is converted in the page as natively. A config.json edited after the
+// conversion fails the load with an Error naming the file and its hash in the manifest.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -17,6 +18,7 @@ const SOURCE = 'tests/fixtures/models/mistral-tiny';
 const CONVERTED = 'target/browser-fixtures/mistral-tiny-q8';
 const CORRUPT = 'target/browser-fixtures/mistral-tiny-q8-corrupt';
 const SENTENCEPIECE = 'target/browser-fixtures/mistral-tiny-q8-sentencepiece';
+const TAMPERED = 'target/browser-fixtures/mistral-tiny-q8-tampered-config';
 // Mistral-7B v0.1's tokenizer.model: the tokenizer of mistral-tiny's tokenizer.json.
 const TOKENIZER_MODEL = 'tests/fixtures/sentencepiece/mistral-7b-v0.1/tokenizer.model';
 const PROMPT = 'What is the capital of France?';
@@ -37,6 +39,9 @@ before(async () => {
   fs.copyFileSync(path.join(repoRoot, TOKENIZER_MODEL), path.join(repoRoot, SENTENCEPIECE, 'tokenizer.model'));
   sentencepiece.files = sentencepiece.files.map((f) => (f === 'tokenizer.json' ? 'tokenizer.model' : f));
   fs.writeFileSync(path.join(repoRoot, SENTENCEPIECE, 'manifest.json'), JSON.stringify(sentencepiece));
+  convert(SOURCE, TAMPERED, 'q8');
+  const config = path.join(repoRoot, TAMPERED, 'config.json');
+  fs.writeFileSync(config, fs.readFileSync(config, 'utf8').replace('"rms_norm_eps": 1e-05', '"rms_norm_eps": 1e-06'));
   browser = await openBrowser();
   browser.page.setDefaultTimeout(SLOW);
   await browser.page.goto(`${browser.url}web/index.html`);
@@ -92,6 +97,23 @@ test('a corrupted shard is an Error naming the file and its SHA-256', { timeout:
   assert.equal(error?.isError, true);
   assert.ok(error.message.includes(corrupt.shards[1].file), error.message);
   assert.ok(error.message.includes(`SHA-256`) && error.message.includes(corrupt.shards[1].sha256), error.message);
+});
+
+test('a config.json changed after the conversion is an Error naming the file and its SHA-256', async () => {
+  const tampered = JSON.parse(fs.readFileSync(path.join(repoRoot, TAMPERED, 'manifest.json'), 'utf8'));
+  assert.ok(tampered.file_sha256['config.json'], 'the manifest hashes config.json');
+  const error = await browser.page.evaluate(async (url) => {
+    const { LlavaModel } = await import('/pkg/index.js');
+    try {
+      await LlavaModel.load(url, {});
+      return null;
+    } catch (e) {
+      return { isError: e instanceof Error, message: e.message };
+    }
+  }, `/${TAMPERED}/manifest.json`);
+  assert.equal(error?.isError, true);
+  assert.ok(error.message.includes(`/${TAMPERED}/config.json: SHA-256 `), error.message);
+  assert.ok(error.message.includes(`manifest.json's ${tampered.file_sha256['config.json']}`), error.message);
 });
 
 test('a folder with tokenizer.model and no tokenizer.json answers like the native CLI', { timeout: SLOW }, async () => {

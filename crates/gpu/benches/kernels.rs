@@ -317,7 +317,7 @@ fn main() -> Result<()> {
     let gpu = Gpu::new_blocking()?;
     // The same adapter without shader-f16, for the f32 rows beside the f16 ones.
     let plain = if gpu.has_f16() {
-        Some(Gpu::with_options_blocking(GpuOptions { f16: false })?)
+        Some(Gpu::with_options_blocking(GpuOptions { f16: false, ..Default::default() })?)
     } else {
         None
     };

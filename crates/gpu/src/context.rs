@@ -22,11 +22,14 @@ pub struct GpuOptions {
     /// `enable f16;` variants. With `false` the device lacks the feature, as in browsers without
     /// `shader-f16`, and every kernel takes its f32 path.
     pub f16: bool,
+    /// Opens the device with `max_buffer_size` and `max_storage_buffer_binding_size` at most this
+    /// many bytes (`None`: the adapter's own limits), as a smaller GPU would have them.
+    pub max_buffer_bytes: Option<u64>,
 }
 
 impl Default for GpuOptions {
     fn default() -> Self {
-        GpuOptions { f16: true }
+        GpuOptions { f16: true, max_buffer_bytes: None }
     }
 }
 
@@ -38,7 +41,7 @@ impl GpuOptions {
         let no_f16 = std::env::var("LLAVA_NO_F16").is_ok_and(|v| v == "1");
         #[cfg(target_arch = "wasm32")]
         let no_f16 = false;
-        GpuOptions { f16: !no_f16 }
+        GpuOptions { f16: !no_f16, ..Default::default() }
     }
 }
 
@@ -97,7 +100,11 @@ impl Gpu {
             wanted |= wgpu::Features::SHADER_F16;
         }
         let required_features = offered & wanted;
-        let limits = adapter.limits();
+        let mut limits = adapter.limits();
+        if let Some(cap) = options.max_buffer_bytes {
+            limits.max_buffer_size = limits.max_buffer_size.min(cap);
+            limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(cap);
+        }
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("llava"),
@@ -121,11 +128,15 @@ impl Gpu {
             slot.lock().unwrap().get_or_insert(e);
         }));
         let slot = error.clone();
+        // Every later check, wait and readback reports the loss (a destroyed device too: on the
+        // web the browser may destroy it, and a device dropped with its `Gpu` is never checked).
         device.set_device_lost_callback(move |reason, message| {
-            // Dropping the device on purpose also "loses" it; that is no error.
-            if reason != wgpu::DeviceLostReason::Destroyed {
-                *slot.lock().unwrap() = Some(GpuError::DeviceLost(format!("{reason:?}: {message}")));
-            }
+            let what = match reason {
+                wgpu::DeviceLostReason::Destroyed => "it was destroyed",
+                wgpu::DeviceLostReason::Unknown => "unknown reason",
+            };
+            let lost = if message.is_empty() { what.to_string() } else { format!("{what}: {message}") };
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(GpuError::DeviceLost(lost));
         });
 
         Ok(Gpu {
@@ -224,15 +235,25 @@ impl Gpu {
     /// Returns (and clears) the first validation error, out-of-memory or device loss that wgpu
     /// reported since the last call.
     pub fn check(&self) -> Result<()> {
-        match self.error.lock().unwrap().take() {
-            Some(e @ GpuError::DeviceLost(_)) => {
+        // One guard for the whole match: locking again inside it would deadlock.
+        let mut slot = self.error.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.take() {
+            Some(GpuError::DeviceLost(lost)) => {
                 // A lost device stays lost: keep reporting it.
-                let msg = e.to_string();
-                *self.error.lock().unwrap() = Some(GpuError::DeviceLost(msg));
-                Err(e)
+                *slot = Some(GpuError::DeviceLost(lost.clone()));
+                Err(GpuError::DeviceLost(lost))
             }
             Some(e) => Err(e),
             None => Ok(()),
+        }
+    }
+
+    /// The device loss, if the device was lost (it stays lost; other errors are left for
+    /// [`Gpu::check`]).
+    pub fn check_lost(&self) -> Result<()> {
+        match &*self.error.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(GpuError::DeviceLost(lost)) => Err(GpuError::DeviceLost(lost.clone())),
+            _ => Ok(()),
         }
     }
 
@@ -261,8 +282,10 @@ impl Gpu {
 
     pub(crate) fn create_buffer(&self, size: u64, usage: wgpu::BufferUsages) -> Result<wgpu::Buffer> {
         if size > self.limits.max_buffer_size {
-            return Err(GpuError::TooLarge { bytes: size, limit: self.limits.max_buffer_size, what: "buffer" });
+            return Err(GpuError::TooLarge { bytes: size, limit: self.limits.max_buffer_size, what: "max_buffer_size" });
         }
+        // A lost device makes invalid buffers without a word: say why here.
+        self.check_lost()?;
         self.counters.add(&self.counters.buffers, 1);
         Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
             label: None,
@@ -464,7 +487,7 @@ impl<'g> Batch<'g> {
                 return Err(GpuError::TooLarge {
                     bytes: b.size,
                     limit: self.gpu.max_binding(),
-                    what: "storage binding",
+                    what: "max_storage_buffer_binding_size",
                 });
             }
         }

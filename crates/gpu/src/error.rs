@@ -19,7 +19,8 @@ pub enum GpuError {
     Shape { op: &'static str, msg: String },
     #[error("{op} does not support {what}")]
     Unsupported { op: &'static str, what: String },
-    #[error("tensor of {bytes} bytes exceeds the adapter's limit of {limit} bytes per {what}")]
+    /// `what`: the WebGPU limit exceeded.
+    #[error("a GPU buffer of {bytes} bytes exceeds this GPU's {what} of {limit} bytes")]
     TooLarge { bytes: u64, limit: u64, what: &'static str },
 }
 

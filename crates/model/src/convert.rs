@@ -20,7 +20,7 @@ use crate::config::LlavaConfig;
 use crate::error::{ModelError, Result};
 use crate::manifest::{
     FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, Manifest, QWEIGHT_SUFFIX, QuantScheme,
-    SCALES_SUFFIX, ShardEntry, Storage, hex, precision_name,
+    SCALES_SUFFIX, ShardEntry, Storage, hex, precision_name, sha256_hex,
 };
 use crate::weights::{KeepOptions, WeightPrecision, storage_dtype_keeping};
 
@@ -434,6 +434,7 @@ pub fn convert(
         format: FORMAT_NAME.into(),
         version: FORMAT_VERSION,
         config,
+        file_sha256: files_sha256(output, &files)?,
         files,
         quant: QuantScheme {
             precision: precision_name(precision).into(),
@@ -449,6 +450,18 @@ pub fn convert(
         manifest,
         summary: plan.summary(),
     })
+}
+
+/// The SHA-256 of each copied file, as written to `output`.
+fn files_sha256(output: &Path, files: &[String]) -> Result<BTreeMap<String, String>> {
+    files
+        .iter()
+        .map(|name| {
+            let path = output.join(name);
+            let bytes = std::fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
+            Ok((name.clone(), sha256_hex(&bytes)))
+        })
+        .collect()
 }
 
 /// Removes what an earlier conversion in `output` would leave mixed into this one: its manifest

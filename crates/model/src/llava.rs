@@ -19,7 +19,7 @@ use crate::loader::{Progress, Stage, WeightLoader};
 use crate::manifest::{MANIFEST_FILE, Manifest};
 use crate::language::LanguageModel;
 use crate::projector::Projector;
-use crate::source::{self, DirSource, Layout, LayoutHint, ModelSource, read_text};
+use crate::source::{self, DirSource, HashedSource, Layout, LayoutHint, ModelSource, read_text};
 use crate::text::{
     BuiltinTemplate, ChatTemplate, Message, SENTENCEPIECE_FILE, TEMPLATE_JINJA_FILE, TEMPLATE_JSON_FILE,
     TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, TemplateFiles, Tokenizer,
@@ -287,7 +287,8 @@ impl Llava {
                     ModelError::Input(msg) => ModelError::Input(format!("{location}: {msg}")),
                     other => other,
                 })?;
-                let files = ModelFiles::read(source, Some(&manifest)).await?;
+                // The small files are checked against the manifest's hashes as they are read.
+                let files = ModelFiles::read(&HashedSource::new(source, &manifest), Some(&manifest)).await?;
                 let shards: Vec<String> = manifest.shards.iter().map(|s| s.file.clone()).collect();
                 (files, WeightLoader::converted(&gpu, manifest, &location), shards, None)
             }

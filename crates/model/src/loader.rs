@@ -649,6 +649,22 @@ impl ShardSink for Uploads<'_> {
     }
 
     fn tensor(&mut self, entry: SafetensorsEntry, bytes: Cow<'_, [u8]>) -> Result<()> {
+        let name = entry.name.clone();
+        self.upload(entry, bytes).map_err(|e| self.upload_failed(&name, e))
+    }
+}
+
+impl Uploads<'_> {
+    /// A GPU error while uploading tensor `name` (too large for this GPU, out of memory, device
+    /// lost), with the file and tensor it happened at.
+    fn upload_failed(&self, name: &str, e: ModelError) -> ModelError {
+        match e {
+            ModelError::Gpu(e) => self.fail(format!("tensor {name}: {e}")),
+            other => other,
+        }
+    }
+
+    fn upload(&mut self, entry: SafetensorsEntry, bytes: Cow<'_, [u8]>) -> Result<()> {
         let role = self
             .roles
             .remove(&entry.name)

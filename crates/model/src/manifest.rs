@@ -31,6 +31,10 @@ pub struct Manifest {
     pub config: Value,
     /// The small files copied alongside (tokenizer, templates, processor and generation configs).
     pub files: Vec<String>,
+    /// Lowercase hex SHA-256 of each of `files`, by name (absent from manifests written before
+    /// it was added, whose small files are read unchecked).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub file_sha256: BTreeMap<String, String>,
     pub quant: QuantScheme,
     pub shards: Vec<ShardEntry>,
 }
@@ -224,6 +228,22 @@ impl Manifest {
             )));
         }
         Ok(())
+    }
+
+    /// Checks the contents of the small file `name` against its hash in the manifest (none:
+    /// nothing to check).
+    pub fn check_file(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        match self.file_sha256.get(name) {
+            Some(want) if !sha256_hex(bytes).eq_ignore_ascii_case(want) => Err(ModelError::config(
+                name,
+                format!(
+                    "SHA-256 {} does not match the {MANIFEST_FILE}'s {want}: the file was changed after \
+                     the conversion (restore it or convert the model again)",
+                    sha256_hex(bytes)
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 
     pub fn total_bytes(&self) -> u64 {

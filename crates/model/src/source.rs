@@ -58,6 +58,52 @@ pub trait ModelSource {
     async fn open_shard(&self, file: &str) -> Result<Self::Shard>;
 }
 
+/// A converted folder's source whose small files are checked against the manifest's hashes as
+/// they are read ([`Manifest::check_file`]); shards are checked by the weight loader.
+pub struct HashedSource<'a, S> {
+    source: &'a S,
+    manifest: &'a Manifest,
+}
+
+impl<'a, S: ModelSource> HashedSource<'a, S> {
+    pub fn new(source: &'a S, manifest: &'a Manifest) -> HashedSource<'a, S> {
+        HashedSource { source, manifest }
+    }
+}
+
+impl<S: ModelSource> ModelSource for HashedSource<'_, S> {
+    type Shard = S::Shard;
+
+    fn locate(&self, file: &str) -> String {
+        self.source.locate(file)
+    }
+    fn location(&self) -> String {
+        self.source.location()
+    }
+    fn has(&self, file: &str) -> Option<bool> {
+        self.source.has(file)
+    }
+    fn list(&self) -> Option<Vec<String>> {
+        self.source.list()
+    }
+    fn size(&self, file: &str) -> Option<u64> {
+        self.source.size(file)
+    }
+    async fn read(&self, file: &str, optional: bool) -> Result<Option<Vec<u8>>> {
+        let bytes = self.source.read(file, optional).await?;
+        if let Some(bytes) = &bytes {
+            self.manifest.check_file(file, bytes).map_err(|e| match e {
+                ModelError::Config { msg, .. } => ModelError::config(self.source.locate(file), msg),
+                other => other,
+            })?;
+        }
+        Ok(bytes)
+    }
+    async fn open_shard(&self, file: &str) -> Result<Self::Shard> {
+        self.source.open_shard(file).await
+    }
+}
+
 /// One shard's bytes, chunk by chunk.
 #[allow(async_fn_in_trait)]
 pub trait ShardReader {

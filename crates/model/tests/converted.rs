@@ -12,6 +12,7 @@ use llava_model::llava::{Llava, LoadOptions};
 use llava_model::manifest::{MANIFEST_FILE, Manifest, Storage};
 use llava_model::weights::{KeepOptions, KeepPrecision, WeightPrecision};
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 mod common;
 use common::{expected, fixture, gpu, greedy_raw, load_image};
@@ -351,6 +352,34 @@ fn sha256_mismatch_is_reported() {
         &load_error(dir.path()),
         &[&shard.file, "SHA-256", &shard.sha256],
     );
+}
+
+/// The copied small files are hashed too: a config.json edited after the conversion is refused
+/// by name; a manifest written before the hashes existed loads as before, unchecked.
+#[test]
+fn a_small_file_changed_after_conversion_is_reported() {
+    let dir = converted_copy();
+    let manifest = Manifest::read(dir.path()).unwrap();
+    assert!(manifest.files.contains(&"config.json".to_string()));
+    assert_eq!(manifest.file_sha256.len(), manifest.files.len());
+    for name in &manifest.files {
+        let bytes = std::fs::read(dir.path().join(name)).unwrap();
+        assert_eq!(manifest.file_sha256[name], format!("{:x}", Sha256::digest(&bytes)), "{name}");
+    }
+    let path = dir.path().join("config.json");
+    let config = std::fs::read_to_string(&path).unwrap();
+    let tampered = config.replace("\"rms_norm_eps\": 1e-05", "\"rms_norm_eps\": 1e-06");
+    assert_ne!(tampered, config, "the edit must change the file");
+    std::fs::write(&path, tampered).unwrap();
+    let error = load_error(dir.path());
+    assert!(error.starts_with(&format!("{}: SHA-256 ", path.display())), "{error}");
+    assert_mentions(&error, &[&manifest.file_sha256["config.json"], "changed after the conversion"]);
+
+    // An older manifest, without `file_sha256`: the edited file is read as it is.
+    edit_manifest(dir.path(), |m| {
+        m.as_object_mut().unwrap().remove("file_sha256");
+    });
+    load(dir.path(), WeightPrecision::Native).unwrap();
 }
 
 #[test]

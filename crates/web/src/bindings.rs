@@ -1,15 +1,50 @@
 //! The wasm-bindgen exports. Every export returns `Result<_, JsError>` so that a failure reaches
-//! JavaScript as an `Error` with a message; a Rust panic (a bug) is logged to the console by
-//! `console_error_panic_hook` before the module traps.
+//! JavaScript as an `Error` with a message. A Rust panic (a bug) is logged to the console and
+//! handed to the handler of [`set_panic_handler`] before the module traps: wasm32 panics abort,
+//! so the instance is unusable afterwards, and a trap inside a future would otherwise leave its
+//! promise unsettled and reach JavaScript only as `unreachable`.
 
-use js_sys::{Float32Array, Object, Reflect, Uint8Array};
+use std::cell::RefCell;
+
+use js_sys::{Float32Array, Function, Object, Promise, Reflect, Uint8Array};
 use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::JsFuture;
 
 use crate::image_input::{ImageOptions, ImageSource};
 
+thread_local! {
+    static PANIC_HANDLER: RefCell<Option<Function>> = const { RefCell::new(None) };
+}
+
 #[wasm_bindgen(start)]
 fn start() {
-    console_error_panic_hook::set_once();
+    std::panic::set_hook(Box::new(|info| {
+        console_error_panic_hook::hook(info);
+        let message = JsValue::from_str(&info.to_string());
+        PANIC_HANDLER.with(|handler| {
+            if let Ok(handler) = handler.try_borrow()
+                && let Some(handler) = handler.as_ref()
+            {
+                let _ = handler.call1(&JsValue::NULL, &message);
+            }
+        });
+    }));
+}
+
+/// Registers `handler(message)`, called with the panic message (`panicked at file:line:col:
+/// ...`) when Rust code panics, just before the module traps. After that every call into the
+/// module is undefined: the caller must drop it and instantiate the wasm again.
+#[wasm_bindgen(js_name = setPanicHandler)]
+pub fn set_panic_handler(handler: Option<Function>) {
+    PANIC_HANDLER.with(|slot| *slot.borrow_mut() = handler);
+}
+
+/// For the tests of the panic path: panics with `message` inside a future (after yielding to the
+/// event loop once), where a panic during loading or generation happens.
+#[wasm_bindgen(js_name = __testPanic)]
+pub async fn test_panic(message: String) -> Result<(), JsError> {
+    let _ = JsFuture::from(Promise::resolve(&JsValue::UNDEFINED)).await;
+    panic!("{message}");
 }
 
 pub(crate) fn js_error(e: impl std::fmt::Display) -> JsError {

@@ -51,6 +51,25 @@ extern "C" {
     type StreamReader;
     #[wasm_bindgen(method)]
     fn read(this: &StreamReader) -> Promise;
+
+    #[wasm_bindgen(js_name = setTimeout)]
+    fn set_timeout(callback: &Function, ms: i32);
+}
+
+/// The error of a failed reply, naming a lost device as such: the browser rejects the pending
+/// buffer mappings of a destroyed device before it resolves `device.lost`, so a readback error
+/// waits a few event-loop turns for the loss to be reported.
+async fn reply_error(llava: &Llava, e: llava_model::ModelError) -> JsError {
+    if matches!(e, llava_model::ModelError::Gpu(llava_gpu::GpuError::Readback(_))) {
+        for _ in 0..5 {
+            let tick = Promise::new(&mut |resolve, _| set_timeout(&resolve, 0));
+            let _ = JsFuture::from(tick).await;
+            if let Err(lost) = llava.gpu().check_lost() {
+                return js_error(lost);
+            }
+        }
+    }
+    js_error(e)
 }
 
 /// Downloads through the global `fetch`, or through the caller's `fetch` option (a caching
@@ -312,6 +331,13 @@ impl Model {
         Ok(self.llava.tokenize_prompt(&prompt, None).map_err(js_error)?.0)
     }
 
+    /// For the tests of device loss: destroys this model's GPU device, as a browser does when
+    /// the GPU process crashes or the device is reclaimed.
+    #[wasm_bindgen(js_name = __testLoseDevice)]
+    pub fn test_lose_device(&self) {
+        self.llava.gpu().device().destroy();
+    }
+
     /// `{ vocabSize, context }`.
     pub fn info(&self) -> JsValue {
         let info = Object::new();
@@ -416,8 +442,11 @@ impl Chat {
                         .map(|r| r != JsValue::FALSE)
                         .unwrap_or(false)
                 })
-                .await
-                .map_err(js_error)?;
+                .await;
+            let reply = match reply {
+                Ok(reply) => reply,
+                Err(e) => return Err(reply_error(&llava, e).await.into()),
+            };
             let out = Object::new();
             set(&out, "text", reply.text.as_str());
             set(&out, "tokens", js_sys::Uint32Array::from(&reply.tokens[..]));
