@@ -58,11 +58,12 @@ extern "C" {
 
 /// The error of a failed reply, naming a lost device as such: the browser rejects the pending
 /// buffer mappings of a destroyed device before it resolves `device.lost`, so a readback error
-/// waits a few event-loop turns for the loss to be reported.
+/// waits up to two seconds (a busy machine takes more than a few event-loop turns) for the loss
+/// to be reported.
 async fn reply_error(llava: &Llava, e: llava_model::ModelError) -> JsError {
     if matches!(e, llava_model::ModelError::Gpu(llava_gpu::GpuError::Readback(_))) {
-        for _ in 0..5 {
-            let tick = Promise::new(&mut |resolve, _| set_timeout(&resolve, 0));
+        for _ in 0..100 {
+            let tick = Promise::new(&mut |resolve, _| set_timeout(&resolve, 20));
             let _ = JsFuture::from(tick).await;
             if let Err(lost) = llava.gpu().check_lost() {
                 return js_error(lost);
