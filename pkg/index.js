@@ -157,8 +157,8 @@ export class LlavaModel {
    * `onProgress({ stage, loaded, total, file, message })` reports downloaded bytes (stage
    * 'download'), a file loaded without the cache (stage 'warning', also a console warning) and
    * the built model (stage 'ready'); `quant`: 'f32' | 'f16' | 'q8' | 'q4' (default: the
-   * checkpoint's precision); `context`: KV-cache size in tokens; `kvCache`: 'f32' (default) or
-   * 'f16', what the KV cache stores; `cache` (default true): keep the
+   * checkpoint's precision); `context`: KV-cache size in tokens; `kvCache`: 'f16' or 'f32', what
+   * the KV cache stores (default 'f16' where the adapter has shader-f16, else 'f32'); `cache` (default true): keep the
    * downloaded files in the browser's Cache API storage for the next load; `imageCacheMB`
    * (default 256, 0: off): GPU memory for reusing the features of images already seen; `files`:
    * the folder's file names when the app knows them (then nothing the folder lacks is requested);

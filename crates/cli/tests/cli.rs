@@ -35,6 +35,9 @@ fn run_with_an_image_gives_transformers_greedy_tokens() {
         "--json",
         "--logits-out",
         logits.to_str().unwrap(),
+        // The f32 KV cache keeps logits within 1e-4 (the default is f16 where the GPU has shader-f16).
+        "--kv",
+        "f32",
     ]);
     let reply = json_stdout(&out);
     assert_eq!(reply["tokens"], case["greedy_tokens"]);

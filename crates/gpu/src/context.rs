@@ -227,6 +227,11 @@ impl Gpu {
         self.check()
     }
 
+    /// The alignment of a storage binding's offset (the scales of a quantized tensor start at it).
+    pub fn storage_align(&self) -> u64 {
+        self.limits.min_storage_buffer_offset_alignment.max(4) as u64
+    }
+
     /// Largest number of bytes one storage binding may cover.
     pub fn max_binding(&self) -> u64 {
         (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)

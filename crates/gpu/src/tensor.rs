@@ -52,6 +52,26 @@ impl DType {
             DType::Q4 => n / 2,
         }
     }
+
+    /// Bytes of the buffer a tensor of `shape` takes (a quantized matrix: its data, then its f16
+    /// group scales at an offset aligned to `scales_align`, as [`Tensor::from_quant`] places
+    /// them), or `None` when that overflows u64. A model's needs are checked with it before any
+    /// weight is read.
+    pub fn buffer_bytes(self, shape: &[usize], scales_align: u64) -> Option<u64> {
+        let numel = shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64))?;
+        let data = match self {
+            DType::F32 | DType::U32 => numel.checked_mul(4)?,
+            DType::F16 => numel.checked_mul(2)?,
+            DType::Q8 => numel,
+            DType::Q6 => numel.checked_mul(3)? / 4,
+            DType::Q4 => numel / 2,
+        };
+        if !self.is_quantized() {
+            return Some(data);
+        }
+        let scales = (numel / self.group_size() as u64).checked_mul(2)?;
+        data.checked_next_multiple_of(scales_align.max(1))?.checked_add(scales)
+    }
 }
 
 const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
@@ -306,7 +326,7 @@ fn write_padded(gpu: &Gpu, buffer: &wgpu::Buffer, offset: u64, bytes: &[u8]) {
 
 /// `bytes` rounded up to the storage-binding offset alignment.
 fn aligned(gpu: &Gpu, bytes: u64) -> u64 {
-    bytes.next_multiple_of(gpu.limits().min_storage_buffer_offset_alignment.max(4) as u64)
+    bytes.next_multiple_of(gpu.storage_align())
 }
 
 #[cfg(test)]
@@ -336,5 +356,22 @@ mod tests {
         let odd = Tensor::from_f16(&gpu, &[2, 3], &[half::f16::ZERO; 6]).unwrap();
         let msg = Tensor::copy_rows(&mut batch, &odd, 0, &odd, 1, 1).unwrap_err().to_string();
         assert!(msg.contains("not 4-byte aligned"), "{msg}");
+    }
+
+    /// The size a model's needs are checked with is the size an upload allocates.
+    #[test]
+    fn buffer_bytes_is_what_an_upload_allocates() {
+        let gpu = Gpu::new_blocking().expect("a wgpu adapter");
+        let (rows, cols) = (3, 192);
+        let values: Vec<f32> = (0..rows * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+        for dtype in [DType::Q8, DType::Q6, DType::Q4] {
+            let t = Tensor::from_quant(&gpu, &crate::quant::quantize(dtype, rows, cols, &values)).unwrap();
+            assert_eq!(dtype.buffer_bytes(&[rows, cols], gpu.storage_align()), Some(t.buffer.size()), "{dtype:?}");
+        }
+        for dtype in [DType::F32, DType::F16] {
+            let t = Tensor::empty(&gpu, &[rows, cols], dtype).unwrap();
+            assert_eq!(dtype.buffer_bytes(&[rows, cols], gpu.storage_align()), Some(t.buffer.size()), "{dtype:?}");
+        }
+        assert_eq!(DType::F16.buffer_bytes(&[usize::MAX, 3], 256), None);
     }
 }

@@ -11,6 +11,7 @@ use llava_gpu::{Batch, DType, Gpu, Plan, Readback, Tensor};
 
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
+use crate::needs;
 use crate::weights::Weights;
 
 pub(crate) struct DecoderLayer {
@@ -109,6 +110,8 @@ pub struct LanguageModel {
     /// `None` when tied to `embed_tokens`.
     lm_head: Option<Tensor>,
     cfg: TextConfig,
+    /// The most prompt tokens one prefill pass runs, when capped ([`needs::prefill_rows`]).
+    prefill_cap: Option<usize>,
 }
 
 impl LanguageModel {
@@ -120,6 +123,7 @@ impl LanguageModel {
             norm: w.take("model.norm.weight", &[d])?,
             lm_head: if tie_word_embeddings { None } else { Some(w.take("lm_head.weight", &[v, d])?) },
             cfg: cfg.clone(),
+            prefill_cap: None,
         })
     }
 
@@ -162,16 +166,39 @@ impl LanguageModel {
         self.final_norm(batch, &last)
     }
 
+    /// Caps the prompt tokens one prefill pass runs (`None`: as many as one storage binding
+    /// holds); a longer prompt runs in chunks, each attending to the cache the ones before wrote.
+    pub fn set_prefill_cap(&mut self, tokens: Option<usize>) {
+        self.prefill_cap = tokens;
+    }
+
     /// [`LanguageModel::forward`] before the final norm: the residual stream of the last token.
     pub fn forward_last(&self, batch: &mut Batch, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let t = x.shape()[0];
-        let pos = cache.len;
         if t == 0 {
             return Err(ModelError::Input("no tokens to run".into()));
         }
-        if pos + t > cache.capacity {
-            return Err(ModelError::ContextOverflow { needed: pos + t, capacity: cache.capacity });
+        if cache.len + t > cache.capacity {
+            return Err(ModelError::ContextOverflow { needed: cache.len + t, capacity: cache.capacity });
         }
+        let rows = needs::prefill_rows(&self.cfg, batch.gpu().max_binding(), self.prefill_cap);
+        if t <= rows {
+            return self.forward_rows(batch, x, cache);
+        }
+        let mut last = None;
+        for start in (0..t).step_by(rows) {
+            let count = rows.min(t - start);
+            let chunk = Tensor::empty(batch.gpu(), &[count, self.cfg.hidden_size], DType::F32)?;
+            Tensor::copy_rows(batch, x, start, &chunk, 0, count)?;
+            last = Some(self.forward_rows(batch, &chunk, cache)?);
+        }
+        Ok(last.expect("a prompt of at least one chunk"))
+    }
+
+    /// [`LanguageModel::forward_last`] of rows that one pass runs.
+    fn forward_rows(&self, batch: &mut Batch, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let t = x.shape()[0];
+        let pos = cache.len;
         let c = &self.cfg;
         let (hq, hkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let eps = c.rms_norm_eps as f32;

@@ -11,6 +11,7 @@ pub mod language;
 pub mod llava;
 pub mod loader;
 pub mod manifest;
+pub mod needs;
 pub mod npy;
 pub mod projector;
 pub mod sentencepiece;

@@ -7,7 +7,7 @@ use llava_gpu::ops::embed::gather_rows;
 use llava_gpu::{Batch, DType, Gpu, Tensor};
 use llava_image::{ImageConfig, Rgb8};
 
-use crate::checkpoint::INDEX_FILE;
+use crate::checkpoint::{Dtype, INDEX_FILE};
 use crate::config::{
     CONFIG_FILE, GENERATION_FILE, GenerationConfig, LlavaConfig, PREPROCESSOR_FILE, PROCESSOR_FILE, PreprocessorConfig,
     TowerFile, vision_tower_folder,
@@ -17,6 +17,7 @@ use crate::generate::ChatSession;
 use crate::image_cache::{self, DEFAULT_IMAGE_CACHE_BYTES, ImageCache, ImageCacheStats};
 use crate::loader::{Progress, Stage, WeightLoader};
 use crate::manifest::{MANIFEST_FILE, Manifest};
+use crate::needs::{self, GpuLimits, WeightFormats};
 use crate::language::LanguageModel;
 use crate::projector::Projector;
 use crate::source::{self, DirSource, HashedSource, Layout, LayoutHint, ModelSource, read_text};
@@ -44,7 +45,8 @@ pub struct LoadOptions {
 
 /// The KV cache's element type. f16 halves its memory and the bytes a decode step reads from it
 /// (greedy tokens unchanged on every fixture, first-step logits cosine >= 0.9999 against f32:
-/// tests/kv_cache.rs); f32 keeps logits within 1e-4 of transformers'.
+/// tests/kv_cache.rs); f32 keeps logits within 1e-4 of transformers', and is what a loaded
+/// [`Llava`] starts with. The `llava` command and the JS package take [`KvPrecision::preferred`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KvPrecision {
     #[default]
@@ -53,6 +55,12 @@ pub enum KvPrecision {
 }
 
 impl KvPrecision {
+    /// f16 where the adapter has shader-f16 (the decode kernels' f16 variants read it as such),
+    /// f32 elsewhere: the entry points' default.
+    pub fn preferred(gpu: &Gpu) -> KvPrecision {
+        if gpu.features().shader_f16 { KvPrecision::F16 } else { KvPrecision::F32 }
+    }
+
     fn dtype(self) -> DType {
         match self {
             KvPrecision::F32 => DType::F32,
@@ -79,6 +87,8 @@ pub struct ModelFiles {
     pub template: ChatTemplate,
     pub image_config: ImageConfig,
     pub eos_ids: Vec<u32>,
+    /// The weights' dtype as `config.json` declares it (`torch_dtype` or `dtype`), if it does.
+    pub declared_dtype: Option<Dtype>,
 }
 
 impl ModelFiles {
@@ -175,6 +185,7 @@ impl ModelFiles {
             template,
             image_config: image_config(&config, preprocessor.as_ref(), [&config_file, &preprocessor_file])?,
             eos_ids: eos_ids(&config, generation.as_ref()),
+            declared_dtype: needs::declared_dtype(&config_text),
             config,
         })
     }
@@ -218,6 +229,27 @@ pub(crate) fn image_config(config: &LlavaConfig, pre: Option<&PreprocessorConfig
     };
     image_config.validate().map_err(|e| ModelError::config(pinpoints_file, e.to_string()))?;
     Ok(image_config)
+}
+
+/// The KV cache's capacity: as asked, within the model's limits. By default
+/// [`DEFAULT_CONTEXT`], or less where the GPU's limits hold less (an asked-for context that does
+/// not fit is refused by [`check_fits`]).
+fn context_for(gpu: &Gpu, config: &LlavaConfig, options: &LoadOptions) -> usize {
+    let mut limit = config.text.max_position_embeddings;
+    if let Some(window) = config.text.sliding_window {
+        // Past its window Mistral attends to a sliding span; contexts stay within it.
+        limit = limit.min(window);
+    }
+    let fits = needs::max_context(&config.text, DType::F16, GpuLimits::of(gpu));
+    options.context.unwrap_or(DEFAULT_CONTEXT.min(fits)).min(limit)
+}
+
+/// Refuses, before any weight is read, a model that this GPU's limits cannot hold ([`needs`]);
+/// the KV cache is checked at its smallest (f16), as the precision is chosen after loading.
+fn check_fits(gpu: &Gpu, files: &ModelFiles, formats: WeightFormats<'_>, options: &LoadOptions, location: &str) -> Result<()> {
+    let context = context_for(gpu, &files.config, options);
+    let limits = GpuLimits::of(gpu);
+    needs::check(&files.config, &files.image_config, formats, context, DType::F16, limits, location)
 }
 
 fn eos_ids(config: &LlavaConfig, generation: Option<&GenerationConfig>) -> Vec<u32> {
@@ -289,6 +321,7 @@ impl Llava {
                 })?;
                 // The small files are checked against the manifest's hashes as they are read.
                 let files = ModelFiles::read(&HashedSource::new(source, &manifest), Some(&manifest)).await?;
+                check_fits(&gpu, &files, WeightFormats::Converted(&manifest.quant.tensors), options, &location)?;
                 let shards: Vec<String> = manifest.shards.iter().map(|s| s.file.clone()).collect();
                 (files, WeightLoader::converted(&gpu, manifest, &location), shards, None)
             }
@@ -297,6 +330,8 @@ impl Llava {
                 if shards.is_empty() {
                     return Err(source::no_shards(source));
                 }
+                let stored = files.declared_dtype.unwrap_or(Dtype::F16);
+                check_fits(&gpu, &files, WeightFormats::Checkpoint { stored, precision: options.precision }, options, &location)?;
                 let loader = WeightLoader::checkpoint(&gpu, options.precision, &location, bytes_total.unwrap_or(0));
                 (files, loader, shards, index)
             }
@@ -322,12 +357,7 @@ impl Llava {
         let projector =
             Projector::load(w, config.vision.hidden_size, config.text.hidden_size, config.projector_hidden_act)?;
         let language = LanguageModel::load(w, &gpu, &config.text, config.tie_word_embeddings)?;
-        let mut limit = config.text.max_position_embeddings;
-        if let Some(window) = config.text.sliding_window {
-            // Past its window Mistral attends to a sliding span; contexts stay within it.
-            limit = limit.min(window);
-        }
-        let context = options.context.unwrap_or(DEFAULT_CONTEXT).min(limit);
+        let context = context_for(&gpu, config, options);
         gpu.check()?;
         let image_cache = ImageCache::new(DEFAULT_IMAGE_CACHE_BYTES);
         let kv_cache = KvPrecision::default();
@@ -370,7 +400,18 @@ impl Llava {
 
     /// A new conversation with its own KV cache.
     pub fn chat(&self, system: Option<String>) -> Result<ChatSession> {
-        Ok(ChatSession::new(system, self.language.new_cache(&self.gpu, self.context, self.kv_cache.dtype())?))
+        let dtype = self.kv_cache.dtype();
+        let fits = needs::max_context(&self.config().text, dtype, GpuLimits::of(&self.gpu));
+        if self.context > fits {
+            return Err(ModelError::Input(format!(
+                "a {dtype:?} KV cache of {} tokens does not fit this GPU's max_storage_buffer_binding_size of {} bytes \
+                 per layer: load the model with a context of at most {fits} tokens{}",
+                self.context,
+                self.gpu.max_binding(),
+                if dtype == DType::F16 { "" } else { ", or use an f16 KV cache" }
+            )));
+        }
+        Ok(ChatSession::new(system, self.language.new_cache(&self.gpu, self.context, dtype)?))
     }
 
     /// The prompt for a conversation, from the checkpoint's chat template.
@@ -453,6 +494,12 @@ impl Llava {
         let encoded = self.encode_image(image).await?;
         self.image_cache.insert(key, encoded.clone());
         Ok((encoded, false))
+    }
+
+    /// Runs prompts at most `tokens` at a time (`None`: as many as one GPU storage binding
+    /// holds), bounding the prefill's activation memory; the answer stays the same.
+    pub fn set_prefill_chunk(&mut self, tokens: Option<usize>) {
+        self.language.set_prefill_cap(tokens);
     }
 
     /// Bounds the GPU memory of the cached image features ([`DEFAULT_IMAGE_CACHE_BYTES`] unless

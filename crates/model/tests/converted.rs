@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 mod common;
-use common::{expected, fixture, gpu, greedy_raw, load_image};
+use common::{expected, fixture, gpu, greedy_raw, load_image, mistral_7b_config};
 
 /// 16 greedy tokens and first-step logits of the fixture's text-only raw-prompt case, or of its
 /// first case (with its image) when it has none.
@@ -166,45 +166,6 @@ fn tensors_from_config_match_the_fixture_checkpoints() {
         stored.sort();
         assert_eq!(from_config, stored, "{model}");
     }
-}
-
-/// llava-hf/llava-v1.6-mistral-7b-hf's config (the fields that set the shapes).
-fn mistral_7b_config() -> LlavaConfig {
-    let config = json!({
-        "architectures": ["LlavaNextForConditionalGeneration"],
-        "model_type": "llava_next",
-        "image_token_index": 32000,
-        "projector_hidden_act": "gelu",
-        "vision_feature_layer": -2,
-        "vision_feature_select_strategy": "default",
-        "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
-        "tie_word_embeddings": false,
-        "text_config": {
-            "model_type": "mistral",
-            "hidden_size": 4096,
-            "intermediate_size": 14336,
-            "num_hidden_layers": 32,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 8,
-            "max_position_embeddings": 32768,
-            "rms_norm_eps": 1e-5,
-            "rope_theta": 1000000.0,
-            "vocab_size": 32064,
-            "sliding_window": null
-        },
-        "vision_config": {
-            "model_type": "clip_vision_model",
-            "hidden_size": 1024,
-            "intermediate_size": 4096,
-            "num_hidden_layers": 24,
-            "num_attention_heads": 16,
-            "image_size": 336,
-            "patch_size": 14,
-            "projection_dim": 768,
-            "vocab_size": 32000
-        }
-    });
-    LlavaConfig::from_json(&config.to_string()).unwrap()
 }
 
 #[test]

@@ -284,8 +284,9 @@ pub async fn load_model(
     let settings: LoadSettings = from_js(&options, "load options")?;
     let precision = precision(settings.quant.as_deref())?;
     let kv_cache = match settings.kv_cache.as_deref() {
-        None | Some("f32") => KvPrecision::F32,
-        Some("f16") => KvPrecision::F16,
+        None => None,
+        Some("f32") => Some(KvPrecision::F32),
+        Some("f16") => Some(KvPrecision::F16),
         Some(other) => return Err(JsError::new(&format!("unknown kvCache \"{other}\": use f32 or f16"))),
     };
     let (base, hint) = match base_url.strip_suffix(MANIFEST_FILE) {
@@ -304,7 +305,7 @@ pub async fn load_model(
     let mut llava = Llava::load(gpu, &source, hint, &options, &mut |p| report(on_progress, p))
         .await
         .map_err(js_error)?;
-    llava.set_kv_cache(kv_cache);
+    llava.set_kv_cache(kv_cache.unwrap_or_else(|| KvPrecision::preferred(llava.gpu())));
     if let Some(mb) = settings.image_cache_mb {
         llava.set_image_cache_limit(mb.saturating_mul(1 << 20));
     }
