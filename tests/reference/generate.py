@@ -1254,7 +1254,7 @@ def fake_quantize(values: np.ndarray, kind: str) -> np.ndarray:
 
 
 def quantized_kind(canonical: str, shape, precision: str):
-    """The runtime's default storage (crates/model/src/weights.rs, storage_dtype_keeping). Under q4:
+    """The runtime's default storage (crates/model/src/files/weights.rs, storage_dtype_keeping). Under q4:
     the language model's attention value/output matrices and token embeddings Q6, its other linear
     layers Q4, the lm_head, vision tower and projector Q8; a matrix whose rows do not split into
     its kind's groups falls back to Q8. Under q8 every quantizable matrix is Q8. None: kept in

@@ -11,11 +11,11 @@ use clap::{Args, ValueEnum};
 use llava_gpu::ops::decode::Sampling;
 use llava_gpu::ops::reduce::argmax;
 use llava_gpu::{Counters, Gpu, Tensor, probe, random};
-use llava_model::config::{Activation, TextArch, TextConfig, VisionConfig};
-use llava_model::language::{KvCache, LanguageModel};
-use llava_model::projector::Projector;
-use llava_model::vision::VisionTower;
-use llava_model::weights::{WeightPrecision, Weights};
+use llava_model::files::config::{Activation, TextArch, TextConfig, VisionConfig};
+use llava_model::files::weights::{WeightPrecision, Weights};
+use llava_model::net::language::{KvCache, LanguageModel};
+use llava_model::net::projector::Projector;
+use llava_model::net::vision::VisionTower;
 use web_time::Instant;
 
 use crate::CliResult;
@@ -93,7 +93,11 @@ fn text_config(shape: Shape) -> TextConfig {
         Shape::Tiny => (64, 128, 2, 4, 2, 1e6),
     };
     TextConfig {
-        arch: if matches!(shape, Shape::Mistral7b | Shape::Tiny) { TextArch::Mistral } else { TextArch::Llama },
+        arch: if matches!(shape, Shape::Mistral7b | Shape::Tiny) {
+            TextArch::Mistral
+        } else {
+            TextArch::Llama
+        },
         hidden_size: hidden,
         intermediate_size: inter,
         num_hidden_layers: layers,
@@ -157,7 +161,12 @@ pub fn bench(args: BenchArgs) -> CliResult<()> {
     let (model, build_s) = timed(&gpu, || {
         let mut w = Weights::random(gpu.clone(), precision, 7);
         let vision = VisionTower::load(&mut w, &vision_cfg, -2)?;
-        let projector = Projector::load(&mut w, vision_cfg.hidden_size, text.hidden_size, Activation::Gelu)?;
+        let projector = Projector::load(
+            &mut w,
+            vision_cfg.hidden_size,
+            text.hidden_size,
+            Activation::Gelu,
+        )?;
         let language = LanguageModel::load(&mut w, &gpu, &text, false)?;
         Ok((vision, projector, language))
     })?;
@@ -179,7 +188,11 @@ pub fn bench(args: BenchArgs) -> CliResult<()> {
     let (_, vision_s) = timed(&gpu, &encode)?;
 
     // Prefill of the prompt, to the first token.
-    let x = Tensor::from_f32(&gpu, &[args.prompt_tokens, text.hidden_size], &random(args.prompt_tokens * text.hidden_size, 2))?;
+    let x = Tensor::from_f32(
+        &gpu,
+        &[args.prompt_tokens, text.hidden_size],
+        &random(args.prompt_tokens * text.hidden_size, 2),
+    )?;
     let kv_dtype = match args.kv {
         BenchKv::F32 => llava_gpu::DType::F32,
         BenchKv::F16 => llava_gpu::DType::F16,
@@ -200,7 +213,9 @@ pub fn bench(args: BenchArgs) -> CliResult<()> {
     let (_, prefill_first_s) = prefill()?;
     let (_, prefill_s) = prefill()?;
 
-    let plan = language.plan_decode(&gpu, &cache)?.ok_or("this geometry has no planned decode step")?;
+    let plan = language
+        .plan_decode(&gpu, &cache)?
+        .ok_or("this geometry has no planned decode step")?;
     let decode = |cache: &mut KvCache, sampling: Sampling| -> CliResult<Decode> {
         plan.set_sampling(&gpu, sampling, &[]);
         let mut batch = gpu.batch();
@@ -223,10 +238,20 @@ pub fn bench(args: BenchArgs) -> CliResult<()> {
             }
             Ok(())
         })?;
-        Ok(Decode { tokens_per_s: args.tokens as f64 / secs, counters: gpu.counters() - before, tokens: args.tokens })
+        Ok(Decode {
+            tokens_per_s: args.tokens as f64 / secs,
+            counters: gpu.counters() - before,
+            tokens: args.tokens,
+        })
     };
     let greedy = decode(&mut cache, Sampling::GREEDY)?;
-    let top_p = Sampling { temperature: 1.0, top_k: 40, top_p: 0.9, repetition_penalty: 1.1, seed: 1 };
+    let top_p = Sampling {
+        temperature: 1.0,
+        top_k: 40,
+        top_p: 0.9,
+        repetition_penalty: 1.1,
+        seed: 1,
+    };
     let sampled = decode(&mut cache, top_p)?;
 
     // The op-by-op step (what every token ran before the planned step), greedy.
@@ -244,15 +269,25 @@ pub fn bench(args: BenchArgs) -> CliResult<()> {
         }
         Ok(())
     })?;
-    let op_by_op = Decode { tokens_per_s: args.op_tokens as f64 / op_secs, counters: gpu.counters() - before, tokens: args.op_tokens };
+    let op_by_op = Decode {
+        tokens_per_s: args.op_tokens as f64 / op_secs,
+        counters: gpu.counters() - before,
+        tokens: args.op_tokens,
+    };
 
     // Probes last, on a GPU the stages above have brought to its working clocks.
-    let probe_bytes = if gpu.loop_budget().is_some() { 64 << 20 } else { 1 << 30 };
+    let probe_bytes = if gpu.loop_budget().is_some() {
+        64 << 20
+    } else {
+        1 << 30
+    };
     let copy_gb_s = probe::copy_bandwidth(&gpu, probe_bytes)? / 1e9;
     let read_gb_s = probe::read_bandwidth(&gpu, probe_bytes)? / 1e9;
 
     let weight_bytes = language.decode_weight_bytes();
-    let kv_bytes = kv_dtype.data_bytes(2 * text.num_hidden_layers * args.prompt_tokens * text.num_key_value_heads * text.head_dim);
+    let kv_bytes = kv_dtype.data_bytes(
+        2 * text.num_hidden_layers * args.prompt_tokens * text.num_key_value_heads * text.head_dim,
+    );
     let bytes_per_token = (weight_bytes + kv_bytes) as f64;
     // The decode step reads (its writes are a few KB): the read probe is its roofline.
     let roofline_tokens_per_s = read_gb_s * 1e9 / bytes_per_token;
@@ -314,29 +349,68 @@ fn print_table(r: &serde_json::Value) {
     println!("adapter: {}", r["adapter"].as_str().unwrap_or(""));
     println!(
         "model: {name}, {} layers ({} vision layers), {}, KV {}; weights read per token {:.1} MB, KV {:.1} MB at {} tokens",
-        r["layers"], r["vision_layers"], r["quant"].as_str().unwrap_or(""), r["kv"].as_str().unwrap_or(""),
-        f("weight_bytes_per_token") / 1e6, f("kv_bytes_per_token") / 1e6, r["prompt_tokens"]
+        r["layers"],
+        r["vision_layers"],
+        r["quant"].as_str().unwrap_or(""),
+        r["kv"].as_str().unwrap_or(""),
+        f("weight_bytes_per_token") / 1e6,
+        f("kv_bytes_per_token") / 1e6,
+        r["prompt_tokens"]
     );
     println!(
         "probes: read {:.1} GB/s (a kernel streaming 16-byte loads), copy {:.1} GB/s (read + written); decode roofline {:.1} tokens/s (bytes per token / read probe)",
-        f("read_gb_s"), f("copy_gb_s"), f("roofline_tokens_per_s")
+        f("read_gb_s"),
+        f("copy_gb_s"),
+        f("roofline_tokens_per_s")
     );
-    println!("vision tower, 5 tiles: {:.3} s (first run, compiling its pipelines: {:.3} s)", f("vision_5_tiles_s"), f("vision_first_run_s"));
+    println!(
+        "vision tower, 5 tiles: {:.3} s (first run, compiling its pipelines: {:.3} s)",
+        f("vision_5_tiles_s"),
+        f("vision_first_run_s")
+    );
     println!(
         "prefill {} tokens: {:.3} s ({:.1} tokens/s; first run {:.3} s); time to first token {:.3} s",
-        r["prompt_tokens"], f("prefill_s"), f("prefill_tokens_per_s"), f("prefill_first_run_s"), f("time_to_first_token_s")
+        r["prompt_tokens"],
+        f("prefill_s"),
+        f("prefill_tokens_per_s"),
+        f("prefill_first_run_s"),
+        f("time_to_first_token_s")
     );
     println!();
-    println!("{:<22} {:>9} {:>8} {:>9} {:>10} {:>7} {:>7} {:>8} {:>11} {:>10} {:>10}", "decode", "tokens/s", "ms/layer", "roofline%", "dispatches", "passes", "submits", "buffers", "bind groups", "B written", "B read");
-    for (label, key) in [("planned, greedy", "decode_greedy"), ("planned, sampled", "decode_sampled"), ("op by op (before)", "decode_op_by_op")] {
+    println!(
+        "{:<22} {:>9} {:>8} {:>9} {:>10} {:>7} {:>7} {:>8} {:>11} {:>10} {:>10}",
+        "decode",
+        "tokens/s",
+        "ms/layer",
+        "roofline%",
+        "dispatches",
+        "passes",
+        "submits",
+        "buffers",
+        "bind groups",
+        "B written",
+        "B read"
+    );
+    for (label, key) in [
+        ("planned, greedy", "decode_greedy"),
+        ("planned, sampled", "decode_sampled"),
+        ("op by op (before)", "decode_op_by_op"),
+    ] {
         let d = &r[key];
         let p = &d["per_token"];
         let g = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
         println!(
             "{label:<22} {:>9.2} {:>8.3} {:>9.1} {:>10.1} {:>7.1} {:>7.1} {:>8.1} {:>11.1} {:>10.0} {:>10.0}",
-            g(&d["tokens_per_s"]), g(&d["ms_per_layer"]), g(&d["roofline_percent"]), g(&p["dispatches"]), g(&p["passes"]),
-            g(&p["submits"]), g(&p["buffers_created"]), g(&p["bind_groups_created"]), g(&p["bytes_written"]), g(&p["bytes_read"])
+            g(&d["tokens_per_s"]),
+            g(&d["ms_per_layer"]),
+            g(&d["roofline_percent"]),
+            g(&p["dispatches"]),
+            g(&p["passes"]),
+            g(&p["submits"]),
+            g(&p["buffers_created"]),
+            g(&p["bind_groups_created"]),
+            g(&p["bytes_written"]),
+            g(&p["bytes_read"])
         );
     }
 }
-

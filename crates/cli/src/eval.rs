@@ -96,9 +96,15 @@ fn option_letter(i: usize) -> char {
 impl Question {
     fn prompt(&self, template: Option<&str>, choice_template: &str) -> String {
         if !self.choices.is_empty() {
-            let choices: Vec<String> =
-                self.choices.iter().enumerate().map(|(i, c)| format!("{}. {c}", option_letter(i))).collect();
-            return choice_template.replace("{question}", &self.text).replace("{choices}", &choices.join("\n"));
+            let choices: Vec<String> = self
+                .choices
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("{}. {c}", option_letter(i)))
+                .collect();
+            return choice_template
+                .replace("{question}", &self.text)
+                .replace("{choices}", &choices.join("\n"));
         }
         match (template, self.llava_layout) {
             (Some(t), _) => t.replace("{question}", &self.text),
@@ -121,7 +127,8 @@ impl Question {
 
 /// JSON Lines of `path` as (line number, object); blank lines are skipped.
 fn json_lines(path: &Path) -> CliResult<Vec<(usize, serde_json::Map<String, Value>)>> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
     let mut rows = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -129,7 +136,9 @@ fn json_lines(path: &Path) -> CliResult<Vec<(usize, serde_json::Map<String, Valu
         }
         match serde_json::from_str(line) {
             Ok(Value::Object(map)) => rows.push((i + 1, map)),
-            Ok(_) => return Err(format!("{} line {}: not a JSON object", path.display(), i + 1).into()),
+            Ok(_) => {
+                return Err(format!("{} line {}: not a JSON object", path.display(), i + 1).into());
+            }
             Err(e) => return Err(format!("{} line {}: {e}", path.display(), i + 1).into()),
         }
     }
@@ -140,7 +149,9 @@ fn json_lines(path: &Path) -> CliResult<Vec<(usize, serde_json::Map<String, Valu
 fn accepted(value: &Value) -> Option<Vec<String>> {
     match value {
         Value::String(s) => Some(vec![s.clone()]),
-        Value::Array(items) if !items.is_empty() => items.iter().map(|v| v.as_str().map(String::from)).collect(),
+        Value::Array(items) if !items.is_empty() => {
+            items.iter().map(|v| v.as_str().map(String::from)).collect()
+        }
         _ => None,
     }
 }
@@ -155,8 +166,14 @@ fn read_questions(args: &EvalArgs) -> CliResult<Vec<Question>> {
     if let Some(answers_path) = &args.answers {
         for (line, row) in json_lines(answers_path)? {
             let at = || format!("{} line {line}", answers_path.display());
-            let key = row.get("question_id").and_then(id_key).ok_or_else(|| format!("{}: no \"question_id\"", at()))?;
-            let answer = row.get("answer").ok_or_else(|| format!("{}: no \"answer\"", at()))?.clone();
+            let key = row
+                .get("question_id")
+                .and_then(id_key)
+                .ok_or_else(|| format!("{}: no \"question_id\"", at()))?;
+            let answer = row
+                .get("answer")
+                .ok_or_else(|| format!("{}: no \"answer\"", at()))?
+                .clone();
             answers.insert(key, answer);
         }
     }
@@ -164,15 +181,26 @@ fn read_questions(args: &EvalArgs) -> CliResult<Vec<Question>> {
     let mut seen = HashSet::new();
     for (line, row) in json_lines(path)? {
         let at = || format!("{} line {line}", path.display());
-        let id = row.get("question_id").or_else(|| row.get("id")).cloned().unwrap_or_else(|| json!(line));
-        let key = id_key(&id).ok_or_else(|| format!("{}: the question id must be a string or a number", at()))?;
+        let id = row
+            .get("question_id")
+            .or_else(|| row.get("id"))
+            .cloned()
+            .unwrap_or_else(|| json!(line));
+        let key = id_key(&id)
+            .ok_or_else(|| format!("{}: the question id must be a string or a number", at()))?;
         if !seen.insert(key.clone()) {
             return Err(format!("{}: question id {key} appears twice", at()).into());
         }
         let (text, llava_layout) = match (row.get("question"), row.get("text")) {
             (Some(Value::String(q)), _) => (q.clone(), false),
             (None, Some(Value::String(t))) => (t.clone(), true),
-            _ => return Err(format!("{}: needs \"question\" (or LLaVA's \"text\") as a string", at()).into()),
+            _ => {
+                return Err(format!(
+                    "{}: needs \"question\" (or LLaVA's \"text\") as a string",
+                    at()
+                )
+                .into());
+            }
         };
         let image = match row.get("image") {
             None | Some(Value::Null) => None,
@@ -186,14 +214,19 @@ fn read_questions(args: &EvalArgs) -> CliResult<Vec<Question>> {
                 .map(|v| v.as_str().map(String::from))
                 .collect::<Option<_>>()
                 .ok_or_else(|| format!("{}: \"choices\" must be strings", at()))?,
-            Some(_) => return Err(format!("{}: \"choices\" must be a list of 2 to 26 strings", at()).into()),
+            Some(_) => {
+                return Err(
+                    format!("{}: \"choices\" must be a list of 2 to 26 strings", at()).into(),
+                );
+            }
         };
         let answer = row.get("answer").or_else(|| answers.get(&key));
         let reference = match answer {
             None | Some(Value::Null) => None,
             Some(value) => {
-                let texts = accepted(value)
-                    .ok_or_else(|| format!("{}: \"answer\" must be a string or a list of strings", at()))?;
+                let texts = accepted(value).ok_or_else(|| {
+                    format!("{}: \"answer\" must be a string or a list of strings", at())
+                })?;
                 if choices.is_empty() {
                     Some(Reference::Accepted(texts))
                 } else {
@@ -204,7 +237,15 @@ fn read_questions(args: &EvalArgs) -> CliResult<Vec<Question>> {
                 }
             }
         };
-        questions.push(Question { id, key, image, text, llava_layout, choices, reference });
+        questions.push(Question {
+            id,
+            key,
+            image,
+            text,
+            llava_layout,
+            choices,
+            reference,
+        });
     }
     if questions.is_empty() {
         return Err(format!("{}: no questions", path.display()).into());
@@ -220,7 +261,9 @@ fn reference_option(answer: &str, choices: &[String]) -> Option<usize> {
         let i = (c as u8 - b'A') as usize;
         return (i < choices.len()).then_some(i);
     }
-    choices.iter().position(|c| normalize_vqa(c) == normalize_vqa(answer))
+    choices
+        .iter()
+        .position(|c| normalize_vqa(c) == normalize_vqa(answer))
 }
 
 /// The option an answer picks: a leading option letter ("B", "B.", "(B) cat", "B: cat"), or
@@ -240,8 +283,10 @@ pub fn chosen_option(prediction: &str, choices: &[String]) -> Option<usize> {
     choices.iter().position(|c| normalize_vqa(c) == predicted)
 }
 
-const PUNCTUATION: [char; 21] =
-    [';', '/', '[', ']', '"', '{', '}', '(', ')', '=', '+', '\\', '_', '-', '>', '<', '@', '`', ',', '?', '!'];
+const PUNCTUATION: [char; 21] = [
+    ';', '/', '[', ']', '"', '{', '}', '(', ')', '=', '+', '\\', '_', '-', '>', '<', '@', '`', ',',
+    '?', '!',
+];
 const NUMBER_WORDS: [(&str, &str); 12] = [
     ("none", "0"),
     ("zero", "0"),
@@ -260,35 +305,122 @@ const ARTICLES: [&str; 3] = ["a", "an", "the"];
 /// vqaEval.py's contractions (its keys with capitals, which never match the lowercased words,
 /// are left out; "somebody'd" -> "somebodyd" is its own quirk, kept).
 const CONTRACTIONS: [(&str, &str); 116] = [
-    ("aint", "ain't"), ("arent", "aren't"), ("cant", "can't"), ("couldve", "could've"), ("couldnt", "couldn't"),
-    ("couldn'tve", "couldn't've"), ("couldnt've", "couldn't've"), ("didnt", "didn't"), ("doesnt", "doesn't"),
-    ("dont", "don't"), ("hadnt", "hadn't"), ("hadnt've", "hadn't've"), ("hadn'tve", "hadn't've"),
-    ("hasnt", "hasn't"), ("havent", "haven't"), ("hed", "he'd"), ("hed've", "he'd've"), ("he'dve", "he'd've"),
-    ("hes", "he's"), ("howd", "how'd"), ("howll", "how'll"), ("hows", "how's"), ("isnt", "isn't"),
-    ("itd", "it'd"), ("itd've", "it'd've"), ("it'dve", "it'd've"), ("itll", "it'll"), ("let's", "let's"),
-    ("maam", "ma'am"), ("mightnt", "mightn't"), ("mightnt've", "mightn't've"), ("mightn'tve", "mightn't've"),
-    ("mightve", "might've"), ("mustnt", "mustn't"), ("mustve", "must've"), ("neednt", "needn't"),
-    ("notve", "not've"), ("oclock", "o'clock"), ("oughtnt", "oughtn't"), ("ow's'at", "'ow's'at"),
-    ("'ows'at", "'ow's'at"), ("'ow'sat", "'ow's'at"), ("shant", "shan't"), ("shed've", "she'd've"),
-    ("she'dve", "she'd've"), ("she's", "she's"), ("shouldve", "should've"), ("shouldnt", "shouldn't"),
-    ("shouldnt've", "shouldn't've"), ("shouldn'tve", "shouldn't've"), ("somebody'd", "somebodyd"),
-    ("somebodyd've", "somebody'd've"), ("somebody'dve", "somebody'd've"), ("somebodyll", "somebody'll"),
-    ("somebodys", "somebody's"), ("someoned", "someone'd"), ("someoned've", "someone'd've"),
-    ("someone'dve", "someone'd've"), ("someonell", "someone'll"), ("someones", "someone's"),
-    ("somethingd", "something'd"), ("somethingd've", "something'd've"), ("something'dve", "something'd've"),
-    ("somethingll", "something'll"), ("thats", "that's"), ("thered", "there'd"), ("thered've", "there'd've"),
-    ("there'dve", "there'd've"), ("therere", "there're"), ("theres", "there's"), ("theyd", "they'd"),
-    ("theyd've", "they'd've"), ("they'dve", "they'd've"), ("theyll", "they'll"), ("theyre", "they're"),
-    ("theyve", "they've"), ("twas", "'twas"), ("wasnt", "wasn't"), ("wed've", "we'd've"), ("we'dve", "we'd've"),
-    ("weve", "we've"), ("werent", "weren't"), ("whatll", "what'll"), ("whatre", "what're"), ("whats", "what's"),
-    ("whatve", "what've"), ("whens", "when's"), ("whered", "where'd"), ("wheres", "where's"),
-    ("whereve", "where've"), ("whod", "who'd"), ("whod've", "who'd've"), ("who'dve", "who'd've"),
-    ("wholl", "who'll"), ("whos", "who's"), ("whove", "who've"), ("whyll", "why'll"), ("whyre", "why're"),
-    ("whys", "why's"), ("wont", "won't"), ("wouldve", "would've"), ("wouldnt", "wouldn't"),
-    ("wouldnt've", "wouldn't've"), ("wouldn'tve", "wouldn't've"), ("yall", "y'all"), ("yall'll", "y'all'll"),
-    ("y'allll", "y'all'll"), ("yall'd've", "y'all'd've"), ("y'alld've", "y'all'd've"), ("y'all'dve", "y'all'd've"),
-    ("youd", "you'd"), ("youd've", "you'd've"), ("you'dve", "you'd've"), ("youll", "you'll"),
-    ("youre", "you're"), ("youve", "you've"),
+    ("aint", "ain't"),
+    ("arent", "aren't"),
+    ("cant", "can't"),
+    ("couldve", "could've"),
+    ("couldnt", "couldn't"),
+    ("couldn'tve", "couldn't've"),
+    ("couldnt've", "couldn't've"),
+    ("didnt", "didn't"),
+    ("doesnt", "doesn't"),
+    ("dont", "don't"),
+    ("hadnt", "hadn't"),
+    ("hadnt've", "hadn't've"),
+    ("hadn'tve", "hadn't've"),
+    ("hasnt", "hasn't"),
+    ("havent", "haven't"),
+    ("hed", "he'd"),
+    ("hed've", "he'd've"),
+    ("he'dve", "he'd've"),
+    ("hes", "he's"),
+    ("howd", "how'd"),
+    ("howll", "how'll"),
+    ("hows", "how's"),
+    ("isnt", "isn't"),
+    ("itd", "it'd"),
+    ("itd've", "it'd've"),
+    ("it'dve", "it'd've"),
+    ("itll", "it'll"),
+    ("let's", "let's"),
+    ("maam", "ma'am"),
+    ("mightnt", "mightn't"),
+    ("mightnt've", "mightn't've"),
+    ("mightn'tve", "mightn't've"),
+    ("mightve", "might've"),
+    ("mustnt", "mustn't"),
+    ("mustve", "must've"),
+    ("neednt", "needn't"),
+    ("notve", "not've"),
+    ("oclock", "o'clock"),
+    ("oughtnt", "oughtn't"),
+    ("ow's'at", "'ow's'at"),
+    ("'ows'at", "'ow's'at"),
+    ("'ow'sat", "'ow's'at"),
+    ("shant", "shan't"),
+    ("shed've", "she'd've"),
+    ("she'dve", "she'd've"),
+    ("she's", "she's"),
+    ("shouldve", "should've"),
+    ("shouldnt", "shouldn't"),
+    ("shouldnt've", "shouldn't've"),
+    ("shouldn'tve", "shouldn't've"),
+    ("somebody'd", "somebodyd"),
+    ("somebodyd've", "somebody'd've"),
+    ("somebody'dve", "somebody'd've"),
+    ("somebodyll", "somebody'll"),
+    ("somebodys", "somebody's"),
+    ("someoned", "someone'd"),
+    ("someoned've", "someone'd've"),
+    ("someone'dve", "someone'd've"),
+    ("someonell", "someone'll"),
+    ("someones", "someone's"),
+    ("somethingd", "something'd"),
+    ("somethingd've", "something'd've"),
+    ("something'dve", "something'd've"),
+    ("somethingll", "something'll"),
+    ("thats", "that's"),
+    ("thered", "there'd"),
+    ("thered've", "there'd've"),
+    ("there'dve", "there'd've"),
+    ("therere", "there're"),
+    ("theres", "there's"),
+    ("theyd", "they'd"),
+    ("theyd've", "they'd've"),
+    ("they'dve", "they'd've"),
+    ("theyll", "they'll"),
+    ("theyre", "they're"),
+    ("theyve", "they've"),
+    ("twas", "'twas"),
+    ("wasnt", "wasn't"),
+    ("wed've", "we'd've"),
+    ("we'dve", "we'd've"),
+    ("weve", "we've"),
+    ("werent", "weren't"),
+    ("whatll", "what'll"),
+    ("whatre", "what're"),
+    ("whats", "what's"),
+    ("whatve", "what've"),
+    ("whens", "when's"),
+    ("whered", "where'd"),
+    ("wheres", "where's"),
+    ("whereve", "where've"),
+    ("whod", "who'd"),
+    ("whod've", "who'd've"),
+    ("who'dve", "who'd've"),
+    ("wholl", "who'll"),
+    ("whos", "who's"),
+    ("whove", "who've"),
+    ("whyll", "why'll"),
+    ("whyre", "why're"),
+    ("whys", "why's"),
+    ("wont", "won't"),
+    ("wouldve", "would've"),
+    ("wouldnt", "wouldn't"),
+    ("wouldnt've", "wouldn't've"),
+    ("wouldn'tve", "wouldn't've"),
+    ("yall", "y'all"),
+    ("yall'll", "y'all'll"),
+    ("y'allll", "y'all'll"),
+    ("yall'd've", "y'all'd've"),
+    ("y'alld've", "y'all'd've"),
+    ("y'all'dve", "y'all'd've"),
+    ("youd", "you'd"),
+    ("youd've", "you'd've"),
+    ("you'dve", "you'd've"),
+    ("youll", "you'll"),
+    ("youre", "you're"),
+    ("youve", "you've"),
 ];
 
 /// vqaEval.py's answer normalization: newlines and tabs to spaces, punctuation removed (glued
@@ -300,7 +432,9 @@ pub fn normalize_vqa(answer: &str) -> String {
     let text = text.trim();
     let chars: Vec<char> = text.chars().collect();
     // Python's \d; `is_numeric` is its near superset (it also takes other numeric characters).
-    let digit_comma_digit = chars.windows(3).any(|w| w[0].is_numeric() && w[1] == ',' && w[2].is_numeric());
+    let digit_comma_digit = chars
+        .windows(3)
+        .any(|w| w[0].is_numeric() && w[1] == ',' && w[2].is_numeric());
     let mut out = text.to_string();
     for p in PUNCTUATION {
         let glued = text.contains(&format!("{p} ")) || text.contains(&format!(" {p}"));
@@ -317,9 +451,19 @@ pub fn normalize_vqa(answer: &str) -> String {
     let lower: Vec<String> = words.iter().map(|w| w.to_lowercase()).collect();
     lower
         .iter()
-        .map(|w| NUMBER_WORDS.iter().find(|(word, _)| word == w).map_or(w.as_str(), |(_, digit)| digit))
+        .map(|w| {
+            NUMBER_WORDS
+                .iter()
+                .find(|(word, _)| word == w)
+                .map_or(w.as_str(), |(_, digit)| digit)
+        })
         .filter(|w| !ARTICLES.contains(w))
-        .map(|w| CONTRACTIONS.iter().find(|(short, _)| *short == w).map_or(w, |(_, full)| full))
+        .map(|w| {
+            CONTRACTIONS
+                .iter()
+                .find(|(short, _)| *short == w)
+                .map_or(w, |(_, full)| full)
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -335,13 +479,20 @@ fn read_done(path: &Path) -> CliResult<HashMap<String, String>> {
     if !text.is_empty() && !text.ends_with('\n') {
         let keep = text.rfind('\n').map_or(0, |i| i + 1);
         let file = std::fs::OpenOptions::new().write(true).open(path)?;
-        file.set_len(keep as u64).map_err(|e| format!("{}: cutting an incomplete last line: {e}", path.display()))?;
+        file.set_len(keep as u64)
+            .map_err(|e| format!("{}: cutting an incomplete last line: {e}", path.display()))?;
     }
     let mut done = HashMap::new();
     for (line, row) in json_lines(path)? {
         let at = format!("{} line {line}", path.display());
-        let key = row.get("question_id").and_then(id_key).ok_or_else(|| format!("{at}: no \"question_id\""))?;
-        let text = row.get("text").and_then(Value::as_str).ok_or_else(|| format!("{at}: no \"text\""))?;
+        let key = row
+            .get("question_id")
+            .and_then(id_key)
+            .ok_or_else(|| format!("{at}: no \"question_id\""))?;
+        let text = row
+            .get("text")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("{at}: no \"text\""))?;
         done.insert(key, text.to_string());
     }
     Ok(done)
@@ -350,7 +501,11 @@ fn read_done(path: &Path) -> CliResult<HashMap<String, String>> {
 pub fn eval(args: EvalArgs) -> CliResult<()> {
     for (name, template, needs) in [
         ("--template", args.template.as_deref(), &["{question}"][..]),
-        ("--choice-template", Some(args.choice_template.as_str()), &["{question}", "{choices}"][..]),
+        (
+            "--choice-template",
+            Some(args.choice_template.as_str()),
+            &["{question}", "{choices}"][..],
+        ),
     ] {
         if let Some(missing) = template.and_then(|t| needs.iter().find(|n| !t.contains(**n))) {
             return Err(format!("{name} must contain {missing}").into());
@@ -358,7 +513,10 @@ pub fn eval(args: EvalArgs) -> CliResult<()> {
     }
     let questions = read_questions(&args)?;
     let mut done = read_done(&args.output)?;
-    let todo: Vec<&Question> = questions.iter().filter(|q| !done.contains_key(&q.key)).collect();
+    let todo: Vec<&Question> = questions
+        .iter()
+        .filter(|q| !done.contains_key(&q.key))
+        .collect();
     let skipped = questions.len() - todo.len();
     let (mut new_tokens, mut decode_s) = (0usize, 0f64);
     if !todo.is_empty() {
@@ -376,7 +534,12 @@ pub fn eval(args: EvalArgs) -> CliResult<()> {
             session.reset();
             let image = question.image.as_deref().map(read_image).transpose()?;
             let prompt = question.prompt(args.template.as_deref(), &args.choice_template);
-            let turn = Turn { image: image.as_ref(), text: &prompt, raw_prompt: false, want_logits: false };
+            let turn = Turn {
+                image: image.as_ref(),
+                text: &prompt,
+                raw_prompt: false,
+                want_logits: false,
+            };
             let reply = pollster::block_on(session.send(&model, turn, &params, |_| true))
                 .map_err(|e| format!("question {}: {e}", question.key))?;
             new_tokens += reply.tokens.len();
@@ -385,8 +548,9 @@ pub fn eval(args: EvalArgs) -> CliResult<()> {
             if let Some(s) = score {
                 (correct, scored) = (correct + s, scored + 1);
             }
-            let chosen = (!question.choices.is_empty())
-                .then(|| chosen_option(&reply.text, &question.choices).map(|c| option_letter(c).to_string()));
+            let chosen = (!question.choices.is_empty()).then(|| {
+                chosen_option(&reply.text, &question.choices).map(|c| option_letter(c).to_string())
+            });
             let mut row = json!({
                 "question_id": question.id,
                 "prompt": prompt,
@@ -398,9 +562,15 @@ pub fn eval(args: EvalArgs) -> CliResult<()> {
             if let Some(chosen) = chosen {
                 row["chosen"] = json!(chosen);
             }
-            writeln!(output, "{row}").and_then(|()| output.flush()).map_err(|e| format!("writing {}: {e}", args.output.display()))?;
+            writeln!(output, "{row}")
+                .and_then(|()| output.flush())
+                .map_err(|e| format!("writing {}: {e}", args.output.display()))?;
             done.insert(question.key.clone(), reply.text);
-            let accuracy = if scored > 0 { format!(", accuracy so far {:.1}%", 100.0 * correct / scored as f64) } else { String::new() };
+            let accuracy = if scored > 0 {
+                format!(", accuracy so far {:.1}%", 100.0 * correct / scored as f64)
+            } else {
+                String::new()
+            };
             eprint!(
                 "{}[{}/{}] {:.1} tokens/s{accuracy}{}",
                 if terminal { "\r" } else { "" },
@@ -415,9 +585,16 @@ pub fn eval(args: EvalArgs) -> CliResult<()> {
         }
     }
 
-    let scores: Vec<f64> = questions.iter().filter_map(|q| q.score(&done[&q.key])).collect();
+    let scores: Vec<f64> = questions
+        .iter()
+        .filter_map(|q| q.score(&done[&q.key]))
+        .collect();
     let correct: f64 = scores.iter().sum();
-    let accuracy = if scores.is_empty() { None } else { Some(correct / scores.len() as f64) };
+    let accuracy = if scores.is_empty() {
+        None
+    } else {
+        Some(correct / scores.len() as f64)
+    };
     let tokens_per_s = (new_tokens > 0).then(|| new_tokens as f64 / decode_s.max(1e-9));
     if args.json {
         let summary = json!({
@@ -435,7 +612,12 @@ pub fn eval(args: EvalArgs) -> CliResult<()> {
             Some(a) => print!("accuracy {correct}/{} = {:.2}%", scores.len(), 100.0 * a),
             None => print!("no reference answers: nothing scored"),
         }
-        print!(" ({} questions: {} answered now, {skipped} already in {}", questions.len(), todo.len(), args.output.display());
+        print!(
+            " ({} questions: {} answered now, {skipped} already in {}",
+            questions.len(),
+            todo.len(),
+            args.output.display()
+        );
         match tokens_per_s {
             Some(t) => println!("; {t:.1} tokens/s)"),
             None => println!(")"),

@@ -9,21 +9,29 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use llava_gpu::Gpu;
+use llava_model::files::convert::{self, ConversionPlan};
+use llava_model::files::loader::{Progress, Stage};
+use llava_model::files::npy;
+use llava_model::files::weights::{KeepOptions, KeepPrecision, WeightPrecision};
 use llava_model::generate::{GenerateParams, StopReason, Turn};
-use llava_model::llava::{KvPrecision, LoadOptions, Llava, ModelFiles};
-use llava_model::loader::{Progress, Stage};
-use llava_model::weights::{KeepOptions, KeepPrecision, WeightPrecision};
-use llava_model::convert::{self, ConversionPlan};
-use llava_model::{Dtype, LlavaConfig, ModelError, npy};
+use llava_model::llava::{KvPrecision, Llava, LoadOptions, ModelFiles};
+use llava_model::{Dtype, LlavaConfig, ModelError};
 use web_time::Instant;
 
 mod eval;
 
 /// The tiny random-weight checkpoint bundled with the repository (real geometry, nonsense answers).
-const BUNDLED_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/models/mistral-tiny");
+const BUNDLED_MODEL: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../tests/fixtures/models/mistral-tiny"
+);
 
 #[derive(Parser)]
-#[command(name = "llava", version, about = "LLaVA-1.6 (LLaVA-NeXT) on WebGPU, natively")]
+#[command(
+    name = "llava",
+    version,
+    about = "LLaVA-1.6 (LLaVA-NeXT) on WebGPU, natively"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -223,7 +231,9 @@ fn main() -> ExitCode {
 type CliResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn model_dir(model: &Option<PathBuf>) -> PathBuf {
-    model.clone().unwrap_or_else(|| PathBuf::from(BUNDLED_MODEL))
+    model
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(BUNDLED_MODEL))
 }
 
 fn load(args: &ModelArgs) -> CliResult<(Llava, f64)> {
@@ -242,7 +252,10 @@ fn load(args: &ModelArgs) -> CliResult<(Llava, f64)> {
         Some(KvArg::F16) => KvPrecision::F16,
         None => KvPrecision::preferred(&gpu),
     };
-    let options = LoadOptions { precision, context: args.context };
+    let options = LoadOptions {
+        precision,
+        context: args.context,
+    };
     // A progress line on a terminal only: redirected stderr (logs, tests) stays clean.
     let terminal = std::io::stderr().is_terminal();
     let mut show = |p: Progress<'_>| {
@@ -280,11 +293,18 @@ fn read_image(path: &Path) -> CliResult<llava_image::Rgb8> {
         return Err(fail("is a directory, not an image file".into()).into());
     }
     if !meta.is_file() {
-        return Err(fail("is not a regular file (a device, FIFO or socket); give an image file".into()).into());
+        return Err(fail(
+            "is not a regular file (a device, FIFO or socket); give an image file".into(),
+        )
+        .into());
     }
     let max = llava_image::MAX_ENCODED_BYTES;
     if meta.len() > max {
-        return Err(fail(format!("is {} bytes; image files over {max} bytes (256 MiB) are refused", meta.len())).into());
+        return Err(fail(format!(
+            "is {} bytes; image files over {max} bytes (256 MiB) are refused",
+            meta.len()
+        ))
+        .into());
     }
     let mut bytes = Vec::new();
     // A file that grows while it is read still stops one byte past the limit.
@@ -400,7 +420,9 @@ fn chat(args: ChatArgs) -> CliResult<()> {
     params.validate()?;
     let image = args.image.as_deref().map(read_image).transpose()?;
     let (model, load_s) = load(&args.model)?;
-    eprintln!("loaded in {load_s:.1}s. Type a question; /reset starts over; an empty line or Ctrl-D quits.");
+    eprintln!(
+        "loaded in {load_s:.1}s. Type a question; /reset starts over; an empty line or Ctrl-D quits."
+    );
     let mut session = model.chat(args.system.clone())?;
     let stdin = std::io::stdin();
     loop {
@@ -417,7 +439,12 @@ fn chat(args: ChatArgs) -> CliResult<()> {
         }
         // The image goes with the first question that succeeds; follow-ups reuse its cached tokens.
         let turn_image = image.as_ref().filter(|_| !session.has_image());
-        let turn = Turn { image: turn_image, text: question, raw_prompt: false, want_logits: false };
+        let turn = Turn {
+            image: turn_image,
+            text: question,
+            raw_prompt: false,
+            want_logits: false,
+        };
         let reply = pollster::block_on(session.send(&model, turn, &params, |event| {
             print!("{}", event.text);
             let _ = std::io::stdout().flush();
@@ -425,7 +452,11 @@ fn chat(args: ChatArgs) -> CliResult<()> {
         }));
         // A failed turn leaves the conversation as it was: say why and take the next question.
         match reply {
-            Ok(reply) => println!("\n[{:.1} tokens/s{}]", reply.timings.decode_tokens_per_s, stop_note(&reply)),
+            Ok(reply) => println!(
+                "\n[{:.1} tokens/s{}]",
+                reply.timings.decode_tokens_per_s,
+                stop_note(&reply)
+            ),
             Err(e @ ModelError::ContextOverflow { .. }) => println!("\nerror: {e} (use /reset)"),
             Err(e) => println!("\nerror: {e}"),
         }
@@ -449,19 +480,38 @@ fn convert(args: ConvertArgs) -> CliResult<()> {
     // At most 2^44 MiB, so that the size in bytes fits in 64 bits.
     let shard_bytes = match args.shard_mb.checked_mul(1 << 20) {
         Some(bytes) if bytes > 0 => bytes,
-        _ => return Err(format!("--shard-mb must be between 1 and {} (MiB)", u64::MAX >> 20).into()),
+        _ => {
+            return Err(
+                format!("--shard-mb must be between 1 and {} (MiB)", u64::MAX >> 20).into(),
+            );
+        }
     };
-    let keep = KeepOptions { vision: args.keep_vision.map(Into::into), lm_head: args.keep_lm_head.map(Into::into) };
+    let keep = KeepOptions {
+        vision: args.keep_vision.map(Into::into),
+        lm_head: args.keep_lm_head.map(Into::into),
+    };
     if args.dry_run {
-        let config_path = if args.input.is_dir() { args.input.join("config.json") } else { args.input.clone() };
-        let text = std::fs::read_to_string(&config_path).map_err(|e| format!("reading {}: {e}", config_path.display()))?;
+        let config_path = if args.input.is_dir() {
+            args.input.join("config.json")
+        } else {
+            args.input.clone()
+        };
+        let text = std::fs::read_to_string(&config_path)
+            .map_err(|e| format!("reading {}: {e}", config_path.display()))?;
         let config = LlavaConfig::from_json(&text)?;
         // Hub checkpoints store f16 or bf16; the stored dtype only matters for f32 weights.
         let plan = ConversionPlan::for_config(&config, Dtype::F16, precision, keep, shard_bytes);
-        println!("{} (dry run, {:?}):\n{}", config_path.display(), precision, plan.summary());
+        println!(
+            "{} (dry run, {:?}):\n{}",
+            config_path.display(),
+            precision,
+            plan.summary()
+        );
         return Ok(());
     }
-    let output = args.output.expect("clap requires --output without --dry-run");
+    let output = args
+        .output
+        .expect("clap requires --output without --dry-run");
     let start = Instant::now();
     let converted = convert::convert(&args.input, &output, precision, keep, shard_bytes)?;
     println!(

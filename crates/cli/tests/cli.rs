@@ -10,7 +10,11 @@ use common::{case, image, llava, root};
 use serde_json::Value;
 
 fn json_stdout(out: &Output) -> Value {
-    assert!(out.status.success(), "llava failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "llava failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
 }
 
@@ -42,33 +46,57 @@ fn run_with_an_image_gives_transformers_greedy_tokens() {
     let reply = json_stdout(&out);
     assert_eq!(reply["tokens"], case["greedy_tokens"]);
     assert_eq!(reply["image_tokens"], case["image_tokens"]);
-    assert_eq!(reply["prompt_tokens"].as_u64().unwrap() as usize, case["input_ids"].as_array().unwrap().len());
+    assert_eq!(
+        reply["prompt_tokens"].as_u64().unwrap() as usize,
+        case["input_ids"].as_array().unwrap().len()
+    );
     assert_eq!(reply["text"], case["greedy_text"]);
     for key in ["load_s", "vision_s", "prefill_s", "decode_tokens_per_s"] {
         assert!(reply["timings"][key].as_f64().is_some(), "timings.{key}");
     }
-    let (shape, got) = llava_model::npy::read_f32(&logits).unwrap();
-    let (_, want) =
-        llava_model::npy::read_f32(root().join("tests/fixtures/expected").join(case["logits_npy"].as_str().unwrap()))
-            .unwrap();
+    let (shape, got) = llava_model::files::npy::read_f32(&logits).unwrap();
+    let (_, want) = llava_model::files::npy::read_f32(
+        root()
+            .join("tests/fixtures/expected")
+            .join(case["logits_npy"].as_str().unwrap()),
+    )
+    .unwrap();
     std::fs::remove_file(&logits).unwrap();
     assert_eq!(shape, [want.len()]);
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let diff = got.iter().zip(&want).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+    let diff = got
+        .iter()
+        .zip(&want)
+        .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
     assert!(diff <= 1e-4 * scale, "logits max |diff| {diff}");
 }
 
 #[test]
 fn run_text_only_streams_the_answer() {
     let case = case("text_only");
-    let out = llava(&["run", "--prompt", case["question"].as_str().unwrap(), "--max-new-tokens", "16", "--ignore-eos"]);
+    let out = llava(&[
+        "run",
+        "--prompt",
+        case["question"].as_str().unwrap(),
+        "--max-new-tokens",
+        "16",
+        "--ignore-eos",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end(), case["greedy_text"].as_str().unwrap());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim_end(),
+        case["greedy_text"].as_str().unwrap()
+    );
 }
 
 #[test]
 fn preprocess_reports_the_anyres_choice() {
-    let out = llava(&["preprocess", "--image", image("chelsea.png").to_str().unwrap(), "--json"]);
+    let out = llava(&[
+        "preprocess",
+        "--image",
+        image("chelsea.png").to_str().unwrap(),
+        "--json",
+    ]);
     let info = json_stdout(&out);
     // tests/fixtures/preprocess.json, case chelsea.png (451x300).
     assert_eq!(info["best_resolution"], serde_json::json!([336, 672]));
@@ -87,17 +115,48 @@ fn bad_input_gives_clear_errors() {
     let logo = logo.to_str().unwrap();
 
     let cases: [(Vec<&str>, &str); 5] = [
-        (vec!["run", "--image", corrupt.to_str().unwrap(), "--prompt", "hi"], "corrupt.png"),
-        (vec!["run", "--model", dir.to_str().unwrap(), "--prompt", "hi"], "config.json"),
-        (vec!["run", "--image", logo, "--raw-prompt", "--prompt", "<image> and <image>"], "2 <image>"),
-        (vec!["run", "--raw-prompt", "--prompt", "<image> what?"], "no image"),
-        (vec!["run", "--image", logo, "--context", "300", "--prompt", "hi"], "context"),
+        (
+            vec![
+                "run",
+                "--image",
+                corrupt.to_str().unwrap(),
+                "--prompt",
+                "hi",
+            ],
+            "corrupt.png",
+        ),
+        (
+            vec!["run", "--model", dir.to_str().unwrap(), "--prompt", "hi"],
+            "config.json",
+        ),
+        (
+            vec![
+                "run",
+                "--image",
+                logo,
+                "--raw-prompt",
+                "--prompt",
+                "<image> and <image>",
+            ],
+            "2 <image>",
+        ),
+        (
+            vec!["run", "--raw-prompt", "--prompt", "<image> what?"],
+            "no image",
+        ),
+        (
+            vec!["run", "--image", logo, "--context", "300", "--prompt", "hi"],
+            "context",
+        ),
     ];
     for (args, needle) in cases {
         let out = llava(&args);
         let err = stderr(&out);
         assert!(!out.status.success(), "{args:?} should fail");
-        assert!(err.contains("error:") && err.contains(needle), "{args:?}: {err}");
+        assert!(
+            err.contains("error:") && err.contains(needle),
+            "{args:?}: {err}"
+        );
         assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
@@ -108,22 +167,44 @@ fn chat_answers_a_follow_up_like_transformers_from_scratch() {
     use std::io::Write;
     let case = case("multi_turn");
     let mut child = Command::new(env!("CARGO_BIN_EXE_llava"))
-        .args(["chat", "--image", image(case["image"].as_str().unwrap()).to_str().unwrap()])
+        .args([
+            "chat",
+            "--image",
+            image(case["image"].as_str().unwrap()).to_str().unwrap(),
+        ])
         .args(["--max-new-tokens", "16", "--ignore-eos"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let questions = format!("{}\n{}\n\n", case["turn1"]["question"].as_str().unwrap(), case["question"].as_str().unwrap());
-    child.stdin.take().unwrap().write_all(questions.as_bytes()).unwrap();
+    let questions = format!(
+        "{}\n{}\n\n",
+        case["turn1"]["question"].as_str().unwrap(),
+        case["question"].as_str().unwrap()
+    );
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(questions.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     // Each answer streams after a "> " prompt and ends with a tokens/s line.
-    let answers: Vec<&str> =
-        stdout.split("> ").filter_map(|turn| turn.split("\n[").next()).filter(|a| !a.is_empty()).collect();
-    assert_eq!(answers, [case["turn1"]["greedy_text"].as_str().unwrap(), case["greedy_text"].as_str().unwrap()]);
+    let answers: Vec<&str> = stdout
+        .split("> ")
+        .filter_map(|turn| turn.split("\n[").next())
+        .filter(|a| !a.is_empty())
+        .collect();
+    assert_eq!(
+        answers,
+        [
+            case["turn1"]["greedy_text"].as_str().unwrap(),
+            case["greedy_text"].as_str().unwrap()
+        ]
+    );
 }
 
 /// `--pixels-out` writes the normalised tiles as float32 `[tiles, 3, 336, 336]`, bit-exact with
@@ -136,11 +217,22 @@ fn preprocess_pixels_out_matches_transformers() {
         &std::fs::read_to_string(root().join("tests/fixtures/preprocess.json")).unwrap(),
     )
     .unwrap();
-    let case = cases.as_array().unwrap().iter().find(|c| c["name"] == "chelsea.png").unwrap();
+    let case = cases
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "chelsea.png")
+        .unwrap();
     let liuhaotian = root().join("tests/fixtures/models/liuhaotian-tiny");
     let chelsea = image("chelsea.png");
-    for (label, model) in [("bundled", None), ("liuhaotian", Some(liuhaotian.to_str().unwrap()))] {
-        let npy = std::env::temp_dir().join(format!("llava-cli-pixels-{label}-{}.npy", std::process::id()));
+    for (label, model) in [
+        ("bundled", None),
+        ("liuhaotian", Some(liuhaotian.to_str().unwrap())),
+    ] {
+        let npy = std::env::temp_dir().join(format!(
+            "llava-cli-pixels-{label}-{}.npy",
+            std::process::id()
+        ));
         let mut args = vec!["preprocess", "--image", chelsea.to_str().unwrap()];
         args.extend(["--json", "--pixels-out", npy.to_str().unwrap()]);
         args.extend(model.iter().flat_map(|m| ["--model", m]));
@@ -153,17 +245,34 @@ fn preprocess_pixels_out_matches_transformers() {
         assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00", "{label}");
         let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
         let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
-        assert!(header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"), "{header}");
-        assert!(header.contains("'shape': (3, 3, 336, 336)"), "{label}: {header}");
+        assert!(
+            header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"),
+            "{header}"
+        );
+        assert!(
+            header.contains("'shape': (3, 3, 336, 336)"),
+            "{label}: {header}"
+        );
         assert_eq!(case["pixels_shape"], serde_json::json!([3, 3, 336, 336]));
         let data = &bytes[10 + header_len..];
         assert_eq!(data.len(), 3 * 3 * 336 * 336 * 4, "{label}");
-        let digest: String = sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(digest, case["pixels_sha256"].as_str().unwrap(), "{label}: pixels differ from transformers");
+        let digest: String = sha2::Sha256::digest(data)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(
+            digest,
+            case["pixels_sha256"].as_str().unwrap(),
+            "{label}: pixels differ from transformers"
+        );
         for sample in case["samples"].as_array().unwrap() {
             let i = sample[0].as_u64().unwrap() as usize;
             let got = f32::from_le_bytes(data[4 * i..4 * i + 4].try_into().unwrap());
-            assert_eq!(got, sample[1].as_f64().unwrap() as f32, "{label}: pixel {i}");
+            assert_eq!(
+                got,
+                sample[1].as_f64().unwrap() as f32,
+                "{label}: pixel {i}"
+            );
         }
     }
 }
@@ -175,7 +284,12 @@ fn preprocess_pixels_out_matches_transformers() {
 fn run_liuhaotian_layout_gives_transformers_greedy_tokens() {
     let path = root().join("tests/fixtures/expected/liuhaotian-tiny.json");
     let expected: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let case = expected["cases"].as_array().unwrap().iter().find(|c| c["id"] == "rocket_en").unwrap();
+    let case = expected["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "rocket_en")
+        .unwrap();
     let model = root().join("tests/fixtures/models/liuhaotian-tiny");
     // The JPEG itself: crates/image decodes it as Pillow does.
     let rocket = root().join("../shared/testdata/images/rocket.jpg");
@@ -195,6 +309,9 @@ fn run_liuhaotian_layout_gives_transformers_greedy_tokens() {
     let reply = json_stdout(&out);
     assert_eq!(reply["tokens"], case["greedy_tokens"]);
     assert_eq!(reply["image_tokens"], case["image_tokens"]);
-    assert_eq!(reply["prompt_tokens"].as_u64().unwrap() as usize, case["input_ids"].as_array().unwrap().len());
+    assert_eq!(
+        reply["prompt_tokens"].as_u64().unwrap() as usize,
+        case["input_ids"].as_array().unwrap().len()
+    );
     assert_eq!(reply["text"], case["greedy_text"]);
 }

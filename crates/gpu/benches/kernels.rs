@@ -34,7 +34,15 @@ struct Table {
 }
 
 impl Table {
-    fn add(&mut self, what: &str, shape: &str, dtype: &str, secs: f64, flops: f64, weight_bytes: f64) {
+    fn add(
+        &mut self,
+        what: &str,
+        shape: &str,
+        dtype: &str,
+        secs: f64,
+        flops: f64,
+        weight_bytes: f64,
+    ) {
         let rate = |amount: f64| {
             if amount > 0.0 {
                 format!("{:.1}", amount / secs / 1e9)
@@ -158,13 +166,19 @@ fn linear_row(
 ) -> Result<f64> {
     let x = Tensor::from_f32(gpu, &[m, k], &random(m * k, 7))?;
     let (w, weight_bytes) = weight(gpu, dtype, n, k)?;
-    let secs = gpu_secs(gpu, calls, |batch| linear_with(batch, &x, &w, None, kernel).map(drop))?;
+    let secs = gpu_secs(gpu, calls, |batch| {
+        linear_with(batch, &x, &w, None, kernel).map(drop)
+    })?;
     let name = match kernel {
         LinearKernel::Auto => "linear",
         LinearKernel::Gemv => "linear gemv",
         LinearKernel::Gemm => "linear gemm",
     };
-    let kernel_dtype = if gpu.has_f16() && dtype == DType::F16 { " +f16" } else { "" };
+    let kernel_dtype = if gpu.has_f16() && dtype == DType::F16 {
+        " +f16"
+    } else {
+        ""
+    };
     table.add(
         name,
         &format!("{m}x{k}x{n}"),
@@ -245,19 +259,42 @@ fn dispatch_row(gpu: &Gpu, table: &mut Table, count: usize) -> Result<()> {
 /// Causal attention as the LLM runs it: a prefill of `t` tokens and one decode step at context
 /// `t`, with Mistral-7B's 32 query / 8 kv heads of 128 (fewer heads on a CPU adapter).
 fn attention_rows(gpu: &Gpu, table: &mut Table, full: bool, calls: usize) -> Result<()> {
-    let (t, hq, hkv, d) = if full { (2400, 32, 8, 128) } else { (600, 8, 2, 128) };
+    let (t, hq, hkv, d) = if full {
+        (2400, 32, 8, 128)
+    } else {
+        (600, 8, 2, 128)
+    };
     let k = Tensor::from_f32(gpu, &[1, t + 1, hkv, d], &random((t + 1) * hkv * d, 3))?;
     let v = Tensor::from_f32(gpu, &[1, t + 1, hkv, d], &random((t + 1) * hkv * d, 4))?;
     let kv_bytes = 2.0 * (t * hkv * d * 4) as f64;
     for (what, tq, offset) in [("attention prefill", t, 0), ("attention decode", 1, t)] {
         let q = Tensor::from_f32(gpu, &[1, tq, hq, d], &random(tq * hq * d, 5))?;
         let secs = gpu_secs(gpu, calls, |batch| {
-            attention(batch, &q, &k, &v, offset + tq, Mask::Causal { q_offset: offset }).map(drop)
+            attention(
+                batch,
+                &q,
+                &k,
+                &v,
+                offset + tq,
+                Mask::Causal { q_offset: offset },
+            )
+            .map(drop)
         })?;
         // QK^T and PV over the visible keys (half of them on average for the causal prefill).
-        let visible = if tq == 1 { (offset + 1) as f64 } else { (tq as f64 + 1.0) / 2.0 };
+        let visible = if tq == 1 {
+            (offset + 1) as f64
+        } else {
+            (tq as f64 + 1.0) / 2.0
+        };
         let flops = 4.0 * (tq * hq * d) as f64 * visible;
-        table.add(what, &format!("{tq}q x {}kv, {hq}/{hkv}x{d}", offset + tq), "F32", secs, flops, kv_bytes);
+        table.add(
+            what,
+            &format!("{tq}q x {}kv, {hq}/{hkv}x{d}", offset + tq),
+            "F32",
+            secs,
+            flops,
+            kv_bytes,
+        );
     }
     Ok(())
 }
@@ -269,44 +306,101 @@ fn decode_rows(gpu: &Gpu, table: &mut Table, full: bool, calls: usize) -> Result
     let (hidden, inter) = if full { (4096, 14336) } else { (1024, 3584) };
     let bytes = if full { 1 << 30 } else { 64 << 20 };
     let read = probe::read_bandwidth(gpu, bytes)?;
-    table.add("read probe (16-byte loads)", &format!("{} MiB", bytes >> 20), "-", bytes as f64 / read, 0.0, bytes as f64);
+    table.add(
+        "read probe (16-byte loads)",
+        &format!("{} MiB", bytes >> 20),
+        "-",
+        bytes as f64 / read,
+        0.0,
+        bytes as f64,
+    );
     let step = StepUniform::new(gpu)?;
     for (n, k) in [(inter, hidden), (hidden, inter)] {
         let x = Tensor::from_f32(gpu, &[1, k], &random(k, 7))?;
         let y = Tensor::empty(gpu, &[1, n], DType::F32)?;
         for dtype in [DType::F16, DType::Q8, DType::Q4] {
             let (w, weight_bytes) = weight(gpu, dtype, n, k)?;
-            let secs = gpu_secs(gpu, calls, |batch| decode::gemv(batch, &step, &x, &w, None, Epilogue::Store, &y))?;
-            table.add("decode gemv", &format!("{n}x{k}"), &format!("{dtype:?}"), secs, 2.0 * (n * k) as f64, weight_bytes);
+            let secs = gpu_secs(gpu, calls, |batch| {
+                decode::gemv(batch, &step, &x, &w, None, Epilogue::Store, &y)
+            })?;
+            table.add(
+                "decode gemv",
+                &format!("{n}x{k}"),
+                &format!("{dtype:?}"),
+                secs,
+                2.0 * (n * k) as f64,
+                weight_bytes,
+            );
         }
     }
-    let (heads, kv_heads, d, len): (usize, usize, usize, usize) = if full { (32, 8, 128, 2355) } else { (8, 2, 128, 600) };
+    let (heads, kv_heads, d, len): (usize, usize, usize, usize) = if full {
+        (32, 8, 128, 2355)
+    } else {
+        (8, 2, 128, 600)
+    };
     let capacity = len.div_ceil(decode::ATTEND_KEYS) * decode::ATTEND_KEYS;
-    let cache: Vec<half::f16> =
-        random(2 * capacity * kv_heads * d, 11).iter().map(|&v| half::f16::from_f32(v)).collect();
+    let cache: Vec<half::f16> = random(2 * capacity * kv_heads * d, 11)
+        .iter()
+        .map(|&v| half::f16::from_f32(v))
+        .collect();
     let kv = Tensor::from_f16(gpu, &[2, capacity, kv_heads, d], &cache)?;
     let q = Tensor::from_f32(gpu, &[heads * d], &random(heads * d, 12))?;
-    step.write(gpu, Step { pos: len as u32 - 1, kv_len: len as u32, index: 0, pad: 0 });
-    let secs = gpu_secs(gpu, calls, |batch| decode::attend(batch, &step, &q, &kv, heads, kv_heads).map(drop))?;
+    step.write(
+        gpu,
+        Step {
+            pos: len as u32 - 1,
+            kv_len: len as u32,
+            index: 0,
+            pad: 0,
+        },
+    );
+    let secs = gpu_secs(gpu, calls, |batch| {
+        decode::attend(batch, &step, &q, &kv, heads, kv_heads).map(drop)
+    })?;
     let kv_bytes = (2 * len * kv_heads * d * 2) as f64;
-    table.add("decode attend", &format!("1q x {len}kv, {heads}/{kv_heads}x{d}"), "F16 KV", secs, 4.0 * (heads * d * len) as f64, kv_bytes);
+    table.add(
+        "decode attend",
+        &format!("1q x {len}kv, {heads}/{kv_heads}x{d}"),
+        "F16 KV",
+        secs,
+        4.0 * (heads * d * len) as f64,
+        kv_bytes,
+    );
     // The sampler over Mistral's vocabulary, greedy and with top-k/top-p.
     let vocab = 32000;
     let logits = Tensor::from_f32(gpu, &[1, vocab], &random(vocab, 13))?;
     let token = Tensor::from_u32(gpu, &[2], &[0, 0])?;
     let state = decode::SamplerState::new(gpu, vocab)?;
-    let sampled = decode::Sampling { temperature: 0.7, top_k: 50, top_p: 0.9, repetition_penalty: 1.1, seed: 1 };
-    for (what, sampling) in [("greedy", decode::Sampling::GREEDY), ("t 0.7, top-k 50, top-p 0.9", sampled)] {
+    let sampled = decode::Sampling {
+        temperature: 0.7,
+        top_k: 50,
+        top_p: 0.9,
+        repetition_penalty: 1.1,
+        seed: 1,
+    };
+    for (what, sampling) in [
+        ("greedy", decode::Sampling::GREEDY),
+        ("t 0.7, top-k 50, top-p 0.9", sampled),
+    ] {
         state.reset(gpu, sampling, &[1, 2, 3]);
-        let secs = gpu_secs(gpu, calls, |batch| decode::sample(batch, &step, &state, &logits, &token))?;
-        table.add("decode sample", &format!("{vocab} logits, {what}"), "F32", secs, 0.0, (vocab * 4) as f64);
+        let secs = gpu_secs(gpu, calls, |batch| {
+            decode::sample(batch, &step, &state, &logits, &token)
+        })?;
+        table.add(
+            "decode sample",
+            &format!("{vocab} logits, {what}"),
+            "F32",
+            secs,
+            0.0,
+            (vocab * 4) as f64,
+        );
     }
     Ok(())
 }
 
 fn main() -> Result<()> {
-    let full =
-        std::env::args().any(|a| a == "--full") || std::env::var("LLAVA_BENCH_FULL").is_ok_and(|v| v == "1");
+    let full = std::env::args().any(|a| a == "--full")
+        || std::env::var("LLAVA_BENCH_FULL").is_ok_and(|v| v == "1");
     let args: Vec<String> = std::env::args().collect();
     let only: Option<Vec<String>> = args
         .iter()
@@ -317,7 +411,10 @@ fn main() -> Result<()> {
     let gpu = Gpu::new_blocking()?;
     // The same adapter without shader-f16, for the f32 rows beside the f16 ones.
     let plain = if gpu.has_f16() {
-        Some(Gpu::with_options_blocking(GpuOptions { f16: false, ..Default::default() })?)
+        Some(Gpu::with_options_blocking(GpuOptions {
+            f16: false,
+            ..Default::default()
+        })?)
     } else {
         None
     };
@@ -334,7 +431,14 @@ fn main() -> Result<()> {
         "adapter: {} ({:?}, {:?}), driver: {} {}",
         info.name, info.backend, info.device_type, info.driver, info.driver_info
     );
-    println!("shader-f16: {}", if gpu.has_f16() { "yes (f16 rows: weights `+f16`)" } else { "no" });
+    println!(
+        "shader-f16: {}",
+        if gpu.has_f16() {
+            "yes (f16 rows: weights `+f16`)"
+        } else {
+            "no"
+        }
+    );
     println!(
         "shapes: {}, max storage binding {} MiB\n",
         if full {
@@ -364,7 +468,11 @@ fn main() -> Result<()> {
         )
     };
 
-    let calls = if info.device_type == wgpu::DeviceType::Cpu { 1 } else { CALLS_PER_SUBMIT };
+    let calls = if info.device_type == wgpu::DeviceType::Cpu {
+        1
+    } else {
+        CALLS_PER_SUBMIT
+    };
     let mut table = Table { rows: Vec::new() };
     copy_row(&gpu, &mut table, copy_bytes)?;
     for &shape in gemms.iter().filter(|_| section("gemm")) {
@@ -385,10 +493,27 @@ fn main() -> Result<()> {
     }
     // Where the GEMV stops paying: the same f16 weight through both kernels for growing M.
     let mut crossover = Vec::new();
-    for m in [1, 2, 4, 8, 16, 32].into_iter().filter(|_| section("crossover")) {
+    for m in [1, 2, 4, 8, 16, 32]
+        .into_iter()
+        .filter(|_| section("crossover"))
+    {
         let shape = (m, sweep_k, sweep_k);
-        let gemv = linear_row(&gpu, &mut table, calls, LinearKernel::Gemv, DType::F16, shape)?;
-        let gemm = linear_row(&gpu, &mut table, calls, LinearKernel::Gemm, DType::F16, shape)?;
+        let gemv = linear_row(
+            &gpu,
+            &mut table,
+            calls,
+            LinearKernel::Gemv,
+            DType::F16,
+            shape,
+        )?;
+        let gemm = linear_row(
+            &gpu,
+            &mut table,
+            calls,
+            LinearKernel::Gemm,
+            DType::F16,
+            shape,
+        )?;
         crossover.push(format!("M={m}: gemm/gemv {:.2}", gemm / gemv));
     }
     if section("attention") {

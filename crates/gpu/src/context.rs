@@ -29,7 +29,10 @@ pub struct GpuOptions {
 
 impl Default for GpuOptions {
     fn default() -> Self {
-        GpuOptions { f16: true, max_buffer_bytes: None }
+        GpuOptions {
+            f16: true,
+            max_buffer_bytes: None,
+        }
     }
 }
 
@@ -41,7 +44,10 @@ impl GpuOptions {
         let no_f16 = std::env::var("LLAVA_NO_F16").is_ok_and(|v| v == "1");
         #[cfg(target_arch = "wasm32")]
         let no_f16 = false;
-        GpuOptions { f16: !no_f16, ..Default::default() }
+        GpuOptions {
+            f16: !no_f16,
+            ..Default::default()
+        }
     }
 }
 
@@ -74,7 +80,10 @@ impl Gpu {
                 .unwrap_or(wgpu::PowerPreference::HighPerformance),
             ..Default::default()
         };
-        let adapter = instance.request_adapter(&adapter_options).await.map_err(|_| GpuError::NoAdapter)?;
+        let adapter = instance
+            .request_adapter(&adapter_options)
+            .await
+            .map_err(|_| GpuError::NoAdapter)?;
         Self::from_adapter(adapter, options).await
     }
 
@@ -103,7 +112,8 @@ impl Gpu {
         let mut limits = adapter.limits();
         if let Some(cap) = options.max_buffer_bytes {
             limits.max_buffer_size = limits.max_buffer_size.min(cap);
-            limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(cap);
+            limits.max_storage_buffer_binding_size =
+                limits.max_storage_buffer_binding_size.min(cap);
         }
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
@@ -135,7 +145,11 @@ impl Gpu {
                 wgpu::DeviceLostReason::Destroyed => "it was destroyed",
                 wgpu::DeviceLostReason::Unknown => "unknown reason",
             };
-            let lost = if message.is_empty() { what.to_string() } else { format!("{what}: {message}") };
+            let lost = if message.is_empty() {
+                what.to_string()
+            } else {
+                format!("{what}: {message}")
+            };
             *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(GpuError::DeviceLost(lost));
         });
 
@@ -177,12 +191,16 @@ impl Gpu {
 
     /// Writes `bytes` into `buffer` at `offset` through the queue (a multiple of 4 bytes).
     pub fn write(&self, buffer: &wgpu::Buffer, offset: u64, bytes: &[u8]) {
-        self.counters.add(&self.counters.bytes_written, bytes.len() as u64);
+        self.counters
+            .add(&self.counters.bytes_written, bytes.len() as u64);
         self.queue.write_buffer(buffer, offset, bytes);
     }
 
     /// Submits command buffers, counted.
-    pub(crate) fn submit(&self, commands: impl IntoIterator<Item = wgpu::CommandBuffer>) -> wgpu::SubmissionIndex {
+    pub(crate) fn submit(
+        &self,
+        commands: impl IntoIterator<Item = wgpu::CommandBuffer>,
+    ) -> wgpu::SubmissionIndex {
         self.counters.add(&self.counters.submits, 1);
         self.queue.submit(commands)
     }
@@ -206,7 +224,10 @@ impl Gpu {
     #[cfg(not(target_arch = "wasm32"))]
     pub fn wait(&self) -> Result<()> {
         self.device
-            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+            .poll(wgpu::PollType::Wait {
+                submission_index: None,
+                timeout: None,
+            })
             .map_err(|e| GpuError::Readback(e.to_string()))?;
         self.check()
     }
@@ -221,9 +242,13 @@ impl Gpu {
         });
         #[cfg(not(target_arch = "wasm32"))]
         self.device
-            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+            .poll(wgpu::PollType::Wait {
+                submission_index: None,
+                timeout: None,
+            })
             .map_err(|e| GpuError::Readback(e.to_string()))?;
-        rx.await.map_err(|_| GpuError::Readback("the work-done callback was dropped".into()))?;
+        rx.await
+            .map_err(|_| GpuError::Readback("the work-done callback was dropped".into()))?;
         self.check()
     }
 
@@ -268,7 +293,10 @@ impl Gpu {
         if key.flags().contains(&SHADER_F16) && !self.has_f16() {
             return Err(GpuError::Unsupported {
                 op: key.entry,
-                what: format!("the f16 variant of {}.wgsl on a device without shader-f16", key.shader.name),
+                what: format!(
+                    "the f16 variant of {}.wgsl on a device without shader-f16",
+                    key.shader.name
+                ),
             });
         }
         self.registry.get(&self.device, key)
@@ -285,9 +313,17 @@ impl Gpu {
         }
     }
 
-    pub(crate) fn create_buffer(&self, size: u64, usage: wgpu::BufferUsages) -> Result<wgpu::Buffer> {
+    pub(crate) fn create_buffer(
+        &self,
+        size: u64,
+        usage: wgpu::BufferUsages,
+    ) -> Result<wgpu::Buffer> {
         if size > self.limits.max_buffer_size {
-            return Err(GpuError::TooLarge { bytes: size, limit: self.limits.max_buffer_size, what: "max_buffer_size" });
+            return Err(GpuError::TooLarge {
+                bytes: size,
+                limit: self.limits.max_buffer_size,
+                what: "max_buffer_size",
+            });
         }
         // A lost device makes invalid buffers without a word: say why here.
         self.check_lost()?;
@@ -302,10 +338,17 @@ impl Gpu {
 
     /// Copies `size` bytes of `buffer` from `offset` back to the host. Natively this blocks on
     /// the device; on the web it awaits `mapAsync` (where `device.poll` does nothing).
-    pub async fn read_buffer(&self, buffer: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
+    pub async fn read_buffer(
+        &self,
+        buffer: &wgpu::Buffer,
+        offset: u64,
+        size: u64,
+    ) -> Result<Vec<u8>> {
         let padded = size.next_multiple_of(4);
-        let staging =
-            self.create_buffer(padded, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?;
+        let staging = self.create_buffer(
+            padded,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        )?;
         let mut encoder = self.device.create_command_encoder(&Default::default());
         encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, padded);
         self.submit([encoder.finish()]);
@@ -316,12 +359,19 @@ impl Gpu {
         });
         #[cfg(not(target_arch = "wasm32"))]
         self.device
-            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+            .poll(wgpu::PollType::Wait {
+                submission_index: None,
+                timeout: None,
+            })
             .map_err(|e| GpuError::Readback(e.to_string()))?;
-        let mapped = rx.await.map_err(|_| GpuError::Readback("map callback dropped".into()));
+        let mapped = rx
+            .await
+            .map_err(|_| GpuError::Readback("map callback dropped".into()));
         self.check()?;
         mapped?.map_err(|e| GpuError::Readback(e.to_string()))?;
-        let view = staging.get_mapped_range(..).map_err(|e| GpuError::Readback(e.to_string()))?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| GpuError::Readback(e.to_string()))?;
         let bytes = view[..size as usize].to_vec();
         drop(view);
         staging.unmap();
@@ -340,7 +390,11 @@ pub struct Binding<'a> {
 impl<'a> Binding<'a> {
     /// `size` bytes starting `offset` bytes into this binding.
     pub fn slice(self, offset: u64, size: u64) -> Binding<'a> {
-        Binding { buffer: self.buffer, offset: self.offset + offset, size }
+        Binding {
+            buffer: self.buffer,
+            offset: self.offset + offset,
+            size,
+        }
     }
 
     /// The same start, `size` bytes long.
@@ -409,7 +463,10 @@ impl UniformArena {
 enum Target {
     /// `pass` is the compute pass being recorded (consecutive dispatches share one), closed
     /// before a copy and before the encoder is submitted.
-    Encoder { encoder: wgpu::CommandEncoder, pass: Option<wgpu::ComputePass<'static>> },
+    Encoder {
+        encoder: wgpu::CommandEncoder,
+        pass: Option<wgpu::ComputePass<'static>>,
+    },
     Plan(Vec<PlanStep>),
 }
 
@@ -431,20 +488,39 @@ impl Gpu {
 
     /// A batch whose parameter buffers hold `arena_bytes` each (tests use small ones).
     pub(crate) fn batch_with_uniform_arena(&self, arena_bytes: u64) -> Batch<'_> {
-        let encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
-        Batch { gpu: self, target: Target::Encoder { encoder, pass: None }, uniforms: UniformArena::new(arena_bytes) }
+        let encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
+        Batch {
+            gpu: self,
+            target: Target::Encoder {
+                encoder,
+                pass: None,
+            },
+            uniforms: UniformArena::new(arena_bytes),
+        }
     }
 
     /// Starts recording a [`Plan`]: ops called on the returned batch allocate their outputs and
     /// bind groups now, and [`Batch::into_plan`] keeps their dispatches for replay.
     pub fn plan(&self) -> Batch<'_> {
-        Batch { gpu: self, target: Target::Plan(Vec::new()), uniforms: UniformArena::new(UNIFORM_ARENA_BYTES) }
+        Batch {
+            gpu: self,
+            target: Target::Plan(Vec::new()),
+            uniforms: UniformArena::new(UNIFORM_ARENA_BYTES),
+        }
     }
 }
 
 impl UniformArena {
     fn new(capacity: u64) -> Self {
-        UniformArena { capacity, buffer: None, used: 0, staged: Vec::new(), staged_from: 0 }
+        UniformArena {
+            capacity,
+            buffer: None,
+            used: 0,
+            staged: Vec::new(),
+            staged_from: 0,
+        }
     }
 }
 
@@ -467,9 +543,16 @@ impl<'g> Batch<'g> {
         let mut padded = params.to_vec();
         padded.resize(params.len().max(16).next_multiple_of(16), 0);
         let (uniform, offset) = self.uniforms.push(self.gpu, &padded)?;
-        let params = Binding { buffer: &uniform, offset, size: padded.len() as u64 };
-        let entries: Vec<(u32, Binding)> =
-            std::iter::once(params).chain(buffers.iter().copied()).enumerate().map(|(i, b)| (i as u32, b)).collect();
+        let params = Binding {
+            buffer: &uniform,
+            offset,
+            size: padded.len() as u64,
+        };
+        let entries: Vec<(u32, Binding)> = std::iter::once(params)
+            .chain(buffers.iter().copied())
+            .enumerate()
+            .map(|(i, b)| (i as u32, b))
+            .collect();
         self.dispatch_entries(key, &entries, workgroups)
     }
 
@@ -479,13 +562,22 @@ impl<'g> Batch<'g> {
         let mut padded = params.to_vec();
         padded.resize(params.len().max(16).next_multiple_of(16), 0);
         let (buffer, offset) = self.uniforms.push(self.gpu, &padded)?;
-        Ok(Uniform { buffer, offset, size: padded.len() as u64 })
+        Ok(Uniform {
+            buffer,
+            offset,
+            size: padded.len() as u64,
+        })
     }
 
     /// [`Batch::dispatch`] with every binding given by number, its parameters (a uniform) too:
     /// planned decode kernels also bind a uniform of per-token values (position, cache length)
     /// that is rewritten before each replay.
-    pub fn dispatch_entries(&mut self, key: &PipelineKey, entries: &[(u32, Binding<'_>)], workgroups: [u32; 3]) -> Result<()> {
+    pub fn dispatch_entries(
+        &mut self,
+        key: &PipelineKey,
+        entries: &[(u32, Binding<'_>)],
+        workgroups: [u32; 3],
+    ) -> Result<()> {
         let pipeline = self.gpu.pipeline(key)?;
         for (_, b) in entries {
             if b.size > self.gpu.max_binding() {
@@ -508,12 +600,19 @@ impl<'g> Batch<'g> {
             })
             .collect();
         self.gpu.counters.add(&self.gpu.counters.bind_groups, 1);
-        let bind_group = self.gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(key.entry),
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &entries,
-        });
-        let step = PlanStep::Dispatch { pipeline, bind_group, workgroups };
+        let bind_group = self
+            .gpu
+            .device
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(key.entry),
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &entries,
+            });
+        let step = PlanStep::Dispatch {
+            pipeline,
+            bind_group,
+            workgroups,
+        };
         match &mut self.target {
             Target::Plan(steps) => steps.push(step),
             Target::Encoder { .. } => self.encode(&step),
@@ -539,7 +638,9 @@ impl<'g> Batch<'g> {
     /// Records the dispatches (and copies) of `plan`.
     pub fn run(&mut self, plan: &Plan) -> Result<()> {
         if !std::ptr::eq(plan.gpu_id, self.gpu) {
-            return Err(GpuError::Validation("a plan ran on another device than it was made for".into()));
+            return Err(GpuError::Validation(
+                "a plan ran on another device than it was made for".into(),
+            ));
         }
         for step in &plan.steps {
             match &mut self.target {
@@ -552,23 +653,44 @@ impl<'g> Batch<'g> {
 
     /// Copies `size` bytes of `src` into `dst`, a buffer the host maps ([`Readback`]).
     pub fn copy_to_host(&mut self, src: Binding<'_>, dst: &Readback) {
-        self.copy(src, Binding { buffer: &dst.buffer, offset: 0, size: src.size });
+        self.copy(
+            src,
+            Binding {
+                buffer: &dst.buffer,
+                offset: 0,
+                size: src.size,
+            },
+        );
     }
 
     fn encode(&mut self, step: &PlanStep) {
-        let Target::Encoder { encoder, pass } = &mut self.target else { unreachable!("encoding a plan") };
+        let Target::Encoder { encoder, pass } = &mut self.target else {
+            unreachable!("encoding a plan")
+        };
         match step {
-            PlanStep::Dispatch { pipeline, bind_group, workgroups } => {
+            PlanStep::Dispatch {
+                pipeline,
+                bind_group,
+                workgroups,
+            } => {
                 let pass = pass.get_or_insert_with(|| {
                     self.gpu.counters.add(&self.gpu.counters.passes, 1);
-                    encoder.begin_compute_pass(&wgpu::ComputePassDescriptor::default()).forget_lifetime()
+                    encoder
+                        .begin_compute_pass(&wgpu::ComputePassDescriptor::default())
+                        .forget_lifetime()
                 });
                 self.gpu.counters.add(&self.gpu.counters.dispatches, 1);
                 pass.set_pipeline(pipeline);
                 pass.set_bind_group(0, bind_group, &[]);
                 pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
             }
-            PlanStep::Copy { src, src_offset, dst, dst_offset, size } => {
+            PlanStep::Copy {
+                src,
+                src_offset,
+                dst,
+                dst_offset,
+                size,
+            } => {
                 // A copy cannot happen inside a compute pass.
                 *pass = None;
                 encoder.copy_buffer_to_buffer(src, *src_offset, dst, *dst_offset, *size);
@@ -579,24 +701,41 @@ impl<'g> Batch<'g> {
     /// Ends recording into a plan (see [`Gpu::plan`]).
     pub fn into_plan(mut self) -> Result<Plan> {
         self.uniforms.upload(self.gpu);
-        let Target::Plan(steps) = std::mem::replace(&mut self.target, Target::Plan(Vec::new())) else {
-            return Err(GpuError::Validation("into_plan on a batch that encodes commands".into()));
+        let Target::Plan(steps) = std::mem::replace(&mut self.target, Target::Plan(Vec::new()))
+        else {
+            return Err(GpuError::Validation(
+                "into_plan on a batch that encodes commands".into(),
+            ));
         };
         self.gpu.check()?;
-        Ok(Plan { steps, gpu_id: self.gpu })
+        Ok(Plan {
+            steps,
+            gpu_id: self.gpu,
+        })
     }
 
     /// The commands recorded so far, with the parameters they read written to the GPU.
     fn finish_encoder(&mut self) -> Result<wgpu::CommandBuffer> {
-        let fresh = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
-        let target = std::mem::replace(&mut self.target, Target::Encoder { encoder: fresh, pass: None });
+        let fresh = self
+            .gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
+        let target = std::mem::replace(
+            &mut self.target,
+            Target::Encoder {
+                encoder: fresh,
+                pass: None,
+            },
+        );
         self.uniforms.upload(self.gpu);
         match target {
             Target::Encoder { encoder, pass } => {
                 drop(pass);
                 Ok(encoder.finish())
             }
-            Target::Plan(_) => Err(GpuError::Validation("submitting a batch that records a plan".into())),
+            Target::Plan(_) => Err(GpuError::Validation(
+                "submitting a batch that records a plan".into(),
+            )),
         }
     }
 
@@ -627,12 +766,23 @@ impl Uniform {
     /// A uniform buffer of `size` bytes (a multiple of 16) of its own, written with [`Uniform::write`].
     pub fn new(gpu: &Gpu, size: u64) -> Result<Uniform> {
         let size = size.max(16).next_multiple_of(16);
-        let buffer = gpu.create_buffer(size, wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST)?;
-        Ok(Uniform { buffer, offset: 0, size })
+        let buffer = gpu.create_buffer(
+            size,
+            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        )?;
+        Ok(Uniform {
+            buffer,
+            offset: 0,
+            size,
+        })
     }
 
     pub fn binding(&self) -> Binding<'_> {
-        Binding { buffer: &self.buffer, offset: self.offset, size: self.size }
+        Binding {
+            buffer: &self.buffer,
+            offset: self.offset,
+            size: self.size,
+        }
     }
 
     /// Writes `bytes` at the start of the range; the next submission sees them.
@@ -644,8 +794,18 @@ impl Uniform {
 /// One recorded command of a [`Plan`].
 #[derive(Clone)]
 enum PlanStep {
-    Dispatch { pipeline: Arc<wgpu::ComputePipeline>, bind_group: wgpu::BindGroup, workgroups: [u32; 3] },
-    Copy { src: wgpu::Buffer, src_offset: u64, dst: wgpu::Buffer, dst_offset: u64, size: u64 },
+    Dispatch {
+        pipeline: Arc<wgpu::ComputePipeline>,
+        bind_group: wgpu::BindGroup,
+        workgroups: [u32; 3],
+    },
+    Copy {
+        src: wgpu::Buffer,
+        src_offset: u64,
+        dst: wgpu::Buffer,
+        dst_offset: u64,
+        size: u64,
+    },
 }
 
 /// Dispatches recorded once, with their pipelines, bind groups and parameters, and replayed by
@@ -663,7 +823,10 @@ unsafe impl Sync for Plan {}
 impl Plan {
     /// Number of dispatches per replay.
     pub fn dispatches(&self) -> usize {
-        self.steps.iter().filter(|s| matches!(s, PlanStep::Dispatch { .. })).count()
+        self.steps
+            .iter()
+            .filter(|s| matches!(s, PlanStep::Dispatch { .. }))
+            .count()
     }
 }
 
@@ -677,7 +840,10 @@ pub struct Readback {
 impl Readback {
     pub fn new(gpu: &Gpu, size: u64) -> Result<Readback> {
         let size = size.next_multiple_of(4);
-        let buffer = gpu.create_buffer(size, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?;
+        let buffer = gpu.create_buffer(
+            size,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        )?;
         Ok(Readback { buffer, size })
     }
 
@@ -685,17 +851,27 @@ impl Readback {
     /// blocks on the device; on the web it awaits `mapAsync`.
     pub async fn read(&self, gpu: &Gpu) -> Result<Vec<u8>> {
         let (tx, rx) = futures_channel::oneshot::channel();
-        self.buffer.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
+        self.buffer
+            .slice(..)
+            .map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send(r);
+            });
         #[cfg(not(target_arch = "wasm32"))]
         gpu.device
-            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+            .poll(wgpu::PollType::Wait {
+                submission_index: None,
+                timeout: None,
+            })
             .map_err(|e| GpuError::Readback(e.to_string()))?;
-        let mapped = rx.await.map_err(|_| GpuError::Readback("map callback dropped".into()));
+        let mapped = rx
+            .await
+            .map_err(|_| GpuError::Readback("map callback dropped".into()));
         gpu.check()?;
         mapped?.map_err(|e| GpuError::Readback(e.to_string()))?;
-        let view = self.buffer.get_mapped_range(..).map_err(|e| GpuError::Readback(e.to_string()))?;
+        let view = self
+            .buffer
+            .get_mapped_range(..)
+            .map_err(|e| GpuError::Readback(e.to_string()))?;
         let bytes = view.to_vec();
         drop(view);
         self.buffer.unmap();
@@ -809,18 +985,28 @@ mod tests {
         let window = row_bytes * (storage_align / row_bytes).max(1);
         let rows_per_window = (window / row_bytes) as usize;
         let mut batch = gpu.batch_with_uniform_arena(3 * align);
-        let first = linear_windowed(&mut batch, &tx, &tw, None, LinearKernel::Gemv, window).unwrap();
+        let first =
+            linear_windowed(&mut batch, &tx, &tw, None, LinearKernel::Gemv, window).unwrap();
         batch.flush().unwrap();
-        let second = linear_windowed(&mut batch, &tx, &tw, None, LinearKernel::Gemm, window).unwrap();
+        let second =
+            linear_windowed(&mut batch, &tx, &tw, None, LinearKernel::Gemm, window).unwrap();
         batch.submit().unwrap();
-        assert!(n.div_ceil(rows_per_window) > 3, "the test needs more dispatches than slots");
+        assert!(
+            n.div_ceil(rows_per_window) > 3,
+            "the test needs more dispatches than slots"
+        );
         let want: Vec<f32> = (0..m * n)
             .map(|e| {
                 let (i, j) = (e / n, e % n);
-                (0..k).map(|c| x[i * k + c] as f64 * w[j * k + c] as f64).sum::<f64>() as f32
+                (0..k)
+                    .map(|c| x[i * k + c] as f64 * w[j * k + c] as f64)
+                    .sum::<f64>() as f32
             })
             .collect();
-        for (y, what) in [(first, "gemv before the flush"), (second, "gemm after the flush")] {
+        for (y, what) in [
+            (first, "gemv before the flush"),
+            (second, "gemm after the flush"),
+        ] {
             let got = pollster::block_on(y.to_f32(gpu)).unwrap();
             assert_close(&got, &want, 1e-4, what);
         }

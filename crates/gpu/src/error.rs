@@ -21,12 +21,19 @@ pub enum GpuError {
     Unsupported { op: &'static str, what: String },
     /// `what`: the WebGPU limit exceeded.
     #[error("a GPU buffer of {bytes} bytes exceeds this GPU's {what} of {limit} bytes")]
-    TooLarge { bytes: u64, limit: u64, what: &'static str },
+    TooLarge {
+        bytes: u64,
+        limit: u64,
+        what: &'static str,
+    },
 }
 
 pub type Result<T, E = GpuError> = std::result::Result<T, E>;
 
 /// Shorthand for a shape error inside an op.
 pub(crate) fn shape_err(op: &'static str, msg: impl Into<String>) -> GpuError {
-    GpuError::Shape { op, msg: msg.into() }
+    GpuError::Shape {
+        op,
+        msg: msg.into(),
+    }
 }

@@ -15,7 +15,9 @@ pub mod quant;
 pub mod registry;
 pub mod tensor;
 
-pub use context::{Batch, Binding, Counters, Gpu, GpuFeatures, GpuOptions, Plan, Readback, Uniform};
+pub use context::{
+    Batch, Binding, Counters, Gpu, GpuFeatures, GpuOptions, Plan, Readback, Uniform,
+};
 pub use error::{GpuError, Result};
 pub use tensor::{DType, Tensor};
 

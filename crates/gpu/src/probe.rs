@@ -20,7 +20,12 @@ pub fn read_bandwidth(gpu: &Gpu, bytes: u64) -> Result<f64> {
     let key = PipelineKey::new(shader!("probe"), "read_all");
     let params = [(bytes / 16) as u32, READ_THREADS];
     let mut plan = gpu.plan();
-    plan.dispatch(&key, bytemuck::cast_slice(&params), &[data.binding(), sums.binding()], gpu.grid(READ_THREADS / 256))?;
+    plan.dispatch(
+        &key,
+        bytemuck::cast_slice(&params),
+        &[data.binding(), sums.binding()],
+        gpu.grid(READ_THREADS / 256),
+    )?;
     let plan = plan.into_plan()?;
     time_best(gpu, bytes, |batch| batch.run(&plan))
 }
@@ -38,7 +43,11 @@ pub fn copy_bandwidth(gpu: &Gpu, bytes: u64) -> Result<f64> {
 
 /// `bytes` over the best time of 4 recordings of `record` per submission, 3 submissions after a
 /// warm-up.
-fn time_best(gpu: &Gpu, bytes: u64, record: impl Fn(&mut crate::Batch) -> Result<()>) -> Result<f64> {
+fn time_best(
+    gpu: &Gpu,
+    bytes: u64,
+    record: impl Fn(&mut crate::Batch) -> Result<()>,
+) -> Result<f64> {
     const REPEATS: u32 = 4;
     let mut best = f64::INFINITY;
     for run in 0..4 {

@@ -22,12 +22,14 @@ use half::f16;
 use crate::DType;
 
 /// Q4's code book: nibble `n` stands for `Q4_VALUES[n] * scale`.
-pub const Q4_VALUES: [f32; 16] =
-    [-127., -104., -83., -65., -49., -35., -22., -10., 1., 13., 25., 38., 53., 69., 89., 113.];
+pub const Q4_VALUES: [f32; 16] = [
+    -127., -104., -83., -65., -49., -35., -22., -10., 1., 13., 25., 38., 53., 69., 89., 113.,
+];
 
 /// Midpoints of consecutive Q4 codes: a value goes to the nearest code, the lower one on a midpoint.
-const Q4_MIDPOINTS: [f32; 15] =
-    [-115.5, -93.5, -74., -57., -42., -28.5, -16., -4.5, 7., 19., 31.5, 45.5, 61., 79., 101.];
+const Q4_MIDPOINTS: [f32; 15] = [
+    -115.5, -93.5, -74., -57., -42., -28.5, -16., -4.5, 7., 19., 31.5, 45.5, 61., 79., 101.,
+];
 
 /// The Q4 scales tried for a group: its value of largest magnitude over each of these (mapping
 /// it to the lowest code, or to the highest, or a little inside them); the one with the smallest
@@ -51,11 +53,17 @@ pub fn quantizable(dtype: DType, cols: usize) -> bool {
 
 /// The value of largest magnitude (the first of equal magnitudes).
 fn largest(values: &[f32]) -> f32 {
-    values.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m })
+    values
+        .iter()
+        .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m })
 }
 
 fn inverse(scale: f16) -> f32 {
-    if scale.to_f32() == 0.0 { 0.0 } else { 1.0 / scale.to_f32() }
+    if scale.to_f32() == 0.0 {
+        0.0
+    } else {
+        1.0 / scale.to_f32()
+    }
 }
 
 /// The Q4 code of each value of `scaled` (values over the scale): the number of midpoints below
@@ -104,13 +112,19 @@ fn quantize_q4_group(values: &[f32], codes: &mut [u8; Q4_GROUP]) -> f16 {
 /// shift) and its high bit pair (byte, shift).
 fn q6_position(cols: usize, row: usize, col: usize) -> ((usize, usize), (usize, usize)) {
     let row_start = row * cols * 3 / 4;
-    ((row_start + col / 2, 4 * (col % 2)), (row_start + cols / 2 + col / 4, 2 * (col % 4)))
+    (
+        (row_start + col / 2, 4 * (col % 2)),
+        (row_start + cols / 2 + col / 4, 2 * (col % 4)),
+    )
 }
 
 /// Quantizes a row-major f32 matrix to `dtype` (Q8, Q6 or Q4). Natively, large matrices are
 /// cut into row blocks quantized on all cores (Q4's scale search makes it ~30 M values/s a core).
 pub fn quantize(dtype: DType, rows: usize, cols: usize, w: &[f32]) -> QuantMatrix {
-    assert!(quantizable(dtype, cols) && w.len() == rows * cols, "quantize {rows}x{cols} to {dtype:?}");
+    assert!(
+        quantizable(dtype, cols) && w.len() == rows * cols,
+        "quantize {rows}x{cols} to {dtype:?}"
+    );
     let (group, row_bytes) = (dtype.group_size(), dtype.data_bytes(cols) as usize);
     let mut data = vec![0u8; rows * row_bytes];
     let mut scales = vec![f16::ZERO; rows * cols / group];
@@ -128,7 +142,13 @@ pub fn quantize(dtype: DType, rows: usize, cols: usize, w: &[f32]) -> QuantMatri
             }
         });
     }
-    QuantMatrix { dtype, rows, cols, data, scales }
+    QuantMatrix {
+        dtype,
+        rows,
+        cols,
+        data,
+        scales,
+    }
 }
 
 /// Threads to quantize `values` values with: all cores natively from a million values on, one
@@ -189,7 +209,8 @@ pub fn dequantize(q: &QuantMatrix) -> Vec<f32> {
             let v = match q.dtype {
                 DType::Q8 => q.data[i] as i8 as f32,
                 DType::Q6 => {
-                    let ((lo, lo_shift), (hi, hi_shift)) = q6_position(q.cols, i / q.cols, i % q.cols);
+                    let ((lo, lo_shift), (hi, hi_shift)) =
+                        q6_position(q.cols, i / q.cols, i % q.cols);
                     let n = (q.data[lo] >> lo_shift) & 15 | ((q.data[hi] >> hi_shift) & 3) << 4;
                     n as f32 - 32.0
                 }
@@ -242,9 +263,16 @@ mod tests {
 
     #[test]
     fn q4_picks_the_scale_with_the_smallest_error() {
-        let w: Vec<f32> = (0..64).map(|i| (((i * 7919) % 211) as f32 / 50.0 - 2.0) * 0.02).collect();
+        let w: Vec<f32> = (0..64)
+            .map(|i| (((i * 7919) % 211) as f32 / 50.0 - 2.0) * 0.02)
+            .collect();
         let q = quantize(DType::Q4, 1, 64, &w);
-        let error = |d: &[f32]| w.iter().zip(d).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>();
+        let error = |d: &[f32]| {
+            w.iter()
+                .zip(d)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum::<f64>()
+        };
         let got = error(&dequantize(&q));
         // Every candidate scale, each value to its nearest code: none does better.
         let m = largest(&w);
@@ -254,19 +282,27 @@ mod tests {
                 .iter()
                 .map(|&v| {
                     let c = (0..16).min_by(|&a, &b| {
-                        (Q4_VALUES[a] * s - v).abs().total_cmp(&(Q4_VALUES[b] * s - v).abs())
+                        (Q4_VALUES[a] * s - v)
+                            .abs()
+                            .total_cmp(&(Q4_VALUES[b] * s - v).abs())
                     });
                     Q4_VALUES[c.unwrap()] * s
                 })
                 .collect();
-            assert!(got <= error(&nearest) * (1.0 + 1e-9), "divisor {divisor}: {got} > {}", error(&nearest));
+            assert!(
+                got <= error(&nearest) * (1.0 + 1e-9),
+                "divisor {divisor}: {got} > {}",
+                error(&nearest)
+            );
         }
     }
 
     #[test]
     fn row_blocks_on_threads_give_the_bytes_of_one_row_at_a_time() {
         let (rows, cols) = (1000, 1088); // over a million values: quantized on all cores
-        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 2003) as f32 / 1000.0 - 1.0).collect();
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 2003) as f32 / 1000.0 - 1.0)
+            .collect();
         for dtype in [DType::Q8, DType::Q6, DType::Q4] {
             let whole = quantize(dtype, rows, cols, &w);
             let (mut data, mut scales) = (Vec::new(), Vec::new());
@@ -281,7 +317,9 @@ mod tests {
 
     #[test]
     fn quantization_error_is_bounded() {
-        let w: Vec<f32> = (0..4 * 64).map(|i| ((i * 7919) % 211) as f32 / 50.0 - 2.0).collect();
+        let w: Vec<f32> = (0..4 * 64)
+            .map(|i| ((i * 7919) % 211) as f32 / 50.0 - 2.0)
+            .collect();
         for dtype in [DType::Q8, DType::Q6, DType::Q4] {
             let q = quantize(dtype, 4, 64, &w);
             let d = dequantize(&q);
@@ -295,7 +333,10 @@ mod tests {
                     DType::Q6 => 1.0,
                     _ => 18.0,
                 } * step;
-                assert!((a - b).abs() <= bound + 1e-3 * a.abs().max(1.0), "{dtype:?} {i}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= bound + 1e-3 * a.abs().max(1.0),
+                    "{dtype:?} {i}: {a} vs {b}"
+                );
             }
         }
     }

@@ -35,7 +35,12 @@ macro_rules! shader {
     ($name:literal) => {
         $crate::registry::Shader {
             name: $name,
-            source: include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shaders/", $name, ".wgsl")),
+            source: include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../shaders/",
+                $name,
+                ".wgsl"
+            )),
         }
     };
 }
@@ -51,7 +56,12 @@ pub struct PipelineKey {
 
 impl PipelineKey {
     pub fn new(shader: Shader, entry: &'static str) -> Self {
-        PipelineKey { shader, entry, flags: Vec::new(), constants: Vec::new() }
+        PipelineKey {
+            shader,
+            entry,
+            flags: Vec::new(),
+            constants: Vec::new(),
+        }
     }
 
     /// Turns on `#if FLAG` sections.
@@ -117,10 +127,14 @@ pub fn preprocess(source: &str, flags: &[&str]) -> Result<String, String> {
             let outer = live(&stack);
             stack.push((value, outer));
         } else if t == "#else" {
-            let top = stack.last_mut().ok_or(format!("line {}: #else without #if", n + 1))?;
+            let top = stack
+                .last_mut()
+                .ok_or(format!("line {}: #else without #if", n + 1))?;
             top.0 = !top.0;
         } else if t == "#endif" {
-            stack.pop().ok_or(format!("line {}: #endif without #if", n + 1))?;
+            stack
+                .pop()
+                .ok_or(format!("line {}: #endif without #if", n + 1))?;
         } else if t.starts_with('#') {
             return Err(format!("line {}: unknown directive {t}", n + 1));
         } else if live(&stack) {
@@ -144,7 +158,11 @@ pub struct PipelineRegistry {
 }
 
 impl PipelineRegistry {
-    pub fn get(&self, device: &wgpu::Device, key: &PipelineKey) -> Result<Arc<wgpu::ComputePipeline>> {
+    pub fn get(
+        &self,
+        device: &wgpu::Device,
+        key: &PipelineKey,
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
         if let Some(p) = self.cache.lock().unwrap().get(key) {
             return Ok(p.clone());
         }
@@ -154,7 +172,8 @@ impl PipelineRegistry {
             label: Some(key.shader.name),
             source: wgpu::ShaderSource::Wgsl(source.into()),
         });
-        let constants: Vec<(&str, f64)> = key.constants.iter().map(|&(n, v)| (n, v as f64)).collect();
+        let constants: Vec<(&str, f64)> =
+            key.constants.iter().map(|&(n, v)| (n, v as f64)).collect();
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(key.entry),
             layout: None,
@@ -167,7 +186,10 @@ impl PipelineRegistry {
             cache: None,
         });
         let pipeline = Arc::new(pipeline);
-        self.cache.lock().unwrap().insert(key.clone(), pipeline.clone());
+        self.cache
+            .lock()
+            .unwrap()
+            .insert(key.clone(), pipeline.clone());
         Ok(pipeline)
     }
 }
@@ -180,7 +202,12 @@ mod tests {
     fn preprocessor_keeps_taken_branches_only() {
         let src = "a\n#if F16\nb\n#if !X\nc\n#else\nd\n#endif\n#else\ne\n#endif\nf\n";
         let keep = |flags: &[&str]| -> Vec<String> {
-            preprocess(src, flags).unwrap().lines().filter(|l| !l.is_empty()).map(String::from).collect()
+            preprocess(src, flags)
+                .unwrap()
+                .lines()
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect()
         };
         assert_eq!(keep(&[]), ["a", "e", "f"]);
         assert_eq!(keep(&["F16"]), ["a", "b", "c", "f"]);
@@ -193,7 +220,13 @@ mod tests {
     #[test]
     fn shader_f16_flag_enables_f16_before_everything_on_line_one() {
         let src = "// header\n#if SHADER_F16\nalias T = f16;\n#else\nalias T = f32;\n#endif\n";
-        assert_eq!(preprocess(src, &["SHADER_F16"]).unwrap(), "enable f16; // header\nalias T = f16;\n\n");
-        assert_eq!(preprocess(src, &[]).unwrap(), "// header\n\nalias T = f32;\n");
+        assert_eq!(
+            preprocess(src, &["SHADER_F16"]).unwrap(),
+            "enable f16; // header\nalias T = f16;\n\n"
+        );
+        assert_eq!(
+            preprocess(src, &[]).unwrap(),
+            "// header\n\nalias T = f32;\n"
+        );
     }
 }

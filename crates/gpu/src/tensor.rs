@@ -58,7 +58,9 @@ impl DType {
     /// them), or `None` when that overflows u64. A model's needs are checked with it before any
     /// weight is read.
     pub fn buffer_bytes(self, shape: &[usize], scales_align: u64) -> Option<u64> {
-        let numel = shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64))?;
+        let numel = shape
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d as u64))?;
         let data = match self {
             DType::F32 | DType::U32 => numel.checked_mul(4)?,
             DType::F16 => numel.checked_mul(2)?,
@@ -70,7 +72,8 @@ impl DType {
             return Some(data);
         }
         let scales = (numel / self.group_size() as u64).checked_mul(2)?;
-        data.checked_next_multiple_of(scales_align.max(1))?.checked_add(scales)
+        data.checked_next_multiple_of(scales_align.max(1))?
+            .checked_add(scales)
     }
 }
 
@@ -94,11 +97,20 @@ impl Tensor {
     /// An uninitialised (zeroed) tensor.
     pub fn empty(gpu: &Gpu, shape: &[usize], dtype: DType) -> Result<Tensor> {
         if dtype.is_quantized() {
-            return Err(GpuError::Unsupported { op: "Tensor::empty", what: format!("{dtype:?}") });
+            return Err(GpuError::Unsupported {
+                op: "Tensor::empty",
+                what: format!("{dtype:?}"),
+            });
         }
         let numel = shape.iter().product();
         let buffer = gpu.create_buffer(dtype.data_bytes(numel), STORAGE)?;
-        Ok(Tensor { buffer: Arc::new(buffer), offset: 0, scales: None, shape: shape.to_vec(), dtype })
+        Ok(Tensor {
+            buffer: Arc::new(buffer),
+            offset: 0,
+            scales: None,
+            shape: shape.to_vec(),
+            dtype,
+        })
     }
 
     /// Uploads raw bytes in `dtype`'s layout (not for quantized tensors: see [`Tensor::from_quant`]).
@@ -107,7 +119,11 @@ impl Tensor {
         if bytes.len() as u64 != dtype.data_bytes(numel) {
             return Err(shape_err(
                 "Tensor::from_bytes",
-                format!("{} bytes for {dtype:?} {shape:?} (want {})", bytes.len(), dtype.data_bytes(numel)),
+                format!(
+                    "{} bytes for {dtype:?} {shape:?} (want {})",
+                    bytes.len(),
+                    dtype.data_bytes(numel)
+                ),
             ));
         }
         let t = Tensor::empty(gpu, shape, dtype)?;
@@ -164,12 +180,28 @@ impl Tensor {
             .iter()
             .zip(places)
             .map(|(t, (data, scales))| {
-                let whole = Binding { buffer: &buffer, offset: 0, size };
-                batch.copy(t.binding().with_size(t.byte_len().next_multiple_of(4)), whole.slice(data, 0));
+                let whole = Binding {
+                    buffer: &buffer,
+                    offset: 0,
+                    size,
+                };
+                batch.copy(
+                    t.binding().with_size(t.byte_len().next_multiple_of(4)),
+                    whole.slice(data, 0),
+                );
                 if let (Some(src), Some(at)) = (t.scales_binding(), scales) {
-                    batch.copy(src.with_size(src.size.next_multiple_of(4)), whole.slice(at, 0));
+                    batch.copy(
+                        src.with_size(src.size.next_multiple_of(4)),
+                        whole.slice(at, 0),
+                    );
                 }
-                Tensor { buffer: buffer.clone(), offset: data, scales, shape: t.shape.clone(), dtype: t.dtype }
+                Tensor {
+                    buffer: buffer.clone(),
+                    offset: data,
+                    scales,
+                    shape: t.shape.clone(),
+                    dtype: t.dtype,
+                }
             })
             .collect();
         batch.submit()?;
@@ -200,31 +232,50 @@ impl Tensor {
     pub fn dims2(&self) -> Result<(usize, usize)> {
         match self.shape[..] {
             [r, c] => Ok((r, c)),
-            _ => Err(shape_err("dims2", format!("expected a matrix, got {:?}", self.shape))),
+            _ => Err(shape_err(
+                "dims2",
+                format!("expected a matrix, got {:?}", self.shape),
+            )),
         }
     }
 
     /// The same data with another shape (same number of elements).
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
         if shape.iter().product::<usize>() != self.numel() || self.dtype.is_quantized() {
-            return Err(shape_err("reshape", format!("{:?} -> {shape:?}", self.shape)));
+            return Err(shape_err(
+                "reshape",
+                format!("{:?} -> {shape:?}", self.shape),
+            ));
         }
-        Ok(Tensor { shape: shape.to_vec(), ..self.clone() })
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            ..self.clone()
+        })
     }
 
     /// Rows `start..start + count` of the tensor viewed as `[rows, last_dim]`, without a copy.
     /// The start must fall on the adapter's storage-offset alignment (256 bytes on most GPUs).
     pub fn narrow_rows(&self, gpu: &Gpu, start: usize, count: usize) -> Result<Tensor> {
         if self.dtype.is_quantized() || self.rank() < 2 || start + count > self.rows() {
-            return Err(shape_err("narrow_rows", format!("rows {start}+{count} of {:?}", self.shape)));
+            return Err(shape_err(
+                "narrow_rows",
+                format!("rows {start}+{count} of {:?}", self.shape),
+            ));
         }
         let offset = self.offset + self.dtype.data_bytes(start * self.last_dim());
         let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
         if offset % align != 0 {
-            return Err(shape_err("narrow_rows", format!("offset {offset} not aligned to {align}")));
+            return Err(shape_err(
+                "narrow_rows",
+                format!("offset {offset} not aligned to {align}"),
+            ));
         }
         let shape = vec![count, self.last_dim()];
-        Ok(Tensor { offset, shape, ..self.clone() })
+        Ok(Tensor {
+            offset,
+            shape,
+            ..self.clone()
+        })
     }
 
     /// Copies rows `src_start..src_start + count` of `src` into `dst` from row `dst_start`, both
@@ -241,7 +292,10 @@ impl Tensor {
         let bad = |why: String| {
             Err(shape_err(
                 "copy_rows",
-                format!("rows {src_start}+{count} of {:?} {:?} to row {dst_start} of {:?} {:?}: {why}", src.shape, src.dtype, dst.shape, dst.dtype),
+                format!(
+                    "rows {src_start}+{count} of {:?} {:?} to row {dst_start} of {:?} {:?}: {why}",
+                    src.shape, src.dtype, dst.shape, dst.dtype
+                ),
             ))
         };
         if src.dtype != dst.dtype || src.dtype.is_quantized() || src.last_dim() != dst.last_dim() {
@@ -256,7 +310,10 @@ impl Tensor {
         }
         if count > 0 {
             let bytes = row * count as u64;
-            batch.copy(src.binding().slice(row * src_start as u64, bytes), dst.binding().slice(row * dst_start as u64, bytes));
+            batch.copy(
+                src.binding().slice(row * src_start as u64, bytes),
+                dst.binding().slice(row * dst_start as u64, bytes),
+            );
         }
         Ok(())
     }
@@ -268,13 +325,21 @@ impl Tensor {
 
     /// The main data as a storage binding.
     pub fn binding(&self) -> Binding<'_> {
-        Binding { buffer: &self.buffer, offset: self.offset, size: self.byte_len().max(4) }
+        Binding {
+            buffer: &self.buffer,
+            offset: self.offset,
+            size: self.byte_len().max(4),
+        }
     }
 
     /// The f16 group scales of a quantized tensor.
     pub fn scales_binding(&self) -> Option<Binding<'_>> {
         let groups = self.numel() / self.dtype.group_size().max(1);
-        self.scales.map(|at| Binding { buffer: &self.buffer, offset: at, size: groups as u64 * 2 })
+        self.scales.map(|at| Binding {
+            buffer: &self.buffer,
+            offset: at,
+            size: groups as u64 * 2,
+        })
     }
 
     /// Whether `other` lives in the same buffer (see [`Tensor::pack`]).
@@ -293,22 +358,32 @@ impl Tensor {
 
     /// Reads an F32 or F16 tensor back as f32 values.
     pub async fn to_f32(&self, gpu: &Gpu) -> Result<Vec<f32>> {
-        let bytes = gpu.read_buffer(&self.buffer, self.offset, self.byte_len()).await?;
+        let bytes = gpu
+            .read_buffer(&self.buffer, self.offset, self.byte_len())
+            .await?;
         match self.dtype {
             DType::F32 => Ok(bytemuck::pod_collect_to_vec(&bytes)),
             DType::F16 => Ok(bytemuck::pod_collect_to_vec::<u8, half::f16>(&bytes)
                 .into_iter()
                 .map(f32::from)
                 .collect()),
-            d => Err(GpuError::Unsupported { op: "to_f32", what: format!("{d:?}") }),
+            d => Err(GpuError::Unsupported {
+                op: "to_f32",
+                what: format!("{d:?}"),
+            }),
         }
     }
 
     pub async fn to_u32(&self, gpu: &Gpu) -> Result<Vec<u32>> {
         if self.dtype != DType::U32 {
-            return Err(GpuError::Unsupported { op: "to_u32", what: format!("{:?}", self.dtype) });
+            return Err(GpuError::Unsupported {
+                op: "to_u32",
+                what: format!("{:?}", self.dtype),
+            });
         }
-        let bytes = gpu.read_buffer(&self.buffer, self.offset, self.byte_len()).await?;
+        let bytes = gpu
+            .read_buffer(&self.buffer, self.offset, self.byte_len())
+            .await?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 }
@@ -349,12 +424,18 @@ mod tests {
 
         let mut batch = gpu.batch();
         let wide = Tensor::from_f32(&gpu, &[2, 6], &[0.0; 12]).unwrap();
-        for (from, to, start, count) in [(&src, &dst, 3, 2), (&src, &dst, 0, 5), (&src, &wide, 0, 1)] {
-            let msg = Tensor::copy_rows(&mut batch, from, start, to, 0, count).unwrap_err().to_string();
+        for (from, to, start, count) in
+            [(&src, &dst, 3, 2), (&src, &dst, 0, 5), (&src, &wide, 0, 1)]
+        {
+            let msg = Tensor::copy_rows(&mut batch, from, start, to, 0, count)
+                .unwrap_err()
+                .to_string();
             assert!(msg.contains("copy_rows"), "{msg}");
         }
         let odd = Tensor::from_f16(&gpu, &[2, 3], &[half::f16::ZERO; 6]).unwrap();
-        let msg = Tensor::copy_rows(&mut batch, &odd, 0, &odd, 1, 1).unwrap_err().to_string();
+        let msg = Tensor::copy_rows(&mut batch, &odd, 0, &odd, 1, 1)
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("not 4-byte aligned"), "{msg}");
     }
 
@@ -365,12 +446,21 @@ mod tests {
         let (rows, cols) = (3, 192);
         let values: Vec<f32> = (0..rows * cols).map(|i| (i as f32 * 0.37).sin()).collect();
         for dtype in [DType::Q8, DType::Q6, DType::Q4] {
-            let t = Tensor::from_quant(&gpu, &crate::quant::quantize(dtype, rows, cols, &values)).unwrap();
-            assert_eq!(dtype.buffer_bytes(&[rows, cols], gpu.storage_align()), Some(t.buffer.size()), "{dtype:?}");
+            let t = Tensor::from_quant(&gpu, &crate::quant::quantize(dtype, rows, cols, &values))
+                .unwrap();
+            assert_eq!(
+                dtype.buffer_bytes(&[rows, cols], gpu.storage_align()),
+                Some(t.buffer.size()),
+                "{dtype:?}"
+            );
         }
         for dtype in [DType::F32, DType::F16] {
             let t = Tensor::empty(&gpu, &[rows, cols], dtype).unwrap();
-            assert_eq!(dtype.buffer_bytes(&[rows, cols], gpu.storage_align()), Some(t.buffer.size()), "{dtype:?}");
+            assert_eq!(
+                dtype.buffer_bytes(&[rows, cols], gpu.storage_align()),
+                Some(t.buffer.size()),
+                "{dtype:?}"
+            );
         }
         assert_eq!(DType::F16.buffer_bytes(&[usize::MAX, 3], 256), None);
     }

@@ -20,8 +20,11 @@ pub fn gpu() -> &'static Gpu {
 pub fn gpu_without_f16() -> &'static Gpu {
     static GPU: OnceLock<Gpu> = OnceLock::new();
     GPU.get_or_init(|| {
-        Gpu::with_options_blocking(GpuOptions { f16: false, ..Default::default() })
-            .expect("a wgpu adapter (install mesa-vulkan-drivers)")
+        Gpu::with_options_blocking(GpuOptions {
+            f16: false,
+            ..Default::default()
+        })
+        .expect("a wgpu adapter (install mesa-vulkan-drivers)")
     })
 }
 

@@ -10,10 +10,17 @@ use llava_gpu::registry::{SHADER_F16, preprocess};
 
 /// The flag sets a shader declares with `// variants:`, if it does.
 fn declared_variants(source: &str) -> Option<Vec<Vec<String>>> {
-    let line = source.lines().find_map(|l| l.trim().strip_prefix("// variants:"))?;
+    let line = source
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("// variants:"))?;
     Some(
         line.split('|')
-            .map(|set| set.split_whitespace().filter(|f| *f != "-").map(String::from).collect())
+            .map(|set| {
+                set.split_whitespace()
+                    .filter(|f| *f != "-")
+                    .map(String::from)
+                    .collect()
+            })
             .collect(),
     )
 }
@@ -21,9 +28,19 @@ fn declared_variants(source: &str) -> Option<Vec<Vec<String>>> {
 /// Every combination of the flags a shader tests with `#if`.
 fn all_combinations(source: &str) -> Vec<Vec<String>> {
     let flags = flags_used(source);
-    assert!(flags.len() <= 8, "too many flags to enumerate: {flags:?}; declare `// variants:`");
+    assert!(
+        flags.len() <= 8,
+        "too many flags to enumerate: {flags:?}; declare `// variants:`"
+    );
     (0..1u32 << flags.len())
-        .map(|mask| flags.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, f)| f.clone()).collect())
+        .map(|mask| {
+            flags
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| mask & (1 << i) != 0)
+                .map(|(_, f)| f.clone())
+                .collect()
+        })
         .collect()
 }
 
@@ -62,19 +79,35 @@ fn every_shader_validates_with_naga() {
             let module = match naga::front::wgsl::parse_str(&text) {
                 Ok(m) => m,
                 Err(e) => {
-                    failures.push(format!("{} {on:?}: {}", path.display(), e.emit_to_string(&text)));
+                    failures.push(format!(
+                        "{} {on:?}: {}",
+                        path.display(),
+                        e.emit_to_string(&text)
+                    ));
                     continue;
                 }
             };
             // Only SHADER_F16 variants (whose text starts with `enable f16;`) may use f16 values:
             // the others must run on devices without shader-f16.
             let mut caps = naga::valid::Capabilities::all();
-            caps.set(naga::valid::Capabilities::SHADER_FLOAT16, on.contains(&SHADER_F16));
-            let mut validator = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps);
+            caps.set(
+                naga::valid::Capabilities::SHADER_FLOAT16,
+                on.contains(&SHADER_F16),
+            );
+            let mut validator =
+                naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps);
             if let Err(e) = validator.validate(&module) {
-                failures.push(format!("{} {on:?}: {}", path.display(), e.emit_to_string(&text)));
+                failures.push(format!(
+                    "{} {on:?}: {}",
+                    path.display(),
+                    e.emit_to_string(&text)
+                ));
             }
         }
     }
-    assert!(failures.is_empty(), "shader validation failed:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "shader validation failed:\n{}",
+        failures.join("\n")
+    );
 }

@@ -106,7 +106,10 @@ pub fn from_pixels(
 /// either). Embedded ICC profiles are ignored (as Pillow's `convert` does).
 pub fn decode(bytes: &[u8]) -> Result<Rgb8, ImageError> {
     if bytes.len() as u64 > MAX_ENCODED_BYTES {
-        return Err(ImageError::FileTooLarge { bytes: bytes.len() as u64, max: MAX_ENCODED_BYTES });
+        return Err(ImageError::FileTooLarge {
+            bytes: bytes.len() as u64,
+            max: MAX_ENCODED_BYTES,
+        });
     }
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()

@@ -121,7 +121,13 @@ impl ImageConfig {
                 ));
             }
         }
-        if self.image_mean.iter().chain(&self.image_std).any(|x| !x.is_finite()) || self.image_std.contains(&0.0) {
+        if self
+            .image_mean
+            .iter()
+            .chain(&self.image_std)
+            .any(|x| !x.is_finite())
+            || self.image_std.contains(&0.0)
+        {
             return bad(format!(
                 "image_mean {:?} and image_std {:?} must be finite, and image_std non-zero",
                 self.image_mean, self.image_std

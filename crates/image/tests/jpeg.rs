@@ -189,7 +189,9 @@ fn bad_frame_headers_are_errors() {
 /// components cannot be zero").
 #[test]
 fn arithmetic_coding_is_refused_by_name() {
-    let err = decode(&read(&fixture("jpeg/arithmetic_37x23_q75_420.jpg"))).unwrap_err().to_string();
+    let err = decode(&read(&fixture("jpeg/arithmetic_37x23_q75_420.jpg")))
+        .unwrap_err()
+        .to_string();
     assert_eq!(
         err,
         "cannot decode image: arithmetic-coded JPEG (frame marker FFC9) is not supported; save the image as a \
@@ -203,5 +205,9 @@ fn encoded_images_over_the_cap_are_refused() {
     let bytes = vec![0u8; llava_image::MAX_ENCODED_BYTES as usize + 1];
     let err = decode(&bytes).unwrap_err();
     assert!(matches!(err, ImageError::FileTooLarge { .. }), "{err}");
-    assert!(err.to_string().contains("at most 268435456 bytes (256 MiB)"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("at most 268435456 bytes (256 MiB)"),
+        "{err}"
+    );
 }

@@ -5,13 +5,13 @@
 
 use llava_image::ImageConfig;
 
-use crate::checkpoint::{header_len, parse_header};
-use crate::config::{GenerationConfig, LlavaConfig, PreprocessorConfig};
-use crate::convert::ConversionPlan;
-use crate::loader::scan_shard;
-use crate::manifest::Manifest;
+use crate::files::checkpoint::{header_len, parse_header};
+use crate::files::config::{GenerationConfig, LlavaConfig, PreprocessorConfig};
+use crate::files::convert::ConversionPlan;
+use crate::files::loader::scan_shard;
+use crate::files::manifest::Manifest;
+use crate::files::weights::{KeepOptions, WeightPrecision};
 use crate::text::{ChatTemplate, Message, Tokenizer};
-use crate::weights::{KeepOptions, WeightPrecision};
 
 /// Every fuzz target: its name (the folder under `fuzz/corpus/`) and entry point.
 pub const TARGETS: [(&str, fn(&[u8])); 7] = [
@@ -26,13 +26,18 @@ pub const TARGETS: [(&str, fn(&[u8])); 7] = [
 
 /// A whole safetensors file: the length prefix, then the header.
 pub fn safetensors_header(data: &[u8]) {
-    let Some(prefix) = data.get(..8).and_then(|p| <[u8; 8]>::try_from(p).ok()) else { return };
+    let Some(prefix) = data.get(..8).and_then(|p| <[u8; 8]>::try_from(p).ok()) else {
+        return;
+    };
     let size = data.len() as u64;
     if let Ok(len) = header_len(prefix, size)
         && let Ok(entries) = parse_header(&data[8..8 + len as usize], size)
     {
         for entry in entries {
-            assert!(entry.start <= entry.end && entry.end <= size, "{entry:?} outside {size} bytes");
+            assert!(
+                entry.start <= entry.end && entry.end <= size,
+                "{entry:?} outside {size} bytes"
+            );
         }
     }
 }
@@ -40,21 +45,28 @@ pub fn safetensors_header(data: &[u8]) {
 /// A safetensors file through the streaming parser; the first byte picks the chunk size. Any
 /// chunking gives what one chunk gives, and each entry's bytes are its range of the file.
 pub fn shard_stream(data: &[u8]) {
-    let Some((&chunk, file)) = data.split_first() else { return };
+    let Some((&chunk, file)) = data.split_first() else {
+        return;
+    };
     let whole = scan_shard(file, file.len());
     let chunked = scan_shard(file, usize::from(chunk) + 1);
     assert_eq!(whole.is_ok(), chunked.is_ok(), "{whole:?} vs {chunked:?}");
     if let (Ok(whole), Ok(chunked)) = (whole, chunked) {
         assert_eq!(whole, chunked);
         for (entry, bytes) in whole {
-            assert_eq!(&file[entry.start as usize..entry.end as usize], bytes.as_slice());
+            assert_eq!(
+                &file[entry.start as usize..entry.end as usize],
+                bytes.as_slice()
+            );
         }
     }
 }
 
 /// A converted folder's `manifest.json`.
 pub fn manifest(data: &[u8]) {
-    let Ok(json) = std::str::from_utf8(data) else { return };
+    let Ok(json) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(manifest) = Manifest::from_json(json) {
         manifest.total_bytes();
     }
@@ -63,11 +75,19 @@ pub fn manifest(data: &[u8]) {
 /// `config.json`, also read as the processor and generation configs; a config that parses is
 /// planned for conversion (the `--dry-run` size arithmetic) and its image settings checked.
 pub fn config(data: &[u8]) {
-    let Ok(json) = std::str::from_utf8(data) else { return };
+    let Ok(json) = std::str::from_utf8(data) else {
+        return;
+    };
     let _ = GenerationConfig::from_json(json);
     let preprocessor = PreprocessorConfig::from_any_json(json).ok();
-    let Ok(config) = LlavaConfig::from_json(json) else { return };
-    let _ = crate::llava::image_config(&config, preprocessor.as_ref(), ["config.json", "processor_config.json"]);
+    let Ok(config) = LlavaConfig::from_json(json) else {
+        return;
+    };
+    let _ = crate::llava::image_config(
+        &config,
+        preprocessor.as_ref(),
+        ["config.json", "processor_config.json"],
+    );
     // Planning the largest configs the caps allow takes a moment: only small ones here.
     if config.text.num_hidden_layers + config.vision.num_hidden_layers <= 64 {
         let plan = ConversionPlan::for_config(
@@ -83,7 +103,10 @@ pub fn config(data: &[u8]) {
 
 /// A SentencePiece `tokenizer.model`, converted and used.
 pub fn sentencepiece(data: &[u8]) {
-    let Ok(tokenizer) = Tokenizer::from_sentencepiece_with_config(data, None, Some("llava_next")) else { return };
+    let Ok(tokenizer) = Tokenizer::from_sentencepiece_with_config(data, None, Some("llava_next"))
+    else {
+        return;
+    };
     if let Ok(ids) = tokenizer.encode("Hello <image>\nwörld 🙂 12", true) {
         let _ = tokenizer.decode(&ids, false);
         let mut decoder = tokenizer.stream_decoder(true);
@@ -95,8 +118,12 @@ pub fn sentencepiece(data: &[u8]) {
 
 /// A Jinja chat template, rendered for a conversation with an image.
 pub fn chat_template(data: &[u8]) {
-    let Ok(source) = std::str::from_utf8(data) else { return };
-    let Ok(template) = ChatTemplate::from_source(source) else { return };
+    let Ok(source) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(template) = ChatTemplate::from_source(source) else {
+        return;
+    };
     let messages = [
         Message::system("Be brief."),
         Message::user(1, "What is it?"),
@@ -108,10 +135,17 @@ pub fn chat_template(data: &[u8]) {
 
 /// An encoded image (PNG, JPEG, GIF, WebP), decoded and, when small, preprocessed.
 pub fn image(data: &[u8]) {
-    let Ok(rgb) = llava_image::decode(data) else { return };
+    let Ok(rgb) = llava_image::decode(data) else {
+        return;
+    };
     assert_eq!(rgb.data.len(), rgb.width as usize * rgb.height as usize * 3);
     if u64::from(rgb.width) * u64::from(rgb.height) <= 1 << 16 {
-        let config = ImageConfig { tile_size: 28, patch_size: 14, grid_pinpoints: vec![[28, 56], [56, 28]], ..ImageConfig::default() };
+        let config = ImageConfig {
+            tile_size: 28,
+            patch_size: 14,
+            grid_pinpoints: vec![[28, 56], [56, 28]],
+            ..ImageConfig::default()
+        };
         llava_image::preprocess(&rgb, &config).expect("a decoded image preprocesses");
     }
 }

@@ -1,13 +1,13 @@
 //! Generation: sampling, stop rules, and chat sessions that keep their KV cache across turns.
 
+use llava_gpu::Counters;
 use llava_gpu::ops::decode::Sampling;
 use llava_gpu::ops::reduce::argmax;
-use llava_gpu::Counters;
 use web_time::Instant;
 
 use crate::error::{ModelError, Result};
-use crate::language::{DecodePlan, KvCache};
 use crate::llava::{EncodedImage, Llava};
+use crate::net::language::{DecodePlan, KvCache};
 use crate::text::Message;
 
 /// How to pick the next tokens. `temperature == 0` (the default) is greedy decoding.
@@ -47,19 +47,33 @@ impl GenerateParams {
     /// Checks every parameter before any work, naming the parameter and the rule.
     pub fn validate(&self) -> Result<()> {
         let bad = |name: &str, value: &dyn std::fmt::Debug, rule: &str| {
-            Err(ModelError::Input(format!("generation parameter `{name}` is {value:?}; it must be {rule}")))
+            Err(ModelError::Input(format!(
+                "generation parameter `{name}` is {value:?}; it must be {rule}"
+            )))
         };
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return bad("temperature", &self.temperature, "a finite number >= 0 (0: greedy)");
+            return bad(
+                "temperature",
+                &self.temperature,
+                "a finite number >= 0 (0: greedy)",
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad("top_p", &self.top_p, "in (0, 1]");
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return bad("repetition_penalty", &self.repetition_penalty, "a finite number > 0 (1: off)");
+            return bad(
+                "repetition_penalty",
+                &self.repetition_penalty,
+                "a finite number > 0 (1: off)",
+            );
         }
         if self.stop.iter().any(String::is_empty) {
-            return bad("stop", &self.stop, "non-empty strings (an empty one would stop at once)");
+            return bad(
+                "stop",
+                &self.stop,
+                "non-empty strings (an empty one would stop at once)",
+            );
         }
         Ok(())
     }
@@ -187,7 +201,14 @@ pub struct ChatSession {
 
 impl ChatSession {
     pub(crate) fn new(system: Option<String>, cache: KvCache) -> ChatSession {
-        ChatSession { system, messages: Vec::new(), image: None, cache, plan: None, cached_ids: Vec::new() }
+        ChatSession {
+            system,
+            messages: Vec::new(),
+            image: None,
+            cache,
+            plan: None,
+            cached_ids: Vec::new(),
+        }
     }
 
     /// Forgets the conversation and the image (the GPU cache is kept for reuse).
@@ -254,11 +275,20 @@ impl ChatSession {
         };
         let (ids, image_start) = model.tokenize_prompt(&prompt, image_tokens)?;
         if ids.len() + params.max_new_tokens.min(1) > self.cache.capacity() {
-            return Err(ModelError::ContextOverflow { needed: ids.len() + 1, capacity: self.cache.capacity() });
+            return Err(ModelError::ContextOverflow {
+                needed: ids.len() + 1,
+                capacity: self.cache.capacity(),
+            });
         }
 
         // Reuse the cached prefix; run the rest.
-        let common = self.cached_ids.iter().zip(&ids).take_while(|(a, b)| a == b).count().min(ids.len() - 1);
+        let common = self
+            .cached_ids
+            .iter()
+            .zip(&ids)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(ids.len() - 1);
         self.cache.truncate(common);
         self.cached_ids.truncate(common);
         let start = Instant::now();
@@ -274,7 +304,9 @@ impl ChatSession {
         }
         let plan = self.plan.as_ref().and_then(Option::as_ref);
         let mut sampler = Sampler::new(params, &ids);
-        let last = model.language().forward_last(&mut batch, &x, &mut self.cache)?;
+        let last = model
+            .language()
+            .forward_last(&mut batch, &x, &mut self.cache)?;
         self.cached_ids.extend_from_slice(new_ids);
         let first_logits = match plan {
             Some(plan) => {
@@ -310,7 +342,10 @@ impl ChatSession {
         let mut text = String::new();
         // Bytes of `text` already passed to `on_token`.
         let mut streamed = 0;
-        let mut next = sampler.pending.take().expect("prefill picks the first token");
+        let mut next = sampler
+            .pending
+            .take()
+            .expect("prefill picks the first token");
         // With the planned step, the step of the token after `next` is submitted before `next`'s
         // own step is read back (the GPU sampler leaves each token where the next step reads it),
         // so the GPU never waits for the host. When the reply stops, that step is undone.
@@ -328,12 +363,20 @@ impl ChatSession {
             }
             let piece = decoder.step(next)?.unwrap_or_default();
             text.push_str(&piece);
-            if let Some(cut) = params.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            if let Some(cut) = params
+                .stop
+                .iter()
+                .filter_map(|s| text.find(s.as_str()))
+                .min()
+            {
                 text.truncate(cut);
                 break StopReason::StopString;
             }
             let release = streamable_len(&text, &params.stop).max(streamed);
-            if !on_token(TokenEvent { token_id: next, text: &text[streamed..release] }) {
+            if !on_token(TokenEvent {
+                token_id: next,
+                text: &text[streamed..release],
+            }) {
                 streamed = release;
                 break StopReason::Cancelled;
             }
@@ -356,7 +399,8 @@ impl ChatSession {
                         plan.submit(batch, slot)?;
                     }
                     // The step of the token `slot` will bring, if that token can be run.
-                    ahead = slot + 1 < params.max_new_tokens && self.cache.len() < self.cache.capacity();
+                    ahead = slot + 1 < params.max_new_tokens
+                        && self.cache.len() < self.cache.capacity();
                     if ahead {
                         let mut batch = gpu.batch();
                         plan.record_step(&mut batch, &mut self.cache, slot + 1)?;
@@ -385,10 +429,14 @@ impl ChatSession {
             self.cache.truncate(self.cache.len() - 1);
             steps += 1;
         }
-        let gpu_per_token = GpuPerToken::average(gpu.counters() - counted_from, steps, plan.is_some());
+        let gpu_per_token =
+            GpuPerToken::average(gpu.counters() - counted_from, steps, plan.is_some());
         // Text held back because it could have begun a stop string.
         if let Some(&last) = tokens.last().filter(|_| streamed < text.len()) {
-            on_token(TokenEvent { token_id: last, text: &text[streamed..] });
+            on_token(TokenEvent {
+                token_id: last,
+                text: &text[streamed..],
+            });
         }
         timings.decode_s = start.elapsed().as_secs_f64();
         timings.decode_tokens_per_s = tokens.len() as f64 / timings.decode_s.max(1e-9);
@@ -397,7 +445,8 @@ impl ChatSession {
             self.image = new_image;
         }
         if !turn.raw_prompt {
-            self.messages.push(Message::user(turn.image.is_some() as usize, turn.text));
+            self.messages
+                .push(Message::user(turn.image.is_some() as usize, turn.text));
             self.messages.push(Message::assistant(text.clone()));
         }
         Ok(Reply {
@@ -455,7 +504,12 @@ struct Sampler<'a> {
 
 impl<'a> Sampler<'a> {
     fn new(params: &'a GenerateParams, prompt: &[u32]) -> Self {
-        Sampler { params, rng: params.seed ^ 0x2545_F491_4F6C_DD1D, seen: prompt.to_vec(), pending: None }
+        Sampler {
+            params,
+            rng: params.seed ^ 0x2545_F491_4F6C_DD1D,
+            seen: prompt.to_vec(),
+            pending: None,
+        }
     }
 
     fn seen(&mut self, id: u32) {
@@ -471,7 +525,11 @@ impl<'a> Sampler<'a> {
             ids.dedup();
             for id in ids {
                 if let Some(l) = logits.get_mut(id as usize) {
-                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
                 }
             }
         }
@@ -484,7 +542,10 @@ impl<'a> Sampler<'a> {
             order.truncate(p.top_k);
         }
         let max = logits[order[0]] / p.temperature;
-        let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i] / p.temperature - max) as f64).exp()).collect();
+        let mut probs: Vec<f64> = order
+            .iter()
+            .map(|&i| ((logits[i] / p.temperature - max) as f64).exp())
+            .collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|q| *q /= total);
         if p.top_p < 1.0 {
@@ -537,8 +598,19 @@ fn argmax_cpu(x: &[f32]) -> u32 {
 mod tests {
     use super::*;
 
-    fn params(temperature: f32, top_k: usize, top_p: f32, repetition_penalty: f32) -> GenerateParams {
-        GenerateParams { temperature, top_k, top_p, repetition_penalty, ..Default::default() }
+    fn params(
+        temperature: f32,
+        top_k: usize,
+        top_p: f32,
+        repetition_penalty: f32,
+    ) -> GenerateParams {
+        GenerateParams {
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -569,9 +641,14 @@ mod tests {
         let ones = (0..n).filter(|_| s.sample(&[0.0, 3f32.ln()]) == 1).count();
         assert!((ones as f64 / n as f64 - 0.75).abs() < 0.015, "{ones}");
         let draw = |seed| {
-            let p = GenerateParams { seed, ..params(1.0, 0, 1.0, 1.0) };
+            let p = GenerateParams {
+                seed,
+                ..params(1.0, 0, 1.0, 1.0)
+            };
             let mut s = Sampler::new(&p, &[]);
-            (0..32).map(|_| s.sample(&[0.0, 0.1, 0.2, 0.3])).collect::<Vec<_>>()
+            (0..32)
+                .map(|_| s.sample(&[0.0, 0.1, 0.2, 0.3]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
@@ -583,18 +660,37 @@ mod tests {
     fn gpu_sampler_has_the_host_samplers_distribution() {
         let logits = [2.0, 1.5, 1.5, 0.3, -0.5, 1.9, -2.0, 0.0];
         let seen = [5, 6];
-        for p in [params(0.8, 4, 0.9, 1.2), params(1.0, 0, 1.0, 1.0), params(1.5, 0, 0.7, 1.0), params(0.6, 3, 1.0, 1.0)] {
+        for p in [
+            params(0.8, 4, 0.9, 1.2),
+            params(1.0, 0, 1.0, 1.0),
+            params(1.5, 0, 0.7, 1.0),
+            params(0.6, 3, 1.0, 1.0),
+        ] {
             let n = 40_000;
             let mut host = [0usize; 8];
             let mut s = Sampler::new(&p, &seen);
             (0..n).for_each(|_| host[s.sample(&logits) as usize] += 1);
             let mut gpu = [0usize; 8];
-            let sampling = GenerateParams { seed: 9, ..p.clone() }.sampling();
-            (0..n).for_each(|i| gpu[llava_gpu::ops::decode::sample_reference(&logits, sampling, &seen, i as u32) as usize] += 1);
+            let sampling = GenerateParams {
+                seed: 9,
+                ..p.clone()
+            }
+            .sampling();
+            (0..n).for_each(|i| {
+                gpu[llava_gpu::ops::decode::sample_reference(&logits, sampling, &seen, i as u32)
+                    as usize] += 1
+            });
             for (t, (h, g)) in host.iter().zip(&gpu).enumerate() {
                 let (h, g) = (*h as f64 / n as f64, *g as f64 / n as f64);
-                assert!((h - g).abs() < 0.012, "{p:?}: token {t}: host {h:.4}, gpu {g:.4}");
-                assert_eq!(h == 0.0, g == 0.0, "{p:?}: token {t} kept by one sampler only");
+                assert!(
+                    (h - g).abs() < 0.012,
+                    "{p:?}: token {t}: host {h:.4}, gpu {g:.4}"
+                );
+                assert_eq!(
+                    h == 0.0,
+                    g == 0.0,
+                    "{p:?}: token {t} kept by one sampler only"
+                );
             }
         }
     }
@@ -617,14 +713,62 @@ mod tests {
     fn bad_sampling_parameters_are_refused_by_name() {
         assert!(GenerateParams::default().validate().is_ok());
         let cases = [
-            (GenerateParams { temperature: f32::NAN, ..Default::default() }, "`temperature` is NaN"),
-            (GenerateParams { temperature: -1.0, ..Default::default() }, "`temperature` is -1.0"),
-            (GenerateParams { temperature: f32::INFINITY, ..Default::default() }, "`temperature` is inf"),
-            (GenerateParams { repetition_penalty: 0.0, ..Default::default() }, "`repetition_penalty` is 0.0"),
-            (GenerateParams { repetition_penalty: f32::NAN, ..Default::default() }, "`repetition_penalty` is NaN"),
-            (GenerateParams { top_p: 0.0, ..Default::default() }, "`top_p` is 0.0; it must be in (0, 1]"),
-            (GenerateParams { top_p: 1.5, ..Default::default() }, "`top_p` is 1.5"),
-            (GenerateParams { stop: vec!["x".into(), String::new()], ..Default::default() }, "`stop` is [\"x\", \"\"]"),
+            (
+                GenerateParams {
+                    temperature: f32::NAN,
+                    ..Default::default()
+                },
+                "`temperature` is NaN",
+            ),
+            (
+                GenerateParams {
+                    temperature: -1.0,
+                    ..Default::default()
+                },
+                "`temperature` is -1.0",
+            ),
+            (
+                GenerateParams {
+                    temperature: f32::INFINITY,
+                    ..Default::default()
+                },
+                "`temperature` is inf",
+            ),
+            (
+                GenerateParams {
+                    repetition_penalty: 0.0,
+                    ..Default::default()
+                },
+                "`repetition_penalty` is 0.0",
+            ),
+            (
+                GenerateParams {
+                    repetition_penalty: f32::NAN,
+                    ..Default::default()
+                },
+                "`repetition_penalty` is NaN",
+            ),
+            (
+                GenerateParams {
+                    top_p: 0.0,
+                    ..Default::default()
+                },
+                "`top_p` is 0.0; it must be in (0, 1]",
+            ),
+            (
+                GenerateParams {
+                    top_p: 1.5,
+                    ..Default::default()
+                },
+                "`top_p` is 1.5",
+            ),
+            (
+                GenerateParams {
+                    stop: vec!["x".into(), String::new()],
+                    ..Default::default()
+                },
+                "`stop` is [\"x\", \"\"]",
+            ),
         ];
         for (params, expected) in cases {
             let msg = params.validate().unwrap_err().to_string();

@@ -54,7 +54,9 @@ pub struct ImageCache {
 
 impl ImageCache {
     pub fn new(limit_bytes: u64) -> ImageCache {
-        ImageCache { lru: Mutex::new(Lru::new(limit_bytes)) }
+        ImageCache {
+            lru: Mutex::new(Lru::new(limit_bytes)),
+        }
     }
 
     pub fn get(&self, key: &ImageKey) -> Option<EncodedImage> {
@@ -77,7 +79,9 @@ impl ImageCache {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Lru<EncodedImage>> {
         // The cache holds no invariant a panicking holder could break halfway: keep using it.
-        self.lru.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.lru
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -101,7 +105,14 @@ struct Lru<V> {
 
 impl<V: Clone> Lru<V> {
     fn new(limit: u64) -> Self {
-        Lru { slots: Vec::new(), limit, bytes: 0, clock: 0, hits: 0, misses: 0 }
+        Lru {
+            slots: Vec::new(),
+            limit,
+            bytes: 0,
+            clock: 0,
+            hits: 0,
+            misses: 0,
+        }
     }
 
     fn get(&mut self, key: &ImageKey) -> Option<V> {
@@ -131,7 +142,12 @@ impl<V: Clone> Lru<V> {
         self.evict_to(self.limit - bytes);
         self.clock += 1;
         self.bytes += bytes;
-        self.slots.push(Slot { key, value, bytes, last_used: self.clock });
+        self.slots.push(Slot {
+            key,
+            value,
+            bytes,
+            last_used: self.clock,
+        });
     }
 
     fn set_limit(&mut self, limit: u64) {
@@ -141,7 +157,9 @@ impl<V: Clone> Lru<V> {
 
     fn evict_to(&mut self, budget: u64) {
         while self.bytes > budget {
-            let oldest = (0..self.slots.len()).min_by_key(|&i| self.slots[i].last_used).expect("bytes > 0 means a slot");
+            let oldest = (0..self.slots.len())
+                .min_by_key(|&i| self.slots[i].last_used)
+                .expect("bytes > 0 means a slot");
             self.bytes -= self.slots.swap_remove(oldest).bytes;
         }
     }
@@ -175,7 +193,16 @@ mod tests {
         assert_eq!(lru.get(&key(2)), None);
         assert_eq!(lru.get(&key(1)), Some("a"));
         assert_eq!(lru.get(&key(3)), Some("c"));
-        assert_eq!(lru.stats(), ImageCacheStats { hits: 3, misses: 1, entries: 2, bytes: 80, limit_bytes: 100 });
+        assert_eq!(
+            lru.stats(),
+            ImageCacheStats {
+                hits: 3,
+                misses: 1,
+                entries: 2,
+                bytes: 80,
+                limit_bytes: 100
+            }
+        );
     }
 
     #[test]
@@ -187,7 +214,10 @@ mod tests {
         assert_eq!(lru.stats().bytes, 60);
         // Re-inserting a key replaces its entry instead of counting it twice.
         lru.insert(key(1), 10, 30);
-        assert_eq!((lru.get(&key(1)), lru.stats().bytes, lru.stats().entries), (Some(10), 30, 1));
+        assert_eq!(
+            (lru.get(&key(1)), lru.stats().bytes, lru.stats().entries),
+            (Some(10), 30, 1)
+        );
         lru.insert(key(3), 3, 30);
         lru.set_limit(40); // keeps the most recent (3) only
         assert_eq!(lru.stats().entries, 1);
@@ -205,17 +235,30 @@ mod tests {
             image_mean: [0.5; 3],
             image_std: [0.25; 3],
         };
-        let image = Rgb8 { width: 2, height: 1, data: vec![1, 2, 3, 4, 5, 6] };
+        let image = Rgb8 {
+            width: 2,
+            height: 1,
+            data: vec![1, 2, 3, 4, 5, 6],
+        };
         let base = image_key(&image, &config);
         assert_eq!(base, image_key(&image.clone(), &config.clone()));
         let mut pixel = image.clone();
         pixel.data[5] = 7;
-        let transposed = Rgb8 { width: 1, height: 2, ..image.clone() };
+        let transposed = Rgb8 {
+            width: 1,
+            height: 2,
+            ..image.clone()
+        };
         let mut pinpoints = config.clone();
         pinpoints.grid_pinpoints.swap(0, 1);
         let mut mean = config.clone();
         mean.image_mean[2] = 0.4;
-        for other in [image_key(&pixel, &config), image_key(&transposed, &config), image_key(&image, &pinpoints), image_key(&image, &mean)] {
+        for other in [
+            image_key(&pixel, &config),
+            image_key(&transposed, &config),
+            image_key(&image, &pinpoints),
+            image_key(&image, &mean),
+        ] {
             assert_ne!(base, other);
         }
     }

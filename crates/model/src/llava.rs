@@ -7,26 +7,28 @@ use llava_gpu::ops::embed::gather_rows;
 use llava_gpu::{Batch, DType, Gpu, Tensor};
 use llava_image::{ImageConfig, Rgb8};
 
-use crate::checkpoint::{Dtype, INDEX_FILE};
-use crate::config::{
-    CONFIG_FILE, GENERATION_FILE, GenerationConfig, LlavaConfig, PREPROCESSOR_FILE, PROCESSOR_FILE, PreprocessorConfig,
-    TowerFile, vision_tower_folder,
-};
 use crate::error::{ModelError, Result};
+use crate::files::checkpoint::{Dtype, INDEX_FILE};
+use crate::files::config::{
+    CONFIG_FILE, GENERATION_FILE, GenerationConfig, LlavaConfig, PREPROCESSOR_FILE, PROCESSOR_FILE,
+    PreprocessorConfig, TowerFile, vision_tower_folder,
+};
+use crate::files::loader::{Progress, Stage, WeightLoader};
+use crate::files::manifest::{MANIFEST_FILE, Manifest};
+use crate::files::needs::{self, GpuLimits, WeightFormats};
+use crate::files::source::{
+    self, DirSource, HashedSource, Layout, LayoutHint, ModelSource, read_text,
+};
+use crate::files::weights::{WeightPrecision, Weights};
 use crate::generate::ChatSession;
 use crate::image_cache::{self, DEFAULT_IMAGE_CACHE_BYTES, ImageCache, ImageCacheStats};
-use crate::loader::{Progress, Stage, WeightLoader};
-use crate::manifest::{MANIFEST_FILE, Manifest};
-use crate::needs::{self, GpuLimits, WeightFormats};
-use crate::language::LanguageModel;
-use crate::projector::Projector;
-use crate::source::{self, DirSource, HashedSource, Layout, LayoutHint, ModelSource, read_text};
+use crate::net::language::LanguageModel;
+use crate::net::projector::Projector;
+use crate::net::vision::VisionTower;
 use crate::text::{
-    BuiltinTemplate, ChatTemplate, Message, SENTENCEPIECE_FILE, TEMPLATE_JINJA_FILE, TEMPLATE_JSON_FILE,
-    TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, TemplateFiles, Tokenizer,
+    BuiltinTemplate, ChatTemplate, Message, SENTENCEPIECE_FILE, TEMPLATE_JINJA_FILE,
+    TEMPLATE_JSON_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, TemplateFiles, Tokenizer,
 };
-use crate::vision::VisionTower;
-use crate::weights::{WeightPrecision, Weights};
 
 /// Default KV-cache size: room for the largest AnyRes image (2928 tokens) plus a conversation.
 pub const DEFAULT_CONTEXT: usize = 4096;
@@ -58,7 +60,11 @@ impl KvPrecision {
     /// f16 where the adapter has shader-f16 (the decode kernels' f16 variants read it as such),
     /// f32 elsewhere: the entry points' default.
     pub fn preferred(gpu: &Gpu) -> KvPrecision {
-        if gpu.features().shader_f16 { KvPrecision::F16 } else { KvPrecision::F32 }
+        if gpu.features().shader_f16 {
+            KvPrecision::F16
+        } else {
+            KvPrecision::F32
+        }
     }
 
     fn dtype(self) -> DType {
@@ -98,9 +104,12 @@ impl ModelFiles {
     }
 
     /// Reads the config, tokenizer, template, processor and generation files from `source`, by
-    /// the rules in [`crate::source`]. A converted folder's `manifest` lists the files it has
+    /// the rules in [`crate::files::source`]. A converted folder's `manifest` lists the files it has
     /// (so nothing is probed) and carries the config when `config.json` is not among them.
-    pub async fn read<S: ModelSource>(source: &S, manifest: Option<&Manifest>) -> Result<ModelFiles> {
+    pub async fn read<S: ModelSource>(
+        source: &S,
+        manifest: Option<&Manifest>,
+    ) -> Result<ModelFiles> {
         let listed = |name: &str| match manifest {
             Some(manifest) => Some(manifest.files.iter().any(|f| f == name)),
             None => source.has(name),
@@ -110,14 +119,19 @@ impl ModelFiles {
         let config_file = source.locate(CONFIG_FILE);
         let config_text = match manifest {
             Some(manifest) if listed(CONFIG_FILE) == Some(false) => manifest.config.to_string(),
-            _ => read_text(source, CONFIG_FILE, None, false).await?.unwrap_or_default(),
+            _ => read_text(source, CONFIG_FILE, None, false)
+                .await?
+                .unwrap_or_default(),
         };
         let tower = match vision_tower_folder(&config_text) {
             None => TowerFile::NotGiven,
             Some(folder) => {
                 let file = format!("{folder}/{CONFIG_FILE}");
                 match read_text(source, &file, listed(&file), true).await? {
-                    Some(text) => TowerFile::Found { file: source.locate(&file), text },
+                    Some(text) => TowerFile::Found {
+                        file: source.locate(&file),
+                        text,
+                    },
                     None => TowerFile::Absent(source.locate(&folder)),
                 }
             }
@@ -126,11 +140,14 @@ impl ModelFiles {
 
         // A folder without tokenizer.json (like the original LLaVA checkpoints) has tokenizer.model;
         // a folder with neither is told of the missing tokenizer.json.
-        let sentencepiece_only = listed(TOKENIZER_FILE) == Some(false) && listed(SENTENCEPIECE_FILE) == Some(true);
+        let sentencepiece_only =
+            listed(TOKENIZER_FILE) == Some(false) && listed(SENTENCEPIECE_FILE) == Some(true);
         let tokenizer_json = if sentencepiece_only {
             None
         } else {
-            source.read(TOKENIZER_FILE, listed(SENTENCEPIECE_FILE) != Some(false)).await?
+            source
+                .read(TOKENIZER_FILE, listed(SENTENCEPIECE_FILE) != Some(false))
+                .await?
         };
         let tokenizer_config = optional(TOKENIZER_CONFIG_FILE).await?;
         let model_type = serde_json::from_str::<serde_json::Value>(&config_text)
@@ -138,14 +155,27 @@ impl ModelFiles {
             .and_then(|v| v.get("model_type")?.as_str().map(str::to_string));
         let tokenizer_config_bytes = tokenizer_config.as_deref().map(str::as_bytes);
         let tokenizer = match tokenizer_json {
-            Some(json) => Tokenizer::from_bytes_with_config(&json, tokenizer_config_bytes, model_type.as_deref()),
+            Some(json) => Tokenizer::from_bytes_with_config(
+                &json,
+                tokenizer_config_bytes,
+                model_type.as_deref(),
+            ),
             None => {
-                let model = source.read(SENTENCEPIECE_FILE, false).await?.unwrap_or_default();
-                Tokenizer::from_sentencepiece_with_config(&model, tokenizer_config_bytes, model_type.as_deref())
+                let model = source
+                    .read(SENTENCEPIECE_FILE, false)
+                    .await?
+                    .unwrap_or_default();
+                Tokenizer::from_sentencepiece_with_config(
+                    &model,
+                    tokenizer_config_bytes,
+                    model_type.as_deref(),
+                )
             }
         }
         .map_err(|e| match e {
-            ModelError::Tokenizer(msg) => ModelError::Tokenizer(format!("{}: {msg}", source.location())),
+            ModelError::Tokenizer(msg) => {
+                ModelError::Tokenizer(format!("{}: {msg}", source.location()))
+            }
             other => other,
         })?;
         check_image_token(&config, &tokenizer, &config_file)?;
@@ -155,18 +185,26 @@ impl ModelFiles {
             Some(_) => None,
             None => optional(TEMPLATE_JSON_FILE).await?,
         };
-        let (json_file, tokenizer_config_file) = (source.locate(TEMPLATE_JSON_FILE), source.locate(TOKENIZER_CONFIG_FILE));
+        let (json_file, tokenizer_config_file) = (
+            source.locate(TEMPLATE_JSON_FILE),
+            source.locate(TOKENIZER_CONFIG_FILE),
+        );
         let template = ChatTemplate::from_files(&TemplateFiles {
             jinja: jinja.as_deref(),
             json: json.as_deref().map(|text| (json_file.as_str(), text)),
-            tokenizer_config: tokenizer_config.as_deref().map(|text| (tokenizer_config_file.as_str(), text)),
+            tokenizer_config: tokenizer_config
+                .as_deref()
+                .map(|text| (tokenizer_config_file.as_str(), text)),
         })?
         .unwrap_or_else(|| ChatTemplate::builtin(BuiltinTemplate::for_config(&config)));
 
         let (preprocessor, preprocessor_file) = match optional(PREPROCESSOR_FILE).await? {
             Some(text) => {
                 let file = source.locate(PREPROCESSOR_FILE);
-                (Some(PreprocessorConfig::from_json_named(&text, &file)?), file)
+                (
+                    Some(PreprocessorConfig::from_json_named(&text, &file)?),
+                    file,
+                )
             }
             None => {
                 let file = source.locate(PROCESSOR_FILE);
@@ -177,13 +215,20 @@ impl ModelFiles {
             }
         };
         let generation = match optional(GENERATION_FILE).await? {
-            Some(text) => Some(GenerationConfig::from_json_named(&text, &source.locate(GENERATION_FILE))?),
+            Some(text) => Some(GenerationConfig::from_json_named(
+                &text,
+                &source.locate(GENERATION_FILE),
+            )?),
             None => None,
         };
         Ok(ModelFiles {
             tokenizer,
             template,
-            image_config: image_config(&config, preprocessor.as_ref(), [&config_file, &preprocessor_file])?,
+            image_config: image_config(
+                &config,
+                preprocessor.as_ref(),
+                [&config_file, &preprocessor_file],
+            )?,
             eos_ids: eos_ids(&config, generation.as_ref()),
             declared_dtype: needs::declared_dtype(&config_text),
             config,
@@ -196,19 +241,25 @@ impl ModelFiles {
 /// without `<image>` (a SentencePiece `tokenizer.model` alone) still answers text; an image is
 /// refused when it is given ([`Llava::tokenize_prompt`]).
 fn check_image_token(config: &LlavaConfig, tokenizer: &Tokenizer, file: &str) -> Result<()> {
-    let Some(id) = config.image_token_index else { return Ok(()) };
+    let Some(id) = config.image_token_index else {
+        return Ok(());
+    };
     let vocab = config.text.vocab_size;
     if id as usize >= vocab {
         return Err(ModelError::config(
             file,
-            format!("key `image_token_index`: {id} is outside the vocabulary of {vocab} tokens (text_config.vocab_size)"),
+            format!(
+                "key `image_token_index`: {id} is outside the vocabulary of {vocab} tokens (text_config.vocab_size)"
+            ),
         ));
     }
     match tokenizer.token_id("<image>") {
         Some(found) if found == id => Ok(()),
         Some(found) => Err(ModelError::config(
             file,
-            format!("key `image_token_index`: {id}, but the tokenizer's `<image>` token is {found}"),
+            format!(
+                "key `image_token_index`: {id}, but the tokenizer's `<image>` token is {found}"
+            ),
         )),
         None => Ok(()),
     }
@@ -216,18 +267,36 @@ fn check_image_token(config: &LlavaConfig, tokenizer: &Tokenizer, file: &str) ->
 
 /// The image settings, checked: `files` names the config and preprocessor files for errors.
 /// The config caps image and pinpoint sizes far below `u32::MAX`, so the casts are exact.
-pub(crate) fn image_config(config: &LlavaConfig, pre: Option<&PreprocessorConfig>, files: [&str; 2]) -> Result<ImageConfig> {
-    let pinpoints_file = if pre.is_some_and(|p| p.image_grid_pinpoints.is_some()) { files[1] } else { files[0] };
-    let pre = pre.cloned().unwrap_or_else(|| PreprocessorConfig::for_model(config));
-    let pinpoints = pre.image_grid_pinpoints.as_ref().unwrap_or(&config.image_grid_pinpoints);
+pub(crate) fn image_config(
+    config: &LlavaConfig,
+    pre: Option<&PreprocessorConfig>,
+    files: [&str; 2],
+) -> Result<ImageConfig> {
+    let pinpoints_file = if pre.is_some_and(|p| p.image_grid_pinpoints.is_some()) {
+        files[1]
+    } else {
+        files[0]
+    };
+    let pre = pre
+        .cloned()
+        .unwrap_or_else(|| PreprocessorConfig::for_model(config));
+    let pinpoints = pre
+        .image_grid_pinpoints
+        .as_ref()
+        .unwrap_or(&config.image_grid_pinpoints);
     let image_config = ImageConfig {
         tile_size: config.vision.image_size as u32,
         patch_size: config.vision.patch_size as u32,
-        grid_pinpoints: pinpoints.iter().map(|&[h, w]| [h as u32, w as u32]).collect(),
+        grid_pinpoints: pinpoints
+            .iter()
+            .map(|&[h, w]| [h as u32, w as u32])
+            .collect(),
         image_mean: pre.image_mean,
         image_std: pre.image_std,
     };
-    image_config.validate().map_err(|e| ModelError::config(pinpoints_file, e.to_string()))?;
+    image_config
+        .validate()
+        .map_err(|e| ModelError::config(pinpoints_file, e.to_string()))?;
     Ok(image_config)
 }
 
@@ -241,15 +310,32 @@ fn context_for(gpu: &Gpu, config: &LlavaConfig, options: &LoadOptions) -> usize 
         limit = limit.min(window);
     }
     let fits = needs::max_context(&config.text, DType::F16, GpuLimits::of(gpu));
-    options.context.unwrap_or(DEFAULT_CONTEXT.min(fits)).min(limit)
+    options
+        .context
+        .unwrap_or(DEFAULT_CONTEXT.min(fits))
+        .min(limit)
 }
 
 /// Refuses, before any weight is read, a model that this GPU's limits cannot hold ([`needs`]);
 /// the KV cache is checked at its smallest (f16), as the precision is chosen after loading.
-fn check_fits(gpu: &Gpu, files: &ModelFiles, formats: WeightFormats<'_>, options: &LoadOptions, location: &str) -> Result<()> {
+fn check_fits(
+    gpu: &Gpu,
+    files: &ModelFiles,
+    formats: WeightFormats<'_>,
+    options: &LoadOptions,
+    location: &str,
+) -> Result<()> {
     let context = context_for(gpu, &files.config, options);
     let limits = GpuLimits::of(gpu);
-    needs::check(&files.config, &files.image_config, formats, context, DType::F16, limits, location)
+    needs::check(
+        &files.config,
+        &files.image_config,
+        formats,
+        context,
+        DType::F16,
+        limits,
+        location,
+    )
 }
 
 fn eos_ids(config: &LlavaConfig, generation: Option<&GenerationConfig>) -> Vec<u32> {
@@ -288,18 +374,30 @@ impl Llava {
         options: &LoadOptions,
         progress: &mut dyn FnMut(Progress<'_>),
     ) -> Result<Llava> {
-        pollster::block_on(Llava::load(gpu, &DirSource::new(dir), LayoutHint::Probe, options, progress))
+        pollster::block_on(Llava::load(
+            gpu,
+            &DirSource::new(dir),
+            LayoutHint::Probe,
+            options,
+            progress,
+        ))
     }
 
     /// Loads a converted folder. Its weights are used as stored: `options.precision` must be
     /// `Native` or the precision it was converted to.
     pub fn load_converted(gpu: Arc<Gpu>, dir: &Path, options: &LoadOptions) -> Result<Llava> {
         let source = DirSource::new(dir);
-        pollster::block_on(Llava::load(gpu, &source, LayoutHint::Converted, options, &mut |_| {}))
+        pollster::block_on(Llava::load(
+            gpu,
+            &source,
+            LayoutHint::Converted,
+            options,
+            &mut |_| {},
+        ))
     }
 
     /// The one loading sequence, natively and on the web: finds the layout and the small files
-    /// by the rules of [`crate::source`], then streams the shards through [`WeightLoader`], so
+    /// by the rules of [`crate::files::source`], then streams the shards through [`WeightLoader`], so
     /// the host holds one chunk and one tensor at a time; the model exists only once every
     /// shard has been read and verified. `progress` hears the stages and the weight bytes read.
     pub async fn load<S: ModelSource>(
@@ -309,30 +407,72 @@ impl Llava {
         options: &LoadOptions,
         progress: &mut dyn FnMut(Progress<'_>),
     ) -> Result<Llava> {
-        let first_file = if hint == LayoutHint::Converted { MANIFEST_FILE } else { CONFIG_FILE };
-        progress(Progress { bytes_done: 0, bytes_total: 0, stage: Stage::Config, file: first_file });
+        let first_file = if hint == LayoutHint::Converted {
+            MANIFEST_FILE
+        } else {
+            CONFIG_FILE
+        };
+        progress(Progress {
+            bytes_done: 0,
+            bytes_total: 0,
+            stage: Stage::Config,
+            file: first_file,
+        });
         let layout = source::find_layout(source, hint).await?;
         let location = source.location();
         let (files, mut weights, shards, index) = match layout {
             Layout::Converted(manifest) => {
-                manifest.check_precision(options.precision).map_err(|e| match e {
-                    ModelError::Input(msg) => ModelError::Input(format!("{location}: {msg}")),
-                    other => other,
-                })?;
+                manifest
+                    .check_precision(options.precision)
+                    .map_err(|e| match e {
+                        ModelError::Input(msg) => ModelError::Input(format!("{location}: {msg}")),
+                        other => other,
+                    })?;
                 // The small files are checked against the manifest's hashes as they are read.
-                let files = ModelFiles::read(&HashedSource::new(source, &manifest), Some(&manifest)).await?;
-                check_fits(&gpu, &files, WeightFormats::Converted(&manifest.quant.tensors), options, &location)?;
+                let files =
+                    ModelFiles::read(&HashedSource::new(source, &manifest), Some(&manifest))
+                        .await?;
+                check_fits(
+                    &gpu,
+                    &files,
+                    WeightFormats::Converted(&manifest.quant.tensors),
+                    options,
+                    &location,
+                )?;
                 let shards: Vec<String> = manifest.shards.iter().map(|s| s.file.clone()).collect();
-                (files, WeightLoader::converted(&gpu, manifest, &location), shards, None)
+                (
+                    files,
+                    WeightLoader::converted(&gpu, manifest, &location),
+                    shards,
+                    None,
+                )
             }
-            Layout::Checkpoint { shards, bytes_total, index } => {
+            Layout::Checkpoint {
+                shards,
+                bytes_total,
+                index,
+            } => {
                 let files = ModelFiles::read(source, None).await?;
                 if shards.is_empty() {
                     return Err(source::no_shards(source));
                 }
                 let stored = files.declared_dtype.unwrap_or(Dtype::F16);
-                check_fits(&gpu, &files, WeightFormats::Checkpoint { stored, precision: options.precision }, options, &location)?;
-                let loader = WeightLoader::checkpoint(&gpu, options.precision, &location, bytes_total.unwrap_or(0));
+                check_fits(
+                    &gpu,
+                    &files,
+                    WeightFormats::Checkpoint {
+                        stored,
+                        precision: options.precision,
+                    },
+                    options,
+                    &location,
+                )?;
+                let loader = WeightLoader::checkpoint(
+                    &gpu,
+                    options.precision,
+                    &location,
+                    bytes_total.unwrap_or(0),
+                );
                 (files, loader, shards, index)
             }
         };
@@ -343,25 +483,49 @@ impl Llava {
         let loaded = weights.progress().bytes_done;
         let weights = weights.finish()?;
         let llava = Llava::new(gpu, files, weights, options)?;
-        progress(Progress { bytes_done: loaded, bytes_total: loaded, stage: Stage::Ready, file: "" });
+        progress(Progress {
+            bytes_done: loaded,
+            bytes_total: loaded,
+            stage: Stage::Ready,
+            file: "",
+        });
         Ok(llava)
     }
 
     /// Assembles the model from its files and uploaded weights.
-    pub fn new(gpu: Arc<Gpu>, files: ModelFiles, mut weights: Weights, options: &LoadOptions) -> Result<Llava> {
+    pub fn new(
+        gpu: Arc<Gpu>,
+        files: ModelFiles,
+        mut weights: Weights,
+        options: &LoadOptions,
+    ) -> Result<Llava> {
         let config = &files.config;
         // The original LLaVA layout names no image token: its prompts are split at "<image>".
         let image_token = config.image_token_index.unwrap_or(IMAGE_MARKER);
         let w = &mut weights;
         let vision = VisionTower::load(w, &config.vision, config.vision_feature_layer)?;
-        let projector =
-            Projector::load(w, config.vision.hidden_size, config.text.hidden_size, config.projector_hidden_act)?;
+        let projector = Projector::load(
+            w,
+            config.vision.hidden_size,
+            config.text.hidden_size,
+            config.projector_hidden_act,
+        )?;
         let language = LanguageModel::load(w, &gpu, &config.text, config.tie_word_embeddings)?;
         let context = context_for(&gpu, config, options);
         gpu.check()?;
         let image_cache = ImageCache::new(DEFAULT_IMAGE_CACHE_BYTES);
         let kv_cache = KvPrecision::default();
-        Ok(Llava { gpu, files, image_token, vision, projector, language, context, kv_cache, image_cache })
+        Ok(Llava {
+            gpu,
+            files,
+            image_token,
+            vision,
+            projector,
+            language,
+            context,
+            kv_cache,
+            image_cache,
+        })
     }
 
     pub fn gpu(&self) -> &Gpu {
@@ -408,10 +572,17 @@ impl Llava {
                  per layer: load the model with a context of at most {fits} tokens{}",
                 self.context,
                 self.gpu.max_binding(),
-                if dtype == DType::F16 { "" } else { ", or use an f16 KV cache" }
+                if dtype == DType::F16 {
+                    ""
+                } else {
+                    ", or use an f16 KV cache"
+                }
             )));
         }
-        Ok(ChatSession::new(system, self.language.new_cache(&self.gpu, self.context, dtype)?))
+        Ok(ChatSession::new(
+            system,
+            self.language.new_cache(&self.gpu, self.context, dtype)?,
+        ))
     }
 
     /// The prompt for a conversation, from the checkpoint's chat template.
@@ -426,13 +597,22 @@ impl Llava {
 
     /// Token ids of `prompt` with its `<image>` expanded to `image_tokens` ids of
     /// [`Llava::image_token`], and where the image starts.
-    pub fn tokenize_prompt(&self, prompt: &str, image_tokens: Option<usize>) -> Result<(Vec<u32>, Option<usize>)> {
+    pub fn tokenize_prompt(
+        &self,
+        prompt: &str,
+        image_tokens: Option<usize>,
+    ) -> Result<(Vec<u32>, Option<usize>)> {
         let image_id = self.image_token;
         let ids = match self.files.config.image_token_index {
             Some(_) => self.files.tokenizer.encode(prompt, true)?,
             None => self.tokenize_image_text(prompt)?,
         };
-        let slots: Vec<usize> = ids.iter().enumerate().filter(|&(_, &id)| id == image_id).map(|(i, _)| i).collect();
+        let slots: Vec<usize> = ids
+            .iter()
+            .enumerate()
+            .filter(|&(_, &id)| id == image_id)
+            .map(|(i, _)| i)
+            .collect();
         match (slots.as_slice(), image_tokens) {
             ([], None) => Ok((ids, None)),
             ([slot], Some(n)) => {
@@ -443,12 +623,18 @@ impl Llava {
                 Ok((expanded, Some(*slot)))
             }
             ([], Some(_)) => match self.files.config.image_token_index {
-                Some(id) if self.files.tokenizer.token_id("<image>").is_none() => Err(ModelError::Tokenizer(format!(
-                    "the tokenizer has no `<image>` token, which config.json (image_token_index {id}) needs to place the image"
-                ))),
-                _ => Err(ModelError::Input("an image was given but the prompt has no <image>".into())),
+                Some(id) if self.files.tokenizer.token_id("<image>").is_none() => {
+                    Err(ModelError::Tokenizer(format!(
+                        "the tokenizer has no `<image>` token, which config.json (image_token_index {id}) needs to place the image"
+                    )))
+                }
+                _ => Err(ModelError::Input(
+                    "an image was given but the prompt has no <image>".into(),
+                )),
             },
-            (_, None) => Err(ModelError::Input("the prompt has <image> but no image was given".into())),
+            (_, None) => Err(ModelError::Input(
+                "the prompt has <image> but no image was given".into(),
+            )),
             (many, Some(_)) => Err(ModelError::Input(format!(
                 "the prompt has {} <image> placeholders but one image was given",
                 many.len()
@@ -461,8 +647,16 @@ impl Llava {
     /// one [`IMAGE_MARKER`] goes between pieces.
     fn tokenize_image_text(&self, prompt: &str) -> Result<Vec<u32>> {
         let tokenizer = &self.files.tokenizer;
-        let chunks = prompt.split("<image>").map(|chunk| tokenizer.encode(chunk, true)).collect::<Result<Vec<_>>>()?;
-        let bos = self.files.config.text.bos_token_id.or_else(|| tokenizer.token_id("<s>"));
+        let chunks = prompt
+            .split("<image>")
+            .map(|chunk| tokenizer.encode(chunk, true))
+            .collect::<Result<Vec<_>>>()?;
+        let bos = self
+            .files
+            .config
+            .text
+            .bos_token_id
+            .or_else(|| tokenizer.token_id("<s>"));
         let skip = usize::from(bos.is_some() && chunks[0].first().copied() == bos);
         let mut ids = chunks[0][..skip].to_vec();
         for (i, chunk) in chunks.iter().enumerate() {
@@ -480,7 +674,10 @@ impl Llava {
         if self.image_token != IMAGE_MARKER || !ids.contains(&IMAGE_MARKER) {
             return self.language.embed(batch, ids);
         }
-        let ids: Vec<u32> = ids.iter().map(|&id| if id == IMAGE_MARKER { 0 } else { id }).collect();
+        let ids: Vec<u32> = ids
+            .iter()
+            .map(|&id| if id == IMAGE_MARKER { 0 } else { id })
+            .collect();
         self.language.embed(batch, &ids)
     }
 
@@ -523,22 +720,32 @@ impl Llava {
         let hidden = self.vision.forward(&mut batch, &pixels)?;
         // Strategy "default": drop each tile's CLS token.
         let (tiles, positions) = (hidden.shape()[0], hidden.shape()[1]);
-        let keep: Vec<u32> =
-            (0..tiles).flat_map(|t| (1..positions).map(move |p| (t * positions + p) as u32)).collect();
+        let keep: Vec<u32> = (0..tiles)
+            .flat_map(|t| (1..positions).map(move |p| (t * positions + p) as u32))
+            .collect();
         let keep = Tensor::from_u32(gpu, &[keep.len()], &keep)?;
         let flat = hidden.reshape(&[tiles * positions, hidden.last_dim()])?;
         let features = gather_rows(&mut batch, &flat, &keep)?;
         let projected = self.projector.forward(&mut batch, &features)?;
         let side = (cfg.tile_size / cfg.patch_size) as usize;
         let layout = llava_image::unpad_layout(pre.original_hw, cfg);
-        let packed = self.projector.pack(&mut batch, &projected, pre.grid, side, &layout)?;
+        let packed = self
+            .projector
+            .pack(&mut batch, &projected, pre.grid, side, &layout)?;
         batch.submit()?;
         let tokens = packed.shape()[0];
         let expected = llava_image::image_token_count(pre.original_hw, cfg);
         if tokens != expected {
-            return Err(ModelError::Input(format!("packed {tokens} image tokens, expected {expected}")));
+            return Err(ModelError::Input(format!(
+                "packed {tokens} image tokens, expected {expected}"
+            )));
         }
-        Ok(EncodedImage { features: packed, tokens, best_resolution: pre.best_resolution, grid: pre.grid })
+        Ok(EncodedImage {
+            features: packed,
+            tokens,
+            best_resolution: pre.best_resolution,
+            grid: pre.grid,
+        })
     }
 
     /// Overwrites the embedding rows of the image placeholders inside `x` (the embeddings of
@@ -555,7 +762,14 @@ impl Llava {
         let x_end = x_start + x.shape()[0];
         let (from, to) = (image_start.max(x_start), image_end.min(x_end));
         if from < to {
-            Tensor::copy_rows(batch, &image.features, from - image_start, x, from - x_start, to - from)?;
+            Tensor::copy_rows(
+                batch,
+                &image.features,
+                from - image_start,
+                x,
+                from - x_start,
+                to - from,
+            )?;
         }
         Ok(())
     }

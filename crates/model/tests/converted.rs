@@ -4,13 +4,13 @@
 
 use std::path::Path;
 
-use llava_model::checkpoint::{Checkpoint, Dtype};
-use llava_model::config::LlavaConfig;
-use llava_model::convert::{self, ConversionPlan, DEFAULT_SHARD_BYTES};
+use llava_model::files::checkpoint::{Checkpoint, Dtype};
+use llava_model::files::config::LlavaConfig;
+use llava_model::files::convert::{self, ConversionPlan, DEFAULT_SHARD_BYTES};
+use llava_model::files::manifest::{MANIFEST_FILE, Manifest, Storage};
+use llava_model::files::weights::{KeepOptions, KeepPrecision, WeightPrecision};
 use llava_model::generate::Reply;
 use llava_model::llava::{Llava, LoadOptions};
-use llava_model::manifest::{MANIFEST_FILE, Manifest, Storage};
-use llava_model::weights::{KeepOptions, KeepPrecision, WeightPrecision};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -22,7 +22,10 @@ use common::{expected, fixture, gpu, greedy_raw, load_image, mistral_7b_config};
 fn run(llava: &Llava, model: &str) -> Reply {
     let expected = expected(model);
     let cases = expected["cases"].as_array().unwrap();
-    let case = cases.iter().find(|c| c["id"] == "text_only").unwrap_or(&cases[0]);
+    let case = cases
+        .iter()
+        .find(|c| c["id"] == "text_only")
+        .unwrap_or(&cases[0]);
     let image = case["image"].as_str().map(load_image);
     greedy_raw(llava, image.as_ref(), case["prompt"].as_str().unwrap())
 }
@@ -241,11 +244,22 @@ fn converted_copy() -> tempfile::TempDir {
 #[test]
 fn converting_over_an_earlier_conversion_replaces_it() {
     let out = converted_copy();
-    let old_shards: Vec<String> = Manifest::read(out.path()).unwrap().shards.iter().map(|s| s.file.clone()).collect();
+    let old_shards: Vec<String> = Manifest::read(out.path())
+        .unwrap()
+        .shards
+        .iter()
+        .map(|s| s.file.clone())
+        .collect();
     assert!(out.path().join("chat_template.jinja").is_file() && !old_shards.is_empty());
     // liuhaotian-tiny ships no chat_template.jinja and, with one big shard, other shard names.
-    convert::convert(&fixture("liuhaotian-tiny"), out.path(), WeightPrecision::Q8, KeepOptions::default(), u64::MAX)
-        .unwrap();
+    convert::convert(
+        &fixture("liuhaotian-tiny"),
+        out.path(),
+        WeightPrecision::Q8,
+        KeepOptions::default(),
+        u64::MAX,
+    )
+    .unwrap();
     let manifest = Manifest::read(out.path()).unwrap();
     assert_eq!(manifest.shards.len(), 1);
     assert!(!out.path().join("chat_template.jinja").exists());
@@ -254,10 +268,26 @@ fn converting_over_an_earlier_conversion_replaces_it() {
     }
     // It answers as the same conversion into an empty folder does.
     let fresh = tempfile::tempdir().unwrap();
-    convert::convert(&fixture("liuhaotian-tiny"), fresh.path(), WeightPrecision::Q8, KeepOptions::default(), u64::MAX)
-        .unwrap();
-    let reply = run(&load(out.path(), WeightPrecision::Native).unwrap(), "liuhaotian-tiny");
-    assert_eq!(reply.tokens, run(&load(fresh.path(), WeightPrecision::Native).unwrap(), "liuhaotian-tiny").tokens);
+    convert::convert(
+        &fixture("liuhaotian-tiny"),
+        fresh.path(),
+        WeightPrecision::Q8,
+        KeepOptions::default(),
+        u64::MAX,
+    )
+    .unwrap();
+    let reply = run(
+        &load(out.path(), WeightPrecision::Native).unwrap(),
+        "liuhaotian-tiny",
+    );
+    assert_eq!(
+        reply.tokens,
+        run(
+            &load(fresh.path(), WeightPrecision::Native).unwrap(),
+            "liuhaotian-tiny"
+        )
+        .tokens
+    );
 }
 
 fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut Value)) {
@@ -325,7 +355,11 @@ fn a_small_file_changed_after_conversion_is_reported() {
     assert_eq!(manifest.file_sha256.len(), manifest.files.len());
     for name in &manifest.files {
         let bytes = std::fs::read(dir.path().join(name)).unwrap();
-        assert_eq!(manifest.file_sha256[name], format!("{:x}", Sha256::digest(&bytes)), "{name}");
+        assert_eq!(
+            manifest.file_sha256[name],
+            format!("{:x}", Sha256::digest(&bytes)),
+            "{name}"
+        );
     }
     let path = dir.path().join("config.json");
     let config = std::fs::read_to_string(&path).unwrap();
@@ -333,8 +367,17 @@ fn a_small_file_changed_after_conversion_is_reported() {
     assert_ne!(tampered, config, "the edit must change the file");
     std::fs::write(&path, tampered).unwrap();
     let error = load_error(dir.path());
-    assert!(error.starts_with(&format!("{}: SHA-256 ", path.display())), "{error}");
-    assert_mentions(&error, &[&manifest.file_sha256["config.json"], "changed after the conversion"]);
+    assert!(
+        error.starts_with(&format!("{}: SHA-256 ", path.display())),
+        "{error}"
+    );
+    assert_mentions(
+        &error,
+        &[
+            &manifest.file_sha256["config.json"],
+            "changed after the conversion",
+        ],
+    );
 
     // An older manifest, without `file_sha256`: the edited file is read as it is.
     edit_manifest(dir.path(), |m| {

@@ -10,17 +10,21 @@ use std::sync::Arc;
 use common::{fixture, load_image};
 use llava_gpu::ops::decode::Sampling;
 use llava_gpu::{Counters, Gpu, Tensor};
-use llava_model::config::{Activation, TextArch, TextConfig};
+use llava_model::files::config::{Activation, TextArch, TextConfig};
+use llava_model::files::weights::{WeightPrecision, Weights};
 use llava_model::generate::{GenerateParams, GpuPerToken, Turn};
-use llava_model::language::LanguageModel;
 use llava_model::llava::{KvPrecision, Llava, LoadOptions};
-use llava_model::weights::{WeightPrecision, Weights};
+use llava_model::net::language::LanguageModel;
 
 /// Asserts the per-token promises for a model of `layers` decoder layers.
 #[track_caller]
 fn assert_planned(g: &GpuPerToken, layers: usize, what: &str) {
     assert!(g.planned, "{what}: the decode step was not planned");
-    assert_eq!((g.buffers_created, g.bind_groups_created), (0.0, 0.0), "{what}: {g:?}");
+    assert_eq!(
+        (g.buffers_created, g.bind_groups_created),
+        (0.0, 0.0),
+        "{what}: {g:?}"
+    );
     assert_eq!((g.submits, g.passes), (1.0, 1.0), "{what}: {g:?}");
     assert!(g.dispatches <= (6 * layers + 4) as f64, "{what}: {g:?}");
     assert!(g.bytes_read <= 8.0, "{what}: {g:?}");
@@ -33,16 +37,37 @@ fn tiny_model_decodes_without_creating_anything() {
     let llava = Llava::load_dir(gpu, &fixture("mistral-tiny"), &LoadOptions::default()).unwrap();
     let layers = llava.config().text.num_hidden_layers;
     let image = load_image("rocket.jpg");
-    let sampled = GenerateParams { temperature: 0.8, top_k: 40, top_p: 0.9, repetition_penalty: 1.1, seed: 4, ..Default::default() };
+    let sampled = GenerateParams {
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 0.9,
+        repetition_penalty: 1.1,
+        seed: 4,
+        ..Default::default()
+    };
     for (params, what) in [(GenerateParams::default(), "greedy"), (sampled, "sampled")] {
-        let params = GenerateParams { max_new_tokens: 12, ignore_eos: true, ..params };
+        let params = GenerateParams {
+            max_new_tokens: 12,
+            ignore_eos: true,
+            ..params
+        };
         let mut chat = llava.chat(None).unwrap();
-        let turn = Turn { image: Some(&image), text: "What is this?", raw_prompt: false, want_logits: false };
+        let turn = Turn {
+            image: Some(&image),
+            text: "What is this?",
+            raw_prompt: false,
+            want_logits: false,
+        };
         let reply = pollster::block_on(chat.send(&llava, turn, &params, |_| true)).unwrap();
         assert_eq!(reply.tokens.len(), 12);
         assert_planned(&reply.gpu, layers, what);
         // A follow-up reuses the same plan.
-        let turn = Turn { image: None, text: "And then?", raw_prompt: false, want_logits: false };
+        let turn = Turn {
+            image: None,
+            text: "And then?",
+            raw_prompt: false,
+            want_logits: false,
+        };
         let reply = pollster::block_on(chat.send(&llava, turn, &params, |_| true)).unwrap();
         assert_planned(&reply.gpu, layers, &format!("{what} follow-up"));
     }
@@ -78,8 +103,17 @@ fn mistral_7b_layer_decodes_without_creating_anything() {
     let x = Tensor::from_f32(&gpu, &[40, 4096], &llava_gpu::random(40 * 4096, 1)).unwrap();
     let mut batch = gpu.batch();
     let last = language.forward_last(&mut batch, &x, &mut cache).unwrap();
-    let plan = language.plan_decode(&gpu, &cache).unwrap().expect("a planned step");
-    let sampled = Sampling { temperature: 1.0, top_k: 40, top_p: 0.9, repetition_penalty: 1.1, seed: 1 };
+    let plan = language
+        .plan_decode(&gpu, &cache)
+        .unwrap()
+        .expect("a planned step");
+    let sampled = Sampling {
+        temperature: 1.0,
+        top_k: 40,
+        top_p: 0.9,
+        repetition_penalty: 1.1,
+        seed: 1,
+    };
     for (sampling, what) in [(Sampling::GREEDY, "greedy"), (sampled, "sampled")] {
         plan.set_sampling(&gpu, sampling, &[1, 2, 3]);
         plan.record_head(&mut batch, &last).unwrap();
@@ -116,11 +150,22 @@ fn f16_cache_decodes_the_f32_caches_tokens() {
     let gpu = common::gpu();
     let image = load_image("rocket.jpg");
     let tokens = |kv_cache| {
-        let mut llava = Llava::load_dir(gpu.clone(), &fixture("mistral-tiny"), &LoadOptions::default()).unwrap();
+        let mut llava = Llava::load_dir(
+            gpu.clone(),
+            &fixture("mistral-tiny"),
+            &LoadOptions::default(),
+        )
+        .unwrap();
         llava.set_kv_cache(kv_cache);
         let mut chat = llava.chat(None).unwrap();
-        let turn = Turn { image: Some(&image), text: "What is this?", raw_prompt: false, want_logits: false };
-        let reply = pollster::block_on(chat.send(&llava, turn, &common::greedy16(), |_| true)).unwrap();
+        let turn = Turn {
+            image: Some(&image),
+            text: "What is this?",
+            raw_prompt: false,
+            want_logits: false,
+        };
+        let reply =
+            pollster::block_on(chat.send(&llava, turn, &common::greedy16(), |_| true)).unwrap();
         assert!(reply.gpu.planned);
         reply.tokens
     };

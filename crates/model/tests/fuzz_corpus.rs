@@ -20,7 +20,11 @@ fn corpus(target: &str) -> Vec<PathBuf> {
 fn every_corpus_input_is_handled_without_a_panic() {
     for (target, run) in TARGETS {
         let files = corpus(target);
-        assert!(files.len() >= 3, "{target}: only {} corpus files", files.len());
+        assert!(
+            files.len() >= 3,
+            "{target}: only {} corpus files",
+            files.len()
+        );
         for path in files {
             let data = std::fs::read(&path).unwrap();
             let outcome = std::panic::catch_unwind(|| run(&data));

@@ -1,4 +1,4 @@
-//! A model is checked against the GPU's limits before any weight is read (`llava_model::needs`):
+//! A model is checked against the GPU's limits before any weight is read (`llava_model::files::needs`):
 //! hand-counted needs of LLaVA-1.6-Mistral-7B against smaller GPUs, the bundled model on a
 //! limits-capped device, and long prompts run in chunks with transformers' answer unchanged.
 
@@ -8,13 +8,13 @@ use std::sync::Arc;
 
 use llava_gpu::{DType, Gpu, GpuOptions};
 use llava_image::ImageConfig;
-use llava_model::checkpoint::Dtype;
-use llava_model::config::LlavaConfig;
-use llava_model::convert::{ConversionPlan, DEFAULT_SHARD_BYTES};
+use llava_model::files::checkpoint::Dtype;
+use llava_model::files::config::LlavaConfig;
+use llava_model::files::convert::{ConversionPlan, DEFAULT_SHARD_BYTES};
+use llava_model::files::needs::{self, GpuLimits, WeightFormats};
+use llava_model::files::npy;
+use llava_model::files::weights::{KeepOptions, WeightPrecision};
 use llava_model::llava::{Llava, LoadOptions};
-use llava_model::needs::{self, GpuLimits, WeightFormats};
-use llava_model::npy;
-use llava_model::weights::{KeepOptions, WeightPrecision};
 use serde_json::Value;
 
 mod common;
@@ -23,14 +23,22 @@ use common::{expected, fixture, greedy_raw, load_image, mistral_7b_config, root}
 const MIB: u64 = 1 << 20;
 
 fn limits(max_buffer: u64, max_binding: u64) -> GpuLimits {
-    GpuLimits { max_buffer, max_binding, storage_align: 256 }
+    GpuLimits {
+        max_buffer,
+        max_binding,
+        storage_align: 256,
+    }
 }
 
 fn image_config(config: &LlavaConfig) -> ImageConfig {
     ImageConfig {
         tile_size: config.vision.image_size as u32,
         patch_size: config.vision.patch_size as u32,
-        grid_pinpoints: config.image_grid_pinpoints.iter().map(|&[h, w]| [h as u32, w as u32]).collect(),
+        grid_pinpoints: config
+            .image_grid_pinpoints
+            .iter()
+            .map(|&[h, w]| [h as u32, w as u32])
+            .collect(),
         image_mean: [0.5; 3],
         image_std: [0.5; 3],
     }
@@ -38,7 +46,16 @@ fn image_config(config: &LlavaConfig) -> ImageConfig {
 
 fn check_7b(formats: WeightFormats<'_>, context: usize, limits: GpuLimits) -> Result<(), String> {
     let config = mistral_7b_config();
-    needs::check(&config, &image_config(&config), formats, context, DType::F16, limits, "llava-7b").map_err(|e| e.to_string())
+    needs::check(
+        &config,
+        &image_config(&config),
+        formats,
+        context,
+        DType::F16,
+        limits,
+        "llava-7b",
+    )
+    .map_err(|e| e.to_string())
 }
 
 fn checkpoint(stored: Dtype, precision: WeightPrecision) -> WeightFormats<'static> {
@@ -51,24 +68,50 @@ fn mistral_7b_weights_against_webgpu_default_limits() {
     let defaults = limits(256 * MIB, 128 * MIB);
     // f32: the [32064, 4096] embedding table is 32064 * 4096 * 4 bytes.
     assert_eq!(
-        check_7b(checkpoint(Dtype::F32, WeightPrecision::Native), 4096, defaults).unwrap_err(),
+        check_7b(
+            checkpoint(Dtype::F32, WeightPrecision::Native),
+            4096,
+            defaults
+        )
+        .unwrap_err(),
         "llava-7b: the model does not fit this GPU: model.embed_tokens.weight [32064, 4096] kept as F32 needs a \
          buffer of 525336576 bytes, over its max_buffer_size of 268435456 bytes (quantized, q8 or q4, it may fit)"
     );
     // bf16 is kept as f16: 262668288 bytes, under 256 MiB; q8 and q4 are smaller still.
-    for precision in [WeightPrecision::Native, WeightPrecision::Q8, WeightPrecision::Q4] {
+    for precision in [
+        WeightPrecision::Native,
+        WeightPrecision::Q8,
+        WeightPrecision::Q4,
+    ] {
         check_7b(checkpoint(Dtype::BF16, precision), 4096, defaults).unwrap();
     }
     // Under q4 the lm_head stays Q8: 32064 * 4096 bytes, then 32064 * 128 f16 scales.
     let want = "llava-7b: the model does not fit this GPU: lm_head.weight [32064, 4096] kept as Q8 needs a buffer of \
                 139542528 bytes, over its max_buffer_size of 134217728 bytes";
     let small = limits(128 * MIB, 128 * MIB);
-    assert_eq!(check_7b(checkpoint(Dtype::F16, WeightPrecision::Q4), 4096, small).unwrap_err(), want);
+    assert_eq!(
+        check_7b(checkpoint(Dtype::F16, WeightPrecision::Q4), 4096, small).unwrap_err(),
+        want
+    );
     // A converted folder is checked by its manifest's storage: the converter's rules agree.
     let config = mistral_7b_config();
-    let plan = ConversionPlan::for_config(&config, Dtype::F16, WeightPrecision::Q4, KeepOptions::default(), DEFAULT_SHARD_BYTES);
-    let stored: BTreeMap<_, _> = plan.shards.iter().flat_map(|s| &s.tensors).map(|t| (t.name.clone(), t.storage)).collect();
-    assert_eq!(check_7b(WeightFormats::Converted(&stored), 4096, small).unwrap_err(), want);
+    let plan = ConversionPlan::for_config(
+        &config,
+        Dtype::F16,
+        WeightPrecision::Q4,
+        KeepOptions::default(),
+        DEFAULT_SHARD_BYTES,
+    );
+    let stored: BTreeMap<_, _> = plan
+        .shards
+        .iter()
+        .flat_map(|s| &s.tensors)
+        .map(|t| (t.name.clone(), t.storage))
+        .collect();
+    assert_eq!(
+        check_7b(WeightFormats::Converted(&stored), 4096, small).unwrap_err(),
+        want
+    );
     check_7b(WeightFormats::Converted(&stored), 4096, defaults).unwrap();
 }
 
@@ -110,8 +153,14 @@ fn mistral_7b_context_and_image_against_a_32_mib_binding() {
 fn the_declared_dtype_is_read_from_either_key() {
     for (config, want) in [
         (r#"{"torch_dtype": "bfloat16"}"#, Some(Dtype::BF16)),
-        (r#"{"dtype": "float16", "text_config": {"dtype": "float32"}}"#, Some(Dtype::F16)),
-        (r#"{"text_config": {"torch_dtype": "float32"}}"#, Some(Dtype::F32)),
+        (
+            r#"{"dtype": "float16", "text_config": {"dtype": "float32"}}"#,
+            Some(Dtype::F16),
+        ),
+        (
+            r#"{"text_config": {"torch_dtype": "float32"}}"#,
+            Some(Dtype::F32),
+        ),
         (r#"{"dtype": "int8"}"#, None),
         (r#"{}"#, None),
         ("not json", None),
@@ -121,7 +170,10 @@ fn the_declared_dtype_is_read_from_either_key() {
 }
 
 fn capped_gpu(max_buffer_bytes: u64) -> Arc<Gpu> {
-    let options = GpuOptions { max_buffer_bytes: Some(max_buffer_bytes), ..GpuOptions::from_env() };
+    let options = GpuOptions {
+        max_buffer_bytes: Some(max_buffer_bytes),
+        ..GpuOptions::from_env()
+    };
     let gpu = Arc::new(Gpu::with_options_blocking(options).unwrap());
     assert_eq!(gpu.limits().max_buffer_size, max_buffer_bytes);
     gpu
@@ -133,9 +185,12 @@ fn a_model_over_the_gpu_limits_is_refused_before_any_weight_is_read() {
     // 32064 * 64 * 2 = 4104192 bytes.
     let dir = fixture("mistral-tiny");
     let mut weight_bytes_read = 0;
-    let err = Llava::load_dir_with_progress(capped_gpu(1 << 20), &dir, &LoadOptions::default(), &mut |p| {
-        weight_bytes_read = weight_bytes_read.max(p.bytes_done)
-    })
+    let err = Llava::load_dir_with_progress(
+        capped_gpu(1 << 20),
+        &dir,
+        &LoadOptions::default(),
+        &mut |p| weight_bytes_read = weight_bytes_read.max(p.bytes_done),
+    )
     .map(|_| ())
     .unwrap_err()
     .to_string();
@@ -166,10 +221,14 @@ fn a_tensor_larger_than_its_config_declares_is_still_refused_at_upload() {
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&fixture("tied-f32"), dir.path());
     let config_file = dir.path().join("config.json");
-    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&config_file).unwrap()).unwrap();
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_file).unwrap()).unwrap();
     config.as_object_mut().unwrap().remove("dtype");
     std::fs::write(&config_file, config.to_string()).unwrap();
-    let err = Llava::load_dir(capped_gpu(3_000_000), dir.path(), &LoadOptions::default()).map(|_| ()).unwrap_err().to_string();
+    let err = Llava::load_dir(capped_gpu(3_000_000), dir.path(), &LoadOptions::default())
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
     assert!(
         err.ends_with(
             "model.safetensors: tensor language_model.model.embed_tokens.weight: a GPU buffer of 4104192 bytes \
@@ -181,20 +240,43 @@ fn a_tensor_larger_than_its_config_declares_is_still_refused_at_upload() {
 
 #[test]
 fn a_prompt_run_in_chunks_gives_transformers_answer() {
-    let case = expected("mistral-tiny")["cases"].as_array().unwrap().iter().find(|c| c["id"] == "rocket_en").unwrap().clone();
-    let options = LoadOptions { precision: WeightPrecision::F32, context: None };
+    let case = expected("mistral-tiny")["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "rocket_en")
+        .unwrap()
+        .clone();
+    let options = LoadOptions {
+        precision: WeightPrecision::F32,
+        context: None,
+    };
     let mut llava = Llava::load_dir(common::gpu(), &fixture("mistral-tiny"), &options).unwrap();
     // 2162 prompt tokens: four chunks of 500 and one of 162, each attending to the cache before it.
     llava.set_prefill_chunk(Some(500));
     let image = load_image(case["image"].as_str().unwrap());
     let reply = greedy_raw(&llava, Some(&image), case["prompt"].as_str().unwrap());
     assert_eq!(reply.prompt_tokens, 2162);
-    let want_ids: Vec<u32> = case["greedy_tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let want_ids: Vec<u32> = case["greedy_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
     assert_eq!(reply.tokens, want_ids);
-    let logits_file = root().join("tests/fixtures/expected").join(case["logits_npy"].as_str().unwrap());
+    let logits_file = root()
+        .join("tests/fixtures/expected")
+        .join(case["logits_npy"].as_str().unwrap());
     let (_, want) = npy::read_f32(logits_file).unwrap();
     let got = reply.first_logits.unwrap();
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let diff = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
-    assert!(diff <= 1e-4 * scale, "first-step logits: max |diff| {diff} > 1e-4 x {scale}");
+    let diff = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| (g - w).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        diff <= 1e-4 * scale,
+        "first-step logits: max |diff| {diff} > 1e-4 x {scale}"
+    );
 }

@@ -3,22 +3,42 @@
 //! transformers (the mistral-tiny fixtures) and as a run with the cache off.
 
 use llava_model::generate::{Reply, Turn};
-use llava_model::llava::{LoadOptions, Llava};
+use llava_model::llava::{Llava, LoadOptions};
 use serde_json::Value;
 
 mod common;
 use common::{expected, fixture, gpu, greedy16, load_image};
 
 fn case(id: &str) -> Value {
-    expected("mistral-tiny")["cases"].as_array().unwrap().iter().find(|c| c["id"] == id).unwrap().clone()
+    expected("mistral-tiny")["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == id)
+        .unwrap()
+        .clone()
 }
 
 fn tokens(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
-fn ask(llava: &Llava, chat: &mut llava_model::generate::ChatSession, image: &llava_image::Rgb8, question: &str) -> Reply {
-    let turn = Turn { image: Some(image), text: question, raw_prompt: false, want_logits: false };
+fn ask(
+    llava: &Llava,
+    chat: &mut llava_model::generate::ChatSession,
+    image: &llava_image::Rgb8,
+    question: &str,
+) -> Reply {
+    let turn = Turn {
+        image: Some(image),
+        text: question,
+        raw_prompt: false,
+        want_logits: false,
+    };
     pollster::block_on(chat.send(llava, turn, &greedy16(), |_| true)).unwrap()
 }
 
@@ -36,7 +56,10 @@ fn a_second_chat_about_an_image_reuses_its_features() {
     assert_eq!(uncached.tokens, want);
     assert!(!uncached.timings.image_cached);
     let stats = llava.image_cache_stats();
-    assert_eq!((stats.hits, stats.misses, stats.entries, stats.bytes), (0, 1, 0, 0));
+    assert_eq!(
+        (stats.hits, stats.misses, stats.entries, stats.bytes),
+        (0, 1, 0, 0)
+    );
 
     llava.set_image_cache_limit(64 << 20);
     let first = ask(&llava, &mut llava.chat(None).unwrap(), &image, question);
@@ -45,7 +68,10 @@ fn a_second_chat_about_an_image_reuses_its_features() {
     // One entry: the packed features, [image tokens, hidden] f32.
     let hidden = llava.config().text.hidden_size as u64;
     assert_eq!((stats.hits, stats.misses, stats.entries), (0, 2, 1));
-    assert_eq!(stats.bytes, rocket["image_tokens"].as_u64().unwrap() * hidden * 4);
+    assert_eq!(
+        stats.bytes,
+        rocket["image_tokens"].as_u64().unwrap() * hidden * 4
+    );
 
     // A new chat, then the same chat after a reset: both hits, no vision tower, same tokens.
     let mut chat = llava.chat(None).unwrap();
@@ -60,13 +86,28 @@ fn a_second_chat_about_an_image_reuses_its_features() {
         assert!(reply.timings.image_cached);
     }
     let stats = llava.image_cache_stats();
-    assert_eq!((stats.hits, stats.misses, stats.entries), (2, 2, 1), "the vision tower ran only for misses");
+    assert_eq!(
+        (stats.hits, stats.misses, stats.entries),
+        (2, 2, 1),
+        "the vision tower ran only for misses"
+    );
 
     // Other pixels are another key: a miss, and the transformers answer for that image.
     let other = case("logo_rgba_zh");
     let logo = load_image(other["image"].as_str().unwrap());
-    let reply = ask(&llava, &mut llava.chat(None).unwrap(), &logo, other["question"].as_str().unwrap());
+    let reply = ask(
+        &llava,
+        &mut llava.chat(None).unwrap(),
+        &logo,
+        other["question"].as_str().unwrap(),
+    );
     assert!(!reply.timings.image_cached);
     assert_eq!(reply.tokens, tokens(&other["greedy_tokens"]));
-    assert_eq!((llava.image_cache_stats().misses, llava.image_cache_stats().entries), (3, 2));
+    assert_eq!(
+        (
+            llava.image_cache_stats().misses,
+            llava.image_cache_stats().entries
+        ),
+        (3, 2)
+    );
 }

@@ -5,13 +5,12 @@
 //! token on LLaVA's `tokenizer_image_token` ids, and recorded its prompt ids, image features,
 //! first-step logits (image token's logit dropped) and 16 greedy tokens.
 
-
-use llava_model::config::ConfigLayout;
+use llava_model::files::config::ConfigLayout;
+use llava_model::files::npy;
+use llava_model::files::weights::WeightPrecision;
 use llava_model::generate::Turn;
 use llava_model::llava::{IMAGE_MARKER, Llava, LoadOptions};
-use llava_model::npy;
 use llava_model::text::Message;
-use llava_model::weights::WeightPrecision;
 use serde_json::Value;
 
 mod common;
@@ -28,13 +27,17 @@ fn ids(v: &Value) -> Vec<i64> {
 fn max_rel_diff(got: &[f32], want: &[f32]) -> f32 {
     assert_eq!(got.len(), want.len());
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    got.iter().zip(want).fold(0f32, |m, (g, w)| m.max((g - w).abs())) / scale
+    got.iter()
+        .zip(want)
+        .fold(0f32, |m, (g, w)| m.max((g - w).abs()))
+        / scale
 }
 
 #[test]
 fn liuhaotian_tiny_matches_transformers() {
     let expected: Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("tests/fixtures/expected/liuhaotian-tiny.json")).unwrap(),
+        &std::fs::read_to_string(root().join("tests/fixtures/expected/liuhaotian-tiny.json"))
+            .unwrap(),
     )
     .unwrap();
     let gpu = gpu();
@@ -76,7 +79,13 @@ fn liuhaotian_tiny_matches_transformers() {
             .unwrap();
         let want: Vec<i64> = ids(&case["input_ids"])
             .into_iter()
-            .map(|id| if id == 32000 { i64::from(IMAGE_MARKER) } else { id })
+            .map(|id| {
+                if id == 32000 {
+                    i64::from(IMAGE_MARKER)
+                } else {
+                    id
+                }
+            })
             .collect();
         let got: Vec<i64> = prompt_ids.iter().map(|&id| i64::from(id)).collect();
         assert_eq!(got, want, "{what}: prompt ids");
@@ -91,7 +100,8 @@ fn liuhaotian_tiny_matches_transformers() {
             let encoded = pollster::block_on(llava.encode_image(image.as_ref().unwrap())).unwrap();
             assert_eq!(encoded.tokens, image_tokens, "{what}: image tokens");
             let got = pollster::block_on(encoded.features.to_f32(llava.gpu())).unwrap();
-            let (shape, want) = npy::read_f32(root().join("tests/fixtures/expected").join(file)).unwrap();
+            let (shape, want) =
+                npy::read_f32(root().join("tests/fixtures/expected").join(file)).unwrap();
             assert_eq!(
                 shape,
                 [image_tokens, config.text.hidden_size],
@@ -180,6 +190,9 @@ fn liuhaotian_prompt_splitting() {
         .unwrap_err()
         .to_string();
     assert!(unwanted.contains("no image was given"), "{unwanted}");
-    let missing = llava.tokenize_prompt("what?", Some(5)).unwrap_err().to_string();
+    let missing = llava
+        .tokenize_prompt("what?", Some(5))
+        .unwrap_err()
+        .to_string();
     assert!(missing.contains("no <image>"), "{missing}");
 }

@@ -15,11 +15,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use llava_gpu::Gpu;
-use llava_model::checkpoint::{Spelling, file_names};
-use llava_model::convert;
+use llava_model::files::checkpoint::{Spelling, file_names};
+use llava_model::files::convert;
+use llava_model::files::loader::{Progress, Stage};
+use llava_model::files::weights::{KeepOptions, WeightPrecision};
 use llava_model::llava::{Llava, LoadOptions};
-use llava_model::loader::{Progress, Stage};
-use llava_model::weights::{KeepOptions, WeightPrecision};
 use serde_json::{Value, json};
 
 /// Bytes currently allocated and the highest value since the last reset.
@@ -110,7 +110,8 @@ fn write_f16_safetensors(path: &Path, tensors: &[(String, Vec<usize>)]) {
         for _ in 0..shape.iter().product::<usize>() {
             state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
             let x = ((state >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 0.1;
-            out.write_all(&half::f16::from_f32(x).to_le_bytes()).unwrap();
+            out.write_all(&half::f16::from_f32(x).to_le_bytes())
+                .unwrap();
         }
     }
     out.flush().unwrap();
@@ -119,11 +120,16 @@ fn write_f16_safetensors(path: &Path, tensors: &[(String, Vec<usize>)]) {
 /// vicuna-tiny's files with a wider and deeper language model (~56 MiB of f16 weights).
 fn synthetic_checkpoint(dir: &Path) {
     let source = fixture("vicuna-tiny");
-    for file in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"] {
+    for file in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ] {
         std::fs::copy(source.join(file), dir.join(file)).unwrap();
     }
     let mut config: Value =
-        serde_json::from_str(&std::fs::read_to_string(source.join("config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(source.join("config.json")).unwrap())
+            .unwrap();
     config["text_config"]["intermediate_size"] = json!(4096);
     config["text_config"]["num_hidden_layers"] = json!(28);
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
@@ -148,11 +154,21 @@ fn loading_a_converted_model_keeps_host_memory_under_two_shards_plus_64_mib() {
     let (hf, converted) = (work.path().join("hf"), work.path().join("converted"));
     std::fs::create_dir_all(&hf).unwrap();
     synthetic_checkpoint(&hf);
-    let manifest = convert::convert(&hf, &converted, WeightPrecision::F16, KeepOptions::default(), SHARD_BYTES)
-        .unwrap()
-        .manifest;
+    let manifest = convert::convert(
+        &hf,
+        &converted,
+        WeightPrecision::F16,
+        KeepOptions::default(),
+        SHARD_BYTES,
+    )
+    .unwrap()
+    .manifest;
     let largest = manifest.shards.iter().map(|s| s.bytes).max().unwrap();
-    assert!(manifest.shards.len() >= 12, "{} shards", manifest.shards.len());
+    assert!(
+        manifest.shards.len() >= 12,
+        "{} shards",
+        manifest.shards.len()
+    );
     assert!(largest < SHARD_BYTES + MIB, "largest shard {largest} bytes");
     let total = manifest.total_bytes();
 
@@ -166,7 +182,9 @@ fn loading_a_converted_model_keeps_host_memory_under_two_shards_plus_64_mib() {
             precision: WeightPrecision::Native,
             context: Some(64),
         },
-        &mut |p: Progress<'_>| reports.push((p.bytes_done, p.bytes_total, p.stage, p.file.to_string())),
+        &mut |p: Progress<'_>| {
+            reports.push((p.bytes_done, p.bytes_total, p.stage, p.file.to_string()))
+        },
     )
     .unwrap();
     let peak = (PEAK.load(Ordering::Relaxed) - baseline) as u64;

@@ -25,15 +25,15 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use half::f16;
-use llava_gpu::quant::{dequantize, quantize};
 use llava_gpu::DType;
-use llava_model::checkpoint::{Checkpoint, Dtype, HostTensor, is_canonical};
-use llava_model::config::LlavaConfig;
-use llava_model::convert::model_tensors;
+use llava_gpu::quant::{dequantize, quantize};
+use llava_model::files::checkpoint::{Checkpoint, Dtype, HostTensor, is_canonical};
+use llava_model::files::config::LlavaConfig;
+use llava_model::files::convert::model_tensors;
+use llava_model::files::npy;
+use llava_model::files::weights::{WeightPrecision, Weights, storage_dtype};
 use llava_model::generate::Reply;
 use llava_model::llava::{Llava, LoadOptions, ModelFiles};
-use llava_model::npy;
-use llava_model::weights::{WeightPrecision, Weights, storage_dtype};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 

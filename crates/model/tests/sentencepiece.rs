@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use llava_model::sentencepiece::{ModelType, PieceType, SentencePieceModel};
+use llava_model::text::sentencepiece::{ModelType, PieceType, SentencePieceModel};
 use llava_model::{ModelError, Tokenizer};
 use serde_json::{Value, json};
 
@@ -13,11 +13,13 @@ fn root() -> PathBuf {
 }
 
 fn mistral_model() -> Vec<u8> {
-    std::fs::read(root().join("tests/fixtures/sentencepiece/mistral-7b-v0.1/tokenizer.model")).unwrap()
+    std::fs::read(root().join("tests/fixtures/sentencepiece/mistral-7b-v0.1/tokenizer.model"))
+        .unwrap()
 }
 
 fn cases() -> Value {
-    let text = std::fs::read_to_string(root().join("tests/fixtures/sentencepiece/cases.json")).unwrap();
+    let text =
+        std::fs::read_to_string(root().join("tests/fixtures/sentencepiece/cases.json")).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
@@ -140,7 +142,8 @@ fn mistral_conversion_matches_llava_hf_tokenizer_json() {
     let shared = root().join("../shared/testdata/tokenizers/mistral");
     let shipped: Value =
         serde_json::from_slice(&std::fs::read(shared.join("tokenizer.json")).unwrap()).unwrap();
-    let config = json!({"tokenizer_class": "LlamaTokenizer", "legacy": true, "add_bos_token": true});
+    let config =
+        json!({"tokenizer_class": "LlamaTokenizer", "legacy": true, "add_bos_token": true});
     let converted = SentencePieceModel::parse(&mistral_model())
         .unwrap()
         .tokenizer_json(&config, Some("llava_mistral"))
@@ -252,7 +255,11 @@ fn hand_built_model_parses_with_defaults() {
     assert_eq!(model.pieces[4].score, -2.0);
     assert_eq!(model.trainer.pad_id, -1);
     assert_eq!(
-        (model.trainer.unk_id, model.trainer.bos_id, model.trainer.eos_id),
+        (
+            model.trainer.unk_id,
+            model.trainer.bos_id,
+            model.trainer.eos_id
+        ),
         (0, 1, 2)
     );
     assert_eq!(model.trainer.unk_piece, "<unk>");
@@ -269,7 +276,10 @@ fn unsupported_and_corrupt_models_give_clear_errors() {
         "{unigram}"
     );
     let no_fallback = conversion_error(&tiny_model(2, false, false), &llama, None);
-    assert!(no_fallback.contains("without byte fallback"), "{no_fallback}");
+    assert!(
+        no_fallback.contains("without byte fallback"),
+        "{no_fallback}"
+    );
     let user_defined = conversion_error(&tiny_model(2, true, true), &llama, None);
     assert!(
         user_defined.contains("user-defined pieces such as \"<image>\""),
@@ -284,8 +294,7 @@ fn unsupported_and_corrupt_models_give_clear_errors() {
         other_class.contains("tokenizer_class \"T5Tokenizer\""),
         "{other_class}"
     );
-    let renamed =
-        json!({"tokenizer_class": "LlamaTokenizer", "added_tokens_decoder": {"3": {"content": "x"}}});
+    let renamed = json!({"tokenizer_class": "LlamaTokenizer", "added_tokens_decoder": {"3": {"content": "x"}}});
     let renamed = conversion_error(&tiny_model(2, true, false), &renamed, None);
     assert!(renamed.contains("renames piece 3"), "{renamed}");
 
@@ -301,7 +310,10 @@ fn unsupported_and_corrupt_models_give_clear_errors() {
     let real = mistral_model();
     for len in [1, 1000, real.len() / 2, real.len() - 1] {
         let msg = conversion_error(&real[..len], &llama, None);
-        assert!(msg.contains("is not a valid SentencePiece model"), "{len}: {msg}");
+        assert!(
+            msg.contains("is not a valid SentencePiece model"),
+            "{len}: {msg}"
+        );
     }
     let garbage: Vec<u8> = (0..4096u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
@@ -315,7 +327,8 @@ fn unsupported_and_corrupt_models_give_clear_errors() {
     std::fs::write(dir.path().join("tokenizer_config.json"), llama.to_string()).unwrap();
     let err = Tokenizer::from_dir(dir.path()).err().unwrap().to_string();
     assert!(
-        err.contains(&dir.path().display().to_string()) && err.contains("not a valid SentencePiece model"),
+        err.contains(&dir.path().display().to_string())
+            && err.contains("not a valid SentencePiece model"),
         "{err}"
     );
 }

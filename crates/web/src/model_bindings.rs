@@ -9,13 +9,13 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use js_sys::{Function, Object, Promise, Uint8Array};
+use llava_model::files::loader::Progress;
+use llava_model::files::manifest::MANIFEST_FILE;
+use llava_model::files::source::{LayoutHint, ModelSource, ShardReader};
+use llava_model::files::weights::WeightPrecision;
 use llava_model::generate::{GenerateParams, Turn};
-use llava_model::{Message, ModelError};
 use llava_model::llava::{KvPrecision, Llava, LoadOptions};
-use llava_model::loader::Progress;
-use llava_model::manifest::MANIFEST_FILE;
-use llava_model::source::{LayoutHint, ModelSource, ShardReader};
-use llava_model::weights::WeightPrecision;
+use llava_model::{Message, ModelError};
 use serde::Deserialize;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
@@ -61,7 +61,10 @@ extern "C" {
 /// waits up to two seconds (a busy machine takes more than a few event-loop turns) for the loss
 /// to be reported.
 async fn reply_error(llava: &Llava, e: llava_model::ModelError) -> JsError {
-    if matches!(e, llava_model::ModelError::Gpu(llava_gpu::GpuError::Readback(_))) {
+    if matches!(
+        e,
+        llava_model::ModelError::Gpu(llava_gpu::GpuError::Readback(_))
+    ) {
         for _ in 0..100 {
             let tick = Promise::new(&mut |resolve, _| set_timeout(&resolve, 20));
             let _ = JsFuture::from(tick).await;
@@ -102,7 +105,10 @@ impl Fetcher {
 
 /// A download that failed, naming its URL.
 fn failed(url: &str, msg: String) -> ModelError {
-    ModelError::Io { path: url.to_string(), source: std::io::Error::other(msg) }
+    ModelError::Io {
+        path: url.to_string(),
+        source: std::io::Error::other(msg),
+    }
 }
 
 /// A model folder at a base URL (ending in `/`). `files`, when the caller knows the folder's
@@ -134,7 +140,9 @@ impl ModelSource for FetchSource {
     }
 
     fn list(&self) -> Option<Vec<String>> {
-        self.files.as_ref().map(|files| files.iter().cloned().collect())
+        self.files
+            .as_ref()
+            .map(|files| files.iter().cloned().collect())
     }
 
     fn size(&self, _file: &str) -> Option<u64> {
@@ -166,10 +174,19 @@ impl ModelSource for FetchSource {
         let headers = response.headers();
         let size = match headers.get("content-encoding") {
             Some(encoding) if encoding != "identity" => None,
-            _ => headers.get("content-length").and_then(|v| v.parse::<u64>().ok()),
+            _ => headers
+                .get("content-length")
+                .and_then(|v| v.parse::<u64>().ok()),
         };
-        let body = response.body().ok_or_else(|| failed(&url, "empty response".into()))?;
-        Ok(FetchShard { url, size, reader: body.get_reader(), chunk: Vec::new() })
+        let body = response
+            .body()
+            .ok_or_else(|| failed(&url, "empty response".into()))?;
+        Ok(FetchShard {
+            url,
+            size,
+            reader: body.get_reader(),
+            chunk: Vec::new(),
+        })
     }
 }
 
@@ -190,7 +207,10 @@ impl ShardReader for FetchShard {
         let step = JsFuture::from(self.reader.read())
             .await
             .map_err(|e| failed(&self.url, format!("downloading: {}", describe(&e))))?;
-        if js_sys::Reflect::get(&step, &"done".into()).map(|d| d.is_truthy()).unwrap_or(true) {
+        if js_sys::Reflect::get(&step, &"done".into())
+            .map(|d| d.is_truthy())
+            .unwrap_or(true)
+        {
             return Ok(None);
         }
         let chunk: Uint8Array = js_sys::Reflect::get(&step, &"value".into())
@@ -262,7 +282,7 @@ pub struct Model {
 /// `base_url` may also name the `manifest.json` itself. `options`: `{ quant, context, kvCache,
 /// imageCacheMB, files, fetch }`, where `files` lists the folder's file names when the app knows
 /// them (then no file the folder lacks is requested; otherwise optional files are probed, see
-/// `llava_model::source`) and `fetch(url) => Promise<Response>` replaces the global fetch for
+/// `llava_model::files::source`) and `fetch(url) => Promise<Response>` replaces the global fetch for
 /// every download; `on_progress` receives `{ loaded, total, file, stage }`.
 #[wasm_bindgen(js_name = loadModel)]
 pub async fn load_model(
@@ -287,7 +307,11 @@ pub async fn load_model(
         None => None,
         Some("f32") => Some(KvPrecision::F32),
         Some("f16") => Some(KvPrecision::F16),
-        Some(other) => return Err(JsError::new(&format!("unknown kvCache \"{other}\": use f32 or f16"))),
+        Some(other) => {
+            return Err(JsError::new(&format!(
+                "unknown kvCache \"{other}\": use f32 or f16"
+            )));
+        }
     };
     let (base, hint) = match base_url.strip_suffix(MANIFEST_FILE) {
         Some(base) => (base.to_string(), LayoutHint::Converted),
@@ -299,12 +323,17 @@ pub async fn load_model(
         base,
         files: settings.files.map(|files| files.into_iter().collect()),
     };
-    let options = LoadOptions { precision, context: settings.context };
+    let options = LoadOptions {
+        precision,
+        context: settings.context,
+    };
     let gpu = Arc::new(llava_gpu::Gpu::new().await.map_err(js_error)?);
     let on_progress = on_progress.as_ref();
-    let mut llava = Llava::load(gpu, &source, hint, &options, &mut |p| report(on_progress, p))
-        .await
-        .map_err(js_error)?;
+    let mut llava = Llava::load(gpu, &source, hint, &options, &mut |p| {
+        report(on_progress, p)
+    })
+    .await
+    .map_err(js_error)?;
     llava.set_kv_cache(kv_cache.unwrap_or_else(|| KvPrecision::preferred(llava.gpu())));
     if let Some(mb) = settings.image_cache_mb {
         llava.set_image_cache_limit(mb.saturating_mul(1 << 20));
@@ -329,8 +358,15 @@ impl Model {
     /// `text` through the checkpoint's chat template and tokenizer (what `send` prefills).
     #[wasm_bindgen(js_name = promptIds)]
     pub fn prompt_ids(&self, system: Option<String>, text: &str) -> Result<Vec<u32>, JsError> {
-        let prompt = self.llava.render_chat(system.as_deref(), &[Message::user(0, text)]).map_err(js_error)?;
-        Ok(self.llava.tokenize_prompt(&prompt, None).map_err(js_error)?.0)
+        let prompt = self
+            .llava
+            .render_chat(system.as_deref(), &[Message::user(0, text)])
+            .map_err(js_error)?;
+        Ok(self
+            .llava
+            .tokenize_prompt(&prompt, None)
+            .map_err(js_error)?
+            .0)
     }
 
     /// For the tests of device loss: destroys this model's GPU device, as a browser does when

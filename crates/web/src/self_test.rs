@@ -6,8 +6,8 @@
 //! `gpuSelfTest`), so a browser result can be read against the native one.
 
 use half::f16;
-use llava_gpu::quant;
 use llava_gpu::ops::matmul::LinearKernel;
+use llava_gpu::quant;
 use llava_gpu::{DType, Gpu, Result, Tensor, ops, random};
 use serde::Serialize;
 
@@ -163,10 +163,14 @@ pub async fn run(gpu: &Gpu, seed: u64) -> Result<SelfTestReport> {
     let rows_q6 = ops::embed::embedding(&mut batch, &table_q6_t, &ids_t)?;
     let rows_q4 = ops::embed::embedding(&mut batch, &table_q4_t, &ids_t)?;
     // The tables double as [VOCAB, D] linear weights.
-    let q6_gemv = ops::matmul::linear_with(&mut batch, &x_t, &table_q6_t, None, LinearKernel::Gemv)?;
-    let q6_gemm = ops::matmul::linear_with(&mut batch, &x_t, &table_q6_t, None, LinearKernel::Gemm)?;
-    let q4_gemv = ops::matmul::linear_with(&mut batch, &x_t, &table_q4_t, None, LinearKernel::Gemv)?;
-    let q4_gemm = ops::matmul::linear_with(&mut batch, &x_t, &table_q4_t, None, LinearKernel::Gemm)?;
+    let q6_gemv =
+        ops::matmul::linear_with(&mut batch, &x_t, &table_q6_t, None, LinearKernel::Gemv)?;
+    let q6_gemm =
+        ops::matmul::linear_with(&mut batch, &x_t, &table_q6_t, None, LinearKernel::Gemm)?;
+    let q4_gemv =
+        ops::matmul::linear_with(&mut batch, &x_t, &table_q4_t, None, LinearKernel::Gemv)?;
+    let q4_gemm =
+        ops::matmul::linear_with(&mut batch, &x_t, &table_q4_t, None, LinearKernel::Gemm)?;
     let patches = ops::conv::patch_embed(&mut batch, &pixels_t, &kernel_t, PATCH)?;
     batch.submit()?;
 
@@ -209,10 +213,30 @@ pub async fn run(gpu: &Gpu, seed: u64) -> Result<SelfTestReport> {
             &gather_cpu(&quant::dequantize(&table_q4), &ids),
             1e-6,
         ),
-        Check::floats("linear_q6_gemv", &q6_gemv.to_f32(gpu).await?, &linear_cpu(&x, &table_q6), 1e-4),
-        Check::floats("linear_q6_gemm", &q6_gemm.to_f32(gpu).await?, &linear_cpu(&x, &table_q6), 1e-4),
-        Check::floats("linear_q4_gemv", &q4_gemv.to_f32(gpu).await?, &linear_cpu(&x, &table_q4), 1e-4),
-        Check::floats("linear_q4_gemm", &q4_gemm.to_f32(gpu).await?, &linear_cpu(&x, &table_q4), 1e-4),
+        Check::floats(
+            "linear_q6_gemv",
+            &q6_gemv.to_f32(gpu).await?,
+            &linear_cpu(&x, &table_q6),
+            1e-4,
+        ),
+        Check::floats(
+            "linear_q6_gemm",
+            &q6_gemm.to_f32(gpu).await?,
+            &linear_cpu(&x, &table_q6),
+            1e-4,
+        ),
+        Check::floats(
+            "linear_q4_gemv",
+            &q4_gemv.to_f32(gpu).await?,
+            &linear_cpu(&x, &table_q4),
+            1e-4,
+        ),
+        Check::floats(
+            "linear_q4_gemm",
+            &q4_gemm.to_f32(gpu).await?,
+            &linear_cpu(&x, &table_q4),
+            1e-4,
+        ),
         Check::floats(
             "patch_embed_f16",
             &patches.to_f32(gpu).await?,
@@ -256,7 +280,10 @@ pub async fn run(gpu: &Gpu, seed: u64) -> Result<SelfTestReport> {
 fn linear_cpu(x: &[f32], w: &quant::QuantMatrix) -> Vec<f32> {
     let w = quant::dequantize(w);
     x.chunks(D)
-        .flat_map(|row| w.chunks(D).map(move |wn| row.iter().zip(wn).map(|(a, b)| a * b).sum::<f32>()))
+        .flat_map(|row| {
+            w.chunks(D)
+                .map(move |wn| row.iter().zip(wn).map(|(a, b)| a * b).sum::<f32>())
+        })
         .collect()
 }
 

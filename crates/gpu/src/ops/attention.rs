@@ -284,7 +284,9 @@ fn combine(
     part_stats: &Tensor,
     out: Tensor,
 ) -> Result<Tensor> {
-    let grid = batch.gpu().grid((out.numel() as u32).div_ceil(COMBINE_WORKGROUP));
+    let grid = batch
+        .gpu()
+        .grid((out.numel() as u32).div_ceil(COMBINE_WORKGROUP));
     batch.dispatch(
         &PipelineKey::new(SHADER, "attention_combine")
             .flag("COMBINE")
@@ -338,7 +340,10 @@ pub fn kv_store(batch: &mut Batch, rows: &Tensor, cache: &Tensor, pos: usize) ->
     if pos + t > capacity {
         return Err(shape_err(
             "kv_store",
-            format!("positions {pos}..{} exceed the cache capacity {capacity}", pos + t),
+            format!(
+                "positions {pos}..{} exceed the cache capacity {capacity}",
+                pos + t
+            ),
         ));
     }
     match cache.dtype() {
@@ -528,9 +533,26 @@ mod tests {
     #[test]
     fn long_causal_prefill_at_head_dims_32_to_128() {
         for (tq, d) in [(600, 128), (1200, 64), (2000, 32)] {
-            check(case(1, tq, 4, 2, d, 4096, tq, Mask::Causal { q_offset: 0 }), 2e-5, 40);
+            check(
+                case(1, tq, 4, 2, d, 4096, tq, Mask::Causal { q_offset: 0 }),
+                2e-5,
+                40,
+            );
         }
-        check(case(1, 300, 2, 1, 128, 1100, 1000, Mask::Causal { q_offset: 700 }), 2e-5, 41);
+        check(
+            case(
+                1,
+                300,
+                2,
+                1,
+                128,
+                1100,
+                1000,
+                Mask::Causal { q_offset: 700 },
+            ),
+            2e-5,
+            41,
+        );
         check(case(2, 700, 2, 2, 64, 700, 700, Mask::None), 2e-5, 42);
     }
 
@@ -588,7 +610,14 @@ mod tests {
             ),
             (case(1, 1, 4, 2, 64, 300, 260, Mask::None), 51),
         ] {
-            check(Case { magnitude: 30.0, ..c }, 5e-3, seed);
+            check(
+                Case {
+                    magnitude: 30.0,
+                    ..c
+                },
+                5e-3,
+                seed,
+            );
         }
     }
 
@@ -601,7 +630,10 @@ mod tests {
             attention(&mut gpu.batch(), q, k, v, kv_len, mask)
         };
         assert!(run(&q, &kv, &kv, 8, Mask::None).is_ok());
-        assert!(run(&q, &kv, &kv, 9, Mask::None).is_err(), "kv_len past capacity");
+        assert!(
+            run(&q, &kv, &kv, 9, Mask::None).is_err(),
+            "kv_len past capacity"
+        );
         assert!(run(&q, &kv, &kv, 0, Mask::None).is_err(), "empty cache");
         assert!(
             run(&q, &kv, &kv, 6, Mask::Causal { q_offset: 3 }).is_err(),
@@ -619,15 +651,37 @@ mod tests {
             run(&q, &t(&[2, 8, 2, 16]), &t(&[2, 8, 2, 16]), 8, Mask::None).is_err(),
             "batch"
         );
-        assert!(run(&t(&[4, 4, 16]), &kv, &kv, 8, Mask::None).is_err(), "rank 3");
+        assert!(
+            run(&t(&[4, 4, 16]), &kv, &kv, 8, Mask::None).is_err(),
+            "rank 3"
+        );
         let d257 = t(&[1, 4, 4, 257]);
-        let err = run(&d257, &t(&[1, 8, 2, 257]), &t(&[1, 8, 2, 257]), 8, Mask::None).unwrap_err();
-        assert!(err.to_string().contains("head dim 257 must be in 1..=256"), "{err}");
+        let err = run(
+            &d257,
+            &t(&[1, 8, 2, 257]),
+            &t(&[1, 8, 2, 257]),
+            8,
+            Mask::None,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("head dim 257 must be in 1..=256"),
+            "{err}"
+        );
         let half = |shape: &[usize]| Tensor::empty(gpu, shape, DType::F16).unwrap();
-        assert!(run(&half(&[1, 4, 4, 16]), &kv, &kv, 8, Mask::None).is_err(), "f16 q");
+        assert!(
+            run(&half(&[1, 4, 4, 16]), &kv, &kv, 8, Mask::None).is_err(),
+            "f16 q"
+        );
         let half_kv = half(&[1, 8, 2, 16]);
-        assert!(run(&q, &half_kv, &half_kv, 8, Mask::None).is_ok(), "f16 k and v");
-        assert!(run(&q, &half_kv, &kv, 8, Mask::None).is_err(), "f16 k with f32 v");
+        assert!(
+            run(&q, &half_kv, &half_kv, 8, Mask::None).is_ok(),
+            "f16 k and v"
+        );
+        assert!(
+            run(&q, &half_kv, &kv, 8, Mask::None).is_err(),
+            "f16 k with f32 v"
+        );
         let ids = Tensor::empty(gpu, &[1, 8, 2, 16], DType::U32).unwrap();
         assert!(run(&q, &ids, &ids, 8, Mask::None).is_err(), "u32 k and v");
     }
@@ -639,9 +693,17 @@ mod tests {
     fn every_head_dim_causal_and_not_with_gqa() {
         for (i, d) in [1, 8, 12, 20, 80, 96, 128, 256].into_iter().enumerate() {
             let seed = 100 + 10 * i as u64;
-            check(case(1, 37, 4, 2, d, 50, 45, Mask::Causal { q_offset: 8 }), 2e-5, seed);
+            check(
+                case(1, 37, 4, 2, d, 50, 45, Mask::Causal { q_offset: 8 }),
+                2e-5,
+                seed,
+            );
             check(case(2, 21, 3, 1, d, 30, 21, Mask::None), 2e-5, seed + 1);
-            check(case(1, 1, 6, 2, d, 200, 150, Mask::Causal { q_offset: 149 }), 2e-5, seed + 2);
+            check(
+                case(1, 1, 6, 2, d, 200, 150, Mask::Causal { q_offset: 149 }),
+                2e-5,
+                seed + 2,
+            );
             check(case(1, 2, 2, 2, d, 140, 131, Mask::None), 2e-5, seed + 3);
         }
     }
@@ -651,7 +713,11 @@ mod tests {
     #[test]
     fn head_dims_1_to_40_and_odd_ones_to_255() {
         for d in (1..=40).chain([47, 63, 65, 127, 129, 130, 200, 255]) {
-            check(case(1, 10, 2, 1, d, 24, 20, Mask::Causal { q_offset: 10 }), 2e-5, d as u64);
+            check(
+                case(1, 10, 2, 1, d, 24, 20, Mask::Causal { q_offset: 10 }),
+                2e-5,
+                d as u64,
+            );
         }
     }
 
@@ -659,8 +725,16 @@ mod tests {
     /// chunks (PARTIAL + combine), with a chunk boundary inside the causal window.
     #[test]
     fn long_prefill_at_odd_head_dims() {
-        check(case(1, 900, 2, 1, 12, 1000, 900, Mask::Causal { q_offset: 0 }), 2e-5, 60);
-        check(case(1, 200, 2, 2, 96, 1200, 1100, Mask::Causal { q_offset: 900 }), 2e-5, 61);
+        check(
+            case(1, 900, 2, 1, 12, 1000, 900, Mask::Causal { q_offset: 0 }),
+            2e-5,
+            60,
+        );
+        check(
+            case(1, 200, 2, 2, 96, 1200, 1100, Mask::Causal { q_offset: 900 }),
+            2e-5,
+            61,
+        );
         check(case(1, 300, 1, 1, 256, 300, 300, Mask::None), 2e-5, 62);
     }
 
@@ -668,14 +742,51 @@ mod tests {
     /// the tolerance is the f32 one. Tiled, chunked and split paths, even and odd head dims.
     #[test]
     fn f16_keys_and_values() {
-        let f16 = |c: Case| Case { kv_dtype: DType::F16, ..c };
+        let f16 = |c: Case| Case {
+            kv_dtype: DType::F16,
+            ..c
+        };
         for (i, d) in [64, 128, 12, 7].into_iter().enumerate() {
             let seed = 200 + 10 * i as u64;
-            check(f16(case(1, 33, 4, 2, d, 60, 50, Mask::Causal { q_offset: 17 })), 2e-5, seed);
-            check(f16(case(1, 1, 4, 1, d, 300, 257, Mask::Causal { q_offset: 256 })), 2e-5, seed + 1);
-            check(f16(case(2, 17, 1, 1, d, 17, 17, Mask::None)), 2e-5, seed + 2);
+            check(
+                f16(case(1, 33, 4, 2, d, 60, 50, Mask::Causal { q_offset: 17 })),
+                2e-5,
+                seed,
+            );
+            check(
+                f16(case(
+                    1,
+                    1,
+                    4,
+                    1,
+                    d,
+                    300,
+                    257,
+                    Mask::Causal { q_offset: 256 },
+                )),
+                2e-5,
+                seed + 1,
+            );
+            check(
+                f16(case(2, 17, 1, 1, d, 17, 17, Mask::None)),
+                2e-5,
+                seed + 2,
+            );
         }
-        check(f16(case(1, 700, 2, 1, 64, 800, 700, Mask::Causal { q_offset: 0 })), 2e-5, 250);
+        check(
+            f16(case(
+                1,
+                700,
+                2,
+                1,
+                64,
+                800,
+                700,
+                Mask::Causal { q_offset: 0 },
+            )),
+            2e-5,
+            250,
+        );
     }
 
     /// Runs kv_store of `t` rows at `pos` into a cache filled with a marker and checks every
@@ -688,8 +799,12 @@ mod tests {
         let shape = [1, capacity, hkv, d];
         let cache = match dtype {
             DType::F32 => Tensor::from_f32(gpu, &shape, &vec![marker; capacity * row]).unwrap(),
-            _ => Tensor::from_f16(gpu, &shape, &vec![half::f16::from_f32(marker); capacity * row])
-                .unwrap(),
+            _ => Tensor::from_f16(
+                gpu,
+                &shape,
+                &vec![half::f16::from_f32(marker); capacity * row],
+            )
+            .unwrap(),
         };
         let src = Tensor::from_f32(gpu, &[t, hkv, d], &rows).unwrap();
         let mut batch = gpu.batch();
@@ -705,7 +820,10 @@ mod tests {
                 Some(j) if j < t * row => round(rows[j]),
                 _ => marker,
             };
-            assert_eq!(g, want, "kv_store {dtype:?} cap {capacity} hkv {hkv} d {d} pos {pos} t {t}: element {i}");
+            assert_eq!(
+                g, want,
+                "kv_store {dtype:?} cap {capacity} hkv {hkv} d {d} pos {pos} t {t}: element {i}"
+            );
         }
     }
 
@@ -731,12 +849,36 @@ mod tests {
         assert!(store(&rows(&[3, 2, 4], DType::F32), &cache, 5).is_ok());
         assert!(store(&rows(&[3, 8], DType::F32), &cache, 5).is_ok());
         let err = store(&rows(&[3, 2, 4], DType::F32), &cache, 6).unwrap_err();
-        assert!(err.to_string().contains("positions 6..9 exceed the cache capacity 8"), "{err}");
-        assert!(store(&rows(&[3, 2, 4], DType::F16), &cache, 0).is_err(), "f16 rows");
-        assert!(store(&rows(&[3, 3, 4], DType::F32), &cache, 0).is_err(), "3 kv heads");
-        assert!(store(&rows(&[0, 2, 4], DType::F32), &cache, 0).is_err(), "no rows");
-        assert!(store(&rows(&[3, 2, 4], DType::F32), &rows(&[8, 2, 4], DType::F32), 0).is_err(), "rank 3 cache");
+        assert!(
+            err.to_string()
+                .contains("positions 6..9 exceed the cache capacity 8"),
+            "{err}"
+        );
+        assert!(
+            store(&rows(&[3, 2, 4], DType::F16), &cache, 0).is_err(),
+            "f16 rows"
+        );
+        assert!(
+            store(&rows(&[3, 3, 4], DType::F32), &cache, 0).is_err(),
+            "3 kv heads"
+        );
+        assert!(
+            store(&rows(&[0, 2, 4], DType::F32), &cache, 0).is_err(),
+            "no rows"
+        );
+        assert!(
+            store(
+                &rows(&[3, 2, 4], DType::F32),
+                &rows(&[8, 2, 4], DType::F32),
+                0
+            )
+            .is_err(),
+            "rank 3 cache"
+        );
         let ids = rows(&[1, 8, 2, 4], DType::U32);
-        assert!(store(&rows(&[3, 2, 4], DType::F32), &ids, 0).is_err(), "u32 cache");
+        assert!(
+            store(&rows(&[3, 2, 4], DType::F32), &ids, 0).is_err(),
+            "u32 cache"
+        );
     }
 }

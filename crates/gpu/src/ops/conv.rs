@@ -25,29 +25,49 @@ struct Params {
 
 /// Patch embedding of `pixels` (`[B, 3, H, W]` F32) with `weight` (`[C, 3, P, P]` F32 or F16);
 /// `H` and `W` must be multiples of `patch`.
-pub fn patch_embed(batch: &mut Batch, pixels: &Tensor, weight: &Tensor, patch: usize) -> Result<Tensor> {
+pub fn patch_embed(
+    batch: &mut Batch,
+    pixels: &Tensor,
+    weight: &Tensor,
+    patch: usize,
+) -> Result<Tensor> {
     const OP: &str = "patch_embed";
     let [images, 3, h, w] = pixels.shape()[..] else {
-        return Err(shape_err(OP, format!("pixels must be [B, 3, H, W], got {:?}", pixels.shape())));
+        return Err(shape_err(
+            OP,
+            format!("pixels must be [B, 3, H, W], got {:?}", pixels.shape()),
+        ));
     };
     if pixels.dtype() != DType::F32 {
-        return Err(shape_err(OP, format!("pixels must be F32, got {:?}", pixels.dtype())));
+        return Err(shape_err(
+            OP,
+            format!("pixels must be F32, got {:?}", pixels.dtype()),
+        ));
     }
     if patch == 0 || h % patch != 0 || w % patch != 0 {
-        return Err(shape_err(OP, format!("image {h}x{w} is not a whole number of {patch}x{patch} patches")));
+        return Err(shape_err(
+            OP,
+            format!("image {h}x{w} is not a whole number of {patch}x{patch} patches"),
+        ));
     }
     let channels = weight.shape()[0];
     if weight.shape() != [channels, 3, patch, patch] {
         return Err(shape_err(
             OP,
-            format!("weight must be [C, 3, {patch}, {patch}], got {:?}", weight.shape()),
+            format!(
+                "weight must be [C, 3, {patch}, {patch}], got {:?}",
+                weight.shape()
+            ),
         ));
     }
     let flag = match weight.dtype() {
         DType::F32 => None,
         DType::F16 => Some("F16"),
         d => {
-            return Err(GpuError::Unsupported { op: OP, what: format!("{d:?} weights") });
+            return Err(GpuError::Unsupported {
+                op: OP,
+                what: format!("{d:?} weights"),
+            });
         }
     };
     let (rows, cols) = (h / patch, w / patch);
@@ -60,13 +80,20 @@ pub fn patch_embed(batch: &mut Batch, pixels: &Tensor, weight: &Tensor, patch: u
     if too_big(pixels.numel()) || too_big(m * channels) {
         return Err(shape_err(
             OP,
-            format!("{:?} -> {:?} has too many elements", pixels.shape(), out.shape()),
+            format!(
+                "{:?} -> {:?} has too many elements",
+                pixels.shape(),
+                out.shape()
+            ),
         ));
     }
     let groups = [m.div_ceil(TILE_M), channels.div_ceil(TILE_N)];
     let max = batch.gpu().limits().max_compute_workgroups_per_dimension as usize;
     if groups.iter().any(|&g| g > max) {
-        return Err(shape_err(OP, format!("{groups:?} workgroups exceed the limit {max}")));
+        return Err(shape_err(
+            OP,
+            format!("{groups:?} workgroups exceed the limit {max}"),
+        ));
     }
     let params = Params {
         m: m as u32,
@@ -116,7 +143,8 @@ mod tests {
                         for ch in 0..3 {
                             for ky in 0..p {
                                 for kx in 0..p {
-                                    let pix = px[((b * 3 + ch) * h + r * p + ky) * w + q * p + kx] as f64;
+                                    let pix =
+                                        px[((b * 3 + ch) * h + r * p + ky) * w + q * p + kx] as f64;
                                     sum += pix * weight[((o * 3 + ch) * p + ky) * p + kx] as f64;
                                 }
                             }
@@ -132,7 +160,10 @@ mod tests {
     fn check(images: usize, h: usize, w: usize, c: usize, p: usize, f16: bool, seed: u64) {
         let gpu = gpu();
         let px = random(images * 3 * h * w, seed);
-        let mut wt: Vec<f32> = random(c * 3 * p * p, seed + 1).iter().map(|v| v * 0.1).collect();
+        let mut wt: Vec<f32> = random(c * 3 * p * p, seed + 1)
+            .iter()
+            .map(|v| v * 0.1)
+            .collect();
         let tw = if f16 {
             let hw: Vec<half::f16> = wt.iter().map(|&v| half::f16::from_f32(v)).collect();
             wt = hw.iter().map(|v| v.to_f32()).collect();

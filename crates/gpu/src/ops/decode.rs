@@ -144,20 +144,35 @@ fn unit(dtype: DType) -> usize {
 /// Lanes per row of the GEMV for weights of `dtype` and rows of `k` values: one per 16-byte unit
 /// of the row, as a power of two up to 32.
 fn gemv_lanes(dtype: DType, k: usize) -> usize {
-    (k / unit(dtype)).next_power_of_two().clamp(1, GEMV_MAX_LANES)
+    (k / unit(dtype))
+        .next_power_of_two()
+        .clamp(1, GEMV_MAX_LANES)
 }
 
 /// Checks that `w` (`[N, K]`) can go through the decode GEMV; returns (N, K).
 fn gemv_weights(what: &str, w: &Tensor, k: usize) -> Result<usize> {
     const OP: &str = "decode gemv";
-    if !matches!(w.dtype(), DType::F32 | DType::F16 | DType::Q8 | DType::Q6 | DType::Q4) {
-        return Err(GpuError::Unsupported { op: OP, what: format!("{what} of dtype {:?}", w.dtype()) });
+    if !matches!(
+        w.dtype(),
+        DType::F32 | DType::F16 | DType::Q8 | DType::Q6 | DType::Q4
+    ) {
+        return Err(GpuError::Unsupported {
+            op: OP,
+            what: format!("{what} of dtype {:?}", w.dtype()),
+        });
     }
-    let (n, wk) = w.dims2().map_err(|_| shape_err(OP, format!("{what} must be [N, K], got {:?}", w.shape())))?;
+    let (n, wk) = w
+        .dims2()
+        .map_err(|_| shape_err(OP, format!("{what} must be [N, K], got {:?}", w.shape())))?;
     if wk != k || k % unit(w.dtype()) != 0 || k % w.dtype().group_size().max(1) != 0 {
         return Err(shape_err(
             OP,
-            format!("{what} {:?} {:?} needs K = {k}, a multiple of {}", w.dtype(), w.shape(), unit(w.dtype())),
+            format!(
+                "{what} {:?} {:?} needs K = {k}, a multiple of {}",
+                w.dtype(),
+                w.shape(),
+                unit(w.dtype())
+            ),
         ));
     }
     Ok(n)
@@ -182,13 +197,26 @@ pub fn gemv(
     const OP: &str = "decode gemv";
     let k = x.last_dim();
     if x.dtype() != DType::F32 || x.rows() != 1 || y.dtype() != DType::F32 {
-        return Err(shape_err(OP, format!("x {:?} and y {:?} must be one f32 row", x.shape(), y.shape())));
+        return Err(shape_err(
+            OP,
+            format!(
+                "x {:?} and y {:?} must be one f32 row",
+                x.shape(),
+                y.shape()
+            ),
+        ));
     }
     let n = gemv_weights("w", w, k)?;
     if let Some(norm) = norm
         && (norm.weight.dtype() != DType::F32 || norm.weight.numel() != k)
     {
-        return Err(shape_err(OP, format!("norm weight must be f32 [{k}], got {:?}", norm.weight.shape())));
+        return Err(shape_err(
+            OP,
+            format!(
+                "norm weight must be f32 [{k}], got {:?}",
+                norm.weight.shape()
+            ),
+        ));
     }
     let mut params = GemvParams {
         n: n as u32,
@@ -219,7 +247,10 @@ pub fn gemv(
         if y.numel() == len {
             Ok(())
         } else {
-            Err(shape_err(OP, format!("y has {} values, want {len}", y.numel())))
+            Err(shape_err(
+                OP,
+                format!("y has {} values, want {len}", y.numel()),
+            ))
         }
     };
     let quads = match epilogue {
@@ -244,7 +275,10 @@ pub fn gemv(
             let (q_rows, kv_rows) = (a.heads * a.head_dim, a.kv_heads * a.head_dim);
             let d = a.head_dim;
             if d == 0 || d % 4 != 0 || d > 256 || a.kv_heads == 0 || a.heads % a.kv_heads != 0 {
-                return Err(shape_err(OP, format!("qkv needs head dim % 4 == 0 and <= 256 (got {d}) and whole groups")));
+                return Err(shape_err(
+                    OP,
+                    format!("qkv needs head dim % 4 == 0 and <= 256 (got {d}) and whole groups"),
+                ));
             }
             packed_with(w, a.k, "k")?;
             if n != q_rows || a.k.rows() != kv_rows || gemv_weights("v", a.v, k)? != kv_rows {
@@ -298,7 +332,11 @@ pub fn gemv(
             entries.extend(a.v.dtype().is_quantized().then_some((7, v)));
         }
         entries.push((9, y.binding()));
-        return batch.dispatch_entries(&key, &entries, gpu.grid(quads.div_ceil(quads_per_workgroup) as u32));
+        return batch.dispatch_entries(
+            &key,
+            &entries,
+            gpu.grid(quads.div_ceil(quads_per_workgroup) as u32),
+        );
     }
     // One matrix: in row windows where it exceeds a storage binding (a plain store only).
     let windows = match epilogue {
@@ -325,7 +363,13 @@ fn packed_with(w: &Tensor, other: &Tensor, what: &str) -> Result<()> {
     if !w.shares_buffer(other) || other.dtype() != w.dtype() || other.last_dim() != w.last_dim() {
         return Err(shape_err(
             "decode gemv",
-            format!("{what} {:?} {:?} must be packed with {:?} {:?} (Tensor::pack)", other.dtype(), other.shape(), w.dtype(), w.shape()),
+            format!(
+                "{what} {:?} {:?} must be packed with {:?} {:?} (Tensor::pack)",
+                other.dtype(),
+                other.shape(),
+                w.dtype(),
+                w.shape()
+            ),
         ));
     }
     Ok(())
@@ -338,14 +382,24 @@ fn places(t: &Tensor) -> (u32, u32) {
 }
 
 fn whole_buffer(t: &Tensor) -> Binding<'_> {
-    Binding { buffer: t.buffer(), offset: 0, size: t.buffer().size() }
+    Binding {
+        buffer: t.buffer(),
+        offset: 0,
+        size: t.buffer().size(),
+    }
 }
 
 /// Capacity of a cache `[2, capacity, kv_heads, head_dim]` (a multiple of [`ATTEND_KEYS`]).
 fn kv_capacity(kv: &Tensor, kv_heads: usize, head_dim: usize) -> Result<usize> {
     match *kv.shape() {
-        [2, cap, h, d] if h == kv_heads && d == head_dim && cap % ATTEND_KEYS == 0
-            && matches!(kv.dtype(), DType::F32 | DType::F16) => Ok(cap),
+        [2, cap, h, d]
+            if h == kv_heads
+                && d == head_dim
+                && cap % ATTEND_KEYS == 0
+                && matches!(kv.dtype(), DType::F32 | DType::F16) =>
+        {
+            Ok(cap)
+        }
         _ => Err(shape_err(
             "decode",
             format!(
@@ -387,11 +441,27 @@ pub fn attend_supports(heads: usize, kv_heads: usize, head_dim: usize) -> bool {
 /// Attention of one query position `q` (`[heads · head_dim]` F32) against the first
 /// `step.kv_len` positions of `kv` (see [`Qkv::kv`]), scale `head_dim^-0.5`. Returns
 /// `[heads · head_dim]`.
-pub fn attend(batch: &mut Batch, step: &StepUniform, q: &Tensor, kv: &Tensor, heads: usize, kv_heads: usize) -> Result<Tensor> {
+pub fn attend(
+    batch: &mut Batch,
+    step: &StepUniform,
+    q: &Tensor,
+    kv: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+) -> Result<Tensor> {
     const OP: &str = "decode attend";
     let head_dim = q.numel() / heads.max(1);
-    if !attend_supports(heads, kv_heads, head_dim) || q.dtype() != DType::F32 || head_dim * heads != q.numel() {
-        return Err(shape_err(OP, format!("q {:?} with {heads} heads over {kv_heads} kv heads", q.shape())));
+    if !attend_supports(heads, kv_heads, head_dim)
+        || q.dtype() != DType::F32
+        || head_dim * heads != q.numel()
+    {
+        return Err(shape_err(
+            OP,
+            format!(
+                "q {:?} with {heads} heads over {kv_heads} kv heads",
+                q.shape()
+            ),
+        ));
     }
     let capacity = kv_capacity(kv, kv_heads, head_dim)?;
     let gpu = batch.gpu();
@@ -407,7 +477,9 @@ pub fn attend(batch: &mut Batch, step: &StepUniform, q: &Tensor, kv: &Tensor, he
         scale: (head_dim as f32).powf(-0.5),
     };
     let uniform = batch.params(bytemuck::bytes_of(&params))?;
-    let key = PipelineKey::new(SHADER, "attend").flag("ATTEND").flag_if(kv.dtype() == DType::F16, "KV_F16");
+    let key = PipelineKey::new(SHADER, "attend")
+        .flag("ATTEND")
+        .flag_if(kv.dtype() == DType::F16, "KV_F16");
     let entries = [
         (0, uniform.binding()),
         (1, step.binding()),
@@ -417,7 +489,11 @@ pub fn attend(batch: &mut Batch, step: &StepUniform, q: &Tensor, kv: &Tensor, he
         (5, part_stats.binding()),
     ];
     batch.dispatch_entries(&key, &entries, gpu.grid((kv_heads * chunks) as u32))?;
-    let params = CombineParams { heads: heads as u32, head_dim: head_dim as u32, chunks: chunks as u32 };
+    let params = CombineParams {
+        heads: heads as u32,
+        head_dim: head_dim as u32,
+        chunks: chunks as u32,
+    };
     let uniform = batch.params(bytemuck::bytes_of(&params))?;
     let entries = [
         (0, uniform.binding()),
@@ -446,7 +522,13 @@ pub struct Sampling {
 }
 
 impl Sampling {
-    pub const GREEDY: Sampling = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 0 };
+    pub const GREEDY: Sampling = Sampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        repetition_penalty: 1.0,
+        seed: 0,
+    };
 }
 
 #[repr(C)]
@@ -508,11 +590,23 @@ impl SamplerState {
 /// Picks the next token from `logits` (`[V]` or `[1, V]` F32) as `state` says, on the GPU (one
 /// workgroup; top-k and top-p are cut by binary searches over the logits, not a sort), and
 /// writes it to `token[0]` (the next step's input) and `token[1]` (for the host).
-pub fn sample(batch: &mut Batch, step: &StepUniform, state: &SamplerState, logits: &Tensor, token: &Tensor) -> Result<()> {
-    if logits.dtype() != DType::F32 || logits.rows() != 1 || logits.last_dim() != state.vocab
-        || token.dtype() != DType::U32 || token.numel() < 2
+pub fn sample(
+    batch: &mut Batch,
+    step: &StepUniform,
+    state: &SamplerState,
+    logits: &Tensor,
+    token: &Tensor,
+) -> Result<()> {
+    if logits.dtype() != DType::F32
+        || logits.rows() != 1
+        || logits.last_dim() != state.vocab
+        || token.dtype() != DType::U32
+        || token.numel() < 2
     {
-        return Err(shape_err("sample", format!("logits {:?} and token {:?}", logits.shape(), token.shape())));
+        return Err(shape_err(
+            "sample",
+            format!("logits {:?} and token {:?}", logits.shape(), token.shape()),
+        ));
     }
     let key = PipelineKey::new(SHADER, "sample").flag("SAMPLE");
     let entries = [
@@ -543,8 +637,16 @@ pub fn sample_reference(logits: &[f32], sampling: Sampling, seen: &[u32], index:
         .enumerate()
         .map(|(i, &l)| {
             let p = sampling.repetition_penalty;
-            let l = if p != 1.0 && seen.contains(&(i as u32)) { if l > 0.0 { l / p } else { l * p } } else { l };
-            if sampling.temperature > 0.0 { l / sampling.temperature } else { l }
+            let l = if p != 1.0 && seen.contains(&(i as u32)) {
+                if l > 0.0 { l / p } else { l * p }
+            } else {
+                l
+            };
+            if sampling.temperature > 0.0 {
+                l / sampling.temperature
+            } else {
+                l
+            }
         })
         .collect();
     // Order: logit descending, then index.
@@ -554,18 +656,26 @@ pub fn sample_reference(logits: &[f32], sampling: Sampling, seen: &[u32], index:
         return order[0] as u32;
     }
     let m = z[order[0]];
-    let k = if sampling.top_k > 0 { (sampling.top_k as usize).min(z.len()) } else { z.len() };
+    let k = if sampling.top_k > 0 {
+        (sampling.top_k as usize).min(z.len())
+    } else {
+        z.len()
+    };
     let mass = |i: usize| ((z[i] - m) as f64).exp();
     let total: f64 = order[..k].iter().map(|&i| mass(i)).sum();
     let mut keep = k;
     if sampling.top_p < 1.0 {
         let limit = sampling.top_p as f64 * total;
         let mut before = 0.0;
-        keep = order[..k].iter().take_while(|&&i| {
-            let kept = before < limit;
-            before += mass(i);
-            kept
-        }).count().max(1);
+        keep = order[..k]
+            .iter()
+            .take_while(|&&i| {
+                let kept = before < limit;
+                before += mass(i);
+                kept
+            })
+            .count()
+            .max(1);
     }
     let mut kept: Vec<usize> = order[..keep].to_vec();
     kept.sort_unstable();
@@ -594,14 +704,24 @@ mod tests {
     }
 
     fn matvec(w: &[f32], x: &[f32]) -> Vec<f32> {
-        w.chunks(x.len()).map(|row| row.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32).collect()
+        w.chunks(x.len())
+            .map(|row| {
+                row.iter()
+                    .zip(x)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum::<f64>() as f32
+            })
+            .collect()
     }
 
     /// norm.rs's RMSNorm in f64.
     fn rms_norm(x: &[f32], g: &[f32], eps: f32) -> Vec<f32> {
         let ms = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / x.len() as f64;
         let r = 1.0 / (ms + eps as f64).sqrt();
-        x.iter().zip(g).map(|(v, g)| (*v as f64 * r * *g as f64) as f32).collect()
+        x.iter()
+            .zip(g)
+            .map(|(v, g)| (*v as f64 * r * *g as f64) as f32)
+            .collect()
     }
 
     fn run(build: impl FnOnce(&mut Batch, &StepUniform), step: Step) {
@@ -634,7 +754,10 @@ mod tests {
                 let store = Tensor::empty(gpu, &[1, n], DType::F32).unwrap();
                 let residual = Tensor::from_f32(gpu, &[1, n], &base).unwrap();
                 let act = Tensor::empty(gpu, &[1, n / 2], DType::F32).unwrap();
-                let norm = Norm { weight: &tg, eps: 1e-5 };
+                let norm = Norm {
+                    weight: &tg,
+                    eps: 1e-5,
+                };
                 run(
                     |b, s| {
                         gemv(b, s, &tx, &w, Some(norm), Epilogue::Store, &store).unwrap();
@@ -645,19 +768,45 @@ mod tests {
                 let what = format!("{dtype:?} {n}x{k}");
                 let tol = 2e-5 * (k as f32).sqrt();
                 let normed = matvec(&wf, &rms_norm(&x, &g, 1e-5));
-                assert_close(&pollster::block_on(store.to_f32(gpu)).unwrap(), &normed, tol, &format!("{what} norm store"));
-                let plus: Vec<f32> = matvec(&wf, &x).iter().zip(&base).map(|(a, b)| a + b).collect();
-                assert_close(&pollster::block_on(residual.to_f32(gpu)).unwrap(), &plus, tol, &format!("{what} residual"));
+                assert_close(
+                    &pollster::block_on(store.to_f32(gpu)).unwrap(),
+                    &normed,
+                    tol,
+                    &format!("{what} norm store"),
+                );
+                let plus: Vec<f32> = matvec(&wf, &x)
+                    .iter()
+                    .zip(&base)
+                    .map(|(a, b)| a + b)
+                    .collect();
+                assert_close(
+                    &pollster::block_on(residual.to_f32(gpu)).unwrap(),
+                    &plus,
+                    tol,
+                    &format!("{what} residual"),
+                );
                 // SiLU·mul of gate and up (n / 2 rows each) packed in one buffer.
                 let m = n / 2;
                 let (gate, gf) = weights(dtype, m, k, 3 + k as u64);
                 let (up, uf) = weights(dtype, m, k, 4 + k as u64);
                 let packed = Tensor::pack(gpu, &[&gate, &up]).unwrap();
                 let up = &packed[1];
-                run(|b, s| gemv(b, s, &tx, &packed[0], None, Epilogue::SiluMul { up }, &act).unwrap(), Step::default());
+                run(
+                    |b, s| {
+                        gemv(b, s, &tx, &packed[0], None, Epilogue::SiluMul { up }, &act).unwrap()
+                    },
+                    Step::default(),
+                );
                 let (g, u) = (matvec(&gf, &x), matvec(&uf, &x));
-                let want: Vec<f32> = (0..m).map(|j| g[j] / (1.0 + (-g[j]).exp()) * u[j]).collect();
-                assert_close(&pollster::block_on(act.to_f32(gpu)).unwrap(), &want, tol, &format!("{what} silu"));
+                let want: Vec<f32> = (0..m)
+                    .map(|j| g[j] / (1.0 + (-g[j]).exp()) * u[j])
+                    .collect();
+                assert_close(
+                    &pollster::block_on(act.to_f32(gpu)).unwrap(),
+                    &want,
+                    tol,
+                    &format!("{what} silu"),
+                );
             }
         }
     }
@@ -718,22 +867,56 @@ mod tests {
                 let kv = kv_tensor(&cache, &[2, cap, kv_heads, d], kv_dtype);
                 let y = Tensor::empty(gpu, &[q_rows], DType::F32).unwrap();
                 let theta = 10000.0;
-                let qkv = Qkv { k: &qk[1], v: &v, kv: &kv, heads, kv_heads, head_dim: d, rope_theta: theta };
+                let qkv = Qkv {
+                    k: &qk[1],
+                    v: &v,
+                    kv: &kv,
+                    heads,
+                    kv_heads,
+                    head_dim: d,
+                    rope_theta: theta,
+                };
                 run(
-                    |b, s| gemv(b, s, &tx, &qk[0], Some(Norm { weight: &tg, eps: 1e-6 }), Epilogue::Qkv(qkv), &y).unwrap(),
-                    Step { pos: pos as u32, kv_len: pos as u32 + 1, ..Default::default() },
+                    |b, s| {
+                        gemv(
+                            b,
+                            s,
+                            &tx,
+                            &qk[0],
+                            Some(Norm {
+                                weight: &tg,
+                                eps: 1e-6,
+                            }),
+                            Epilogue::Qkv(qkv),
+                            &y,
+                        )
+                        .unwrap()
+                    },
+                    Step {
+                        pos: pos as u32,
+                        kv_len: pos as u32 + 1,
+                        ..Default::default()
+                    },
                 );
                 let xn = rms_norm(&x, &g, 1e-6);
                 let mut qk = matvec(&wf, &xn);
                 qk.chunks_mut(d).for_each(|head| rope(head, pos, theta));
                 let vv = matvec(&vf, &xn);
                 let mut want_cache = cache.clone();
-                want_cache[pos * kv_rows..(pos + 1) * kv_rows].copy_from_slice(&round(&qk[q_rows..], kv_dtype));
+                want_cache[pos * kv_rows..(pos + 1) * kv_rows]
+                    .copy_from_slice(&round(&qk[q_rows..], kv_dtype));
                 let vrow = (cap + pos) * kv_rows;
                 want_cache[vrow..vrow + kv_rows].copy_from_slice(&round(&vv, kv_dtype));
-                let what = format!("{dtype:?}/{v_dtype:?} kv {kv_dtype:?} {heads}x{kv_heads}x{d} pos {pos}");
+                let what = format!(
+                    "{dtype:?}/{v_dtype:?} kv {kv_dtype:?} {heads}x{kv_heads}x{d} pos {pos}"
+                );
                 let tol = 2e-5 * (k as f32).sqrt();
-                assert_close(&pollster::block_on(y.to_f32(gpu)).unwrap(), &qk[..q_rows], tol, &format!("{what}: q"));
+                assert_close(
+                    &pollster::block_on(y.to_f32(gpu)).unwrap(),
+                    &qk[..q_rows],
+                    tol,
+                    &format!("{what}: q"),
+                );
                 let got = pollster::block_on(kv.to_f32(gpu)).unwrap();
                 // f16 rounding of a value within tol of the reference may land one step away.
                 let kv_tol = if kv_dtype == DType::F16 { 2e-3 } else { tol };
@@ -742,7 +925,14 @@ mod tests {
         }
     }
 
-    fn attend_cpu(q: &[f32], cache: &[f32], heads: usize, kv_heads: usize, cap: usize, kv_len: usize) -> Vec<f32> {
+    fn attend_cpu(
+        q: &[f32],
+        cache: &[f32],
+        heads: usize,
+        kv_heads: usize,
+        cap: usize,
+        kv_len: usize,
+    ) -> Vec<f32> {
         let d = q.len() / heads;
         let group = heads / kv_heads;
         let mut out = vec![0.0; q.len()];
@@ -751,13 +941,21 @@ mod tests {
             let key = |j: usize| &cache[(j * kv_heads + kvh) * d..][..d];
             let value = |j: usize| &cache[((cap + j) * kv_heads + kvh) * d..][..d];
             let scores: Vec<f64> = (0..kv_len)
-                .map(|j| key(j).iter().zip(&q[h * d..]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (d as f64).sqrt())
+                .map(|j| {
+                    key(j)
+                        .iter()
+                        .zip(&q[h * d..])
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum::<f64>()
+                        / (d as f64).sqrt()
+                })
                 .collect();
             let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
             let total: f64 = w.iter().sum();
             for e in 0..d {
-                out[h * d + e] = ((0..kv_len).map(|j| w[j] * value(j)[e] as f64).sum::<f64>() / total) as f32;
+                out[h * d + e] =
+                    ((0..kv_len).map(|j| w[j] * value(j)[e] as f64).sum::<f64>() / total) as f32;
             }
         }
         out
@@ -767,10 +965,18 @@ mod tests {
     fn attend_matches_cpu_for_any_head_dim_and_length() {
         let gpu = gpu();
         for kv_dtype in [DType::F32, DType::F16] {
-            for (heads, kv_heads, d, cap, kv_len) in
-                [(4, 1, 128, 128, 1), (8, 2, 12, 64, 40), (4, 4, 64, 256, 200), (32, 8, 128, 192, 129), (3, 3, 1, 64, 64), (7, 1, 256, 128, 77)]
-            {
-                let q: Vec<f32> = random(heads * d, d as u64).iter().map(|v| v * 3.0).collect();
+            for (heads, kv_heads, d, cap, kv_len) in [
+                (4, 1, 128, 128, 1),
+                (8, 2, 12, 64, 40),
+                (4, 4, 64, 256, 200),
+                (32, 8, 128, 192, 129),
+                (3, 3, 1, 64, 64),
+                (7, 1, 256, 128, 77),
+            ] {
+                let q: Vec<f32> = random(heads * d, d as u64)
+                    .iter()
+                    .map(|v| v * 3.0)
+                    .collect();
                 let mut cache = round(&random(2 * cap * kv_heads * d, 11), kv_dtype);
                 // Rows past kv_len must never be read.
                 cache[kv_len * kv_heads * d..cap * kv_heads * d].fill(f32::NAN);
@@ -779,12 +985,23 @@ mod tests {
                 let kv = kv_tensor(&cache, &[2, cap, kv_heads, d], kv_dtype);
                 let out = std::cell::RefCell::new(None);
                 run(
-                    |b, s| *out.borrow_mut() = Some(attend(b, s, &tq, &kv, heads, kv_heads).unwrap()),
-                    Step { pos: kv_len as u32 - 1, kv_len: kv_len as u32, ..Default::default() },
+                    |b, s| {
+                        *out.borrow_mut() = Some(attend(b, s, &tq, &kv, heads, kv_heads).unwrap())
+                    },
+                    Step {
+                        pos: kv_len as u32 - 1,
+                        kv_len: kv_len as u32,
+                        ..Default::default()
+                    },
                 );
                 let got = pollster::block_on(out.into_inner().unwrap().to_f32(gpu)).unwrap();
                 let want = attend_cpu(&q, &cache, heads, kv_heads, cap, kv_len);
-                assert_close(&got, &want, 1e-5, &format!("{kv_dtype:?} {heads}/{kv_heads} d {d} len {kv_len}"));
+                assert_close(
+                    &got,
+                    &want,
+                    1e-5,
+                    &format!("{kv_dtype:?} {heads}/{kv_heads} d {d} len {kv_len}"),
+                );
             }
         }
     }
@@ -804,7 +1021,13 @@ mod tests {
             .map(|index| {
                 // The picked tokens join the penalised set: start from the same set each draw.
                 state.reset(gpu, sampling, seen);
-                step.write(gpu, Step { index, ..Default::default() });
+                step.write(
+                    gpu,
+                    Step {
+                        index,
+                        ..Default::default()
+                    },
+                );
                 let mut batch = gpu.batch();
                 batch.run(&plan).unwrap();
                 batch.submit().unwrap();
@@ -823,8 +1046,14 @@ mod tests {
         assert_eq!(gpu_samples(&logits, Sampling::GREEDY, &[], 1), [20001]);
         // A penalty of 2 halves 20001's and 31999's logits; 300 (4.0) is then the largest.
         logits[300] = 4.0;
-        let penalised = Sampling { repetition_penalty: 2.0, ..Sampling::GREEDY };
-        assert_eq!(gpu_samples(&logits, penalised, &[20001, 31999, u32::MAX], 1), [300]);
+        let penalised = Sampling {
+            repetition_penalty: 2.0,
+            ..Sampling::GREEDY
+        };
+        assert_eq!(
+            gpu_samples(&logits, penalised, &[20001, 31999, u32::MAX], 1),
+            [300]
+        );
     }
 
     /// The GPU sampler picks what its host reference picks with the same numbers, for top-k and
@@ -842,15 +1071,53 @@ mod tests {
         }
         let seen = [10, 70, 2500];
         for sampling in [
-            Sampling { temperature: 1.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 1 },
-            Sampling { temperature: 0.7, top_k: 3, top_p: 1.0, repetition_penalty: 1.0, seed: 2 },
-            Sampling { temperature: 0.7, top_k: 6, top_p: 1.0, repetition_penalty: 1.3, seed: 3 },
-            Sampling { temperature: 1.3, top_k: 0, top_p: 0.5, repetition_penalty: 1.0, seed: 4 },
-            Sampling { temperature: 1.0, top_k: 50, top_p: 0.9, repetition_penalty: 1.1, seed: 5 },
-            Sampling { temperature: 0.5, top_k: 0, top_p: 1e-6, repetition_penalty: 1.0, seed: 6 },
+            Sampling {
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 1.0,
+                repetition_penalty: 1.0,
+                seed: 1,
+            },
+            Sampling {
+                temperature: 0.7,
+                top_k: 3,
+                top_p: 1.0,
+                repetition_penalty: 1.0,
+                seed: 2,
+            },
+            Sampling {
+                temperature: 0.7,
+                top_k: 6,
+                top_p: 1.0,
+                repetition_penalty: 1.3,
+                seed: 3,
+            },
+            Sampling {
+                temperature: 1.3,
+                top_k: 0,
+                top_p: 0.5,
+                repetition_penalty: 1.0,
+                seed: 4,
+            },
+            Sampling {
+                temperature: 1.0,
+                top_k: 50,
+                top_p: 0.9,
+                repetition_penalty: 1.1,
+                seed: 5,
+            },
+            Sampling {
+                temperature: 0.5,
+                top_k: 0,
+                top_p: 1e-6,
+                repetition_penalty: 1.0,
+                seed: 6,
+            },
         ] {
             let got = gpu_samples(&logits, sampling, &seen, 64);
-            let want: Vec<u32> = (0..64).map(|i| sample_reference(&logits, sampling, &seen, i)).collect();
+            let want: Vec<u32> = (0..64)
+                .map(|i| sample_reference(&logits, sampling, &seen, i))
+                .collect();
             assert_eq!(got, want, "{sampling:?}");
         }
     }

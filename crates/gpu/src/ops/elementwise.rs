@@ -25,17 +25,27 @@ struct UnaryParams {
 
 fn check_f32(op: &'static str, t: &Tensor) -> Result<()> {
     if t.dtype() != DType::F32 {
-        return Err(shape_err(op, format!("expected F32, got {:?} {:?}", t.dtype(), t.shape())));
+        return Err(shape_err(
+            op,
+            format!("expected F32, got {:?} {:?}", t.dtype(), t.shape()),
+        ));
     }
     Ok(())
 }
 
 fn element_count(op: &'static str, t: &Tensor) -> Result<u32> {
-    u32::try_from(t.numel()).map_err(|_| shape_err(op, format!("{:?} has too many elements", t.shape())))
+    u32::try_from(t.numel())
+        .map_err(|_| shape_err(op, format!("{:?} has too many elements", t.shape())))
 }
 
 /// Records `entry(a, b)` where `b`'s shape is `a`'s or a suffix of it.
-fn binary(batch: &mut Batch, op: &'static str, a: &Tensor, b: &Tensor, exact: bool) -> Result<Tensor> {
+fn binary(
+    batch: &mut Batch,
+    op: &'static str,
+    a: &Tensor,
+    b: &Tensor,
+    exact: bool,
+) -> Result<Tensor> {
     check_f32(op, a)?;
     check_f32(op, b)?;
     let fits = if exact {
@@ -46,15 +56,25 @@ fn binary(batch: &mut Batch, op: &'static str, a: &Tensor, b: &Tensor, exact: bo
         b.rank() <= a.rank() && a.shape().ends_with(&b.shape()[ones..])
     };
     if !fits {
-        let want = if exact { "equal shapes" } else { "b's shape a suffix of a's" };
-        return Err(shape_err(op, format!("{:?} vs {:?} (need {want})", a.shape(), b.shape())));
+        let want = if exact {
+            "equal shapes"
+        } else {
+            "b's shape a suffix of a's"
+        };
+        return Err(shape_err(
+            op,
+            format!("{:?} vs {:?} (need {want})", a.shape(), b.shape()),
+        ));
     }
     let out = Tensor::empty(batch.gpu(), a.shape(), DType::F32)?;
     let n = element_count(op, a)?;
     if n == 0 {
         return Ok(out);
     }
-    let params = BinaryParams { n, nb: b.numel() as u32 };
+    let params = BinaryParams {
+        n,
+        nb: b.numel() as u32,
+    };
     let grid = batch.gpu().grid(n.div_ceil(WORKGROUP));
     batch.dispatch(
         &PipelineKey::new(BINARY, op),
@@ -194,8 +214,10 @@ mod tests {
         let mut batch = gpu.batch();
         let out = quick_gelu(&mut batch, &upload(&[3001], &x)).unwrap();
         batch.submit().unwrap();
-        let want: Vec<f32> =
-            x.iter().map(|&v| (v as f64 / (1.0 + (-1.702 * v as f64).exp())) as f32).collect();
+        let want: Vec<f32> = x
+            .iter()
+            .map(|&v| (v as f64 / (1.0 + (-1.702 * v as f64).exp())) as f32)
+            .collect();
         assert_close(&read(&out), &want, 2e-6, "quick_gelu");
     }
 
@@ -206,7 +228,16 @@ mod tests {
         // the exact branch points' neighbours.
         let mut x: Vec<f32> = (0..=40_000).map(|i| -10.0 + i as f32 * 5e-4).collect();
         let s2 = std::f32::consts::SQRT_2;
-        x.extend([s2, -s2, s2.next_up(), s2.next_down(), 0.0, -0.0, 1e-30, -1e-30]);
+        x.extend([
+            s2,
+            -s2,
+            s2.next_up(),
+            s2.next_down(),
+            0.0,
+            -0.0,
+            1e-30,
+            -1e-30,
+        ]);
         let mut batch = gpu.batch();
         let out = gelu(&mut batch, &upload(&[x.len()], &x)).unwrap();
         batch.submit().unwrap();
@@ -218,7 +249,8 @@ mod tests {
             // Output rounding to f32 is up to half an ulp; the rest is the erf error scaled by
             // 0.5|x|, which must stay within 1e-7 (plus f32 rounding of 1 + erf, ~6e-8).
             let rounding = (want as f32).abs().next_up() as f64 - (want as f32).abs() as f64;
-            let erf_error = ((g as f64 - want).abs() - rounding).max(0.0) / (0.5 * v64.abs()).max(1e-30);
+            let erf_error =
+                ((g as f64 - want).abs() - rounding).max(0.0) / (0.5 * v64.abs()).max(1e-30);
             assert!(
                 (g as f64 - want).abs() <= rounding + 0.5 * v64.abs() * 1.6e-7,
                 "gelu({v}) = {g}, want {want}"
@@ -231,7 +263,10 @@ mod tests {
             let v64 = v as f64;
             if (-8.0..=-3.0).contains(&v) {
                 let want = 0.5 * v64 * libm::erfc(-v64 / std::f64::consts::SQRT_2);
-                assert!(((g as f64 - want) / want).abs() < 2e-5, "gelu({v}) = {g}, want {want}");
+                assert!(
+                    ((g as f64 - want) / want).abs() < 2e-5,
+                    "gelu({v}) = {g}, want {want}"
+                );
             }
         }
     }

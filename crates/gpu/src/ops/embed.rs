@@ -35,7 +35,10 @@ pub fn embedding(batch: &mut Batch, table: &Tensor, ids: &Tensor) -> Result<Tens
 /// Rows of `src` (`[N, C]` F32) picked by `index` (`[M]` U32, repeats allowed), as `[M, C]`.
 pub fn gather_rows(batch: &mut Batch, src: &Tensor, index: &Tensor) -> Result<Tensor> {
     if src.dtype() != DType::F32 {
-        return Err(shape_err("gather_rows", format!("src must be F32, got {:?}", src.dtype())));
+        return Err(shape_err(
+            "gather_rows",
+            format!("src must be F32, got {:?}", src.dtype()),
+        ));
     }
     let max = batch.gpu().max_binding();
     gather_windowed(batch, "gather_rows", src, index, max)
@@ -43,7 +46,11 @@ pub fn gather_rows(batch: &mut Batch, src: &Tensor, index: &Tensor) -> Result<Te
 
 /// Bytes per table row in the main buffer and in the scales buffer (0 when unquantized).
 fn row_bytes(table: &Tensor, d: usize) -> (u64, u64) {
-    let scales = if table.dtype().is_quantized() { (d / table.dtype().group_size()) as u64 * 2 } else { 0 };
+    let scales = if table.dtype().is_quantized() {
+        (d / table.dtype().group_size()) as u64 * 2
+    } else {
+        0
+    };
     (table.dtype().data_bytes(d), scales)
 }
 
@@ -53,14 +60,24 @@ pub(crate) fn window_rows(gpu: &Gpu, table: &Tensor, max_bytes: u64) -> Result<u
     let (rows, d) = table.dims2()?;
     let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
     let (data, scales) = row_bytes(table, d);
-    let step = |bytes: u64| if bytes == 0 { 1 } else { align / gcd(bytes, align) };
+    let step = |bytes: u64| {
+        if bytes == 0 {
+            1
+        } else {
+            align / gcd(bytes, align)
+        }
+    };
     let granule = lcm(step(data), step(scales));
     if data * rows as u64 <= max_bytes {
         return Ok(rows);
     }
     let window = (max_bytes / data.max(1)) / granule * granule;
     if window == 0 {
-        return Err(GpuError::TooLarge { bytes: data * granule, limit: max_bytes, what: "embedding window" });
+        return Err(GpuError::TooLarge {
+            bytes: data * granule,
+            limit: max_bytes,
+            what: "embedding window",
+        });
     }
     Ok(window as usize)
 }
@@ -82,10 +99,18 @@ pub(crate) fn gather_windowed(
     ids: &Tensor,
     max_window_bytes: u64,
 ) -> Result<Tensor> {
-    let (vocab, d) =
-        table.dims2().map_err(|_| shape_err(op, format!("table must be [V, D], got {:?}", table.shape())))?;
+    let (vocab, d) = table
+        .dims2()
+        .map_err(|_| shape_err(op, format!("table must be [V, D], got {:?}", table.shape())))?;
     if ids.dtype() != DType::U32 || ids.rank() != 1 {
-        return Err(shape_err(op, format!("ids must be U32 [T], got {:?} {:?}", ids.dtype(), ids.shape())));
+        return Err(shape_err(
+            op,
+            format!(
+                "ids must be U32 [T], got {:?} {:?}",
+                ids.dtype(),
+                ids.shape()
+            ),
+        ));
     }
     let flag = match table.dtype() {
         DType::F32 => "F32",
@@ -94,7 +119,10 @@ pub(crate) fn gather_windowed(
         DType::Q6 => "Q6",
         DType::Q4 => "Q4",
         DType::U32 => {
-            return Err(GpuError::Unsupported { op, what: "a U32 table".into() });
+            return Err(GpuError::Unsupported {
+                op,
+                what: "a U32 table".into(),
+            });
         }
     };
     let count = ids.numel();
@@ -102,7 +130,10 @@ pub(crate) fn gather_windowed(
         return Err(shape_err(op, "empty table"));
     }
     if u32::try_from(count * d).is_err() {
-        return Err(shape_err(op, format!("output [{count}, {d}] has too many elements")));
+        return Err(shape_err(
+            op,
+            format!("output [{count}, {d}] has too many elements"),
+        ));
     }
     let out = Tensor::empty(batch.gpu(), &[count, d], DType::F32)?;
     if count == 0 || d == 0 {
@@ -111,8 +142,12 @@ pub(crate) fn gather_windowed(
     // Element indices inside one window must fit in u32 too.
     let max_bytes = max_window_bytes.min(table.dtype().data_bytes(u32::MAX as usize));
     let window = window_rows(batch.gpu(), table, max_bytes)?;
-    let key = PipelineKey::new(SHADER, "gather").flag(flag).flag_if(table.dtype().is_quantized(), "QUANT");
-    let grid = batch.gpu().grid((count * d).div_ceil(WORKGROUP as usize) as u32);
+    let key = PipelineKey::new(SHADER, "gather")
+        .flag(flag)
+        .flag_if(table.dtype().is_quantized(), "QUANT");
+    let grid = batch
+        .gpu()
+        .grid((count * d).div_ceil(WORKGROUP as usize) as u32);
     let (data_row, scales_row) = row_bytes(table, d);
     let whole = table.binding();
     for start in (0..vocab).step_by(window) {
@@ -167,7 +202,10 @@ mod tests {
             DType::F32 => (Tensor::from_f32(gpu, &[vocab, d], &w).unwrap(), w),
             DType::F16 => {
                 let h: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
-                (Tensor::from_f16(gpu, &[vocab, d], &h).unwrap(), h.iter().map(|v| v.to_f32()).collect())
+                (
+                    Tensor::from_f16(gpu, &[vocab, d], &h).unwrap(),
+                    h.iter().map(|v| v.to_f32()).collect(),
+                )
             }
             q => {
                 let qm = quantize(q, vocab, d, &w);
@@ -203,7 +241,12 @@ mod tests {
             let (table, values) = upload_table(dtype, vocab, d, 3);
             let ids: Vec<u32> = vec![0, vocab as u32 - 1, 17, 17, 3, 42, 1, vocab as u32 - 2, 5];
             let got = run(&table, &ids, None);
-            assert_close(&got, &gather_cpu(&values, d, &ids), 0.0, &format!("embedding {dtype:?} D {d}"));
+            assert_close(
+                &got,
+                &gather_cpu(&values, d, &ids),
+                0.0,
+                &format!("embedding {dtype:?} D {d}"),
+            );
         }
     }
 
@@ -212,7 +255,12 @@ mod tests {
         let (table, values) = upload_table(DType::F16, 10, 6, 4);
         let ids = [10, u32::MAX, 2];
         let got = run(&table, &ids, None);
-        assert_close(&got, &gather_cpu(&values, 6, &[9, 9, 2]), 0.0, "clamped ids");
+        assert_close(
+            &got,
+            &gather_cpu(&values, 6, &[9, 9, 2]),
+            0.0,
+            "clamped ids",
+        );
     }
 
     #[test]
@@ -227,12 +275,22 @@ mod tests {
         ] {
             let (table, values) = upload_table(dtype, vocab, d, 5);
             let window = window_rows(gpu, &table, max).unwrap();
-            assert!(window < vocab / 2, "{dtype:?}: want at least three windows, got {window} rows each");
+            assert!(
+                window < vocab / 2,
+                "{dtype:?}: want at least three windows, got {window} rows each"
+            );
             // Every row once, in a scrambled order, plus clamped and repeated ids.
-            let mut ids: Vec<u32> = (0..vocab as u32).map(|i| (i * 7919) % vocab as u32).collect();
+            let mut ids: Vec<u32> = (0..vocab as u32)
+                .map(|i| (i * 7919) % vocab as u32)
+                .collect();
             ids.extend([vocab as u32 + 5, 0, 0]);
             let got = run(&table, &ids, Some(max));
-            assert_close(&got, &gather_cpu(&values, d, &ids), 0.0, &format!("windowed {dtype:?}"));
+            assert_close(
+                &got,
+                &gather_cpu(&values, d, &ids),
+                0.0,
+                &format!("windowed {dtype:?}"),
+            );
         }
     }
 

@@ -131,7 +131,11 @@ pub(crate) fn linear_windowed(
                 .gpu()
                 .grid((count as u32).div_ceil(GEMV_OUTPUTS_PER_WORKGROUP))
         } else {
-            let grid = [(count as u32).div_ceil(GEMM_TILE_N), m32.div_ceil(GEMM_TILE_M), 1];
+            let grid = [
+                (count as u32).div_ceil(GEMM_TILE_N),
+                m32.div_ceil(GEMM_TILE_M),
+                1,
+            ];
             let max = batch.gpu().limits().max_compute_workgroups_per_dimension;
             if grid[0] > max || grid[1] > max {
                 return Err(shape_err(
@@ -156,7 +160,10 @@ fn check_shapes(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<(usize,
             format!("x must be f32 [.., K], got {:?} {:?}", x.dtype(), x.shape()),
         ));
     }
-    if !matches!(w.dtype(), DType::F32 | DType::F16 | DType::Q8 | DType::Q6 | DType::Q4) {
+    if !matches!(
+        w.dtype(),
+        DType::F32 | DType::F16 | DType::Q8 | DType::Q6 | DType::Q4
+    ) {
         return Err(GpuError::Unsupported {
             op: OP,
             what: format!("weights of dtype {:?}", w.dtype()),
@@ -180,7 +187,11 @@ fn check_shapes(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<(usize,
     if w.dtype().is_quantized() && (k % group != 0 || w.scales_binding().is_none()) {
         return Err(shape_err(
             OP,
-            format!("{:?} w {:?} needs K % {group} == 0 and scales", w.dtype(), w.shape()),
+            format!(
+                "{:?} w {:?} needs K % {group} == 0 and scales",
+                w.dtype(),
+                w.shape()
+            ),
         ));
     }
     if let Some(b) = bias
@@ -188,7 +199,11 @@ fn check_shapes(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<(usize,
     {
         return Err(shape_err(
             OP,
-            format!("bias must be f32 [{n}], got {:?} {:?}", b.dtype(), b.shape()),
+            format!(
+                "bias must be f32 [{n}], got {:?} {:?}",
+                b.dtype(),
+                b.shape()
+            ),
         ));
     }
     Ok((n, k))
@@ -238,11 +253,19 @@ pub(crate) fn row_windows(gpu: &crate::Gpu, w: &Tensor, k: usize) -> Result<Vec<
     let n = w.rows();
     let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
     let step = window_rows(n, k, row_bytes(w, k), align, gpu.max_binding())?;
-    Ok((0..n).step_by(step.max(1)).map(|start| (start, step.min(n - start))).collect())
+    Ok((0..n)
+        .step_by(step.max(1))
+        .map(|start| (start, step.min(n - start)))
+        .collect())
 }
 
 /// Bindings of rows `start..start + count` of w (and of their quantization scales).
-pub(crate) fn window_bindings(w: &Tensor, k: usize, start: usize, count: usize) -> (Binding<'_>, Option<Binding<'_>>) {
+pub(crate) fn window_bindings(
+    w: &Tensor,
+    k: usize,
+    start: usize,
+    count: usize,
+) -> (Binding<'_>, Option<Binding<'_>>) {
     let (data_row, scales_row) = row_bytes(w, k);
     let data = w.binding();
     let data = Binding {
@@ -275,11 +298,20 @@ mod tests {
     use crate::testing::{gpu, gpu_without_f16, random, weights};
 
     /// `x · wᵀ + bias` in f64 over row-major `x: [m, k]`, `w: [n, k]`.
-    fn reference(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, k: usize, n: usize) -> Vec<f32> {
+    fn reference(
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Vec<f32> {
         let mut y = vec![0f32; m * n];
         for i in 0..m {
             for j in 0..n {
-                let dot: f64 = (0..k).map(|c| x[i * k + c] as f64 * w[j * k + c] as f64).sum();
+                let dot: f64 = (0..k)
+                    .map(|c| x[i * k + c] as f64 * w[j * k + c] as f64)
+                    .sum();
                 y[i * n + j] = (dot + bias.map_or(0.0, |b| b[j] as f64)) as f32;
             }
         }
@@ -383,9 +415,33 @@ mod tests {
 
     #[test]
     fn auto_kernel_handles_decode_and_prefill_sizes() {
-        check(DType::F32, &[1], 256, 384, true, LinearKernel::Auto, u64::MAX);
-        check(DType::F32, &[300], 256, 384, true, LinearKernel::Auto, u64::MAX);
-        check(DType::F16, &[77], 96, 200, false, LinearKernel::Auto, u64::MAX);
+        check(
+            DType::F32,
+            &[1],
+            256,
+            384,
+            true,
+            LinearKernel::Auto,
+            u64::MAX,
+        );
+        check(
+            DType::F32,
+            &[300],
+            256,
+            384,
+            true,
+            LinearKernel::Auto,
+            u64::MAX,
+        );
+        check(
+            DType::F16,
+            &[77],
+            96,
+            200,
+            false,
+            LinearKernel::Auto,
+            u64::MAX,
+        );
     }
 
     /// Guards the tests above: where the adapter offers shader-f16 they ran both paths.
@@ -405,16 +461,32 @@ mod tests {
         );
         let plain = gpu_without_f16();
         assert!(!plain.has_f16());
-        assert!(!plain.device().features().contains(wgpu::Features::SHADER_F16));
+        assert!(
+            !plain
+                .device()
+                .features()
+                .contains(wgpu::Features::SHADER_F16)
+        );
         // The f16 variant is refused with an error on a device without the feature.
-        let key = PipelineKey::new(SHADER, "gemv").flag("W_F16").flag(SHADER_F16);
-        assert!(matches!(plain.pipeline(&key), Err(GpuError::Unsupported { .. })));
+        let key = PipelineKey::new(SHADER, "gemv")
+            .flag("W_F16")
+            .flag(SHADER_F16);
+        assert!(matches!(
+            plain.pipeline(&key),
+            Err(GpuError::Unsupported { .. })
+        ));
     }
 
     #[test]
     fn f16_weights_match_cpu_including_odd_k() {
         for kernel in KERNELS {
-            for (m, k, n) in [(1, 3, 5), (1, 37, 33), (4, 37, 66), (17, 3, 9), (70, 40, 70)] {
+            for (m, k, n) in [
+                (1, 3, 5),
+                (1, 37, 33),
+                (4, 37, 66),
+                (17, 3, 9),
+                (70, 40, 70),
+            ] {
                 check(DType::F16, &[m], k, n, true, kernel, u64::MAX);
             }
         }
@@ -426,7 +498,13 @@ mod tests {
             // K in whole groups: one, three, two and five of them; M past one GEMM tile (128).
             let g = dtype.group_size();
             for kernel in KERNELS {
-                for (m, k, n) in [(1, g, 3), (1, 3 * g, 67), (3, 2 * g, 5), (66, 5 * g, 70), (150, 2 * g, 70)] {
+                for (m, k, n) in [
+                    (1, g, 3),
+                    (1, 3 * g, 67),
+                    (3, 2 * g, 5),
+                    (66, 5 * g, 70),
+                    (150, 2 * g, 70),
+                ] {
                     check(dtype, &[m], k, n, m != 3, kernel, u64::MAX);
                 }
             }
@@ -487,8 +565,16 @@ mod tests {
             for with_bias in [false, true] {
                 for f16 in [false, weights == "W_F16"] {
                     let mut flags = vec![weights];
-                    flags.extend(["W_Q8", "W_Q6", "W_Q4"].contains(&weights).then_some("QUANT"));
-                    flags.extend(["W_Q6", "W_Q4"].contains(&weights).then_some("NIBBLE_WORDS"));
+                    flags.extend(
+                        ["W_Q8", "W_Q6", "W_Q4"]
+                            .contains(&weights)
+                            .then_some("QUANT"),
+                    );
+                    flags.extend(
+                        ["W_Q6", "W_Q4"]
+                            .contains(&weights)
+                            .then_some("NIBBLE_WORDS"),
+                    );
                     flags.extend(with_bias.then_some("BIAS"));
                     flags.extend(f16.then_some(SHADER_F16));
                     let source = crate::registry::preprocess(SHADER.source, &flags).unwrap();

@@ -17,27 +17,46 @@ struct Params {
 /// Checks `x` (`[.., D]` F32) and its per-feature `[D]` F32 parameters; returns `(rows, D)`.
 fn check(op: &'static str, x: &Tensor, params: &[&Tensor]) -> Result<(u32, u32)> {
     if x.dtype() != DType::F32 || x.rank() == 0 {
-        return Err(shape_err(op, format!("x must be F32 [.., D], got {:?} {:?}", x.dtype(), x.shape())));
+        return Err(shape_err(
+            op,
+            format!("x must be F32 [.., D], got {:?} {:?}", x.dtype(), x.shape()),
+        ));
     }
     let d = x.last_dim();
     for p in params {
         if p.dtype() != DType::F32 || p.shape() != [d] {
             return Err(shape_err(
                 op,
-                format!("parameters must be F32 [{d}], got {:?} {:?}", p.dtype(), p.shape()),
+                format!(
+                    "parameters must be F32 [{d}], got {:?} {:?}",
+                    p.dtype(),
+                    p.shape()
+                ),
             ));
         }
     }
     if u32::try_from(x.numel()).is_err() {
-        return Err(shape_err(op, format!("{:?} has too many elements", x.shape())));
+        return Err(shape_err(
+            op,
+            format!("{:?} has too many elements", x.shape()),
+        ));
     }
     Ok((x.rows() as u32, d as u32))
 }
 
-fn norm(batch: &mut Batch, op: &'static str, x: &Tensor, params: &[&Tensor], eps: f32) -> Result<Tensor> {
+fn norm(
+    batch: &mut Batch,
+    op: &'static str,
+    x: &Tensor,
+    params: &[&Tensor],
+    eps: f32,
+) -> Result<Tensor> {
     let (rows, d) = check(op, x, params)?;
     if !(eps >= 0.0 && eps.is_finite()) {
-        return Err(shape_err(op, format!("eps must be finite and >= 0, got {eps}")));
+        return Err(shape_err(
+            op,
+            format!("eps must be finite and >= 0, got {eps}"),
+        ));
     }
     let out = Tensor::empty(batch.gpu(), x.shape(), DType::F32)?;
     if rows == 0 || d == 0 {
@@ -48,14 +67,25 @@ fn norm(batch: &mut Batch, op: &'static str, x: &Tensor, params: &[&Tensor], eps
     buffers.extend(params.iter().map(|p| p.binding()));
     buffers.push(out.binding());
     let grid = batch.gpu().grid(rows);
-    batch.dispatch(&key, bytemuck::bytes_of(&Params { rows, d, eps }), &buffers, grid)?;
+    batch.dispatch(
+        &key,
+        bytemuck::bytes_of(&Params { rows, d, eps }),
+        &buffers,
+        grid,
+    )?;
     Ok(out)
 }
 
 /// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`, with the
 /// biased variance (PyTorch's). Mean and variance use a corrected two-pass scheme, stable for
 /// rows with a large mean and a small spread.
-pub fn layer_norm(batch: &mut Batch, x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
+pub fn layer_norm(
+    batch: &mut Batch,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f32,
+) -> Result<Tensor> {
     norm(batch, "layer_norm", x, &[weight, bias], eps)
 }
 
@@ -76,9 +106,9 @@ mod tests {
                 let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
                 let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
                 let rstd = 1.0 / (var + eps).sqrt();
-                row.iter()
-                    .zip(w.iter().zip(b))
-                    .map(move |(&v, (&w, &b))| ((v as f64 - mean) * rstd * w as f64 + b as f64) as f32)
+                row.iter().zip(w.iter().zip(b)).map(move |(&v, (&w, &b))| {
+                    ((v as f64 - mean) * rstd * w as f64 + b as f64) as f32
+                })
             })
             .collect()
     }
@@ -89,7 +119,9 @@ mod tests {
             .flat_map(|row| {
                 let ms = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / d as f64;
                 let r = 1.0 / (ms + eps).sqrt();
-                row.iter().zip(w).map(move |(&v, &w)| (v as f64 * r * w as f64) as f32)
+                row.iter()
+                    .zip(w)
+                    .map(move |(&v, &w)| (v as f64 * r * w as f64) as f32)
             })
             .collect()
     }
@@ -122,11 +154,19 @@ mod tests {
     #[test]
     fn layer_norm_matches_cpu_for_various_widths() {
         for (rows, d) in [(3, 1), (7, 5), (33, 64), (5, 1000), (3, 4096)] {
-            let x: Vec<f32> = random(rows * d, d as u64).iter().map(|v| 3.0 * v + 0.5).collect();
+            let x: Vec<f32> = random(rows * d, d as u64)
+                .iter()
+                .map(|v| 3.0 * v + 0.5)
+                .collect();
             let w: Vec<f32> = random(d, 11).iter().map(|v| 1.0 + v).collect();
             let b = random(d, 12);
             let got = run_layer_norm(&[rows, d], &x, &w, &b, 1e-5);
-            assert_close(&got, &layer_norm_cpu(&x, &w, &b, 1e-5), 2e-5, &format!("layer_norm {rows}x{d}"));
+            assert_close(
+                &got,
+                &layer_norm_cpu(&x, &w, &b, 1e-5),
+                2e-5,
+                &format!("layer_norm {rows}x{d}"),
+            );
         }
     }
 
@@ -136,7 +176,10 @@ mod tests {
         // with the mean rounded to f32 (ulp 6e-5 at 1000) is off by ~1e-2 after normalising.
         for d in [1000, 4096] {
             let rows = 4;
-            let x: Vec<f32> = random(rows * d, 21).iter().map(|v| 1000.0 + 0.01 * v).collect();
+            let x: Vec<f32> = random(rows * d, 21)
+                .iter()
+                .map(|v| 1000.0 + 0.01 * v)
+                .collect();
             let w = vec![1.0; d];
             let b = vec![0.0; d];
             let got = run_layer_norm(&[2, 2, d], &x, &w, &b, 1e-12);
@@ -157,7 +200,12 @@ mod tests {
         let w = random(d, 32);
         let b = random(d, 33);
         let got = run_layer_norm(&[5, 577, d], &x, &w, &b, 1e-5);
-        assert_close(&got, &layer_norm_cpu(&x, &w, &b, 1e-5), 2e-5, "layer_norm 2885 rows");
+        assert_close(
+            &got,
+            &layer_norm_cpu(&x, &w, &b, 1e-5),
+            2e-5,
+            "layer_norm 2885 rows",
+        );
     }
 
     #[test]
@@ -166,11 +214,19 @@ mod tests {
             let x = random(rows * d, 40 + d as u64);
             let w = random(d, 41);
             let got = run_rms_norm(&[rows, d], &x, &w, 1e-6);
-            assert_close(&got, &rms_norm_cpu(&x, &w, 1e-6), 2e-5, &format!("rms_norm {rows}x{d}"));
+            assert_close(
+                &got,
+                &rms_norm_cpu(&x, &w, 1e-6),
+                2e-5,
+                &format!("rms_norm {rows}x{d}"),
+            );
         }
         // Large magnitude: only relative error matters.
         let d = 4096;
-        let x: Vec<f32> = random(2 * d, 42).iter().map(|v| 1000.0 + 0.01 * v).collect();
+        let x: Vec<f32> = random(2 * d, 42)
+            .iter()
+            .map(|v| 1000.0 + 0.01 * v)
+            .collect();
         let w = random(d, 43);
         assert_close(
             &run_rms_norm(&[2, d], &x, &w, 1e-6),

@@ -17,12 +17,17 @@ struct Params {
 /// to the first index, like `torch.argmax`. Inputs must be NaN-free: with NaNs the result is
 /// unspecified (the logits of a healthy model have none).
 pub fn argmax(batch: &mut Batch, x: &Tensor) -> Result<Tensor> {
-    let (rows, n) =
-        x.dims2().map_err(|_| shape_err("argmax", format!("x must be [R, N], got {:?}", x.shape())))?;
+    let (rows, n) = x
+        .dims2()
+        .map_err(|_| shape_err("argmax", format!("x must be [R, N], got {:?}", x.shape())))?;
     if x.dtype() != DType::F32 || n == 0 || u32::try_from(x.numel()).is_err() {
         return Err(shape_err(
             "argmax",
-            format!("x must be F32 [R, N >= 1], got {:?} {:?}", x.dtype(), x.shape()),
+            format!(
+                "x must be F32 [R, N >= 1], got {:?} {:?}",
+                x.dtype(),
+                x.shape()
+            ),
         ));
     }
     let out = Tensor::empty(batch.gpu(), &[rows], DType::U32)?;
@@ -32,7 +37,10 @@ pub fn argmax(batch: &mut Batch, x: &Tensor) -> Result<Tensor> {
     let grid = batch.gpu().grid(rows as u32);
     batch.dispatch(
         &PipelineKey::new(SHADER, "argmax"),
-        bytemuck::bytes_of(&Params { rows: rows as u32, n: n as u32 }),
+        bytemuck::bytes_of(&Params {
+            rows: rows as u32,
+            n: n as u32,
+        }),
         &[x.binding(), out.binding()],
         grid,
     )?;
@@ -88,7 +96,9 @@ mod tests {
         x[n..2 * n].fill(3.5);
         // Row 2: all negative; ties at 556 and 812 (both thread 44) and 557 (thread 45) -> 556.
         let row2 = &mut x[2 * n..];
-        row2.iter_mut().enumerate().for_each(|(i, v)| *v = -1.0 - (i % 97) as f32);
+        row2.iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = -1.0 - (i % 97) as f32);
         for i in [556, 557, 812] {
             row2[i] = -0.5;
         }
@@ -101,7 +111,10 @@ mod tests {
     fn argmax_handles_many_rows() {
         // Many short rows with frequent ties (values rounded to integers).
         let (rows, n) = (3000, 3);
-        let x: Vec<f32> = random(rows * n, 9).iter().map(|v| (v * 4.0).round()).collect();
+        let x: Vec<f32> = random(rows * n, 9)
+            .iter()
+            .map(|v| (v * 4.0).round())
+            .collect();
         assert_eq!(run(rows, n, &x), argmax_cpu(&x, n));
     }
 

@@ -59,7 +59,10 @@ pub fn rope(batch: &mut Batch, x: &Tensor, pos_offset: usize, theta: f32) -> Res
         ));
     }
     if !(theta.is_finite() && theta > 1.0) {
-        return Err(shape_err("rope", format!("theta {theta} must be finite and > 1")));
+        return Err(shape_err(
+            "rope",
+            format!("theta {theta} must be finite and > 1"),
+        ));
     }
     let out = Tensor::empty(batch.gpu(), x.shape(), DType::F32)?;
     if x.numel() == 0 {
@@ -94,7 +97,14 @@ mod tests {
 
     /// transformers' arithmetic: f32 angle `pos * inv_freq`, cos/sin of it (here correctly
     /// rounded via f64), `x * cos + rotate_half(x) * sin` in f32.
-    fn rope_cpu(x: &[f32], seq: usize, heads: usize, dim: usize, pos_offset: usize, theta: f32) -> Vec<f32> {
+    fn rope_cpu(
+        x: &[f32],
+        seq: usize,
+        heads: usize,
+        dim: usize,
+        pos_offset: usize,
+        theta: f32,
+    ) -> Vec<f32> {
         let inv: Vec<f32> = inv_freq(theta, dim).collect();
         let half = dim / 2;
         let mut out = vec![0.0; x.len()];
@@ -130,7 +140,14 @@ mod tests {
             batch.submit().unwrap();
             let got = pollster::block_on(out.to_f32(gpu)).unwrap();
             let r = shape.len();
-            let want = rope_cpu(&x, shape[r - 3], shape[r - 2], shape[r - 1], pos_offset, theta);
+            let want = rope_cpu(
+                &x,
+                shape[r - 3],
+                shape[r - 2],
+                shape[r - 1],
+                pos_offset,
+                theta,
+            );
             // Beyond 8192 the in-shader range reduction loses a little (still < 2e-6 at 1e5).
             let tol = if pos_offset > 8192 { 4e-6 } else { 1e-6 };
             assert_close(
@@ -151,7 +168,12 @@ mod tests {
         let out = rope(&mut batch, &x, 3, 100.0).unwrap();
         batch.submit().unwrap();
         let got = pollster::block_on(out.to_f32(gpu)).unwrap();
-        let want = [3f32.cos(), 2.0 * 0.3f32.cos(), 3f32.sin(), 2.0 * 0.3f32.sin()];
+        let want = [
+            3f32.cos(),
+            2.0 * 0.3f32.cos(),
+            3f32.sin(),
+            2.0 * 0.3f32.sin(),
+        ];
         assert_close(&got, &want, 1e-6, "rope hand-computed");
     }
 

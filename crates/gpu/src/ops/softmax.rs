@@ -18,7 +18,11 @@ pub fn softmax(batch: &mut Batch, x: &Tensor) -> Result<Tensor> {
     if x.dtype() != DType::F32 || x.rank() == 0 || x.numel() == 0 {
         return Err(shape_err(
             "softmax",
-            format!("want a non-empty f32 tensor, got {:?} {:?}", x.shape(), x.dtype()),
+            format!(
+                "want a non-empty f32 tensor, got {:?} {:?}",
+                x.shape(),
+                x.dtype()
+            ),
         ));
     }
     let out = Tensor::empty(batch.gpu(), x.shape(), DType::F32)?;
@@ -44,7 +48,10 @@ mod tests {
     fn softmax_cpu(x: &[f32], n: usize) -> Vec<f32> {
         x.chunks(n)
             .flat_map(|row| {
-                let m = row.iter().map(|&v| v as f64).fold(f64::NEG_INFINITY, f64::max);
+                let m = row
+                    .iter()
+                    .map(|&v| v as f64)
+                    .fold(f64::NEG_INFINITY, f64::max);
                 let s: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
                 row.iter().map(move |&v| ((v as f64 - m).exp() / s) as f32)
             })

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use llava_gpu::Gpu;
+use llava_model::files::config::LlavaConfig;
 use llava_model::generate::{GenerateParams, Reply, Turn};
-use llava_model::config::LlavaConfig;
 use llava_model::llava::Llava;
 use serde_json::{Value, json};
 
@@ -29,7 +29,8 @@ pub fn expected(model: &str) -> Value {
 /// One device for all the tests of a binary.
 pub fn gpu() -> Arc<Gpu> {
     static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
-    GPU.get_or_init(|| Arc::new(Gpu::new_blocking().expect("a wgpu adapter"))).clone()
+    GPU.get_or_init(|| Arc::new(Gpu::new_blocking().expect("a wgpu adapter")))
+        .clone()
 }
 
 /// A test image of ../shared/testdata/images, decoded as Pillow decodes it (JPEGs too: crates/image
@@ -41,14 +42,23 @@ pub fn load_image(name: &str) -> llava_image::Rgb8 {
 
 /// 16 greedy steps without stopping at eos, as the fixtures were generated.
 pub fn greedy16() -> GenerateParams {
-    GenerateParams { max_new_tokens: 16, ignore_eos: true, ..Default::default() }
+    GenerateParams {
+        max_new_tokens: 16,
+        ignore_eos: true,
+        ..Default::default()
+    }
 }
 
 /// [`greedy16`] on a raw prompt (with `<image>` where the image goes), keeping the first-step
 /// logits.
 pub fn greedy_raw(llava: &Llava, image: Option<&llava_image::Rgb8>, prompt: &str) -> Reply {
     let mut chat = llava.chat(None).unwrap();
-    let turn = Turn { image, text: prompt, raw_prompt: true, want_logits: true };
+    let turn = Turn {
+        image,
+        text: prompt,
+        raw_prompt: true,
+        want_logits: true,
+    };
     pollster::block_on(chat.send(llava, turn, &greedy16(), |_| true)).unwrap()
 }
 

@@ -15,12 +15,12 @@ use llava_gpu::{DType, Gpu};
 use llava_image::ImageConfig;
 use serde_json::Value;
 
-use crate::checkpoint::Dtype;
-use crate::config::{LlavaConfig, TextConfig};
-use crate::convert::model_tensors;
 use crate::error::{ModelError, Result};
-use crate::manifest::Storage;
-use crate::weights::{WeightPrecision, storage_dtype_of};
+use crate::files::checkpoint::Dtype;
+use crate::files::config::{LlavaConfig, TextConfig};
+use crate::files::convert::model_tensors;
+use crate::files::manifest::Storage;
+use crate::files::weights::{WeightPrecision, storage_dtype_of};
 
 /// How the weights will be kept on the GPU.
 #[derive(Clone, Copy, Debug)]
@@ -29,7 +29,10 @@ pub enum WeightFormats<'a> {
     Converted(&'a BTreeMap<String, Storage>),
     /// A checkpoint's, converted as they load. `stored` is the dtype its config declares (f16
     /// when it declares none: the upload still checks each tensor as it finds it).
-    Checkpoint { stored: Dtype, precision: WeightPrecision },
+    Checkpoint {
+        stored: Dtype,
+        precision: WeightPrecision,
+    },
 }
 
 /// The limits a model is checked against (from [`Gpu::limits`]).
@@ -45,7 +48,11 @@ pub struct GpuLimits {
 
 impl GpuLimits {
     pub fn of(gpu: &Gpu) -> GpuLimits {
-        GpuLimits { max_buffer: gpu.limits().max_buffer_size, max_binding: gpu.max_binding(), storage_align: gpu.storage_align() }
+        GpuLimits {
+            max_buffer: gpu.limits().max_buffer_size,
+            max_binding: gpu.max_binding(),
+            storage_align: gpu.storage_align(),
+        }
     }
 }
 
@@ -60,7 +67,11 @@ pub fn check(
     limits: GpuLimits,
     location: &str,
 ) -> Result<()> {
-    let too_big = |msg: String| Err(ModelError::Input(format!("{location}: the model does not fit this GPU: {msg}")));
+    let too_big = |msg: String| {
+        Err(ModelError::Input(format!(
+            "{location}: the model does not fit this GPU: {msg}"
+        )))
+    };
     for (name, shape) in model_tensors(config) {
         let dtype = match formats {
             // A tensor the manifest lacks is reported as missing by the loader.
@@ -68,11 +79,19 @@ pub fn check(
                 Some(storage) => storage.gpu_dtype(),
                 None => continue,
             },
-            WeightFormats::Checkpoint { stored, precision } => storage_dtype_of(&name, &shape, stored, precision),
+            WeightFormats::Checkpoint { stored, precision } => {
+                storage_dtype_of(&name, &shape, stored, precision)
+            }
         };
-        let bytes = dtype.buffer_bytes(&shape, limits.storage_align).unwrap_or(u64::MAX);
+        let bytes = dtype
+            .buffer_bytes(&shape, limits.storage_align)
+            .unwrap_or(u64::MAX);
         if bytes > limits.max_buffer {
-            let smaller = if dtype.is_quantized() { "" } else { " (quantized, q8 or q4, it may fit)" };
+            let smaller = if dtype.is_quantized() {
+                ""
+            } else {
+                " (quantized, q8 or q4, it may fit)"
+            };
             return too_big(format!(
                 "{name} {shape:?} kept as {dtype:?} needs a buffer of {bytes} bytes, over its max_buffer_size of {} \
                  bytes{smaller}",
@@ -83,7 +102,8 @@ pub fn check(
 
     let fits = max_context(&config.text, kv, limits);
     if context > fits {
-        let bytes = kv_layer_bytes(&config.text, context, kv).max(prompt_bytes(&config.text, context));
+        let bytes =
+            kv_layer_bytes(&config.text, context, kv).max(prompt_bytes(&config.text, context));
         return too_big(format!(
             "a context of {context} tokens needs a buffer of {bytes} bytes (one layer's {kv:?} KV cache, or the \
              prompt's embeddings), over its max_storage_buffer_binding_size of {} bytes: load it with a context of \
@@ -103,17 +123,21 @@ pub fn check(
     Ok(())
 }
 
-/// Bytes of one layer's KV cache (keys and values, [`crate::language::KvCache`]'s layout) for
+/// Bytes of one layer's KV cache (keys and values, [`crate::net::language::KvCache`]'s layout) for
 /// `context` tokens.
 fn kv_layer_bytes(text: &TextConfig, context: usize, kv: DType) -> u64 {
     let rows = (context as u64).next_multiple_of(ATTEND_KEYS as u64);
     let per_row = (text.num_key_value_heads as u64).saturating_mul(text.head_dim as u64);
-    kv.data_bytes(1).saturating_mul(2).saturating_mul(rows).saturating_mul(per_row)
+    kv.data_bytes(1)
+        .saturating_mul(2)
+        .saturating_mul(rows)
+        .saturating_mul(per_row)
 }
 
 /// Bytes of a whole prompt's embeddings `[context, hidden]` f32, the input of the prefill.
 fn prompt_bytes(text: &TextConfig, context: usize) -> u64 {
-    4u64.saturating_mul(context as u64).saturating_mul(text.hidden_size as u64)
+    4u64.saturating_mul(context as u64)
+        .saturating_mul(text.hidden_size as u64)
 }
 
 /// The longest context whose KV cache and prompt fit one storage binding each.
@@ -128,19 +152,34 @@ pub fn max_context(text: &TextConfig, kv: DType, limits: GpuLimits) -> usize {
 /// of the widest activation the vision tower and projector make for them.
 fn vision_activation(config: &LlavaConfig, image: &ImageConfig) -> (u64, u64) {
     let tile = u64::from(image.tile_size.max(1));
-    let grid = image.grid_pinpoints.iter().map(|&[h, w]| u64::from(h) / tile * (u64::from(w) / tile)).max();
+    let grid = image
+        .grid_pinpoints
+        .iter()
+        .map(|&[h, w]| u64::from(h) / tile * (u64::from(w) / tile))
+        .max();
     let tiles = 1 + grid.unwrap_or(0);
     let v = &config.vision;
     let positions = ((v.image_size / v.patch_size.max(1)) as u64).pow(2) + 1;
-    let widest = v.intermediate_size.max(v.hidden_size).max(config.text.hidden_size) as u64;
-    (tiles, 4u64.saturating_mul(tiles).saturating_mul(positions).saturating_mul(widest))
+    let widest = v
+        .intermediate_size
+        .max(v.hidden_size)
+        .max(config.text.hidden_size) as u64;
+    (
+        tiles,
+        4u64.saturating_mul(tiles)
+            .saturating_mul(positions)
+            .saturating_mul(widest),
+    )
 }
 
 /// Prompt tokens the prefill runs at once: as many as keep its widest activation (an MLP's
 /// `[rows, intermediate]`, or q's or the residual stream's) within one storage binding, and at
 /// most `cap` when one is set.
 pub fn prefill_rows(text: &TextConfig, max_binding: u64, cap: Option<usize>) -> usize {
-    let widest = text.intermediate_size.max(text.hidden_size).max(text.num_attention_heads * text.head_dim) as u64;
+    let widest = text
+        .intermediate_size
+        .max(text.hidden_size)
+        .max(text.num_attention_heads * text.head_dim) as u64;
     let fit = (max_binding / (4 * widest).max(1)).clamp(1, usize::MAX as u64) as usize;
     cap.map_or(fit, |cap| fit.min(cap.max(1)))
 }
@@ -149,7 +188,11 @@ pub fn prefill_rows(text: &TextConfig, max_binding: u64, cap: Option<usize>) -> 
 /// `dtype` in 5; at the top or in `text_config`), if it names one the runtime reads.
 pub fn declared_dtype(config_text: &str) -> Option<Dtype> {
     let config: Value = serde_json::from_str(config_text).ok()?;
-    let named = |v: &Value| ["dtype", "torch_dtype"].iter().find_map(|key| v.get(key)?.as_str().map(str::to_owned));
+    let named = |v: &Value| {
+        ["dtype", "torch_dtype"]
+            .iter()
+            .find_map(|key| v.get(key)?.as_str().map(str::to_owned))
+    };
     let name = named(&config).or_else(|| named(config.get("text_config")?))?;
     match name.trim_start_matches("torch.") {
         "float32" => Some(Dtype::F32),

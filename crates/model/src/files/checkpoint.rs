@@ -163,7 +163,10 @@ const NAME_TABLE: [(Spelling, &[(&str, &str)]); 4] = [
     (
         Spelling::OriginalLlava,
         &[
-            ("model.vision_tower.vision_tower.vision_model.", "vision_model."),
+            (
+                "model.vision_tower.vision_tower.vision_model.",
+                "vision_model.",
+            ),
             ("model.mm_projector.0.", "multi_modal_projector.linear_1."),
             ("model.mm_projector.2.", "multi_modal_projector.linear_2."),
             ("model.image_newline", "image_newline"),
@@ -314,10 +317,13 @@ pub fn header_len(prefix: [u8; 8], file_size: u64) -> std::result::Result<u64, S
 
 /// Parses the JSON header (the `header_len` bytes after the 8-byte prefix) and checks every
 /// tensor's byte range against the file size and, for known dtypes, against its shape.
-pub fn parse_header(json: &[u8], file_size: u64) -> std::result::Result<Vec<SafetensorsEntry>, String> {
+pub fn parse_header(
+    json: &[u8],
+    file_size: u64,
+) -> std::result::Result<Vec<SafetensorsEntry>, String> {
     let data_start = 8 + json.len() as u64;
-    let header: serde_json::Map<String, Value> =
-        serde_json::from_slice(json).map_err(|e| format!("malformed safetensors header JSON: {e}"))?;
+    let header: serde_json::Map<String, Value> = serde_json::from_slice(json)
+        .map_err(|e| format!("malformed safetensors header JSON: {e}"))?;
     let mut entries = Vec::with_capacity(header.len());
     for (name, value) in header {
         if name == "__metadata__" {
@@ -349,7 +355,11 @@ pub fn parse_header(json: &[u8], file_size: u64) -> std::result::Result<Vec<Safe
             return Err(bad("missing or invalid data_offsets"));
         };
         // Offsets come from the file: an `end` near 2^64 must not wrap into the header.
-        if begin > end || end.checked_add(data_start).is_none_or(|end| end > file_size) {
+        if begin > end
+            || end
+                .checked_add(data_start)
+                .is_none_or(|end| end > file_size)
+        {
             return Err(format!(
                 "tensor `{name}`: bytes {begin}..{end} after the header lie outside the file of {file_size} \
                  bytes (truncated file?)"
@@ -357,7 +367,8 @@ pub fn parse_header(json: &[u8], file_size: u64) -> std::result::Result<Vec<Safe
         }
         let dtype = match Dtype::parse(dtype_name) {
             Some(dtype) => {
-                let expected = checked_numel(&shape).and_then(|n| n.checked_mul(dtype.size() as u64));
+                let expected =
+                    checked_numel(&shape).and_then(|n| n.checked_mul(dtype.size() as u64));
                 if expected != Some(end - begin) {
                     return Err(format!(
                         "tensor `{name}`: {} bytes stored for shape {shape:?} of {dtype_name}",
@@ -395,7 +406,8 @@ fn read_file_header(path: &Path) -> Result<Vec<SafetensorsEntry>> {
     })?;
     let len = header_len(prefix, file_size).map_err(|msg| ModelError::checkpoint(path, msg))?;
     let mut json = vec![0u8; len as usize];
-    file.read_exact(&mut json).map_err(|e| ModelError::io(path, e))?;
+    file.read_exact(&mut json)
+        .map_err(|e| ModelError::io(path, e))?;
     parse_header(&json, file_size).map_err(|msg| ModelError::checkpoint(path, msg))
 }
 
@@ -543,7 +555,8 @@ impl Checkpoint {
         file.seek(SeekFrom::Start(stored.start))
             .map_err(|e| ModelError::io(path, e))?;
         let mut bytes = vec![0u8; (stored.end - stored.start) as usize];
-        file.read_exact(&mut bytes).map_err(|e| ModelError::io(path, e))?;
+        file.read_exact(&mut bytes)
+            .map_err(|e| ModelError::io(path, e))?;
         Ok(HostTensor {
             shape: stored.info.shape.clone(),
             dtype,
@@ -591,8 +604,17 @@ impl Checkpoint {
 pub(crate) fn not_part_of_the_model(unknown: &[String]) -> String {
     const SHOWN: usize = 20;
     let more = unknown.len().saturating_sub(SHOWN);
-    let list = unknown.iter().take(SHOWN).map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
-    let tail = if more > 0 { format!(" and {more} more") } else { String::new() };
+    let list = unknown
+        .iter()
+        .take(SHOWN)
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let tail = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
     format!("tensors not part of a LLaVA-1.6 model: {list}{tail}")
 }
 
@@ -600,7 +622,10 @@ pub(crate) fn not_part_of_the_model(unknown: &[String]) -> String {
 fn read_index(dir: &Path, path: &Path) -> Result<(Vec<PathBuf>, BTreeMap<String, usize>)> {
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
     let index = ShardIndex::parse(&text, &path.display().to_string())?;
-    Ok((index.files.iter().map(|f| dir.join(f)).collect(), index.file_of))
+    Ok((
+        index.files.iter().map(|f| dir.join(f)).collect(),
+        index.file_of,
+    ))
 }
 
 /// A `model.safetensors.index.json`.
@@ -622,11 +647,16 @@ impl ShardIndex {
         let weight_map = value
             .get("weight_map")
             .and_then(Value::as_object)
-            .ok_or_else(|| ModelError::checkpoint(path, "key `weight_map` is missing or not an object"))?;
+            .ok_or_else(|| {
+                ModelError::checkpoint(path, "key `weight_map` is missing or not an object")
+            })?;
         let mut entries: Vec<(&str, &str)> = Vec::with_capacity(weight_map.len());
         for (name, file) in weight_map {
             let file = file.as_str().ok_or_else(|| {
-                ModelError::checkpoint(path, format!("key `weight_map.{name}`: expected a file name"))
+                ModelError::checkpoint(
+                    path,
+                    format!("key `weight_map.{name}`: expected a file name"),
+                )
             })?;
             // Shards live beside the index; anything else would let an index point outside the folder.
             if file.contains('/') || file.contains('\\') || file == ".." {
@@ -647,7 +677,9 @@ impl ShardIndex {
         Ok(ShardIndex {
             files: files.into_iter().map(str::to_string).collect(),
             file_of,
-            total_size: value.pointer("/metadata/total_size").and_then(Value::as_u64),
+            total_size: value
+                .pointer("/metadata/total_size")
+                .and_then(Value::as_u64),
         })
     }
 }
@@ -666,7 +698,9 @@ mod tests {
 
     fn f32_tensor<'a>(name: &'a str, shape: &[usize], first: f32) -> Fake<'a> {
         let n: usize = shape.iter().product();
-        let bytes = (0..n).flat_map(|i| (first + i as f32).to_le_bytes()).collect();
+        let bytes = (0..n)
+            .flat_map(|i| (first + i as f32).to_le_bytes())
+            .collect();
         Fake {
             name,
             dtype: "F32",
@@ -865,7 +899,11 @@ mod tests {
             let checkpoint = Checkpoint::open(dir.path()).unwrap();
             let mut expected: Vec<&str> = pairs.iter().map(|(_, c)| *c).collect();
             expected.sort_unstable();
-            assert_eq!(checkpoint.names().collect::<Vec<_>>(), expected, "{spelling:?}");
+            assert_eq!(
+                checkpoint.names().collect::<Vec<_>>(),
+                expected,
+                "{spelling:?}"
+            );
             for (i, (_, canonical)) in pairs.iter().enumerate() {
                 let tensor = checkpoint.expect(canonical, &[2, 3]).unwrap();
                 let first = 10.0 * i as f32;
@@ -899,11 +937,17 @@ mod tests {
         file.extend_from_slice(header.as_bytes());
         file.extend_from_slice(&[0; 64]);
         let msg = parse_header(header.as_bytes(), file.len() as u64).unwrap_err();
-        assert!(msg.contains("tensor `w`") && msg.contains("outside the file"), "{msg}");
+        assert!(
+            msg.contains("tensor `w`") && msg.contains("outside the file"),
+            "{msg}"
+        );
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("model.safetensors"), &file).unwrap();
         let msg = open_err(dir.path());
-        assert!(msg.contains("model.safetensors") && msg.contains("outside the file"), "{msg}");
+        assert!(
+            msg.contains("model.safetensors") && msg.contains("outside the file"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -925,24 +969,48 @@ mod tests {
         let index = json!({"metadata": {"total_size": 80}, "weight_map": {
             "language_model.model.embed_tokens.weight": shard1, "image_newline": shard1,
             "language_model.lm_head.weight": shard2}});
-        std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .unwrap();
         let checkpoint = Checkpoint::open(dir.path()).unwrap();
         assert_eq!(
             checkpoint.names().collect::<Vec<_>>(),
-            ["image_newline", "lm_head.weight", "model.embed_tokens.weight"]
+            [
+                "image_newline",
+                "lm_head.weight",
+                "model.embed_tokens.weight"
+            ]
         );
-        assert_eq!(checkpoint.read("lm_head.weight").unwrap().to_f32()[7], 107.0);
-        assert_eq!(checkpoint.read("image_newline").unwrap().to_f32(), [50.0, 51.0]);
         assert_eq!(
-            checkpoint.read("model.embed_tokens.weight").unwrap().to_f32()[3],
+            checkpoint.read("lm_head.weight").unwrap().to_f32()[7],
+            107.0
+        );
+        assert_eq!(
+            checkpoint.read("image_newline").unwrap().to_f32(),
+            [50.0, 51.0]
+        );
+        assert_eq!(
+            checkpoint
+                .read("model.embed_tokens.weight")
+                .unwrap()
+                .to_f32()[3],
             3.0
         );
 
         // The index claims a tensor the shard lacks.
         let wrong = json!({"weight_map": {"image_newline": shard2}});
-        std::fs::write(dir.path().join("model.safetensors.index.json"), wrong.to_string()).unwrap();
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            wrong.to_string(),
+        )
+        .unwrap();
         let msg = open_err(dir.path());
-        assert!(msg.contains("`image_newline`") && msg.contains(shard2), "{msg}");
+        assert!(
+            msg.contains("`image_newline`") && msg.contains(shard2),
+            "{msg}"
+        );
 
         // The index names a shard that is not there.
         let absent = json!({"weight_map": {"image_newline": "model-00003-of-00003.safetensors"}});
@@ -1001,7 +1069,10 @@ mod tests {
             &[f32_tensor("model.norm.weight", &[3], 1.0)],
         );
         let msg = open_err(dir.path());
-        assert!(msg.contains("`model.norm.weight` is stored in both"), "{msg}");
+        assert!(
+            msg.contains("`model.norm.weight` is stored in both"),
+            "{msg}"
+        );
 
         let empty = tempfile::tempdir().unwrap();
         assert!(open_err(empty.path()).contains("no model.safetensors"));
@@ -1038,7 +1109,10 @@ mod tests {
         wrong_len.shape = vec![15];
         write_safetensors(&path, &[wrong_len]);
         let msg = open_err(dir.path());
-        assert!(msg.contains("64 bytes stored for shape [15] of F32"), "{msg}");
+        assert!(
+            msg.contains("64 bytes stored for shape [15] of F32"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -1061,7 +1135,10 @@ mod tests {
             ],
         );
         let checkpoint = Checkpoint::open(dir.path()).unwrap();
-        assert_eq!(checkpoint.names().collect::<Vec<_>>(), ["model.norm.weight"]);
+        assert_eq!(
+            checkpoint.names().collect::<Vec<_>>(),
+            ["model.norm.weight"]
+        );
 
         write_safetensors(
             &path,
@@ -1093,7 +1170,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            shape.contains("`model.mm_projector.0.weight`") && shape.contains("[4, 2], expected [2, 4]"),
+            shape.contains("`model.mm_projector.0.weight`")
+                && shape.contains("[4, 2], expected [2, 4]"),
             "{shape}"
         );
 
@@ -1135,7 +1213,10 @@ mod tests {
             checkpoint.info("model.norm.weight").unwrap().dtype,
             StoredDtype::Unsupported("I8".into())
         );
-        let msg = checkpoint.read("model.norm.weight").unwrap_err().to_string();
+        let msg = checkpoint
+            .read("model.norm.weight")
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("dtype I8"), "{msg}");
     }
 

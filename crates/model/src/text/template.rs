@@ -1,225 +1,14 @@
-//! Text side: the checkpoint's tokenizer (`tokenizer.json` via the `tokenizers` crate, or a
-//! SentencePiece `tokenizer.model` converted to one),
-//! incremental detokenisation for streaming, and chat templates rendered with minijinja the way
-//! transformers' `apply_chat_template` renders them.
+//! Chat templates, rendered with minijinja the way transformers' `apply_chat_template` renders
+//! them, and the files they are found in.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use crate::config::{ConfigLayout, LlavaConfig, TextArch};
+use super::tokenizer::TOKENIZER_CONFIG_FILE;
+use super::{parse_json, read_if_present};
 use crate::error::{ModelError, Result};
-use crate::sentencepiece::{SentencePieceModel, llama_tokenizer_spaces};
-
-/// A `tokenizer.json` tokenizer. Cloning is cheap (shared).
-#[derive(Clone)]
-pub struct Tokenizer {
-    inner: Arc<tokenizers::Tokenizer>,
-}
-
-impl Tokenizer {
-    /// Loads `dir/tokenizer.json` (or, when the folder has none, `dir/tokenizer.model`: see
-    /// [`Tokenizer::from_sentencepiece_with_config`]) the way transformers 5.24 `AutoTokenizer`
-    /// loads the folder (see [`Tokenizer::from_bytes_with_config`]), reading
-    /// `tokenizer_config.json` and the `model_type` of `config.json` when present.
-    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
-        let dir = dir.as_ref();
-        let path = dir.join("tokenizer.json");
-        let sentencepiece_path = dir.join("tokenizer.model");
-        let sentencepiece_only = !path.exists() && sentencepiece_path.is_file();
-        let tokenizer_config = read_if_present(&dir.join("tokenizer_config.json"))?;
-        let model_type = match read_json_if_present(&dir.join("config.json"))? {
-            Some(config) => config
-                .get("model_type")
-                .and_then(Value::as_str)
-                .map(str::to_string),
-            None => None,
-        };
-        let tokenizer_config = tokenizer_config.as_deref().map(str::as_bytes);
-        let loaded = if sentencepiece_only {
-            let model = std::fs::read(&sentencepiece_path).map_err(|e| ModelError::io(&sentencepiece_path, e))?;
-            Self::from_sentencepiece_with_config(&model, tokenizer_config, model_type.as_deref())
-        } else {
-            let json = std::fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
-            Self::from_bytes_with_config(&json, tokenizer_config, model_type.as_deref())
-        };
-        loaded.map_err(|e| match e {
-            ModelError::Tokenizer(msg) => ModelError::Tokenizer(format!("{}: {msg}", dir.display())),
-            other => other,
-        })
-    }
-
-    /// A SentencePiece `tokenizer.model` (a folder without `tokenizer.json`, like the original
-    /// LLaVA checkpoints) converted as transformers 5.24 converts it (see [`crate::sentencepiece`]),
-    /// then read like a `tokenizer.json` by [`Tokenizer::from_bytes_with_config`]. Only BPE models
-    /// with byte fallback (Llama, Mistral) are supported.
-    pub fn from_sentencepiece_with_config(
-        sentencepiece_model: &[u8],
-        tokenizer_config_json: Option<&[u8]>,
-        model_type: Option<&str>,
-    ) -> Result<Self> {
-        let config = parse_tokenizer_config(tokenizer_config_json)?;
-        let json = SentencePieceModel::parse(sentencepiece_model)?.tokenizer_json(&config, model_type)?;
-        Self::from_bytes_with_config(&json.to_string().into_bytes(), tokenizer_config_json, model_type)
-    }
-
-    /// `tokenizer.json` plus the folder's `tokenizer_config.json` and `config.json` model type.
-    ///
-    /// transformers 5.24 uses `tokenizer.json` as written for LLaVA model folders (model types
-    /// `llava` / `llava_next` are on its list of Hub configs with a wrong `tokenizer_class`), and
-    /// the original LLaVA layout is used as written too. Only a folder without such a model type
-    /// whose `tokenizer_class` is `LlamaTokenizer` is rebuilt as transformers' `LlamaTokenizer`
-    /// does: no normalizer, `Metaspace` with `prepend_scheme` "first" ("always" if `legacy: true`,
-    /// "never" if `add_prefix_space: false`), and a decoder stripping one leading space unless
-    /// `add_prefix_space: false`. The visible difference: with "first", text right after a special
-    /// token such as `<image>` gets no `▁` prefix. The post-processor (which adds BOS) is kept.
-    pub fn from_bytes_with_config(
-        tokenizer_json: &[u8],
-        tokenizer_config_json: Option<&[u8]>,
-        model_type: Option<&str>,
-    ) -> Result<Self> {
-        let config = parse_tokenizer_config(tokenizer_config_json)?;
-        let llava_folder = matches!(
-            model_type,
-            Some("llava" | "llava_next" | "llava_llama" | "llava_mistral")
-        );
-        let llama_class = matches!(
-            config.get("tokenizer_class").and_then(Value::as_str),
-            Some("LlamaTokenizer" | "LlamaTokenizerFast")
-        );
-        if llava_folder || !llama_class {
-            return Self::from_bytes(tokenizer_json);
-        }
-        let mut tokenizer: Value = serde_json::from_slice(tokenizer_json)
-            .map_err(|e| ModelError::Tokenizer(format!("tokenizer.json: malformed JSON: {e}")))?;
-        let (pre_tokenizer, decoder) = llama_tokenizer_spaces(&config);
-        let Some(fields) = tokenizer.as_object_mut() else {
-            return Err(ModelError::Tokenizer(
-                "tokenizer.json: expected a JSON object".into(),
-            ));
-        };
-        fields.insert("normalizer".into(), Value::Null);
-        fields.insert("pre_tokenizer".into(), pre_tokenizer);
-        fields.insert("decoder".into(), decoder);
-        let inner: tokenizers::Tokenizer = serde_json::from_value(tokenizer)
-            .map_err(|e| ModelError::Tokenizer(format!("cannot load tokenizer.json: {e}")))?;
-        Ok(Tokenizer {
-            inner: Arc::new(inner),
-        })
-    }
-
-    /// Loads a `tokenizer.json` exactly as written (no `tokenizer_config.json` adjustments).
-    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
-        Self::from_bytes(&bytes).map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))
-    }
-
-    /// Loads `tokenizer.json` bytes exactly as written.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(bytes)
-            .map_err(|e| ModelError::Tokenizer(format!("cannot load tokenizer.json: {e}")))?;
-        Ok(Tokenizer {
-            inner: Arc::new(inner),
-        })
-    }
-
-    /// Token ids of `text`; with `add_special_tokens` the post-processor adds BOS.
-    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let encoding = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| ModelError::Tokenizer(format!("encoding failed: {e}")))?;
-        Ok(encoding.get_ids().to_vec())
-    }
-
-    /// Text of `ids` (as transformers' `decode` with `clean_up_tokenization_spaces=False`).
-    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| ModelError::Tokenizer(format!("decoding failed: {e}")))
-    }
-
-    /// The id of a token (including added tokens such as `<image>`), if the vocabulary has it.
-    pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
-    }
-
-    /// Vocabulary size including added tokens.
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
-    }
-
-    /// A decoder that turns generated ids into text pieces as they arrive.
-    pub fn stream_decoder(&self, skip_special_tokens: bool) -> StreamDecoder {
-        StreamDecoder {
-            tokenizer: self.clone(),
-            skip_special_tokens,
-            ids: Vec::new(),
-            prefix_offset: 0,
-            read_offset: 0,
-        }
-    }
-}
-
-/// Incremental detokeniser. Each piece is the text the new ids add to the decoded whole, so the
-/// pieces concatenate to `decode(all ids)`: a piece is held back while the ids end inside a
-/// multi-byte character (byte-fallback tokens), and a word's leading space is kept by decoding
-/// each new id together with the previous ones (decoders strip the first token's space).
-pub struct StreamDecoder {
-    tokenizer: Tokenizer,
-    skip_special_tokens: bool,
-    /// Ids from `prefix_offset` on; earlier ones no longer affect the text.
-    ids: Vec<u32>,
-    /// `ids[prefix_offset..read_offset]` is context already emitted; the rest is pending.
-    prefix_offset: usize,
-    read_offset: usize,
-}
-
-impl StreamDecoder {
-    /// Adds one id; returns the new text, or `None` while it cannot be decoded yet.
-    pub fn step(&mut self, id: u32) -> Result<Option<String>> {
-        self.ids.push(id);
-        let prefix = self.tokenizer.decode(
-            &self.ids[self.prefix_offset..self.read_offset],
-            self.skip_special_tokens,
-        )?;
-        let text = self
-            .tokenizer
-            .decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
-        if text.len() <= prefix.len()
-            || text.ends_with(char::REPLACEMENT_CHARACTER)
-            || !text.starts_with(&prefix)
-        {
-            return Ok(None);
-        }
-        let piece = text[prefix.len()..].to_string();
-        // Keep only the ids still needed as context for the next piece.
-        self.ids.drain(..self.prefix_offset);
-        self.prefix_offset = self.read_offset - self.prefix_offset;
-        self.read_offset = self.ids.len();
-        Ok(Some(piece))
-    }
-
-    /// Text still held back at the end of generation (an incomplete character decodes to U+FFFD,
-    /// as in a full decode).
-    pub fn finish(&mut self) -> Result<Option<String>> {
-        let prefix = self.tokenizer.decode(
-            &self.ids[self.prefix_offset..self.read_offset],
-            self.skip_special_tokens,
-        )?;
-        let text = self
-            .tokenizer
-            .decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
-        self.prefix_offset = self.ids.len();
-        self.read_offset = self.ids.len();
-        Ok(text
-            .strip_prefix(&prefix)
-            .filter(|rest| !rest.is_empty())
-            .map(str::to_string))
-    }
-}
+use crate::files::config::{ConfigLayout, LlavaConfig, TextArch};
 
 /// One chat turn: `images` `<image>` placeholders, then `text`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -363,9 +152,6 @@ impl BuiltinTemplate {
     }
 }
 
-pub const TOKENIZER_FILE: &str = "tokenizer.json";
-pub const SENTENCEPIECE_FILE: &str = "tokenizer.model";
-pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
 pub const TEMPLATE_JINJA_FILE: &str = "chat_template.jinja";
 pub const TEMPLATE_JSON_FILE: &str = "chat_template.json";
 
@@ -401,7 +187,10 @@ impl ChatTemplate {
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
             },
         );
         env.add_template_owned(TEMPLATE_NAME, source.into())
@@ -414,7 +203,8 @@ impl ChatTemplate {
     }
 
     pub fn builtin(kind: BuiltinTemplate) -> Self {
-        let mut template = Self::from_source(kind.source()).expect("built-in chat templates compile");
+        let mut template =
+            Self::from_source(kind.source()).expect("built-in chat templates compile");
         template.env.add_global("default_system", VICUNA_SYSTEM);
         template.bos_token = "<s>".into();
         template.eos_token = "</s>".into();
@@ -427,13 +217,20 @@ impl ChatTemplate {
         let dir = dir.as_ref();
         let read = |name: &str| {
             let path = dir.join(name);
-            Ok::<_, ModelError>(read_if_present(&path)?.map(|text| (path.display().to_string(), text)))
+            Ok::<_, ModelError>(
+                read_if_present(&path)?.map(|text| (path.display().to_string(), text)),
+            )
         };
         let tokenizer_config = read(TOKENIZER_CONFIG_FILE)?;
         let jinja = read(TEMPLATE_JINJA_FILE)?;
-        let json = if jinja.is_none() { read(TEMPLATE_JSON_FILE)? } else { None };
+        let json = if jinja.is_none() {
+            read(TEMPLATE_JSON_FILE)?
+        } else {
+            None
+        };
         fn as_ref(file: &Option<(String, String)>) -> Option<(&str, &str)> {
-            file.as_ref().map(|(name, text)| (name.as_str(), text.as_str()))
+            file.as_ref()
+                .map(|(name, text)| (name.as_str(), text.as_str()))
         }
         Self::from_files(&TemplateFiles {
             jinja: jinja.as_ref().map(|(_, text)| text.as_str()),
@@ -462,7 +259,9 @@ impl ChatTemplate {
         } else {
             None
         };
-        let Some(source) = source else { return Ok(None) };
+        let Some(source) = source else {
+            return Ok(None);
+        };
         let mut template = Self::from_source(source)?;
         if let Some(config) = &tokenizer_config {
             template.bos_token = special_token(config, "bos_token");
@@ -509,33 +308,6 @@ fn describe(error: &minijinja::Error) -> String {
     }
 }
 
-fn parse_tokenizer_config(bytes: Option<&[u8]>) -> Result<Value> {
-    match bytes {
-        Some(bytes) => serde_json::from_slice(bytes)
-            .map_err(|e| ModelError::Tokenizer(format!("tokenizer_config.json: malformed JSON: {e}"))),
-        None => Ok(Value::Null),
-    }
-}
-
-fn read_if_present(path: &Path) -> Result<Option<String>> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => Ok(Some(text)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(ModelError::io(path, e)),
-    }
-}
-
-fn read_json_if_present(path: &Path) -> Result<Option<Value>> {
-    let Some(text) = read_if_present(path)? else {
-        return Ok(None);
-    };
-    parse_json(&path.display().to_string(), &text).map(Some)
-}
-
-fn parse_json(file: &str, text: &str) -> Result<Value> {
-    serde_json::from_str(text).map_err(|e| ModelError::Template(format!("{file}: malformed JSON: {e}")))
-}
-
 /// `chat_template` as a string, or (older tokenizer configs) a list of `{name, template}` of
 /// which the one named "default" is used.
 fn template_field(json: &Value, file: &str) -> Result<Option<String>> {
@@ -574,213 +346,16 @@ fn special_token(config: &Value, key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::OnceLock;
 
     const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
-    const TOKENIZERS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/testdata/tokenizers");
-
-    /// Loading a 3.5 MB tokenizer.json takes a moment; tests share one of each.
-    fn tokenizer(name: &str) -> &'static Tokenizer {
-        static VICUNA: OnceLock<Tokenizer> = OnceLock::new();
-        static MISTRAL: OnceLock<Tokenizer> = OnceLock::new();
-        let cell = match name {
-            "llama2-vicuna" => &VICUNA,
-            "mistral" => &MISTRAL,
-            other => panic!("no test tokenizer {other}"),
-        };
-        cell.get_or_init(|| Tokenizer::from_dir(format!("{TOKENIZERS}/{name}")).unwrap())
-    }
+    const TOKENIZERS: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/testdata/tokenizers"
+    );
 
     fn fixture(name: &str) -> Vec<Value> {
         let text = std::fs::read_to_string(format!("{FIXTURES}/{name}")).unwrap();
         serde_json::from_str(&text).unwrap()
-    }
-
-    fn ids_of(value: &Value) -> Vec<u32> {
-        value
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|id| id.as_u64().unwrap() as u32)
-            .collect()
-    }
-
-    /// Reassembles what a stream decoder emits for `ids`, checking each piece on the way.
-    fn stream(tokenizer: &Tokenizer, ids: &[u32]) -> (String, usize) {
-        let mut decoder = tokenizer.stream_decoder(true);
-        let mut text = String::new();
-        let mut pieces = 0;
-        for &id in ids {
-            if let Some(piece) = decoder.step(id).unwrap() {
-                assert!(
-                    !piece.contains(char::REPLACEMENT_CHARACTER),
-                    "broken UTF-8 piece {piece:?} in {ids:?}"
-                );
-                text.push_str(&piece);
-                pieces += 1;
-            }
-        }
-        if let Some(rest) = decoder.finish().unwrap() {
-            text.push_str(&rest);
-        }
-        (text, pieces)
-    }
-
-    #[test]
-    fn encode_and_decode_match_transformers() {
-        let cases = fixture("tokenizer_cases.json");
-        assert!(cases.len() >= 40);
-        for case in &cases {
-            let tokenizer = tokenizer(case["tokenizer"].as_str().unwrap());
-            let text = case["text"].as_str().unwrap();
-            let add_special = case["add_special_tokens"].as_bool().unwrap();
-            let ids = ids_of(&case["ids"]);
-            assert_eq!(tokenizer.encode(text, add_special).unwrap(), ids, "{case}");
-            assert_eq!(
-                tokenizer.decode(&ids, true).unwrap(),
-                case["decoded"].as_str().unwrap(),
-                "{case}"
-            );
-        }
-    }
-
-    #[test]
-    fn stream_decoder_pieces_concatenate_to_full_decode() {
-        for case in fixture("tokenizer_cases.json") {
-            let tokenizer = tokenizer(case["tokenizer"].as_str().unwrap());
-            let ids = ids_of(&case["ids"]);
-            let (text, pieces) = stream(tokenizer, &ids);
-            assert_eq!(text, case["decoded"].as_str().unwrap(), "{case}");
-            assert!(pieces <= ids.len());
-        }
-    }
-
-    #[test]
-    fn stream_decoder_keeps_spaces_and_holds_partial_characters() {
-        let vicuna = tokenizer("llama2-vicuna");
-        // "Hello world" without BOS: [15043, 3186] per the fixtures.
-        let mut decoder = vicuna.stream_decoder(true);
-        assert_eq!(decoder.step(15043).unwrap().as_deref(), Some("Hello"));
-        assert_eq!(decoder.step(3186).unwrap().as_deref(), Some(" world"));
-        assert_eq!(decoder.finish().unwrap(), None);
-
-        // U+1F680 (F0 9F 9A 80) as byte-fallback tokens <0xF0><0x9F><0x9A><0x80> = ids 243, 162, 157, 131.
-        let rocket = [243, 162, 157, 131];
-        assert_eq!(vicuna.decode(&rocket, true).unwrap(), "\u{1F680}");
-        let mut decoder = vicuna.stream_decoder(true);
-        assert_eq!(decoder.step(3186).unwrap().as_deref(), Some("world"));
-        for &id in &rocket[..3] {
-            assert_eq!(decoder.step(id).unwrap(), None);
-        }
-        assert_eq!(decoder.step(rocket[3]).unwrap().as_deref(), Some("\u{1F680}"));
-
-        // Generation stopped mid-character: the remainder comes out as a full decode shows it.
-        let mut decoder = vicuna.stream_decoder(true);
-        assert_eq!(decoder.step(243).unwrap(), None);
-        assert_eq!(decoder.step(162).unwrap(), None);
-        assert_eq!(
-            decoder.finish().unwrap().unwrap(),
-            vicuna.decode(&[243, 162], true).unwrap()
-        );
-    }
-
-    #[test]
-    fn special_tokens() {
-        for name in ["llama2-vicuna", "mistral"] {
-            let tokenizer = tokenizer(name);
-            assert_eq!(tokenizer.token_id("<image>"), Some(32000), "{name}");
-            assert_eq!(tokenizer.token_id("</s>"), Some(2), "{name}");
-            assert_eq!(tokenizer.token_id("<no such token>"), None);
-            assert!(tokenizer.vocab_size() > 32000);
-        }
-        let err = Tokenizer::from_bytes(b"{\"not\": \"a tokenizer\"}")
-            .err()
-            .unwrap();
-        assert!(matches!(err, ModelError::Tokenizer(_)), "{err}");
-    }
-
-    #[test]
-    fn llama_tokenizer_config_adjustments_follow_transformers() {
-        // Expected ids and decodes printed by transformers 5.24 AutoTokenizer for these variants
-        // of the vicuna folder.
-        let dir = format!("{TOKENIZERS}/llama2-vicuna");
-        let json: Value =
-            serde_json::from_slice(&std::fs::read(format!("{dir}/tokenizer.json")).unwrap()).unwrap();
-        let config: Value =
-            serde_json::from_slice(&std::fs::read(format!("{dir}/tokenizer_config.json")).unwrap()).unwrap();
-        let load = |json: &Value, config: &Value| {
-            Tokenizer::from_bytes_with_config(
-                json.to_string().as_bytes(),
-                Some(config.to_string().as_bytes()),
-                None,
-            )
-            .unwrap()
-        };
-        let with = |key: &str, value: Value| {
-            let mut config = config.clone();
-            config[key] = value;
-            config
-        };
-
-        // Hub files written by transformers 4.x: Prepend + Replace normalizer, no pre-tokenizer.
-        let mut hub_json = json.clone();
-        hub_json["normalizer"] = json!({"type": "Sequence", "normalizers": [
-            {"type": "Prepend", "prepend": "\u{2581}"},
-            {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]});
-        hub_json["pre_tokenizer"] = Value::Null;
-        let hub = load(&hub_json, &config);
-        assert_eq!(
-            hub.encode("<image>\nWhat is it?", true).unwrap(),
-            [1, 32000, 13, 5618, 338, 372, 29973]
-        );
-        assert_eq!(hub.encode("a  b", true).unwrap(), [1, 263, 29871, 289]);
-        assert_eq!(hub.encode(" leading", true).unwrap(), [1, 8236]);
-
-        let legacy = load(&json, &with("legacy", json!(true)));
-        assert_eq!(
-            legacy.encode("<image>\nWhat is it?", true).unwrap(),
-            [1, 32000, 29871, 13, 5618, 338, 372, 29973]
-        );
-
-        let no_prefix = load(&json, &with("add_prefix_space", json!(false)));
-        assert_eq!(no_prefix.encode("Hello world", true).unwrap(), [1, 10994, 3186]);
-        assert_eq!(no_prefix.decode(&[1, 8236], true).unwrap(), " leading");
-        assert_eq!(
-            no_prefix.encode("<image>\nWhat is it?", true).unwrap(),
-            [1, 32000, 13, 5618, 338, 372, 29973]
-        );
-
-        // In a llava_next model folder transformers uses the file as written (prepend_scheme
-        // "always"): `▁` (29871) follows `<image>`, as in the input_ids of the reference
-        // generator's tiny checkpoints (AutoProcessor on a folder with config.json).
-        let as_written = [1, 32000, 29871, 13, 5618, 338, 372, 29973];
-        let as_is = Tokenizer::from_file(format!("{dir}/tokenizer.json")).unwrap();
-        assert_eq!(as_is.encode("<image>\nWhat is it?", true).unwrap(), as_written);
-        let model_folder = tempfile::tempdir().unwrap();
-        for file in ["tokenizer.json", "tokenizer_config.json"] {
-            std::fs::copy(format!("{dir}/{file}"), model_folder.path().join(file)).unwrap();
-        }
-        std::fs::write(
-            model_folder.path().join("config.json"),
-            r#"{"model_type": "llava_next"}"#,
-        )
-        .unwrap();
-        let in_model_folder = Tokenizer::from_dir(model_folder.path()).unwrap();
-        assert_eq!(
-            in_model_folder.encode("<image>\nWhat is it?", true).unwrap(),
-            as_written
-        );
-
-        // A folder without tokenizer.json reads tokenizer.model (tests/sentencepiece.rs).
-        let sentencepiece_only = tempfile::tempdir().unwrap();
-        std::fs::write(sentencepiece_only.path().join("tokenizer.model"), b"sp").unwrap();
-        let err = Tokenizer::from_dir(sentencepiece_only.path()).err().unwrap().to_string();
-        assert!(err.contains("tokenizer.model is not a valid SentencePiece model"), "{err}");
-
-        let bad = Tokenizer::from_bytes_with_config(b"{}", Some(b"{\"tokenizer_class\": "), None)
-            .err()
-            .unwrap();
-        assert!(bad.to_string().contains("tokenizer_config.json"), "{bad}");
     }
 
     /// The fixture's HF messages flattened into [`Message`]s (images first, texts joined).
@@ -836,7 +411,8 @@ mod tests {
         let mistral = ChatTemplate::builtin(BuiltinTemplate::Mistral);
         for case in fixture("chat_cases.json") {
             let messages = &case["messages"];
-            let single_user_turn = messages.as_array().unwrap().len() == 1 && messages[0]["role"] == "user";
+            let single_user_turn =
+                messages.as_array().unwrap().len() == 1 && messages[0]["role"] == "user";
             if !single_user_turn {
                 continue;
             }
@@ -902,7 +478,10 @@ mod tests {
         let err = ChatTemplate::builtin(BuiltinTemplate::Mistral)
             .render(&with_system, true)
             .unwrap_err();
-        assert!(err.to_string().contains("only user and assistant roles"), "{err}");
+        assert!(
+            err.to_string().contains("only user and assistant roles"),
+            "{err}"
+        );
     }
 
     /// LLaVA's `conv_mistral_instruct.get_prompt()` (`SeparatorStyle.LLAMA_2`: `wrap_inst`, answers
@@ -923,13 +502,28 @@ mod tests {
             template.render(&turns, true).unwrap(),
             "[INST] <image>\nWhat is shown in this image? [/INST] A rocket. </s>[INST] What color is it? [/INST]"
         );
-        let with_system = [Message::system("Be brief."), Message::user(1, "Compare."), Message::assistant("Same.")];
+        let with_system = [
+            Message::system("Be brief."),
+            Message::user(1, "Compare."),
+            Message::assistant("Same."),
+        ];
         assert_eq!(
             template.render(&with_system, false).unwrap(),
             "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n<image>\nCompare. [/INST] Same. </s>"
         );
-        let err = template.render(&[Message { role: "tool".into(), images: 0, text: "x".into() }], true);
-        assert!(err.unwrap_err().to_string().contains("unexpected role tool"));
+        let err = template.render(
+            &[Message {
+                role: "tool".into(),
+                images: 0,
+                text: "x".into(),
+            }],
+            true,
+        );
+        assert!(
+            err.unwrap_err()
+                .to_string()
+                .contains("unexpected role tool")
+        );
     }
 
     #[test]
@@ -961,8 +555,13 @@ mod tests {
         assert_eq!(template.render(&question, false).unwrap(), "<s>HI</s>");
 
         // chat_template.json wins over tokenizer_config.json; Python string methods work.
-        let json_template = json!({"chat_template": "{{ messages[0]['role'].upper() }}:{{ bos_token }}"});
-        std::fs::write(dir.path().join("chat_template.json"), json_template.to_string()).unwrap();
+        let json_template =
+            json!({"chat_template": "{{ messages[0]['role'].upper() }}:{{ bos_token }}"});
+        std::fs::write(
+            dir.path().join("chat_template.json"),
+            json_template.to_string(),
+        )
+        .unwrap();
         assert_eq!(
             ChatTemplate::from_dir(dir.path())
                 .unwrap()
@@ -990,7 +589,11 @@ mod tests {
         // Older list form in tokenizer_config.json.
         let list_dir = tempfile::tempdir().unwrap();
         let listed = json!({"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]});
-        std::fs::write(list_dir.path().join("tokenizer_config.json"), listed.to_string()).unwrap();
+        std::fs::write(
+            list_dir.path().join("tokenizer_config.json"),
+            listed.to_string(),
+        )
+        .unwrap();
         assert_eq!(
             ChatTemplate::from_dir(list_dir.path())
                 .unwrap()
@@ -1005,7 +608,10 @@ mod tests {
             "{\"chat_template\": 3}",
         )
         .unwrap();
-        let err = ChatTemplate::from_dir(list_dir.path()).err().unwrap().to_string();
+        let err = ChatTemplate::from_dir(list_dir.path())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(
             err.contains("chat_template.json") && err.contains("expected a string"),
             "{err}"
@@ -1014,10 +620,11 @@ mod tests {
 
     #[test]
     fn builtin_choice_follows_config() {
-        let base =
-            r#"{"model_type": "llava_next", "text_config": {"model_type": "MODEL", "vocab_size": VOCAB}}"#;
+        let base = r#"{"model_type": "llava_next", "text_config": {"model_type": "MODEL", "vocab_size": VOCAB}}"#;
         let choose = |model: &str, vocab: usize| {
-            let json = base.replace("MODEL", model).replace("VOCAB", &vocab.to_string());
+            let json = base
+                .replace("MODEL", model)
+                .replace("VOCAB", &vocab.to_string());
             BuiltinTemplate::for_config(&LlavaConfig::from_json(&json).unwrap())
         };
         assert_eq!(choose("mistral", 32064), BuiltinTemplate::Mistral);
@@ -1036,13 +643,17 @@ mod tests {
             BuiltinTemplate::for_config(&LlavaConfig::from_json(&json).unwrap())
         };
         assert_eq!(original("llava_llama", 32000), BuiltinTemplate::Vicuna);
-        assert_eq!(original("llava_mistral", 32000), BuiltinTemplate::MistralInstruct);
+        assert_eq!(
+            original("llava_mistral", 32000),
+            BuiltinTemplate::MistralInstruct
+        );
         assert_eq!(original("llava_llama", 64000), BuiltinTemplate::ChatMl);
 
         // A folder without a template falls back to the built-in one.
         let dir = tempfile::tempdir().unwrap();
         let config =
-            LlavaConfig::from_json(&base.replace("MODEL", "mistral").replace("VOCAB", "32064")).unwrap();
+            LlavaConfig::from_json(&base.replace("MODEL", "mistral").replace("VOCAB", "32064"))
+                .unwrap();
         let template = ChatTemplate::for_model(dir.path(), &config).unwrap();
         assert_eq!(
             template.render(&[Message::user(1, "Q")], true).unwrap(),
@@ -1052,12 +663,32 @@ mod tests {
     #[test]
     fn a_template_that_would_run_for_hours_stops_with_an_error() {
         let nested = "{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}";
-        let err = ChatTemplate::from_source(nested).unwrap().render(&[Message::user(0, "Q")], true).unwrap_err();
-        assert!(err.to_string().starts_with("chat template: ") && err.to_string().contains("fuel"), "{err}");
+        let err = ChatTemplate::from_source(nested)
+            .unwrap()
+            .render(&[Message::user(0, "Q")], true)
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with("chat template: ") && err.to_string().contains("fuel"),
+            "{err}"
+        );
         // A long conversation stays far within the budget.
         let template = ChatTemplate::builtin(BuiltinTemplate::ChatMl);
-        let messages: Vec<Message> =
-            (0..500).map(|i| if i % 2 == 0 { Message::user(0, "Q") } else { Message::assistant("A") }).collect();
-        assert!(template.render(&messages, true).unwrap().matches("Q").count() >= 250);
+        let messages: Vec<Message> = (0..500)
+            .map(|i| {
+                if i % 2 == 0 {
+                    Message::user(0, "Q")
+                } else {
+                    Message::assistant("A")
+                }
+            })
+            .collect();
+        assert!(
+            template
+                .render(&messages, true)
+                .unwrap()
+                .matches("Q")
+                .count()
+                >= 250
+        );
     }
 }

@@ -6,10 +6,10 @@ use llava_gpu::ops::embed::gather_rows;
 use llava_gpu::{Batch, DType, Tensor};
 use llava_image::UnpadLayout;
 
-use crate::config::Activation;
 use crate::error::{ModelError, Result};
-use crate::vision::Linear;
-use crate::weights::Weights;
+use crate::files::config::Activation;
+use crate::files::weights::Weights;
+use crate::net::layers::Linear;
 
 pub struct Projector {
     linear_1: Linear,
@@ -18,14 +18,31 @@ pub struct Projector {
 }
 
 impl Projector {
-    pub fn load(w: &mut Weights, vision_hidden: usize, text_hidden: usize, act: Activation) -> Result<Projector> {
+    pub fn load(
+        w: &mut Weights,
+        vision_hidden: usize,
+        text_hidden: usize,
+        act: Activation,
+    ) -> Result<Projector> {
         if act != Activation::Gelu {
             let msg = format!("projector_hidden_act {act:?} is not supported (only gelu)");
             return Err(ModelError::config("config.json", msg));
         }
         Ok(Projector {
-            linear_1: Linear::load(w, "multi_modal_projector.linear_1", text_hidden, vision_hidden, true)?,
-            linear_2: Linear::load(w, "multi_modal_projector.linear_2", text_hidden, text_hidden, true)?,
+            linear_1: Linear::load(
+                w,
+                "multi_modal_projector.linear_1",
+                text_hidden,
+                vision_hidden,
+                true,
+            )?,
+            linear_2: Linear::load(
+                w,
+                "multi_modal_projector.linear_2",
+                text_hidden,
+                text_hidden,
+                true,
+            )?,
             image_newline: w.take("image_newline", &[text_hidden])?,
         })
     }
@@ -81,7 +98,12 @@ mod tests {
     #[test]
     fn pack_index_follows_the_permute_unpad_newline_order() {
         // 2x2 grid of 2x2-patch tiles; unpad keeps feature rows 1..3 (all 4 columns).
-        let layout = UnpadLayout { rows: 2, cols: 4, row_start: 1, col_start: 0 };
+        let layout = UnpadLayout {
+            rows: 2,
+            cols: 4,
+            row_start: 1,
+            col_start: 0,
+        };
         let idx = pack_index([2, 2], 2, &layout, 99);
         // Base tile: rows 0..4. Feature row 1 = tile row 0, in-tile row 1: tiles 1 and 2.
         // Feature row 2 = tile row 1, in-tile row 0: tiles 3 and 4. Tile t starts at 4t.

@@ -1,18 +1,20 @@
 //! The Llama / Mistral decoder with grouped-query attention and a GPU KV cache.
 
 use llava_gpu::ops::attention::{Mask, attention, kv_store};
+use llava_gpu::ops::decode::{
+    self, ATTEND_KEYS, Epilogue, Norm, Qkv, SamplerState, Sampling, Step, StepUniform,
+};
 use llava_gpu::ops::elementwise::{add, silu_mul};
 use llava_gpu::ops::embed::embedding;
 use llava_gpu::ops::matmul::linear;
 use llava_gpu::ops::norm::rms_norm;
 use llava_gpu::ops::rope::rope;
-use llava_gpu::ops::decode::{self, ATTEND_KEYS, Epilogue, Norm, Qkv, SamplerState, Sampling, Step, StepUniform};
 use llava_gpu::{Batch, DType, Gpu, Plan, Readback, Tensor};
 
-use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
-use crate::needs;
-use crate::weights::Weights;
+use crate::files::config::TextConfig;
+use crate::files::needs;
+use crate::files::weights::Weights;
 
 pub(crate) struct DecoderLayer {
     pub(crate) input_layernorm: Tensor,
@@ -29,7 +31,10 @@ pub(crate) struct DecoderLayer {
 impl DecoderLayer {
     fn load(w: &mut Weights, gpu: &Gpu, cfg: &TextConfig, i: usize) -> Result<DecoderLayer> {
         let (d, m) = (cfg.hidden_size, cfg.intermediate_size);
-        let (q_dim, kv_dim) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
+        let (q_dim, kv_dim) = (
+            cfg.num_attention_heads * cfg.head_dim,
+            cfg.num_key_value_heads * cfg.head_dim,
+        );
         let p = format!("model.layers.{i}");
         let (q_proj, k_proj) = packed(
             gpu,
@@ -47,7 +52,8 @@ impl DecoderLayer {
             k_proj,
             v_proj: w.take(&format!("{p}.self_attn.v_proj.weight"), &[kv_dim, d])?,
             o_proj: w.take(&format!("{p}.self_attn.o_proj.weight"), &[d, q_dim])?,
-            post_attention_layernorm: w.take(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
+            post_attention_layernorm: w
+                .take(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
             gate_proj,
             up_proj,
             down_proj: w.take(&format!("{p}.mlp.down_proj.weight"), &[d, m])?,
@@ -96,7 +102,10 @@ impl KvCache {
     /// Counts `n` more tokens as cached (a planned decode step wrote their keys and values).
     pub(crate) fn extend(&mut self, n: usize) -> Result<()> {
         if self.len + n > self.capacity {
-            return Err(ModelError::ContextOverflow { needed: self.len + n, capacity: self.capacity });
+            return Err(ModelError::ContextOverflow {
+                needed: self.len + n,
+                capacity: self.capacity,
+            });
         }
         self.len += n;
         Ok(())
@@ -115,13 +124,24 @@ pub struct LanguageModel {
 }
 
 impl LanguageModel {
-    pub fn load(w: &mut Weights, gpu: &Gpu, cfg: &TextConfig, tie_word_embeddings: bool) -> Result<LanguageModel> {
+    pub fn load(
+        w: &mut Weights,
+        gpu: &Gpu,
+        cfg: &TextConfig,
+        tie_word_embeddings: bool,
+    ) -> Result<LanguageModel> {
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
         Ok(LanguageModel {
             embed_tokens: w.take("model.embed_tokens.weight", &[v, d])?,
-            layers: (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(w, gpu, cfg, i)).collect::<Result<_>>()?,
+            layers: (0..cfg.num_hidden_layers)
+                .map(|i| DecoderLayer::load(w, gpu, cfg, i))
+                .collect::<Result<_>>()?,
             norm: w.take("model.norm.weight", &[d])?,
-            lm_head: if tie_word_embeddings { None } else { Some(w.take("lm_head.weight", &[v, d])?) },
+            lm_head: if tie_word_embeddings {
+                None
+            } else {
+                Some(w.take("lm_head.weight", &[v, d])?)
+            },
             cfg: cfg.clone(),
             prefill_cap: None,
         })
@@ -134,16 +154,30 @@ impl LanguageModel {
     /// An empty cache for up to `capacity` tokens, stored as `dtype` (F32 or F16).
     pub fn new_cache(&self, gpu: &Gpu, capacity: usize, dtype: DType) -> Result<KvCache> {
         if !matches!(dtype, DType::F32 | DType::F16) {
-            return Err(ModelError::Input(format!("a {dtype:?} KV cache (it must be F32 or F16)")));
+            return Err(ModelError::Input(format!(
+                "a {dtype:?} KV cache (it must be F32 or F16)"
+            )));
         }
         let (hkv, hd) = (self.cfg.num_key_value_heads, self.cfg.head_dim);
         let rows = capacity.next_multiple_of(ATTEND_KEYS);
-        let mut cache = KvCache { layers: Vec::new(), keys: Vec::new(), values: Vec::new(), len: 0, capacity };
+        let mut cache = KvCache {
+            layers: Vec::new(),
+            keys: Vec::new(),
+            values: Vec::new(),
+            len: 0,
+            capacity,
+        };
         for _ in &self.layers {
             let layer = Tensor::empty(gpu, &[2, rows, hkv, hd], dtype)?;
             let flat = layer.reshape(&[2 * rows, hkv * hd])?;
-            cache.keys.push(flat.narrow_rows(gpu, 0, rows)?.reshape(&[1, rows, hkv, hd])?);
-            cache.values.push(flat.narrow_rows(gpu, rows, rows)?.reshape(&[1, rows, hkv, hd])?);
+            cache.keys.push(
+                flat.narrow_rows(gpu, 0, rows)?
+                    .reshape(&[1, rows, hkv, hd])?,
+            );
+            cache.values.push(
+                flat.narrow_rows(gpu, rows, rows)?
+                    .reshape(&[1, rows, hkv, hd])?,
+            );
             cache.layers.push(layer);
         }
         Ok(cache)
@@ -152,7 +186,10 @@ impl LanguageModel {
     /// Embeddings `[T, D]` of token ids (ids must be < vocab; checked here).
     pub fn embed(&self, batch: &mut Batch, ids: &[u32]) -> Result<Tensor> {
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
-            let msg = format!("token id {bad} is outside the vocabulary ({})", self.cfg.vocab_size);
+            let msg = format!(
+                "token id {bad} is outside the vocabulary ({})",
+                self.cfg.vocab_size
+            );
             return Err(ModelError::Input(msg));
         }
         let ids = Tensor::from_u32(batch.gpu(), &[ids.len()], ids)?;
@@ -173,13 +210,21 @@ impl LanguageModel {
     }
 
     /// [`LanguageModel::forward`] before the final norm: the residual stream of the last token.
-    pub fn forward_last(&self, batch: &mut Batch, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    pub fn forward_last(
+        &self,
+        batch: &mut Batch,
+        x: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         let t = x.shape()[0];
         if t == 0 {
             return Err(ModelError::Input("no tokens to run".into()));
         }
         if cache.len + t > cache.capacity {
-            return Err(ModelError::ContextOverflow { needed: cache.len + t, capacity: cache.capacity });
+            return Err(ModelError::ContextOverflow {
+                needed: cache.len + t,
+                capacity: cache.capacity,
+            });
         }
         let rows = needs::prefill_rows(&self.cfg, batch.gpu().max_binding(), self.prefill_cap);
         if t <= rows {
@@ -204,7 +249,9 @@ impl LanguageModel {
         let eps = c.rms_norm_eps as f32;
         let theta = c.rope_theta as f32;
         let mut h = x.clone();
-        for (layer, (k_cache, v_cache)) in self.layers.iter().zip(cache.keys.iter().zip(&cache.values)) {
+        for (layer, (k_cache, v_cache)) in
+            self.layers.iter().zip(cache.keys.iter().zip(&cache.values))
+        {
             let a = rms_norm(batch, &h, &layer.input_layernorm, eps)?;
             let q = linear(batch, &a, &layer.q_proj, None)?.reshape(&[t, hq, hd])?;
             let k = linear(batch, &a, &layer.k_proj, None)?.reshape(&[t, hkv, hd])?;
@@ -213,7 +260,14 @@ impl LanguageModel {
             let k = rope(batch, &k, pos, theta)?;
             kv_store(batch, &k, k_cache, pos)?;
             kv_store(batch, &v, v_cache, pos)?;
-            let o = attention(batch, &q, k_cache, v_cache, pos + t, Mask::Causal { q_offset: pos })?;
+            let o = attention(
+                batch,
+                &q,
+                k_cache,
+                v_cache,
+                pos + t,
+                Mask::Causal { q_offset: pos },
+            )?;
             let o = linear(batch, &o.reshape(&[t, hq * hd])?, &layer.o_proj, None)?;
             h = add(batch, &h, &o)?;
             let a = rms_norm(batch, &h, &layer.post_attention_layernorm, eps)?;
@@ -235,12 +289,22 @@ impl LanguageModel {
 
     /// The final norm of [`LanguageModel::forward_last`]'s residual stream.
     pub fn final_norm(&self, batch: &mut Batch, last: &Tensor) -> Result<Tensor> {
-        Ok(rms_norm(batch, last, &self.norm, self.cfg.rms_norm_eps as f32)?)
+        Ok(rms_norm(
+            batch,
+            last,
+            &self.norm,
+            self.cfg.rms_norm_eps as f32,
+        )?)
     }
 
     /// Vocabulary logits `[1, V]` of a final hidden state `[1, D]`.
     pub fn logits(&self, batch: &mut Batch, hidden: &Tensor) -> Result<Tensor> {
-        Ok(linear(batch, hidden, self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None)?)
+        Ok(linear(
+            batch,
+            hidden,
+            self.lm_head.as_ref().unwrap_or(&self.embed_tokens),
+            None,
+        )?)
     }
 }
 
@@ -279,7 +343,12 @@ impl DecodePlan {
     pub fn record_step(&self, batch: &mut Batch, cache: &mut KvCache, index: usize) -> Result<()> {
         let pos = cache.len();
         cache.extend(1)?;
-        let step = Step { pos: pos as u32, kv_len: pos as u32 + 1, index: index as u32, pad: 0 };
+        let step = Step {
+            pos: pos as u32,
+            kv_len: pos as u32 + 1,
+            index: index as u32,
+            pad: 0,
+        };
         self.step.write(batch.gpu(), step);
         batch.run(&self.layers)?;
         Ok(batch.run(&self.head)?)
@@ -296,7 +365,11 @@ impl DecodePlan {
     /// Submits `batch` (ending in a recorded head) with the sampler, and returns its token
     /// (4 bytes read back; the next step embeds it from the GPU) and, with `want_logits`, the
     /// logits it was picked from.
-    pub async fn submit_sampled(&self, batch: Batch<'_>, want_logits: bool) -> Result<(u32, Option<Vec<f32>>)> {
+    pub async fn submit_sampled(
+        &self,
+        batch: Batch<'_>,
+        want_logits: bool,
+    ) -> Result<(u32, Option<Vec<f32>>)> {
         let gpu = batch.gpu();
         self.submit(batch, 0)?;
         let logits = match want_logits {
@@ -344,28 +417,87 @@ impl LanguageModel {
         let act = Tensor::empty(gpu, &[c.intermediate_size], DType::F32)?;
         for (layer, kv) in self.layers.iter().zip(&cache.layers) {
             let rope_theta = c.rope_theta as f32;
-            let qkv = Qkv { k: &layer.k_proj, v: &layer.v_proj, kv, heads: hq, kv_heads: hkv, head_dim: hd, rope_theta };
-            let norm = Norm { weight: &layer.input_layernorm, eps };
-            decode::gemv(&mut b, &step, &h, &layer.q_proj, Some(norm), Epilogue::Qkv(qkv), &q)?;
+            let qkv = Qkv {
+                k: &layer.k_proj,
+                v: &layer.v_proj,
+                kv,
+                heads: hq,
+                kv_heads: hkv,
+                head_dim: hd,
+                rope_theta,
+            };
+            let norm = Norm {
+                weight: &layer.input_layernorm,
+                eps,
+            };
+            decode::gemv(
+                &mut b,
+                &step,
+                &h,
+                &layer.q_proj,
+                Some(norm),
+                Epilogue::Qkv(qkv),
+                &q,
+            )?;
             let o = decode::attend(&mut b, &step, &q, kv, hq, hkv)?;
-            decode::gemv(&mut b, &step, &o, &layer.o_proj, None, Epilogue::Residual, &h)?;
-            let norm = Norm { weight: &layer.post_attention_layernorm, eps };
+            decode::gemv(
+                &mut b,
+                &step,
+                &o,
+                &layer.o_proj,
+                None,
+                Epilogue::Residual,
+                &h,
+            )?;
+            let norm = Norm {
+                weight: &layer.post_attention_layernorm,
+                eps,
+            };
             let silu = Epilogue::SiluMul { up: &layer.up_proj };
             decode::gemv(&mut b, &step, &h, &layer.gate_proj, Some(norm), silu, &act)?;
-            decode::gemv(&mut b, &step, &act, &layer.down_proj, None, Epilogue::Residual, &h)?;
+            decode::gemv(
+                &mut b,
+                &step,
+                &act,
+                &layer.down_proj,
+                None,
+                Epilogue::Residual,
+                &h,
+            )?;
         }
         let layers = b.into_plan()?;
 
         let mut b = gpu.plan();
-        let norm = Norm { weight: &self.norm, eps };
-        decode::gemv(&mut b, &step, &h, self.lm_head(), Some(norm), Epilogue::Store, &logits)?;
+        let norm = Norm {
+            weight: &self.norm,
+            eps,
+        };
+        decode::gemv(
+            &mut b,
+            &step,
+            &h,
+            self.lm_head(),
+            Some(norm),
+            Epilogue::Store,
+            &logits,
+        )?;
         let head = b.into_plan()?;
         let sampler = SamplerState::new(gpu, c.vocab_size)?;
         let mut b = gpu.plan();
         decode::sample(&mut b, &step, &sampler, &logits, &token)?;
         let sample = b.into_plan()?;
         let readback = [Readback::new(gpu, 4)?, Readback::new(gpu, 4)?];
-        Ok(Some(DecodePlan { step, token, h, logits, layers, head, sample, sampler, readback }))
+        Ok(Some(DecodePlan {
+            step,
+            token,
+            h,
+            logits,
+            layers,
+            head,
+            sample,
+            sampler,
+            readback,
+        }))
     }
 
     /// Bytes of weights one decode step reads: every layer's matrices and norms, the final norm
@@ -376,11 +508,18 @@ impl LanguageModel {
             .layers
             .iter()
             .map(|l| {
-                [&l.input_layernorm, &l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.post_attention_layernorm]
-                    .into_iter()
-                    .chain([&l.gate_proj, &l.up_proj, &l.down_proj])
-                    .map(bytes)
-                    .sum::<u64>()
+                [
+                    &l.input_layernorm,
+                    &l.q_proj,
+                    &l.k_proj,
+                    &l.v_proj,
+                    &l.o_proj,
+                    &l.post_attention_layernorm,
+                ]
+                .into_iter()
+                .chain([&l.gate_proj, &l.up_proj, &l.down_proj])
+                .map(bytes)
+                .sum::<u64>()
             })
             .sum();
         layers + bytes(&self.norm) + bytes(self.lm_head())

@@ -50,7 +50,10 @@ impl NpyElement for u8 {
 }
 
 /// Encodes an array as `.npy` bytes.
-pub fn to_bytes<T: NpyElement>(shape: &[usize], data: &[T]) -> std::result::Result<Vec<u8>, String> {
+pub fn to_bytes<T: NpyElement>(
+    shape: &[usize],
+    data: &[T],
+) -> std::result::Result<Vec<u8>, String> {
     let numel: usize = shape.iter().product();
     if numel != data.len() {
         return Err(format!(
@@ -62,7 +65,11 @@ pub fn to_bytes<T: NpyElement>(shape: &[usize], data: &[T]) -> std::result::Resu
         [single] => format!("({single},)"),
         _ => format!(
             "({})",
-            shape.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")
+            shape
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     };
     let mut header = format!(
@@ -73,8 +80,8 @@ pub fn to_bytes<T: NpyElement>(shape: &[usize], data: &[T]) -> std::result::Resu
     let unpadded = MAGIC.len() + 2 + 2 + header.len() + 1;
     header.push_str(&" ".repeat(unpadded.next_multiple_of(64) - unpadded));
     header.push('\n');
-    let header_len =
-        u16::try_from(header.len()).map_err(|_| format!("shape {shape:?} makes too long a header"))?;
+    let header_len = u16::try_from(header.len())
+        .map_err(|_| format!("shape {shape:?} makes too long a header"))?;
     let mut out = Vec::with_capacity(MAGIC.len() + 4 + header.len() + data.len() * T::SIZE);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&[1, 0]);
@@ -87,7 +94,9 @@ pub fn to_bytes<T: NpyElement>(shape: &[usize], data: &[T]) -> std::result::Resu
 }
 
 /// Decodes `.npy` bytes of element type `T`: `(shape, data)`.
-pub fn from_bytes<T: NpyElement>(bytes: &[u8]) -> std::result::Result<(Vec<usize>, Vec<T>), String> {
+pub fn from_bytes<T: NpyElement>(
+    bytes: &[u8],
+) -> std::result::Result<(Vec<usize>, Vec<T>), String> {
     if bytes.len() < 10 || &bytes[..6] != MAGIC {
         return Err("not an .npy file (bad magic)".into());
     }
@@ -121,7 +130,10 @@ pub fn from_bytes<T: NpyElement>(bytes: &[u8]) -> std::result::Result<(Vec<usize
         .split(',')
         .map(str::trim)
         .filter(|d| !d.is_empty())
-        .map(|d| d.parse::<usize>().map_err(|_| format!("bad shape {shape_text}")))
+        .map(|d| {
+            d.parse::<usize>()
+                .map_err(|_| format!("bad shape {shape_text}"))
+        })
         .collect::<std::result::Result<Vec<_>, _>>()?;
     let numel = shape
         .iter()
@@ -135,7 +147,10 @@ pub fn from_bytes<T: NpyElement>(bytes: &[u8]) -> std::result::Result<(Vec<usize
             payload.len()
         ));
     }
-    Ok((shape, payload.chunks_exact(T::SIZE).map(T::read_le).collect()))
+    Ok((
+        shape,
+        payload.chunks_exact(T::SIZE).map(T::read_le).collect(),
+    ))
 }
 
 /// The text of `key`'s value in numpy's Python-literal header dict (tuples kept whole).
@@ -203,7 +218,10 @@ mod tests {
         // np.arange(12, dtype=f32).reshape(2, 3, 2) * 0.5 - 1.25, saved by numpy 2.4.
         let (shape, data) = read_f32(data_file("numpy_f32_2x3x2.npy")).unwrap();
         assert_eq!(shape, [2, 3, 2]);
-        assert_eq!(data, (0..12).map(|i| i as f32 * 0.5 - 1.25).collect::<Vec<_>>());
+        assert_eq!(
+            data,
+            (0..12).map(|i| i as f32 * 0.5 - 1.25).collect::<Vec<_>>()
+        );
 
         let (shape, bytes) = read::<u8>(data_file("numpy_u8_5.npy")).unwrap();
         assert_eq!((shape, bytes), (vec![5], vec![0, 1, 127, 128, 255]));
@@ -229,7 +247,10 @@ mod tests {
         write_to(&mut buffer, &[4], &[9u32, 8, 7, 6]).unwrap();
         // magic (6) + version (2) + length (2) + dict (57) + newline = 68, padded to 128.
         assert_eq!(buffer.len(), 128 + 16);
-        assert_eq!(from_bytes::<u32>(&buffer).unwrap(), (vec![4], vec![9, 8, 7, 6]));
+        assert_eq!(
+            from_bytes::<u32>(&buffer).unwrap(),
+            (vec![4], vec![9, 8, 7, 6])
+        );
 
         let scalar = to_bytes::<u8>(&[], &[42]).unwrap();
         assert_eq!(from_bytes::<u8>(&scalar).unwrap(), (vec![], vec![42]));

@@ -21,10 +21,10 @@ use std::fs::File;
 use std::io::Read;
 use std::path::PathBuf;
 
-use crate::checkpoint::{INDEX_FILE, SINGLE_FILE, ShardIndex};
 use crate::error::{ModelError, Result};
-use crate::loader::{CHUNK_BYTES, Progress, WeightLoader};
-use crate::manifest::{MANIFEST_FILE, Manifest};
+use crate::files::checkpoint::{INDEX_FILE, SINGLE_FILE, ShardIndex};
+use crate::files::loader::{CHUNK_BYTES, Progress, WeightLoader};
+use crate::files::manifest::{MANIFEST_FILE, Manifest};
 
 /// A checkpoint folder's files, by name relative to the folder (`config.json`,
 /// `model-00001-of-00002.safetensors`, `tower/config.json`).
@@ -168,8 +168,16 @@ impl ModelSource for DirSource {
     async fn open_shard(&self, file: &str) -> Result<FileShard> {
         let path = self.dir.join(file);
         let handle = File::open(&path).map_err(|e| ModelError::io(&path, e))?;
-        let size = handle.metadata().map_err(|e| ModelError::io(&path, e))?.len();
-        Ok(FileShard { path, file: handle, size, buffer: vec![0; CHUNK_BYTES] })
+        let size = handle
+            .metadata()
+            .map_err(|e| ModelError::io(&path, e))?
+            .len();
+        Ok(FileShard {
+            path,
+            file: handle,
+            size,
+            buffer: vec![0; CHUNK_BYTES],
+        })
     }
 }
 
@@ -204,7 +212,11 @@ pub enum Layout {
     Converted(Manifest),
     /// HuggingFace safetensors: the shard files (none when the folder has none), when known up
     /// front their total bytes, and the index that listed them (checked against the shards).
-    Checkpoint { shards: Vec<String>, bytes_total: Option<u64>, index: Option<ShardIndex> },
+    Checkpoint {
+        shards: Vec<String>,
+        bytes_total: Option<u64>,
+        index: Option<ShardIndex>,
+    },
 }
 
 /// What the caller already knows of the layout (a URL that names `manifest.json`).
@@ -226,7 +238,9 @@ pub(crate) async fn read_text<S: ModelSource>(
     if optional && listed == Some(false) {
         return Ok(None);
     }
-    let Some(bytes) = source.read(file, optional).await? else { return Ok(None) };
+    let Some(bytes) = source.read(file, optional).await? else {
+        return Ok(None);
+    };
     String::from_utf8(bytes)
         .map(Some)
         .map_err(|_| ModelError::config(source.locate(file), "is not UTF-8 text"))
@@ -241,19 +255,29 @@ pub async fn find_layout<S: ModelSource>(source: &S, hint: LayoutHint) -> Result
         })
     };
     if hint == LayoutHint::Converted {
-        let text = read_text(source, MANIFEST_FILE, None, false).await?.unwrap_or_default();
+        let text = read_text(source, MANIFEST_FILE, None, false)
+            .await?
+            .unwrap_or_default();
         return Ok(Layout::Converted(manifest(text)?));
     }
     if let Some(text) = read_text(source, INDEX_FILE, source.has(INDEX_FILE), true).await? {
         let index = ShardIndex::parse(&text, &source.locate(INDEX_FILE))?;
         let sizes: Option<u64> = index.files.iter().map(|f| source.size(f)).sum();
-        return Ok(Layout::Checkpoint { bytes_total: sizes.or(index.total_size), shards: index.files.clone(), index: Some(index) });
+        return Ok(Layout::Checkpoint {
+            bytes_total: sizes.or(index.total_size),
+            shards: index.files.clone(),
+            index: Some(index),
+        });
     }
     if let Some(text) = read_text(source, MANIFEST_FILE, source.has(MANIFEST_FILE), true).await? {
         return Ok(Layout::Converted(manifest(text)?));
     }
     if source.has(SINGLE_FILE) != Some(false) {
-        return Ok(Layout::Checkpoint { shards: vec![SINGLE_FILE.into()], bytes_total: source.size(SINGLE_FILE), index: None });
+        return Ok(Layout::Checkpoint {
+            shards: vec![SINGLE_FILE.into()],
+            bytes_total: source.size(SINGLE_FILE),
+            index: None,
+        });
     }
     // None at all is reported once the config has been read (a folder without config.json is
     // told of that first).
@@ -264,12 +288,19 @@ pub async fn find_layout<S: ModelSource>(source: &S, hint: LayoutHint) -> Result
         .filter(|name| name.ends_with(".safetensors"))
         .collect();
     let bytes_total = shards.iter().map(|f| source.size(f)).sum();
-    Ok(Layout::Checkpoint { shards, bytes_total, index: None })
+    Ok(Layout::Checkpoint {
+        shards,
+        bytes_total,
+        index: None,
+    })
 }
 
 /// The error for a folder without weights.
 pub(crate) fn no_shards<S: ModelSource>(source: &S) -> ModelError {
-    ModelError::checkpoint(source.location(), "no model.safetensors, index or *.safetensors file")
+    ModelError::checkpoint(
+        source.location(),
+        "no model.safetensors, index or *.safetensors file",
+    )
 }
 
 /// Streams each shard through `loader`, chunk by chunk, reporting progress after each chunk.

@@ -17,15 +17,17 @@ use llava_gpu::quant::QuantMatrix;
 use llava_gpu::{DType, Gpu, Tensor};
 use sha2::{Digest, Sha256};
 
-use crate::checkpoint::{
-    Dtype, HostTensor, SafetensorsEntry, ShardIndex, StoredDtype, canonical_name, checked_numel, header_len,
-    is_ignorable, not_part_of_the_model, parse_header,
-};
 use crate::error::{ModelError, Result};
-use crate::manifest::{MANIFEST_FILE, Manifest, QWEIGHT_SUFFIX, SCALES_SUFFIX, Storage, hex};
-use crate::weights::{WeightPrecision, Weights};
+use crate::files::checkpoint::{
+    Dtype, HostTensor, SafetensorsEntry, ShardIndex, StoredDtype, canonical_name, checked_numel,
+    header_len, is_ignorable, not_part_of_the_model, parse_header,
+};
+use crate::files::manifest::{
+    MANIFEST_FILE, Manifest, QWEIGHT_SUFFIX, SCALES_SUFFIX, Storage, hex,
+};
+use crate::files::weights::{WeightPrecision, Weights};
 
-/// Bytes read from a shard file at a time ([`crate::source::DirSource`]).
+/// Bytes read from a shard file at a time ([`crate::files::source::DirSource`]).
 pub const CHUNK_BYTES: usize = 4 << 20;
 
 /// What a load is doing.
@@ -85,8 +87,18 @@ pub struct WeightLoader<'g> {
 
 impl<'g> WeightLoader<'g> {
     /// A loader for a checkpoint whose shards add up to `bytes_total` bytes (0 if unknown).
-    pub fn checkpoint(gpu: &'g Gpu, precision: WeightPrecision, location: &str, bytes_total: u64) -> Self {
-        WeightLoader::new(gpu, WeightFormat::Checkpoint(precision), location, bytes_total)
+    pub fn checkpoint(
+        gpu: &'g Gpu,
+        precision: WeightPrecision,
+        location: &str,
+        bytes_total: u64,
+    ) -> Self {
+        WeightLoader::new(
+            gpu,
+            WeightFormat::Checkpoint(precision),
+            location,
+            bytes_total,
+        )
     }
 
     /// A loader for the shards of a converted folder (read in any order, each exactly once).
@@ -133,11 +145,21 @@ impl<'g> WeightLoader<'g> {
         let expected = match &self.uploads.format {
             WeightFormat::Checkpoint(_) => size,
             WeightFormat::Converted(manifest) => {
-                let entry = manifest.shards.iter().find(|s| s.file == file).ok_or_else(|| {
-                    ModelError::checkpoint(&path, format!("is not a shard listed in {MANIFEST_FILE}"))
-                })?;
+                let entry = manifest
+                    .shards
+                    .iter()
+                    .find(|s| s.file == file)
+                    .ok_or_else(|| {
+                        ModelError::checkpoint(
+                            &path,
+                            format!("is not a shard listed in {MANIFEST_FILE}"),
+                        )
+                    })?;
                 if let Some(size) = size.filter(|&s| s != entry.bytes) {
-                    return Err(ModelError::checkpoint(&path, size_mismatch(size, entry.bytes)));
+                    return Err(ModelError::checkpoint(
+                        &path,
+                        size_mismatch(size, entry.bytes),
+                    ));
                 }
                 Some(entry.bytes)
             }
@@ -151,10 +173,9 @@ impl<'g> WeightLoader<'g> {
 
     /// The next bytes of the current shard.
     pub fn push(&mut self, chunk: &[u8]) -> Result<()> {
-        let shard = self
-            .shard
-            .as_mut()
-            .ok_or_else(|| ModelError::checkpoint(&self.location, "bytes pushed outside a shard"))?;
+        let shard = self.shard.as_mut().ok_or_else(|| {
+            ModelError::checkpoint(&self.location, "bytes pushed outside a shard")
+        })?;
         shard.push(chunk, &mut self.uploads)?;
         self.bytes_done += chunk.len() as u64;
         Ok(())
@@ -182,7 +203,9 @@ impl<'g> WeightLoader<'g> {
             }
             let (digest, sha256) = (shard.finish()?, entry.sha256.clone());
             if !digest.eq_ignore_ascii_case(&sha256) {
-                let msg = format!("SHA-256 {digest} does not match the manifest's {sha256} (corrupt file?)");
+                let msg = format!(
+                    "SHA-256 {digest} does not match the manifest's {sha256} (corrupt file?)"
+                );
                 return Err(ModelError::checkpoint(&path, msg));
             }
         } else {
@@ -209,12 +232,21 @@ impl<'g> WeightLoader<'g> {
     /// Checks a checkpoint's `model.safetensors.index.json` (named `path` in errors) against
     /// the shards read: each tensor of the model it lists must have been in the shard it names.
     pub fn check_index(&self, index: &ShardIndex, path: &str) -> Result<()> {
-        let shard_of: BTreeMap<&str, &str> =
-            self.uploads.origin.values().map(|(name, shard)| (name.as_str(), shard.as_str())).collect();
+        let shard_of: BTreeMap<&str, &str> = self
+            .uploads
+            .origin
+            .values()
+            .map(|(name, shard)| (name.as_str(), shard.as_str()))
+            .collect();
         for (name, &file) in &index.file_of {
             let listed = &index.files[file];
-            if canonical_name(name).is_some() && shard_of.get(name.as_str()) != Some(&listed.as_str()) {
-                let msg = format!("lists `{name}` in {} but that file does not contain it", join(&self.location, listed));
+            if canonical_name(name).is_some()
+                && shard_of.get(name.as_str()) != Some(&listed.as_str())
+            {
+                let msg = format!(
+                    "lists `{name}` in {} but that file does not contain it",
+                    join(&self.location, listed)
+                );
                 return Err(ModelError::checkpoint(path, msg));
             }
         }
@@ -231,9 +263,15 @@ impl<'g> WeightLoader<'g> {
             ));
         }
         if let WeightFormat::Converted(manifest) = &self.uploads.format
-            && let Some(missing) = manifest.shards.iter().find(|s| !self.loaded.contains(&s.file))
+            && let Some(missing) = manifest
+                .shards
+                .iter()
+                .find(|s| !self.loaded.contains(&s.file))
         {
-            let msg = format!("shard {} listed in {MANIFEST_FILE} was not loaded", missing.file);
+            let msg = format!(
+                "shard {} listed in {MANIFEST_FILE} was not loaded",
+                missing.file
+            );
             return Err(ModelError::checkpoint(&self.location, msg));
         }
         Ok(self.uploads.weights)
@@ -362,7 +400,8 @@ impl ShardStream {
                 continue;
             }
             if self.current.is_empty() {
-                self.current.reserve_exact((entry.end - entry.start) as usize);
+                self.current
+                    .reserve_exact((entry.end - entry.start) as usize);
             }
             self.current.extend_from_slice(bytes);
             if take as u64 == need {
@@ -403,7 +442,8 @@ impl ShardStream {
         let Some(prefix) = self.header.get(..8) else {
             return Ok(None);
         };
-        let len = header_len(prefix.try_into().expect("8 bytes"), size).map_err(|msg| self.fail(msg))?;
+        let len =
+            header_len(prefix.try_into().expect("8 bytes"), size).map_err(|msg| self.fail(msg))?;
         Ok(Some(8 + len as usize))
     }
 
@@ -469,7 +509,10 @@ impl Uploads<'_> {
         ModelError::checkpoint(&self.path, msg)
     }
 
-    fn checkpoint_header(&mut self, entries: Vec<SafetensorsEntry>) -> Result<Vec<SafetensorsEntry>> {
+    fn checkpoint_header(
+        &mut self,
+        entries: Vec<SafetensorsEntry>,
+    ) -> Result<Vec<SafetensorsEntry>> {
         let mut unknown = Vec::new();
         let mut wanted = Vec::new();
         for entry in entries {
@@ -490,7 +533,10 @@ impl Uploads<'_> {
             };
             if let Some((other, file)) = self.origin.get(&canonical) {
                 let msg = if *other == entry.name {
-                    format!("tensor `{other}` is stored in both {file} and {}", self.file)
+                    format!(
+                        "tensor `{other}` is stored in both {file} and {}",
+                        self.file
+                    )
                 } else {
                     format!(
                         "tensors `{other}` ({file}) and `{}` both map to `{canonical}`",
@@ -511,7 +557,10 @@ impl Uploads<'_> {
         Ok(wanted)
     }
 
-    fn converted_header(&mut self, entries: Vec<SafetensorsEntry>) -> Result<Vec<SafetensorsEntry>> {
+    fn converted_header(
+        &mut self,
+        entries: Vec<SafetensorsEntry>,
+    ) -> Result<Vec<SafetensorsEntry>> {
         let WeightFormat::Converted(manifest) = &self.format else {
             unreachable!("called for converted folders")
         };
@@ -526,10 +575,11 @@ impl Uploads<'_> {
         let mut roles = Vec::new();
         let mut held = Vec::new();
         for name in &shard.tensors {
-            let kind =
-                manifest.quant.tensors.get(name).ok_or_else(|| {
-                    self.fail(format!("tensor {name} has no storage kind in {MANIFEST_FILE}"))
-                })?;
+            let kind = manifest.quant.tensors.get(name).ok_or_else(|| {
+                self.fail(format!(
+                    "tensor {name} has no storage kind in {MANIFEST_FILE}"
+                ))
+            })?;
             match *kind {
                 Storage::F32 | Storage::F16 => {
                     let dtype = kind.gpu_dtype();
@@ -562,7 +612,9 @@ impl Uploads<'_> {
                         return Err(self.fail(msg));
                     }
                     let &[rows, packed] = &qshape[..] else {
-                        return Err(self.fail(format!("tensor {qname} has shape {qshape:?}, expected 2-D")));
+                        return Err(
+                            self.fail(format!("tensor {qname} has shape {qshape:?}, expected 2-D"))
+                        );
                     };
                     let group = kind.gpu_dtype().group_size();
                     let cols = kind.cols_from_packed(packed).unwrap_or(0);
@@ -650,7 +702,8 @@ impl ShardSink for Uploads<'_> {
 
     fn tensor(&mut self, entry: SafetensorsEntry, bytes: Cow<'_, [u8]>) -> Result<()> {
         let name = entry.name.clone();
-        self.upload(entry, bytes).map_err(|e| self.upload_failed(&name, e))
+        self.upload(entry, bytes)
+            .map_err(|e| self.upload_failed(&name, e))
     }
 }
 
@@ -679,7 +732,8 @@ impl Uploads<'_> {
                     dtype,
                     bytes: bytes.into_owned(),
                 };
-                self.weights.insert(self.gpu, &canonical, &host, precision)?;
+                self.weights
+                    .insert(self.gpu, &canonical, &host, precision)?;
             }
             Role::Stored { name, dtype } => {
                 let tensor = Tensor::from_bytes(self.gpu, &entry.info.shape, dtype, &bytes)?;
@@ -710,8 +764,8 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::checkpoint::Checkpoint;
-    use crate::manifest::sha256_hex;
+    use crate::files::checkpoint::Checkpoint;
+    use crate::files::manifest::sha256_hex;
 
     const MISTRAL: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -743,7 +797,8 @@ mod tests {
                 &[65_537, 1 << 20, usize::MAX]
             };
             for &size in sizes {
-                let mut stream = ShardStream::new(path.display().to_string(), Some(bytes.len() as u64));
+                let mut stream =
+                    ShardStream::new(path.display().to_string(), Some(bytes.len() as u64));
                 let mut sink = Recording::default();
                 for chunk in bytes.chunks(size.min(bytes.len())) {
                     stream.push(chunk, &mut sink).unwrap();
@@ -813,7 +868,12 @@ mod tests {
         file
     }
 
-    fn push_shard(loader: &mut WeightLoader<'_>, file: &str, bytes: &[u8], chunk: usize) -> Result<()> {
+    fn push_shard(
+        loader: &mut WeightLoader<'_>,
+        file: &str,
+        bytes: &[u8],
+        chunk: usize,
+    ) -> Result<()> {
         loader.begin_shard(file, Some(bytes.len() as u64))?;
         for part in bytes.chunks(chunk) {
             loader.push(part)?;
@@ -824,7 +884,10 @@ mod tests {
     #[test]
     fn checkpoint_shards_reject_unknown_and_repeated_tensors() {
         let norm: &[f32] = &[1.0, 2.0, 3.0];
-        let unknown = safetensors(&[("model.norm.weight", norm), ("text_projection.weight", norm)]);
+        let unknown = safetensors(&[
+            ("model.norm.weight", norm),
+            ("text_projection.weight", norm),
+        ]);
         let mut loader = WeightLoader::checkpoint(gpu(), WeightPrecision::Native, "remote/", 0);
         let msg = push_shard(&mut loader, "a.safetensors", &unknown, 5)
             .unwrap_err()
@@ -887,7 +950,10 @@ mod tests {
         let norm_t = weights.take("model.norm.weight", &[4]).unwrap();
         assert_eq!(pollster::block_on(norm_t.to_f32(gpu())).unwrap(), norm);
         let newline_t = weights.take("image_newline", &[2]).unwrap();
-        assert_eq!(pollster::block_on(newline_t.to_f32(gpu())).unwrap(), newline);
+        assert_eq!(
+            pollster::block_on(newline_t.to_f32(gpu())).unwrap(),
+            newline
+        );
     }
 
     fn manifest_for(shards: &[(&str, &[u8], &[&str])]) -> Manifest {
@@ -896,8 +962,8 @@ mod tests {
             .flat_map(|(_, _, names)| names.iter().map(|n| (*n, "f32")))
             .collect();
         let json = json!({
-            "format": crate::manifest::FORMAT_NAME,
-            "version": crate::manifest::FORMAT_VERSION,
+            "format": crate::files::manifest::FORMAT_NAME,
+            "version": crate::files::manifest::FORMAT_VERSION,
             "config": {},
             "files": [],
             "quant": {"precision": "f32", "group_sizes": Storage::group_sizes(), "tensors": tensors},
@@ -955,7 +1021,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            msg.contains(&format!("{} bytes, the manifest says {}", a.len() - 4, a.len())),
+            msg.contains(&format!(
+                "{} bytes, the manifest says {}",
+                a.len() - 4,
+                a.len()
+            )),
             "{msg}"
         );
         let mut loader = WeightLoader::converted(gpu(), manifest.clone(), "dir");
@@ -977,7 +1047,10 @@ mod tests {
         );
 
         // A tensor the manifest does not list for the shard.
-        let extra = safetensors(&[("model.norm.weight", &[1.0, 2.0]), ("lm_head.weight", &[0.0])]);
+        let extra = safetensors(&[
+            ("model.norm.weight", &[1.0, 2.0]),
+            ("lm_head.weight", &[0.0]),
+        ]);
         let manifest = manifest_for(&[("a.safetensors", &extra, &["model.norm.weight"])]);
         let mut loader = WeightLoader::converted(gpu(), manifest, "dir");
         let msg = push_shard(&mut loader, "a.safetensors", &extra, 9)
@@ -997,8 +1070,8 @@ mod tests {
         file.extend_from_slice(&json);
         file.extend_from_slice(&[0; 6]);
         let manifest = json!({
-            "format": crate::manifest::FORMAT_NAME,
-            "version": crate::manifest::FORMAT_VERSION,
+            "format": crate::files::manifest::FORMAT_NAME,
+            "version": crate::files::manifest::FORMAT_VERSION,
             "config": {},
             "files": [],
             "quant": {"precision": "q8", "group_sizes": Storage::group_sizes(), "tensors": {"lm_head.weight": "q8"}},
@@ -1006,9 +1079,12 @@ mod tests {
         });
         let manifest = Manifest::from_json(&manifest.to_string()).unwrap();
         let mut loader = WeightLoader::converted(gpu(), manifest, "dir");
-        let msg = push_shard(&mut loader, "a.safetensors", &file, 7).unwrap_err().to_string();
+        let msg = push_shard(&mut loader, "a.safetensors", &file, 7)
+            .unwrap_err()
+            .to_string();
         assert!(
-            msg.contains("dir/a.safetensors") && msg.contains("lm_head.weight.qweight: 4 bytes for U8 shape"),
+            msg.contains("dir/a.safetensors")
+                && msg.contains("lm_head.weight.qweight: 4 bytes for U8 shape"),
             "{msg}"
         );
     }

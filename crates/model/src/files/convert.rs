@@ -15,14 +15,14 @@ use llava_gpu::quant;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::checkpoint::{Checkpoint, Dtype, StoredDtype};
-use crate::config::LlavaConfig;
 use crate::error::{ModelError, Result};
-use crate::manifest::{
+use crate::files::checkpoint::{Checkpoint, Dtype, StoredDtype};
+use crate::files::config::LlavaConfig;
+use crate::files::manifest::{
     FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, Manifest, QWEIGHT_SUFFIX, QuantScheme,
     SCALES_SUFFIX, ShardEntry, Storage, hex, precision_name, sha256_hex,
 };
-use crate::weights::{KeepOptions, WeightPrecision, storage_dtype_keeping};
+use crate::files::weights::{KeepOptions, WeightPrecision, storage_dtype_keeping};
 
 /// Default shard size: 64 MiB.
 pub const DEFAULT_SHARD_BYTES: u64 = 64 << 20;
@@ -56,18 +56,8 @@ impl PlannedTensor {
         // In u64: sizes from a validated config fit it, but not a 32-bit usize (wasm).
         let numel: u64 = self.shape.iter().map(|&d| d as u64).product();
         match self.storage {
-            Storage::F32 => vec![(
-                self.name.clone(),
-                "F32",
-                self.shape.clone(),
-                4 * numel,
-            )],
-            Storage::F16 => vec![(
-                self.name.clone(),
-                "F16",
-                self.shape.clone(),
-                2 * numel,
-            )],
+            Storage::F32 => vec![(self.name.clone(), "F32", self.shape.clone(), 4 * numel)],
+            Storage::F16 => vec![(self.name.clone(), "F16", self.shape.clone(), 2 * numel)],
             Storage::Q8 | Storage::Q6 | Storage::Q4 => {
                 let (rows, cols) = (self.shape[0], self.shape[1]);
                 let dtype = self.storage.gpu_dtype();
@@ -366,7 +356,9 @@ pub fn plan_checkpoint(
 /// same config.
 fn local_tower_config(config: &Value, input: &Path) -> Option<String> {
     let tower = config.get("mm_vision_tower")?.as_str()?;
-    let inside = Path::new(tower).components().all(|c| matches!(c, std::path::Component::Normal(_)));
+    let inside = Path::new(tower)
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)));
     let file = format!("{tower}/config.json");
     (inside && input.join(&file).is_file()).then_some(file)
 }
@@ -469,13 +461,22 @@ fn files_sha256(output: &Path, files: &[String]) -> Result<BTreeMap<String, Stri
 /// files this input does not have (a stale `chat_template.jinja` would be read as this model's).
 fn clear_previous_conversion(input: &Path, output: &Path) -> Result<()> {
     let manifest_path = output.join(MANIFEST_FILE);
-    let Ok(text) = std::fs::read_to_string(&manifest_path) else { return Ok(()) };
+    let Ok(text) = std::fs::read_to_string(&manifest_path) else {
+        return Ok(());
+    };
     std::fs::remove_file(&manifest_path).map_err(|e| ModelError::io(&manifest_path, e))?;
     // Read leniently: a manifest of another version still names its shards.
     let previous: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-    let shards = previous["shards"].as_array().into_iter().flatten().filter_map(|s| s["file"].as_str());
+    let shards = previous["shards"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["file"].as_str());
     let plain = |name: &&str| Path::new(name).components().count() == 1 && !name.starts_with('.');
-    let copied = COPIED_FILES.iter().copied().filter(|name| !input.join(name).is_file());
+    let copied = COPIED_FILES
+        .iter()
+        .copied()
+        .filter(|name| !input.join(name).is_file());
     for name in shards.filter(plain).chain(copied) {
         let path = output.join(name);
         if path.is_file() {

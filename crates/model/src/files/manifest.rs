@@ -1,7 +1,7 @@
 //! The converted-model format (docs/converted-format.md): a `manifest.json` next to safetensors
 //! shards that store each tensor in the layout the GPU reads (f32, f16, or Q8/Q6/Q4 as a packed
 //! `<name>.qweight` U8 tensor plus `<name>.scales` F16 `[rows, cols / group]`), so loading is a
-//! plain upload. This module reads and checks manifests; [`crate::loader`] streams the shards.
+//! plain upload. This module reads and checks manifests; [`crate::files::loader`] streams the shards.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -12,7 +12,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::error::{ModelError, Result};
-use crate::weights::WeightPrecision;
+use crate::files::weights::WeightPrecision;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const FORMAT_NAME: &str = "llava-webgpu";
@@ -73,7 +73,9 @@ impl Storage {
     pub fn cols_from_packed(self, packed: usize) -> Option<usize> {
         match self {
             Storage::Q8 => Some(packed),
-            Storage::Q6 => (packed % 3 == 0).then(|| (packed / 3).checked_mul(4)).flatten(),
+            Storage::Q6 => (packed % 3 == 0)
+                .then(|| (packed / 3).checked_mul(4))
+                .flatten(),
             Storage::Q4 => packed.checked_mul(2),
             Storage::F32 | Storage::F16 => None,
         }
@@ -203,8 +205,15 @@ impl Manifest {
                 }
             }
         }
-        if self.shards.iter().try_fold(0u64, |total, s| total.checked_add(s.bytes)).is_none() {
-            return Err(bad("the shard sizes (`shards[].bytes`) add up to more than 2^64 bytes".into()));
+        if self
+            .shards
+            .iter()
+            .try_fold(0u64, |total, s| total.checked_add(s.bytes))
+            .is_none()
+        {
+            return Err(bad(
+                "the shard sizes (`shards[].bytes`) add up to more than 2^64 bytes".into(),
+            ));
         }
         if let Some(name) = self
             .quant
@@ -270,14 +279,26 @@ mod tests {
 
     #[test]
     fn shard_sizes_that_overflow_are_refused() {
-        let shard = |file: &str, bytes: u64, tensor: &str| {
-            json!({"file": file, "bytes": bytes, "sha256": "00", "tensors": [tensor]})
-        };
-        let ok = manifest(json!([shard("a.safetensors", 8, "a"), shard("b.safetensors", 16, "b")]));
-        assert_eq!(Manifest::from_json(&ok.to_string()).unwrap().total_bytes(), 24);
-        let wraps = manifest(json!([shard("a.safetensors", u64::MAX, "a"), shard("b.safetensors", 2, "b")]));
-        let msg = Manifest::from_json(&wraps.to_string()).unwrap_err().to_string();
-        assert!(msg.starts_with("manifest.json: ") && msg.contains("`shards[].bytes`"), "{msg}");
+        let shard = |file: &str, bytes: u64, tensor: &str| json!({"file": file, "bytes": bytes, "sha256": "00", "tensors": [tensor]});
+        let ok = manifest(json!([
+            shard("a.safetensors", 8, "a"),
+            shard("b.safetensors", 16, "b")
+        ]));
+        assert_eq!(
+            Manifest::from_json(&ok.to_string()).unwrap().total_bytes(),
+            24
+        );
+        let wraps = manifest(json!([
+            shard("a.safetensors", u64::MAX, "a"),
+            shard("b.safetensors", 2, "b")
+        ]));
+        let msg = Manifest::from_json(&wraps.to_string())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("manifest.json: ") && msg.contains("`shards[].bytes`"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -3,53 +3,12 @@
 use llava_gpu::ops::attention::{Mask, attention};
 use llava_gpu::ops::conv::patch_embed;
 use llava_gpu::ops::elementwise::{add, quick_gelu};
-use llava_gpu::ops::matmul::linear;
-use llava_gpu::ops::norm::layer_norm;
 use llava_gpu::{Batch, DType, Tensor};
 
-use crate::config::VisionConfig;
+use super::layers::{LayerNorm, Linear};
 use crate::error::{ModelError, Result};
-use crate::weights::Weights;
-
-/// A Linear layer: weight `[out, in]` and optional bias `[out]`.
-pub struct Linear {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
-}
-
-impl Linear {
-    pub fn load(w: &mut Weights, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        Ok(Linear {
-            weight: w.take(&format!("{prefix}.weight"), &[out, inp])?,
-            bias: if bias { Some(w.take(&format!("{prefix}.bias"), &[out])?) } else { None },
-        })
-    }
-
-    pub fn forward(&self, batch: &mut Batch, x: &Tensor) -> Result<Tensor> {
-        Ok(linear(batch, x, &self.weight, self.bias.as_ref())?)
-    }
-}
-
-/// LayerNorm with weight and bias.
-pub struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f32,
-}
-
-impl LayerNorm {
-    fn load(w: &mut Weights, prefix: &str, dim: usize, eps: f32) -> Result<LayerNorm> {
-        Ok(LayerNorm {
-            weight: w.take(&format!("{prefix}.weight"), &[dim])?,
-            bias: w.take(&format!("{prefix}.bias"), &[dim])?,
-            eps,
-        })
-    }
-
-    fn forward(&self, batch: &mut Batch, x: &Tensor) -> Result<Tensor> {
-        Ok(layer_norm(batch, x, &self.weight, &self.bias, self.eps)?)
-    }
-}
+use crate::files::config::VisionConfig;
+use crate::files::weights::Weights;
 
 struct EncoderLayer {
     layer_norm1: LayerNorm,
@@ -64,7 +23,11 @@ struct EncoderLayer {
 
 impl EncoderLayer {
     fn load(w: &mut Weights, prefix: &str, cfg: &VisionConfig) -> Result<Self> {
-        let (d, m, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps as f32);
+        let (d, m, eps) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.layer_norm_eps as f32,
+        );
         let attn = format!("{prefix}.self_attn");
         Ok(EncoderLayer {
             layer_norm1: LayerNorm::load(w, &format!("{prefix}.layer_norm1"), d, eps)?,
@@ -112,9 +75,15 @@ impl VisionTower {
     /// second-to-last layer), an index into CLIP's hidden states, where index 0 is the embeddings.
     pub fn load(w: &mut Weights, cfg: &VisionConfig, feature_layer: i64) -> Result<VisionTower> {
         let n = cfg.num_hidden_layers as i64;
-        let used = if feature_layer < 0 { n + 1 + feature_layer } else { feature_layer };
+        let used = if feature_layer < 0 {
+            n + 1 + feature_layer
+        } else {
+            feature_layer
+        };
         if !(0..=n).contains(&used) {
-            let msg = format!("vision_feature_layer {feature_layer} is outside the {n}-layer vision tower");
+            let msg = format!(
+                "vision_feature_layer {feature_layer} is outside the {n}-layer vision tower"
+            );
             return Err(ModelError::config("config.json", msg));
         }
         let (d, p) = (cfg.hidden_size, cfg.patch_size);
@@ -123,8 +92,14 @@ impl VisionTower {
         Ok(VisionTower {
             patch_embedding: w.take(&format!("{e}.patch_embedding.weight"), &[d, 3, p, p])?,
             class_embedding: w.take(&format!("{e}.class_embedding"), &[d])?,
-            position_embedding: w.take(&format!("{e}.position_embedding.weight"), &[positions, d])?,
-            pre_layernorm: LayerNorm::load(w, "vision_model.pre_layrnorm", d, cfg.layer_norm_eps as f32)?,
+            position_embedding: w
+                .take(&format!("{e}.position_embedding.weight"), &[positions, d])?,
+            pre_layernorm: LayerNorm::load(
+                w,
+                "vision_model.pre_layrnorm",
+                d,
+                cfg.layer_norm_eps as f32,
+            )?,
             layers: (0..used as usize)
                 .map(|i| EncoderLayer::load(w, &format!("vision_model.encoder.layers.{i}"), cfg))
                 .collect::<Result<_>>()?,

@@ -26,15 +26,20 @@ const METASPACE: &str = "\u{2581}";
 /// pre-tokenizer ("first", "always" with `legacy: true`, "never" with `add_prefix_space: false`)
 /// and the decoder (stripping one leading space unless `add_prefix_space: false`).
 pub(crate) fn llama_tokenizer_spaces(config: &Value) -> (Value, Value) {
-    let add_prefix_space = config.get("add_prefix_space").and_then(Value::as_bool).unwrap_or(true);
-    let legacy = config.get("legacy").and_then(Value::as_bool).unwrap_or(false);
+    let add_prefix_space = config
+        .get("add_prefix_space")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+    let legacy = config
+        .get("legacy")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let prepend_scheme = match (add_prefix_space, legacy) {
         (false, _) => "never",
         (true, true) => "always",
         (true, false) => "first",
     };
-    let pre_tokenizer =
-        json!({"type": "Metaspace", "replacement": METASPACE, "prepend_scheme": prepend_scheme, "split": false});
+    let pre_tokenizer = json!({"type": "Metaspace", "replacement": METASPACE, "prepend_scheme": prepend_scheme, "split": false});
     (pre_tokenizer, metaspace_decoder(add_prefix_space))
 }
 
@@ -225,7 +230,11 @@ impl SentencePieceModel {
                 self.normalizer.name
             )));
         }
-        if let Some(piece) = self.pieces.iter().find(|p| p.kind == PieceType::UserDefined) {
+        if let Some(piece) = self
+            .pieces
+            .iter()
+            .find(|p| p.kind == PieceType::UserDefined)
+        {
             return Err(ModelError::Tokenizer(format!(
                 "tokenizer.model: user-defined pieces such as {:?} are not supported",
                 piece.piece
@@ -301,14 +310,21 @@ impl SentencePieceModel {
         let merges: Vec<Value> = ranked.iter().map(|(_, _, l, r)| json!([l, r])).collect();
 
         let spec = &self.normalizer;
-        let legacy = config.get("legacy").and_then(Value::as_bool).unwrap_or(true);
+        let legacy = config
+            .get("legacy")
+            .and_then(Value::as_bool)
+            .unwrap_or(true);
         let mut normalizers = Vec::new();
         if spec.remove_extra_whitespaces {
-            normalizers.push(json!({"type": "Replace", "pattern": {"Regex": r"\A +| +\z"}, "content": ""}));
-            normalizers.push(json!({"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}));
+            normalizers.push(
+                json!({"type": "Replace", "pattern": {"Regex": r"\A +| +\z"}, "content": ""}),
+            );
+            normalizers
+                .push(json!({"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}));
         }
         if spec.escape_whitespaces {
-            normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": METASPACE}));
+            normalizers
+                .push(json!({"type": "Replace", "pattern": {"String": " "}, "content": METASPACE}));
         }
         if spec.add_dummy_prefix && legacy {
             // Metaspace skips the dummy prefix when the text already starts with "▁"; SentencePiece doesn't.
@@ -334,8 +350,19 @@ impl SentencePieceModel {
         .collect();
         let added_tokens = self.added_tokens(config, &defaults, spec.add_dummy_prefix)?;
         let normalizer = json!({"type": "Sequence", "normalizers": normalizers});
-        let pipeline = [normalizer, pre_tokenizer, metaspace_decoder(spec.add_dummy_prefix)];
-        bpe_tokenizer_json(config, &added_tokens, pipeline, json!(trainer.unk_piece), vocab, merges)
+        let pipeline = [
+            normalizer,
+            pre_tokenizer,
+            metaspace_decoder(spec.add_dummy_prefix),
+        ];
+        bpe_tokenizer_json(
+            config,
+            &added_tokens,
+            pipeline,
+            json!(trainer.unk_piece),
+            vocab,
+            merges,
+        )
     }
 
     /// The added tokens transformers registers, in its order: `added_tokens_decoder` by id, the
@@ -359,9 +386,9 @@ impl SentencePieceModel {
                 return Err(bad_config("added_tokens_decoder is not an object"));
             };
             for (id, token) in decoder {
-                let id = id
-                    .parse::<usize>()
-                    .map_err(|_| bad_config(&format!("added_tokens_decoder key {id:?} is not an id")))?;
+                let id = id.parse::<usize>().map_err(|_| {
+                    bad_config(&format!("added_tokens_decoder key {id:?} is not an id"))
+                })?;
                 declared.push((id, token));
             }
         }
@@ -403,11 +430,14 @@ impl SentencePieceModel {
             let token = match config.get(key) {
                 Some(Value::Null) => None,
                 Some(token) => Some(token.clone()),
-                None => defaults.iter().find(|(k, _)| *k == key).map(|(_, t)| json!(t)),
+                None => defaults
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .map(|(_, t)| json!(t)),
             };
             let Some(token) = token else { continue };
-            let entry =
-                added_token(&token, true).ok_or_else(|| bad_config(&format!("{key} has no content")))?;
+            let entry = added_token(&token, true)
+                .ok_or_else(|| bad_config(&format!("{key} has no content")))?;
             let content = entry["content"].as_str().unwrap_or_default().to_string();
             let id = tokens.add_if_new(self, entry);
             tokens.named.insert(key.into(), json!([content, id]));
@@ -656,7 +686,10 @@ impl<'a> Reader<'a> {
     fn varint(&mut self) -> Result<u64> {
         let mut value = 0u64;
         for shift in (0..64).step_by(7) {
-            let byte = *self.bytes.get(self.pos).ok_or_else(|| malformed("truncated"))?;
+            let byte = *self
+                .bytes
+                .get(self.pos)
+                .ok_or_else(|| malformed("truncated"))?;
             self.pos += 1;
             value |= u64::from(byte & 0x7f) << shift;
             if byte & 0x80 == 0 {
@@ -691,7 +724,8 @@ impl<'a> Reader<'a> {
                 Field::Fixed64
             }
             2 => {
-                let len = usize::try_from(self.varint()?).map_err(|_| malformed("length too large"))?;
+                let len =
+                    usize::try_from(self.varint()?).map_err(|_| malformed("length too large"))?;
                 Field::Bytes(self.take(len)?)
             }
             5 => {

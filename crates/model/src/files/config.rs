@@ -164,7 +164,8 @@ pub const MAX_IMAGE_SIZE: usize = 4096;
 pub const MAX_PATCHES_PER_SIDE: usize = 128;
 
 /// `LlavaNextConfig.image_grid_pinpoints` default.
-const DEFAULT_PINPOINTS: [[usize; 2]; 5] = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]];
+const DEFAULT_PINPOINTS: [[usize; 2]; 5] =
+    [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]];
 
 /// `OPENAI_CLIP_MEAN` / `OPENAI_CLIP_STD`, written as transformers writes them.
 #[allow(clippy::excessive_precision)]
@@ -184,7 +185,10 @@ impl LlavaConfig {
             Some(folder) => {
                 let path = dir.join(&folder).join(CONFIG_FILE);
                 match read_optional(&path)? {
-                    Some(text) => TowerFile::Found { file: path.display().to_string(), text },
+                    Some(text) => TowerFile::Found {
+                        file: path.display().to_string(),
+                        text,
+                    },
                     None => TowerFile::Absent(dir.join(&folder).display().to_string()),
                 }
             }
@@ -230,9 +234,10 @@ fn parse_llava_hf(root: &Fields) -> Result<LlavaConfig> {
             match fields.string("model_type", None)?.as_deref() {
                 None | Some("clip_vision_model") => {}
                 Some(other) => {
-                    return Err(
-                        fields.error("model_type", format!("vision tower `{other}` is not supported"))
-                    );
+                    return Err(fields.error(
+                        "model_type",
+                        format!("vision tower `{other}` is not supported"),
+                    ));
                 }
             }
             parse_vision(&fields, &VisionConfig::CLIP_CLASS_DEFAULTS)?
@@ -248,7 +253,10 @@ fn parse_llava_hf(root: &Fields) -> Result<LlavaConfig> {
         None | Some("llama") => TextArch::Llama,
         Some("mistral") => TextArch::Mistral,
         Some(other) => {
-            return Err(text_fields.error("model_type", format!("language model `{other}` is not supported")));
+            return Err(text_fields.error(
+                "model_type",
+                format!("language model `{other}` is not supported"),
+            ));
         }
     };
     let text = parse_text(&text_fields, arch)?;
@@ -334,20 +342,25 @@ fn parse_original(root: &Fields, arch: TextArch, tower_file: &TowerFile) -> Resu
     ] {
         let value = root.string(key, None)?;
         if value.as_deref() != Some(wanted) {
-            return Err(root.error(key, format!("expected \"{wanted}\" (LLaVA-1.6), got {value:?}")));
+            return Err(root.error(
+                key,
+                format!("expected \"{wanted}\" (LLaVA-1.6), got {value:?}"),
+            ));
         }
     }
-    let vision_feature_select_strategy =
-        match root.string("mm_vision_select_feature", Some("patch"))?.as_deref() {
-            Some("patch") => FeatureSelect::Default,
-            Some("cls_patch") => FeatureSelect::Full,
-            other => {
-                return Err(root.error(
-                    "mm_vision_select_feature",
-                    format!("expected \"patch\" or \"cls_patch\", got {other:?}"),
-                ));
-            }
-        };
+    let vision_feature_select_strategy = match root
+        .string("mm_vision_select_feature", Some("patch"))?
+        .as_deref()
+    {
+        Some("patch") => FeatureSelect::Default,
+        Some("cls_patch") => FeatureSelect::Full,
+        other => {
+            return Err(root.error(
+                "mm_vision_select_feature",
+                format!("expected \"patch\" or \"cls_patch\", got {other:?}"),
+            ));
+        }
+    };
     let image_grid_pinpoints = root
         .pinpoints("image_grid_pinpoints")?
         .ok_or_else(|| root.error("image_grid_pinpoints", "missing (needed for AnyRes)"))?;
@@ -373,7 +386,10 @@ pub enum TowerFile {
     NotGiven,
     /// Looked for and not there: the folder looked in.
     Absent(String),
-    Found { file: String, text: String },
+    Found {
+        file: String,
+        text: String,
+    },
 }
 
 /// For an original-LLaVA `config.json`, the folder that may hold its vision tower's `config.json`,
@@ -393,7 +409,11 @@ pub fn vision_tower_folder(config_json: &str) -> Option<String> {
 /// local folder as well as a hub name. A folder (absolute, or relative to the model folder) holding
 /// a CLIP `config.json` is read; otherwise the name must be the tower LLaVA-1.6 uses,
 /// `openai/clip-vit-large-patch14-336`, whose geometry is known.
-fn original_vision_tower(root: &Fields, tower: &str, tower_file: &TowerFile) -> Result<VisionConfig> {
+fn original_vision_tower(
+    root: &Fields,
+    tower: &str,
+    tower_file: &TowerFile,
+) -> Result<VisionConfig> {
     if let TowerFile::Found { file, text } = tower_file {
         return clip_vision_config(text, file);
     }
@@ -421,17 +441,26 @@ fn clip_vision_config(json: &str, file: &str) -> Result<VisionConfig> {
     let empty = Map::new();
     match root.string("model_type", None)?.as_deref() {
         Some("clip") => {
-            let fields = root.object("vision_config")?.unwrap_or_else(|| root.child("vision_config", &empty));
+            let fields = root
+                .object("vision_config")?
+                .unwrap_or_else(|| root.child("vision_config", &empty));
             parse_vision(&fields, &VisionConfig::CLIP_CLASS_DEFAULTS)
         }
         None | Some("clip_vision_model") => parse_vision(&root, &VisionConfig::CLIP_CLASS_DEFAULTS),
-        Some(other) => Err(root.error("model_type", format!("vision tower `{other}` is not supported"))),
+        Some(other) => Err(root.error(
+            "model_type",
+            format!("vision tower `{other}` is not supported"),
+        )),
     }
 }
 
 fn parse_vision(fields: &Fields, defaults: &VisionConfig) -> Result<VisionConfig> {
     let hidden_size = fields.size("hidden_size", defaults.hidden_size, MAX_HIDDEN_SIZE)?;
-    let num_attention_heads = fields.size("num_attention_heads", defaults.num_attention_heads, MAX_HEADS)?;
+    let num_attention_heads = fields.size(
+        "num_attention_heads",
+        defaults.num_attention_heads,
+        MAX_HEADS,
+    )?;
     if !hidden_size.is_multiple_of(num_attention_heads) {
         return Err(fields.error(
             "hidden_size",
@@ -451,8 +480,16 @@ fn parse_vision(fields: &Fields, defaults: &VisionConfig) -> Result<VisionConfig
     }
     Ok(VisionConfig {
         hidden_size,
-        intermediate_size: fields.size("intermediate_size", defaults.intermediate_size, MAX_INTERMEDIATE_SIZE)?,
-        num_hidden_layers: fields.size("num_hidden_layers", defaults.num_hidden_layers, MAX_LAYERS)?,
+        intermediate_size: fields.size(
+            "intermediate_size",
+            defaults.intermediate_size,
+            MAX_INTERMEDIATE_SIZE,
+        )?,
+        num_hidden_layers: fields.size(
+            "num_hidden_layers",
+            defaults.num_hidden_layers,
+            MAX_LAYERS,
+        )?,
         num_attention_heads,
         image_size,
         patch_size,
@@ -473,18 +510,26 @@ fn parse_text(fields: &Fields, arch: TextArch) -> Result<TextConfig> {
     let num_key_value_heads = match (arch, fields.has("num_key_value_heads")) {
         (TextArch::Mistral, false) => 8,
         _ if fields.get("num_key_value_heads").is_none() => num_attention_heads,
-        _ => fields.size("num_key_value_heads", num_attention_heads, num_attention_heads)?,
+        _ => fields.size(
+            "num_key_value_heads",
+            num_attention_heads,
+            num_attention_heads,
+        )?,
     };
     if !num_attention_heads.is_multiple_of(num_key_value_heads) {
         return Err(fields.error(
             "num_key_value_heads",
-            format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"),
+            format!(
+                "{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"
+            ),
         ));
     }
     // Without `head_dim` the classes use hidden_size / num_attention_heads, which must be exact.
     let head_dim = match fields.get("head_dim") {
         Some(_) => fields.size("head_dim", 0, MAX_HEAD_DIM)?,
-        None if hidden_size.is_multiple_of(num_attention_heads) => hidden_size / num_attention_heads,
+        None if hidden_size.is_multiple_of(num_attention_heads) => {
+            hidden_size / num_attention_heads
+        }
         None => {
             return Err(fields.error(
                 "hidden_size",
@@ -493,7 +538,10 @@ fn parse_text(fields: &Fields, arch: TextArch) -> Result<TextConfig> {
         }
     };
     if !head_dim.is_multiple_of(2) || head_dim > MAX_HEAD_DIM {
-        return Err(fields.error("head_dim", format!("{head_dim} must be even and at most {MAX_HEAD_DIM} (RoPE rotates pairs)")));
+        return Err(fields.error(
+            "head_dim",
+            format!("{head_dim} must be even and at most {MAX_HEAD_DIM} (RoPE rotates pairs)"),
+        ));
     }
     // LlamaConfig has no sliding window: a stray key in a Llama config is ignored, as there.
     let sliding_window = match arch {
@@ -516,7 +564,11 @@ fn parse_text(fields: &Fields, arch: TextArch) -> Result<TextConfig> {
     Ok(TextConfig {
         arch,
         hidden_size,
-        intermediate_size: fields.size("intermediate_size", intermediate_default, MAX_INTERMEDIATE_SIZE)?,
+        intermediate_size: fields.size(
+            "intermediate_size",
+            intermediate_default,
+            MAX_INTERMEDIATE_SIZE,
+        )?,
         num_hidden_layers: fields.size("num_hidden_layers", 32, MAX_LAYERS)?,
         num_attention_heads,
         num_key_value_heads,
@@ -525,7 +577,11 @@ fn parse_text(fields: &Fields, arch: TextArch) -> Result<TextConfig> {
         rms_norm_eps: fields.positive_f64("rms_norm_eps", 1e-6)?,
         rope_theta: rope_theta(fields)?,
         vocab_size: fields.size("vocab_size", 32000, MAX_VOCAB_SIZE)?,
-        max_position_embeddings: fields.size("max_position_embeddings", max_positions_default, usize::MAX)?,
+        max_position_embeddings: fields.size(
+            "max_position_embeddings",
+            max_positions_default,
+            usize::MAX,
+        )?,
         sliding_window,
         tie_word_embeddings: fields.bool("tie_word_embeddings", false)?,
         bos_token_id,
@@ -546,7 +602,10 @@ fn rope_theta(fields: &Fields) -> Result<f64> {
             {
                 None | Some("default") => {}
                 Some(other) => {
-                    return Err(params.error("rope_type", format!("RoPE scaling `{other}` is not supported")));
+                    return Err(params.error(
+                        "rope_type",
+                        format!("RoPE scaling `{other}` is not supported"),
+                    ));
                 }
             }
             if params.get("rope_theta").is_some() {
@@ -581,7 +640,10 @@ fn validate(config: &LlavaConfig, file: &str) -> Result<()> {
         ));
     }
     if config.image_grid_pinpoints.is_empty() {
-        return Err(ModelError::config(file, "key `image_grid_pinpoints`: the list is empty"));
+        return Err(ModelError::config(
+            file,
+            "key `image_grid_pinpoints`: the list is empty",
+        ));
     }
     Ok(())
 }
@@ -612,7 +674,9 @@ impl PreprocessorConfig {
             return Self::from_json_named(&text, &path.display().to_string()).map(Some);
         }
         let path = dir.as_ref().join(PROCESSOR_FILE);
-        let Some(text) = read_optional(&path)? else { return Ok(None) };
+        let Some(text) = read_optional(&path)? else {
+            return Ok(None);
+        };
         Self::from_processor_json(&text, &path.display().to_string())
     }
 
@@ -836,14 +900,18 @@ impl<'a> Fields<'a> {
     fn i64(&self, key: &str, default: i64) -> Result<i64> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v.as_i64().ok_or_else(|| self.type_error(key, "an integer", v)),
+            Some(v) => v
+                .as_i64()
+                .ok_or_else(|| self.type_error(key, "an integer", v)),
         }
     }
 
     fn f64(&self, key: &str, default: f64) -> Result<f64> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v.as_f64().ok_or_else(|| self.type_error(key, "a number", v)),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| self.type_error(key, "a number", v)),
         }
     }
 
@@ -885,7 +953,10 @@ impl<'a> Fields<'a> {
             return Ok(None);
         };
         let bad = || {
-            let rule = format!("a list of [height, width] pairs of integers in 1..={}", llava_image::MAX_SIDE);
+            let rule = format!(
+                "a list of [height, width] pairs of integers in 1..={}",
+                llava_image::MAX_SIDE
+            );
             self.type_error(key, &rule, value)
         };
         let side = |v: &Value| {
@@ -940,7 +1011,11 @@ impl<'a> Fields<'a> {
         };
         let bad = || self.type_error(key, "an integer, {height, width} or {shortest_edge}", value);
         match value {
-            Value::Number(n) => n.as_u64().and_then(|s| usize::try_from(s).ok()).map(|s| [s; 2]).ok_or_else(bad),
+            Value::Number(n) => n
+                .as_u64()
+                .and_then(|s| usize::try_from(s).ok())
+                .map(|s| [s; 2])
+                .ok_or_else(bad),
             Value::Object(map) => {
                 let size = self.child(key, map);
                 match (
@@ -1063,7 +1138,10 @@ mod tests {
             ),
             (1024, 3072, 12, 16)
         );
-        assert_eq!((v.image_size, v.patch_size, v.layer_norm_eps), (448, 32, 1e-5));
+        assert_eq!(
+            (v.image_size, v.patch_size, v.layer_norm_eps),
+            (448, 32, 1e-5)
+        );
         assert_eq!(v.hidden_act, Activation::QuickGelu);
     }
 
@@ -1174,7 +1252,10 @@ mod tests {
             (4096, 14336, 32)
         );
         assert_eq!((t.num_attention_heads, t.num_key_value_heads), (32, 8));
-        assert_eq!((t.rms_norm_eps, t.rope_theta, t.vocab_size), (1e-5, 1e6, 32064));
+        assert_eq!(
+            (t.rms_norm_eps, t.rope_theta, t.vocab_size),
+            (1e-5, 1e6, 32064)
+        );
         assert_eq!(t.sliding_window, None);
         assert_eq!(c.image_token_index, Some(32000));
         assert_eq!(t.eos_token_ids, vec![2]);
@@ -1291,28 +1372,50 @@ mod tests {
                 "num_hidden_layers": 3, "image_size": 336, "patch_size": 14, "hidden_act": "gelu"}"#,
         )
         .unwrap();
-        let absolute = config.replace("\"tiny-clip\"", &format!("{:?}", tower.display().to_string()));
+        let absolute = config.replace(
+            "\"tiny-clip\"",
+            &format!("{:?}", tower.display().to_string()),
+        );
         std::fs::write(dir.path().join("config.json"), &absolute).unwrap();
         let c = LlavaConfig::from_dir(dir.path()).unwrap();
         assert_eq!((c.vision.hidden_size, c.vision.num_hidden_layers), (64, 3));
-        assert_eq!((c.vision.num_attention_heads, c.vision.hidden_act), (2, Activation::Gelu));
+        assert_eq!(
+            (c.vision.num_attention_heads, c.vision.hidden_act),
+            (2, Activation::Gelu)
+        );
 
         // mm_hidden_size must agree with the tower.
         let wrong = absolute.replace("\"mm_hidden_size\": 64", "\"mm_hidden_size\": 1024");
         std::fs::write(dir.path().join("config.json"), wrong).unwrap();
         let msg = LlavaConfig::from_dir(dir.path()).unwrap_err().to_string();
-        assert!(msg.contains("mm_hidden_size") && msg.contains("64"), "{msg}");
+        assert!(
+            msg.contains("mm_hidden_size") && msg.contains("64"),
+            "{msg}"
+        );
 
         // Not a tower: named in the error with the folder looked in; without a folder, a name only.
-        std::fs::write(tower.join("config.json"), r#"{"model_type": "siglip_vision_model"}"#).unwrap();
+        std::fs::write(
+            tower.join("config.json"),
+            r#"{"model_type": "siglip_vision_model"}"#,
+        )
+        .unwrap();
         std::fs::write(dir.path().join("config.json"), &config).unwrap();
         let msg = LlavaConfig::from_dir(dir.path()).unwrap_err().to_string();
-        assert!(msg.contains("siglip_vision_model") && msg.contains("tiny-clip"), "{msg}");
+        assert!(
+            msg.contains("siglip_vision_model") && msg.contains("tiny-clip"),
+            "{msg}"
+        );
         std::fs::remove_file(tower.join("config.json")).unwrap();
         let msg = LlavaConfig::from_dir(dir.path()).unwrap_err().to_string();
-        assert!(msg.contains("`tiny-clip`") && msg.contains("no config.json in"), "{msg}");
+        assert!(
+            msg.contains("`tiny-clip`") && msg.contains("no config.json in"),
+            "{msg}"
+        );
         let msg = error(&config);
-        assert!(msg.contains("`tiny-clip`") && msg.contains("model folder was not given"), "{msg}");
+        assert!(
+            msg.contains("`tiny-clip`") && msg.contains("model folder was not given"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -1322,7 +1425,8 @@ mod tests {
             flat.contains("mm_patch_merge_type") && flat.contains("flat"),
             "{flat}"
         );
-        let tower = error(&LIUHAOTIAN_VICUNA.replace("openai/clip-vit-large-patch14-336", "google/siglip"));
+        let tower =
+            error(&LIUHAOTIAN_VICUNA.replace("openai/clip-vit-large-patch14-336", "google/siglip"));
         assert!(
             tower.contains("mm_vision_tower") && tower.contains("google/siglip"),
             "{tower}"
@@ -1337,14 +1441,16 @@ mod tests {
             "{malformed}"
         );
 
-        let wrong_type = error(r#"{"model_type": "llava_next", "text_config": {"hidden_size": "big"}}"#);
+        let wrong_type =
+            error(r#"{"model_type": "llava_next", "text_config": {"hidden_size": "big"}}"#);
         assert!(
             wrong_type.contains("config.json") && wrong_type.contains("`text_config.hidden_size`"),
             "{wrong_type}"
         );
         assert!(wrong_type.contains("\"big\""), "{wrong_type}");
 
-        let negative = error(r#"{"model_type": "llava_next", "vision_config": {"num_hidden_layers": -1}}"#);
+        let negative =
+            error(r#"{"model_type": "llava_next", "vision_config": {"num_hidden_layers": -1}}"#);
         assert!(
             negative.contains("`vision_config.num_hidden_layers`"),
             "{negative}"
@@ -1356,7 +1462,8 @@ mod tests {
             "{not_object}"
         );
 
-        let pinpoints = error(r#"{"model_type": "llava_next", "image_grid_pinpoints": [[336, 672], [672]]}"#);
+        let pinpoints =
+            error(r#"{"model_type": "llava_next", "image_grid_pinpoints": [[336, 672], [672]]}"#);
         assert!(pinpoints.contains("`image_grid_pinpoints`"), "{pinpoints}");
 
         let other_model = error(r#"{"model_type": "qwen2_vl"}"#);
@@ -1365,7 +1472,8 @@ mod tests {
         let missing_type = error(r#"{"hidden_size": 4096}"#);
         assert!(missing_type.contains("model_type"), "{missing_type}");
 
-        let heads = error(r#"{"model_type": "llava_next", "vision_config": {"hidden_size": 1024}}"#);
+        let heads =
+            error(r#"{"model_type": "llava_next", "vision_config": {"hidden_size": 1024}}"#);
         assert!(
             heads.contains("not a multiple of num_attention_heads 12"),
             "{heads}"
@@ -1376,51 +1484,142 @@ mod tests {
     #[test]
     fn values_outside_the_models_invariants_are_refused() {
         let cases = [
-            (r#"{"text_config": {"hidden_size": 1099511627776}}"#, "`text_config.hidden_size`: 1099511627776 must be between 1 and 65536"),
-            (r#"{"text_config": {"hidden_size": 0}}"#, "`text_config.hidden_size`: 0 must be between 1"),
-            (r#"{"text_config": {"vocab_size": 0}}"#, "`text_config.vocab_size`: 0 must be between 1"),
-            (r#"{"text_config": {"num_hidden_layers": 100000}}"#, "`text_config.num_hidden_layers`: 100000 must be between 1 and 1024"),
-            (r#"{"text_config": {"intermediate_size": 4294967296}}"#, "`text_config.intermediate_size`"),
-            (r#"{"text_config": {"num_attention_heads": 0}}"#, "`text_config.num_attention_heads`: 0 must be between 1"),
-            (r#"{"text_config": {"hidden_size": 100, "num_attention_heads": 3}}"#, "`text_config.hidden_size`: 100 is not a multiple of num_attention_heads 3"),
-            (r#"{"text_config": {"num_key_value_heads": 5}}"#, "`text_config.num_key_value_heads`: 5 does not divide num_attention_heads 32"),
-            (r#"{"text_config": {"num_key_value_heads": 64}}"#, "`text_config.num_key_value_heads`: 64 must be between 1 and 32"),
-            (r#"{"text_config": {"head_dim": 7}}"#, "`text_config.head_dim`: 7 must be even"),
-            (r#"{"text_config": {"rms_norm_eps": -1e-6}}"#, "`text_config.rms_norm_eps`: -0.000001 must be a finite positive number"),
-            (r#"{"text_config": {"rms_norm_eps": 0}}"#, "`text_config.rms_norm_eps`: 0 must be a finite positive"),
-            (r#"{"text_config": {"rope_theta": -10000}}"#, "`text_config.rope_theta`: -10000 must be a finite positive"),
-            (r#"{"text_config": {"rope_parameters": {"rope_theta": 0}}}"#, "`text_config.rope_parameters.rope_theta`: 0 must be"),
-            (r#"{"text_config": {"max_position_embeddings": 0}}"#, "`text_config.max_position_embeddings`: 0 must be between 1"),
-            (r#"{"text_config": {"model_type": "mistral", "sliding_window": 0}}"#, "`text_config.sliding_window`: 0 must be between 1"),
-            (r#"{"vision_config": {"patch_size": 0}}"#, "`vision_config.patch_size`: 0 must be between 1 and 224"),
-            (r#"{"vision_config": {"image_size": 336, "patch_size": 15}}"#, "`vision_config.patch_size`: image_size 336 must be a multiple of patch_size 15"),
-            (r#"{"vision_config": {"image_size": 336, "patch_size": 1}}"#, "with at most 128 patches per side"),
-            (r#"{"vision_config": {"image_size": 1000000}}"#, "`vision_config.image_size`: 1000000 must be between 1 and 4096"),
-            (r#"{"vision_config": {"layer_norm_eps": -1}}"#, "`vision_config.layer_norm_eps`: -1 must be a finite positive"),
-            (r#"{"vision_config": {"hidden_size": 0}}"#, "`vision_config.hidden_size`: 0 must be between 1"),
-            (r#"{"vision_feature_layer": 25}"#, "`vision_feature_layer`: 25 is outside the hidden states of the 24-layer vision tower"),
-            (r#"{"vision_feature_layer": -26}"#, "`vision_feature_layer`: -26 is outside"),
-            (r#"{"image_grid_pinpoints": [[336, 4294967632]]}"#, "`image_grid_pinpoints`: expected a list of [height, width] pairs of integers in 1..=16384"),
-            (r#"{"image_grid_pinpoints": []}"#, "`image_grid_pinpoints`: the list is empty"),
+            (
+                r#"{"text_config": {"hidden_size": 1099511627776}}"#,
+                "`text_config.hidden_size`: 1099511627776 must be between 1 and 65536",
+            ),
+            (
+                r#"{"text_config": {"hidden_size": 0}}"#,
+                "`text_config.hidden_size`: 0 must be between 1",
+            ),
+            (
+                r#"{"text_config": {"vocab_size": 0}}"#,
+                "`text_config.vocab_size`: 0 must be between 1",
+            ),
+            (
+                r#"{"text_config": {"num_hidden_layers": 100000}}"#,
+                "`text_config.num_hidden_layers`: 100000 must be between 1 and 1024",
+            ),
+            (
+                r#"{"text_config": {"intermediate_size": 4294967296}}"#,
+                "`text_config.intermediate_size`",
+            ),
+            (
+                r#"{"text_config": {"num_attention_heads": 0}}"#,
+                "`text_config.num_attention_heads`: 0 must be between 1",
+            ),
+            (
+                r#"{"text_config": {"hidden_size": 100, "num_attention_heads": 3}}"#,
+                "`text_config.hidden_size`: 100 is not a multiple of num_attention_heads 3",
+            ),
+            (
+                r#"{"text_config": {"num_key_value_heads": 5}}"#,
+                "`text_config.num_key_value_heads`: 5 does not divide num_attention_heads 32",
+            ),
+            (
+                r#"{"text_config": {"num_key_value_heads": 64}}"#,
+                "`text_config.num_key_value_heads`: 64 must be between 1 and 32",
+            ),
+            (
+                r#"{"text_config": {"head_dim": 7}}"#,
+                "`text_config.head_dim`: 7 must be even",
+            ),
+            (
+                r#"{"text_config": {"rms_norm_eps": -1e-6}}"#,
+                "`text_config.rms_norm_eps`: -0.000001 must be a finite positive number",
+            ),
+            (
+                r#"{"text_config": {"rms_norm_eps": 0}}"#,
+                "`text_config.rms_norm_eps`: 0 must be a finite positive",
+            ),
+            (
+                r#"{"text_config": {"rope_theta": -10000}}"#,
+                "`text_config.rope_theta`: -10000 must be a finite positive",
+            ),
+            (
+                r#"{"text_config": {"rope_parameters": {"rope_theta": 0}}}"#,
+                "`text_config.rope_parameters.rope_theta`: 0 must be",
+            ),
+            (
+                r#"{"text_config": {"max_position_embeddings": 0}}"#,
+                "`text_config.max_position_embeddings`: 0 must be between 1",
+            ),
+            (
+                r#"{"text_config": {"model_type": "mistral", "sliding_window": 0}}"#,
+                "`text_config.sliding_window`: 0 must be between 1",
+            ),
+            (
+                r#"{"vision_config": {"patch_size": 0}}"#,
+                "`vision_config.patch_size`: 0 must be between 1 and 224",
+            ),
+            (
+                r#"{"vision_config": {"image_size": 336, "patch_size": 15}}"#,
+                "`vision_config.patch_size`: image_size 336 must be a multiple of patch_size 15",
+            ),
+            (
+                r#"{"vision_config": {"image_size": 336, "patch_size": 1}}"#,
+                "with at most 128 patches per side",
+            ),
+            (
+                r#"{"vision_config": {"image_size": 1000000}}"#,
+                "`vision_config.image_size`: 1000000 must be between 1 and 4096",
+            ),
+            (
+                r#"{"vision_config": {"layer_norm_eps": -1}}"#,
+                "`vision_config.layer_norm_eps`: -1 must be a finite positive",
+            ),
+            (
+                r#"{"vision_config": {"hidden_size": 0}}"#,
+                "`vision_config.hidden_size`: 0 must be between 1",
+            ),
+            (
+                r#"{"vision_feature_layer": 25}"#,
+                "`vision_feature_layer`: 25 is outside the hidden states of the 24-layer vision tower",
+            ),
+            (
+                r#"{"vision_feature_layer": -26}"#,
+                "`vision_feature_layer`: -26 is outside",
+            ),
+            (
+                r#"{"image_grid_pinpoints": [[336, 4294967632]]}"#,
+                "`image_grid_pinpoints`: expected a list of [height, width] pairs of integers in 1..=16384",
+            ),
+            (
+                r#"{"image_grid_pinpoints": []}"#,
+                "`image_grid_pinpoints`: the list is empty",
+            ),
         ];
         for (fields, expected) in cases {
             let mut json: Value = serde_json::from_str(fields).unwrap();
             json["model_type"] = "llava_next".into();
             let msg = error(&json.to_string());
-            assert!(msg.starts_with("config.json: key ") && msg.contains(expected), "{fields}: {msg}");
+            assert!(
+                msg.starts_with("config.json: key ") && msg.contains(expected),
+                "{fields}: {msg}"
+            );
         }
         // The limits themselves are accepted.
-        parse(r#"{"model_type": "llava_next", "vision_feature_layer": 24, "text_config": {"hidden_size": 65536, "num_attention_heads": 64},
-                  "image_grid_pinpoints": [[16384, 16384]]}"#);
-        let msg = PreprocessorConfig::from_json(r#"{"image_mean": [1e300, 0, 0]}"#).unwrap_err().to_string();
-        assert!(msg.contains("`image_mean`: expected three finite numbers"), "{msg}");
+        parse(
+            r#"{"model_type": "llava_next", "vision_feature_layer": 24, "text_config": {"hidden_size": 65536, "num_attention_heads": 64},
+                  "image_grid_pinpoints": [[16384, 16384]]}"#,
+        );
+        let msg = PreprocessorConfig::from_json(r#"{"image_mean": [1e300, 0, 0]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("`image_mean`: expected three finite numbers"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn from_dir_reads_config_json_and_names_path_in_errors() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("config.json"), MISTRAL_HF).unwrap();
-        assert_eq!(LlavaConfig::from_dir(dir.path()).unwrap(), parse(MISTRAL_HF));
+        assert_eq!(
+            LlavaConfig::from_dir(dir.path()).unwrap(),
+            parse(MISTRAL_HF)
+        );
         std::fs::write(dir.path().join("config.json"), "[1, 2]").unwrap();
         let msg = LlavaConfig::from_dir(dir.path()).unwrap_err().to_string();
         assert!(
@@ -1458,13 +1657,19 @@ mod tests {
                 "image_std": 0.25}"#,
         )
         .unwrap();
-        assert_eq!((clip.crop_size, clip.overview_size), ([336, 336], [400, 500]));
+        assert_eq!(
+            (clip.crop_size, clip.overview_size),
+            ([336, 336], [400, 500])
+        );
         assert_eq!((clip.image_mean, clip.image_std), ([0.5; 3], [0.25; 3]));
         assert_eq!(clip.image_grid_pinpoints, None);
 
         // LlavaNextImageProcessor class defaults.
         let empty = PreprocessorConfig::from_json("{}").unwrap();
-        assert_eq!((empty.crop_size, empty.overview_size), ([224, 224], [224, 224]));
+        assert_eq!(
+            (empty.crop_size, empty.overview_size),
+            ([224, 224], [224, 224])
+        );
 
         let bad = PreprocessorConfig::from_json(r#"{"image_mean": [0.5, 0.5]}"#)
             .unwrap_err()
@@ -1484,9 +1689,22 @@ mod tests {
         )
         .unwrap();
         let nested = PreprocessorConfig::from_dir(dir.path()).unwrap().unwrap();
-        assert_eq!((nested.crop_size, nested.image_std, nested.image_mean), ([336, 336], [0.5; 3], CLIP_MEAN));
-        std::fs::write(dir.path().join("preprocessor_config.json"), r#"{"crop_size": 224}"#).unwrap();
-        assert_eq!(PreprocessorConfig::from_dir(dir.path()).unwrap().unwrap().crop_size, [224, 224]);
+        assert_eq!(
+            (nested.crop_size, nested.image_std, nested.image_mean),
+            ([336, 336], [0.5; 3], CLIP_MEAN)
+        );
+        std::fs::write(
+            dir.path().join("preprocessor_config.json"),
+            r#"{"crop_size": 224}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            PreprocessorConfig::from_dir(dir.path())
+                .unwrap()
+                .unwrap()
+                .crop_size,
+            [224, 224]
+        );
 
         let fallback = PreprocessorConfig::for_model(&parse(MISTRAL_HF));
         assert_eq!(
@@ -1497,9 +1715,10 @@ mod tests {
 
     #[test]
     fn generation_config() {
-        let single =
-            GenerationConfig::from_json(r#"{"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}"#)
-                .unwrap();
+        let single = GenerationConfig::from_json(
+            r#"{"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}"#,
+        )
+        .unwrap();
         assert_eq!(
             single,
             GenerationConfig {

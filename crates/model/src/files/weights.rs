@@ -1,5 +1,5 @@
 //! Model weights on the GPU. Tensors are uploaded one at a time as they are read (by
-//! [`crate::loader`], from files or a network stream), converted to the precision the model
+//! [`crate::files::loader`], from files or a network stream), converted to the precision the model
 //! keeps, then taken by the model's `load` functions by canonical name with a shape check.
 
 use std::collections::HashMap;
@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use llava_gpu::quant::{self, quantizable};
 use llava_gpu::{DType, Gpu, Tensor};
 
-use crate::checkpoint::{Dtype, HostTensor};
 use crate::error::{ModelError, Result};
+use crate::files::checkpoint::{Dtype, HostTensor};
 
 /// How the large matrices of the language model are kept on the GPU.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -47,7 +47,12 @@ pub fn storage_dtype(name: &str, host: &HostTensor, precision: WeightPrecision) 
 }
 
 /// [`storage_dtype`] from a tensor's shape and stored dtype alone (for size plans without weights).
-pub fn storage_dtype_of(name: &str, shape: &[usize], stored: Dtype, precision: WeightPrecision) -> DType {
+pub fn storage_dtype_of(
+    name: &str,
+    shape: &[usize],
+    stored: Dtype,
+    precision: WeightPrecision,
+) -> DType {
     storage_dtype_keeping(name, shape, stored, precision, KeepOptions::default())
 }
 
@@ -117,7 +122,11 @@ fn is_six_bit_under_q4(name: &str) -> bool {
 
 /// Q4 and Q6 raised to Q8; other dtypes as they are.
 fn at_least_q8(dtype: DType) -> DType {
-    if dtype.is_quantized() { DType::Q8 } else { dtype }
+    if dtype.is_quantized() {
+        DType::Q8
+    } else {
+        dtype
+    }
 }
 
 /// Converts a host tensor to `dtype` and uploads it.
@@ -169,7 +178,9 @@ impl RandomWeights {
         let t = match dtype {
             DType::F32 => {
                 let base = if shape.len() == 1 { 1.0 } else { 0.0 };
-                let values: Vec<f32> = (0..numel).map(|_| base + (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 0.1 - 0.05).collect();
+                let values: Vec<f32> = (0..numel)
+                    .map(|_| base + (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 0.1 - 0.05)
+                    .collect();
                 Tensor::from_f32(gpu, shape, &values)?
             }
             DType::F16 => {
@@ -189,8 +200,19 @@ impl RandomWeights {
                     chunk.copy_from_slice(&r[..chunk.len()]);
                 }
                 let groups = numel / dtype.group_size();
-                let scales = (0..groups).map(|_| half::f16::from_bits(half_bits(self.next(), 3) & 0x7fff)).collect();
-                Tensor::from_quant(gpu, &quant::QuantMatrix { dtype, rows, cols, data, scales })?
+                let scales = (0..groups)
+                    .map(|_| half::f16::from_bits(half_bits(self.next(), 3) & 0x7fff))
+                    .collect();
+                Tensor::from_quant(
+                    gpu,
+                    &quant::QuantMatrix {
+                        dtype,
+                        rows,
+                        cols,
+                        data,
+                        scales,
+                    },
+                )?
             }
         };
         Ok(t)
@@ -219,7 +241,14 @@ impl Weights {
     /// the asked shape in `precision`'s storage dtype for that name (as for an f16 checkpoint).
     pub fn random(gpu: std::sync::Arc<Gpu>, precision: WeightPrecision, seed: u64) -> Weights {
         let state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        Weights { tensors: HashMap::new(), random: Some(RandomWeights { gpu, precision, state }) }
+        Weights {
+            tensors: HashMap::new(),
+            random: Some(RandomWeights {
+                gpu,
+                precision,
+                state,
+            }),
+        }
     }
 
     /// Takes the tensor `name`, which must have `shape`.
@@ -227,10 +256,9 @@ impl Weights {
         if let Some(random) = &mut self.random {
             return random.tensor(name, shape);
         }
-        let t = self
-            .tensors
-            .remove(name)
-            .ok_or_else(|| ModelError::checkpoint("weights", format!("tensor {name} is missing")))?;
+        let t = self.tensors.remove(name).ok_or_else(|| {
+            ModelError::checkpoint("weights", format!("tensor {name} is missing"))
+        })?;
         if t.shape() != shape {
             // The expected shape comes from the config's sizes.
             let msg = format!(
