@@ -2,12 +2,10 @@
 
 use llava_gpu::Counters;
 use llava_gpu::ops::decode::Sampling;
-use llava_gpu::ops::reduce::argmax;
 use web_time::Instant;
 
 use crate::error::{ModelError, Result};
-use crate::llava::{EncodedImage, Llava};
-use crate::net::language::{DecodePlan, KvCache};
+use crate::llava::{EncodedImage, Llava, Sequence};
 use crate::text::Message;
 
 /// How to pick the next tokens. `temperature == 0` (the default) is greedy decoding.
@@ -78,12 +76,12 @@ impl GenerateParams {
         Ok(())
     }
 
-    fn greedy(&self) -> bool {
+    pub(crate) fn greedy(&self) -> bool {
         self.temperature <= 0.0 && self.repetition_penalty == 1.0
     }
 
     /// The GPU sampler's settings.
-    fn sampling(&self) -> Sampling {
+    pub(crate) fn sampling(&self) -> Sampling {
         Sampling {
             temperature: self.temperature.max(0.0),
             top_k: u32::try_from(self.top_k).unwrap_or(u32::MAX),
@@ -192,22 +190,17 @@ pub struct ChatSession {
     system: Option<String>,
     messages: Vec<Message>,
     image: Option<EncodedImage>,
-    cache: KvCache,
-    /// The decode step over `cache`, recorded at the first turn (`None` inside: not plannable).
-    plan: Option<Option<DecodePlan>>,
-    /// The ids whose keys and values are in `cache`, in order.
-    cached_ids: Vec<u32>,
+    /// The conversation so far on the GPU (its KV cache is reused across turns).
+    sequence: Sequence,
 }
 
 impl ChatSession {
-    pub(crate) fn new(system: Option<String>, cache: KvCache) -> ChatSession {
+    pub(crate) fn new(system: Option<String>, sequence: Sequence) -> ChatSession {
         ChatSession {
             system,
             messages: Vec::new(),
             image: None,
-            cache,
-            plan: None,
-            cached_ids: Vec::new(),
+            sequence,
         }
     }
 
@@ -215,8 +208,7 @@ impl ChatSession {
     pub fn reset(&mut self) {
         self.messages.clear();
         self.image = None;
-        self.cache.truncate(0);
-        self.cached_ids.clear();
+        self.sequence.clear();
     }
 
     pub fn messages(&self) -> &[Message] {
@@ -274,66 +266,28 @@ impl ChatSession {
             prompt
         };
         let (ids, image_start) = model.tokenize_prompt(&prompt, image_tokens)?;
-        if ids.len() + params.max_new_tokens.min(1) > self.cache.capacity() {
+        if ids.len() + params.max_new_tokens.min(1) > self.sequence.capacity() {
             return Err(ModelError::ContextOverflow {
                 needed: ids.len() + 1,
-                capacity: self.cache.capacity(),
+                capacity: self.sequence.capacity(),
             });
         }
 
-        // Reuse the cached prefix; run the rest.
-        let common = self
-            .cached_ids
-            .iter()
-            .zip(&ids)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(ids.len() - 1);
-        self.cache.truncate(common);
-        self.cached_ids.truncate(common);
         let start = Instant::now();
         let gpu = model.gpu();
-        let mut batch = gpu.batch();
-        let new_ids = &ids[common..];
-        let x = model.embed_prompt(&mut batch, new_ids)?;
-        if let (Some(image), Some(image_start)) = (image, image_start) {
-            model.splice_image(&mut batch, &x, common, image_start, image)?;
-        }
-        if self.plan.is_none() {
-            self.plan = Some(model.language().plan_decode(gpu, &self.cache)?);
-        }
-        let plan = self.plan.as_ref().and_then(Option::as_ref);
         let mut sampler = Sampler::new(params, &ids);
-        let last = model
-            .language()
-            .forward_last(&mut batch, &x, &mut self.cache)?;
-        self.cached_ids.extend_from_slice(new_ids);
-        let first_logits = match plan {
-            Some(plan) => {
-                plan.set_sampling(gpu, params.sampling(), &ids);
-                plan.record_head(&mut batch, &last)?;
-                let (first, logits) = plan.submit_sampled(batch, turn.want_logits).await?;
-                sampler.pending = Some(first);
-                logits
-            }
-            None => {
-                let hidden = model.language().final_norm(&mut batch, &last)?;
-                let logits = model.language().logits(&mut batch, &hidden)?;
-                if turn.want_logits || !params.greedy() {
-                    batch.submit()?;
-                    let logits = logits.to_f32(gpu).await?;
-                    sampler.pending = Some(sampler.sample(&logits));
-                    Some(logits)
-                } else {
-                    let best = argmax(&mut batch, &logits)?;
-                    batch.submit()?;
-                    sampler.pending = Some(best.to_u32(gpu).await?[0]);
-                    None
-                }
-            }
-        };
+        let image_at = image.zip(image_start);
+        let first = model
+            .prefill(
+                &mut self.sequence,
+                &ids,
+                image_at,
+                &mut sampler,
+                turn.want_logits,
+            )
+            .await?;
         timings.prefill_s = start.elapsed().as_secs_f64();
-        timings.prefill_tokens = new_ids.len();
+        timings.prefill_tokens = first.tokens_run;
 
         let start = Instant::now();
         let counted_from = gpu.counters();
@@ -342,16 +296,7 @@ impl ChatSession {
         let mut text = String::new();
         // Bytes of `text` already passed to `on_token`.
         let mut streamed = 0;
-        let mut next = sampler
-            .pending
-            .take()
-            .expect("prefill picks the first token");
-        // With the planned step, the step of the token after `next` is submitted before `next`'s
-        // own step is read back (the GPU sampler leaves each token where the next step reads it),
-        // so the GPU never waits for the host. When the reply stops, that step is undone.
-        let mut ahead = false;
-        // Decode steps submitted (a step run ahead and undone counts too).
-        let mut steps = 0;
+        let mut next = first.token;
         let stop_reason = loop {
             if params.max_new_tokens == 0 {
                 break StopReason::MaxTokens;
@@ -384,53 +329,17 @@ impl ChatSession {
             if tokens.len() >= params.max_new_tokens {
                 break StopReason::MaxTokens;
             }
-            // Room for the step of `next` (already counted when it was submitted ahead).
-            if self.cache.len() - usize::from(ahead) + 1 > self.cache.capacity() {
+            if !self.sequence.has_room() {
                 break StopReason::ContextFull;
             }
-            // One decode step: one submission, one number (or the logits) read back.
-            steps += 1;
-            let mut batch = gpu.batch();
-            next = match plan {
-                Some(plan) => {
-                    let slot = tokens.len();
-                    if !ahead {
-                        plan.record_step(&mut batch, &mut self.cache, slot)?;
-                        plan.submit(batch, slot)?;
-                    }
-                    // The step of the token `slot` will bring, if that token can be run.
-                    ahead = slot + 1 < params.max_new_tokens
-                        && self.cache.len() < self.cache.capacity();
-                    if ahead {
-                        let mut batch = gpu.batch();
-                        plan.record_step(&mut batch, &mut self.cache, slot + 1)?;
-                        plan.submit(batch, slot + 1)?;
-                    }
-                    plan.read(gpu, slot).await?
-                }
-                None => {
-                    let x = model.language().embed(&mut batch, &[next])?;
-                    let hidden = model.language().forward(&mut batch, &x, &mut self.cache)?;
-                    let logits = model.language().logits(&mut batch, &hidden)?;
-                    if params.greedy() {
-                        let best = argmax(&mut batch, &logits)?;
-                        batch.submit()?;
-                        best.to_u32(gpu).await?[0]
-                    } else {
-                        batch.submit()?;
-                        sampler.sample(&logits.to_f32(gpu).await?)
-                    }
-                }
-            };
-            self.cached_ids.push(tokens[tokens.len() - 1]);
+            next = model.step(&mut self.sequence, next, &mut sampler).await?;
         };
-        if ahead {
-            // The step submitted ahead ran a token the reply stopped at.
-            self.cache.truncate(self.cache.len() - 1);
-            steps += 1;
-        }
-        let gpu_per_token =
-            GpuPerToken::average(gpu.counters() - counted_from, steps, plan.is_some());
+        let steps = self.sequence.end_reply();
+        let gpu_per_token = GpuPerToken::average(
+            gpu.counters() - counted_from,
+            steps,
+            self.sequence.planned(),
+        );
         // Text held back because it could have begun a stop string.
         if let Some(&last) = tokens.last().filter(|_| streamed < text.len()) {
             on_token(TokenEvent {
@@ -457,7 +366,7 @@ impl ChatSession {
             stop_reason,
             timings,
             gpu: gpu_per_token,
-            first_logits,
+            first_logits: first.logits,
         })
     }
 }
@@ -494,29 +403,28 @@ fn streamable_len(text: &str, stop: &[String]) -> usize {
 /// transformers' logits processing order: repetition penalty, temperature, top-k, top-p. The
 /// host sampler of models whose decode step is not planned (the planned step samples on the GPU,
 /// `llava_gpu::ops::decode::sample`, with the same distribution).
-struct Sampler<'a> {
-    params: &'a GenerateParams,
+pub struct Sampler<'a> {
+    pub(crate) params: &'a GenerateParams,
     rng: u64,
     seen: Vec<u32>,
-    /// A token already chosen on the GPU.
-    pending: Option<u32>,
 }
 
 impl<'a> Sampler<'a> {
-    fn new(params: &'a GenerateParams, prompt: &[u32]) -> Self {
+    /// A sampler for a reply to `prompt` (the ids the repetition penalty starts from).
+    pub fn new(params: &'a GenerateParams, prompt: &[u32]) -> Self {
         Sampler {
             params,
             rng: params.seed ^ 0x2545_F491_4F6C_DD1D,
             seen: prompt.to_vec(),
-            pending: None,
         }
     }
 
-    fn seen(&mut self, id: u32) {
+    /// Records a generated id for the repetition penalty.
+    pub fn seen(&mut self, id: u32) {
         self.seen.push(id);
     }
 
-    fn sample(&mut self, logits: &[f32]) -> u32 {
+    pub(crate) fn sample(&mut self, logits: &[f32]) -> u32 {
         let p = self.params;
         let mut logits = logits.to_vec();
         if p.repetition_penalty != 1.0 {

@@ -4,6 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use llava_gpu::ops::embed::gather_rows;
+use llava_gpu::ops::reduce::argmax;
 use llava_gpu::{Batch, DType, Gpu, Tensor};
 use llava_image::{ImageConfig, Rgb8};
 
@@ -20,9 +21,9 @@ use crate::files::source::{
     self, DirSource, HashedSource, Layout, LayoutHint, ModelSource, read_text,
 };
 use crate::files::weights::{WeightPrecision, Weights};
-use crate::generate::ChatSession;
+use crate::generate::{ChatSession, Sampler};
 use crate::image_cache::{self, DEFAULT_IMAGE_CACHE_BYTES, ImageCache, ImageCacheStats};
-use crate::net::language::LanguageModel;
+use crate::net::language::{DecodePlan, KvCache, LanguageModel};
 use crate::net::projector::Projector;
 use crate::net::vision::VisionTower;
 use crate::text::{
@@ -73,6 +74,62 @@ impl KvPrecision {
             KvPrecision::F16 => DType::F16,
         }
     }
+}
+
+/// A sequence on the GPU: its KV cache, the ids whose keys and values the cache holds, and the
+/// decode step planned over it at its first prefill; and of the reply being decoded, how far it
+/// is and whether a step ran ahead.
+pub struct Sequence {
+    cache: KvCache,
+    /// `Some(None)`: the step could not be planned (it runs op by op).
+    plan: Option<Option<DecodePlan>>,
+    ids: Vec<u32>,
+    /// The reply's tokens so far (the plan's slot of the next step).
+    slot: usize,
+    /// The step of the token after the latest one was submitted already.
+    ahead: bool,
+    /// Decode steps submitted for the reply (a step run ahead and undone counts too).
+    steps: usize,
+}
+
+impl Sequence {
+    pub fn capacity(&self) -> usize {
+        self.cache.capacity()
+    }
+
+    /// Forgets what the sequence holds (its GPU buffers are kept).
+    pub fn clear(&mut self) {
+        self.cache.truncate(0);
+        self.ids.clear();
+    }
+
+    /// Whether the decode step runs planned (else op by op).
+    pub fn planned(&self) -> bool {
+        matches!(self.plan, Some(Some(_)))
+    }
+
+    /// Whether the cache has room for the step of the reply's latest token.
+    pub fn has_room(&self) -> bool {
+        self.cache.len() - usize::from(self.ahead) < self.cache.capacity()
+    }
+
+    /// Ends the reply: undoes a step that ran ahead of it. Returns the decode steps it submitted.
+    pub fn end_reply(&mut self) -> usize {
+        if std::mem::take(&mut self.ahead) {
+            self.cache.truncate(self.cache.len() - 1);
+            self.steps += 1;
+        }
+        self.steps
+    }
+}
+
+/// A reply's first token, from [`Llava::prefill`].
+pub struct Prefill {
+    pub token: u32,
+    /// The logits at the last prompt position, when asked for.
+    pub logits: Option<Vec<f32>>,
+    /// The prompt ids run (those after the reused prefix).
+    pub tokens_run: usize,
 }
 
 /// One image run through the vision tower and projector, packed into LLM tokens. Cloning shares
@@ -564,6 +621,11 @@ impl Llava {
 
     /// A new conversation with its own KV cache.
     pub fn chat(&self, system: Option<String>) -> Result<ChatSession> {
+        Ok(ChatSession::new(system, self.sequence()?))
+    }
+
+    /// A new, empty sequence with a KV cache of the model's context.
+    pub fn sequence(&self) -> Result<Sequence> {
         let dtype = self.kv_cache.dtype();
         let fits = needs::max_context(&self.config().text, dtype, GpuLimits::of(&self.gpu));
         if self.context > fits {
@@ -579,10 +641,125 @@ impl Llava {
                 }
             )));
         }
-        Ok(ChatSession::new(
-            system,
-            self.language.new_cache(&self.gpu, self.context, dtype)?,
-        ))
+        Ok(Sequence {
+            cache: self.language.new_cache(&self.gpu, self.context, dtype)?,
+            plan: None,
+            ids: Vec::new(),
+            slot: 0,
+            ahead: false,
+            steps: 0,
+        })
+    }
+
+    /// Runs the part of `ids` the sequence does not hold yet (the longest common prefix with what
+    /// it holds is reused), with `image`'s features in place of the ids from `image.1` on, and
+    /// picks the reply's first token: on the GPU with the planned step (the step is planned here,
+    /// at the sequence's first prefill), else by `sampler`. `want_logits` also reads back the
+    /// logits at the last prompt position.
+    pub async fn prefill(
+        &self,
+        seq: &mut Sequence,
+        ids: &[u32],
+        image: Option<(&EncodedImage, usize)>,
+        sampler: &mut Sampler<'_>,
+        want_logits: bool,
+    ) -> Result<Prefill> {
+        let common = seq
+            .ids
+            .iter()
+            .zip(ids)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(ids.len() - 1);
+        seq.cache.truncate(common);
+        seq.ids.truncate(common);
+        (seq.slot, seq.ahead, seq.steps) = (1, false, 0);
+        let gpu = self.gpu();
+        let mut batch = gpu.batch();
+        let new_ids = &ids[common..];
+        let x = self.embed_prompt(&mut batch, new_ids)?;
+        if let Some((image, image_start)) = image {
+            self.splice_image(&mut batch, &x, common, image_start, image)?;
+        }
+        if seq.plan.is_none() {
+            seq.plan = Some(self.language.plan_decode(gpu, &seq.cache)?);
+        }
+        let last = self.language.forward_last(&mut batch, &x, &mut seq.cache)?;
+        seq.ids.extend_from_slice(new_ids);
+        let (token, logits) = match seq.plan.as_ref().and_then(Option::as_ref) {
+            Some(plan) => {
+                plan.set_sampling(gpu, sampler.params.sampling(), ids);
+                plan.record_head(&mut batch, &last)?;
+                plan.submit_sampled(batch, want_logits).await?
+            }
+            None => {
+                let hidden = self.language.final_norm(&mut batch, &last)?;
+                let logits = self.language.logits(&mut batch, &hidden)?;
+                if want_logits || !sampler.params.greedy() {
+                    batch.submit()?;
+                    let logits = logits.to_f32(gpu).await?;
+                    (sampler.sample(&logits), want_logits.then_some(logits))
+                } else {
+                    let best = argmax(&mut batch, &logits)?;
+                    batch.submit()?;
+                    (best.to_u32(gpu).await?[0], None)
+                }
+            }
+        };
+        Ok(Prefill {
+            token,
+            logits,
+            tokens_run: new_ids.len(),
+        })
+    }
+
+    /// One decode step: runs `token` (the reply's latest) and picks the next one. With the
+    /// planned step, the step of the token after that is submitted before this one is read back
+    /// (the GPU sampler leaves each token where the next step reads it), so the GPU never waits
+    /// for the host; [`Sequence::end_reply`] undoes it when the reply stops.
+    pub async fn step(
+        &self,
+        seq: &mut Sequence,
+        token: u32,
+        sampler: &mut Sampler<'_>,
+    ) -> Result<u32> {
+        seq.steps += 1;
+        let gpu = self.gpu();
+        let mut batch = gpu.batch();
+        let slot = seq.slot;
+        let next = match seq.plan.as_ref().and_then(Option::as_ref) {
+            Some(plan) => {
+                if !seq.ahead {
+                    plan.record_step(&mut batch, &mut seq.cache, slot)?;
+                    plan.submit(batch, slot)?;
+                }
+                // The step of the token `slot` will bring, if the reply can take it.
+                seq.ahead = slot + 1 < sampler.params.max_new_tokens
+                    && seq.cache.len() < seq.cache.capacity();
+                if seq.ahead {
+                    let mut batch = gpu.batch();
+                    plan.record_step(&mut batch, &mut seq.cache, slot + 1)?;
+                    plan.submit(batch, slot + 1)?;
+                }
+                plan.read(gpu, slot).await?
+            }
+            None => {
+                let x = self.language.embed(&mut batch, &[token])?;
+                let hidden = self.language.forward(&mut batch, &x, &mut seq.cache)?;
+                let logits = self.language.logits(&mut batch, &hidden)?;
+                if sampler.params.greedy() {
+                    let best = argmax(&mut batch, &logits)?;
+                    batch.submit()?;
+                    best.to_u32(gpu).await?[0]
+                } else {
+                    batch.submit()?;
+                    sampler.sample(&logits.to_f32(gpu).await?)
+                }
+            }
+        };
+        seq.ids.push(token);
+        seq.slot += 1;
+        Ok(next)
     }
 
     /// The prompt for a conversation, from the checkpoint's chat template.
