@@ -30,3 +30,20 @@ pub(crate) fn parse_json(file: &str, text: &str) -> Result<Value> {
     serde_json::from_str(text)
         .map_err(|e| ModelError::Template(format!("{file}: malformed JSON: {e}")))
 }
+
+/// What the tokenizer and template tests read: transformers' fixtures and shipped tokenizers.
+#[cfg(test)]
+pub(crate) mod test_files {
+    use serde_json::Value;
+
+    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
+    pub const TOKENIZERS: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/testdata/tokenizers"
+    );
+
+    pub fn fixture(name: &str) -> Vec<Value> {
+        let text = std::fs::read_to_string(format!("{FIXTURES}/{name}")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+}

@@ -347,16 +347,7 @@ fn special_token(config: &Value, key: &str) -> String {
 mod tests {
     use super::*;
 
-    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
-    const TOKENIZERS: &str = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/testdata/tokenizers"
-    );
-
-    fn fixture(name: &str) -> Vec<Value> {
-        let text = std::fs::read_to_string(format!("{FIXTURES}/{name}")).unwrap();
-        serde_json::from_str(&text).unwrap()
-    }
+    use crate::text::test_files::{TOKENIZERS, fixture};
 
     /// The fixture's HF messages flattened into [`Message`]s (images first, texts joined).
     fn to_messages(messages: &Value) -> Vec<Message> {

@@ -254,11 +254,7 @@ mod tests {
     use serde_json::json;
     use std::sync::OnceLock;
 
-    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
-    const TOKENIZERS: &str = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/testdata/tokenizers"
-    );
+    use crate::text::test_files::{TOKENIZERS, fixture};
 
     /// Loading a 3.5 MB tokenizer.json takes a moment; tests share one of each.
     fn tokenizer(name: &str) -> &'static Tokenizer {
@@ -270,11 +266,6 @@ mod tests {
             other => panic!("no test tokenizer {other}"),
         };
         cell.get_or_init(|| Tokenizer::from_dir(format!("{TOKENIZERS}/{name}")).unwrap())
-    }
-
-    fn fixture(name: &str) -> Vec<Value> {
-        let text = std::fs::read_to_string(format!("{FIXTURES}/{name}")).unwrap();
-        serde_json::from_str(&text).unwrap()
     }
 
     fn ids_of(value: &Value) -> Vec<u32> {
