@@ -68,12 +68,15 @@ impl DType {
             DType::Q6 => numel.checked_mul(3)? / 4,
             DType::Q4 => numel / 2,
         };
-        if !self.is_quantized() {
-            return Some(data);
-        }
-        let scales = (numel / self.group_size() as u64).checked_mul(2)?;
-        data.checked_next_multiple_of(scales_align.max(1))?
-            .checked_add(scales)
+        let bytes = if self.is_quantized() {
+            let scales = (numel / self.group_size() as u64).checked_mul(2)?;
+            data.checked_next_multiple_of(scales_align.max(1))?
+                .checked_add(scales)?
+        } else {
+            data
+        };
+        // `Gpu::create_buffer` pads every buffer to a whole number of 4-byte words.
+        bytes.max(4).checked_next_multiple_of(4)
     }
 }
 
