@@ -13,12 +13,13 @@ use llava_gpu::ops::reduce::argmax;
 use llava_gpu::{Counters, Gpu, Tensor, probe, random};
 use llava_model::files::config::{Activation, TextArch, TextConfig, VisionConfig};
 use llava_model::files::weights::{WeightPrecision, Weights};
+use llava_model::llava::KvPrecision;
 use llava_model::net::language::{KvCache, LanguageModel};
 use llava_model::net::projector::Projector;
 use llava_model::net::vision::VisionTower;
 use web_time::Instant;
 
-use crate::CliResult;
+use crate::{CliResult, names, precision};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -31,11 +32,11 @@ pub struct BenchArgs {
     /// Vision-tower layers to build (default: the shape's).
     #[arg(long)]
     vision_layers: Option<usize>,
-    #[arg(long, value_enum, default_value_t = BenchQuant::Q4)]
-    quant: BenchQuant,
+    #[arg(long, default_value = "q4", value_parser = precision::<WeightPrecision>(["q4", "q8", "f16"]))]
+    quant: WeightPrecision,
     /// What the KV cache stores.
-    #[arg(long, value_enum, default_value_t = BenchKv::F32)]
-    kv: BenchKv,
+    #[arg(long, default_value = "f32", value_parser = precision::<KvPrecision>(names(KvPrecision::NAMED)))]
+    kv: KvPrecision,
     /// Prompt length of the prefill (an 800x600 image and a question: 2355).
     #[arg(long, default_value_t = 2355)]
     prompt_tokens: usize,
@@ -59,19 +60,6 @@ enum Shape {
     #[value(name = "vicuna-13b")]
     Vicuna13b,
     Tiny,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum BenchKv {
-    F32,
-    F16,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum BenchQuant {
-    Q4,
-    Q8,
-    F16,
 }
 
 impl Shape {
@@ -151,11 +139,7 @@ pub fn bench(args: BenchArgs) -> CliResult<()> {
     text.num_hidden_layers = args.layers.unwrap_or(text.num_hidden_layers);
     let mut vision_cfg = vision_config(args.shape);
     vision_cfg.num_hidden_layers = args.vision_layers.unwrap_or(vision_cfg.num_hidden_layers);
-    let precision = match args.quant {
-        BenchQuant::Q4 => WeightPrecision::Q4,
-        BenchQuant::Q8 => WeightPrecision::Q8,
-        BenchQuant::F16 => WeightPrecision::F16,
-    };
+    let precision = args.quant;
     let context = (args.prompt_tokens + 2 * args.tokens + args.op_tokens + 1).next_multiple_of(64);
 
     let (model, build_s) = timed(&gpu, || {
@@ -193,10 +177,7 @@ pub fn bench(args: BenchArgs) -> CliResult<()> {
         &[args.prompt_tokens, text.hidden_size],
         &random(args.prompt_tokens * text.hidden_size, 2),
     )?;
-    let kv_dtype = match args.kv {
-        BenchKv::F32 => llava_gpu::DType::F32,
-        BenchKv::F16 => llava_gpu::DType::F16,
-    };
+    let kv_dtype = args.kv.dtype();
     let mut cache = language.new_cache(&gpu, context, kv_dtype)?;
     let mut prefill = || {
         cache.truncate(0);

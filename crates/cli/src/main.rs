@@ -5,9 +5,11 @@ mod bench;
 use std::io::{BufRead, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::str::FromStr;
 use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{Args, Parser, Subcommand};
 use llava_gpu::Gpu;
 use llava_model::files::convert::{self, ConversionPlan};
 use llava_model::files::loader::{Progress, Stage};
@@ -59,8 +61,8 @@ struct ModelArgs {
     #[arg(long)]
     model: Option<PathBuf>,
     /// Precision of the weights on the GPU (default: the checkpoint's, bf16 as f16).
-    #[arg(long, value_enum)]
-    quant: Option<Precision>,
+    #[arg(long, value_parser = precision::<WeightPrecision>(names(WeightPrecision::NAMED)))]
+    quant: Option<WeightPrecision>,
     /// KV-cache size in tokens (default: 4096, or what this GPU's limits hold).
     #[arg(long)]
     context: Option<usize>,
@@ -73,22 +75,23 @@ struct ModelArgs {
     image_cache_mb: u64,
     /// What the KV cache stores: f16 halves its memory and the bytes each token reads from it;
     /// f32 keeps logits within 1e-4 of transformers'. Default: f16 where the GPU has shader-f16.
-    #[arg(long, value_enum)]
-    kv: Option<KvArg>,
+    #[arg(long, value_parser = precision::<KvPrecision>(names(KvPrecision::NAMED)))]
+    kv: Option<KvPrecision>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum KvArg {
-    F32,
-    F16,
+/// Parses one of `names` into the model crate's own precision type (the vocabulary the JS package
+/// and converted manifests use too); `--help` lists the names.
+pub(crate) fn precision<T>(
+    names: impl IntoIterator<Item = &'static str>,
+) -> impl TypedValueParser<Value = T>
+where
+    T: FromStr<Err = ModelError> + Clone + Send + Sync + 'static,
+{
+    PossibleValuesParser::new(names).try_map(|name| name.parse::<T>())
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Precision {
-    F32,
-    F16,
-    Q8,
-    Q4,
+pub(crate) fn names<T>(named: &'static [(T, &'static str)]) -> impl Iterator<Item = &'static str> {
+    named.iter().map(|&(_, name)| name)
 }
 
 #[derive(Args)]
@@ -171,8 +174,8 @@ struct ConvertArgs {
     /// Output folder (created if needed); not needed with --dry-run.
     #[arg(long, required_unless_present = "dry_run")]
     output: Option<PathBuf>,
-    #[arg(long, value_enum)]
-    quant: ConvertQuant,
+    #[arg(long, value_parser = precision::<WeightPrecision>(["f16", "q8", "q4"]))]
+    quant: WeightPrecision,
     /// Shard size in MiB (a tensor larger than this gets a shard of its own).
     #[arg(long, default_value_t = 64)]
     shard_mb: u64,
@@ -180,33 +183,11 @@ struct ConvertArgs {
     #[arg(long)]
     dry_run: bool,
     /// Precision of the vision tower and projector (default: q8 under q8 and q4, else f16).
-    #[arg(long, value_enum)]
-    keep_vision: Option<KeepArg>,
+    #[arg(long, value_parser = precision::<KeepPrecision>(names(KeepPrecision::NAMED)))]
+    keep_vision: Option<KeepPrecision>,
     /// Precision of the token embeddings and lm_head (default: q8 under q8 and q4, else f16).
-    #[arg(long, value_enum)]
-    keep_lm_head: Option<KeepArg>,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum KeepArg {
-    F16,
-    Q8,
-}
-
-impl From<KeepArg> for KeepPrecision {
-    fn from(arg: KeepArg) -> KeepPrecision {
-        match arg {
-            KeepArg::F16 => KeepPrecision::F16,
-            KeepArg::Q8 => KeepPrecision::Q8,
-        }
-    }
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum ConvertQuant {
-    F16,
-    Q8,
-    Q4,
+    #[arg(long, value_parser = precision::<KeepPrecision>(names(KeepPrecision::NAMED)))]
+    keep_lm_head: Option<KeepPrecision>,
 }
 
 fn main() -> ExitCode {
@@ -239,19 +220,9 @@ fn model_dir(model: &Option<PathBuf>) -> PathBuf {
 fn load(args: &ModelArgs) -> CliResult<(Llava, f64)> {
     let start = Instant::now();
     let gpu = Arc::new(Gpu::new_blocking()?);
-    let precision = match args.quant {
-        None => WeightPrecision::Native,
-        Some(Precision::F32) => WeightPrecision::F32,
-        Some(Precision::F16) => WeightPrecision::F16,
-        Some(Precision::Q8) => WeightPrecision::Q8,
-        Some(Precision::Q4) => WeightPrecision::Q4,
-    };
+    let precision = args.quant.unwrap_or_default();
     let dir = model_dir(&args.model);
-    let kv_cache = match args.kv {
-        Some(KvArg::F32) => KvPrecision::F32,
-        Some(KvArg::F16) => KvPrecision::F16,
-        None => KvPrecision::preferred(&gpu),
-    };
+    let kv_cache = args.kv.unwrap_or_else(|| KvPrecision::preferred(&gpu));
     let options = LoadOptions {
         precision,
         context: args.context,
@@ -472,11 +443,7 @@ fn stop_note(reply: &llava_model::generate::Reply) -> &'static str {
 }
 
 fn convert(args: ConvertArgs) -> CliResult<()> {
-    let precision = match args.quant {
-        ConvertQuant::F16 => WeightPrecision::F16,
-        ConvertQuant::Q8 => WeightPrecision::Q8,
-        ConvertQuant::Q4 => WeightPrecision::Q4,
-    };
+    let precision = args.quant;
     // At most 2^44 MiB, so that the size in bytes fits in 64 bits.
     let shard_bytes = match args.shard_mb.checked_mul(1 << 20) {
         Some(bytes) if bytes > 0 => bytes,
@@ -487,8 +454,8 @@ fn convert(args: ConvertArgs) -> CliResult<()> {
         }
     };
     let keep = KeepOptions {
-        vision: args.keep_vision.map(Into::into),
-        lm_head: args.keep_lm_head.map(Into::into),
+        vision: args.keep_vision,
+        lm_head: args.keep_lm_head,
     };
     if args.dry_run {
         let config_path = if args.input.is_dir() {

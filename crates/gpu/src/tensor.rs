@@ -16,8 +16,12 @@ use std::sync::Arc;
 use crate::context::{Batch, Binding, Gpu};
 use crate::error::{GpuError, Result, shape_err};
 use crate::quant::QuantMatrix;
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Element types of GPU tensors; also the storage kinds a converted model's manifest names
+/// ("f32", "f16", "q8", "q6", "q4").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DType {
     F32,
     F16,
@@ -38,6 +42,20 @@ impl DType {
             DType::Q8 => 32,
             DType::Q6 | DType::Q4 => 64,
             _ => 0,
+        }
+    }
+
+    /// The columns of a quantized matrix whose packed rows hold `packed` bytes; `None` for
+    /// unquantized dtypes and for byte counts no row of this dtype has.
+    pub fn cols_from_packed(self, packed: usize) -> Option<usize> {
+        match self {
+            DType::Q8 => Some(packed),
+            DType::Q6 => packed
+                .is_multiple_of(3)
+                .then(|| (packed / 3).checked_mul(4))
+                .flatten(),
+            DType::Q4 => packed.checked_mul(2),
+            DType::F32 | DType::F16 | DType::U32 => None,
         }
     }
 
@@ -466,5 +484,15 @@ mod tests {
             );
         }
         assert_eq!(DType::F16.buffer_bytes(&[usize::MAX, 3], 256), None);
+    }
+
+    #[test]
+    fn packed_widths_that_overflow_have_no_columns() {
+        assert_eq!(DType::Q4.cols_from_packed(6), Some(12));
+        assert_eq!(DType::Q6.cols_from_packed(6), Some(8));
+        assert_eq!(DType::Q6.cols_from_packed(7), None);
+        assert_eq!(DType::Q4.cols_from_packed(usize::MAX), None);
+        assert_eq!(DType::Q6.cols_from_packed(usize::MAX / 3 * 3), None);
+        assert_eq!(DType::F16.cols_from_packed(6), None);
     }
 }

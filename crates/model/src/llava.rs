@@ -20,7 +20,7 @@ use crate::files::needs::{self, GpuLimits, WeightFormats};
 use crate::files::source::{
     self, DirSource, HashedSource, Layout, LayoutHint, ModelSource, read_text,
 };
-use crate::files::weights::{WeightPrecision, Weights};
+use crate::files::weights::{WeightPrecision, Weights, named_precision};
 use crate::generate::{ChatSession, Sampler};
 use crate::image_cache::{self, DEFAULT_IMAGE_CACHE_BYTES, ImageCache, ImageCacheStats};
 use crate::net::language::{DecodePlan, KvCache, LanguageModel};
@@ -57,6 +57,12 @@ pub enum KvPrecision {
     F16,
 }
 
+named_precision!(
+    KvPrecision,
+    "KV-cache precision",
+    [(F32, "f32"), (F16, "f16")]
+);
+
 impl KvPrecision {
     /// f16 where the adapter has shader-f16 (the decode kernels' f16 variants read it as such),
     /// f32 elsewhere: the entry points' default.
@@ -68,7 +74,8 @@ impl KvPrecision {
         }
     }
 
-    fn dtype(self) -> DType {
+    /// The element type of the cache's tensors.
+    pub fn dtype(self) -> DType {
         match self {
             KvPrecision::F32 => DType::F32,
             KvPrecision::F16 => DType::F16,

@@ -4,10 +4,11 @@
 
 use std::path::Path;
 
+use llava_gpu::DType;
 use llava_model::files::checkpoint::{Checkpoint, Dtype};
 use llava_model::files::config::LlavaConfig;
 use llava_model::files::convert::{self, ConversionPlan, DEFAULT_SHARD_BYTES};
-use llava_model::files::manifest::{MANIFEST_FILE, Manifest, Storage};
+use llava_model::files::manifest::{MANIFEST_FILE, Manifest};
 use llava_model::files::weights::{KeepOptions, KeepPrecision, WeightPrecision};
 use llava_model::generate::Reply;
 use llava_model::llava::{Llava, LoadOptions};
@@ -211,13 +212,13 @@ fn mistral_7b_q4_download_is_at_most_4_5_gb() {
             // The LLM's matrices at 4.25 bits (a nibble plus an f16 scale per 64), its attention
             // value/output matrices and token embeddings at 6.25 bits, the lm_head, vision tower
             // and projector matrices at 8.5 bits (a byte plus an f16 scale per 32).
-            let q4 = summary.by_storage[&Storage::Q4];
+            let q4 = summary.by_storage[&DType::Q4];
             assert_eq!(q4.bytes * 64, q4.params * 34);
-            let q6 = summary.by_storage[&Storage::Q6];
+            let q6 = summary.by_storage[&DType::Q6];
             assert_eq!(q6.bytes * 64, q6.params * 50);
             let per_layer = 4096 * 1024 + 4096 * 4096;
             assert_eq!(q6.params, 32 * per_layer + 32064 * 4096);
-            let q8 = summary.by_storage[&Storage::Q8];
+            let q8 = summary.by_storage[&DType::Q8];
             assert_eq!(q8.bytes * 32, q8.params * 34);
         }
     }
@@ -474,21 +475,21 @@ fn storage_kinds_follow_the_load_rule() {
     .unwrap()
     .manifest;
     let kinds = &manifest.quant.tensors;
-    assert_eq!(kinds["model.layers.0.mlp.up_proj.weight"], Storage::Q4);
-    assert_eq!(kinds["model.layers.1.self_attn.q_proj.weight"], Storage::Q4);
-    assert_eq!(kinds["model.layers.1.self_attn.v_proj.weight"], Storage::Q6);
-    assert_eq!(kinds["model.layers.0.self_attn.o_proj.weight"], Storage::Q6);
-    assert_eq!(kinds["lm_head.weight"], Storage::Q8);
-    assert_eq!(kinds["model.embed_tokens.weight"], Storage::Q6);
+    assert_eq!(kinds["model.layers.0.mlp.up_proj.weight"], DType::Q4);
+    assert_eq!(kinds["model.layers.1.self_attn.q_proj.weight"], DType::Q4);
+    assert_eq!(kinds["model.layers.1.self_attn.v_proj.weight"], DType::Q6);
+    assert_eq!(kinds["model.layers.0.self_attn.o_proj.weight"], DType::Q6);
+    assert_eq!(kinds["lm_head.weight"], DType::Q8);
+    assert_eq!(kinds["model.embed_tokens.weight"], DType::Q6);
     assert_eq!(
         kinds["vision_model.encoder.layers.0.mlp.fc1.weight"],
-        Storage::Q8
+        DType::Q8
     );
-    assert_eq!(kinds["multi_modal_projector.linear_1.weight"], Storage::Q8);
-    assert_eq!(kinds["model.norm.weight"], Storage::F32);
+    assert_eq!(kinds["multi_modal_projector.linear_1.weight"], DType::Q8);
+    assert_eq!(kinds["model.norm.weight"], DType::F32);
     assert_eq!(
         kinds["vision_model.embeddings.patch_embedding.weight"],
-        Storage::F32
+        DType::F32
     );
     assert_eq!(manifest.shards.len(), 1);
     for file in [
@@ -522,8 +523,8 @@ fn keep_options_override_vision_and_lm_head_storage() {
             of("lm_head.weight"),
         ]
     };
+    use DType as S;
     use KeepPrecision::{F16, Q8};
-    use Storage as S;
     assert_eq!(
         kinds(WeightPrecision::Q4, None, None),
         [S::Q4, S::Q8, S::Q8, S::Q6, S::Q8]

@@ -243,18 +243,11 @@ struct LoadSettings {
     files: Option<Vec<String>>,
 }
 
+/// The model crate's names parse the option; the message keeps the words of the JS docs.
 fn precision(name: Option<&str>) -> Result<WeightPrecision, JsError> {
-    Ok(match name {
-        None | Some("native") => WeightPrecision::Native,
-        Some("f32") => WeightPrecision::F32,
-        Some("f16") => WeightPrecision::F16,
-        Some("q8") => WeightPrecision::Q8,
-        Some("q4") => WeightPrecision::Q4,
-        Some(other) => {
-            return Err(JsError::new(&format!(
-                "unknown quant \"{other}\": use f32, f16, q8 or q4"
-            )));
-        }
+    name.map_or(Ok(WeightPrecision::Native), |name| {
+        name.parse()
+            .map_err(|_| JsError::new(&format!("unknown quant \"{name}\": use f32, f16, q8 or q4")))
     })
 }
 
@@ -303,16 +296,13 @@ pub async fn load_model(
     // JSON.stringify drops the function, so the other settings parse as before.
     let settings: LoadSettings = from_js(&options, "load options")?;
     let precision = precision(settings.quant.as_deref())?;
-    let kv_cache = match settings.kv_cache.as_deref() {
-        None => None,
-        Some("f32") => Some(KvPrecision::F32),
-        Some("f16") => Some(KvPrecision::F16),
-        Some(other) => {
-            return Err(JsError::new(&format!(
-                "unknown kvCache \"{other}\": use f32 or f16"
-            )));
-        }
-    };
+    let kv_cache = settings
+        .kv_cache
+        .map(|name| {
+            name.parse::<KvPrecision>()
+                .map_err(|_| JsError::new(&format!("unknown kvCache \"{name}\": use f32 or f16")))
+        })
+        .transpose()?;
     let (base, hint) = match base_url.strip_suffix(MANIFEST_FILE) {
         Some(base) => (base.to_string(), LayoutHint::Converted),
         None if base_url.ends_with('/') => (base_url, LayoutHint::Probe),

@@ -5,10 +5,16 @@
 //! `CLIPVisionConfig`, `LlamaConfig`, `MistralConfig`). Two layouts are understood: llava-hf
 //! (`model_type: llava_next` with `vision_config` / `text_config`) and the original LLaVA repo
 //! (`model_type: llava_llama` / `llava_mistral`, text fields at the top level, `mm_*` keys).
+//!
+//! Each file section deserializes (serde derive) into a `*Keys` struct of optional values; leaf
+//! types (`Count`, `TokenId`, `Rgb`, ...) check a value's kind, and the rules between keys and the
+//! class defaults are applied after. Every error names the file, the key's full path and the rule.
 
 use std::path::Path;
 
-use serde_json::{Map, Value};
+use serde::Deserialize;
+use serde::de::{self, DeserializeOwned, Deserializer};
+use serde_json::Value;
 
 use crate::error::{ModelError, Result};
 
@@ -209,13 +215,19 @@ impl LlavaConfig {
     }
 
     fn from_json_named(json: &str, file: &str, tower: &TowerFile) -> Result<Self> {
-        let root_value = parse_json_object(json, file)?;
-        let root = Fields::root(file, &root_value);
-        let model_type = root.string("model_type", None)?;
-        match model_type.as_deref() {
-            Some("llava_next") => parse_llava_hf(&root),
-            Some("llava_llama") => parse_original(&root, TextArch::Llama, tower),
-            Some("llava_mistral") => parse_original(&root, TextArch::Mistral, tower),
+        let root = parse_json_object(json, file)?;
+        let model_type: ModelTypeKey = read_keys(file, &root)?;
+        match model_type.model_type.as_deref() {
+            Some("llava_next") => parse_llava_hf(read_keys(file, &root)?, file),
+            Some(arch @ ("llava_llama" | "llava_mistral")) => {
+                let arch = match arch {
+                    "llava_llama" => TextArch::Llama,
+                    _ => TextArch::Mistral,
+                };
+                let keys = read_keys(file, &root)?;
+                let text = read_keys(file, &root)?;
+                parse_original(keys, text, arch, file, tower)
+            }
             Some(other) => Err(ModelError::config(
                 file,
                 format!(
@@ -228,102 +240,122 @@ impl LlavaConfig {
     }
 }
 
-fn parse_llava_hf(root: &Fields) -> Result<LlavaConfig> {
-    let vision = match root.object("vision_config")? {
-        Some(fields) => {
-            match fields.string("model_type", None)?.as_deref() {
+/// The keys of a llava-hf `config.json` (`LlavaNextConfig`).
+#[derive(Deserialize)]
+struct LlavaNextKeys {
+    vision_config: Option<VisionKeys>,
+    text_config: Option<TextKeys>,
+    image_token_index: Option<TokenId>,
+    /// The attribute-map alias of `image_token_index`.
+    image_token_id: Option<TokenId>,
+    vision_feature_layer: Option<FeatureLayer>,
+    vision_feature_select_strategy: Option<FeatureSelect>,
+    multimodal_projector_bias: Option<bool>,
+    tie_word_embeddings: Option<bool>,
+    image_grid_pinpoints: Option<Pinpoints>,
+    projector_hidden_act: Option<Activation>,
+}
+
+fn parse_llava_hf(keys: LlavaNextKeys, file: &str) -> Result<LlavaConfig> {
+    let root = Place::root(file);
+    let vision = match keys.vision_config {
+        Some(section) => {
+            let place = root.child("vision_config");
+            match section.model_type.as_deref() {
                 None | Some("clip_vision_model") => {}
                 Some(other) => {
-                    return Err(fields.error(
+                    return Err(place.error(
                         "model_type",
                         format!("vision tower `{other}` is not supported"),
                     ));
                 }
             }
-            parse_vision(&fields, &VisionConfig::CLIP_CLASS_DEFAULTS)?
+            parse_vision(section, &place, &VisionConfig::CLIP_CLASS_DEFAULTS)?
         }
         None => VisionConfig::CLIP_VIT_L_14_336,
     };
 
-    let empty = Map::new();
-    let text_fields = root
-        .object("text_config")?
-        .unwrap_or_else(|| root.child("text_config", &empty));
-    let arch = match text_fields.string("model_type", None)?.as_deref() {
+    let text_place = root.child("text_config");
+    let text_keys = keys.text_config.unwrap_or_default();
+    let arch = match text_keys.model_type.as_deref() {
         None | Some("llama") => TextArch::Llama,
         Some("mistral") => TextArch::Mistral,
         Some(other) => {
-            return Err(text_fields.error(
+            return Err(text_place.error(
                 "model_type",
                 format!("language model `{other}` is not supported"),
             ));
         }
     };
-    let text = parse_text(&text_fields, arch)?;
+    let text = parse_text(text_keys, &text_place, arch)?;
 
-    // `image_token_id` is the attribute-map alias of `image_token_index`.
-    let image_token_index = match root.opt_u32("image_token_index")? {
-        Some(id) => id,
-        None => root.opt_u32("image_token_id")?.unwrap_or(32000),
-    };
-    let vision_feature_layer = match root.get("vision_feature_layer") {
-        Some(Value::Array(_)) => {
+    let vision_feature_layer = match keys.vision_feature_layer {
+        None => -2,
+        Some(FeatureLayer::One(layer)) => layer,
+        Some(FeatureLayer::List) => {
             return Err(root.error(
                 "vision_feature_layer",
                 "a list of feature layers is not supported",
             ));
         }
-        _ => root.i64("vision_feature_layer", -2)?,
     };
-    let vision_feature_select_strategy = match root
-        .string("vision_feature_select_strategy", Some("default"))?
-        .as_deref()
-    {
-        Some("default") => FeatureSelect::Default,
-        Some("full") => FeatureSelect::Full,
-        other => {
-            return Err(root.error(
-                "vision_feature_select_strategy",
-                format!("expected \"default\" or \"full\", got {other:?}"),
-            ));
-        }
-    };
-    if !root.bool("multimodal_projector_bias", true)? {
+    if keys.multimodal_projector_bias == Some(false) {
         return Err(root.error(
             "multimodal_projector_bias",
             "a projector without bias is not supported",
         ));
     }
-    // transformers 5 ties on the top-level flag; a file that only sets it in `text_config`
-    // (as 4.x read it) is honoured when the top level is silent.
-    let tie_word_embeddings = match root.get("tie_word_embeddings") {
-        Some(_) => root.bool("tie_word_embeddings", false)?,
-        None => text.tie_word_embeddings,
-    };
-
     let config = LlavaConfig {
         layout: ConfigLayout::LlavaHf,
-        image_token_index: Some(image_token_index),
-        image_grid_pinpoints: root
-            .pinpoints("image_grid_pinpoints")?
-            .unwrap_or(DEFAULT_PINPOINTS.to_vec()),
+        image_token_index: Some(
+            keys.image_token_index
+                .or(keys.image_token_id)
+                .map_or(32000, |TokenId(id)| id),
+        ),
+        image_grid_pinpoints: keys
+            .image_grid_pinpoints
+            .map_or(DEFAULT_PINPOINTS.to_vec(), |Pinpoints(p)| p),
         vision_feature_layer,
-        vision_feature_select_strategy,
-        projector_hidden_act: root.activation("projector_hidden_act", Activation::Gelu)?,
-        tie_word_embeddings,
+        vision_feature_select_strategy: keys
+            .vision_feature_select_strategy
+            .unwrap_or(FeatureSelect::Default),
+        projector_hidden_act: keys.projector_hidden_act.unwrap_or(Activation::Gelu),
+        // transformers 5 ties on the top-level flag; a file that only sets it in `text_config`
+        // (as 4.x read it) is honoured when the top level is silent.
+        tie_word_embeddings: keys.tie_word_embeddings.unwrap_or(text.tie_word_embeddings),
         vision,
         text,
     };
-    validate(&config, root.file)?;
+    validate(&config, file)?;
     Ok(config)
 }
 
-fn parse_original(root: &Fields, arch: TextArch, tower_file: &TowerFile) -> Result<LlavaConfig> {
-    let tower = root
-        .string("mm_vision_tower", None)?
+/// The LLaVA-specific keys of an original-LLaVA `config.json` (the text keys sit beside them).
+#[derive(Deserialize)]
+struct OriginalKeys {
+    mm_vision_tower: Option<String>,
+    mm_hidden_size: Option<Count>,
+    mm_projector_type: Option<String>,
+    mm_patch_merge_type: Option<String>,
+    image_aspect_ratio: Option<String>,
+    mm_vision_select_feature: Option<SelectFeature>,
+    mm_vision_select_layer: Option<Integer>,
+    image_grid_pinpoints: Option<Pinpoints>,
+}
+
+fn parse_original(
+    keys: OriginalKeys,
+    text: TextKeys,
+    arch: TextArch,
+    file: &str,
+    tower_file: &TowerFile,
+) -> Result<LlavaConfig> {
+    let root = Place::root(file);
+    let tower = keys
+        .mm_vision_tower
         .ok_or_else(|| root.error("mm_vision_tower", "missing"))?;
-    let vision = original_vision_tower(root, &tower, tower_file)?;
-    let mm_hidden_size = root.usize("mm_hidden_size", vision.hidden_size)?;
+    let vision = original_vision_tower(&root, &tower, tower_file)?;
+    let mm_hidden_size = keys.mm_hidden_size.map_or(vision.hidden_size, |Count(n)| n);
     if mm_hidden_size != vision.hidden_size {
         return Err(root.error(
             "mm_hidden_size",
@@ -335,12 +367,15 @@ fn parse_original(root: &Fields, arch: TextArch, tower_file: &TowerFile) -> Resu
     }
     // The LLaVA repo's own defaults for these keys ("linear", "flat", "pad") describe LLaVA-1.5,
     // so each must name the LLaVA-1.6 behaviour explicitly.
-    for (key, wanted) in [
-        ("mm_projector_type", "mlp2x_gelu"),
-        ("mm_patch_merge_type", "spatial_unpad"),
-        ("image_aspect_ratio", "anyres"),
+    for (key, value, wanted) in [
+        ("mm_projector_type", &keys.mm_projector_type, "mlp2x_gelu"),
+        (
+            "mm_patch_merge_type",
+            &keys.mm_patch_merge_type,
+            "spatial_unpad",
+        ),
+        ("image_aspect_ratio", &keys.image_aspect_ratio, "anyres"),
     ] {
-        let value = root.string(key, None)?;
         if value.as_deref() != Some(wanted) {
             return Err(root.error(
                 key,
@@ -348,35 +383,25 @@ fn parse_original(root: &Fields, arch: TextArch, tower_file: &TowerFile) -> Resu
             ));
         }
     }
-    let vision_feature_select_strategy = match root
-        .string("mm_vision_select_feature", Some("patch"))?
-        .as_deref()
-    {
-        Some("patch") => FeatureSelect::Default,
-        Some("cls_patch") => FeatureSelect::Full,
-        other => {
-            return Err(root.error(
-                "mm_vision_select_feature",
-                format!("expected \"patch\" or \"cls_patch\", got {other:?}"),
-            ));
-        }
-    };
-    let image_grid_pinpoints = root
-        .pinpoints("image_grid_pinpoints")?
+    let Pinpoints(image_grid_pinpoints) = keys
+        .image_grid_pinpoints
         .ok_or_else(|| root.error("image_grid_pinpoints", "missing (needed for AnyRes)"))?;
-    let text = parse_text(root, arch)?;
+    let text = parse_text(text, &root, arch)?;
     let config = LlavaConfig {
         layout: ConfigLayout::OriginalLlava,
         vision,
         image_token_index: None,
         image_grid_pinpoints,
-        vision_feature_layer: root.i64("mm_vision_select_layer", -2)?,
-        vision_feature_select_strategy,
+        vision_feature_layer: keys.mm_vision_select_layer.map_or(-2, |Integer(n)| n),
+        vision_feature_select_strategy: match keys.mm_vision_select_feature {
+            None | Some(SelectFeature::Patch) => FeatureSelect::Default,
+            Some(SelectFeature::ClsPatch) => FeatureSelect::Full,
+        },
         projector_hidden_act: Activation::Gelu,
         tie_word_embeddings: text.tie_word_embeddings,
         text,
     };
-    validate(&config, root.file)?;
+    validate(&config, file)?;
     Ok(config)
 }
 
@@ -396,13 +421,18 @@ pub enum TowerFile {
 /// relative to the model folder (or absolute); `None` for other layouts and malformed files
 /// (which the parse then reports).
 pub fn vision_tower_folder(config_json: &str) -> Option<String> {
-    let value: Value = serde_json::from_str(config_json).ok()?;
-    match value.get("model_type")?.as_str()? {
-        "llava_llama" | "llava_mistral" => {}
-        _ => return None,
+    #[derive(Deserialize)]
+    struct TowerKeys {
+        model_type: String,
+        mm_vision_tower: String,
     }
-    let tower = value.get("mm_vision_tower")?.as_str()?;
-    Some(tower.trim_end_matches('/').to_string())
+    let keys: TowerKeys = serde_json::from_str(config_json).ok()?;
+    match keys.model_type.as_str() {
+        "llava_llama" | "llava_mistral" => {
+            Some(keys.mm_vision_tower.trim_end_matches('/').to_string())
+        }
+        _ => None,
+    }
 }
 
 /// LLaVA builds its tower with `CLIPVisionModel.from_pretrained(mm_vision_tower)`, which takes a
@@ -410,7 +440,7 @@ pub fn vision_tower_folder(config_json: &str) -> Option<String> {
 /// a CLIP `config.json` is read; otherwise the name must be the tower LLaVA-1.6 uses,
 /// `openai/clip-vit-large-patch14-336`, whose geometry is known.
 fn original_vision_tower(
-    root: &Fields,
+    root: &Place,
     tower: &str,
     tower_file: &TowerFile,
 ) -> Result<VisionConfig> {
@@ -436,17 +466,25 @@ fn original_vision_tower(
 /// A CLIP tower's `config.json`: a `CLIPConfig` (`model_type: clip`, the tower in `vision_config`)
 /// or a `CLIPVisionConfig` (`model_type: clip_vision_model`), missing keys taking the class defaults.
 fn clip_vision_config(json: &str, file: &str) -> Result<VisionConfig> {
+    #[derive(Deserialize)]
+    struct ClipKeys {
+        model_type: Option<String>,
+        vision_config: Option<VisionKeys>,
+    }
     let root_value = parse_json_object(json, file)?;
-    let root = Fields::root(file, &root_value);
-    let empty = Map::new();
-    match root.string("model_type", None)?.as_deref() {
-        Some("clip") => {
-            let fields = root
-                .object("vision_config")?
-                .unwrap_or_else(|| root.child("vision_config", &empty));
-            parse_vision(&fields, &VisionConfig::CLIP_CLASS_DEFAULTS)
-        }
-        None | Some("clip_vision_model") => parse_vision(&root, &VisionConfig::CLIP_CLASS_DEFAULTS),
+    let root = Place::root(file);
+    let keys: ClipKeys = read_keys(file, &root_value)?;
+    match keys.model_type.as_deref() {
+        Some("clip") => parse_vision(
+            keys.vision_config.unwrap_or_default(),
+            &root.child("vision_config"),
+            &VisionConfig::CLIP_CLASS_DEFAULTS,
+        ),
+        None | Some("clip_vision_model") => parse_vision(
+            read_keys(file, &root_value)?,
+            &root,
+            &VisionConfig::CLIP_CLASS_DEFAULTS,
+        ),
         Some(other) => Err(root.error(
             "model_type",
             format!("vision tower `{other}` is not supported"),
@@ -454,23 +492,54 @@ fn clip_vision_config(json: &str, file: &str) -> Result<VisionConfig> {
     }
 }
 
-fn parse_vision(fields: &Fields, defaults: &VisionConfig) -> Result<VisionConfig> {
-    let hidden_size = fields.size("hidden_size", defaults.hidden_size, MAX_HIDDEN_SIZE)?;
-    let num_attention_heads = fields.size(
+/// The keys of a `CLIPVisionConfig`.
+#[derive(Default, Deserialize)]
+#[serde(expecting = "an object")]
+struct VisionKeys {
+    model_type: Option<String>,
+    hidden_size: Option<Count>,
+    intermediate_size: Option<Count>,
+    num_hidden_layers: Option<Count>,
+    num_attention_heads: Option<Count>,
+    image_size: Option<Count>,
+    patch_size: Option<Count>,
+    layer_norm_eps: Option<Number>,
+    hidden_act: Option<Activation>,
+}
+
+fn parse_vision(keys: VisionKeys, place: &Place, defaults: &VisionConfig) -> Result<VisionConfig> {
+    let hidden_size = place.size(
+        "hidden_size",
+        keys.hidden_size,
+        defaults.hidden_size,
+        MAX_HIDDEN_SIZE,
+    )?;
+    let num_attention_heads = place.size(
         "num_attention_heads",
+        keys.num_attention_heads,
         defaults.num_attention_heads,
         MAX_HEADS,
     )?;
     if !hidden_size.is_multiple_of(num_attention_heads) {
-        return Err(fields.error(
+        return Err(place.error(
             "hidden_size",
             format!("{hidden_size} is not a multiple of num_attention_heads {num_attention_heads}"),
         ));
     }
-    let image_size = fields.size("image_size", defaults.image_size, MAX_IMAGE_SIZE)?;
-    let patch_size = fields.size("patch_size", defaults.patch_size, image_size)?;
+    let image_size = place.size(
+        "image_size",
+        keys.image_size,
+        defaults.image_size,
+        MAX_IMAGE_SIZE,
+    )?;
+    let patch_size = place.size(
+        "patch_size",
+        keys.patch_size,
+        defaults.patch_size,
+        image_size,
+    )?;
     if !image_size.is_multiple_of(patch_size) || image_size / patch_size > MAX_PATCHES_PER_SIDE {
-        return Err(fields.error(
+        return Err(place.error(
             "patch_size",
             format!(
                 "image_size {image_size} must be a multiple of patch_size {patch_size}, \
@@ -480,44 +549,95 @@ fn parse_vision(fields: &Fields, defaults: &VisionConfig) -> Result<VisionConfig
     }
     Ok(VisionConfig {
         hidden_size,
-        intermediate_size: fields.size(
+        intermediate_size: place.size(
             "intermediate_size",
+            keys.intermediate_size,
             defaults.intermediate_size,
             MAX_INTERMEDIATE_SIZE,
         )?,
-        num_hidden_layers: fields.size(
+        num_hidden_layers: place.size(
             "num_hidden_layers",
+            keys.num_hidden_layers,
             defaults.num_hidden_layers,
             MAX_LAYERS,
         )?,
         num_attention_heads,
         image_size,
         patch_size,
-        layer_norm_eps: fields.positive_f64("layer_norm_eps", defaults.layer_norm_eps)?,
-        hidden_act: fields.activation("hidden_act", defaults.hidden_act)?,
+        layer_norm_eps: place.positive(
+            "layer_norm_eps",
+            keys.layer_norm_eps,
+            defaults.layer_norm_eps,
+        )?,
+        hidden_act: keys.hidden_act.unwrap_or(defaults.hidden_act),
     })
 }
 
-fn parse_text(fields: &Fields, arch: TextArch) -> Result<TextConfig> {
+/// The keys of a `LlamaConfig` / `MistralConfig`.
+#[derive(Default, Deserialize)]
+#[serde(expecting = "an object")]
+struct TextKeys {
+    model_type: Option<String>,
+    hidden_size: Option<Count>,
+    intermediate_size: Option<Count>,
+    num_hidden_layers: Option<Count>,
+    num_attention_heads: Option<Count>,
+    #[serde(default)]
+    num_key_value_heads: Written<Count>,
+    head_dim: Option<Count>,
+    hidden_act: Option<Activation>,
+    rms_norm_eps: Option<Number>,
+    rope_theta: Option<Number>,
+    rope_parameters: Option<RopeKeys>,
+    rope_scaling: Option<RopeKeys>,
+    vocab_size: Option<Count>,
+    max_position_embeddings: Option<Count>,
+    #[serde(default)]
+    sliding_window: Written<Count>,
+    tie_word_embeddings: Option<bool>,
+    #[serde(default)]
+    bos_token_id: Written<TokenId>,
+    #[serde(default)]
+    eos_token_id: Written<TokenIds>,
+    pad_token_id: Option<TokenId>,
+}
+
+/// `rope_parameters` (5.x files) or `rope_scaling` (4.x files).
+#[derive(Deserialize)]
+#[serde(expecting = "an object")]
+struct RopeKeys {
+    rope_type: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    rope_theta: Option<Number>,
+}
+
+fn parse_text(keys: TextKeys, place: &Place, arch: TextArch) -> Result<TextConfig> {
     // LlamaConfig / MistralConfig class defaults.
     let (intermediate_default, max_positions_default, sliding_default) = match arch {
         TextArch::Llama => (11008, 2048, None),
         TextArch::Mistral => (14336, 4096 * 32, Some(4096)),
     };
-    let hidden_size = fields.size("hidden_size", 4096, MAX_HIDDEN_SIZE)?;
-    let num_attention_heads = fields.size("num_attention_heads", 32, MAX_HEADS)?;
+    let hidden_size = place.size("hidden_size", keys.hidden_size, 4096, MAX_HIDDEN_SIZE)?;
+    let num_attention_heads = place.size(
+        "num_attention_heads",
+        keys.num_attention_heads,
+        32,
+        MAX_HEADS,
+    )?;
     // An explicit null means "same as the attention heads" in both classes.
-    let num_key_value_heads = match (arch, fields.has("num_key_value_heads")) {
-        (TextArch::Mistral, false) => 8,
-        _ if fields.get("num_key_value_heads").is_none() => num_attention_heads,
-        _ => fields.size(
+    let num_key_value_heads = match (arch, keys.num_key_value_heads) {
+        (TextArch::Mistral, Written::Missing) => 8,
+        (_, Written::Missing | Written::Null) => num_attention_heads,
+        (_, Written::Is(heads)) => place.size(
             "num_key_value_heads",
+            Some(heads),
             num_attention_heads,
             num_attention_heads,
         )?,
     };
     if !num_attention_heads.is_multiple_of(num_key_value_heads) {
-        return Err(fields.error(
+        return Err(place.error(
             "num_key_value_heads",
             format!(
                 "{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"
@@ -525,95 +645,100 @@ fn parse_text(fields: &Fields, arch: TextArch) -> Result<TextConfig> {
         ));
     }
     // Without `head_dim` the classes use hidden_size / num_attention_heads, which must be exact.
-    let head_dim = match fields.get("head_dim") {
-        Some(_) => fields.size("head_dim", 0, MAX_HEAD_DIM)?,
+    let head_dim = match keys.head_dim {
+        Some(dim) => place.size("head_dim", Some(dim), 0, MAX_HEAD_DIM)?,
         None if hidden_size.is_multiple_of(num_attention_heads) => {
             hidden_size / num_attention_heads
         }
         None => {
-            return Err(fields.error(
+            return Err(place.error(
                 "hidden_size",
                 format!("{hidden_size} is not a multiple of num_attention_heads {num_attention_heads} (and no head_dim is given)"),
             ));
         }
     };
     if !head_dim.is_multiple_of(2) || head_dim > MAX_HEAD_DIM {
-        return Err(fields.error(
+        return Err(place.error(
             "head_dim",
             format!("{head_dim} must be even and at most {MAX_HEAD_DIM} (RoPE rotates pairs)"),
         ));
     }
     // LlamaConfig has no sliding window: a stray key in a Llama config is ignored, as there.
-    let sliding_window = match arch {
-        TextArch::Mistral if fields.get("sliding_window").is_some() => {
-            Some(fields.size("sliding_window", 0, usize::MAX)?)
+    let rope_theta = rope_theta(&keys, place)?;
+    let sliding_window = match (arch, keys.sliding_window) {
+        (TextArch::Mistral, Written::Is(window)) => {
+            Some(place.size("sliding_window", Some(window), 0, usize::MAX)?)
         }
-        TextArch::Mistral if fields.has("sliding_window") => None,
+        (TextArch::Mistral, Written::Null) => None,
         _ => sliding_default,
-    };
-    let eos_token_ids = if fields.has("eos_token_id") {
-        fields.token_ids("eos_token_id")?
-    } else {
-        vec![2]
-    };
-    let bos_token_id = if fields.has("bos_token_id") {
-        fields.opt_u32("bos_token_id")?
-    } else {
-        Some(1)
     };
     Ok(TextConfig {
         arch,
         hidden_size,
-        intermediate_size: fields.size(
+        intermediate_size: place.size(
             "intermediate_size",
+            keys.intermediate_size,
             intermediate_default,
             MAX_INTERMEDIATE_SIZE,
         )?,
-        num_hidden_layers: fields.size("num_hidden_layers", 32, MAX_LAYERS)?,
+        num_hidden_layers: place.size(
+            "num_hidden_layers",
+            keys.num_hidden_layers,
+            32,
+            MAX_LAYERS,
+        )?,
         num_attention_heads,
         num_key_value_heads,
         head_dim,
-        hidden_act: fields.activation("hidden_act", Activation::Silu)?,
-        rms_norm_eps: fields.positive_f64("rms_norm_eps", 1e-6)?,
-        rope_theta: rope_theta(fields)?,
-        vocab_size: fields.size("vocab_size", 32000, MAX_VOCAB_SIZE)?,
-        max_position_embeddings: fields.size(
+        hidden_act: keys.hidden_act.unwrap_or(Activation::Silu),
+        rms_norm_eps: place.positive("rms_norm_eps", keys.rms_norm_eps, 1e-6)?,
+        rope_theta,
+        vocab_size: place.size("vocab_size", keys.vocab_size, 32000, MAX_VOCAB_SIZE)?,
+        max_position_embeddings: place.size(
             "max_position_embeddings",
+            keys.max_position_embeddings,
             max_positions_default,
             usize::MAX,
         )?,
         sliding_window,
-        tie_word_embeddings: fields.bool("tie_word_embeddings", false)?,
-        bos_token_id,
-        eos_token_ids,
-        pad_token_id: fields.opt_u32("pad_token_id")?,
+        tie_word_embeddings: keys.tie_word_embeddings.unwrap_or(false),
+        bos_token_id: match keys.bos_token_id {
+            Written::Missing => Some(1),
+            Written::Null => None,
+            Written::Is(TokenId(id)) => Some(id),
+        },
+        eos_token_ids: match keys.eos_token_id {
+            Written::Missing => vec![2],
+            Written::Null => Vec::new(),
+            Written::Is(TokenIds(ids)) => ids,
+        },
+        pad_token_id: keys.pad_token_id.map(|TokenId(id)| id),
     })
 }
 
 /// `rope_parameters.rope_theta` (5.x files) or `rope_theta` (4.x files), default 1e4. Scaled
 /// RoPE variants change the frequencies, so they are refused rather than silently ignored.
-fn rope_theta(fields: &Fields) -> Result<f64> {
-    for key in ["rope_parameters", "rope_scaling"] {
-        if let Some(params) = fields.object(key)? {
-            match params
-                .string("rope_type", None)?
-                .or(params.string("type", None)?)
-                .as_deref()
-            {
-                None | Some("default") => {}
-                Some(other) => {
-                    return Err(params.error(
-                        "rope_type",
-                        format!("RoPE scaling `{other}` is not supported"),
-                    ));
-                }
-            }
-            if params.get("rope_theta").is_some() {
-                return params.positive_f64("rope_theta", 0.0);
+fn rope_theta(keys: &TextKeys, place: &Place) -> Result<f64> {
+    for (key, params) in [
+        ("rope_parameters", &keys.rope_parameters),
+        ("rope_scaling", &keys.rope_scaling),
+    ] {
+        let Some(params) = params else { continue };
+        let params_place = place.child(key);
+        match params.rope_type.as_deref().or(params.kind.as_deref()) {
+            None | Some("default") => {}
+            Some(other) => {
+                return Err(params_place.error(
+                    "rope_type",
+                    format!("RoPE scaling `{other}` is not supported"),
+                ));
             }
         }
+        if params.rope_theta.is_some() {
+            return params_place.positive("rope_theta", params.rope_theta, 0.0);
+        }
     }
-    fields.positive_f64("rope_theta", 10_000.0)
+    place.positive("rope_theta", keys.rope_theta, 10_000.0)
 }
 
 /// Cross-field rules; each size was range-checked where it was read.
@@ -683,12 +808,8 @@ impl PreprocessorConfig {
     /// The `image_processor` section of a transformers 5 `processor_config.json` (named `file`
     /// in errors); `Ok(None)` when it has none.
     pub fn from_processor_json(json: &str, file: &str) -> Result<Option<Self>> {
-        let root_value = parse_json_object(json, file)?;
-        let root = Fields::root(file, &root_value);
-        match root.object("image_processor")? {
-            Some(section) => Self::from_fields(&section).map(Some),
-            None => Ok(None),
-        }
+        let keys: ProcessorKeys = read_keys(file, &parse_json_object(json, file)?)?;
+        Ok(keys.image_processor.map(Self::from_keys))
     }
 
     pub fn from_json(json: &str) -> Result<Self> {
@@ -699,11 +820,11 @@ impl PreprocessorConfig {
     /// (whose `image_processor` section holds the same keys).
     pub fn from_any_json(json: &str) -> Result<Self> {
         let file = "processor_config.json";
-        let root_value = parse_json_object(json, file)?;
-        let root = Fields::root(file, &root_value);
-        match root.object("image_processor")? {
-            Some(section) => Self::from_fields(&section),
-            None => Self::from_fields(&root),
+        let root = parse_json_object(json, file)?;
+        let keys: ProcessorKeys = read_keys(file, &root)?;
+        match keys.image_processor {
+            Some(section) => Ok(Self::from_keys(section)),
+            None => Ok(Self::from_keys(read_keys(file, &root)?)),
         }
     }
 
@@ -722,23 +843,41 @@ impl PreprocessorConfig {
 
     /// Parses a `preprocessor_config.json` named `file` in errors.
     pub fn from_json_named(json: &str, file: &str) -> Result<Self> {
-        let root_value = parse_json_object(json, file)?;
-        Self::from_fields(&Fields::root(file, &root_value))
+        Ok(Self::from_keys(read_keys(
+            file,
+            &parse_json_object(json, file)?,
+        )?))
     }
 
-    fn from_fields(root: &Fields) -> Result<Self> {
+    fn from_keys(keys: PreprocessorKeys) -> Self {
         // `LlavaNextImageProcessor` class defaults: size {shortest_edge: 224}, crop 224x224.
-        let size = root.image_size("size", 224)?;
-        let crop_size = root.image_size("crop_size", 224)?;
-        Ok(PreprocessorConfig {
-            image_mean: root.rgb("image_mean", CLIP_MEAN)?,
-            image_std: root.rgb("image_std", CLIP_STD)?,
+        let side = |size: Option<ImageSize>| size.map_or([224, 224], |ImageSize(hw)| hw);
+        PreprocessorConfig {
+            image_mean: keys.image_mean.map_or(CLIP_MEAN, |Rgb(rgb)| rgb),
+            image_std: keys.image_std.map_or(CLIP_STD, |Rgb(rgb)| rgb),
             // Tiles are `crop_size.height` squared (the processor's `patch_size`).
-            crop_size,
-            overview_size: size,
-            image_grid_pinpoints: root.pinpoints("image_grid_pinpoints")?,
-        })
+            crop_size: side(keys.crop_size),
+            overview_size: side(keys.size),
+            image_grid_pinpoints: keys.image_grid_pinpoints.map(|Pinpoints(p)| p),
+        }
     }
+}
+
+/// The keys of a `LlavaNextImageProcessor`.
+#[derive(Deserialize)]
+#[serde(expecting = "an object")]
+struct PreprocessorKeys {
+    size: Option<ImageSize>,
+    crop_size: Option<ImageSize>,
+    image_mean: Option<Rgb>,
+    image_std: Option<Rgb>,
+    image_grid_pinpoints: Option<Pinpoints>,
+}
+
+/// A transformers 5 `processor_config.json`.
+#[derive(Deserialize)]
+struct ProcessorKeys {
+    image_processor: Option<PreprocessorKeys>,
 }
 
 /// `generation_config.json`: the stop and special tokens generation uses.
@@ -767,12 +906,17 @@ impl GenerationConfig {
 
     /// Parses a `generation_config.json` named `file` in errors.
     pub fn from_json_named(json: &str, file: &str) -> Result<Self> {
-        let root_value = parse_json_object(json, file)?;
-        let root = Fields::root(file, &root_value);
+        #[derive(Deserialize)]
+        struct GenerationKeys {
+            bos_token_id: Option<TokenId>,
+            eos_token_id: Option<TokenIds>,
+            pad_token_id: Option<TokenId>,
+        }
+        let keys: GenerationKeys = read_keys(file, &parse_json_object(json, file)?)?;
         Ok(GenerationConfig {
-            bos_token_id: root.opt_u32("bos_token_id")?,
-            eos_token_ids: root.token_ids("eos_token_id")?,
-            pad_token_id: root.opt_u32("pad_token_id")?,
+            bos_token_id: keys.bos_token_id.map(|TokenId(id)| id),
+            eos_token_ids: keys.eos_token_id.map_or(Vec::new(), |TokenIds(ids)| ids),
+            pad_token_id: keys.pad_token_id.map(|TokenId(id)| id),
         })
     }
 }
@@ -785,9 +929,9 @@ fn read_optional(path: &Path) -> Result<Option<String>> {
     }
 }
 
-fn parse_json_object(json: &str, file: &str) -> Result<Map<String, Value>> {
+fn parse_json_object(json: &str, file: &str) -> Result<Value> {
     match serde_json::from_str::<Value>(json) {
-        Ok(Value::Object(map)) => Ok(map),
+        Ok(value @ Value::Object(_)) => Ok(value),
         Ok(_) => Err(ModelError::config(
             file,
             "expected a JSON object at the top level",
@@ -796,28 +940,49 @@ fn parse_json_object(json: &str, file: &str) -> Result<Map<String, Value>> {
     }
 }
 
-/// Typed, defaulting access to one JSON object, with errors naming the file and the key path.
-struct Fields<'a> {
+/// Deserializes the keys of `file`'s top-level object; a value of the wrong kind
+/// is reported under its full key path.
+fn read_keys<T: DeserializeOwned>(file: &str, object: &Value) -> Result<T> {
+    serde_path_to_error::deserialize(object).map_err(|e| {
+        let path = e.path().to_string();
+        let msg = e.into_inner().to_string();
+        // serde words a section of the wrong kind "invalid type: integer `3`, expected an
+        // object"; say it as every leaf does: "expected an object, got integer `3`".
+        let msg = match msg
+            .strip_prefix("invalid type: ")
+            .and_then(|m| m.split_once(", expected "))
+        {
+            Some((got, expected)) => format!("expected {expected}, got {got}"),
+            None => msg,
+        };
+        ModelError::config(file, format!("key `{path}`: {msg}"))
+    })
+}
+
+#[derive(Deserialize)]
+struct ModelTypeKey {
+    model_type: Option<String>,
+}
+
+/// Where in a file a section's keys live, for the rules checked after deserializing.
+struct Place<'a> {
     file: &'a str,
     /// Dotted path of this object inside the file ("" at the top level).
     prefix: String,
-    map: &'a Map<String, Value>,
 }
 
-impl<'a> Fields<'a> {
-    fn root(file: &'a str, map: &'a Map<String, Value>) -> Self {
-        Fields {
+impl<'a> Place<'a> {
+    fn root(file: &'a str) -> Self {
+        Place {
             file,
             prefix: String::new(),
-            map,
         }
     }
 
-    fn child(&self, key: &str, map: &'a Map<String, Value>) -> Fields<'a> {
-        Fields {
+    fn child(&self, key: &str) -> Place<'a> {
+        Place {
             file: self.file,
             prefix: format!("{}{key}.", self.prefix),
-            map,
         }
     }
 
@@ -825,37 +990,9 @@ impl<'a> Fields<'a> {
         ModelError::config(self.file, format!("key `{}{key}`: {msg}", self.prefix))
     }
 
-    fn type_error(&self, key: &str, expected: &str, got: &Value) -> ModelError {
-        self.error(key, format!("expected {expected}, got {got}"))
-    }
-
-    /// The value of `key`, treating an explicit `null` like a missing key.
-    fn get(&self, key: &str) -> Option<&'a Value> {
-        self.map.get(key).filter(|v| !v.is_null())
-    }
-
-    /// Whether `key` is written in the file at all (even as `null`).
-    fn has(&self, key: &str) -> bool {
-        self.map.contains_key(key)
-    }
-
-    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
-        self.get(key)
-            .map(|v| {
-                v.as_u64()
-                    .and_then(|n| usize::try_from(n).ok())
-                    .ok_or_else(|| self.type_error(key, "a non-negative integer", v))
-            })
-            .transpose()
-    }
-
-    fn usize(&self, key: &str, default: usize) -> Result<usize> {
-        Ok(self.opt_usize(key)?.unwrap_or(default))
-    }
-
     /// A size in `1..=max`.
-    fn size(&self, key: &str, default: usize, max: usize) -> Result<usize> {
-        let value = self.usize(key, default)?;
+    fn size(&self, key: &str, value: Option<Count>, default: usize, max: usize) -> Result<usize> {
+        let value = value.map_or(default, |Count(n)| n);
         if value == 0 || value > max {
             return Err(self.error(key, format!("{value} must be between 1 and {max}")));
         }
@@ -863,173 +1000,225 @@ impl<'a> Fields<'a> {
     }
 
     /// A finite positive number (an epsilon, a RoPE base).
-    fn positive_f64(&self, key: &str, default: f64) -> Result<f64> {
-        let value = self.f64(key, default)?;
+    fn positive(&self, key: &str, value: Option<Number>, default: f64) -> Result<f64> {
+        let value = value.map_or(default, |Number(x)| x);
         if !(value.is_finite() && value > 0.0) {
             return Err(self.error(key, format!("{value} must be a finite positive number")));
         }
         Ok(value)
     }
+}
 
-    fn opt_u32(&self, key: &str) -> Result<Option<u32>> {
-        self.get(key)
-            .map(|v| {
-                v.as_u64()
-                    .and_then(|n| u32::try_from(n).ok())
-                    .ok_or_else(|| self.type_error(key, "a token id (non-negative integer)", v))
-            })
-            .transpose()
+/// A key as written: missing, `null`, or a value. Most keys read `null` as missing (`Option`);
+/// these keys are the ones where transformers gives `null` a meaning of its own.
+#[derive(Clone, Copy, Default)]
+enum Written<T> {
+    #[default]
+    Missing,
+    Null,
+    Is(T),
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Written<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        Ok(Option::<T>::deserialize(d)?.map_or(Written::Null, Written::Is))
     }
+}
 
-    /// A token id or a list of token ids; missing or null gives an empty list.
-    fn token_ids(&self, key: &str) -> Result<Vec<u32>> {
-        match self.get(key) {
-            None => Ok(Vec::new()),
-            Some(Value::Array(items)) => items
+/// Reads one value as JSON and converts it with `convert`, which names the rule it failed:
+/// the error reads "expected <rule>, got <the value in the file>".
+fn leaf<'de, D: Deserializer<'de>, T, Rule: std::fmt::Display>(
+    d: D,
+    convert: impl FnOnce(&Value) -> std::result::Result<T, Rule>,
+) -> std::result::Result<T, D::Error> {
+    let value = Value::deserialize(d)?;
+    convert(&value).map_err(|rule| de::Error::custom(format!("expected {rule}, got {value}")))
+}
+
+/// A size or a count.
+#[derive(Clone, Copy)]
+struct Count(usize);
+/// An integer that may be negative (a layer index).
+#[derive(Clone, Copy)]
+struct Integer(i64);
+#[derive(Clone, Copy)]
+struct Number(f64);
+#[derive(Clone, Copy)]
+struct TokenId(u32);
+/// A token id or a list of them.
+struct TokenIds(Vec<u32>);
+/// AnyRes candidate resolutions, `[height, width]` each.
+struct Pinpoints(Vec<[usize; 2]>);
+/// A normalisation constant per channel, written as one number or three.
+struct Rgb([f32; 3]);
+/// An image size written as an integer, `{height, width}` or `{shortest_edge}`: `[h, w]`.
+struct ImageSize([usize; 2]);
+
+fn as_count(v: &Value) -> Option<usize> {
+    v.as_u64().and_then(|n| usize::try_from(n).ok())
+}
+
+fn as_token_id(v: &Value) -> Option<u32> {
+    v.as_u64().and_then(|n| u32::try_from(n).ok())
+}
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        leaf(d, |v| {
+            as_count(v).map(Count).ok_or("a non-negative integer")
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Integer {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        leaf(d, |v| v.as_i64().map(Integer).ok_or("an integer"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Number {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        leaf(d, |v| v.as_f64().map(Number).ok_or("a number"))
+    }
+}
+
+impl<'de> Deserialize<'de> for TokenId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        leaf(d, |v| {
+            as_token_id(v)
+                .map(TokenId)
+                .ok_or("a token id (non-negative integer)")
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for TokenIds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        leaf(d, |v| match v {
+            Value::Array(items) => items
                 .iter()
-                .map(|v| {
-                    v.as_u64()
-                        .and_then(|n| u32::try_from(n).ok())
-                        .ok_or_else(|| self.type_error(key, "a list of token ids", v))
-                })
-                .collect(),
-            Some(_) => Ok(self.opt_u32(key)?.into_iter().collect()),
-        }
+                .map(as_token_id)
+                .collect::<Option<Vec<_>>>()
+                .map(TokenIds)
+                .ok_or("a list of token ids"),
+            _ => as_token_id(v)
+                .map(|id| TokenIds(vec![id]))
+                .ok_or("a token id or a list of token ids"),
+        })
     }
+}
 
-    fn i64(&self, key: &str, default: i64) -> Result<i64> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(v) => v
-                .as_i64()
-                .ok_or_else(|| self.type_error(key, "an integer", v)),
-        }
-    }
-
-    fn f64(&self, key: &str, default: f64) -> Result<f64> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| self.type_error(key, "a number", v)),
-        }
-    }
-
-    fn bool(&self, key: &str, default: bool) -> Result<bool> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| self.type_error(key, "true or false", v)),
-        }
-    }
-
-    fn string(&self, key: &str, default: Option<&str>) -> Result<Option<String>> {
-        match self.get(key) {
-            None => Ok(default.map(str::to_string)),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(v) => Err(self.type_error(key, "a string", v)),
-        }
-    }
-
-    fn activation(&self, key: &str, default: Activation) -> Result<Activation> {
-        match self.string(key, None)? {
-            None => Ok(default),
-            Some(name) => Activation::parse(&name)
-                .ok_or_else(|| self.error(key, format!("activation `{name}` is not supported"))),
-        }
-    }
-
-    fn object(&self, key: &str) -> Result<Option<Fields<'a>>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Object(map)) => Ok(Some(self.child(key, map))),
-            Some(v) => Err(self.type_error(key, "an object", v)),
-        }
-    }
-
-    fn pinpoints(&self, key: &str) -> Result<Option<Vec<[usize; 2]>>> {
-        let Some(value) = self.get(key) else {
-            return Ok(None);
-        };
-        let bad = || {
-            let rule = format!(
+impl<'de> Deserialize<'de> for Pinpoints {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let rule = || {
+            format!(
                 "a list of [height, width] pairs of integers in 1..={}",
                 llava_image::MAX_SIDE
-            );
-            self.type_error(key, &rule, value)
+            )
         };
         let side = |v: &Value| {
             v.as_u64()
                 .filter(|&s| (1..=u64::from(llava_image::MAX_SIDE)).contains(&s))
                 .map(|s| s as usize)
         };
-        let items = value.as_array().ok_or_else(bad)?;
-        items
-            .iter()
-            .map(|pair| match pair.as_array().map(Vec::as_slice) {
-                Some([h, w]) => match (side(h), side(w)) {
-                    (Some(h), Some(w)) => Ok([h, w]),
-                    _ => Err(bad()),
+        leaf(d, |v| {
+            v.as_array()
+                .ok_or_else(rule)?
+                .iter()
+                .map(|pair| match pair.as_array().map(Vec::as_slice) {
+                    Some([h, w]) => Some([side(h)?, side(w)?]),
+                    _ => None,
+                })
+                .collect::<Option<Vec<_>>>()
+                .map(Pinpoints)
+                .ok_or_else(rule)
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Rgb {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let finite = |v: &Value| v.as_f64().map(|x| x as f32).filter(|x| x.is_finite());
+        leaf(d, |v| match v {
+            Value::Number(_) => finite(v).map(|x| Rgb([x; 3])).ok_or("finite numbers"),
+            Value::Array(items) if items.len() == 3 => {
+                let mut rgb = [0f32; 3];
+                for (slot, item) in rgb.iter_mut().zip(items) {
+                    *slot = finite(item).ok_or("three finite numbers")?;
+                }
+                Ok(Rgb(rgb))
+            }
+            _ => Err("three numbers"),
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for ImageSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        leaf(d, |v| {
+            let side = |key: &str| v.get(key).and_then(as_count);
+            match v {
+                Value::Number(_) => as_count(v).map(|s| [s, s]),
+                Value::Object(_) => match (side("height"), side("width"), side("shortest_edge")) {
+                    (Some(h), Some(w), _) => Some([h, w]),
+                    (_, _, Some(s)) => Some([s, s]),
+                    _ => None,
                 },
-                _ => Err(bad()),
-            })
-            .collect::<Result<Vec<_>>>()
-            .map(Some)
+                _ => None,
+            }
+            .map(ImageSize)
+            .ok_or("an integer, {height, width} or {shortest_edge}")
+        })
     }
+}
 
-    fn rgb(&self, key: &str, default: [f32; 3]) -> Result<[f32; 3]> {
-        match self.get(key) {
-            None => Ok(default),
-            // A single number applies to all three channels.
-            Some(value @ Value::Number(n)) => {
-                let x = n.as_f64().unwrap_or(f64::NAN) as f32;
-                if !x.is_finite() {
-                    return Err(self.type_error(key, "finite numbers", value));
-                }
-                Ok([x; 3])
-            }
-            Some(value @ Value::Array(items)) if items.len() == 3 => {
-                let mut out = [0f32; 3];
-                for (slot, item) in out.iter_mut().zip(items) {
-                    *slot = item
-                        .as_f64()
-                        .map(|x| x as f32)
-                        .filter(|x| x.is_finite())
-                        .ok_or_else(|| self.type_error(key, "three finite numbers", value))?;
-                }
-                Ok(out)
-            }
-            Some(value) => Err(self.type_error(key, "three numbers", value)),
-        }
+impl<'de> Deserialize<'de> for Activation {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        Activation::parse(&name)
+            .ok_or_else(|| de::Error::custom(format!("activation `{name}` is not supported")))
     }
+}
 
-    /// An image size written as an integer, `{height, width}` or `{shortest_edge}`: `[h, w]`.
-    fn image_size(&self, key: &str, default: usize) -> Result<[usize; 2]> {
-        let Some(value) = self.get(key) else {
-            return Ok([default, default]);
-        };
-        let bad = || self.type_error(key, "an integer, {height, width} or {shortest_edge}", value);
-        match value {
-            Value::Number(n) => n
-                .as_u64()
-                .and_then(|s| usize::try_from(s).ok())
-                .map(|s| [s; 2])
-                .ok_or_else(bad),
-            Value::Object(map) => {
-                let size = self.child(key, map);
-                match (
-                    size.opt_usize("height")?,
-                    size.opt_usize("width")?,
-                    size.opt_usize("shortest_edge")?,
-                ) {
-                    (Some(h), Some(w), _) => Ok([h, w]),
-                    (_, _, Some(s)) => Ok([s, s]),
-                    _ => Err(bad()),
-                }
-            }
-            _ => Err(bad()),
-        }
+impl<'de> Deserialize<'de> for FeatureSelect {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        leaf(d, |v| match v.as_str() {
+            Some("default") => Ok(FeatureSelect::Default),
+            Some("full") => Ok(FeatureSelect::Full),
+            _ => Err("\"default\" or \"full\""),
+        })
+    }
+}
+
+/// The original layout's `mm_vision_select_feature`.
+enum SelectFeature {
+    Patch,
+    ClsPatch,
+}
+
+impl<'de> Deserialize<'de> for SelectFeature {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        leaf(d, |v| match v.as_str() {
+            Some("patch") => Ok(SelectFeature::Patch),
+            Some("cls_patch") => Ok(SelectFeature::ClsPatch),
+            _ => Err("\"patch\" or \"cls_patch\""),
+        })
+    }
+}
+
+/// `vision_feature_layer`: one layer index, or a list (transformers' multi-layer features,
+/// refused after reading).
+enum FeatureLayer {
+    One(i64),
+    List,
+}
+
+impl<'de> Deserialize<'de> for FeatureLayer {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        leaf(d, |v| match v {
+            Value::Array(_) => Ok(FeatureLayer::List),
+            _ => v.as_i64().map(FeatureLayer::One).ok_or("an integer"),
+        })
     }
 }
 
@@ -1704,6 +1893,18 @@ mod tests {
                 .unwrap()
                 .crop_size,
             [224, 224]
+        );
+
+        // A wrong value inside a section is named by its full key path.
+        let nested_bad = PreprocessorConfig::from_processor_json(
+            r#"{"image_processor": {"image_std": [0.5, "x", 0.5]}}"#,
+            "processor_config.json",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            nested_bad,
+            r#"processor_config.json: key `image_processor.image_std`: expected three finite numbers, got [0.5,"x",0.5]"#
         );
 
         let fallback = PreprocessorConfig::for_model(&parse(MISTRAL_HF));

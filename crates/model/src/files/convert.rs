@@ -11,7 +11,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
-use llava_gpu::quant;
+use llava_gpu::{DType, quant};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -20,7 +20,7 @@ use crate::files::checkpoint::{Checkpoint, Dtype, StoredDtype};
 use crate::files::config::LlavaConfig;
 use crate::files::manifest::{
     FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, Manifest, QWEIGHT_SUFFIX, QuantScheme,
-    SCALES_SUFFIX, ShardEntry, Storage, hex, precision_name, sha256_hex,
+    SCALES_SUFFIX, ShardEntry, group_sizes, hex, sha256_hex,
 };
 use crate::files::weights::{KeepOptions, WeightPrecision, storage_dtype_keeping};
 
@@ -47,7 +47,7 @@ pub const COPIED_FILES: &[&str] = &[
 pub struct PlannedTensor {
     pub name: String,
     pub shape: Vec<usize>,
-    pub storage: Storage,
+    pub storage: DType,
 }
 
 impl PlannedTensor {
@@ -56,11 +56,12 @@ impl PlannedTensor {
         // In u64: sizes from a validated config fit it, but not a 32-bit usize (wasm).
         let numel: u64 = self.shape.iter().map(|&d| d as u64).product();
         match self.storage {
-            Storage::F32 => vec![(self.name.clone(), "F32", self.shape.clone(), 4 * numel)],
-            Storage::F16 => vec![(self.name.clone(), "F16", self.shape.clone(), 2 * numel)],
-            Storage::Q8 | Storage::Q6 | Storage::Q4 => {
+            DType::F32 => vec![(self.name.clone(), "F32", self.shape.clone(), 4 * numel)],
+            DType::U32 => unreachable!("storage_dtype never picks u32"),
+            DType::F16 => vec![(self.name.clone(), "F16", self.shape.clone(), 2 * numel)],
+            DType::Q8 | DType::Q6 | DType::Q4 => {
                 let (rows, cols) = (self.shape[0], self.shape[1]);
-                let dtype = self.storage.gpu_dtype();
+                let dtype = self.storage;
                 let packed = dtype.data_bytes(cols) as usize;
                 let groups = cols / dtype.group_size();
                 vec![
@@ -117,7 +118,7 @@ impl ConversionPlan {
         let mut current = 0u64;
         for (name, shape, stored) in tensors {
             let dtype = storage_dtype_keeping(name, shape, *stored, precision, keep);
-            let storage = Storage::from_gpu_dtype(dtype).expect("storage_dtype never picks U32");
+            let storage = dtype;
             let tensor = PlannedTensor {
                 name: name.clone(),
                 shape: shape.clone(),
@@ -216,7 +217,7 @@ pub struct SizeRow {
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SizeSummary {
-    pub by_storage: BTreeMap<Storage, SizeRow>,
+    pub by_storage: BTreeMap<DType, SizeRow>,
     pub shards: usize,
     pub headers: u64,
     /// All shard files together.
@@ -429,8 +430,8 @@ pub fn convert(
         file_sha256: files_sha256(output, &files)?,
         files,
         quant: QuantScheme {
-            precision: precision_name(precision).into(),
-            group_sizes: Storage::group_sizes(),
+            precision,
+            group_sizes: group_sizes(),
             tensors: storage,
         },
         shards,
@@ -510,17 +511,13 @@ fn write_shard(checkpoint: &Checkpoint, path: &Path, planned: &PlannedShard) -> 
         }
         let io = |e| ModelError::io(path, e);
         match t.storage {
-            Storage::F32 => out
+            DType::F32 => out
                 .write_all(bytemuck::cast_slice(&host.to_f32()))
                 .map_err(io)?,
-            Storage::F16 => out.write_all(&host.to_f16_bytes()).map_err(io)?,
-            Storage::Q8 | Storage::Q6 | Storage::Q4 => {
-                let q = quant::quantize(
-                    t.storage.gpu_dtype(),
-                    t.shape[0],
-                    t.shape[1],
-                    &host.to_f32(),
-                );
+            DType::F16 => out.write_all(&host.to_f16_bytes()).map_err(io)?,
+            DType::U32 => unreachable!("storage_dtype never picks u32"),
+            DType::Q8 | DType::Q6 | DType::Q4 => {
+                let q = quant::quantize(t.storage, t.shape[0], t.shape[1], &host.to_f32());
                 out.write_all(&q.data).map_err(io)?;
                 out.write_all(bytemuck::cast_slice(&q.scales)).map_err(io)?;
             }

@@ -22,9 +22,7 @@ use crate::files::checkpoint::{
     Dtype, HostTensor, SafetensorsEntry, ShardIndex, StoredDtype, canonical_name, checked_numel,
     header_len, is_ignorable, not_part_of_the_model, parse_header,
 };
-use crate::files::manifest::{
-    MANIFEST_FILE, Manifest, QWEIGHT_SUFFIX, SCALES_SUFFIX, Storage, hex,
-};
+use crate::files::manifest::{MANIFEST_FILE, Manifest, QWEIGHT_SUFFIX, SCALES_SUFFIX, hex};
 use crate::files::weights::{WeightPrecision, Weights};
 
 /// Bytes read from a shard file at a time ([`crate::files::source::DirSource`]).
@@ -581,8 +579,7 @@ impl Uploads<'_> {
                 ))
             })?;
             match *kind {
-                Storage::F32 | Storage::F16 => {
-                    let dtype = kind.gpu_dtype();
+                dtype @ (DType::F32 | DType::F16) => {
                     let entry = self.take_entry(
                         &mut by_name,
                         name,
@@ -597,7 +594,7 @@ impl Uploads<'_> {
                     ));
                     wanted.push(entry);
                 }
-                Storage::Q8 | Storage::Q6 | Storage::Q4 => {
+                DType::Q8 | DType::Q6 | DType::Q4 => {
                     let qname = format!("{name}{QWEIGHT_SUFFIX}");
                     let sname = format!("{name}{SCALES_SUFFIX}");
                     let data = self.take_entry(&mut by_name, &qname, "U8")?;
@@ -616,7 +613,7 @@ impl Uploads<'_> {
                             self.fail(format!("tensor {qname} has shape {qshape:?}, expected 2-D"))
                         );
                     };
-                    let group = kind.gpu_dtype().group_size();
+                    let group = kind.group_size();
                     let cols = kind.cols_from_packed(packed).unwrap_or(0);
                     if cols == 0 || cols % group != 0 || *sshape != [rows, cols / group] {
                         return Err(self.fail(format!(
@@ -624,7 +621,7 @@ impl Uploads<'_> {
                         )));
                     }
                     let parts = QuantParts {
-                        dtype: kind.gpu_dtype(),
+                        dtype: *kind,
                         rows,
                         cols,
                         data: None,
@@ -634,6 +631,10 @@ impl Uploads<'_> {
                     roles.push((qname, Role::QWeight(name.clone())));
                     roles.push((sname, Role::Scales(name.clone())));
                     wanted.extend([data, scales]);
+                }
+                // Manifest::from_json refuses it already; a web load must not panic.
+                DType::U32 => {
+                    return Err(self.fail(format!("tensor {name}: u32 is not a weight storage")));
                 }
             }
         }
@@ -966,7 +967,7 @@ mod tests {
             "version": crate::files::manifest::FORMAT_VERSION,
             "config": {},
             "files": [],
-            "quant": {"precision": "f32", "group_sizes": Storage::group_sizes(), "tensors": tensors},
+            "quant": {"precision": "f32", "group_sizes": crate::files::manifest::group_sizes(), "tensors": tensors},
             "shards": shards.iter().map(|(file, bytes, names)| json!({
                 "file": file, "bytes": bytes.len(), "sha256": sha256_hex(bytes), "tensors": names,
             })).collect::<Vec<_>>(),
@@ -1074,7 +1075,7 @@ mod tests {
             "version": crate::files::manifest::FORMAT_VERSION,
             "config": {},
             "files": [],
-            "quant": {"precision": "q8", "group_sizes": Storage::group_sizes(), "tensors": {"lm_head.weight": "q8"}},
+            "quant": {"precision": "q8", "group_sizes": crate::files::manifest::group_sizes(), "tensors": {"lm_head.weight": "q8"}},
             "shards": [{"file": "a.safetensors", "bytes": file.len(), "sha256": sha256_hex(&file), "tensors": ["lm_head.weight"]}],
         });
         let manifest = Manifest::from_json(&manifest.to_string()).unwrap();

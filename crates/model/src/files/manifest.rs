@@ -41,67 +41,20 @@ pub struct Manifest {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct QuantScheme {
-    /// What the converter was asked for: "f32", "f16", "q8" or "q4".
-    pub precision: String,
-    /// Values per f16 scale of each quantized storage kind ([`Storage::group_sizes`]).
-    pub group_sizes: BTreeMap<Storage, usize>,
-    /// How each tensor is stored, by canonical name.
-    pub tensors: BTreeMap<String, Storage>,
+    /// What the converter was asked for.
+    pub precision: WeightPrecision,
+    /// Values per f16 scale of each quantized dtype ([`group_sizes`]).
+    pub group_sizes: BTreeMap<DType, usize>,
+    /// How each tensor is stored, by canonical name (never `u32`).
+    pub tensors: BTreeMap<String, DType>,
 }
 
-/// How one tensor is stored in a shard.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Storage {
-    F32,
-    F16,
-    Q8,
-    Q6,
-    Q4,
-}
-
-impl Storage {
-    /// The group size of every quantized kind, as a manifest records them.
-    pub fn group_sizes() -> BTreeMap<Storage, usize> {
-        [Storage::Q8, Storage::Q6, Storage::Q4]
-            .into_iter()
-            .map(|s| (s, s.gpu_dtype().group_size()))
-            .collect()
-    }
-
-    /// The columns of a quantized matrix whose `.qweight` rows hold `packed` bytes.
-    pub fn cols_from_packed(self, packed: usize) -> Option<usize> {
-        match self {
-            Storage::Q8 => Some(packed),
-            Storage::Q6 => (packed % 3 == 0)
-                .then(|| (packed / 3).checked_mul(4))
-                .flatten(),
-            Storage::Q4 => packed.checked_mul(2),
-            Storage::F32 | Storage::F16 => None,
-        }
-    }
-
-    pub fn gpu_dtype(self) -> DType {
-        match self {
-            Storage::F32 => DType::F32,
-            Storage::F16 => DType::F16,
-            Storage::Q8 => DType::Q8,
-            Storage::Q6 => DType::Q6,
-            Storage::Q4 => DType::Q4,
-        }
-    }
-
-    /// `None` for U32, which no weight uses.
-    pub fn from_gpu_dtype(dtype: DType) -> Option<Storage> {
-        match dtype {
-            DType::F32 => Some(Storage::F32),
-            DType::F16 => Some(Storage::F16),
-            DType::Q8 => Some(Storage::Q8),
-            DType::Q6 => Some(Storage::Q6),
-            DType::Q4 => Some(Storage::Q4),
-            DType::U32 => None,
-        }
-    }
+/// The group size of every quantized dtype, as a manifest records them.
+pub fn group_sizes() -> BTreeMap<DType, usize> {
+    [DType::Q8, DType::Q6, DType::Q4]
+        .into_iter()
+        .map(|d| (d, d.group_size()))
+        .collect()
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -113,17 +66,6 @@ pub struct ShardEntry {
     pub sha256: String,
     /// Canonical names of the tensors stored in this shard.
     pub tensors: Vec<String>,
-}
-
-/// The precision name written in [`QuantScheme::precision`].
-pub fn precision_name(precision: WeightPrecision) -> &'static str {
-    match precision {
-        WeightPrecision::Native => "native",
-        WeightPrecision::F32 => "f32",
-        WeightPrecision::F16 => "f16",
-        WeightPrecision::Q8 => "q8",
-        WeightPrecision::Q4 => "q4",
-    }
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -170,11 +112,16 @@ impl Manifest {
 
     fn check(&self) -> Result<()> {
         let bad = |msg: String| ModelError::config(MANIFEST_FILE, msg);
-        if self.quant.group_sizes != Storage::group_sizes() {
+        if self.quant.group_sizes != group_sizes() {
             return Err(bad(format!(
                 "group sizes {:?} are not supported (only {:?})",
                 self.quant.group_sizes,
-                Storage::group_sizes()
+                group_sizes()
+            )));
+        }
+        if let Some((name, _)) = self.quant.tensors.iter().find(|&(_, &d)| d == DType::U32) {
+            return Err(bad(format!(
+                "tensor {name}: u32 is not a weight storage (f32, f16, q8, q6 or q4)"
             )));
         }
         let mut files = BTreeSet::new();
@@ -229,10 +176,9 @@ impl Manifest {
     /// Checks that the model may be loaded at `precision`: its weights are used as stored, so
     /// only `Native` or the precision it was converted to.
     pub fn check_precision(&self, precision: WeightPrecision) -> Result<()> {
-        let wanted = precision_name(precision);
-        if precision != WeightPrecision::Native && wanted != self.quant.precision {
+        if precision != WeightPrecision::Native && precision != self.quant.precision {
             return Err(ModelError::Input(format!(
-                "this model was converted to {}; it cannot be loaded as {wanted} (convert it again)",
+                "this model was converted to {}; it cannot be loaded as {precision} (convert it again)",
                 self.quant.precision
             )));
         }
@@ -271,7 +217,7 @@ mod tests {
             "version": FORMAT_VERSION,
             "config": {},
             "files": [],
-            "quant": {"precision": "f16", "group_sizes": Storage::group_sizes(),
+            "quant": {"precision": "f16", "group_sizes": group_sizes(),
                       "tensors": {"a": "f16", "b": "f16"}},
             "shards": shards,
         })
@@ -302,10 +248,28 @@ mod tests {
     }
 
     #[test]
-    fn packed_widths_that_overflow_have_no_columns() {
-        assert_eq!(Storage::Q4.cols_from_packed(6), Some(12));
-        assert_eq!(Storage::Q6.cols_from_packed(6), Some(8));
-        assert_eq!(Storage::Q4.cols_from_packed(usize::MAX), None);
-        assert_eq!(Storage::Q6.cols_from_packed(usize::MAX / 3 * 3), None);
+    fn storage_and_precision_use_the_shared_names() {
+        let shard =
+            json!([{"file": "a.safetensors", "bytes": 8, "sha256": "00", "tensors": ["a", "b"]}]);
+        let mut value = manifest(shard);
+        value["quant"]["precision"] = json!("q4");
+        value["quant"]["tensors"] = json!({"a": "q6", "b": "f32"});
+        let parsed = Manifest::from_json(&value.to_string()).unwrap();
+        assert_eq!(parsed.quant.precision, WeightPrecision::Q4);
+        assert_eq!(parsed.quant.tensors["a"], DType::Q6);
+        assert_eq!(
+            serde_json::to_value(&parsed).unwrap()["quant"],
+            value["quant"]
+        );
+        assert!(parsed.check_precision(WeightPrecision::Q8).is_err());
+
+        value["quant"]["tensors"]["b"] = json!("u32");
+        let msg = Manifest::from_json(&value.to_string())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("tensor b: u32 is not a weight storage"),
+            "{msg}"
+        );
     }
 }

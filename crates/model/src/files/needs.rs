@@ -19,14 +19,13 @@ use crate::error::{ModelError, Result};
 use crate::files::checkpoint::Dtype;
 use crate::files::config::{LlavaConfig, TextConfig};
 use crate::files::convert::model_tensors;
-use crate::files::manifest::Storage;
 use crate::files::weights::{WeightPrecision, storage_dtype_of};
 
 /// How the weights will be kept on the GPU.
 #[derive(Clone, Copy, Debug)]
 pub enum WeightFormats<'a> {
     /// A converted folder's, by canonical name, as its manifest stores them.
-    Converted(&'a BTreeMap<String, Storage>),
+    Converted(&'a BTreeMap<String, DType>),
     /// A checkpoint's, converted as they load. `stored` is the dtype its config declares (f16
     /// when it declares none: the upload still checks each tensor as it finds it).
     Checkpoint {
@@ -76,7 +75,7 @@ pub fn check(
         let dtype = match formats {
             // A tensor the manifest lacks is reported as missing by the loader.
             WeightFormats::Converted(tensors) => match tensors.get(&name) {
-                Some(storage) => storage.gpu_dtype(),
+                Some(&dtype) => dtype,
                 None => continue,
             },
             WeightFormats::Checkpoint { stored, precision } => {

@@ -6,12 +6,16 @@ use std::collections::HashMap;
 
 use llava_gpu::quant::{self, quantizable};
 use llava_gpu::{DType, Gpu, Tensor};
+use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
 use crate::files::checkpoint::{Dtype, HostTensor};
 
-/// How the large matrices of the language model are kept on the GPU.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// How the large matrices of the language model are kept on the GPU. Its names ("native",
+/// "f32", "f16", "q8", "q4") are a manifest's `quant.precision`, the `llava` command's `--quant`
+/// and the JS package's `precision`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum WeightPrecision {
     /// The checkpoint's own precision: f32 stays f32, f16 and bf16 become f16.
     #[default]
@@ -33,6 +37,62 @@ pub enum KeepPrecision {
     F16,
     Q8,
 }
+
+/// Gives a precision enum its names: `NAMED` (each value and how it is spelt), `name`,
+/// `FromStr` (an error lists the names) and `Display`, so the command line, the JS package and
+/// the files share one vocabulary.
+macro_rules! named_precision {
+    ($ty:ident, $what:literal, [$(($variant:ident, $name:literal)),+ $(,)?]) => {
+        impl $ty {
+            pub const NAMED: &'static [($ty, &'static str)] = &[$(($ty::$variant, $name)),+];
+
+            pub fn name(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name),+
+                }
+            }
+        }
+
+        impl std::str::FromStr for $ty {
+            type Err = ModelError;
+
+            fn from_str(name: &str) -> Result<Self> {
+                Self::NAMED
+                    .iter()
+                    .find(|&&(_, n)| n == name)
+                    .map(|&(value, _)| value)
+                    .ok_or_else(|| {
+                        let names: Vec<&str> = Self::NAMED.iter().map(|&(_, n)| n).collect();
+                        ModelError::Input(format!(
+                            "{} `{name}` is not one of {}",
+                            $what,
+                            names.join(", ")
+                        ))
+                    })
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+    };
+}
+pub(crate) use named_precision;
+
+named_precision!(
+    WeightPrecision,
+    "weight precision",
+    [
+        (Native, "native"),
+        (F32, "f32"),
+        (F16, "f16"),
+        (Q8, "q8"),
+        (Q4, "q4")
+    ]
+);
+named_precision!(KeepPrecision, "kept precision", [(F16, "f16"), (Q8, "q8")]);
 
 /// Per-part overrides of the default storage; `None` keeps the default.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -274,5 +334,33 @@ impl Weights {
     /// Whether `name` was loaded (and not yet taken).
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llava::KvPrecision;
+
+    #[test]
+    fn precision_names_round_trip_and_match_the_manifest_spelling() {
+        for &(precision, name) in WeightPrecision::NAMED {
+            assert_eq!(name.parse::<WeightPrecision>().unwrap(), precision);
+            assert_eq!(precision.to_string(), name);
+            assert_eq!(serde_json::to_value(precision).unwrap(), name);
+        }
+        for &(keep, name) in KeepPrecision::NAMED {
+            assert_eq!(name.parse::<KeepPrecision>().unwrap(), keep);
+        }
+        for &(kv, name) in KvPrecision::NAMED {
+            assert_eq!(name.parse::<KvPrecision>().unwrap(), kv);
+        }
+        let msg = "int3".parse::<WeightPrecision>().unwrap_err().to_string();
+        assert_eq!(
+            msg,
+            "weight precision `int3` is not one of native, f32, f16, q8, q4"
+        );
+        let msg = "q4".parse::<KvPrecision>().unwrap_err().to_string();
+        assert_eq!(msg, "KV-cache precision `q4` is not one of f32, f16");
     }
 }
