@@ -10,7 +10,7 @@ use std::sync::Arc;
 use clap::{Args, ValueEnum};
 use llava_gpu::ops::decode::Sampling;
 use llava_gpu::ops::reduce::argmax;
-use llava_gpu::{Counters, Gpu, Tensor, probe, random};
+use llava_gpu::{Counters, Gpu, GpuOptions, Tensor, probe, random};
 use llava_model::files::config::{Activation, TextArch, TextConfig, VisionConfig};
 use llava_model::files::weights::{WeightPrecision, Weights};
 use llava_model::llava::KvPrecision;
@@ -19,7 +19,7 @@ use llava_model::net::projector::Projector;
 use llava_model::net::vision::VisionTower;
 use web_time::Instant;
 
-use crate::{CliResult, names, precision};
+use crate::{CliResult, names, precision, print_kernel_times};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -49,6 +49,10 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    /// Also print the GPU time by kernel of the (warm) vision tower, prefill and greedy decode,
+    /// from timestamp queries where the adapter has them. Slows every figure down.
+    #[arg(long)]
+    profile: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -134,7 +138,10 @@ struct Decode {
 }
 
 pub fn bench(args: BenchArgs) -> CliResult<()> {
-    let gpu = Arc::new(Gpu::new_blocking()?);
+    let gpu = Arc::new(Gpu::with_options_blocking(GpuOptions {
+        profile: args.profile,
+        ..GpuOptions::from_env()
+    })?);
     let mut text = text_config(args.shape);
     text.num_hidden_layers = args.layers.unwrap_or(text.num_hidden_layers);
     let mut vision_cfg = vision_config(args.shape);
@@ -169,7 +176,9 @@ pub fn bench(args: BenchArgs) -> CliResult<()> {
         Ok(batch.submit()?)
     };
     let (_, vision_first_s) = timed(&gpu, &encode)?;
+    gpu.take_profile();
     let (_, vision_s) = timed(&gpu, &encode)?;
+    let vision_profile = gpu.take_profile();
 
     // Prefill of the prompt, to the first token.
     let x = Tensor::from_f32(
@@ -192,7 +201,9 @@ pub fn bench(args: BenchArgs) -> CliResult<()> {
         })
     };
     let (_, prefill_first_s) = prefill()?;
+    gpu.take_profile();
     let (_, prefill_s) = prefill()?;
+    let prefill_profile = gpu.take_profile();
 
     let plan = language
         .plan_decode(&gpu, &cache)?
@@ -225,7 +236,9 @@ pub fn bench(args: BenchArgs) -> CliResult<()> {
             tokens: args.tokens,
         })
     };
+    gpu.take_profile();
     let greedy = decode(&mut cache, Sampling::GREEDY)?;
+    let decode_profile = gpu.take_profile();
     let top_p = Sampling {
         temperature: 1.0,
         top_k: 40,
@@ -273,7 +286,7 @@ pub fn bench(args: BenchArgs) -> CliResult<()> {
     // The decode step reads (its writes are a few KB): the read probe is its roofline.
     let roofline_tokens_per_s = read_gb_s * 1e9 / bytes_per_token;
     let info = gpu.info();
-    let report = serde_json::json!({
+    let mut report = serde_json::json!({
         "adapter": format!("{} ({:?}, {})", info.name, info.backend, info.driver),
         "shape": args.shape.name(),
         "layers": text.num_hidden_layers,
@@ -297,11 +310,23 @@ pub fn bench(args: BenchArgs) -> CliResult<()> {
         "decode_sampled": decode_json(&sampled, text.num_hidden_layers, roofline_tokens_per_s),
         "decode_op_by_op": decode_json(&op_by_op, text.num_hidden_layers, roofline_tokens_per_s),
     });
+    if args.profile {
+        report["profile"] = serde_json::json!({
+            "vision": vision_profile,
+            "prefill": prefill_profile,
+            "decode_greedy": decode_profile,
+        });
+    }
     if args.json {
         println!("{report}");
         return Ok(());
     }
     print_table(&report);
+    if args.profile {
+        print_kernel_times("vision tower, 5 tiles", vision_profile);
+        print_kernel_times("prefill", prefill_profile);
+        print_kernel_times("decode, planned greedy", decode_profile);
+    }
     Ok(())
 }
 

@@ -19,7 +19,7 @@ use clap::Args;
 use llava_model::generate::Turn;
 use serde_json::{Value, json};
 
-use crate::{CliResult, ModelArgs, SamplingArgs, load, read_image};
+use crate::{CliResult, ModelArgs, SamplingArgs, load, print_kernel_times, read_image};
 
 /// LLaVA's instruction for short open answers (its VQAv2/GQA/TextVQA question files end with it).
 pub const DEFAULT_TEMPLATE: &str = "{question}\nAnswer the question using a single word or phrase.";
@@ -582,6 +582,9 @@ pub fn eval(args: EvalArgs) -> CliResult<()> {
         }
         if terminal {
             eprintln!();
+        }
+        if args.model.profile {
+            print_kernel_times("every answer", model.gpu().take_profile());
         }
     }
 

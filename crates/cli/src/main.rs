@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
-use llava_gpu::Gpu;
+use llava_gpu::{Gpu, GpuOptions, KernelTime};
 use llava_model::files::convert::{self, ConversionPlan};
 use llava_model::files::loader::{Progress, Stage};
 use llava_model::files::npy;
@@ -77,6 +77,10 @@ struct ModelArgs {
     /// f32 keeps logits within 1e-4 of transformers'. Default: f16 where the GPU has shader-f16.
     #[arg(long, value_parser = precision::<KvPrecision>(names(KvPrecision::NAMED)))]
     kv: Option<KvPrecision>,
+    /// Times every GPU kernel with timestamp queries (where the adapter has them) and prints
+    /// where the GPU time went, by kernel (in `--json`: "profile"). Slows the run down.
+    #[arg(long)]
+    profile: bool,
 }
 
 /// Parses one of `names` into the model crate's own precision type (the vocabulary the JS package
@@ -219,7 +223,10 @@ fn model_dir(model: &Option<PathBuf>) -> PathBuf {
 
 fn load(args: &ModelArgs) -> CliResult<(Llava, f64)> {
     let start = Instant::now();
-    let gpu = Arc::new(Gpu::new_blocking()?);
+    let gpu = Arc::new(Gpu::with_options_blocking(GpuOptions {
+        profile: args.profile,
+        ..GpuOptions::from_env()
+    })?);
     let precision = args.quant.unwrap_or_default();
     let dir = model_dir(&args.model);
     let kv_cache = args.kv.unwrap_or_else(|| KvPrecision::preferred(&gpu));
@@ -326,7 +333,7 @@ fn run(args: RunArgs) -> CliResult<()> {
     if args.json {
         let mut timings = serde_json::to_value(&reply.timings)?;
         timings["load_s"] = load_s.into();
-        let out = serde_json::json!({
+        let mut out = serde_json::json!({
             "text": reply.text,
             "tokens": reply.tokens,
             "prompt_tokens": reply.prompt_tokens,
@@ -335,6 +342,9 @@ fn run(args: RunArgs) -> CliResult<()> {
             "timings": timings,
             "gpu": reply.gpu,
         });
+        if let Some(profile) = model.gpu().take_profile() {
+            out["profile"] = serde_json::to_value(profile)?;
+        }
         println!("{out}");
     } else {
         println!();
@@ -347,8 +357,31 @@ fn run(args: RunArgs) -> CliResult<()> {
             reply.timings.prefill_s,
             reply.timings.decode_tokens_per_s
         );
+        if args.model.profile {
+            print_kernel_times("vision, prefill and decode", model.gpu().take_profile());
+        }
     }
     Ok(())
+}
+
+/// Prints to stderr the GPU time by kernel of `what` ([`Gpu::take_profile`]).
+pub(crate) fn print_kernel_times(what: &str, times: Option<Vec<KernelTime>>) {
+    let Some(times) = times else {
+        eprintln!("profile: this adapter has no timestamp queries");
+        return;
+    };
+    let total: f64 = times.iter().map(|t| t.seconds).sum();
+    eprintln!("GPU time by kernel ({what}): {:.1} ms", total * 1e3);
+    let width = times.iter().map(|t| t.kernel.len()).max().unwrap_or(0);
+    for t in &times {
+        eprintln!(
+            "  {:<width$}  {:>6} calls  {:>10.3} ms  {:>5.1}%",
+            t.kernel,
+            t.calls,
+            t.seconds * 1e3,
+            100.0 * t.seconds / total.max(f64::MIN_POSITIVE)
+        );
+    }
 }
 
 fn preprocess(args: PreprocessArgs) -> CliResult<()> {
@@ -423,11 +456,16 @@ fn chat(args: ChatArgs) -> CliResult<()> {
         }));
         // A failed turn leaves the conversation as it was: say why and take the next question.
         match reply {
-            Ok(reply) => println!(
-                "\n[{:.1} tokens/s{}]",
-                reply.timings.decode_tokens_per_s,
-                stop_note(&reply)
-            ),
+            Ok(reply) => {
+                println!(
+                    "\n[{:.1} tokens/s{}]",
+                    reply.timings.decode_tokens_per_s,
+                    stop_note(&reply)
+                );
+                if args.model.profile {
+                    print_kernel_times("this answer", model.gpu().take_profile());
+                }
+            }
             Err(e @ ModelError::ContextOverflow { .. }) => println!("\nerror: {e} (use /reset)"),
             Err(e) => println!("\nerror: {e}"),
         }

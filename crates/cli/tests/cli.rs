@@ -90,6 +90,48 @@ fn run_text_only_streams_the_answer() {
 }
 
 #[test]
+fn profile_reports_gpu_time_by_kernel_and_the_same_answer() {
+    let case = case("text_only");
+    let out = llava(&[
+        "run",
+        "--prompt",
+        case["question"].as_str().unwrap(),
+        "--max-new-tokens",
+        "4",
+        "--ignore-eos",
+        "--json",
+        "--profile",
+        "--kv",
+        "f32",
+    ]);
+    let reply = json_stdout(&out);
+    let want: Vec<&Value> = case["greedy_tokens"].as_array().unwrap()[..4]
+        .iter()
+        .collect();
+    let got: Vec<&Value> = reply["tokens"].as_array().unwrap().iter().collect();
+    assert_eq!(got, want);
+    // llvmpipe has timestamp queries; an adapter without them reports no profile.
+    let Some(profile) = reply["profile"].as_array() else {
+        assert!(reply.get("profile").is_none(), "{reply}");
+        return;
+    };
+    let calls = |kernel: &str| {
+        profile
+            .iter()
+            .find(|k| k["kernel"] == kernel)
+            .and_then(|k| k["calls"].as_u64())
+    };
+    // The prompt's attention runs once per layer (2), the sampler once per token.
+    assert_eq!(calls("attention_tiled TILED"), Some(2), "{profile:?}");
+    assert_eq!(calls("sample SAMPLE"), Some(4), "{profile:?}");
+    assert!(
+        profile
+            .iter()
+            .all(|k| k["seconds"].as_f64().is_some_and(|s| s >= 0.0))
+    );
+}
+
+#[test]
 fn preprocess_reports_the_anyres_choice() {
     let out = llava(&[
         "preprocess",

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{GpuError, Result};
+use crate::profile::{KernelTime, Profiler, SubmissionTimestamps};
 use crate::registry::{PipelineKey, PipelineRegistry, SHADER_F16};
 
 /// Optional device features this adapter offers (and that the device was opened with).
@@ -25,6 +26,9 @@ pub struct GpuOptions {
     /// Opens the device with `max_buffer_size` and `max_storage_buffer_binding_size` at most this
     /// many bytes (`None`: the adapter's own limits), as a smaller GPU would have them.
     pub max_buffer_bytes: Option<u64>,
+    /// Times every dispatch with timestamp queries, for [`Gpu::take_profile`] (natively, where the
+    /// adapter has TIMESTAMP_QUERY; see [`crate::profile`]).
+    pub profile: bool,
 }
 
 impl Default for GpuOptions {
@@ -32,6 +36,7 @@ impl Default for GpuOptions {
         GpuOptions {
             f16: true,
             max_buffer_bytes: None,
+            profile: false,
         }
     }
 }
@@ -62,6 +67,8 @@ pub struct Gpu {
     /// First error wgpu reported through its callbacks since the last [`Gpu::check`].
     error: Arc<Mutex<Option<GpuError>>>,
     counters: CounterCells,
+    /// Present when dispatches are timed ([`GpuOptions::profile`]).
+    profiler: Option<Profiler>,
 }
 
 impl Gpu {
@@ -107,6 +114,10 @@ impl Gpu {
         let mut wanted = wgpu::Features::SUBGROUP;
         if options.f16 {
             wanted |= wgpu::Features::SHADER_F16;
+        }
+        // Timestamps are read back with a blocking wait, which a browser does not have.
+        if options.profile && cfg!(not(target_arch = "wasm32")) {
+            wanted |= wgpu::Features::TIMESTAMP_QUERY;
         }
         let required_features = offered & wanted;
         let mut limits = adapter.limits();
@@ -165,6 +176,9 @@ impl Gpu {
             registry: PipelineRegistry::default(),
             error,
             counters: CounterCells::default(),
+            profiler: required_features
+                .contains(wgpu::Features::TIMESTAMP_QUERY)
+                .then(Profiler::default),
         })
     }
 
@@ -182,6 +196,12 @@ impl Gpu {
     }
     pub fn features(&self) -> GpuFeatures {
         self.features
+    }
+
+    /// GPU time by kernel since the last call, the longest first; `None` unless the device was
+    /// opened with [`GpuOptions::profile`] on an adapter with timestamp queries.
+    pub fn take_profile(&self) -> Option<Vec<KernelTime>> {
+        self.profiler.as_ref().map(Profiler::take)
     }
 
     /// What this device has done since it was opened (see [`Counters`]).
@@ -478,6 +498,8 @@ pub struct Batch<'g> {
     gpu: &'g Gpu,
     target: Target,
     uniforms: UniformArena,
+    /// When profiling: the timestamps of the dispatches encoded since the last submission.
+    timestamps: Option<SubmissionTimestamps>,
 }
 
 impl Gpu {
@@ -498,6 +520,7 @@ impl Gpu {
                 pass: None,
             },
             uniforms: UniformArena::new(arena_bytes),
+            timestamps: None,
         }
     }
 
@@ -508,6 +531,7 @@ impl Gpu {
             gpu: self,
             target: Target::Plan(Vec::new()),
             uniforms: UniformArena::new(UNIFORM_ARENA_BYTES),
+            timestamps: None,
         }
     }
 }
@@ -612,10 +636,11 @@ impl<'g> Batch<'g> {
             pipeline,
             bind_group,
             workgroups,
+            kernel: self.gpu.profiler.as_ref().map(|_| key.describe()),
         };
         match &mut self.target {
             Target::Plan(steps) => steps.push(step),
-            Target::Encoder { .. } => self.encode(&step),
+            Target::Encoder { .. } => self.encode(&step)?,
         }
         Ok(())
     }
@@ -631,7 +656,7 @@ impl<'g> Batch<'g> {
         };
         match &mut self.target {
             Target::Plan(steps) => steps.push(step),
-            Target::Encoder { .. } => self.encode(&step),
+            Target::Encoder { .. } => self.encode_untimed(&step),
         }
     }
 
@@ -645,7 +670,7 @@ impl<'g> Batch<'g> {
         for step in &plan.steps {
             match &mut self.target {
                 Target::Plan(steps) => steps.push(step.clone()),
-                Target::Encoder { .. } => self.encode(step),
+                Target::Encoder { .. } => self.encode(step)?,
             }
         }
         Ok(())
@@ -663,7 +688,19 @@ impl<'g> Batch<'g> {
         );
     }
 
-    fn encode(&mut self, step: &PlanStep) {
+    fn encode(&mut self, step: &PlanStep) -> Result<()> {
+        if let PlanStep::Dispatch {
+            kernel: Some(kernel),
+            ..
+        } = step
+        {
+            return self.encode_timed(step, kernel.clone());
+        }
+        self.encode_untimed(step);
+        Ok(())
+    }
+
+    fn encode_untimed(&mut self, step: &PlanStep) {
         let Target::Encoder { encoder, pass } = &mut self.target else {
             unreachable!("encoding a plan")
         };
@@ -672,6 +709,7 @@ impl<'g> Batch<'g> {
                 pipeline,
                 bind_group,
                 workgroups,
+                ..
             } => {
                 let pass = pass.get_or_insert_with(|| {
                     self.gpu.counters.add(&self.gpu.counters.passes, 1);
@@ -698,6 +736,46 @@ impl<'g> Batch<'g> {
         }
     }
 
+    /// Encodes a dispatch in a compute pass of its own whose beginning and end are timestamped
+    /// (profiling), submitting first when this submission's timestamps are all used.
+    fn encode_timed(&mut self, step: &PlanStep, kernel: String) -> Result<()> {
+        let PlanStep::Dispatch {
+            pipeline,
+            bind_group,
+            workgroups,
+            ..
+        } = step
+        else {
+            unreachable!("only dispatches are timed")
+        };
+        if self
+            .timestamps
+            .as_ref()
+            .is_some_and(SubmissionTimestamps::is_full)
+        {
+            self.flush()?;
+        }
+        if self.timestamps.is_none() {
+            self.timestamps = Some(SubmissionTimestamps::new(self.gpu)?);
+        }
+        let (Target::Encoder { encoder, pass }, Some(timestamps)) =
+            (&mut self.target, &mut self.timestamps)
+        else {
+            unreachable!("encoding a plan")
+        };
+        *pass = None;
+        self.gpu.counters.add(&self.gpu.counters.passes, 1);
+        self.gpu.counters.add(&self.gpu.counters.dispatches, 1);
+        let mut timed = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: None,
+            timestamp_writes: Some(timestamps.next(kernel)),
+        });
+        timed.set_pipeline(pipeline);
+        timed.set_bind_group(0, bind_group, &[]);
+        timed.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
+        Ok(())
+    }
+
     /// Ends recording into a plan (see [`Gpu::plan`]).
     pub fn into_plan(mut self) -> Result<Plan> {
         self.uniforms.upload(self.gpu);
@@ -714,8 +792,9 @@ impl<'g> Batch<'g> {
         })
     }
 
-    /// The commands recorded so far, with the parameters they read written to the GPU.
-    fn finish_encoder(&mut self) -> Result<wgpu::CommandBuffer> {
+    /// The commands recorded so far, with the parameters they read written to the GPU, and the
+    /// timestamps they write when profiling.
+    fn finish_encoder(&mut self) -> Result<(wgpu::CommandBuffer, Option<SubmissionTimestamps>)> {
         let fresh = self
             .gpu
             .device
@@ -728,10 +807,14 @@ impl<'g> Batch<'g> {
             },
         );
         self.uniforms.upload(self.gpu);
+        let timestamps = self.timestamps.take();
         match target {
-            Target::Encoder { encoder, pass } => {
+            Target::Encoder { mut encoder, pass } => {
                 drop(pass);
-                Ok(encoder.finish())
+                if let Some(timestamps) = &timestamps {
+                    timestamps.resolve(&mut encoder);
+                }
+                Ok((encoder.finish(), timestamps))
             }
             Target::Plan(_) => Err(GpuError::Validation(
                 "submitting a batch that records a plan".into(),
@@ -743,8 +826,11 @@ impl<'g> Batch<'g> {
     /// flush between layers so that the intermediate buffers of one layer can be freed before
     /// the next is recorded.
     pub fn flush(&mut self) -> Result<()> {
-        let commands = self.finish_encoder()?;
+        let (commands, timestamps) = self.finish_encoder()?;
         self.gpu.submit([commands]);
+        if let (Some(timestamps), Some(profiler)) = (timestamps, &self.gpu.profiler) {
+            timestamps.collect(self.gpu, profiler)?;
+        }
         self.gpu.check()
     }
 
@@ -798,6 +884,8 @@ enum PlanStep {
         pipeline: Arc<wgpu::ComputePipeline>,
         bind_group: wgpu::BindGroup,
         workgroups: [u32; 3],
+        /// The kernel's name when the device profiles ([`PipelineKey::describe`]).
+        kernel: Option<String>,
     },
     Copy {
         src: wgpu::Buffer,

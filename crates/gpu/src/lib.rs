@@ -11,6 +11,7 @@ pub mod error;
 pub mod ops;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod probe;
+pub mod profile;
 pub mod quant;
 pub mod registry;
 pub mod tensor;
@@ -19,6 +20,7 @@ pub use context::{
     Batch, Binding, Counters, Gpu, GpuFeatures, GpuOptions, Plan, Readback, Uniform,
 };
 pub use error::{GpuError, Result};
+pub use profile::KernelTime;
 pub use tensor::{DType, Tensor};
 
 /// `n` pseudo-random values in [-1, 1) from `seed` (xorshift64): deterministic inputs for the

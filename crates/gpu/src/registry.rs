@@ -89,6 +89,14 @@ impl PipelineKey {
     pub fn flags(&self) -> &[&'static str] {
         &self.flags
     }
+
+    /// The entry point and its variant flags, e.g. `attention_tiled TILED KV_F16`.
+    pub fn describe(&self) -> String {
+        std::iter::once(self.entry)
+            .chain(self.flags.iter().copied())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
 }
 
 impl PartialEq for PipelineKey {

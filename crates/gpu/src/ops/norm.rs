@@ -222,7 +222,15 @@ mod tests {
 
     #[test]
     fn rms_norm_matches_cpu() {
-        for (rows, d) in [(3, 1), (7, 5), (300, 5), (33, 64), (5, 1000), (2, 4096), (2885, 8)] {
+        for (rows, d) in [
+            (3, 1),
+            (7, 5),
+            (300, 5),
+            (33, 64),
+            (5, 1000),
+            (2, 4096),
+            (2885, 8),
+        ] {
             let x = random(rows * d, 40 + d as u64);
             let w = random(d, 41);
             let got = run_rms_norm(&[rows, d], &x, &w, 1e-6);
