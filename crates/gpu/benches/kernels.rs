@@ -5,8 +5,10 @@
 //! Prints one plain table: GPU time per call, GFLOP/s and GB/s of weights read, beside same-run
 //! baselines (a CPU sgemm on the same shapes, a GPU buffer copy and the read probe) so the
 //! figures read as ratios. Each kernel is recorded once into a plan and replayed
-//! [`CALLS_PER_SUBMIT`] times per submission on a GPU (once on a CPU adapter), so the submit and
-//! wait latency is shared and the per-call time is the GPU's (median of the submissions).
+//! [`CALLS_PER_SUBMIT`] times per submission on a GPU (once on a CPU adapter). Where the adapter
+//! has timestamp queries the time per call is the kernels' own (the mean over the timed
+//! submissions); elsewhere it is the median wall time of a submission and its wait, shared by its
+//! calls.
 //! `--only decode` times the planned decode step's kernels (decode GEMV per format, attention of
 //! one query at a 7B context). On a CPU adapter (llvmpipe) the
 //! shapes are scaled down unless `--full` or `LLAVA_BENCH_FULL=1` asks for LLaVA's real ones.
@@ -109,21 +111,36 @@ fn median_secs(mut run: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(samples[samples.len() / 2])
 }
 
-/// Median seconds per call of the work `record` records: recorded once into a plan, replayed
-/// `calls` times per submission.
+/// Seconds per call of the work `record` records: recorded once into a plan, replayed `calls`
+/// times per submission. Where the device profiles (timestamp queries), the kernels' own GPU time,
+/// the mean over the timed submissions; elsewhere the median wall time of a submission and its
+/// wait, over `calls`.
 fn gpu_secs(gpu: &Gpu, calls: usize, record: impl FnOnce(&mut Batch) -> Result<()>) -> Result<f64> {
     let mut plan = gpu.plan();
     record(&mut plan)?;
     let plan = plan.into_plan()?;
-    let secs = median_secs(|| {
+    let mut submissions = 0;
+    let wall = median_secs(|| {
         let mut batch = gpu.batch();
         for _ in 0..calls {
             batch.run(&plan)?;
         }
         batch.submit()?;
-        wait(gpu)
+        wait(gpu)?;
+        submissions += 1;
+        // The two warm-up submissions are not counted.
+        if submissions == 2 {
+            gpu.take_profile();
+        }
+        Ok(())
     })?;
-    Ok(secs / calls as f64)
+    Ok(match gpu.take_profile() {
+        Some(times) if !times.is_empty() => {
+            let timed_calls = ((submissions - 2) * calls) as f64;
+            times.iter().map(|t| t.seconds).sum::<f64>() / timed_calls
+        }
+        _ => wall / calls as f64,
+    })
 }
 
 fn wait(gpu: &Gpu) -> Result<()> {
@@ -408,12 +425,20 @@ fn main() -> Result<()> {
         .and_then(|i| args.get(i + 1))
         .map(|list| list.split(',').map(String::from).collect());
     let section = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|s| s == name));
-    let gpu = Gpu::new_blocking()?;
+    // Kernels are timed with timestamp queries where the adapter has them; the baselines and the
+    // dispatch-overhead row, which time submissions as a decode step sees them, on a device that
+    // does not profile.
+    let profiled = GpuOptions {
+        profile: true,
+        ..Default::default()
+    };
+    let gpu = Gpu::with_options_blocking(profiled)?;
+    let unprofiled = Gpu::new_blocking()?;
     // The same adapter without shader-f16, for the f32 rows beside the f16 ones.
     let plain = if gpu.has_f16() {
         Some(Gpu::with_options_blocking(GpuOptions {
             f16: false,
-            ..Default::default()
+            ..profiled
         })?)
     } else {
         None
@@ -437,6 +462,14 @@ fn main() -> Result<()> {
             "yes (f16 rows: weights `+f16`)"
         } else {
             "no"
+        }
+    );
+    println!(
+        "kernel times: {}",
+        if gpu.take_profile().is_some() {
+            "GPU timestamps (the kernels' own time)"
+        } else {
+            "wall time of each submission and its wait (no timestamp queries here)"
         }
     );
     println!(
@@ -474,7 +507,7 @@ fn main() -> Result<()> {
         CALLS_PER_SUBMIT
     };
     let mut table = Table { rows: Vec::new() };
-    copy_row(&gpu, &mut table, copy_bytes)?;
+    copy_row(&unprofiled, &mut table, copy_bytes)?;
     for &shape in gemms.iter().filter(|_| section("gemm")) {
         cpu_sgemm_row(&mut table, shape)?;
         for dtype in [DType::F32, DType::F16, DType::Q4] {
@@ -523,7 +556,7 @@ fn main() -> Result<()> {
         decode_rows(&gpu, &mut table, full, calls)?;
     }
     if section("dispatch") {
-        dispatch_row(&gpu, &mut table, 256)?;
+        dispatch_row(&unprofiled, &mut table, 256)?;
     }
 
     table.print();
