@@ -1,6 +1,7 @@
 //! The GPU context: adapter choice, device with the adapter's own limits, error collection, and
 //! [`Batch`], which records dispatches into one command encoder.
 
+use std::collections::HashMap;
 use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -8,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use crate::error::{GpuError, Result};
 use crate::profile::{KernelTime, Profiler, SubmissionTimestamps};
 use crate::registry::{PipelineKey, PipelineRegistry, SHADER_F16};
+use crate::tensor::{DType, Tensor};
 
 /// Optional device features this adapter offers (and that the device was opened with).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -333,6 +335,12 @@ impl Gpu {
         }
     }
 
+    /// The size of the buffer [`Gpu::create_buffer`] makes for `size` bytes: whole 4-byte words,
+    /// at least one.
+    pub(crate) fn buffer_size(size: u64) -> u64 {
+        size.max(4).next_multiple_of(4)
+    }
+
     pub(crate) fn create_buffer(
         &self,
         size: u64,
@@ -350,7 +358,7 @@ impl Gpu {
         self.counters.add(&self.counters.buffers, 1);
         Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
             label: None,
-            size: size.max(4).next_multiple_of(4),
+            size: Gpu::buffer_size(size),
             usage,
             mapped_at_creation: false,
         }))
@@ -479,6 +487,23 @@ impl UniformArena {
     }
 }
 
+/// Buffers that tensors of a batch no longer use, by size, for the batch's later ops to write
+/// (see [`Batch::tensor`]).
+#[derive(Debug, Default)]
+pub(crate) struct FreeBuffers(Mutex<HashMap<u64, Vec<wgpu::Buffer>>>);
+
+impl FreeBuffers {
+    pub(crate) fn take(&self, size: u64) -> Option<wgpu::Buffer> {
+        self.0.lock().ok()?.get_mut(&size)?.pop()
+    }
+
+    pub(crate) fn put(&self, buffer: wgpu::Buffer) {
+        if let Ok(mut free) = self.0.lock() {
+            free.entry(buffer.size()).or_default().push(buffer);
+        }
+    }
+}
+
 /// Where a batch's dispatches go: into a command encoder now, or into a [`Plan`] to replay.
 enum Target {
     /// `pass` is the compute pass being recorded (consecutive dispatches share one), closed
@@ -500,6 +525,8 @@ pub struct Batch<'g> {
     uniforms: UniformArena,
     /// When profiling: the timestamps of the dispatches encoded since the last submission.
     timestamps: Option<SubmissionTimestamps>,
+    /// The buffers of this batch's dropped tensors (none in a plan, see [`Batch::tensor`]).
+    free: Option<Arc<FreeBuffers>>,
 }
 
 impl Gpu {
@@ -521,6 +548,7 @@ impl Gpu {
             },
             uniforms: UniformArena::new(arena_bytes),
             timestamps: None,
+            free: Some(Arc::default()),
         }
     }
 
@@ -532,6 +560,7 @@ impl Gpu {
             target: Target::Plan(Vec::new()),
             uniforms: UniformArena::new(UNIFORM_ARENA_BYTES),
             timestamps: None,
+            free: None,
         }
     }
 }
@@ -551,6 +580,15 @@ impl UniformArena {
 impl<'g> Batch<'g> {
     pub fn gpu(&self) -> &'g Gpu {
         self.gpu
+    }
+
+    /// A tensor for an op of this batch to write whole (its contents are not zeroed). While the
+    /// batch records commands, its buffer is one that a dropped tensor of the batch left, where
+    /// one of the same size is free: commands run in the order recorded, so the op writes it
+    /// after every command that read it before. A plan's tensors get buffers of their own, since
+    /// its dispatches replay.
+    pub fn tensor(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        Tensor::in_buffer_from(self.gpu, shape, dtype, self.free.as_ref())
     }
 
     /// Records one dispatch of the pipeline `key`. By convention every kernel declares its
@@ -1033,6 +1071,7 @@ impl CounterCells {
 
 #[cfg(test)]
 mod tests {
+    use crate::ops::elementwise::add;
     use crate::ops::matmul::{LinearKernel, linear_windowed};
     use crate::testing::{assert_close, gpu, random};
     use crate::{DType, Tensor};
@@ -1053,6 +1092,56 @@ mod tests {
         let status = gpu.device().poll(wgpu::PollType::Poll).unwrap();
         assert!(status.is_queue_empty(), "{status:?}");
         assert_eq!(y.shape(), &[m, n]);
+    }
+
+    /// A batch's ops write into the buffers of its dropped tensors: a chain of eight additions
+    /// that drops each sum once the next is recorded needs two output buffers, and still adds up
+    /// right; a plan's eight sums each keep their own.
+    #[test]
+    fn a_batch_reuses_the_buffers_of_dropped_tensors_and_a_plan_does_not() {
+        // A device of its own, so that its counters see only this test's work.
+        let gpu = &crate::Gpu::new_blocking().unwrap();
+        let n = 1000;
+        let (x, a) = (random(n, 5), random(n, 6));
+        let tx = Tensor::from_f32(gpu, &[n], &x).unwrap();
+        let ta = Tensor::from_f32(gpu, &[n], &a).unwrap();
+        let sum_of_eight = |batch: &mut crate::Batch| {
+            let mut h = add(batch, &tx, &ta).unwrap();
+            for _ in 1..8 {
+                h = add(batch, &h, &ta).unwrap();
+            }
+            h
+        };
+
+        let before = gpu.counters();
+        let mut batch = gpu.batch();
+        let h = sum_of_eight(&mut batch);
+        batch.submit().unwrap();
+        let created = (gpu.counters() - before).buffers_created;
+        // Two sums alive at a time, and the batch's one parameter buffer.
+        assert_eq!(created, 2 + 1);
+        let want: Vec<f32> = x.iter().zip(&a).map(|(x, a)| x + 8.0 * a).collect();
+        assert_close(
+            &pollster::block_on(h.to_f32(gpu)).unwrap(),
+            &want,
+            1e-5,
+            "batch",
+        );
+
+        let before = gpu.counters();
+        let mut plan = gpu.plan();
+        let h = sum_of_eight(&mut plan);
+        let plan = plan.into_plan().unwrap();
+        assert_eq!((gpu.counters() - before).buffers_created, 8 + 1);
+        let mut batch = gpu.batch();
+        batch.run(&plan).unwrap();
+        batch.submit().unwrap();
+        assert_close(
+            &pollster::block_on(h.to_f32(gpu)).unwrap(),
+            &want,
+            1e-5,
+            "plan",
+        );
     }
 
     /// Dispatches whose parameters differ (one per 1-row window of a weight, each writing its own

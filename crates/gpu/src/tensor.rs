@@ -11,9 +11,9 @@
 //! Several weights can share one buffer ([`Tensor::pack`]): the decode step's fused kernels read
 //! q and k (or gate and up) through one binding.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
-use crate::context::{Batch, Binding, Gpu};
+use crate::context::{Batch, Binding, FreeBuffers, Gpu};
 use crate::error::{GpuError, Result, shape_err};
 use crate::quant::QuantMatrix;
 use serde::{Deserialize, Serialize};
@@ -102,10 +102,42 @@ const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_SRC)
     .union(wgpu::BufferUsages::COPY_DST);
 
+/// A tensor's buffer. One that [`Batch::tensor`] made goes back to that batch's free buffers when
+/// the last tensor using it is dropped, for a later op of the batch to write.
+#[derive(Debug)]
+struct TensorBuffer {
+    buffer: wgpu::Buffer,
+    free: Weak<FreeBuffers>,
+}
+
+impl std::ops::Deref for TensorBuffer {
+    type Target = wgpu::Buffer;
+    fn deref(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+}
+
+impl Drop for TensorBuffer {
+    fn drop(&mut self) {
+        if let Some(free) = self.free.upgrade() {
+            free.put(self.buffer.clone());
+        }
+    }
+}
+
+impl TensorBuffer {
+    fn owned(buffer: wgpu::Buffer) -> Arc<TensorBuffer> {
+        Arc::new(TensorBuffer {
+            buffer,
+            free: Weak::new(),
+        })
+    }
+}
+
 /// A tensor in a GPU buffer. Cloning shares the buffer.
 #[derive(Clone, Debug)]
 pub struct Tensor {
-    buffer: Arc<wgpu::Buffer>,
+    buffer: Arc<TensorBuffer>,
     /// Byte offset of element 0 inside `buffer` (non-zero for views).
     offset: u64,
     /// Byte offset of the f16 group scales inside `buffer` (quantized tensors only).
@@ -115,8 +147,20 @@ pub struct Tensor {
 }
 
 impl Tensor {
-    /// An uninitialised (zeroed) tensor.
+    /// A zeroed tensor in a buffer of its own.
     pub fn empty(gpu: &Gpu, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        Tensor::in_buffer_from(gpu, shape, dtype, None)
+    }
+
+    /// A tensor whose buffer is taken from `free` where one of its size is there (its contents
+    /// are then what an earlier tensor left), else created; either way it goes back to `free`
+    /// when dropped. For [`Batch::tensor`].
+    pub(crate) fn in_buffer_from(
+        gpu: &Gpu,
+        shape: &[usize],
+        dtype: DType,
+        free: Option<&Arc<FreeBuffers>>,
+    ) -> Result<Tensor> {
         if dtype.is_quantized() {
             return Err(GpuError::Unsupported {
                 op: "Tensor::empty",
@@ -124,9 +168,17 @@ impl Tensor {
             });
         }
         let numel = shape.iter().product();
-        let buffer = gpu.create_buffer(dtype.data_bytes(numel), STORAGE)?;
+        let bytes = dtype.data_bytes(numel);
+        let reused = free.and_then(|f| f.take(Gpu::buffer_size(bytes)));
+        let buffer = match reused {
+            Some(b) => b,
+            None => gpu.create_buffer(bytes, STORAGE)?,
+        };
         Ok(Tensor {
-            buffer: Arc::new(buffer),
+            buffer: Arc::new(TensorBuffer {
+                buffer,
+                free: free.map_or_else(Weak::new, Arc::downgrade),
+            }),
             offset: 0,
             scales: None,
             shape: shape.to_vec(),
@@ -171,7 +223,7 @@ impl Tensor {
         write_padded(gpu, &buffer, 0, &q.data);
         write_padded(gpu, &buffer, scales_at, bytemuck::cast_slice(&q.scales));
         Ok(Tensor {
-            buffer: Arc::new(buffer),
+            buffer: TensorBuffer::owned(buffer),
             offset: 0,
             scales: Some(scales_at),
             shape: vec![q.rows, q.cols],
@@ -195,7 +247,7 @@ impl Tensor {
             });
             places.push((data, scales));
         }
-        let buffer = Arc::new(gpu.create_buffer(size, STORAGE)?);
+        let buffer = TensorBuffer::owned(gpu.create_buffer(size, STORAGE)?);
         let mut batch = gpu.batch();
         let packed = tensors
             .iter()

@@ -180,7 +180,7 @@ pub fn attention(
         }
     };
     let gpu = batch.gpu();
-    let out = Tensor::empty(gpu, q.shape(), DType::F32)?;
+    let out = batch.tensor(q.shape(), DType::F32)?;
     if q.numel() == 0 {
         return Ok(out);
     }
@@ -234,8 +234,8 @@ pub fn attention(
         params.chunks = key_chunks as u32;
         params.chunk_keys = chunk_keys.unwrap_or(kv_len) as u32;
         let parts = b * hkv * key_chunks * rows;
-        let part_out = Tensor::empty(gpu, &[parts, d], DType::F32)?;
-        let part_stats = Tensor::empty(gpu, &[parts, 2], DType::F32)?;
+        let part_out = batch.tensor(&[parts, d], DType::F32)?;
+        let part_stats = batch.tensor(&[parts, 2], DType::F32)?;
         batch.dispatch(
             &key.flag("PARTIAL"),
             bytemuck::bytes_of(&params),

@@ -72,7 +72,7 @@ pub fn patch_embed(
     };
     let (rows, cols) = (h / patch, w / patch);
     let m = images * rows * cols;
-    let out = Tensor::empty(batch.gpu(), &[images, rows * cols, channels], DType::F32)?;
+    let out = batch.tensor(&[images, rows * cols, channels], DType::F32)?;
     if m == 0 || channels == 0 {
         return Ok(out);
     }

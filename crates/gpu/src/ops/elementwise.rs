@@ -66,7 +66,7 @@ fn binary(
             format!("{:?} vs {:?} (need {want})", a.shape(), b.shape()),
         ));
     }
-    let out = Tensor::empty(batch.gpu(), a.shape(), DType::F32)?;
+    let out = batch.tensor(a.shape(), DType::F32)?;
     let n = element_count(op, a)?;
     if n == 0 {
         return Ok(out);
@@ -87,7 +87,7 @@ fn binary(
 
 fn unary(batch: &mut Batch, op: &'static str, x: &Tensor) -> Result<Tensor> {
     check_f32(op, x)?;
-    let out = Tensor::empty(batch.gpu(), x.shape(), DType::F32)?;
+    let out = batch.tensor(x.shape(), DType::F32)?;
     let n = element_count(op, x)?;
     if n == 0 {
         return Ok(out);

@@ -135,7 +135,7 @@ pub(crate) fn gather_windowed(
             format!("output [{count}, {d}] has too many elements"),
         ));
     }
-    let out = Tensor::empty(batch.gpu(), &[count, d], DType::F32)?;
+    let out = batch.tensor(&[count, d], DType::F32)?;
     if count == 0 || d == 0 {
         return Ok(out);
     }

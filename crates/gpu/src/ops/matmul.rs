@@ -79,7 +79,7 @@ pub(crate) fn linear_windowed(
     let m = x.rows();
     let mut out_shape = x.shape().to_vec();
     *out_shape.last_mut().expect("x has rank >= 1") = n;
-    let y = Tensor::empty(batch.gpu(), &out_shape, DType::F32)?;
+    let y = batch.tensor(&out_shape, DType::F32)?;
     if m == 0 || n == 0 {
         return Ok(y);
     }

@@ -58,7 +58,7 @@ fn norm(
             format!("eps must be finite and >= 0, got {eps}"),
         ));
     }
-    let out = Tensor::empty(batch.gpu(), x.shape(), DType::F32)?;
+    let out = batch.tensor(x.shape(), DType::F32)?;
     if rows == 0 || d == 0 {
         return Ok(out);
     }

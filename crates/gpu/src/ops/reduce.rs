@@ -30,7 +30,7 @@ pub fn argmax(batch: &mut Batch, x: &Tensor) -> Result<Tensor> {
             ),
         ));
     }
-    let out = Tensor::empty(batch.gpu(), &[rows], DType::U32)?;
+    let out = batch.tensor(&[rows], DType::U32)?;
     if rows == 0 {
         return Ok(out);
     }

@@ -64,7 +64,7 @@ pub fn rope(batch: &mut Batch, x: &Tensor, pos_offset: usize, theta: f32) -> Res
             format!("theta {theta} must be finite and > 1"),
         ));
     }
-    let out = Tensor::empty(batch.gpu(), x.shape(), DType::F32)?;
+    let out = batch.tensor(x.shape(), DType::F32)?;
     if x.numel() == 0 {
         return Ok(out);
     }

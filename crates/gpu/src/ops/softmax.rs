@@ -25,7 +25,7 @@ pub fn softmax(batch: &mut Batch, x: &Tensor) -> Result<Tensor> {
             ),
         ));
     }
-    let out = Tensor::empty(batch.gpu(), x.shape(), DType::F32)?;
+    let out = batch.tensor(x.shape(), DType::F32)?;
     let rows = x.rows() as u32;
     let grid = batch.gpu().grid(rows);
     batch.dispatch(

@@ -233,7 +233,7 @@ impl LanguageModel {
         let mut last = None;
         for start in (0..t).step_by(rows) {
             let count = rows.min(t - start);
-            let chunk = Tensor::empty(batch.gpu(), &[count, self.cfg.hidden_size], DType::F32)?;
+            let chunk = batch.tensor(&[count, self.cfg.hidden_size], DType::F32)?;
             Tensor::copy_rows(batch, x, start, &chunk, 0, count)?;
             last = Some(self.forward_rows(batch, &chunk, cache)?);
         }
@@ -282,7 +282,7 @@ impl LanguageModel {
             }
         }
         cache.len = pos + t;
-        let last = Tensor::empty(batch.gpu(), &[1, c.hidden_size], DType::F32)?;
+        let last = batch.tensor(&[1, c.hidden_size], DType::F32)?;
         Tensor::copy_rows(batch, &h, t - 1, &last, 0, 1)?;
         Ok(last)
     }

@@ -67,7 +67,7 @@ impl Projector {
         let c = features.last_dim();
         let n = features.rows();
         // Source rows: the features, then the newline as one extra row.
-        let src = Tensor::empty(batch.gpu(), &[n + 1, c], DType::F32)?;
+        let src = batch.tensor(&[n + 1, c], DType::F32)?;
         Tensor::copy_rows(batch, features, 0, &src, 0, n)?;
         Tensor::copy_rows(batch, &self.image_newline, 0, &src, n, 1)?;
         let index = pack_index(grid, side, layout, n as u32);

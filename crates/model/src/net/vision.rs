@@ -114,7 +114,7 @@ impl VisionTower {
         let patches = patch_embed(batch, pixels, &self.patch_embedding, self.cfg.patch_size)?;
         let n = patches.shape()[1];
         // [CLS, patch 0, patch 1, ...] per image, then + position embedding.
-        let tokens = Tensor::empty(batch.gpu(), &[b, n + 1, d], DType::F32)?;
+        let tokens = batch.tensor(&[b, n + 1, d], DType::F32)?;
         for i in 0..b {
             let start = i * (n + 1);
             Tensor::copy_rows(batch, &self.class_embedding, 0, &tokens, start, 1)?;
