@@ -1,4 +1,4 @@
-// variants: TILED | TILED PARTIAL | SPLIT | COMBINE | TILED KV_F16 | TILED PARTIAL KV_F16 | SPLIT KV_F16 | KV_STORE_F16
+// variants: TILED | TILED PARTIAL | SPLIT | COMBINE | TILED KV_F16 | TILED PARTIAL KV_F16 | SPLIT KV_F16 | KV_STORE_F16 | TILED ROWS | TILED ROWS PARTIAL | TILED ROWS KV_F16 | TILED ROWS PARTIAL KV_F16
 // Scaled dot-product attention over f32 queries with an online (flash-attention) softmax: a
 // running max and sum per query row, so no [Tq, Tk] score matrix and no overflow. K/V are f32 or,
 // with KV_F16, f16 (two halves per u32 word, read with unpack2x16float: no device feature needed).
@@ -385,6 +385,226 @@ fn store4(e: u32, v: vec4<f32>) {
     out[e + 3u] = v.w;
 #endif
 }
+
+#if ROWS
+// attention_rows: the TILED variant for head dims of at most W_MAX that are multiples of 4 (one
+// lane per row). Each thread takes QR consecutive query rows, so each K/V vector read from
+// workgroup memory serves QR rows (llvmpipe reads workgroup memory lane by lane); the scores stay
+// in registers (no partial dots, two barriers per tile); a tile holds BK keys (a multiple of 4),
+// taken four at a time with one softmax rescale per four.
+const QR: u32 = 4u;
+
+// A query row: its q (scaled) and output sums as four vectors (dims past D stay 0), its running
+// max and sum, and the keys it may see.
+struct Row {
+    q0: vec4<f32>,
+    q1: vec4<f32>,
+    q2: vec4<f32>,
+    q3: vec4<f32>,
+    a0: vec4<f32>,
+    a1: vec4<f32>,
+    a2: vec4<f32>,
+    a3: vec4<f32>,
+    m: f32,
+    l: f32,
+    limit: u32,
+}
+
+// One key's (or value's) D floats from a tile, as four vectors.
+struct Vec16 {
+    x0: vec4<f32>,
+    x1: vec4<f32>,
+    x2: vec4<f32>,
+    x3: vec4<f32>,
+}
+
+fn load_row(b: u32, kvh: u32, row: u32, end: u32) -> Row {
+    let qb = q_index(b, row, kvh);
+    var r = Row(q4_at(qb), vec4(0.0), vec4(0.0), vec4(0.0), vec4(0.0), vec4(0.0), vec4(0.0), vec4(0.0),
+                MASKED, 0.0, min(key_limit(row / p.group), end));
+    if (D > 4u) {
+        r.q1 = q4_at(qb + 4u);
+    }
+    if (D > 8u) {
+        r.q2 = q4_at(qb + 8u);
+    }
+    if (D > 12u) {
+        r.q3 = q4_at(qb + 12u);
+    }
+    return r;
+}
+
+fn k16(j: u32) -> Vec16 {
+    let t = j * (D / 4u);
+    var x = Vec16(k_tile[t], vec4(0.0), vec4(0.0), vec4(0.0));
+    if (D > 4u) {
+        x.x1 = k_tile[t + 1u];
+    }
+    if (D > 8u) {
+        x.x2 = k_tile[t + 2u];
+    }
+    if (D > 12u) {
+        x.x3 = k_tile[t + 3u];
+    }
+    return x;
+}
+
+fn v16(j: u32) -> Vec16 {
+    let t = j * (D / 4u);
+    var x = Vec16(v_tile[t], vec4(0.0), vec4(0.0), vec4(0.0));
+    if (D > 4u) {
+        x.x1 = v_tile[t + 1u];
+    }
+    if (D > 8u) {
+        x.x2 = v_tile[t + 2u];
+    }
+    if (D > 12u) {
+        x.x3 = v_tile[t + 3u];
+    }
+    return x;
+}
+
+fn score(r: Row, x: Vec16) -> f32 {
+    return dot(r.q0, x.x0) + dot(r.q1, x.x1) + dot(r.q2, x.x2) + dot(r.q3, x.x3);
+}
+
+// Row `row` attends to keys `key`..`key + 3` (k0..k3, values v0..v3); keys past its limit weigh 0.
+fn attend4(row: ptr<function, Row>, key: u32, k0: Vec16, k1: Vec16, k2: Vec16, k3: Vec16,
+           v0: Vec16, v1: Vec16, v2: Vec16, v3: Vec16) {
+    var r = *row;
+    let seen = vec4(key) + vec4(0u, 1u, 2u, 3u) < vec4(r.limit);
+    let s = select(vec4(MASKED), vec4(score(r, k0), score(r, k1), score(r, k2), score(r, k3)), seen);
+    let m = max(r.m, max(max(s.x, s.y), max(s.z, s.w)));
+    let alpha = exp(r.m - m);
+    let w = select(vec4(0.0), exp(s - m), seen);
+    r.m = m;
+    r.l = r.l * alpha + w.x + w.y + w.z + w.w;
+    r.a0 = r.a0 * alpha + w.x * v0.x0 + w.y * v1.x0 + w.z * v2.x0 + w.w * v3.x0;
+    r.a1 = r.a1 * alpha + w.x * v0.x1 + w.y * v1.x1 + w.z * v2.x1 + w.w * v3.x1;
+    r.a2 = r.a2 * alpha + w.x * v0.x2 + w.y * v1.x2 + w.z * v2.x2 + w.w * v3.x2;
+    r.a3 = r.a3 * alpha + w.x * v0.x3 + w.y * v1.x3 + w.z * v2.x3 + w.w * v3.x3;
+    *row = r;
+}
+
+// Four consecutive K (or V) values from element `e` (a multiple of 4) of the cache.
+fn k4_at(e: u32) -> vec4<f32> {
+#if KV_F16
+    return vec4(unpack2x16float(k[e >> 1u]), unpack2x16float(k[(e >> 1u) + 1u]));
+#else
+    return vec4(k[e], k[e + 1u], k[e + 2u], k[e + 3u]);
+#endif
+}
+
+fn v4_at(e: u32) -> vec4<f32> {
+#if KV_F16
+    return vec4(unpack2x16float(v[e >> 1u]), unpack2x16float(v[(e >> 1u) + 1u]));
+#else
+    return vec4(v[e], v[e + 1u], v[e + 2u], v[e + 3u]);
+#endif
+}
+
+// Writes row `row`'s normalised output (or, with PARTIAL, its unnormalised partial and stats).
+fn store_row(r: Row, b: u32, kvh: u32, bh: u32, chunk: u32, row: u32) {
+#if PARTIAL
+    let part_row = (bh * p.chunks + chunk) * p.tq * p.group + row;
+    part_stats[part_row] = vec2(r.m, r.l);
+    let ob = part_row * D;
+    let scale = 1.0;
+#else
+    let ob = q_index(b, row, kvh);
+    let scale = 1.0 / r.l;
+#endif
+    store4(ob, r.a0 * scale);
+    if (D > 4u) {
+        store4(ob + 4u, r.a1 * scale);
+    }
+    if (D > 8u) {
+        store4(ob + 8u, r.a2 * scale);
+    }
+    if (D > 12u) {
+        store4(ob + 12u, r.a3 * scale);
+    }
+}
+
+@compute @workgroup_size(256)
+fn attention_rows(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let wg_index = wg.x + wg.y * nwg.x;
+    if (wg_index >= p.batch * p.hkv * p.row_tiles * p.chunks) {
+        return;
+    }
+    let chunk = wg_index % p.chunks;
+    let tile = (wg_index / p.chunks) % p.row_tiles;
+    let bh = wg_index / (p.chunks * p.row_tiles);
+    let kvh = bh % p.hkv;
+    let b = bh / p.hkv;
+    let rows = p.tq * p.group;
+    let tile_first = tile * THREADS * QR;
+    let last_row = min(tile_first + THREADS * QR, rows) - 1u;
+    // This workgroup's keys: begin..end (the whole cache unless PARTIAL splits it).
+    let begin = chunk * p.chunk_keys;
+    let end = min(key_limit(last_row / p.group), begin + p.chunk_keys);
+    // Rows past the last repeat it (results dropped), so that every thread reaches the barriers.
+    let first = tile_first + lid * QR;
+    var r0 = load_row(b, kvh, min(first, rows - 1u), end);
+    var r1 = load_row(b, kvh, min(first + 1u, rows - 1u), end);
+    var r2 = load_row(b, kvh, min(first + 2u, rows - 1u), end);
+    var r3 = load_row(b, kvh, min(first + 3u, rows - 1u), end);
+    // The keys any of this thread's rows may see (its last row sees the most).
+    let seen = r3.limit;
+
+    for (var k0 = begin; k0 < end; k0 += BK) {
+        // The previous tile must be consumed before it is overwritten.
+        workgroupBarrier();
+        for (var i4 = lid; i4 < BK * D / 4u; i4 += THREADS) {
+            let j = k0 + i4 / (D / 4u);
+            var kx = vec4(0.0);
+            var vx = vec4(0.0);
+            // Positions past the valid cache may hold anything (NaN): never read them.
+            if (j < end) {
+                let e = kv_index(b, j, kvh) + (i4 % (D / 4u)) * 4u;
+                kx = k4_at(e);
+                vx = v4_at(e);
+            }
+            k_tile[i4] = kx;
+            v_tile[i4] = vx;
+        }
+        workgroupBarrier();
+
+        let n = min(BK, seen - min(k0, seen));
+        for (var j = 0u; j < n; j += 4u) {
+            let k_0 = k16(j);
+            let k_1 = k16(j + 1u);
+            let k_2 = k16(j + 2u);
+            let k_3 = k16(j + 3u);
+            let v_0 = v16(j);
+            let v_1 = v16(j + 1u);
+            let v_2 = v16(j + 2u);
+            let v_3 = v16(j + 3u);
+            attend4(&r0, k0 + j, k_0, k_1, k_2, k_3, v_0, v_1, v_2, v_3);
+            attend4(&r1, k0 + j, k_0, k_1, k_2, k_3, v_0, v_1, v_2, v_3);
+            attend4(&r2, k0 + j, k_0, k_1, k_2, k_3, v_0, v_1, v_2, v_3);
+            attend4(&r3, k0 + j, k_0, k_1, k_2, k_3, v_0, v_1, v_2, v_3);
+        }
+    }
+
+    if (first < rows) {
+        store_row(r0, b, kvh, bh, chunk, first);
+    }
+    if (first + 1u < rows) {
+        store_row(r1, b, kvh, bh, chunk, first + 1u);
+    }
+    if (first + 2u < rows) {
+        store_row(r2, b, kvh, bh, chunk, first + 2u);
+    }
+    if (first + 3u < rows) {
+        store_row(r3, b, kvh, bh, chunk, first + 3u);
+    }
+}
+#endif
 #endif
 
 #if SPLIT

@@ -122,7 +122,7 @@ fn profile_reports_gpu_time_by_kernel_and_the_same_answer() {
             .and_then(|k| k["calls"].as_u64())
     };
     // The prompt's attention runs once per layer (2), the sampler once per token.
-    assert_eq!(calls("attention_tiled TILED"), Some(2), "{profile:?}");
+    assert_eq!(calls("attention_rows ROWS TILED"), Some(2), "{profile:?}");
     assert_eq!(calls("sample SAMPLE"), Some(4), "{profile:?}");
     assert!(
         profile

@@ -4,7 +4,8 @@
 //!
 //! Two kernels (shaders/attention.wgsl): `attention_tiled` (flash attention: a few threads per
 //! query row, each owning a slice of the head dim, K/V tiles in workgroup memory) for prefill and
-//! the vision tower, and flash-decoding `attention_split` + `attention_combine` when a kv head has
+//! the vision tower, or its `attention_rows` form for head dims of at most 16 that are multiples
+//! of 4 (one thread per four query rows, which share each K/V read), and flash-decoding `attention_split` + `attention_combine` when a kv head has
 //! at most [`SPLIT_MAX_ROWS`] query rows (decode), so that thousands of keys are spread over many
 //! workgroups instead of one per head. [`kv_store`] appends rows to a cache in its dtype.
 
@@ -20,6 +21,9 @@ const TILED_THREADS: usize = 256;
 const TILE_FLOATS: usize = 1024;
 const TILE_MAX_KEYS: usize = 8;
 const MAX_DIMS_PER_THREAD: usize = 16;
+/// Must match QR in attention.wgsl; most keys per tile of `attention_rows`.
+const ROWS_PER_THREAD: usize = 4;
+const ROWS_MAX_KEYS: usize = 64;
 /// Must match MAX_ROWS and CHUNK in attention.wgsl.
 const SPLIT_MAX_ROWS: usize = 8;
 const SPLIT_CHUNK: usize = 128;
@@ -61,26 +65,42 @@ struct TiledShape {
     dims_per_lane: usize,
     /// Keys per K/V tile.
     tile_keys: usize,
+    /// Query rows per thread: [`ROWS_PER_THREAD`] in `attention_rows` (one lane per row, head
+    /// dims that are multiples of 4), else 1.
+    rows_per_thread: usize,
 }
 
 impl TiledShape {
     fn new(d: usize) -> TiledShape {
         let lanes = d.div_ceil(MAX_DIMS_PER_THREAD).next_power_of_two();
+        if lanes == 1 && d % 4 == 0 {
+            return TiledShape {
+                lanes,
+                dims_per_lane: d,
+                tile_keys: (TILE_FLOATS / d).min(ROWS_MAX_KEYS) / 4 * 4,
+                rows_per_thread: ROWS_PER_THREAD,
+            };
+        }
         TiledShape {
             lanes,
             dims_per_lane: d.div_ceil(lanes),
             tile_keys: (TILE_FLOATS / d).min(TILE_MAX_KEYS),
+            rows_per_thread: 1,
         }
     }
 
     fn rows_per_workgroup(&self) -> usize {
-        TILED_THREADS / self.lanes
+        TILED_THREADS / self.lanes * self.rows_per_thread
     }
 
     /// An upper bound of the loop iterations one invocation runs per K/V tile (every loop of the
     /// tile body, as if none were unrolled), for drivers that cap them.
     fn loop_iterations_per_tile(&self, d: usize) -> usize {
         let (bk, w) = (self.tile_keys, self.dims_per_lane);
+        if self.rows_per_thread > 1 {
+            // The tile load (a vec4 per step), then keys four at a time.
+            return 1 + (bk * d).div_ceil(4 * TILED_THREADS) + bk / 4;
+        }
         // Tile loads: vec4 steps of four elements each.
         let load = (bk * d).div_ceil(4 * TILED_THREADS) * 5;
         1 + load + bk * (w + 1) + bk * (self.lanes + 1) + bk + w * (bk + 1)
@@ -109,6 +129,20 @@ pub fn attention(
     v: &Tensor,
     kv_len: usize,
     mask: Mask,
+) -> Result<Tensor> {
+    attention_in_chunks(batch, q, k, v, kv_len, mask, None)
+}
+
+/// [`attention`], where the tiled kernels split the keys into chunks of at most `chunk_tiles`
+/// K/V tiles (as under a loop budget) when it is given; tests reach the chunked path with it.
+fn attention_in_chunks(
+    batch: &mut Batch,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    kv_len: usize,
+    mask: Mask,
+    chunk_tiles: Option<usize>,
 ) -> Result<Tensor> {
     let [b, tq, hq, d] = dims4("q", q)?;
     let [kb, tcap, hkv, kd] = dims4("k", k)?;
@@ -208,14 +242,25 @@ pub fn attention(
         let row_tiles = rows.div_ceil(shape.rows_per_workgroup());
         params.row_tiles = row_tiles as u32;
         // Under a loop budget, each workgroup takes a chunk of whole tiles within half of it.
-        let chunk_keys = gpu.loop_budget().map(|budget| {
-            let tiles = (budget as usize / 2 / shape.loop_iterations_per_tile(d)).max(1);
-            tiles * shape.tile_keys
-        });
+        let budget_tiles = gpu
+            .loop_budget()
+            .map(|budget| (budget as usize / 2 / shape.loop_iterations_per_tile(d)).max(1));
+        let chunk_keys = match (budget_tiles, chunk_tiles) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+        .map(|tiles| tiles.max(1) * shape.tile_keys);
         let key_chunks = chunk_keys.map_or(1, |c| kv_len.div_ceil(c));
         let grid = gpu.grid((b * hkv * row_tiles * key_chunks) as u32);
-        let key = PipelineKey::new(SHADER, "attention_tiled")
+        let rows_kernel = shape.rows_per_thread > 1;
+        let entry = if rows_kernel {
+            "attention_rows"
+        } else {
+            "attention_tiled"
+        };
+        let key = PipelineKey::new(SHADER, entry)
             .flag("TILED")
+            .flag_if(rows_kernel, "ROWS")
             .flag_if(kv_f16, "KV_F16")
             .constant("D", d as u32)
             .constant("LANES", shape.lanes as u32)
@@ -395,6 +440,8 @@ mod tests {
         magnitude: f32,
         /// The dtype K and V are stored in (the reference reads the same rounded values).
         kv_dtype: DType,
+        /// K/V tiles per key chunk of the tiled kernels (PARTIAL + combine), where given.
+        chunk_tiles: Option<usize>,
     }
 
     /// Plain softmax(q k^T * scale) v in f64, reading only the first kv_len cache positions.
@@ -464,7 +511,8 @@ mod tests {
         };
         let (tk, tv) = (upload(&mut k), upload(&mut v));
         let mut batch = gpu.batch();
-        let out = attention(&mut batch, &tq, &tk, &tv, c.kv_len, c.mask).unwrap();
+        let out = attention_in_chunks(&mut batch, &tq, &tk, &tv, c.kv_len, c.mask, c.chunk_tiles)
+            .unwrap();
         batch.submit().unwrap();
         let got = pollster::block_on(out.to_f32(gpu)).unwrap();
         let what = format!(
@@ -497,6 +545,7 @@ mod tests {
             mask,
             magnitude: 1.0,
             kv_dtype: DType::F32,
+            chunk_tiles: None,
         }
     }
 
@@ -719,6 +768,47 @@ mod tests {
                 d as u64,
             );
         }
+    }
+
+    /// `attention_rows` (head dims 4 to 16, multiples of 4; four rows per thread, 1024 per
+    /// workgroup): two row tiles of which the last is partial and ends inside a thread's four
+    /// rows, keys in chunks of a few tiles (PARTIAL + combine) or whole, f32 and f16 caches.
+    #[test]
+    fn four_rows_per_thread_at_small_head_dims() {
+        let chunked = |c: Case, tiles| Case {
+            chunk_tiles: Some(tiles),
+            ..c
+        };
+        check(
+            chunked(
+                case(1, 701, 4, 2, 16, 720, 701, Mask::Causal { q_offset: 0 }),
+                3,
+            ),
+            2e-5,
+            70,
+        );
+        check(
+            case(1, 701, 4, 2, 16, 720, 701, Mask::Causal { q_offset: 0 }),
+            2e-5,
+            71,
+        );
+        check(
+            Case {
+                kv_dtype: DType::F16,
+                ..chunked(case(2, 301, 2, 1, 8, 320, 301, Mask::None), 2)
+            },
+            2e-5,
+            72,
+        );
+        check(
+            chunked(
+                case(1, 90, 6, 3, 12, 200, 190, Mask::Causal { q_offset: 100 }),
+                1,
+            ),
+            2e-5,
+            73,
+        );
+        check(case(3, 50, 2, 2, 4, 50, 50, Mask::None), 2e-5, 74);
     }
 
     /// Long prefills at odd head dims: under llvmpipe's loop budget these split the keys into
