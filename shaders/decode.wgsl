@@ -112,16 +112,6 @@ const XCHUNK: u32 = 2048u;
 var<workgroup> xs: array<vec4<f32>, 512>; // XCHUNK / 4
 var<workgroup> partial: array<f32, WG>;
 var<workgroup> row_sums: array<f32, WG>; // ROWS used
-// Q4's code book (quant.rs Q4_VALUES), looked up per nibble.
-var<workgroup> codebook: array<f32, 16>;
-
-// quant.rs Q4_VALUES as signed bytes, four per word: code n is byte n % 4 of word n / 4.
-fn q4_value(n: u32) -> f32 {
-    let low = select(0xbfad9881u, 0xf6eaddcfu, (n & 4u) != 0u);
-    let high = select(0x26190d01u, 0x71594535u, (n & 4u) != 0u);
-    return f32(extractBits(bitcast<i32>(select(low, high, n >= 8u)), 8u * (n & 3u), 8u));
-}
-
 fn f16_scale(words: u32, g: u32) -> f32 {
     let pair = unpack2x16float(words);
     return select(pair.x, pair.y, (g & 1u) == 1u);
@@ -157,12 +147,20 @@ fn dot_q8(u: vec4<u32>, xb: u32) -> f32 {
     return q8_word(u.x, b) + q8_word(u.y, b + 1u) + q8_word(u.z, b + 2u) + q8_word(u.w, b + 3u);
 }
 
+// Four nibbles' values in quant.rs Q4_VALUES, computed rather than looked up (a workgroup-memory
+// code book cost llvmpipe a gather per nibble, and half the Q4 GEMV's speed): the book as signed
+// bytes, four per word, code n is byte n % 4 of word n / 4.
+fn q4_codes(n: vec4<u32>) -> vec4<f32> {
+    let upper = (n & vec4(4u)) != vec4(0u);
+    let w = select(select(vec4(0xbfad9881u), vec4(0xf6eaddcfu), upper),
+                   select(vec4(0x26190d01u), vec4(0x71594535u), upper), n >= vec4(8u));
+    return vec4<f32>(bitcast<vec4<i32>>(w << (vec4(24u) - 8u * (n & vec4(3u)))) >> vec4(24u));
+}
+
 // One word of eight nibbles (code book indices) against xs[b], xs[b + 1].
 fn q4_word(word: u32, b: u32) -> f32 {
-    let lo = vec4<f32>(codebook[word & 15u], codebook[(word >> 4u) & 15u],
-                       codebook[(word >> 8u) & 15u], codebook[(word >> 12u) & 15u]);
-    let hi = vec4<f32>(codebook[(word >> 16u) & 15u], codebook[(word >> 20u) & 15u],
-                       codebook[(word >> 24u) & 15u], codebook[word >> 28u]);
+    let lo = q4_codes((vec4(word) >> vec4(0u, 4u, 8u, 12u)) & vec4(15u));
+    let hi = q4_codes((vec4(word) >> vec4(16u, 20u, 24u, 28u)) & vec4(15u));
     return dot(lo, xs[b]) + dot(hi, xs[b + 1u]);
 }
 
@@ -431,9 +429,6 @@ fn gemv(
     let lane = lid % LANES;
     let quad = group * QUADS + r / 4u;
     let which = quad_row(quad, r % 4u);
-    if (lid < 16u) {
-        codebook[lid] = q4_value(lid);
-    }
 #if NORM
     // norm.wgsl's sum: strided per thread, then a pairwise tree.
     var sq = 0.0;
