@@ -18,6 +18,8 @@
 //   summed there. With PARTIAL, each workgroup also takes only one chunk of the keys and writes an
 //   unnormalised partial like attention_split, which attention_combine merges: for drivers that
 //   cap the loop iterations of an invocation (llvmpipe).
+// - attention_rows (TILED ROWS): attention_tiled for head dims of at most 16 that are multiples
+//   of 4, four query rows per thread (see its section).
 // - attention_split + attention_combine: flash-decoding for few rows (decode, Tq = 1): each
 //   workgroup scores one chunk of keys for all rows of a kv head and writes an unnormalised partial
 //   (max, sum, weighted values); the combine pass merges the chunks.

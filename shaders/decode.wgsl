@@ -147,20 +147,25 @@ fn dot_q8(u: vec4<u32>, xb: u32) -> f32 {
     return q8_word(u.x, b) + q8_word(u.y, b + 1u) + q8_word(u.z, b + 2u) + q8_word(u.w, b + 3u);
 }
 
-// Four nibbles' values in quant.rs Q4_VALUES, computed rather than looked up (a workgroup-memory
-// code book cost llvmpipe a gather per nibble, and half the Q4 GEMV's speed): the book as signed
-// bytes, four per word, code n is byte n % 4 of word n / 4.
-fn q4_codes(n: vec4<u32>) -> vec4<f32> {
-    let upper = (n & vec4(4u)) != vec4(0u);
-    let w = select(select(vec4(0xbfad9881u), vec4(0xf6eaddcfu), upper),
-                   select(vec4(0x26190d01u), vec4(0x71594535u), upper), n >= vec4(8u));
-    return vec4<f32>(bitcast<vec4<i32>>(w << (vec4(24u) - 8u * (n & vec4(3u)))) >> vec4(24u));
+// quant.rs Q4_VALUES as signed bytes, four per word: code n is byte n % 4 of word n / 4. The word
+// is chosen by selects: a dynamically indexed vector can end up in local memory (NVIDIA Vulkan),
+// and a workgroup-memory code book cost llvmpipe a gather per nibble (half the Q4 GEMV's speed).
+// The same two functions as matmul.wgsl's (shaders have no includes).
+fn q4_value(n: u32) -> f32 {
+    let low = select(0xbfad9881u, 0xf6eaddcfu, (n & 4u) != 0u);
+    let high = select(0x26190d01u, 0x71594535u, (n & 4u) != 0u);
+    let word = select(low, high, n >= 8u);
+    return f32(extractBits(bitcast<i32>(word), 8u * (n & 3u), 8u));
+}
+
+fn q4_values(n: vec4<u32>) -> vec4<f32> {
+    return vec4<f32>(q4_value(n.x), q4_value(n.y), q4_value(n.z), q4_value(n.w));
 }
 
 // One word of eight nibbles (code book indices) against xs[b], xs[b + 1].
 fn q4_word(word: u32, b: u32) -> f32 {
-    let lo = q4_codes((vec4(word) >> vec4(0u, 4u, 8u, 12u)) & vec4(15u));
-    let hi = q4_codes((vec4(word) >> vec4(16u, 20u, 24u, 28u)) & vec4(15u));
+    let lo = q4_values((vec4(word) >> vec4(0u, 4u, 8u, 12u)) & vec4(15u));
+    let hi = q4_values((vec4(word) >> vec4(16u, 20u, 24u, 28u)) & vec4(15u));
     return dot(lo, xs[b]) + dot(hi, xs[b + 1u]);
 }
 

@@ -5,9 +5,10 @@
 //! Two kernels (shaders/attention.wgsl): `attention_tiled` (flash attention: a few threads per
 //! query row, each owning a slice of the head dim, K/V tiles in workgroup memory) for prefill and
 //! the vision tower, or its `attention_rows` form for head dims of at most 16 that are multiples
-//! of 4 (one thread per four query rows, which share each K/V read), and flash-decoding `attention_split` + `attention_combine` when a kv head has
-//! at most [`SPLIT_MAX_ROWS`] query rows (decode), so that thousands of keys are spread over many
-//! workgroups instead of one per head. [`kv_store`] appends rows to a cache in its dtype.
+//! of 4 (one thread per four query rows, which share each K/V read), and flash-decoding
+//! `attention_split` + `attention_combine` when a kv head has at most [`SPLIT_MAX_ROWS`] query
+//! rows (decode), so that thousands of keys are spread over many workgroups instead of one per
+//! head. [`kv_store`] appends rows to a cache in its dtype.
 
 use crate::error::{GpuError, Result, shape_err};
 use crate::registry::PipelineKey;
@@ -73,19 +74,16 @@ struct TiledShape {
 impl TiledShape {
     fn new(d: usize) -> TiledShape {
         let lanes = d.div_ceil(MAX_DIMS_PER_THREAD).next_power_of_two();
-        if lanes == 1 && d % 4 == 0 {
-            return TiledShape {
-                lanes,
-                dims_per_lane: d,
-                tile_keys: (TILE_FLOATS / d).min(ROWS_MAX_KEYS) / 4 * 4,
-                rows_per_thread: ROWS_PER_THREAD,
-            };
-        }
+        let rows = lanes == 1 && d.is_multiple_of(4);
         TiledShape {
             lanes,
             dims_per_lane: d.div_ceil(lanes),
-            tile_keys: (TILE_FLOATS / d).min(TILE_MAX_KEYS),
-            rows_per_thread: 1,
+            tile_keys: if rows {
+                (TILE_FLOATS / d).min(ROWS_MAX_KEYS) / 4 * 4
+            } else {
+                (TILE_FLOATS / d).min(TILE_MAX_KEYS)
+            },
+            rows_per_thread: if rows { ROWS_PER_THREAD } else { 1 },
         }
     }
 
@@ -245,11 +243,11 @@ fn attention_in_chunks(
         let budget_tiles = gpu
             .loop_budget()
             .map(|budget| (budget as usize / 2 / shape.loop_iterations_per_tile(d)).max(1));
-        let chunk_keys = match (budget_tiles, chunk_tiles) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-        .map(|tiles| tiles.max(1) * shape.tile_keys);
+        let chunk_keys = [budget_tiles, chunk_tiles]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|tiles| tiles.max(1) * shape.tile_keys);
         let key_chunks = chunk_keys.map_or(1, |c| kv_len.div_ceil(c));
         let grid = gpu.grid((b * hkv * row_tiles * key_chunks) as u32);
         let rows_kernel = shape.rows_per_thread > 1;
