@@ -11,7 +11,7 @@
 // column `col0 + j` of y (row stride `y_stride`), with bias `bias[col0 + j]`.
 //
 // Entry points: `gemv` (few rows of x: one workgroup reduces 4 outputs, 64 lanes each) and
-// `gemm` (64x64 output tiles through workgroup memory, 4x4 outputs per thread).
+// `gemm` (128x64 output tiles through workgroup memory, 8x4 outputs per thread).
 
 struct Params {
     m: u32,
@@ -118,7 +118,7 @@ fn eight_values(n: u32, c8: u32) -> mat2x4<f32> {
 
 #if !QUANT
 // Element (n, c) of an F32 or F16 weight window as f32 (the GEMM dequantizes Q8/Q6/Q4 a word at
-// a time, load_quantized_w_tile).
+// a time, load_w_tile).
 fn w_at(n: u32, c: u32) -> f32 {
     let e = n * p.k + c;
 #if W_F32
@@ -239,62 +239,83 @@ fn gemv(
 
 // ---------------------------------------------------------------------------------------------
 // GEMM: a 16x16 workgroup computes a TILE_M x TILE block of y; thread (tx, ty) owns rows
-// ty + 16 i (i < 8) and columns tx + 16 j (j < 4), so reads of the tiles are conflict-free and the
-// stores coalesce: 12 tile reads per 32 multiply-adds. The eight accumulators are separate
-// variables: an array indexed by a loop counter can go to local memory (NVIDIA Vulkan). Tiles are
-// zero-filled past M, N and K, so no size needs to be a multiple.
+// ty + 16 i (i < 8) and columns tx + 16 j (j < 4). Both tiles keep K innermost, so a thread reads
+// four K values of a row or column as one vec4 and multiplies them with `dot`: 12 vec4 tile reads
+// per 128 multiply-adds (scalar reads, one value of K at a time, took 48). Lanes of one ty read
+// the same x vector (a broadcast); the w tile's rows are padded to W_STRIDE vectors so that 16
+// lanes reading rows tx hit distinct banks. The eight accumulators are separate variables: an
+// array indexed by a loop counter can go to local memory (NVIDIA Vulkan). Tiles are zero-filled
+// past M, N and K, so no size needs to be a multiple.
 
 const TILE_M: u32 = 128u;
 const TILE: u32 = 64u;
 const TILE_K: u32 = 16u;
+const K4: u32 = 4u; // TILE_K / 4: vectors per tile row
+const W_STRIDE: u32 = 5u; // K4 + 1
 
 // f16 weights stay f16 in the w tile (exact, half the workgroup memory traffic); dequantized
 // Q8/Q6/Q4 values need f32 (q * scale has more than 11 significant bits).
 #if W_F16
 #if SHADER_F16
-alias WTile = f16;
+alias WTile = vec4<f16>;
 #else
-alias WTile = f32;
+alias WTile = vec4<f32>;
 #endif
 #else
-alias WTile = f32;
+alias WTile = vec4<f32>;
 #endif
 
-var<workgroup> x_tile: array<f32, 2048>; // [TILE_K][TILE_M]
-var<workgroup> w_tile: array<WTile, 1024>; // [TILE_K][TILE]
+var<workgroup> x_tile: array<vec4<f32>, 512>; // [TILE_M][K4]
+var<workgroup> w_tile: array<WTile, 320>; // [TILE][W_STRIDE]
 
+// Values c .. c + 3 of row `row` of x, zero past M and K.
+fn x_tile_vector(row: u32, c: u32) -> vec4<f32> {
+    if (row >= p.m) {
+        return vec4<f32>();
+    }
+    if (c + 3u < p.k) {
+        return x4(row, c);
+    }
+    let b = row * p.k;
+    var v = vec4<f32>();
+    if (c < p.k) {
+        v.x = x[b + c];
+    }
+    if (c + 1u < p.k) {
+        v.y = x[b + c + 1u];
+    }
+    if (c + 2u < p.k) {
+        v.z = x[b + c + 2u];
+    }
+    return v;
+}
+
+// Fills w_tile with rows n0 .. n0 + TILE of w, K values k0 .. k0 + TILE_K, zero past N and K.
+fn load_w_tile(t: u32, n0: u32, k0: u32) {
 #if QUANT
-// Dequantizes the [TILE_K][TILE] weight tile a word at a time: K is a multiple of the group (32
-// or 64), so a tile never passes K and the values of one word share one scale.
-fn load_quantized_w_tile(t: u32, n0: u32, k0: u32) {
+    // K is a multiple of the group (32 or 64), so a tile never passes K and the values of one
+    // word share one scale.
 #if NIBBLE_WORDS
     // 128 threads, each 8 values (one word of nibbles) of row t / 2.
     if (t < 128u) {
         let i = t / 2u;
-        let kk = 8u * (t % 2u);
+        let h = t % 2u;
         var v = mat2x4<f32>();
         if (n0 + i < p.n) {
-            v = eight_values(n0 + i, (k0 + kk) / 8u) * scale_at((n0 + i) * p.k + k0 + kk);
+            let c = k0 + 8u * h;
+            v = eight_values(n0 + i, c / 8u) * scale_at((n0 + i) * p.k + c);
         }
-        // Constant component indices keep v in registers.
-        let b = kk * TILE + i;
-        w_tile[b] = v[0].x;
-        w_tile[b + TILE] = v[0].y;
-        w_tile[b + 2u * TILE] = v[0].z;
-        w_tile[b + 3u * TILE] = v[0].w;
-        w_tile[b + 4u * TILE] = v[1].x;
-        w_tile[b + 5u * TILE] = v[1].y;
-        w_tile[b + 6u * TILE] = v[1].z;
-        w_tile[b + 7u * TILE] = v[1].w;
+        w_tile[i * W_STRIDE + 2u * h] = v[0];
+        w_tile[i * W_STRIDE + 2u * h + 1u] = v[1];
     }
 #endif
 #if W_Q8
     // 256 threads, each 4 values (one word of bytes) of row t / 4.
     let i = t / 4u;
-    let kk = 4u * (t % 4u);
+    let q = t % 4u;
     var v = vec4<f32>();
     if (n0 + i < p.n) {
-        let e = (n0 + i) * p.k + k0 + kk;
+        let e = (n0 + i) * p.k + k0 + 4u * q;
         let word = w[e / 4u];
         v = vec4<f32>(vec4<i32>(
             bitcast<i32>(word << 24u),
@@ -303,14 +324,32 @@ fn load_quantized_w_tile(t: u32, n0: u32, k0: u32) {
             bitcast<i32>(word),
         ) >> vec4<u32>(24u)) * scale_at(e);
     }
-    let b = kk * TILE + i;
-    w_tile[b] = v.x;
-    w_tile[b + TILE] = v.y;
-    w_tile[b + 2u * TILE] = v.z;
-    w_tile[b + 3u * TILE] = v.w;
+    w_tile[i * W_STRIDE + q] = v;
+#endif
+#else
+    // 256 threads, each 4 values of row t / 4.
+    let i = t / 4u;
+    let q = t % 4u;
+    let c = k0 + 4u * q;
+    var v = vec4<f32>();
+    if (n0 + i < p.n) {
+        // Constant component indices keep v in registers.
+        if (c < p.k) {
+            v.x = w_at(n0 + i, c);
+        }
+        if (c + 1u < p.k) {
+            v.y = w_at(n0 + i, c + 1u);
+        }
+        if (c + 2u < p.k) {
+            v.z = w_at(n0 + i, c + 2u);
+        }
+        if (c + 3u < p.k) {
+            v.w = w_at(n0 + i, c + 3u);
+        }
+    }
+    w_tile[i * W_STRIDE + q] = WTile(v);
 #endif
 }
-#endif
 
 // Writes y[row, n0 + tx + 16 j] = acc[j] (+ bias) where inside y.
 fn store_gemm_row(row: u32, col: u32, acc: vec4<f32>) {
@@ -332,6 +371,11 @@ fn store_gemm_row(row: u32, col: u32, acc: vec4<f32>) {
     }
 }
 
+// Four dot products of x with the thread's four weight columns.
+fn dots(xv: vec4<f32>, b: mat4x4<f32>) -> vec4<f32> {
+    return vec4<f32>(dot(xv, b[0]), dot(xv, b[1]), dot(xv, b[2]), dot(xv, b[3]));
+}
+
 @compute @workgroup_size(16, 16)
 fn gemm(
     @builtin(local_invocation_id) lid: vec3<u32>,
@@ -349,44 +393,27 @@ fn gemm(
     var a6 = vec4<f32>();
     var a7 = vec4<f32>();
     for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
-        // 16 consecutive threads cover one row's K-slice: 8 elements of the x tile per thread, 4
-        // of the w tile.
-        for (var r = 0u; r < 8u; r++) {
+        // Four consecutive threads cover one row's K-slice: two x vectors per thread, one w tile
+        // vector (or eight values of a quantized row for half the threads).
+        for (var r = 0u; r < 2u; r++) {
             let idx = t + 256u * r;
-            let i = idx / TILE_K;
-            let kk = idx % TILE_K;
-            let c = k0 + kk;
-            var xv = 0.0;
-            if (row0 + i < p.m && c < p.k) {
-                xv = x[(row0 + i) * p.k + c];
-            }
-            x_tile[kk * TILE_M + i] = xv;
-#if !QUANT
-            if (r < 4u) {
-                var wv = 0.0;
-                if (n0 + i < p.n && c < p.k) {
-                    wv = w_at(n0 + i, c);
-                }
-                w_tile[kk * TILE + i] = WTile(wv);
-            }
-#endif
+            x_tile[idx] = x_tile_vector(row0 + idx / K4, k0 + 4u * (idx % K4));
         }
-#if QUANT
-        load_quantized_w_tile(t, n0, k0);
-#endif
+        load_w_tile(t, n0, k0);
         workgroupBarrier();
-        for (var kk = 0u; kk < TILE_K; kk++) {
-            let xb = kk * TILE_M + lid.y;
-            let wb = kk * TILE + lid.x;
-            let b = vec4<f32>(vec4<WTile>(w_tile[wb], w_tile[wb + 16u], w_tile[wb + 32u], w_tile[wb + 48u]));
-            a0 += x_tile[xb] * b;
-            a1 += x_tile[xb + 16u] * b;
-            a2 += x_tile[xb + 32u] * b;
-            a3 += x_tile[xb + 48u] * b;
-            a4 += x_tile[xb + 64u] * b;
-            a5 += x_tile[xb + 80u] * b;
-            a6 += x_tile[xb + 96u] * b;
-            a7 += x_tile[xb + 112u] * b;
+        for (var q = 0u; q < K4; q++) {
+            let wb = lid.x * W_STRIDE + q;
+            let b = mat4x4<f32>(vec4<f32>(w_tile[wb]), vec4<f32>(w_tile[wb + 16u * W_STRIDE]),
+                                vec4<f32>(w_tile[wb + 32u * W_STRIDE]), vec4<f32>(w_tile[wb + 48u * W_STRIDE]));
+            let xb = lid.y * K4 + q;
+            a0 += dots(x_tile[xb], b);
+            a1 += dots(x_tile[xb + 16u * K4], b);
+            a2 += dots(x_tile[xb + 32u * K4], b);
+            a3 += dots(x_tile[xb + 48u * K4], b);
+            a4 += dots(x_tile[xb + 64u * K4], b);
+            a5 += dots(x_tile[xb + 80u * K4], b);
+            a6 += dots(x_tile[xb + 96u * K4], b);
+            a7 += dots(x_tile[xb + 112u * K4], b);
         }
         workgroupBarrier();
     }
