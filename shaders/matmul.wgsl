@@ -238,20 +238,21 @@ fn gemv(
 }
 
 // ---------------------------------------------------------------------------------------------
-// GEMM: a 16x16 workgroup computes a TILE_M x TILE block of y; thread (tx, ty) owns rows
-// ty + 16 i (i < 8) and columns tx + 16 j (j < 4). Both tiles keep K innermost, so a thread reads
-// four K values of a row or column as one vec4 and multiplies them with `dot`: 12 vec4 tile reads
-// per 128 multiply-adds (scalar reads, one value of K at a time, took 48). Lanes of one ty read
-// the same x vector (a broadcast); the w tile's rows are padded to W_STRIDE vectors so that 16
-// lanes reading rows tx hit distinct banks. The eight accumulators are separate variables: an
-// array indexed by a loop counter can go to local memory (NVIDIA Vulkan). Tiles are zero-filled
-// past M, N and K, so no size needs to be a multiple.
+// GEMM: an 8x16 workgroup computes a TILE_M x TILE block of y; thread (tx, ty) owns rows
+// ty + 16 i (i < 8) and columns tx + 8 j (j < 8). Both tiles keep K innermost, so a thread reads
+// four K values of a row or column as one vec4 and multiplies them with `dot`: 16 vec4 tile reads
+// per 256 multiply-adds (scalar reads, one value of K at a time, took 128). Lanes of one ty read
+// the same x vector (a broadcast); rows of both tiles are padded to STRIDE vectors so that the
+// eight lanes of a 128-byte access hit distinct banks. The sixteen accumulators are separate
+// variables: an array indexed by a loop counter can go to local memory (NVIDIA Vulkan). Tiles
+// are zero-filled past M, N and K, so no size needs to be a multiple.
 
 const TILE_M: u32 = 128u;
 const TILE: u32 = 64u;
 const TILE_K: u32 = 16u;
 const K4: u32 = 4u; // TILE_K / 4: vectors per tile row
-const W_STRIDE: u32 = 5u; // K4 + 1
+const STRIDE: u32 = 5u; // K4 + 1
+const GEMM_THREADS: u32 = 128u;
 
 // f16 weights stay f16 in the w tile (exact, half the workgroup memory traffic); dequantized
 // Q8/Q6/Q4 values need f32 (q * scale has more than 11 significant bits).
@@ -265,8 +266,8 @@ alias WTile = vec4<f32>;
 alias WTile = vec4<f32>;
 #endif
 
-var<workgroup> x_tile: array<vec4<f32>, 512>; // [TILE_M][K4]
-var<workgroup> w_tile: array<WTile, 320>; // [TILE][W_STRIDE]
+var<workgroup> x_tile: array<vec4<f32>, 640>; // [TILE_M][STRIDE]
+var<workgroup> w_tile: array<WTile, 320>; // [TILE][STRIDE]
 
 // Values c .. c + 3 of row `row` of x, zero past M and K.
 fn x_tile_vector(row: u32, c: u32) -> vec4<f32> {
@@ -296,62 +297,66 @@ fn load_w_tile(t: u32, n0: u32, k0: u32) {
     // K is a multiple of the group (32 or 64), so a tile never passes K and the values of one
     // word share one scale.
 #if NIBBLE_WORDS
-    // 128 threads, each 8 values (one word of nibbles) of row t / 2.
-    if (t < 128u) {
-        let i = t / 2u;
-        let h = t % 2u;
-        var v = mat2x4<f32>();
-        if (n0 + i < p.n) {
-            let c = k0 + 8u * h;
-            v = eight_values(n0 + i, c / 8u) * scale_at((n0 + i) * p.k + c);
-        }
-        w_tile[i * W_STRIDE + 2u * h] = v[0];
-        w_tile[i * W_STRIDE + 2u * h + 1u] = v[1];
+    // Each thread 8 values (one word of nibbles) of row t / 2.
+    let i = t / 2u;
+    let h = t % 2u;
+    var v = mat2x4<f32>();
+    if (n0 + i < p.n) {
+        let c = k0 + 8u * h;
+        v = eight_values(n0 + i, c / 8u) * scale_at((n0 + i) * p.k + c);
     }
+    w_tile[i * STRIDE + 2u * h] = v[0];
+    w_tile[i * STRIDE + 2u * h + 1u] = v[1];
 #endif
 #if W_Q8
-    // 256 threads, each 4 values (one word of bytes) of row t / 4.
-    let i = t / 4u;
-    let q = t % 4u;
-    var v = vec4<f32>();
-    if (n0 + i < p.n) {
-        let e = (n0 + i) * p.k + k0 + 4u * q;
-        let word = w[e / 4u];
-        v = vec4<f32>(vec4<i32>(
-            bitcast<i32>(word << 24u),
-            bitcast<i32>(word << 16u),
-            bitcast<i32>(word << 8u),
-            bitcast<i32>(word),
-        ) >> vec4<u32>(24u)) * scale_at(e);
+    // Each thread 4 values (one word of bytes) of row idx / 4, twice.
+    for (var r = 0u; r < 2u; r++) {
+        let idx = t + GEMM_THREADS * r;
+        let i = idx / K4;
+        let q = idx % K4;
+        var v = vec4<f32>();
+        if (n0 + i < p.n) {
+            let e = (n0 + i) * p.k + k0 + 4u * q;
+            let word = w[e / 4u];
+            v = vec4<f32>(vec4<i32>(
+                bitcast<i32>(word << 24u),
+                bitcast<i32>(word << 16u),
+                bitcast<i32>(word << 8u),
+                bitcast<i32>(word),
+            ) >> vec4<u32>(24u)) * scale_at(e);
+        }
+        w_tile[i * STRIDE + q] = v;
     }
-    w_tile[i * W_STRIDE + q] = v;
 #endif
 #else
-    // 256 threads, each 4 values of row t / 4.
-    let i = t / 4u;
-    let q = t % 4u;
-    let c = k0 + 4u * q;
-    var v = vec4<f32>();
-    if (n0 + i < p.n) {
-        // Constant component indices keep v in registers.
-        if (c < p.k) {
-            v.x = w_at(n0 + i, c);
+    // Each thread 4 values of row idx / 4, twice.
+    for (var r = 0u; r < 2u; r++) {
+        let idx = t + GEMM_THREADS * r;
+        let i = idx / K4;
+        let q = idx % K4;
+        let c = k0 + 4u * q;
+        var v = vec4<f32>();
+        if (n0 + i < p.n) {
+            // Constant component indices keep v in registers.
+            if (c < p.k) {
+                v.x = w_at(n0 + i, c);
+            }
+            if (c + 1u < p.k) {
+                v.y = w_at(n0 + i, c + 1u);
+            }
+            if (c + 2u < p.k) {
+                v.z = w_at(n0 + i, c + 2u);
+            }
+            if (c + 3u < p.k) {
+                v.w = w_at(n0 + i, c + 3u);
+            }
         }
-        if (c + 1u < p.k) {
-            v.y = w_at(n0 + i, c + 1u);
-        }
-        if (c + 2u < p.k) {
-            v.z = w_at(n0 + i, c + 2u);
-        }
-        if (c + 3u < p.k) {
-            v.w = w_at(n0 + i, c + 3u);
-        }
+        w_tile[i * STRIDE + q] = WTile(v);
     }
-    w_tile[i * W_STRIDE + q] = WTile(v);
 #endif
 }
 
-// Writes y[row, n0 + tx + 16 j] = acc[j] (+ bias) where inside y.
+// Writes y[row, col + 8 j] = acc[j] (+ bias) where inside y.
 fn store_gemm_row(row: u32, col: u32, acc: vec4<f32>) {
     if (row >= p.m) {
         return;
@@ -360,23 +365,30 @@ fn store_gemm_row(row: u32, col: u32, acc: vec4<f32>) {
     if (col < p.n) {
         y[y0 + col] = acc.x + bias_at(p.col0 + col);
     }
+    if (col + 8u < p.n) {
+        y[y0 + col + 8u] = acc.y + bias_at(p.col0 + col + 8u);
+    }
     if (col + 16u < p.n) {
-        y[y0 + col + 16u] = acc.y + bias_at(p.col0 + col + 16u);
+        y[y0 + col + 16u] = acc.z + bias_at(p.col0 + col + 16u);
     }
-    if (col + 32u < p.n) {
-        y[y0 + col + 32u] = acc.z + bias_at(p.col0 + col + 32u);
-    }
-    if (col + 48u < p.n) {
-        y[y0 + col + 48u] = acc.w + bias_at(p.col0 + col + 48u);
+    if (col + 24u < p.n) {
+        y[y0 + col + 24u] = acc.w + bias_at(p.col0 + col + 24u);
     }
 }
 
-// Four dot products of x with the thread's four weight columns.
+// Four dot products of x with four weight columns.
 fn dots(xv: vec4<f32>, b: mat4x4<f32>) -> vec4<f32> {
     return vec4<f32>(dot(xv, b[0]), dot(xv, b[1]), dot(xv, b[2]), dot(xv, b[3]));
 }
 
-@compute @workgroup_size(16, 16)
+// Four columns of the w tile from row `row` on, eight rows apart.
+fn w_columns(row: u32, q: u32) -> mat4x4<f32> {
+    let b = row * STRIDE + q;
+    return mat4x4<f32>(vec4<f32>(w_tile[b]), vec4<f32>(w_tile[b + 8u * STRIDE]),
+                       vec4<f32>(w_tile[b + 16u * STRIDE]), vec4<f32>(w_tile[b + 24u * STRIDE]));
+}
+
+@compute @workgroup_size(8, 16)
 fn gemm(
     @builtin(local_invocation_id) lid: vec3<u32>,
     @builtin(local_invocation_index) t: u32,
@@ -384,6 +396,7 @@ fn gemm(
 ) {
     let row0 = wg.y * TILE_M;
     let n0 = wg.x * TILE;
+    // a_i: row ty + 16 i, columns tx + 8 j (j < 4); b_i: the same row, columns tx + 32 + 8 j.
     var a0 = vec4<f32>();
     var a1 = vec4<f32>();
     var a2 = vec4<f32>();
@@ -392,39 +405,71 @@ fn gemm(
     var a5 = vec4<f32>();
     var a6 = vec4<f32>();
     var a7 = vec4<f32>();
+    var b0 = vec4<f32>();
+    var b1 = vec4<f32>();
+    var b2 = vec4<f32>();
+    var b3 = vec4<f32>();
+    var b4 = vec4<f32>();
+    var b5 = vec4<f32>();
+    var b6 = vec4<f32>();
+    var b7 = vec4<f32>();
     for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
-        // Four consecutive threads cover one row's K-slice: two x vectors per thread, one w tile
-        // vector (or eight values of a quantized row for half the threads).
-        for (var r = 0u; r < 2u; r++) {
-            let idx = t + 256u * r;
-            x_tile[idx] = x_tile_vector(row0 + idx / K4, k0 + 4u * (idx % K4));
+        // Four consecutive threads cover one row's K-slice: four x vectors per thread.
+        for (var r = 0u; r < 4u; r++) {
+            let idx = t + GEMM_THREADS * r;
+            let i = idx / K4;
+            let q = idx % K4;
+            x_tile[i * STRIDE + q] = x_tile_vector(row0 + i, k0 + 4u * q);
         }
         load_w_tile(t, n0, k0);
         workgroupBarrier();
         for (var q = 0u; q < K4; q++) {
-            let wb = lid.x * W_STRIDE + q;
-            let b = mat4x4<f32>(vec4<f32>(w_tile[wb]), vec4<f32>(w_tile[wb + 16u * W_STRIDE]),
-                                vec4<f32>(w_tile[wb + 32u * W_STRIDE]), vec4<f32>(w_tile[wb + 48u * W_STRIDE]));
-            let xb = lid.y * K4 + q;
-            a0 += dots(x_tile[xb], b);
-            a1 += dots(x_tile[xb + 16u * K4], b);
-            a2 += dots(x_tile[xb + 32u * K4], b);
-            a3 += dots(x_tile[xb + 48u * K4], b);
-            a4 += dots(x_tile[xb + 64u * K4], b);
-            a5 += dots(x_tile[xb + 80u * K4], b);
-            a6 += dots(x_tile[xb + 96u * K4], b);
-            a7 += dots(x_tile[xb + 112u * K4], b);
+            let wl = w_columns(lid.x, q);
+            let wh = w_columns(lid.x + 32u, q);
+            let xb = lid.y * STRIDE + q;
+            var xv = x_tile[xb];
+            a0 += dots(xv, wl);
+            b0 += dots(xv, wh);
+            xv = x_tile[xb + 16u * STRIDE];
+            a1 += dots(xv, wl);
+            b1 += dots(xv, wh);
+            xv = x_tile[xb + 32u * STRIDE];
+            a2 += dots(xv, wl);
+            b2 += dots(xv, wh);
+            xv = x_tile[xb + 48u * STRIDE];
+            a3 += dots(xv, wl);
+            b3 += dots(xv, wh);
+            xv = x_tile[xb + 64u * STRIDE];
+            a4 += dots(xv, wl);
+            b4 += dots(xv, wh);
+            xv = x_tile[xb + 80u * STRIDE];
+            a5 += dots(xv, wl);
+            b5 += dots(xv, wh);
+            xv = x_tile[xb + 96u * STRIDE];
+            a6 += dots(xv, wl);
+            b6 += dots(xv, wh);
+            xv = x_tile[xb + 112u * STRIDE];
+            a7 += dots(xv, wl);
+            b7 += dots(xv, wh);
         }
         workgroupBarrier();
     }
     let row = row0 + lid.y;
     let col = n0 + lid.x;
     store_gemm_row(row, col, a0);
+    store_gemm_row(row, col + 32u, b0);
     store_gemm_row(row + 16u, col, a1);
+    store_gemm_row(row + 16u, col + 32u, b1);
     store_gemm_row(row + 32u, col, a2);
+    store_gemm_row(row + 32u, col + 32u, b2);
     store_gemm_row(row + 48u, col, a3);
+    store_gemm_row(row + 48u, col + 32u, b3);
     store_gemm_row(row + 64u, col, a4);
+    store_gemm_row(row + 64u, col + 32u, b4);
     store_gemm_row(row + 80u, col, a5);
+    store_gemm_row(row + 80u, col + 32u, b5);
     store_gemm_row(row + 96u, col, a6);
+    store_gemm_row(row + 96u, col + 32u, b6);
     store_gemm_row(row + 112u, col, a7);
+    store_gemm_row(row + 112u, col + 32u, b7);
 }
