@@ -1,5 +1,5 @@
 // Linear layers: y = x · wᵀ (+ bias). x: [M, K] f32, w: [N, K] (PyTorch Linear layout), y: [M, .] f32.
-// variants: W_F32 | W_F32 BIAS | W_F16 | W_F16 BIAS | W_Q8 QUANT | W_Q8 QUANT BIAS | W_Q6 QUANT NIBBLE_WORDS | W_Q6 QUANT NIBBLE_WORDS BIAS | W_Q4 QUANT NIBBLE_WORDS | W_Q4 QUANT NIBBLE_WORDS BIAS | W_F16 SHADER_F16 | W_F16 SHADER_F16 BIAS
+// variants: W_F32 | W_F32 BIAS | W_F16 | W_F16 BIAS | W_Q8 QUANT | W_Q8 QUANT BIAS | W_Q6 QUANT NIBBLE_WORDS | W_Q6 QUANT NIBBLE_WORDS BIAS | W_Q4 QUANT NIBBLE_WORDS | W_Q4 QUANT NIBBLE_WORDS BIAS | W_F16 SHADER_F16 | W_F16 SHADER_F16 BIAS | W_F32 SILU | W_F16 SILU | W_F16 SHADER_F16 SILU | W_Q8 QUANT SILU | W_Q6 QUANT NIBBLE_WORDS SILU | W_Q4 QUANT NIBBLE_WORDS SILU
 //
 // Flags: exactly one of W_F32 / W_F16 / W_Q8 / W_Q6 / W_Q4 picks the weight layout (see tensor.rs
 // and quant.rs); QUANT is set with W_Q8 / W_Q6 / W_Q4 (adds the f16 scales buffer), NIBBLE_WORDS
@@ -9,9 +9,11 @@
 // f32, and rounding it to f16 alone would move a dot product by ~2e-4 of its size.
 // `w` may be a window of rows of a larger weight: output column j of this dispatch is written to
 // column `col0 + j` of y (row stride `y_stride`), with bias `bias[col0 + j]`.
+// SILU (gemm only, no BIAS): `w` and `scales` are one buffer holding Llama's gate and up
+// projections (N rows each, from the words in Params), and y = silu(x · gateᵀ) * (x · upᵀ).
 //
 // Entry points: `gemv` (few rows of x: one workgroup reduces 4 outputs, 64 lanes each) and
-// `gemm` (128x64 output tiles through workgroup memory, 8x4 outputs per thread).
+// `gemm` (128x64 output tiles through workgroup memory, 8x8 outputs per thread).
 
 struct Params {
     m: u32,
@@ -19,6 +21,11 @@ struct Params {
     k: u32,
     y_stride: u32,
     col0: u32,
+    // SILU: where gate (a) and up (b) start in the bound buffer, data and scales in words.
+    a_data: u32,
+    a_scales: u32,
+    b_data: u32,
+    b_scales: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -67,10 +74,11 @@ const GROUP: u32 = 64u;
 #endif
 
 #if QUANT
-// f16 scale of the quantization group of element e (two per word, even index in the low half).
-fn scale_at(e: u32) -> f32 {
+// f16 scale of the quantization group of element e of the matrix whose scales start at word
+// `scales0` (two per word, even index in the low half).
+fn scale_at(scales0: u32, e: u32) -> f32 {
     let g = e / GROUP;
-    let pair = unpack2x16float(scales[g / 2u]);
+    let pair = unpack2x16float(scales[scales0 + g / 2u]);
     return select(pair.x, pair.y, (g & 1u) == 1u);
 }
 #endif
@@ -89,9 +97,9 @@ fn q4_values(n: vec4<u32>) -> vec4<f32> {
     return vec4<f32>(q4_value(n.x), q4_value(n.y), q4_value(n.z), q4_value(n.w));
 }
 
-// Values 8 c8 .. 8 c8 + 7 of row n, unscaled.
-fn eight_values(n: u32, c8: u32) -> mat2x4<f32> {
-    let word = vec4<u32>(w[n * p.k / 8u + c8]);
+// Values 8 c8 .. 8 c8 + 7 of row n of the matrix starting at word `data0`, unscaled.
+fn eight_values(data0: u32, n: u32, c8: u32) -> mat2x4<f32> {
+    let word = vec4<u32>(w[data0 + n * p.k / 8u + c8]);
     return mat2x4<f32>(q4_values((word >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u)),
                        q4_values((word >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u)));
 }
@@ -103,9 +111,9 @@ fn q6_row_words() -> u32 {
     return 3u * p.k / 16u;
 }
 
-// Values 8 c8 .. 8 c8 + 7 of row n, unscaled.
-fn eight_values(n: u32, c8: u32) -> mat2x4<f32> {
-    let row = n * q6_row_words();
+// Values 8 c8 .. 8 c8 + 7 of row n of the matrix starting at word `data0`, unscaled.
+fn eight_values(data0: u32, n: u32, c8: u32) -> mat2x4<f32> {
+    let row = data0 + n * q6_row_words();
     let word = vec4<u32>(w[row + c8]);
     let high = vec4<u32>(w[row + p.k / 8u + c8 / 2u] >> (16u * (c8 & 1u)));
     let lo = ((word >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u))
@@ -117,19 +125,19 @@ fn eight_values(n: u32, c8: u32) -> mat2x4<f32> {
 #endif
 
 #if !QUANT
-// Element (n, c) of an F32 or F16 weight window as f32 (the GEMM dequantizes Q8/Q6/Q4 a word at
-// a time, load_w_tile).
-fn w_at(n: u32, c: u32) -> f32 {
+// Element (n, c) of the F32 or F16 matrix starting at word `data0`, as f32 (the GEMM dequantizes
+// Q8/Q6/Q4 a word at a time, load_w_tile).
+fn w_at(data0: u32, n: u32, c: u32) -> f32 {
     let e = n * p.k + c;
 #if W_F32
-    return w[e];
+    return w[data0 + e];
 #endif
 #if W_F16
 #if SHADER_F16
-    let pair = w[e / 2u];
+    let pair = w[data0 + e / 2u];
     return f32(select(pair.x, pair.y, (e & 1u) == 1u));
 #else
-    let pair = unpack2x16float(w[e / 2u]);
+    let pair = unpack2x16float(w[data0 + e / 2u]);
     return select(pair.x, pair.y, (e & 1u) == 1u);
 #endif
 #endif
@@ -206,13 +214,13 @@ fn gemv(
                         bitcast<i32>(word << 8u),
                         bitcast<i32>(word),
                     ) >> vec4<u32>(24u));
-                    acc += scale_at(jk + 4u * c4) * dot(q, x4(m0 + i, 4u * c4));
+                    acc += scale_at(0u, jk + 4u * c4) * dot(q, x4(m0 + i, 4u * c4));
                 }
 #endif
 #if NIBBLE_WORDS
                 for (var c8 = lane; c8 < p.k / 8u; c8 += GEMV_LANES) {
-                    let v = eight_values(j, c8);
-                    acc += scale_at(jk + 8u * c8) * (dot(v[0], x4(m0 + i, 8u * c8)) + dot(v[1], x4(m0 + i, 8u * c8 + 4u)));
+                    let v = eight_values(0u, j, c8);
+                    acc += scale_at(0u, jk + 8u * c8) * (dot(v[0], x4(m0 + i, 8u * c8)) + dot(v[1], x4(m0 + i, 8u * c8 + 4u)));
                 }
 #endif
             }
@@ -291,64 +299,87 @@ fn x_tile_vector(row: u32, c: u32) -> vec4<f32> {
     return v;
 }
 
-// Fills w_tile with rows n0 .. n0 + TILE of w, K values k0 .. k0 + TILE_K, zero past N and K.
+// Row i of the w tile: its row of w and the words where that matrix's data and scales start.
+// With SILU the first half of the tile holds rows n0 .. n0 + TILE / 2 of gate, the second half
+// the same rows of up.
+struct TileRow {
+    n: u32,
+    data: u32,
+    scales: u32,
+}
+
+fn tile_row(n0: u32, i: u32) -> TileRow {
+#if SILU
+    if (i < TILE / 2u) {
+        return TileRow(n0 + i, p.a_data, p.a_scales);
+    }
+    return TileRow(n0 + i - TILE / 2u, p.b_data, p.b_scales);
+#else
+    return TileRow(n0 + i, 0u, 0u);
+#endif
+}
+
+// Fills w_tile with K values k0 .. k0 + TILE_K of the tile's rows (tile_row), zero past N and K.
 fn load_w_tile(t: u32, n0: u32, k0: u32) {
 #if QUANT
     // K is a multiple of the group (32 or 64), so a tile never passes K and the values of one
     // word share one scale.
 #if NIBBLE_WORDS
-    // Each thread 8 values (one word of nibbles) of row t / 2.
+    // Each thread 8 values (one word of nibbles) of tile row t / 2.
     let i = t / 2u;
     let h = t % 2u;
+    let r = tile_row(n0, i);
     var v = mat2x4<f32>();
-    if (n0 + i < p.n) {
+    if (r.n < p.n) {
         let c = k0 + 8u * h;
-        v = eight_values(n0 + i, c / 8u) * scale_at((n0 + i) * p.k + c);
+        v = eight_values(r.data, r.n, c / 8u) * scale_at(r.scales, r.n * p.k + c);
     }
     w_tile[i * STRIDE + 2u * h] = v[0];
     w_tile[i * STRIDE + 2u * h + 1u] = v[1];
 #endif
 #if W_Q8
-    // Each thread 4 values (one word of bytes) of row idx / 4, twice.
-    for (var r = 0u; r < 2u; r++) {
-        let idx = t + GEMM_THREADS * r;
+    // Each thread 4 values (one word of bytes) of tile row idx / 4, twice.
+    for (var slot = 0u; slot < 2u; slot++) {
+        let idx = t + GEMM_THREADS * slot;
         let i = idx / K4;
         let q = idx % K4;
+        let r = tile_row(n0, i);
         var v = vec4<f32>();
-        if (n0 + i < p.n) {
-            let e = (n0 + i) * p.k + k0 + 4u * q;
-            let word = w[e / 4u];
+        if (r.n < p.n) {
+            let e = r.n * p.k + k0 + 4u * q;
+            let word = w[r.data + e / 4u];
             v = vec4<f32>(vec4<i32>(
                 bitcast<i32>(word << 24u),
                 bitcast<i32>(word << 16u),
                 bitcast<i32>(word << 8u),
                 bitcast<i32>(word),
-            ) >> vec4<u32>(24u)) * scale_at(e);
+            ) >> vec4<u32>(24u)) * scale_at(r.scales, e);
         }
         w_tile[i * STRIDE + q] = v;
     }
 #endif
 #else
-    // Each thread 4 values of row idx / 4, twice.
-    for (var r = 0u; r < 2u; r++) {
-        let idx = t + GEMM_THREADS * r;
+    // Each thread 4 values of tile row idx / 4, twice.
+    for (var slot = 0u; slot < 2u; slot++) {
+        let idx = t + GEMM_THREADS * slot;
         let i = idx / K4;
         let q = idx % K4;
+        let r = tile_row(n0, i);
         let c = k0 + 4u * q;
         var v = vec4<f32>();
-        if (n0 + i < p.n) {
+        if (r.n < p.n) {
             // Constant component indices keep v in registers.
             if (c < p.k) {
-                v.x = w_at(n0 + i, c);
+                v.x = w_at(r.data, r.n, c);
             }
             if (c + 1u < p.k) {
-                v.y = w_at(n0 + i, c + 1u);
+                v.y = w_at(r.data, r.n, c + 1u);
             }
             if (c + 2u < p.k) {
-                v.z = w_at(n0 + i, c + 2u);
+                v.z = w_at(r.data, r.n, c + 2u);
             }
             if (c + 3u < p.k) {
-                v.w = w_at(n0 + i, c + 3u);
+                v.w = w_at(r.data, r.n, c + 3u);
             }
         }
         w_tile[i * STRIDE + q] = WTile(v);
@@ -376,6 +407,11 @@ fn store_gemm_row(row: u32, col: u32, acc: vec4<f32>) {
     }
 }
 
+// silu(gate) * up as elementwise.wgsl's silu_mul computes it.
+fn silu_mul(gate: vec4<f32>, up: vec4<f32>) -> vec4<f32> {
+    return gate / (1.0 + exp(-gate)) * up;
+}
+
 // Four dot products of x with four weight columns.
 fn dots(xv: vec4<f32>, b: mat4x4<f32>) -> vec4<f32> {
     return vec4<f32>(dot(xv, b[0]), dot(xv, b[1]), dot(xv, b[2]), dot(xv, b[3]));
@@ -395,8 +431,13 @@ fn gemm(
     @builtin(workgroup_id) wg: vec3<u32>,
 ) {
     let row0 = wg.y * TILE_M;
+#if SILU
+    let n0 = wg.x * TILE / 2u;
+#else
     let n0 = wg.x * TILE;
-    // a_i: row ty + 16 i, columns tx + 8 j (j < 4); b_i: the same row, columns tx + 32 + 8 j.
+#endif
+    // a_i: row ty + 16 i, tile columns tx + 8 j (j < 4); b_i: the same row, tile columns
+    // tx + 32 + 8 j (with SILU the up values of a_i's gate values).
     var a0 = vec4<f32>();
     var a1 = vec4<f32>();
     var a2 = vec4<f32>();
@@ -456,6 +497,16 @@ fn gemm(
     }
     let row = row0 + lid.y;
     let col = n0 + lid.x;
+#if SILU
+    store_gemm_row(row, col, silu_mul(a0, b0));
+    store_gemm_row(row + 16u, col, silu_mul(a1, b1));
+    store_gemm_row(row + 32u, col, silu_mul(a2, b2));
+    store_gemm_row(row + 48u, col, silu_mul(a3, b3));
+    store_gemm_row(row + 64u, col, silu_mul(a4, b4));
+    store_gemm_row(row + 80u, col, silu_mul(a5, b5));
+    store_gemm_row(row + 96u, col, silu_mul(a6, b6));
+    store_gemm_row(row + 112u, col, silu_mul(a7, b7));
+#else
     store_gemm_row(row, col, a0);
     store_gemm_row(row, col + 32u, b0);
     store_gemm_row(row + 16u, col, a1);
@@ -472,4 +523,5 @@ fn gemm(
     store_gemm_row(row + 96u, col + 32u, b6);
     store_gemm_row(row + 112u, col, a7);
     store_gemm_row(row + 112u, col + 32u, b7);
+#endif
 }

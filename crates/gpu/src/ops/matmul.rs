@@ -13,6 +13,7 @@
 //! converting them to f32 does.
 
 use crate::context::Binding;
+use crate::ops::elementwise::silu_mul;
 use crate::error::{GpuError, Result, shape_err};
 use crate::registry::{PipelineKey, SHADER_F16, Shader};
 use crate::{Batch, DType, Tensor, shader};
@@ -45,6 +46,11 @@ struct Params {
     k: u32,
     y_stride: u32,
     col0: u32,
+    /// [`linear_silu_mul`]: where gate and up start in their buffer, data and scales in words.
+    a_data: u32,
+    a_scales: u32,
+    b_data: u32,
+    b_scales: u32,
 }
 
 /// `y = x · wᵀ (+ bias)`. x: `[.., K]` f32; w: `[N, K]` of F32 | F16 | Q8 | Q6 | Q4; bias: `[N]` F32.
@@ -89,26 +95,9 @@ pub(crate) fn linear_windowed(
         LinearKernel::Gemv => true,
         LinearKernel::Gemm => false,
     };
-    let key = PipelineKey::new(SHADER, if gemv { "gemv" } else { "gemm" })
-        .flag(match w.dtype() {
-            DType::F32 => "W_F32",
-            DType::F16 => "W_F16",
-            DType::Q8 => "W_Q8",
-            DType::Q6 => "W_Q6",
-            _ => "W_Q4",
-        })
-        .flag_if(w.dtype().is_quantized(), "QUANT")
-        .flag_if(matches!(w.dtype(), DType::Q6 | DType::Q4), "NIBBLE_WORDS")
-        .flag_if(w.dtype() == DType::F16 && batch.gpu().has_f16(), SHADER_F16)
+    let key = pipeline_key(batch.gpu(), if gemv { "gemv" } else { "gemm" }, w.dtype())
         .flag_if(bias.is_some(), "BIAS");
-
-    let too_big = |what: &str| shape_err(OP, format!("{what} exceeds u32 indexing"));
-    let m32 = u32::try_from(m).map_err(|_| too_big("rows of x"))?;
-    let k32 = u32::try_from(k).map_err(|_| too_big("K"))?;
-    let n32 = u32::try_from(n).map_err(|_| too_big("N"))?;
-    if (m as u64) * (n as u64) > u32::MAX as u64 || (m as u64) * (k as u64) > u32::MAX as u64 {
-        return Err(too_big("x or y"));
-    }
+    let (m32, n32, k32) = u32_sizes(OP, m, n, k)?;
 
     let align = batch.gpu().limits().min_storage_buffer_offset_alignment as u64;
     let rows_per_window = window_rows(n, k, row_bytes(w, k), align, max_window_bytes)?;
@@ -122,6 +111,10 @@ pub(crate) fn linear_windowed(
             k: k32,
             y_stride: n32,
             col0: start as u32,
+            a_data: 0,
+            a_scales: 0,
+            b_data: 0,
+            b_scales: 0,
         };
         let mut buffers = vec![x.binding(), w_data, y.binding()];
         buffers.extend(w_scales);
@@ -131,24 +124,119 @@ pub(crate) fn linear_windowed(
                 .gpu()
                 .grid((count as u32).div_ceil(GEMV_OUTPUTS_PER_WORKGROUP))
         } else {
-            let grid = [
-                (count as u32).div_ceil(GEMM_TILE_N),
-                m32.div_ceil(GEMM_TILE_M),
-                1,
-            ];
-            let max = batch.gpu().limits().max_compute_workgroups_per_dimension;
-            if grid[0] > max || grid[1] > max {
-                return Err(shape_err(
-                    OP,
-                    format!("GEMM grid {grid:?} exceeds {max} workgroups"),
-                ));
-            }
-            grid
+            gemm_grid(batch.gpu(), OP, (count as u32).div_ceil(GEMM_TILE_N), m32)?
         };
         batch.dispatch(&key, bytemuck::bytes_of(&params), &buffers, workgroups)?;
         start += count;
     }
     Ok(y)
+}
+
+/// `silu(x · gateᵀ) * (x · upᵀ)`, Llama's gated MLP before `down_proj`. x: `[.., K]` f32; gate
+/// and up: `[N, K]` of one format. Returns `[.., N]` f32.
+///
+/// Where gate and up share one buffer ([`Tensor::pack`]) and x has more rows than the GEMV takes,
+/// one GEMM computes both and applies the activation to its tiles (the shader's SILU variant):
+/// neither projection goes through memory, and the tiles of x are read once for both. Otherwise
+/// two [`linear`]s and [`silu_mul`].
+pub fn linear_silu_mul(
+    batch: &mut Batch,
+    x: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+) -> Result<Tensor> {
+    const OP: &str = "linear silu_mul";
+    let (n, k) = check_shapes(x, gate, None)?;
+    if up.dtype() != gate.dtype() || up.shape() != gate.shape() {
+        return Err(shape_err(
+            OP,
+            format!(
+                "up {:?} {:?} must match gate {:?} {:?}",
+                up.dtype(),
+                up.shape(),
+                gate.dtype(),
+                gate.shape()
+            ),
+        ));
+    }
+    let m = x.rows();
+    let whole = Binding {
+        buffer: gate.buffer(),
+        offset: 0,
+        size: gate.buffer().size(),
+    };
+    if m <= GEMV_MAX_ROWS || !gate.shares_buffer(up) || whole.size > batch.gpu().max_binding() {
+        let gate = linear(batch, x, gate, None)?;
+        let up = linear(batch, x, up, None)?;
+        return silu_mul(batch, &gate, &up);
+    }
+    let (m32, n32, k32) = u32_sizes(OP, m, n, k)?;
+    let mut out_shape = x.shape().to_vec();
+    *out_shape.last_mut().expect("x has rank >= 1") = n;
+    let y = batch.tensor(&out_shape, DType::F32)?;
+    let words = |t: &Tensor| {
+        let (data, scales) = t.offsets();
+        ((data / 4) as u32, (scales / 4) as u32)
+    };
+    let ((a_data, a_scales), (b_data, b_scales)) = (words(gate), words(up));
+    let params = Params {
+        m: m32,
+        n: n32,
+        k: k32,
+        y_stride: n32,
+        col0: 0,
+        a_data,
+        a_scales,
+        b_data,
+        b_scales,
+    };
+    let mut buffers = vec![x.binding(), whole, y.binding()];
+    buffers.extend(gate.dtype().is_quantized().then_some(whole));
+    let key = pipeline_key(batch.gpu(), "gemm", gate.dtype()).flag("SILU");
+    // A tile's 64 rows of w are 32 rows of gate and the same 32 of up.
+    let grid = gemm_grid(batch.gpu(), OP, n32.div_ceil(GEMM_TILE_N / 2), m32)?;
+    batch.dispatch(&key, bytemuck::bytes_of(&params), &buffers, grid)?;
+    Ok(y)
+}
+
+/// The kernel `entry` for weights of `dtype` (without BIAS or SILU).
+fn pipeline_key(gpu: &crate::Gpu, entry: &'static str, dtype: DType) -> PipelineKey {
+    PipelineKey::new(SHADER, entry)
+        .flag(match dtype {
+            DType::F32 => "W_F32",
+            DType::F16 => "W_F16",
+            DType::Q8 => "W_Q8",
+            DType::Q6 => "W_Q6",
+            _ => "W_Q4",
+        })
+        .flag_if(dtype.is_quantized(), "QUANT")
+        .flag_if(matches!(dtype, DType::Q6 | DType::Q4), "NIBBLE_WORDS")
+        .flag_if(dtype == DType::F16 && gpu.has_f16(), SHADER_F16)
+}
+
+/// (M, N, K) as u32, where the kernels' element indices of x, y and w stay within u32.
+fn u32_sizes(op: &'static str, m: usize, n: usize, k: usize) -> Result<(u32, u32, u32)> {
+    let too_big = |what: &str| shape_err(op, format!("{what} exceeds u32 indexing"));
+    let m32 = u32::try_from(m).map_err(|_| too_big("rows of x"))?;
+    let k32 = u32::try_from(k).map_err(|_| too_big("K"))?;
+    let n32 = u32::try_from(n).map_err(|_| too_big("N"))?;
+    if (m as u64) * (n as u64) > u32::MAX as u64 || (m as u64) * (k as u64) > u32::MAX as u64 {
+        return Err(too_big("x or y"));
+    }
+    Ok((m32, n32, k32))
+}
+
+/// The GEMM grid for `col_tiles` tiles of columns and M rows of x.
+fn gemm_grid(gpu: &crate::Gpu, op: &'static str, col_tiles: u32, m: u32) -> Result<[u32; 3]> {
+    let grid = [col_tiles, m.div_ceil(GEMM_TILE_M), 1];
+    let max = gpu.limits().max_compute_workgroups_per_dimension;
+    if grid[0] > max || grid[1] > max {
+        return Err(shape_err(
+            op,
+            format!("GEMM grid {grid:?} exceeds {max} workgroups"),
+        ));
+    }
+    Ok(grid)
 }
 
 /// Checks dtypes and shapes; returns (N, K).
@@ -555,6 +643,73 @@ mod tests {
             window_rows(1 << 20, 4096, (2048, 128), 256, u64::MAX).unwrap(),
             1 << 19
         );
+    }
+
+    /// `silu(x · gateᵀ) * (x · upᵀ)` in f64 over row-major `x: [m, k]`, `gate`/`up`: `[n, k]`.
+    fn silu_mul_reference(x: &[f32], gate: &[f32], up: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let g = reference(x, gate, None, m, k, n);
+        let u = reference(x, up, None, m, k, n);
+        g.iter()
+            .zip(&u)
+            .map(|(&g, &u)| (g as f64 / (1.0 + (-g as f64).exp()) * u as f64) as f32)
+            .collect()
+    }
+
+    /// Packed gate and up with more rows than the GEMV takes run as one GEMM (one dispatch, no
+    /// projection written); unpacked ones and few rows take two linears and silu_mul (three). Both
+    /// match the CPU, in every format, with N not a multiple of the tile's 32 gate rows and odd K.
+    #[test]
+    fn gate_and_up_in_one_gemm_match_silu_of_both() {
+        for dtype in [DType::F32, DType::F16, DType::Q8, DType::Q6, DType::Q4] {
+            let k = if dtype.is_quantized() { 2 * dtype.group_size() } else { 37 };
+            for gpu in devices(dtype) {
+                for (m, n, pack, dispatches) in [
+                    (150, 70, true, 1),
+                    (9, 33, true, 1),
+                    (150, 70, false, 3),
+                    (8, 70, true, 3),
+                ] {
+                    let seed = (m * 7919 + n * 31 + k) as u64;
+                    let x = random(m * k, seed);
+                    let (tg, g) = weights(gpu, dtype, n, k, seed + 1);
+                    let (tu, u) = weights(gpu, dtype, n, k, seed + 2);
+                    let (tg, tu) = if pack {
+                        let mut pair = Tensor::pack(gpu, &[&tg, &tu]).unwrap();
+                        let tu = pair.pop().unwrap();
+                        (pair.pop().unwrap(), tu)
+                    } else {
+                        (tg, tu)
+                    };
+                    let tx = Tensor::from_f32(gpu, &[m, k], &x).unwrap();
+                    let mut plan = gpu.plan();
+                    let y = linear_silu_mul(&mut plan, &tx, &tg, &tu).unwrap();
+                    let plan = plan.into_plan().unwrap();
+                    let what = format!("{dtype:?} {m}x{k}x{n} packed={pack} f16={}", gpu.has_f16());
+                    assert_eq!(plan.dispatches(), dispatches, "{what}: dispatches");
+                    let mut batch = gpu.batch();
+                    batch.run(&plan).unwrap();
+                    batch.submit().unwrap();
+                    assert_eq!(y.shape(), [m, n]);
+                    let got = pollster::block_on(y.to_f32(gpu)).unwrap();
+                    assert_matches(&got, &silu_mul_reference(&x, &g, &u, m, k, n), k, &what);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gate_and_up_must_match() {
+        let gpu = gpu();
+        let x = Tensor::from_f32(gpu, &[9, 4], &random(36, 1)).unwrap();
+        let gate = Tensor::from_f32(gpu, &[3, 4], &random(12, 2)).unwrap();
+        let up = Tensor::from_f32(gpu, &[2, 4], &random(8, 3)).unwrap();
+        let up_f16 = Tensor::from_f16(gpu, &[3, 4], &[half::f16::ONE; 12]).unwrap();
+        let mut batch = gpu.batch();
+        for up in [&up, &up_f16] {
+            let err = linear_silu_mul(&mut batch, &x, &gate, up).unwrap_err();
+            assert!(matches!(err, GpuError::Shape { op: "linear silu_mul", .. }), "{err}");
+        }
+        batch.submit().unwrap();
     }
 
     /// Every variant passes naga's front end and validator (what wgpu runs natively; browsers run

@@ -4,9 +4,9 @@ use llava_gpu::ops::attention::{Mask, attention, kv_store};
 use llava_gpu::ops::decode::{
     self, ATTEND_KEYS, Epilogue, Norm, Qkv, SamplerState, Sampling, Step, StepUniform,
 };
-use llava_gpu::ops::elementwise::{add, silu_mul};
+use llava_gpu::ops::elementwise::add;
 use llava_gpu::ops::embed::embedding;
-use llava_gpu::ops::matmul::linear;
+use llava_gpu::ops::matmul::{linear, linear_silu_mul};
 use llava_gpu::ops::norm::rms_norm;
 use llava_gpu::ops::rope::rope;
 use llava_gpu::{Batch, DType, Gpu, Plan, Readback, Tensor};
@@ -61,9 +61,10 @@ impl DecoderLayer {
     }
 }
 
-/// q/k and gate/up in one buffer each, so that the decode step's fused kernels read a pair
-/// through one binding (the pair keeps separate tensors; its meaning is unchanged). Pairs of
-/// different formats, or too large for one binding, stay apart.
+/// q/k and gate/up in one buffer each, so that the decode step's fused kernels and the prefill's
+/// gate/up GEMM ([`linear_silu_mul`]) read a pair through one binding (the pair keeps separate
+/// tensors; its meaning is unchanged). Pairs of different formats, or too large for one binding,
+/// stay apart.
 fn packed(gpu: &Gpu, a: Tensor, b: Tensor) -> Result<(Tensor, Tensor)> {
     let bytes = |t: &Tensor| t.byte_len() * 2;
     if a.dtype() != b.dtype() || bytes(&a) + bytes(&b) > gpu.max_binding() {
@@ -271,9 +272,7 @@ impl LanguageModel {
             let o = linear(batch, &o.reshape(&[t, hq * hd])?, &layer.o_proj, None)?;
             h = add(batch, &h, &o)?;
             let a = rms_norm(batch, &h, &layer.post_attention_layernorm, eps)?;
-            let gate = linear(batch, &a, &layer.gate_proj, None)?;
-            let up = linear(batch, &a, &layer.up_proj, None)?;
-            let act = silu_mul(batch, &gate, &up)?;
+            let act = linear_silu_mul(batch, &a, &layer.gate_proj, &layer.up_proj)?;
             let mlp = linear(batch, &act, &layer.down_proj, None)?;
             h = add(batch, &h, &mlp)?;
             if t > 1 {
