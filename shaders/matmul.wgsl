@@ -1,5 +1,5 @@
 // Linear layers: y = x · wᵀ (+ bias). x: [M, K] f32, w: [N, K] (PyTorch Linear layout), y: [M, .] f32.
-// variants: W_F32 | W_F32 BIAS | W_F16 | W_F16 BIAS | W_Q8 QUANT | W_Q8 QUANT BIAS | W_Q6 QUANT NIBBLE_WORDS | W_Q6 QUANT NIBBLE_WORDS BIAS | W_Q4 QUANT NIBBLE_WORDS | W_Q4 QUANT NIBBLE_WORDS BIAS | W_F16 SHADER_F16 | W_F16 SHADER_F16 BIAS | W_F32 SILU | W_F16 SILU | W_F16 SHADER_F16 SILU | W_Q8 QUANT SILU | W_Q6 QUANT NIBBLE_WORDS SILU | W_Q4 QUANT NIBBLE_WORDS SILU
+// variants: W_F32 | W_F32 BIAS | W_F16 | W_F16 BIAS | W_Q8 QUANT | W_Q8 QUANT BIAS | W_Q6 Q6_CODES QUANT NIBBLE_WORDS | W_Q6 Q6_CODES QUANT NIBBLE_WORDS BIAS | W_Q4 QUANT NIBBLE_WORDS | W_Q4 QUANT NIBBLE_WORDS BIAS | W_F16 SHADER_F16 | W_F16 SHADER_F16 BIAS | W_F32 SILU | W_F16 SILU | W_F16 SHADER_F16 SILU | W_Q8 QUANT SILU | W_Q6 Q6_CODES QUANT NIBBLE_WORDS SILU | W_Q4 QUANT NIBBLE_WORDS SILU | W_F32 QKV | W_F16 QKV | W_F16 SHADER_F16 QKV | W_Q8 QUANT QKV | W_Q6 Q6_CODES QUANT NIBBLE_WORDS QKV | W_Q4 QUANT NIBBLE_WORDS QKV | W_Q4 QUANT NIBBLE_WORDS QKV V_Q6 Q6_CODES
 //
 // Flags: exactly one of W_F32 / W_F16 / W_Q8 / W_Q6 / W_Q4 picks the weight layout (see tensor.rs
 // and quant.rs); QUANT is set with W_Q8 / W_Q6 / W_Q4 (adds the f16 scales buffer), NIBBLE_WORDS
@@ -11,6 +11,9 @@
 // column `col0 + j` of y (row stride `y_stride`), with bias `bias[col0 + j]`.
 // SILU (gemm only, no BIAS): `w` and `scales` are one buffer holding Llama's gate and up
 // projections (N rows each, from the words in Params), and y = silu(x · gateᵀ) * (x · upᵀ).
+// QKV (gemm only, no BIAS): `w` and `scales` are one buffer holding q, k and v of one format (or
+// v in Q6 under W_Q4 with V_Q6), N is q_rows + 2 kv_rows, and output columns go to q, k and v,
+// each [M, rows], in y from 0, k_out and v_out. Q6_CODES (with W_Q6 or V_Q6) adds the Q6 decoder.
 //
 // Entry points: `gemv` (few rows of x: one workgroup reduces 4 outputs, 64 lanes each) and
 // `gemm` (128x64 output tiles through workgroup memory, 8x8 outputs per thread).
@@ -21,11 +24,19 @@ struct Params {
     k: u32,
     y_stride: u32,
     col0: u32,
-    // SILU: where gate (a) and up (b) start in the bound buffer, data and scales in words.
+    // SILU and QKV: where the matrices start in the bound buffer, data and scales in words:
+    // gate (a) and up (b), or q (a), k (b) and v.
     a_data: u32,
     a_scales: u32,
     b_data: u32,
     b_scales: u32,
+    v_data: u32,
+    v_scales: u32,
+    // QKV: rows of q and of k (and of v), and where k and v start in y.
+    q_rows: u32,
+    kv_rows: u32,
+    k_out: u32,
+    v_out: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -105,14 +116,14 @@ fn eight_values(data0: u32, n: u32, c8: u32) -> mat2x4<f32> {
 }
 #endif
 
-#if W_Q6
+#if Q6_CODES
 // Q6 rows of K values: K / 8 words of low nibbles, then K / 16 words of high bit pairs.
 fn q6_row_words() -> u32 {
     return 3u * p.k / 16u;
 }
 
 // Values 8 c8 .. 8 c8 + 7 of row n of the matrix starting at word `data0`, unscaled.
-fn eight_values(data0: u32, n: u32, c8: u32) -> mat2x4<f32> {
+fn q6_eight_values(data0: u32, n: u32, c8: u32) -> mat2x4<f32> {
     let row = data0 + n * q6_row_words();
     let word = vec4<u32>(w[row + c8]);
     let high = vec4<u32>(w[row + p.k / 8u + c8 / 2u] >> (16u * (c8 & 1u)));
@@ -121,6 +132,12 @@ fn eight_values(data0: u32, n: u32, c8: u32) -> mat2x4<f32> {
     let hi = ((word >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u))
         | (((high >> vec4<u32>(8u, 10u, 12u, 14u)) & vec4<u32>(3u)) << vec4<u32>(4u));
     return mat2x4<f32>(vec4<f32>(lo) - 32.0, vec4<f32>(hi) - 32.0);
+}
+#endif
+
+#if W_Q6
+fn eight_values(data0: u32, n: u32, c8: u32) -> mat2x4<f32> {
+    return q6_eight_values(data0, n, c8);
 }
 #endif
 
@@ -299,10 +316,14 @@ fn x_tile_vector(row: u32, c: u32) -> vec4<f32> {
     return v;
 }
 
-// Row i of the w tile: its row of w and the words where that matrix's data and scales start.
-// With SILU the first half of the tile holds rows n0 .. n0 + TILE / 2 of gate, the second half
-// the same rows of up.
+// Row i of the w tile: whether it is inside w, its row of its matrix and the words where that
+// matrix's data and scales start. With SILU the first half of the tile holds rows
+// n0 .. n0 + TILE / 2 of gate, the second half the same rows of up; with QKV, tile row i is output
+// column n0 + i of q, k and v side by side.
 struct TileRow {
+    inside: bool,
+    // QKV: a row of v (V_Q6: in Q6 under W_Q4).
+    is_v: bool,
     n: u32,
     data: u32,
     scales: u32,
@@ -311,11 +332,22 @@ struct TileRow {
 fn tile_row(n0: u32, i: u32) -> TileRow {
 #if SILU
     if (i < TILE / 2u) {
-        return TileRow(n0 + i, p.a_data, p.a_scales);
+        return TileRow(n0 + i < p.n, false, n0 + i, p.a_data, p.a_scales);
     }
-    return TileRow(n0 + i - TILE / 2u, p.b_data, p.b_scales);
+    return TileRow(n0 + i - TILE / 2u < p.n, false, n0 + i - TILE / 2u, p.b_data, p.b_scales);
 #else
-    return TileRow(n0 + i, 0u, 0u);
+#if QKV
+    let c = n0 + i;
+    if (c < p.q_rows) {
+        return TileRow(true, false, c, p.a_data, p.a_scales);
+    }
+    if (c < p.q_rows + p.kv_rows) {
+        return TileRow(true, false, c - p.q_rows, p.b_data, p.b_scales);
+    }
+    return TileRow(c < p.n, true, c - p.q_rows - p.kv_rows, p.v_data, p.v_scales);
+#else
+    return TileRow(n0 + i < p.n, false, n0 + i, 0u, 0u);
+#endif
 #endif
 }
 
@@ -330,9 +362,18 @@ fn load_w_tile(t: u32, n0: u32, k0: u32) {
     let h = t % 2u;
     let r = tile_row(n0, i);
     var v = mat2x4<f32>();
-    if (r.n < p.n) {
+    if (r.inside) {
         let c = k0 + 8u * h;
+#if V_Q6
+        if (r.is_v) {
+            v = q6_eight_values(r.data, r.n, c / 8u);
+        } else {
+            v = eight_values(r.data, r.n, c / 8u);
+        }
+        v *= scale_at(r.scales, r.n * p.k + c);
+#else
         v = eight_values(r.data, r.n, c / 8u) * scale_at(r.scales, r.n * p.k + c);
+#endif
     }
     w_tile[i * STRIDE + 2u * h] = v[0];
     w_tile[i * STRIDE + 2u * h + 1u] = v[1];
@@ -345,7 +386,7 @@ fn load_w_tile(t: u32, n0: u32, k0: u32) {
         let q = idx % K4;
         let r = tile_row(n0, i);
         var v = vec4<f32>();
-        if (r.n < p.n) {
+        if (r.inside) {
             let e = r.n * p.k + k0 + 4u * q;
             let word = w[r.data + e / 4u];
             v = vec4<f32>(vec4<i32>(
@@ -367,7 +408,7 @@ fn load_w_tile(t: u32, n0: u32, k0: u32) {
         let r = tile_row(n0, i);
         let c = k0 + 4u * q;
         var v = vec4<f32>();
-        if (r.n < p.n) {
+        if (r.inside) {
             // Constant component indices keep v in registers.
             if (c < p.k) {
                 v.x = w_at(r.data, r.n, c);
@@ -387,23 +428,36 @@ fn load_w_tile(t: u32, n0: u32, k0: u32) {
 #endif
 }
 
-// Writes y[row, col + 8 j] = acc[j] (+ bias) where inside y.
+// Writes output column c of row `row` (+ bias): to y, or with QKV to q, k or v.
+fn store_y(row: u32, c: u32, v: f32) {
+#if QKV
+    // Selects, not branches: a store under a branch costs all three paths on llvmpipe.
+    let is_k = c >= p.q_rows;
+    let is_v = c >= p.q_rows + p.kv_rows;
+    let start = select(select(0u, p.k_out, is_k), p.v_out, is_v);
+    let first = select(select(0u, p.q_rows, is_k), p.q_rows + p.kv_rows, is_v);
+    y[start + row * select(p.q_rows, p.kv_rows, is_k) + c - first] = v;
+#else
+    y[row * p.y_stride + p.col0 + c] = v + bias_at(p.col0 + c);
+#endif
+}
+
+// Writes columns col + 8 j of row `row` from acc[j] where inside y.
 fn store_gemm_row(row: u32, col: u32, acc: vec4<f32>) {
     if (row >= p.m) {
         return;
     }
-    let y0 = row * p.y_stride + p.col0;
     if (col < p.n) {
-        y[y0 + col] = acc.x + bias_at(p.col0 + col);
+        store_y(row, col, acc.x);
     }
     if (col + 8u < p.n) {
-        y[y0 + col + 8u] = acc.y + bias_at(p.col0 + col + 8u);
+        store_y(row, col + 8u, acc.y);
     }
     if (col + 16u < p.n) {
-        y[y0 + col + 16u] = acc.z + bias_at(p.col0 + col + 16u);
+        store_y(row, col + 16u, acc.z);
     }
     if (col + 24u < p.n) {
-        y[y0 + col + 24u] = acc.w + bias_at(p.col0 + col + 24u);
+        store_y(row, col + 24u, acc.w);
     }
 }
 

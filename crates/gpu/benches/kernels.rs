@@ -1,6 +1,7 @@
 //! Kernel benchmark (not a test): `cargo bench -p llava-gpu --bench kernels [-- --full]
-//! [--only gemm,gemv,crossover,attention,decode,dispatch]` (`--only` picks sections; the copy baseline
-//! always runs).
+//! [--only gemm,fused,gemv,crossover,attention,decode,dispatch]` (`--only` picks sections; the copy
+//! baseline always runs). `fused` times the prefill's fused q/k/v and gate/up GEMMs against the
+//! same projections apart.
 //!
 //! Prints one plain table: GPU time per call, GFLOP/s and GB/s of weights read, beside same-run
 //! baselines (a CPU sgemm on the same shapes, a GPU buffer copy and the read probe) so the
@@ -20,8 +21,10 @@ use std::time::{Duration, Instant};
 
 use llava_gpu::ops::attention::{Mask, attention};
 use llava_gpu::ops::decode::{self, Epilogue, Step, StepUniform};
-use llava_gpu::ops::elementwise::add;
-use llava_gpu::ops::matmul::{GEMV_MAX_ROWS, LinearKernel, linear_with};
+use llava_gpu::ops::elementwise::{add, silu_mul};
+use llava_gpu::ops::matmul::{
+    GEMV_MAX_ROWS, LinearKernel, linear_qkv, linear_silu_mul, linear_with,
+};
 use llava_gpu::quant::quantize;
 use llava_gpu::{Batch, DType, Gpu, GpuOptions, Result, Tensor, probe, random};
 
@@ -205,6 +208,76 @@ fn linear_row(
         weight_bytes,
     );
     Ok(secs)
+}
+
+/// Times the prefill's fused projections against the same ones apart, x `[m, k]`: gate and up
+/// `[n, k]` with the SiLU (one GEMM, or two and silu_mul), and q `[k, k]` with k and v `[k / 4, k]`
+/// (Mistral's 4:1 heads; one GEMM or three).
+fn fused_rows(
+    gpu: &Gpu,
+    table: &mut Table,
+    calls: usize,
+    dtype: DType,
+    (m, k, n): (usize, usize, usize),
+) -> Result<()> {
+    let x = Tensor::from_f32(gpu, &[m, k], &random(m * k, 7))?;
+    let f16 = if gpu.has_f16() && dtype == DType::F16 {
+        " +f16"
+    } else {
+        ""
+    };
+    let weights = format!("{dtype:?}{f16}");
+    let gemm = |batch: &mut Batch, w: &Tensor| linear_with(batch, &x, w, None, LinearKernel::Gemm);
+
+    let (gate, bytes) = weight(gpu, dtype, n, k)?;
+    let (up, _) = weight(gpu, dtype, n, k)?;
+    let pair = Tensor::pack(gpu, &[&gate, &up])?;
+    let fused = gpu_secs(gpu, calls, |batch| {
+        linear_silu_mul(batch, &x, &pair[0], &pair[1]).map(drop)
+    })?;
+    let apart = gpu_secs(gpu, calls, |batch| {
+        let (g, u) = (gemm(batch, &gate)?, gemm(batch, &up)?);
+        silu_mul(batch, &g, &u).map(drop)
+    })?;
+    let shape = format!("{m}x{k}x2*{n}");
+    let flops = 4.0 * (m * k * n) as f64;
+    table.add(
+        "gate/up+silu fused",
+        &shape,
+        &weights,
+        fused,
+        flops,
+        2.0 * bytes,
+    );
+    table.add(
+        "gate/up+silu apart",
+        &shape,
+        &weights,
+        apart,
+        flops,
+        2.0 * bytes,
+    );
+
+    let kv = k / 4;
+    let (q, q_bytes) = weight(gpu, dtype, k, k)?;
+    let (kw, kv_bytes) = weight(gpu, dtype, kv, k)?;
+    let (v, _) = weight(gpu, dtype, kv, k)?;
+    let qkv = Tensor::pack(gpu, &[&q, &kw, &v])?;
+    let fused = gpu_secs(gpu, calls, |batch| {
+        linear_qkv(batch, &x, &qkv[0], &qkv[1], &qkv[2]).map(drop)
+    })?;
+    let apart = gpu_secs(gpu, calls, |batch| {
+        for w in [&q, &kw, &v] {
+            gemm(batch, w)?;
+        }
+        Ok(())
+    })?;
+    let shape = format!("{m}x{k}x({k}+2*{kv})");
+    let flops = 2.0 * (m * k * (k + 2 * kv)) as f64;
+    let bytes = q_bytes + 2.0 * kv_bytes;
+    table.add("q/k/v fused", &shape, &weights, fused, flops, bytes);
+    table.add("q/k/v apart", &shape, &weights, apart, flops, bytes);
+    Ok(())
 }
 
 /// Same-run CPU baseline: matrixmultiply's sgemm (through ndarray, single thread) on `x · wᵀ`.
@@ -484,12 +557,14 @@ fn main() -> Result<()> {
 
     // (rows of x, K, N): vision MLP fc1 (577 patches, 1024 -> 4096) and a 7B prefill of 2340
     // tokens; decode GEMVs of a 4096-wide attention projection and the MLP's 4096 -> 14336.
-    let (gemms, gemvs, sweep_k, copy_bytes) = if full {
+    // Fused projections: a 7B layer's gate/up (4096 -> 14336) and q/k/v at 2340 tokens.
+    let (gemms, gemvs, sweep_k, copy_bytes, fused) = if full {
         (
             vec![(577, 1024, 4096), (2340, 4096, 4096)],
             vec![(1, 4096, 4096), (1, 4096, 14336)],
             4096,
             512 << 20,
+            (2340, 4096, 14336),
         )
     } else {
         (
@@ -498,6 +573,7 @@ fn main() -> Result<()> {
             vec![(1, 1024, 1024), (1, 1024, 3584)],
             1024,
             64 << 20,
+            (577, 512, 1792),
         )
     };
 
@@ -514,6 +590,11 @@ fn main() -> Result<()> {
             for gpu in devices(dtype) {
                 linear_row(gpu, &mut table, calls, LinearKernel::Gemm, dtype, shape)?;
             }
+        }
+    }
+    if section("fused") {
+        for dtype in [DType::F16, DType::Q4] {
+            fused_rows(&gpu, &mut table, calls, dtype, fused)?;
         }
     }
     for &shape in gemvs.iter().filter(|_| section("gemv")) {

@@ -351,6 +351,18 @@ impl Tensor {
         })
     }
 
+    /// The `shape` tensor of this tensor's dtype starting `offset` bytes into it, without a copy
+    /// (for an op that writes several outputs into one buffer; the caller keeps the view inside
+    /// the tensor and its offset on the storage-offset alignment).
+    pub(crate) fn view(&self, offset: u64, shape: &[usize]) -> Tensor {
+        debug_assert!(offset + self.dtype.data_bytes(shape.iter().product()) <= self.byte_len());
+        Tensor {
+            offset: self.offset + offset,
+            shape: shape.to_vec(),
+            ..self.clone()
+        }
+    }
+
     /// Copies rows `src_start..src_start + count` of `src` into `dst` from row `dst_start`, both
     /// viewed as `[rows, last_dim]` (same dtype and row width). Unlike [`Tensor::narrow_rows`]
     /// any row may start the range: a buffer copy needs only 4-byte aligned rows.

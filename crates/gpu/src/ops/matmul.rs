@@ -12,9 +12,11 @@
 //! does not implement yet (gfx-rs/wgpu#8896), and converting integers to f16 costs what
 //! converting them to f32 does.
 
+use bytemuck::Zeroable;
+
 use crate::context::Binding;
-use crate::ops::elementwise::silu_mul;
 use crate::error::{GpuError, Result, shape_err};
+use crate::ops::elementwise::silu_mul;
 use crate::registry::{PipelineKey, SHADER_F16, Shader};
 use crate::{Batch, DType, Tensor, shader};
 
@@ -46,11 +48,19 @@ struct Params {
     k: u32,
     y_stride: u32,
     col0: u32,
-    /// [`linear_silu_mul`]: where gate and up start in their buffer, data and scales in words.
+    /// [`linear_silu_mul`] and [`linear_qkv`]: where gate and up, or q, k and v, start in their
+    /// buffer, data and scales in words.
     a_data: u32,
     a_scales: u32,
     b_data: u32,
     b_scales: u32,
+    v_data: u32,
+    v_scales: u32,
+    /// [`linear_qkv`]: rows of q and of k, and where k and v start in y (f32 elements).
+    q_rows: u32,
+    kv_rows: u32,
+    k_out: u32,
+    v_out: u32,
 }
 
 /// `y = x · wᵀ (+ bias)`. x: `[.., K]` f32; w: `[N, K]` of F32 | F16 | Q8 | Q6 | Q4; bias: `[N]` F32.
@@ -83,9 +93,7 @@ pub(crate) fn linear_windowed(
     const OP: &str = "linear";
     let (n, k) = check_shapes(x, w, bias)?;
     let m = x.rows();
-    let mut out_shape = x.shape().to_vec();
-    *out_shape.last_mut().expect("x has rank >= 1") = n;
-    let y = batch.tensor(&out_shape, DType::F32)?;
+    let y = batch.tensor(&with_last_dim(x, n), DType::F32)?;
     if m == 0 || n == 0 {
         return Ok(y);
     }
@@ -111,10 +119,7 @@ pub(crate) fn linear_windowed(
             k: k32,
             y_stride: n32,
             col0: start as u32,
-            a_data: 0,
-            a_scales: 0,
-            b_data: 0,
-            b_scales: 0,
+            ..Params::zeroed()
         };
         let mut buffers = vec![x.binding(), w_data, y.binding()];
         buffers.extend(w_scales);
@@ -160,36 +165,26 @@ pub fn linear_silu_mul(
         ));
     }
     let m = x.rows();
-    let whole = Binding {
-        buffer: gate.buffer(),
-        offset: 0,
-        size: gate.buffer().size(),
-    };
-    if m <= GEMV_MAX_ROWS || !gate.shares_buffer(up) || whole.size > batch.gpu().max_binding() {
+    if m <= GEMV_MAX_ROWS || !one_binding(batch.gpu(), &[gate, up]) {
         let gate = linear(batch, x, gate, None)?;
         let up = linear(batch, x, up, None)?;
         return silu_mul(batch, &gate, &up);
     }
     let (m32, n32, k32) = u32_sizes(OP, m, n, k)?;
-    let mut out_shape = x.shape().to_vec();
-    *out_shape.last_mut().expect("x has rank >= 1") = n;
-    let y = batch.tensor(&out_shape, DType::F32)?;
-    let words = |t: &Tensor| {
-        let (data, scales) = t.offsets();
-        ((data / 4) as u32, (scales / 4) as u32)
-    };
+    let y = batch.tensor(&with_last_dim(x, n), DType::F32)?;
     let ((a_data, a_scales), (b_data, b_scales)) = (words(gate), words(up));
     let params = Params {
         m: m32,
         n: n32,
         k: k32,
         y_stride: n32,
-        col0: 0,
         a_data,
         a_scales,
         b_data,
         b_scales,
+        ..Params::zeroed()
     };
+    let whole = whole_buffer(gate);
     let mut buffers = vec![x.binding(), whole, y.binding()];
     buffers.extend(gate.dtype().is_quantized().then_some(whole));
     let key = pipeline_key(batch.gpu(), "gemm", gate.dtype()).flag("SILU");
@@ -197,6 +192,115 @@ pub fn linear_silu_mul(
     let grid = gemm_grid(batch.gpu(), OP, n32.div_ceil(GEMM_TILE_N / 2), m32)?;
     batch.dispatch(&key, bytemuck::bytes_of(&params), &buffers, grid)?;
     Ok(y)
+}
+
+/// `(x · qᵀ, x · kᵀ, x · vᵀ)`, attention's input projections. x: `[.., K]` f32; q: `[Nq, K]`; k
+/// and v: `[Nkv, K]`. Returns `[.., Nq]`, `[.., Nkv]` and `[.., Nkv]` f32.
+///
+/// Where q, k and v share one buffer ([`Tensor::pack`]) and one format (or Q4 with v in Q6), and x
+/// has more rows than the GEMV takes, one GEMM computes all three (the shader's QKV variant, its
+/// output columns going to three tensors in one buffer): one dispatch whose grid the small k and v also fill.
+/// Otherwise three [`linear`]s.
+pub fn linear_qkv(
+    batch: &mut Batch,
+    x: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    const OP: &str = "linear qkv";
+    let (q_rows, kd) = check_shapes(x, q, None)?;
+    let (kv_rows, _) = check_shapes(x, k, None)?;
+    if v.shape() != k.shape() {
+        return Err(shape_err(
+            OP,
+            format!("v {:?} must match k {:?}", v.shape(), k.shape()),
+        ));
+    }
+    // One format, or Q4 with v in Q6 (what the converter's Q4 writes).
+    let formats = k.dtype() == q.dtype()
+        && (v.dtype() == q.dtype() || (q.dtype() == DType::Q4 && v.dtype() == DType::Q6));
+    let m = x.rows();
+    if m <= GEMV_MAX_ROWS || !formats || !one_binding(batch.gpu(), &[q, k, v]) {
+        return Ok((
+            linear(batch, x, q, None)?,
+            linear(batch, x, k, None)?,
+            linear(batch, x, v, None)?,
+        ));
+    }
+    let n = q_rows + 2 * kv_rows;
+    let (m32, n32, k32) = u32_sizes(OP, m, n, kd)?;
+    // q, k and v in one buffer, each from a storage-offset boundary: the kernel stores every
+    // output column without branching on where it goes.
+    let align = batch.gpu().storage_align();
+    let q_bytes = ((m * q_rows * 4) as u64).next_multiple_of(align);
+    let kv_bytes = ((m * kv_rows * 4) as u64).next_multiple_of(align);
+    let y = batch.tensor(&[((q_bytes + 2 * kv_bytes) / 4) as usize], DType::F32)?;
+    let yq = y.view(0, &with_last_dim(x, q_rows));
+    let yk = y.view(q_bytes, &with_last_dim(x, kv_rows));
+    let yv = y.view(q_bytes + kv_bytes, &with_last_dim(x, kv_rows));
+    let element = |bytes: u64| {
+        u32::try_from(bytes / 4).map_err(|_| shape_err(OP, "outputs exceed u32 indexing"))
+    };
+    let ((a_data, a_scales), (b_data, b_scales), (v_data, v_scales)) =
+        (words(q), words(k), words(v));
+    let params = Params {
+        m: m32,
+        n: n32,
+        k: k32,
+        a_data,
+        a_scales,
+        b_data,
+        b_scales,
+        v_data,
+        v_scales,
+        q_rows: q_rows as u32,
+        kv_rows: kv_rows as u32,
+        k_out: element(q_bytes)?,
+        v_out: element(q_bytes + kv_bytes)?,
+        ..Params::zeroed()
+    };
+    let whole = whole_buffer(q);
+    let mut buffers = vec![x.binding(), whole, y.binding()];
+    buffers.extend(q.dtype().is_quantized().then_some(whole));
+    let key = pipeline_key(batch.gpu(), "gemm", q.dtype())
+        .flag("QKV")
+        .flag_if(v.dtype() != q.dtype(), "V_Q6")
+        .flag_if(v.dtype() != q.dtype(), "Q6_CODES");
+    let grid = gemm_grid(batch.gpu(), OP, n32.div_ceil(GEMM_TILE_N), m32)?;
+    batch.dispatch(&key, bytemuck::bytes_of(&params), &buffers, grid)?;
+    Ok((yq, yk, yv))
+}
+
+/// Whether `tensors` share one buffer ([`Tensor::pack`]) that fits one storage binding, with
+/// element indices within u32.
+fn one_binding(gpu: &crate::Gpu, tensors: &[&Tensor]) -> bool {
+    tensors
+        .iter()
+        .all(|t| t.shares_buffer(tensors[0]) && t.numel() as u64 <= u32::MAX as u64)
+        && tensors[0].buffer().size() <= gpu.max_binding()
+}
+
+/// All of the buffer of `t`.
+fn whole_buffer(t: &Tensor) -> Binding<'_> {
+    Binding {
+        buffer: t.buffer(),
+        offset: 0,
+        size: t.buffer().size(),
+    }
+}
+
+/// Where `t` starts in its buffer: data and scales in words.
+fn words(t: &Tensor) -> (u32, u32) {
+    let (data, scales) = t.offsets();
+    ((data / 4) as u32, (scales / 4) as u32)
+}
+
+/// The shape of x with its last dimension `n`.
+fn with_last_dim(x: &Tensor, n: usize) -> Vec<usize> {
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().expect("x has rank >= 1") = n;
+    shape
 }
 
 /// The kernel `entry` for weights of `dtype` (without BIAS or SILU).
@@ -211,6 +315,7 @@ fn pipeline_key(gpu: &crate::Gpu, entry: &'static str, dtype: DType) -> Pipeline
         })
         .flag_if(dtype.is_quantized(), "QUANT")
         .flag_if(matches!(dtype, DType::Q6 | DType::Q4), "NIBBLE_WORDS")
+        .flag_if(dtype == DType::Q6, "Q6_CODES")
         .flag_if(dtype == DType::F16 && gpu.has_f16(), SHADER_F16)
 }
 
@@ -646,7 +751,14 @@ mod tests {
     }
 
     /// `silu(x · gateᵀ) * (x · upᵀ)` in f64 over row-major `x: [m, k]`, `gate`/`up`: `[n, k]`.
-    fn silu_mul_reference(x: &[f32], gate: &[f32], up: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    fn silu_mul_reference(
+        x: &[f32],
+        gate: &[f32],
+        up: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Vec<f32> {
         let g = reference(x, gate, None, m, k, n);
         let u = reference(x, up, None, m, k, n);
         g.iter()
@@ -661,7 +773,11 @@ mod tests {
     #[test]
     fn gate_and_up_in_one_gemm_match_silu_of_both() {
         for dtype in [DType::F32, DType::F16, DType::Q8, DType::Q6, DType::Q4] {
-            let k = if dtype.is_quantized() { 2 * dtype.group_size() } else { 37 };
+            let k = if dtype.is_quantized() {
+                2 * dtype.group_size()
+            } else {
+                37
+            };
             for gpu in devices(dtype) {
                 for (m, n, pack, dispatches) in [
                     (150, 70, true, 1),
@@ -697,8 +813,84 @@ mod tests {
         }
     }
 
+    /// Packed q, k and v with more rows than the GEMV takes run as one GEMM (one dispatch);
+    /// unpacked ones and few rows take three linears. All match the CPU in every format, with
+    /// q and k/v boundaries inside a 64-column tile and odd K.
     #[test]
-    fn gate_and_up_must_match() {
+    fn q_k_and_v_in_one_gemm_match_three_linears() {
+        for dtype in [DType::F32, DType::F16, DType::Q8, DType::Q6, DType::Q4] {
+            let k = if dtype.is_quantized() {
+                2 * dtype.group_size()
+            } else {
+                37
+            };
+            for gpu in devices(dtype) {
+                // Q4 also with v in Q6 (the converter's Q4), and F16 with v in F32 (no fused kernel).
+                let v_dtype = match dtype {
+                    DType::Q4 => DType::Q6,
+                    DType::F16 => DType::F32,
+                    d => d,
+                };
+                for (m, q_rows, kv_rows, pack, v_dtype, dispatches) in [
+                    (150, 48, 24, true, dtype, 1),
+                    (9, 64, 64, true, dtype, 1),
+                    (150, 48, 24, false, dtype, 3),
+                    (8, 48, 24, true, dtype, 3),
+                    (
+                        150,
+                        48,
+                        24,
+                        true,
+                        v_dtype,
+                        if dtype == DType::F16 { 3 } else { 1 },
+                    ),
+                ] {
+                    let seed = (m * 7919 + q_rows * 31 + kv_rows + k) as u64;
+                    let x = random(m * k, seed);
+                    let (tq, q) = weights(gpu, dtype, q_rows, k, seed + 1);
+                    let (tk, kw) = weights(gpu, dtype, kv_rows, k, seed + 2);
+                    let (tv, v) = weights(gpu, v_dtype, kv_rows, k, seed + 3);
+                    let (tq, tk, tv) = if pack {
+                        let mut all = Tensor::pack(gpu, &[&tq, &tk, &tv]).unwrap();
+                        let tv = all.pop().unwrap();
+                        let tk = all.pop().unwrap();
+                        (all.pop().unwrap(), tk, tv)
+                    } else {
+                        (tq, tk, tv)
+                    };
+                    let tx = Tensor::from_f32(gpu, &[m, k], &x).unwrap();
+                    let mut plan = gpu.plan();
+                    let (yq, yk, yv) = linear_qkv(&mut plan, &tx, &tq, &tk, &tv).unwrap();
+                    let plan = plan.into_plan().unwrap();
+                    let what = format!(
+                        "{dtype:?} (v {v_dtype:?}) {m}x{k} q {q_rows} kv {kv_rows} packed={pack} f16={}",
+                        gpu.has_f16()
+                    );
+                    assert_eq!(plan.dispatches(), dispatches, "{what}: dispatches");
+                    let mut batch = gpu.batch();
+                    batch.run(&plan).unwrap();
+                    batch.submit().unwrap();
+                    for (y, w, n, name) in [
+                        (yq, &q, q_rows, "q"),
+                        (yk, &kw, kv_rows, "k"),
+                        (yv, &v, kv_rows, "v"),
+                    ] {
+                        assert_eq!(y.shape(), [m, n]);
+                        let got = pollster::block_on(y.to_f32(gpu)).unwrap();
+                        assert_matches(
+                            &got,
+                            &reference(&x, w, None, m, k, n),
+                            k,
+                            &format!("{what} {name}"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fused_projections_must_match() {
         let gpu = gpu();
         let x = Tensor::from_f32(gpu, &[9, 4], &random(36, 1)).unwrap();
         let gate = Tensor::from_f32(gpu, &[3, 4], &random(12, 2)).unwrap();
@@ -707,8 +899,30 @@ mod tests {
         let mut batch = gpu.batch();
         for up in [&up, &up_f16] {
             let err = linear_silu_mul(&mut batch, &x, &gate, up).unwrap_err();
-            assert!(matches!(err, GpuError::Shape { op: "linear silu_mul", .. }), "{err}");
+            assert!(
+                matches!(
+                    err,
+                    GpuError::Shape {
+                        op: "linear silu_mul",
+                        ..
+                    }
+                ),
+                "{err}"
+            );
         }
+        // k and v of different shapes.
+        let v3 = Tensor::from_f32(gpu, &[3, 4], &random(12, 4)).unwrap();
+        let err = linear_qkv(&mut batch, &x, &gate, &up, &v3).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                GpuError::Shape {
+                    op: "linear qkv",
+                    ..
+                }
+            ),
+            "{err}"
+        );
         batch.submit().unwrap();
     }
 
@@ -730,6 +944,7 @@ mod tests {
                             .contains(&weights)
                             .then_some("NIBBLE_WORDS"),
                     );
+                    flags.extend((weights == "W_Q6").then_some("Q6_CODES"));
                     flags.extend(with_bias.then_some("BIAS"));
                     flags.extend(f16.then_some(SHADER_F16));
                     let source = crate::registry::preprocess(SHADER.source, &flags).unwrap();

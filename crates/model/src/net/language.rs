@@ -6,7 +6,7 @@ use llava_gpu::ops::decode::{
 };
 use llava_gpu::ops::elementwise::add;
 use llava_gpu::ops::embed::embedding;
-use llava_gpu::ops::matmul::{linear, linear_silu_mul};
+use llava_gpu::ops::matmul::{linear, linear_qkv, linear_silu_mul};
 use llava_gpu::ops::norm::rms_norm;
 use llava_gpu::ops::rope::rope;
 use llava_gpu::{Batch, DType, Gpu, Plan, Readback, Tensor};
@@ -36,21 +36,32 @@ impl DecoderLayer {
             cfg.num_key_value_heads * cfg.head_dim,
         );
         let p = format!("model.layers.{i}");
-        let (q_proj, k_proj) = packed(
-            gpu,
-            w.take(&format!("{p}.self_attn.q_proj.weight"), &[q_dim, d])?,
-            w.take(&format!("{p}.self_attn.k_proj.weight"), &[kv_dim, d])?,
-        )?;
-        let (gate_proj, up_proj) = packed(
-            gpu,
-            w.take(&format!("{p}.mlp.gate_proj.weight"), &[m, d])?,
-            w.take(&format!("{p}.mlp.up_proj.weight"), &[m, d])?,
-        )?;
+        let q = w.take(&format!("{p}.self_attn.q_proj.weight"), &[q_dim, d])?;
+        let k = w.take(&format!("{p}.self_attn.k_proj.weight"), &[kv_dim, d])?;
+        let v = w.take(&format!("{p}.self_attn.v_proj.weight"), &[kv_dim, d])?;
+        // q, k and v in one buffer where they fit, else q and k (v may be in another format).
+        let [q_proj, k_proj, v_proj] = if q.dtype() != k.dtype() {
+            [q, k, v]
+        } else if fits(gpu, &[&q, &k, &v]) {
+            pack(gpu, &[&q, &k, &v])?
+        } else if fits(gpu, &[&q, &k]) {
+            let [q, k] = pack(gpu, &[&q, &k])?;
+            [q, k, v]
+        } else {
+            [q, k, v]
+        };
+        let gate = w.take(&format!("{p}.mlp.gate_proj.weight"), &[m, d])?;
+        let up = w.take(&format!("{p}.mlp.up_proj.weight"), &[m, d])?;
+        let [gate_proj, up_proj] = if gate.dtype() == up.dtype() && fits(gpu, &[&gate, &up]) {
+            pack(gpu, &[&gate, &up])?
+        } else {
+            [gate, up]
+        };
         Ok(DecoderLayer {
             input_layernorm: w.take(&format!("{p}.input_layernorm.weight"), &[d])?,
             q_proj,
             k_proj,
-            v_proj: w.take(&format!("{p}.self_attn.v_proj.weight"), &[kv_dim, d])?,
+            v_proj,
             o_proj: w.take(&format!("{p}.self_attn.o_proj.weight"), &[d, q_dim])?,
             post_attention_layernorm: w
                 .take(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
@@ -61,18 +72,17 @@ impl DecoderLayer {
     }
 }
 
-/// q/k and gate/up in one buffer each, so that the decode step's fused kernels and the prefill's
-/// gate/up GEMM ([`linear_silu_mul`]) read a pair through one binding (the pair keeps separate
-/// tensors; its meaning is unchanged). Pairs of different formats, or too large for one binding,
-/// stay apart.
-fn packed(gpu: &Gpu, a: Tensor, b: Tensor) -> Result<(Tensor, Tensor)> {
-    let bytes = |t: &Tensor| t.byte_len() * 2;
-    if a.dtype() != b.dtype() || bytes(&a) + bytes(&b) > gpu.max_binding() {
-        return Ok((a, b));
-    }
-    let mut pair = Tensor::pack(gpu, &[&a, &b])?;
-    let b = pair.pop().expect("two tensors");
-    Ok((pair.pop().expect("two tensors"), b))
+/// Whether `tensors` fit one storage binding together (with room for their scales and alignment).
+fn fits(gpu: &Gpu, tensors: &[&Tensor]) -> bool {
+    tensors.iter().map(|t| t.byte_len() * 2).sum::<u64>() <= gpu.max_binding()
+}
+
+/// `tensors` in one buffer, so that the decode step's fused kernels and the prefill's fused GEMMs
+/// ([`linear_qkv`], [`linear_silu_mul`]) read them through one binding (each keeps its own tensor;
+/// its meaning is unchanged).
+fn pack<const N: usize>(gpu: &Gpu, tensors: &[&Tensor; N]) -> Result<[Tensor; N]> {
+    let packed = Tensor::pack(gpu, tensors)?;
+    Ok(packed.try_into().expect("one tensor per input"))
 }
 
 /// Keys and values of every layer for the tokens seen so far: per layer one tensor
@@ -254,9 +264,8 @@ impl LanguageModel {
             self.layers.iter().zip(cache.keys.iter().zip(&cache.values))
         {
             let a = rms_norm(batch, &h, &layer.input_layernorm, eps)?;
-            let q = linear(batch, &a, &layer.q_proj, None)?.reshape(&[t, hq, hd])?;
-            let k = linear(batch, &a, &layer.k_proj, None)?.reshape(&[t, hkv, hd])?;
-            let v = linear(batch, &a, &layer.v_proj, None)?;
+            let (q, k, v) = linear_qkv(batch, &a, &layer.q_proj, &layer.k_proj, &layer.v_proj)?;
+            let (q, k) = (q.reshape(&[t, hq, hd])?, k.reshape(&[t, hkv, hd])?);
             let q = rope(batch, &q, pos, theta)?.reshape(&[1, t, hq, hd])?;
             let k = rope(batch, &k, pos, theta)?;
             kv_store(batch, &k, k_cache, pos)?;
