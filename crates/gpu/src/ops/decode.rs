@@ -321,13 +321,13 @@ pub fn gemv(
     if !matches!(epilogue, Epilogue::Store | Epilogue::Residual) {
         // Two matrices in one buffer: bind all of it, with the places in the parameters.
         (params.a_data, params.a_scales) = places(w);
-        let whole = whole_buffer(w);
+        let whole = crate::ops::matmul::whole_buffer(w);
         let uniform = batch.params(bytemuck::bytes_of(&params))?;
         let mut entries = vec![(0, uniform.binding()), (2, x.binding()), (3, whole)];
         entries.extend(w.dtype().is_quantized().then_some((4, whole)));
         entries.extend(norm.map(|n| (5, n.weight.binding())));
         if let Epilogue::Qkv(a) = epilogue {
-            let v = whole_buffer(a.v);
+            let v = crate::ops::matmul::whole_buffer(a.v);
             entries.extend([(1, step.binding()), (6, v), (8, a.kv.binding())]);
             entries.extend(a.v.dtype().is_quantized().then_some((7, v)));
         }
@@ -379,14 +379,6 @@ fn packed_with(w: &Tensor, other: &Tensor, what: &str) -> Result<()> {
 fn places(t: &Tensor) -> (u32, u32) {
     let (data, scales) = t.offsets();
     ((data / 16) as u32, (scales / 4) as u32)
-}
-
-fn whole_buffer(t: &Tensor) -> Binding<'_> {
-    Binding {
-        buffer: t.buffer(),
-        offset: 0,
-        size: t.buffer().size(),
-    }
 }
 
 /// Capacity of a cache `[2, capacity, kv_heads, head_dim]` (a multiple of [`ATTEND_KEYS`]).

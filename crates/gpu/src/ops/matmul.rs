@@ -281,8 +281,8 @@ fn one_binding(gpu: &crate::Gpu, tensors: &[&Tensor]) -> bool {
         && tensors[0].buffer().size() <= gpu.max_binding()
 }
 
-/// All of the buffer of `t`.
-fn whole_buffer(t: &Tensor) -> Binding<'_> {
+/// All of the buffer of `t` (a binding for tensors packed in one buffer).
+pub(crate) fn whole_buffer(t: &Tensor) -> Binding<'_> {
     Binding {
         buffer: t.buffer(),
         offset: 0,
