@@ -4,10 +4,11 @@
 // variants: GEMV W_F32 | GEMV W_F16 | GEMV W_Q8 QUANT | GEMV W_Q6 QUANT | GEMV W_Q4 QUANT | GEMV W_F32 NORM | GEMV W_F16 NORM | GEMV W_Q8 QUANT NORM | GEMV W_Q6 QUANT NORM | GEMV W_Q4 QUANT NORM | GEMV W_F32 RESIDUAL | GEMV W_F16 RESIDUAL | GEMV W_Q8 QUANT RESIDUAL | GEMV W_Q6 QUANT RESIDUAL | GEMV W_Q4 QUANT RESIDUAL | GEMV W_F32 NORM SILU | GEMV W_F16 NORM SILU | GEMV W_Q8 QUANT NORM SILU | GEMV W_Q6 QUANT NORM SILU | GEMV W_Q4 QUANT NORM SILU | GEMV W_F32 NORM QKV V_F32 | GEMV W_F16 NORM QKV V_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 | GEMV W_Q4 QUANT NORM QKV V_Q6 | GEMV W_Q4 QUANT NORM QKV V_Q4 | GEMV W_F16 NORM QKV V_F16 KV_F16 | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 KV_F16 | ATTEND | ATTEND KV_F16 | COMBINE | SAMPLE
 //
 // GEMV (`gemv`): y = W · x for one row of x, W `[N, K]` in the layout of tensor.rs / quant.rs.
-// A workgroup computes 256 / LANES rows with LANES lanes each (32, or fewer where a row has fewer
-// 16-byte units: a short row would leave most lanes idle); a lane reads its row 16 bytes at a time
-// (one "unit": 32 values of Q4/Q6, 16 of Q8, 8 of F16, 4 of F32) against x staged in workgroup
-// memory, 2048 values at a time. Rows go in quads of four to the epilogue (one thread per quad):
+// Rows go in quads of four: LANES threads share a quad (32, or fewer where a row has fewer 16-byte
+// units: a short row would leave most lanes idle), so a workgroup computes 256 / LANES quads. A
+// thread reads its quad's four rows 16 bytes at a time (one "unit": 32 values of Q4/Q6, 16 of Q8,
+// 8 of F16, 4 of F32) against x staged in workgroup memory, 2048 values at a time, each staged
+// vector read once for the four rows. One thread per quad sums its lanes for the epilogue:
 // - default: y[col0 + row] = acc (rows in windows of a larger matrix start at col0);
 // - RESIDUAL: y[row] += acc (o_proj and down_proj add into the residual stream in place);
 // - SILU: `w` holds gate and up (m rows each), y[j] = silu(gate_j) * up_j;
@@ -103,48 +104,68 @@ struct Params {
 @group(0) @binding(9) var<storage, read_write> y: array<f32>;
 
 const WG: u32 = 256u;
-// Lanes per row (a power of two from 1 to 32, set by decode.rs), rows and quads per workgroup.
+// Lanes per row (a power of two from 1 to 32, set by decode.rs); a thread computes the four rows
+// of one quad, so a workgroup computes QUADS quads.
 override LANES: u32 = 32u;
-override ROWS: u32 = WG / LANES;
-override QUADS: u32 = ROWS / 4u;
+override QUADS: u32 = WG / LANES;
 const XCHUNK: u32 = 2048u;
 
 var<workgroup> xs: array<vec4<f32>, 512>; // XCHUNK / 4
-var<workgroup> partial: array<f32, WG>;
-var<workgroup> row_sums: array<f32, WG>; // ROWS used
+var<workgroup> norm_sums: array<f32, WG>;
+var<workgroup> partial: array<vec4<f32>, WG>;
 fn f16_scale(words: u32, g: u32) -> f32 {
     let pair = unpack2x16float(words);
     return select(pair.x, pair.y, (g & 1u) == 1u);
 }
 
-// Dot products of one 16-byte unit with xs from `xb`, unscaled where the format has scales.
-// xb counts values (a multiple of 4): xs holds them four to a vector.
-fn dot_f32(u: vec4<u32>, xb: u32) -> f32 {
-    return dot(bitcast<vec4<f32>>(u), xs[xb / 4u]);
+// Dot products of four rows' 16-byte units u0..u3 with the xs from `xb` (a count of values, a
+// multiple of 4), unscaled where the format has scales. Each staged x vector is read once for
+// the four rows: llvmpipe reads workgroup memory lane by lane, and on GPUs these reads are the Q4
+// GEMV's other limit beside the weights. Words of a unit are named (u.x .. u.w), never indexed
+// by a loop counter: a dynamically indexed vector can end up in local memory (NVIDIA Vulkan),
+// which made the Q8/Q4 GEMVs several times slower than F16.
+fn dots_f32(u0: vec4<u32>, u1: vec4<u32>, u2: vec4<u32>, u3: vec4<u32>, xb: u32) -> vec4<f32> {
+    let x = xs[xb / 4u];
+    return vec4<f32>(
+        dot(bitcast<vec4<f32>>(u0), x),
+        dot(bitcast<vec4<f32>>(u1), x),
+        dot(bitcast<vec4<f32>>(u2), x),
+        dot(bitcast<vec4<f32>>(u3), x),
+    );
 }
 
-fn dot_f16(u: vec4<u32>, xb: u32) -> f32 {
-    let a = vec4<f32>(unpack2x16float(u.x), unpack2x16float(u.y));
-    let b = vec4<f32>(unpack2x16float(u.z), unpack2x16float(u.w));
-    return dot(a, xs[xb / 4u]) + dot(b, xs[xb / 4u + 1u]);
+fn f16_unit(u: vec4<u32>, x0: vec4<f32>, x1: vec4<f32>) -> f32 {
+    return dot(vec4<f32>(unpack2x16float(u.x), unpack2x16float(u.y)), x0)
+        + dot(vec4<f32>(unpack2x16float(u.z), unpack2x16float(u.w)), x1);
 }
 
-// One word of four signed bytes against xs[b]. The dot functions name each word of a unit (u.x ..
-// u.w): indexing a vector with a loop counter can put it in local memory (NVIDIA Vulkan), which
-// made the Q8/Q4 GEMVs several times slower than F16.
-fn q8_word(word: u32, b: u32) -> f32 {
+fn dots_f16(u0: vec4<u32>, u1: vec4<u32>, u2: vec4<u32>, u3: vec4<u32>, xb: u32) -> vec4<f32> {
+    let x0 = xs[xb / 4u];
+    let x1 = xs[xb / 4u + 1u];
+    return vec4<f32>(f16_unit(u0, x0, x1), f16_unit(u1, x0, x1), f16_unit(u2, x0, x1), f16_unit(u3, x0, x1));
+}
+
+// One word of four signed bytes against x.
+fn q8_word(word: u32, x: vec4<f32>) -> f32 {
     let q = vec4<f32>(vec4<i32>(
         bitcast<i32>(word << 24u),
         bitcast<i32>(word << 16u),
         bitcast<i32>(word << 8u),
         bitcast<i32>(word),
     ) >> vec4<u32>(24u));
-    return dot(q, xs[b]);
+    return dot(q, x);
 }
 
-fn dot_q8(u: vec4<u32>, xb: u32) -> f32 {
+// Word k of the four rows' units (`words`) against xs[b].
+fn q8_words(words: vec4<u32>, b: u32) -> vec4<f32> {
+    let x = xs[b];
+    return vec4<f32>(q8_word(words.x, x), q8_word(words.y, x), q8_word(words.z, x), q8_word(words.w, x));
+}
+
+fn dots_q8(u0: vec4<u32>, u1: vec4<u32>, u2: vec4<u32>, u3: vec4<u32>, xb: u32) -> vec4<f32> {
     let b = xb / 4u;
-    return q8_word(u.x, b) + q8_word(u.y, b + 1u) + q8_word(u.z, b + 2u) + q8_word(u.w, b + 3u);
+    return q8_words(vec4<u32>(u0.x, u1.x, u2.x, u3.x), b) + q8_words(vec4<u32>(u0.y, u1.y, u2.y, u3.y), b + 1u)
+        + q8_words(vec4<u32>(u0.z, u1.z, u2.z, u3.z), b + 2u) + q8_words(vec4<u32>(u0.w, u1.w, u2.w, u3.w), b + 3u);
 }
 
 // quant.rs Q4_VALUES as signed bytes, four per word: code n is byte n % 4 of word n / 4. The word
@@ -162,140 +183,202 @@ fn q4_values(n: vec4<u32>) -> vec4<f32> {
     return vec4<f32>(q4_value(n.x), q4_value(n.y), q4_value(n.z), q4_value(n.w));
 }
 
-// One word of eight nibbles (code book indices) against xs[b], xs[b + 1].
-fn q4_word(word: u32, b: u32) -> f32 {
+// One word of eight nibbles (code book indices) against x0, x1.
+fn q4_word(word: u32, x0: vec4<f32>, x1: vec4<f32>) -> f32 {
     let lo = q4_values((vec4(word) >> vec4(0u, 4u, 8u, 12u)) & vec4(15u));
     let hi = q4_values((vec4(word) >> vec4(16u, 20u, 24u, 28u)) & vec4(15u));
-    return dot(lo, xs[b]) + dot(hi, xs[b + 1u]);
+    return dot(lo, x0) + dot(hi, x1);
 }
 
-fn dot_q4(u: vec4<u32>, xb: u32) -> f32 {
+fn q4_words(words: vec4<u32>, b: u32) -> vec4<f32> {
+    let x0 = xs[b];
+    let x1 = xs[b + 1u];
+    return vec4<f32>(q4_word(words.x, x0, x1), q4_word(words.y, x0, x1), q4_word(words.z, x0, x1), q4_word(words.w, x0, x1));
+}
+
+fn dots_q4(u0: vec4<u32>, u1: vec4<u32>, u2: vec4<u32>, u3: vec4<u32>, xb: u32) -> vec4<f32> {
     let b = xb / 4u;
-    return q4_word(u.x, b) + q4_word(u.y, b + 2u) + q4_word(u.z, b + 4u) + q4_word(u.w, b + 6u);
+    return q4_words(vec4<u32>(u0.x, u1.x, u2.x, u3.x), b) + q4_words(vec4<u32>(u0.y, u1.y, u2.y, u3.y), b + 2u)
+        + q4_words(vec4<u32>(u0.z, u1.z, u2.z, u3.z), b + 4u) + q4_words(vec4<u32>(u0.w, u1.w, u2.w, u3.w), b + 6u);
 }
 
 // One word of eight low nibbles with their eight high bit pairs (the low 16 bits of `hw`).
-fn q6_word(word: u32, hw: u32, b: u32) -> f32 {
+fn q6_word(word: u32, hw: u32, x0: vec4<f32>, x1: vec4<f32>) -> f32 {
     let w4 = vec4<u32>(word);
     let h4 = vec4<u32>(hw);
     let lo = ((w4 >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u))
         | (((h4 >> vec4<u32>(0u, 2u, 4u, 6u)) & vec4<u32>(3u)) << vec4<u32>(4u));
     let hi = ((w4 >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u))
         | (((h4 >> vec4<u32>(8u, 10u, 12u, 14u)) & vec4<u32>(3u)) << vec4<u32>(4u));
-    return dot(vec4<f32>(lo) - 32.0, xs[b]) + dot(vec4<f32>(hi) - 32.0, xs[b + 1u]);
+    return dot(vec4<f32>(lo) - 32.0, x0) + dot(vec4<f32>(hi) - 32.0, x1);
 }
 
-// `high` holds the unit's 32 high bit pairs (two words).
-fn dot_q6(u: vec4<u32>, high: vec2<u32>, xb: u32) -> f32 {
+fn q6_words(words: vec4<u32>, highs: vec4<u32>, b: u32) -> vec4<f32> {
+    let x0 = xs[b];
+    let x1 = xs[b + 1u];
+    return vec4<f32>(
+        q6_word(words.x, highs.x, x0, x1),
+        q6_word(words.y, highs.y, x0, x1),
+        q6_word(words.z, highs.z, x0, x1),
+        q6_word(words.w, highs.w, x0, x1),
+    );
+}
+
+// `h0`..`h3` hold each unit's 32 high bit pairs (two words).
+fn dots_q6(
+    u0: vec4<u32>, u1: vec4<u32>, u2: vec4<u32>, u3: vec4<u32>,
+    h0: vec2<u32>, h1: vec2<u32>, h2: vec2<u32>, h3: vec2<u32>, xb: u32,
+) -> vec4<f32> {
     let b = xb / 4u;
-    return q6_word(u.x, high.x, b) + q6_word(u.y, high.x >> 16u, b + 2u)
-        + q6_word(u.z, high.y, b + 4u) + q6_word(u.w, high.y >> 16u, b + 6u);
+    let first = vec4<u32>(h0.x, h1.x, h2.x, h3.x);
+    let second = vec4<u32>(h0.y, h1.y, h2.y, h3.y);
+    return q6_words(vec4<u32>(u0.x, u1.x, u2.x, u3.x), first, b)
+        + q6_words(vec4<u32>(u0.y, u1.y, u2.y, u3.y), first >> vec4<u32>(16u), b + 2u)
+        + q6_words(vec4<u32>(u0.z, u1.z, u2.z, u3.z), second, b + 4u)
+        + q6_words(vec4<u32>(u0.w, u1.w, u2.w, u3.w), second >> vec4<u32>(16u), b + 6u);
 }
 
-// Values per unit of the main matrix's format.
+// A Q6 row is K / 8 nibble words, then K / 16 words of high bit pairs (quant.rs): the two words
+// of a unit's high bit pairs start at word h (even), within the 16 bytes hw = w[h / 4].
+fn q6_high(hw: vec4<u32>, h: u32) -> vec2<u32> {
+    return select(hw.xy, hw.zw, (h & 2u) != 0u);
+}
+
+// Values per unit and bits per value of the main matrix's format (a row is K * W_BITS / 128 units).
 #if W_F32
 const W_UNIT: u32 = 4u;
+const W_BITS: u32 = 32u;
 #endif
 #if W_F16
 const W_UNIT: u32 = 8u;
+const W_BITS: u32 = 16u;
 #endif
 #if W_Q8
 const W_UNIT: u32 = 16u;
+const W_BITS: u32 = 8u;
 const W_GROUP: u32 = 32u;
 #endif
 #if W_Q6
 const W_UNIT: u32 = 32u;
+const W_BITS: u32 = 6u;
 const W_GROUP: u32 = 64u;
 #endif
 #if W_Q4
 const W_UNIT: u32 = 32u;
+const W_BITS: u32 = 4u;
 const W_GROUP: u32 = 64u;
 #endif
 
-fn scale_word(i: u32) -> u32 {
 #if QUANT
-    return scales[i];
-#else
-    return 0u;
-#endif
+// Scale of unit c of each row (rows, with their matrices' scales at sc).
+fn unit_scales_w(rows: vec4<u32>, sc: vec4<u32>, c: u32) -> vec4<f32> {
+    let g = (rows * p.k + c * W_UNIT) / W_GROUP;
+    let at = sc + g / 2u;
+    return vec4<f32>(
+        f16_scale(scales[at.x], g.x),
+        f16_scale(scales[at.y], g.y),
+        f16_scale(scales[at.z], g.z),
+        f16_scale(scales[at.w], g.w),
+    );
 }
+#endif
 
-// Unit `c` (of the row's K / W_UNIT) of row `row` of the matrix at (data, sc) in w, dotted with
-// xs from `xb`.
-fn unit_w(row: u32, c: u32, xb: u32, data: u32, sc: u32) -> f32 {
+// Unit `c` (of a row's K / W_UNIT) of four rows `rows` of the matrices starting at units `data`
+// (with scales at `sc`) in w, dotted with xs from `xb`.
+fn units_w(rows: vec4<u32>, data: vec4<u32>, sc: vec4<u32>, c: u32, xb: u32) -> vec4<f32> {
+    let start = data + rows * (p.k * W_BITS / 128u);
+    let u0 = w[start.x + c];
+    let u1 = w[start.y + c];
+    let u2 = w[start.z + c];
+    let u3 = w[start.w + c];
 #if W_F32
-    return dot_f32(w[data + row * (p.k / 4u) + c], xb);
+    return dots_f32(u0, u1, u2, u3, xb);
 #endif
 #if W_F16
-    return dot_f16(w[data + row * (p.k / 8u) + c], xb);
-#endif
-#if QUANT
-    let g = (row * p.k + c * W_UNIT) / W_GROUP;
-    let s = f16_scale(scale_word(sc + g / 2u), g);
+    return dots_f16(u0, u1, u2, u3, xb);
 #endif
 #if W_Q8
-    return s * dot_q8(w[data + row * (p.k / 16u) + c], xb);
+    return unit_scales_w(rows, sc, c) * dots_q8(u0, u1, u2, u3, xb);
 #endif
 #if W_Q4
-    return s * dot_q4(w[data + row * (p.k / 32u) + c], xb);
+    return unit_scales_w(rows, sc, c) * dots_q4(u0, u1, u2, u3, xb);
 #endif
 #if W_Q6
-    // A row is K / 8 nibble words, then K / 16 words of high bit pairs (quant.rs).
-    let base = 4u * data + row * (3u * p.k / 16u);
-    let h = base + p.k / 8u + 2u * c;
-    let hw = w[h / 4u];
-    let high = select(hw.xy, hw.zw, (h & 2u) != 0u);
-    return s * dot_q6(w[base / 4u + c], high, xb);
+    let h = 4u * start + p.k / 8u + 2u * c;
+    let h0 = q6_high(w[h.x / 4u], h.x);
+    let h1 = q6_high(w[h.y / 4u], h.y);
+    let h2 = q6_high(w[h.z / 4u], h.z);
+    let h3 = q6_high(w[h.w / 4u], h.w);
+    return unit_scales_w(rows, sc, c) * dots_q6(u0, u1, u2, u3, h0, h1, h2, h3, xb);
 #endif
 }
 
 #if QKV
 #if V_F32
 const V_UNIT: u32 = 4u;
+const V_BITS: u32 = 32u;
 #endif
 #if V_F16
 const V_UNIT: u32 = 8u;
+const V_BITS: u32 = 16u;
 #endif
 #if V_Q8
 const V_UNIT: u32 = 16u;
+const V_BITS: u32 = 8u;
 const V_GROUP: u32 = 32u;
 #endif
 #if V_Q6
 const V_UNIT: u32 = 32u;
+const V_BITS: u32 = 6u;
 const V_GROUP: u32 = 64u;
 #endif
 #if V_Q4
 const V_UNIT: u32 = 32u;
+const V_BITS: u32 = 4u;
 const V_GROUP: u32 = 64u;
 #endif
 
-// As unit_w, for w_v.
-fn unit_v(row: u32, c: u32, xb: u32) -> f32 {
-    let data = p.v_data;
-#if V_F32
-    return dot_f32(w_v[data + row * (p.k / 4u) + c], xb);
-#endif
-#if V_F16
-    return dot_f16(w_v[data + row * (p.k / 8u) + c], xb);
-#endif
 #if !V_F32
 #if !V_F16
-    let g = (row * p.k + c * V_UNIT) / V_GROUP;
-    let s = f16_scale(scales_v[p.v_scales + g / 2u], g);
+fn unit_scales_v(rows: vec4<u32>, c: u32) -> vec4<f32> {
+    let g = (rows * p.k + c * V_UNIT) / V_GROUP;
+    let at = p.v_scales + g / 2u;
+    return vec4<f32>(
+        f16_scale(scales_v[at.x], g.x),
+        f16_scale(scales_v[at.y], g.y),
+        f16_scale(scales_v[at.z], g.z),
+        f16_scale(scales_v[at.w], g.w),
+    );
+}
 #endif
+#endif
+
+// As units_w, for four rows of w_v.
+fn units_v(rows: vec4<u32>, c: u32, xb: u32) -> vec4<f32> {
+    let start = p.v_data + rows * (p.k * V_BITS / 128u);
+    let u0 = w_v[start.x + c];
+    let u1 = w_v[start.y + c];
+    let u2 = w_v[start.z + c];
+    let u3 = w_v[start.w + c];
+#if V_F32
+    return dots_f32(u0, u1, u2, u3, xb);
+#endif
+#if V_F16
+    return dots_f16(u0, u1, u2, u3, xb);
 #endif
 #if V_Q8
-    return s * dot_q8(w_v[data + row * (p.k / 16u) + c], xb);
+    return unit_scales_v(rows, c) * dots_q8(u0, u1, u2, u3, xb);
 #endif
 #if V_Q4
-    return s * dot_q4(w_v[data + row * (p.k / 32u) + c], xb);
+    return unit_scales_v(rows, c) * dots_q4(u0, u1, u2, u3, xb);
 #endif
 #if V_Q6
-    let base = 4u * data + row * (3u * p.k / 16u);
-    let h = base + p.k / 8u + 2u * c;
-    let hw = w_v[h / 4u];
-    let high = select(hw.xy, hw.zw, (h & 2u) != 0u);
-    return s * dot_q6(w_v[base / 4u + c], high, xb);
+    let h = 4u * start + p.k / 8u + 2u * c;
+    let h0 = q6_high(w_v[h.x / 4u], h.x);
+    let h1 = q6_high(w_v[h.y / 4u], h.y);
+    let h2 = q6_high(w_v[h.z / 4u], h.z);
+    let h3 = q6_high(w_v[h.w / 4u], h.w);
+    return unit_scales_v(rows, c) * dots_q6(u0, u1, u2, u3, h0, h1, h2, h3, xb);
 #endif
 }
 #endif
@@ -430,27 +513,36 @@ fn gemv(
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
     let group = wg.x + wg.y * nwg.x;
-    let r = lid / LANES;
     let lane = lid % LANES;
-    let quad = group * QUADS + r / 4u;
-    let which = quad_row(quad, r % 4u);
+    let quad = group * QUADS + lid / LANES;
+    let r0 = quad_row(quad, 0u);
+    let r1 = quad_row(quad, 1u);
+    let r2 = quad_row(quad, 2u);
+    let r3 = quad_row(quad, 3u);
+    // Rows past the end read row 0 and are not stored; a quad is all of v or none of it.
+    let valid = vec4<u32>(r0.z, r1.z, r2.z, r3.z) != vec4<u32>(0u);
+    let rows = select(vec4<u32>(0u), vec4<u32>(r0.x, r1.x, r2.x, r3.x), valid);
+    let of_b = vec4<u32>(r0.y, r1.y, r2.y, r3.y) == vec4<u32>(1u);
+    let data = select(vec4<u32>(p.a_data), vec4<u32>(p.b_data), of_b);
+    let sc = select(vec4<u32>(p.a_scales), vec4<u32>(p.b_scales), of_b);
+    let is_v = r0.y == 2u;
 #if NORM
     // norm.wgsl's sum: strided per thread, then a pairwise tree.
     var sq = 0.0;
     for (var i = lid; i < p.k; i += WG) {
         sq += x[i] * x[i];
     }
-    partial[lid] = sq;
+    norm_sums[lid] = sq;
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s >>= 1u) {
         if (lid < s) {
-            partial[lid] += partial[lid + s];
+            norm_sums[lid] += norm_sums[lid + s];
         }
         workgroupBarrier();
     }
-    let rms = inverseSqrt(partial[0] / f32(p.k) + p.eps);
+    let rms = inverseSqrt(norm_sums[0] / f32(p.k) + p.eps);
 #endif
-    var acc = 0.0;
+    var acc = vec4<f32>(0.0);
     for (var c0 = 0u; c0 < p.k; c0 += XCHUNK) {
         let len = min(XCHUNK, p.k - c0);
         workgroupBarrier();
@@ -464,35 +556,27 @@ fn gemv(
 #endif
         }
         workgroupBarrier();
-        if (which.z != 0u && which.y < 2u) {
-            let data = select(p.a_data, p.b_data, which.y == 1u);
-            let sc = select(p.a_scales, p.b_scales, which.y == 1u);
+        if (any(valid) && !is_v) {
             for (var c = lane; c < len / W_UNIT; c += LANES) {
-                acc += unit_w(which.x, c0 / W_UNIT + c, c * W_UNIT, data, sc);
+                acc += units_w(rows, data, sc, c0 / W_UNIT + c, c * W_UNIT);
             }
         }
 #if QKV
-        if (which.z != 0u && which.y == 2u) {
+        if (any(valid) && is_v) {
             for (var c = lane; c < len / V_UNIT; c += LANES) {
-                acc += unit_v(which.x, c0 / V_UNIT + c, c * V_UNIT);
+                acc += units_v(rows, c0 / V_UNIT + c, c * V_UNIT);
             }
         }
 #endif
     }
-    workgroupBarrier();
     partial[lid] = acc;
     workgroupBarrier();
-    if (lid < ROWS) {
-        var sum = 0.0;
+    if (lid < QUADS) {
+        var sum = vec4<f32>(0.0);
         for (var l = 0u; l < LANES; l++) {
             sum += partial[lid * LANES + l];
         }
-        row_sums[lid] = sum;
-    }
-    workgroupBarrier();
-    if (lid < QUADS) {
-        let b = 4u * lid;
-        epilogue(group * QUADS + lid, vec4<f32>(row_sums[b], row_sums[b + 1u], row_sums[b + 2u], row_sums[b + 3u]));
+        epilogue(group * QUADS + lid, sum);
     }
 }
 #endif

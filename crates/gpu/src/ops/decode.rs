@@ -316,7 +316,7 @@ pub fn gemv(
     };
     let lanes = gemv_lanes(w.dtype(), k);
     let key = key.constant("LANES", lanes as u32);
-    let quads_per_workgroup = GEMV_THREADS / lanes / 4;
+    let quads_per_workgroup = GEMV_THREADS / lanes;
     let gpu = batch.gpu();
     if !matches!(epilogue, Epilogue::Store | Epilogue::Residual) {
         // Two matrices in one buffer: bind all of it, with the places in the parameters.
