@@ -404,14 +404,13 @@ fn decode_rows(gpu: &Gpu, table: &mut Table, full: bool, calls: usize) -> Result
         0.0,
         bytes as f64,
     );
-    let step = StepUniform::new(gpu)?;
     for (n, k) in [(inter, hidden), (hidden, inter)] {
         let x = Tensor::from_f32(gpu, &[1, k], &random(k, 7))?;
         let y = Tensor::empty(gpu, &[1, n], DType::F32)?;
         for dtype in [DType::F16, DType::Q8, DType::Q4] {
             let (w, weight_bytes) = weight(gpu, dtype, n, k)?;
             let secs = gpu_secs(gpu, calls, |batch| {
-                decode::gemv(batch, &step, &x, &w, None, Epilogue::Store, &y)
+                decode::gemv(batch, &x, &w, None, Epilogue::Store, &y)
             })?;
             table.add(
                 "decode gemv",
@@ -435,6 +434,7 @@ fn decode_rows(gpu: &Gpu, table: &mut Table, full: bool, calls: usize) -> Result
         .collect();
     let kv = Tensor::from_f16(gpu, &[2, capacity, kv_heads, d], &cache)?;
     let q = Tensor::from_f32(gpu, &[heads * d], &random(heads * d, 12))?;
+    let step = StepUniform::new(gpu)?;
     step.write(
         gpu,
         Step {

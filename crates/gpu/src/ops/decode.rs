@@ -81,6 +81,8 @@ pub enum Epilogue<'a> {
 /// The attention geometry of an [`Epilogue::Qkv`].
 #[derive(Clone, Copy)]
 pub struct Qkv<'a> {
+    /// The step's position (RoPE and the cache row written).
+    pub step: &'a StepUniform,
     /// `[kv_heads · head_dim, K]` in q's format, packed in one buffer with q ([`Tensor::pack`]).
     pub k: &'a Tensor,
     /// `[kv_heads · head_dim, K]`, in any weight format.
@@ -187,12 +189,26 @@ pub fn gemv_supports(w: &Tensor, k: usize) -> bool {
 /// y: F32 of the epilogue's length (N; m for SiluMul; q rows for Qkv).
 pub fn gemv(
     batch: &mut Batch,
-    step: &StepUniform,
     x: &Tensor,
     w: &Tensor,
     norm: Option<Norm<'_>>,
     epilogue: Epilogue<'_>,
     y: &Tensor,
+) -> Result<()> {
+    let max_window_bytes = batch.gpu().max_binding();
+    gemv_windowed(batch, x, w, norm, epilogue, y, max_window_bytes)
+}
+
+/// [`gemv`], a plain [`Epilogue::Store`] splitting w into row windows of at most
+/// `max_window_bytes` each.
+pub(crate) fn gemv_windowed(
+    batch: &mut Batch,
+    x: &Tensor,
+    w: &Tensor,
+    norm: Option<Norm<'_>>,
+    epilogue: Epilogue<'_>,
+    y: &Tensor,
+    max_window_bytes: u64,
 ) -> Result<()> {
     const OP: &str = "decode gemv";
     let k = x.last_dim();
@@ -328,7 +344,7 @@ pub fn gemv(
         entries.extend(norm.map(|n| (5, n.weight.binding())));
         if let Epilogue::Qkv(a) = epilogue {
             let v = crate::ops::matmul::whole_buffer(a.v);
-            entries.extend([(1, step.binding()), (6, v), (8, a.kv.binding())]);
+            entries.extend([(1, a.step.binding()), (6, v), (8, a.kv.binding())]);
             entries.extend(a.v.dtype().is_quantized().then_some((7, v)));
         }
         entries.push((9, y.binding()));
@@ -340,7 +356,7 @@ pub fn gemv(
     }
     // One matrix: in row windows where it exceeds a storage binding (a plain store only).
     let windows = match epilogue {
-        Epilogue::Store => crate::ops::matmul::row_windows(gpu, w, k)?,
+        Epilogue::Store => crate::ops::matmul::row_windows(gpu, w, k, max_window_bytes)?,
         _ => vec![(0, n)],
     };
     for (start, count) in windows {
@@ -751,9 +767,9 @@ mod tests {
                     eps: 1e-5,
                 };
                 run(
-                    |b, s| {
-                        gemv(b, s, &tx, &w, Some(norm), Epilogue::Store, &store).unwrap();
-                        gemv(b, s, &tx, &w, None, Epilogue::Residual, &residual).unwrap();
+                    |b, _| {
+                        gemv(b, &tx, &w, Some(norm), Epilogue::Store, &store).unwrap();
+                        gemv(b, &tx, &w, None, Epilogue::Residual, &residual).unwrap();
                     },
                     Step::default(),
                 );
@@ -784,9 +800,7 @@ mod tests {
                 let packed = Tensor::pack(gpu, &[&gate, &up]).unwrap();
                 let up = &packed[1];
                 run(
-                    |b, s| {
-                        gemv(b, s, &tx, &packed[0], None, Epilogue::SiluMul { up }, &act).unwrap()
-                    },
+                    |b, _| gemv(b, &tx, &packed[0], None, Epilogue::SiluMul { up }, &act).unwrap(),
                     Step::default(),
                 );
                 let (g, u) = (matvec(&gf, &x), matvec(&uf, &x));
@@ -859,20 +873,20 @@ mod tests {
                 let kv = kv_tensor(&cache, &[2, cap, kv_heads, d], kv_dtype);
                 let y = Tensor::empty(gpu, &[q_rows], DType::F32).unwrap();
                 let theta = 10000.0;
-                let qkv = Qkv {
-                    k: &qk[1],
-                    v: &v,
-                    kv: &kv,
-                    heads,
-                    kv_heads,
-                    head_dim: d,
-                    rope_theta: theta,
-                };
                 run(
                     |b, s| {
+                        let qkv = Qkv {
+                            step: s,
+                            k: &qk[1],
+                            v: &v,
+                            kv: &kv,
+                            heads,
+                            kv_heads,
+                            head_dim: d,
+                            rope_theta: theta,
+                        };
                         gemv(
                             b,
-                            s,
                             &tx,
                             &qk[0],
                             Some(Norm {

@@ -1,8 +1,9 @@
 //! Linear layers: `y = x · wᵀ (+ bias)` with f32 activations and weights in PyTorch Linear layout
 //! `[N, K] = [out, in]`, stored as F32, F16 or group-quantized Q8 / Q6 / Q4 (dequantized in-shader).
 //!
-//! Two kernels (shaders/matmul.wgsl): a GEMV for few rows of x (decode, where reading the weights
-//! is the whole cost) and a tiled GEMM otherwise. Weights larger than one storage binding (a
+//! Two kernels (shaders/matmul.wgsl): a GEMV for few rows of x (where reading the weights is the
+//! whole cost) and a tiled GEMM otherwise; one row without bias (decoding op by op) goes through
+//! the planned decode step's GEMV ([`decode::gemv`]). Weights larger than one storage binding (a
 //! 32064x4096 f32 `lm_head` is 525 MB) are processed in row windows, each writing its own column
 //! range of the output.
 //!
@@ -16,6 +17,7 @@ use bytemuck::Zeroable;
 
 use crate::context::Binding;
 use crate::error::{GpuError, Result, shape_err};
+use crate::ops::decode::{self, Epilogue};
 use crate::ops::elementwise::silu_mul;
 use crate::registry::{PipelineKey, SHADER_F16, Shader};
 use crate::{Batch, DType, Tensor, shader};
@@ -34,7 +36,8 @@ pub const GEMV_MAX_ROWS: usize = 8;
 /// Which kernel [`linear_with`] runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LinearKernel {
-    /// GEMV for at most [`GEMV_MAX_ROWS`] rows of x, GEMM otherwise.
+    /// The decode GEMV ([`decode::gemv`]) for one row of x where it takes w and there is no
+    /// bias, this GEMV for at most [`GEMV_MAX_ROWS`] rows, the GEMM otherwise.
     Auto,
     Gemv,
     Gemm,
@@ -98,6 +101,12 @@ pub(crate) fn linear_windowed(
         return Ok(y);
     }
 
+    // One row without bias (decoding op by op): the decode step's GEMV, which reads each staged
+    // x vector once for four weight rows; this GEMV covers up to 8 rows of x at once.
+    if kernel == LinearKernel::Auto && m == 1 && bias.is_none() && decode::gemv_supports(w, k) {
+        decode::gemv_windowed(batch, x, w, None, Epilogue::Store, &y, max_window_bytes)?;
+        return Ok(y);
+    }
     let gemv = match kernel {
         LinearKernel::Auto => m <= GEMV_MAX_ROWS,
         LinearKernel::Gemv => true,
@@ -442,10 +451,15 @@ fn window_rows(
 }
 
 /// Row windows `(start, count)` of w (`[N, K]`), each within one storage binding.
-pub(crate) fn row_windows(gpu: &crate::Gpu, w: &Tensor, k: usize) -> Result<Vec<(usize, usize)>> {
+pub(crate) fn row_windows(
+    gpu: &crate::Gpu,
+    w: &Tensor,
+    k: usize,
+    max_window_bytes: u64,
+) -> Result<Vec<(usize, usize)>> {
     let n = w.rows();
     let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
-    let step = window_rows(n, k, row_bytes(w, k), align, gpu.max_binding())?;
+    let step = window_rows(n, k, row_bytes(w, k), align, max_window_bytes)?;
     Ok((0..n)
         .step_by(step.max(1))
         .map(|start| (start, step.min(n - start)))
@@ -635,6 +649,40 @@ mod tests {
             LinearKernel::Auto,
             u64::MAX,
         );
+    }
+
+    /// One row of x without bias runs through the decode GEMV (four weight rows per thread), in
+    /// every format and in row windows; with a bias or more rows it does not.
+    #[test]
+    fn one_row_without_bias_takes_the_decode_gemv() {
+        for dtype in [DType::F32, DType::F16, DType::Q8, DType::Q6, DType::Q4] {
+            for window in [u64::MAX, 8192] {
+                check(dtype, &[1], 256, 300, false, LinearKernel::Auto, window);
+            }
+        }
+        let profiled = Gpu::with_options_blocking(crate::GpuOptions {
+            profile: true,
+            ..Default::default()
+        })
+        .unwrap();
+        let (k, n) = (256, 300);
+        let (tw, _) = weights(&profiled, DType::Q4, n, k, 5);
+        let tb = Tensor::from_f32(&profiled, &[n], &random(n, 6)).unwrap();
+        let kernels = |m: usize, bias: Option<&Tensor>| -> Vec<String> {
+            let tx = Tensor::from_f32(&profiled, &[m, k], &random(m * k, 7)).unwrap();
+            let mut batch = profiled.batch();
+            let y = linear(&mut batch, &tx, &tw, bias).unwrap();
+            batch.submit().unwrap();
+            pollster::block_on(y.to_f32(&profiled)).unwrap();
+            let times = profiled
+                .take_profile()
+                .expect("llvmpipe has timestamp queries");
+            times.into_iter().map(|t| t.kernel).collect()
+        };
+        // The decode shader's variants carry the GEMV flag; matmul.wgsl's `gemv` does not.
+        assert_eq!(kernels(1, None), ["gemv GEMV QUANT W_Q4"]);
+        assert_eq!(kernels(1, Some(&tb)), ["gemv BIAS NIBBLE_WORDS QUANT W_Q4"]);
+        assert_eq!(kernels(2, None), ["gemv NIBBLE_WORDS QUANT W_Q4"]);
     }
 
     /// Guards the tests above: where the adapter offers shader-f16 they ran both paths.

@@ -426,6 +426,7 @@ impl LanguageModel {
         for (layer, kv) in self.layers.iter().zip(&cache.layers) {
             let rope_theta = c.rope_theta as f32;
             let qkv = Qkv {
+                step: &step,
                 k: &layer.k_proj,
                 v: &layer.v_proj,
                 kv,
@@ -440,7 +441,6 @@ impl LanguageModel {
             };
             decode::gemv(
                 &mut b,
-                &step,
                 &h,
                 &layer.q_proj,
                 Some(norm),
@@ -448,30 +448,14 @@ impl LanguageModel {
                 &q,
             )?;
             let o = decode::attend(&mut b, &step, &q, kv, hq, hkv)?;
-            decode::gemv(
-                &mut b,
-                &step,
-                &o,
-                &layer.o_proj,
-                None,
-                Epilogue::Residual,
-                &h,
-            )?;
+            decode::gemv(&mut b, &o, &layer.o_proj, None, Epilogue::Residual, &h)?;
             let norm = Norm {
                 weight: &layer.post_attention_layernorm,
                 eps,
             };
             let silu = Epilogue::SiluMul { up: &layer.up_proj };
-            decode::gemv(&mut b, &step, &h, &layer.gate_proj, Some(norm), silu, &act)?;
-            decode::gemv(
-                &mut b,
-                &step,
-                &act,
-                &layer.down_proj,
-                None,
-                Epilogue::Residual,
-                &h,
-            )?;
+            decode::gemv(&mut b, &h, &layer.gate_proj, Some(norm), silu, &act)?;
+            decode::gemv(&mut b, &act, &layer.down_proj, None, Epilogue::Residual, &h)?;
         }
         let layers = b.into_plan()?;
 
@@ -482,7 +466,6 @@ impl LanguageModel {
         };
         decode::gemv(
             &mut b,
-            &step,
             &h,
             self.lm_head(),
             Some(norm),
