@@ -175,9 +175,9 @@ pub fn bench(args: BenchArgs) -> CliResult<()> {
         projector.forward(&mut batch, &flat)?;
         Ok(batch.submit()?)
     };
-    let (_, vision_first_s) = timed(&gpu, &encode)?;
+    let (_, vision_first_s) = timed(&gpu, encode)?;
     gpu.take_profile();
-    let (_, vision_s) = timed(&gpu, &encode)?;
+    let (_, vision_s) = timed(&gpu, encode)?;
     let vision_profile = gpu.take_profile();
 
     // Prefill of the prompt, to the first token.

@@ -281,7 +281,9 @@ impl Gpu {
 
     /// Largest number of bytes one storage binding may cover.
     pub fn max_binding(&self) -> u64 {
-        (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
     }
 
     /// Returns (and clears) the first validation error, out-of-memory or device loss that wgpu
@@ -505,6 +507,8 @@ impl FreeBuffers {
 }
 
 /// Where a batch's dispatches go: into a command encoder now, or into a [`Plan`] to replay.
+// One per batch, so boxing the encoder variant would save nothing.
+#[allow(clippy::large_enum_variant)]
 enum Target {
     /// `pass` is the compute pass being recorded (consecutive dispatches share one), closed
     /// before a copy and before the encoder is submitted.
@@ -1156,7 +1160,7 @@ mod tests {
         let tx = Tensor::from_f32(gpu, &[m, k], &x).unwrap();
         let tw = Tensor::from_f32(gpu, &[n, k], &w).unwrap();
         let align = gpu.limits().min_uniform_buffer_offset_alignment.max(16) as u64;
-        let row_bytes = DType::F32.data_bytes(k) as u64;
+        let row_bytes = DType::F32.data_bytes(k);
         // Windows of one row each need 256-byte offsets to fall on the storage alignment.
         let storage_align = gpu.limits().min_storage_buffer_offset_alignment as u64;
         let window = row_bytes * (storage_align / row_bytes).max(1);

@@ -48,7 +48,7 @@ pub struct QuantMatrix {
 
 /// Whether a `[rows, cols]` matrix can be stored as `dtype` (a quantized dtype).
 pub fn quantizable(dtype: DType, cols: usize) -> bool {
-    dtype.is_quantized() && cols > 0 && cols % dtype.group_size() == 0
+    dtype.is_quantized() && cols > 0 && cols.is_multiple_of(dtype.group_size())
 }
 
 /// The value of largest magnitude (the first of equal magnitudes).

@@ -337,7 +337,7 @@ impl Tensor {
         }
         let offset = self.offset + self.dtype.data_bytes(start * self.last_dim());
         let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
-        if offset % align != 0 {
+        if !offset.is_multiple_of(align) {
             return Err(shape_err(
                 "narrow_rows",
                 format!("offset {offset} not aligned to {align}"),
@@ -390,7 +390,7 @@ impl Tensor {
             return bad("out of range".into());
         }
         let row = src.dtype.data_bytes(src.last_dim());
-        if row % 4 != 0 {
+        if !row.is_multiple_of(4) {
             return bad(format!("rows of {row} bytes are not 4-byte aligned"));
         }
         if count > 0 {
@@ -475,7 +475,7 @@ impl Tensor {
 
 /// `queue.write_buffer` needs a multiple of 4 bytes.
 fn write_padded(gpu: &Gpu, buffer: &wgpu::Buffer, offset: u64, bytes: &[u8]) {
-    if bytes.len() % 4 == 0 {
+    if bytes.len().is_multiple_of(4) {
         gpu.write(buffer, offset, bytes);
     } else {
         let mut padded = bytes.to_vec();

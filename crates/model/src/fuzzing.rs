@@ -13,8 +13,11 @@ use crate::files::manifest::Manifest;
 use crate::files::weights::{KeepOptions, WeightPrecision};
 use crate::text::{ChatTemplate, Message, Tokenizer};
 
-/// Every fuzz target: its name (the folder under `fuzz/corpus/`) and entry point.
-pub const TARGETS: [(&str, fn(&[u8])); 7] = [
+/// A fuzz target: its name (the folder under `fuzz/corpus/`) and entry point.
+pub type Target = (&'static str, fn(&[u8]));
+
+/// Every fuzz target.
+pub const TARGETS: [Target; 7] = [
     ("safetensors_header", safetensors_header),
     ("shard_stream", shard_stream),
     ("manifest", manifest),

@@ -264,7 +264,10 @@ fn attention_in_chunks(
             .constant("LANES", shape.lanes as u32)
             .constant("W", shape.dims_per_lane as u32)
             .constant("BK", shape.tile_keys as u32)
-            .constant("VEC4", (d % 4 == 0 && shape.dims_per_lane % 4 == 0) as u32);
+            .constant(
+                "VEC4",
+                (d % 4 == 0 && shape.dims_per_lane.is_multiple_of(4)) as u32,
+            );
         if key_chunks == 1 {
             batch.dispatch(
                 &key,
@@ -370,7 +373,7 @@ pub fn kv_store(batch: &mut Batch, rows: &Tensor, cache: &Tensor, pos: usize) ->
     let last = rows.last_dim();
     let hd = cache.shape()[3];
     let t = rows.numel() / row;
-    if rows.numel() % row != 0 || !(last == hd || last == row) || t == 0 {
+    if !rows.numel().is_multiple_of(row) || !(last == hd || last == row) || t == 0 {
         return Err(shape_err(
             "kv_store",
             format!(

@@ -166,7 +166,10 @@ fn gemv_weights(what: &str, w: &Tensor, k: usize) -> Result<usize> {
     let (n, wk) = w
         .dims2()
         .map_err(|_| shape_err(OP, format!("{what} must be [N, K], got {:?}", w.shape())))?;
-    if wk != k || k % unit(w.dtype()) != 0 || k % w.dtype().group_size().max(1) != 0 {
+    if wk != k
+        || !k.is_multiple_of(unit(w.dtype()))
+        || !k.is_multiple_of(w.dtype().group_size().max(1))
+    {
         return Err(shape_err(
             OP,
             format!(
@@ -440,7 +443,7 @@ struct CombineParams {
 /// Whether [`attend`] takes this geometry.
 pub fn attend_supports(heads: usize, kv_heads: usize, head_dim: usize) -> bool {
     kv_heads > 0
-        && heads % kv_heads == 0
+        && heads.is_multiple_of(kv_heads)
         && heads / kv_heads <= ATTEND_MAX_GROUP
         && heads / kv_heads * head_dim <= ATTEND_QMAX
         && head_dim > 0

@@ -414,10 +414,7 @@ impl ShardStream {
     /// returns the rest of the chunk.
     fn take_header<'c>(&mut self, chunk: &'c [u8], sink: &mut dyn ShardSink) -> Result<&'c [u8]> {
         let size = self.size.unwrap_or(u64::MAX);
-        let want = match self.header_end(size)? {
-            Some(end) => end,
-            None => 8,
-        };
+        let want = self.header_end(size)?.unwrap_or(8);
         let take = (want - self.header.len()).min(chunk.len());
         self.header.extend_from_slice(&chunk[..take]);
         if self.header_end(size)? == Some(self.header.len()) {
