@@ -1,5 +1,5 @@
 // Linear layers: y = x · wᵀ (+ bias). x: [M, K] f32, w: [N, K] (PyTorch Linear layout), y: [M, .] f32.
-// variants: W_F32 | W_F32 BIAS | W_F16 | W_F16 BIAS | W_Q8 QUANT | W_Q8 QUANT BIAS | W_Q6 Q6_CODES QUANT NIBBLE_WORDS | W_Q6 Q6_CODES QUANT NIBBLE_WORDS BIAS | W_Q4 QUANT NIBBLE_WORDS | W_Q4 QUANT NIBBLE_WORDS BIAS | W_F16 SHADER_F16 | W_F16 SHADER_F16 BIAS | W_F32 SILU | W_F16 SILU | W_F16 SHADER_F16 SILU | W_Q8 QUANT SILU | W_Q6 Q6_CODES QUANT NIBBLE_WORDS SILU | W_Q4 QUANT NIBBLE_WORDS SILU | W_F32 QKV | W_F16 QKV | W_F16 SHADER_F16 QKV | W_Q8 QUANT QKV | W_Q6 Q6_CODES QUANT NIBBLE_WORDS QKV | W_Q4 QUANT NIBBLE_WORDS QKV | W_Q4 QUANT NIBBLE_WORDS QKV V_Q6 Q6_CODES
+// variants: W_F32 | W_F32 BIAS | W_F16 | W_F16 BIAS | W_Q8 QUANT | W_Q8 QUANT BIAS | W_Q6 Q6_CODES QUANT NIBBLE_WORDS | W_Q6 Q6_CODES QUANT NIBBLE_WORDS BIAS | W_Q4 QUANT NIBBLE_WORDS | W_Q4 QUANT NIBBLE_WORDS BIAS | W_F16 SHADER_F16 | W_F16 SHADER_F16 BIAS | W_F32 SILU | W_F16 SILU | W_F16 SHADER_F16 SILU | W_Q8 QUANT SILU | W_Q6 Q6_CODES QUANT NIBBLE_WORDS SILU | W_Q4 QUANT NIBBLE_WORDS SILU | W_F32 QKV | W_F16 QKV | W_F16 SHADER_F16 QKV | W_Q8 QUANT QKV | W_Q6 Q6_CODES QUANT NIBBLE_WORDS QKV | W_Q4 QUANT NIBBLE_WORDS QKV | W_Q4 QUANT NIBBLE_WORDS QKV V_Q6 Q6_CODES | W_F32 QKV BIAS | W_F16 QKV BIAS | W_F16 SHADER_F16 QKV BIAS | W_Q8 QUANT QKV BIAS | W_Q6 Q6_CODES QUANT NIBBLE_WORDS QKV BIAS | W_Q4 QUANT NIBBLE_WORDS QKV BIAS | W_Q4 QUANT NIBBLE_WORDS QKV V_Q6 Q6_CODES BIAS | W_F32 QUICK_GELU | W_F32 QUICK_GELU BIAS | W_F16 QUICK_GELU | W_F16 QUICK_GELU BIAS | W_F16 SHADER_F16 QUICK_GELU | W_F16 SHADER_F16 QUICK_GELU BIAS | W_Q8 QUANT QUICK_GELU | W_Q8 QUANT QUICK_GELU BIAS | W_Q6 Q6_CODES QUANT NIBBLE_WORDS QUICK_GELU | W_Q6 Q6_CODES QUANT NIBBLE_WORDS QUICK_GELU BIAS | W_Q4 QUANT NIBBLE_WORDS QUICK_GELU | W_Q4 QUANT NIBBLE_WORDS QUICK_GELU BIAS | W_F32 RESIDUAL | W_F32 RESIDUAL BIAS | W_F16 RESIDUAL | W_F16 RESIDUAL BIAS | W_F16 SHADER_F16 RESIDUAL | W_F16 SHADER_F16 RESIDUAL BIAS | W_Q8 QUANT RESIDUAL | W_Q8 QUANT RESIDUAL BIAS | W_Q6 Q6_CODES QUANT NIBBLE_WORDS RESIDUAL | W_Q6 Q6_CODES QUANT NIBBLE_WORDS RESIDUAL BIAS | W_Q4 QUANT NIBBLE_WORDS RESIDUAL | W_Q4 QUANT NIBBLE_WORDS RESIDUAL BIAS
 //
 // Flags: exactly one of W_F32 / W_F16 / W_Q8 / W_Q6 / W_Q4 picks the weight layout (see tensor.rs
 // and quant.rs); QUANT is set with W_Q8 / W_Q6 / W_Q4 (adds the f16 scales buffer), NIBBLE_WORDS
@@ -11,9 +11,13 @@
 // column `col0 + j` of y (row stride `y_stride`), with bias `bias[col0 + j]`.
 // SILU (gemm only, no BIAS): `w` and `scales` are one buffer holding Llama's gate and up
 // projections (N rows each, from the words in Params), and y = silu(x · gateᵀ) * (x · upᵀ).
-// QKV (gemm only, no BIAS): `w` and `scales` are one buffer holding q, k and v of one format (or
+// QKV (gemm only): `w` and `scales` are one buffer holding q, k and v of one format (or
 // v in Q6 under W_Q4 with V_Q6), N is q_rows + 2 kv_rows, and output columns go to q, k and v,
 // each [M, rows], in y from 0, k_out and v_out. Q6_CODES (with W_Q6 or V_Q6) adds the Q6 decoder.
+// With BIAS, `bias` holds the biases of q, k and v from q_bias, k_bias and v_bias.
+// QUICK_GELU (gemm only): y = quick_gelu(x · wᵀ + bias), CLIP's MLP activation.
+// RESIDUAL (gemm only): y = residual + (x · wᵀ + bias), a residual connection; `residual` is laid
+// out as y.
 //
 // Entry points: `gemv` (few rows of x: one workgroup reduces 4 outputs, 64 lanes each) and
 // `gemm` (128x64 output tiles through workgroup memory, 8x8 outputs per thread).
@@ -37,6 +41,10 @@ struct Params {
     kv_rows: u32,
     k_out: u32,
     v_out: u32,
+    // QKV with BIAS: where the biases of q, k and v start in `bias`.
+    q_bias: u32,
+    k_bias: u32,
+    v_bias: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -64,6 +72,9 @@ struct Params {
 #if BIAS
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 #endif
+#endif
+#if RESIDUAL
+@group(0) @binding(6) var<storage, read> residual: array<f32>;
 #endif
 
 fn bias_at(col: u32) -> f32 {
@@ -428,7 +439,8 @@ fn load_w_tile(t: u32, n0: u32, k0: u32) {
 #endif
 }
 
-// Writes output column c of row `row` (+ bias): to y, or with QKV to q, k or v.
+// Writes output column c of row `row` (+ bias, then QUICK_GELU or RESIDUAL): to y, or with QKV to
+// q, k or v.
 fn store_y(row: u32, c: u32, v: f32) {
 #if QKV
     // Selects, not branches: a store under a branch costs all three paths on llvmpipe.
@@ -436,9 +448,25 @@ fn store_y(row: u32, c: u32, v: f32) {
     let is_v = c >= p.q_rows + p.kv_rows;
     let start = select(select(0u, p.k_out, is_k), p.v_out, is_v);
     let first = select(select(0u, p.q_rows, is_k), p.q_rows + p.kv_rows, is_v);
-    y[start + row * select(p.q_rows, p.kv_rows, is_k) + c - first] = v;
+#if BIAS
+    let b = bias[select(select(p.q_bias, p.k_bias, is_k), p.v_bias, is_v) + c - first];
 #else
-    y[row * p.y_stride + p.col0 + c] = v + bias_at(p.col0 + c);
+    let b = 0.0;
+#endif
+    y[start + row * select(p.q_rows, p.kv_rows, is_k) + c - first] = v + b;
+#else
+    let i = row * p.y_stride + p.col0 + c;
+    let out = v + bias_at(p.col0 + c);
+#if QUICK_GELU
+    // elementwise_unary.wgsl's quick_gelu.
+    y[i] = out / (1.0 + exp(-1.702 * out));
+#else
+#if RESIDUAL
+    y[i] = residual[i] + out;
+#else
+    y[i] = out;
+#endif
+#endif
 #endif
 }
 

@@ -4,7 +4,7 @@ Writes tests/fixtures/ from transformers (PIL image backend, torch CPU, float32)
 tests never need Python. Deterministic: re-running rewrites byte-identical files.
 
     python tests/reference/generate.py                 # everything
-    python tests/reference/generate.py --only chat     # one or more of: tokenizers chat preprocess models odd_heads liuhaotian chatml quant
+    python tests/reference/generate.py --only chat     # one or more of: tokenizers chat preprocess models odd_heads gelu_tower liuhaotian chatml quant
 """
 
 import argparse
@@ -404,6 +404,20 @@ ODD_HEAD_MODELS = {
         multi_turn=None,
     ),
 }
+# A CLIP tower with exact GELU (LAION's CLIP towers use it) instead of OpenAI CLIP's quick_gelu,
+# written by its own section as well.
+GELU_TOWER_MODELS = {
+    "gelu-tower-tiny": dict(
+        vision=dict(hidden_act="gelu"),
+        text=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                  num_key_value_heads=2, rope_theta=1e4),
+        tokenizer="llama2-vicuna", dtype=torch.float16, layout="transformers5", tie=True,
+        cases=[
+            ("rocket_en", "rocket.jpg", ROCKET_QUESTION),
+        ],
+        multi_turn=None,
+    ),
+}
 # Files larger than this are symlinked to the first model folder that holds the same tokenizer.
 SHARED_TOKENIZER_FILE = "tokenizer.json"
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -570,7 +584,8 @@ def load_checkpoint(name, spec, written):
     text = model.config.text_config
     assert text.rope_parameters["rope_theta"] == spec["text"]["rope_theta"]
     assert text.num_key_value_heads == spec["text"]["num_key_value_heads"]
-    assert text.rms_norm_eps == 1e-5 and model.config.vision_config.hidden_act == "quick_gelu"
+    assert text.rms_norm_eps == 1e-5
+    assert model.config.vision_config.hidden_act == spec.get("vision", {}).get("hidden_act", "quick_gelu")
     if spec["tie"]:
         assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
     return model, processor
@@ -755,6 +770,11 @@ def models_and_expected(models=MODELS, tokenizer_homes=None):
 def odd_head_models():
     """ODD_HEAD_MODELS, as `models` writes its own; tokenizer.json links to vicuna-tiny's copy."""
     models_and_expected(ODD_HEAD_MODELS, {"llama2-vicuna": "vicuna-tiny"})
+
+
+def gelu_tower_models():
+    """GELU_TOWER_MODELS, as `odd_heads` writes its own."""
+    models_and_expected(GELU_TOWER_MODELS, {"llama2-vicuna": "vicuna-tiny"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1370,6 +1390,7 @@ SECTIONS = {
     "preprocess": preprocess_cases,
     "models": models_and_expected,
     "odd_heads": odd_head_models,
+    "gelu_tower": gelu_tower_models,
     "liuhaotian": liuhaotian_fixture,
     "chatml": chatml_fixture,
     "quant": quant_quality,

@@ -151,13 +151,8 @@ pub fn bench(args: BenchArgs) -> CliResult<()> {
 
     let (model, build_s) = timed(&gpu, || {
         let mut w = Weights::random(gpu.clone(), precision, 7);
-        let vision = VisionTower::load(&mut w, &vision_cfg, -2)?;
-        let projector = Projector::load(
-            &mut w,
-            vision_cfg.hidden_size,
-            text.hidden_size,
-            Activation::Gelu,
-        )?;
+        let vision = VisionTower::load(&mut w, &gpu, &vision_cfg, -2)?;
+        let projector = Projector::load(&mut w, vision_cfg.hidden_size, text.hidden_size)?;
         let language = LanguageModel::load(&mut w, &gpu, &text, false)?;
         Ok((vision, projector, language))
     })?;

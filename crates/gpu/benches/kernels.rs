@@ -264,7 +264,7 @@ fn fused_rows(
     let (v, _) = weight(gpu, dtype, kv, k)?;
     let qkv = Tensor::pack(gpu, &[&q, &kw, &v])?;
     let fused = gpu_secs(gpu, calls, |batch| {
-        linear_qkv(batch, &x, &qkv[0], &qkv[1], &qkv[2]).map(drop)
+        linear_qkv(batch, &x, [&qkv[0], &qkv[1], &qkv[2]], None).map(drop)
     })?;
     let apart = gpu_secs(gpu, calls, |batch| {
         for w in [&q, &kw, &v] {

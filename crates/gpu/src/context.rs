@@ -1076,7 +1076,7 @@ impl CounterCells {
 #[cfg(test)]
 mod tests {
     use crate::ops::elementwise::add;
-    use crate::ops::matmul::{LinearKernel, linear_windowed};
+    use crate::ops::matmul::{LinearEpilogue, LinearKernel, linear_windowed};
     use crate::testing::{assert_close, gpu, random};
     use crate::{DType, Tensor};
 
@@ -1166,11 +1166,27 @@ mod tests {
         let window = row_bytes * (storage_align / row_bytes).max(1);
         let rows_per_window = (window / row_bytes) as usize;
         let mut batch = gpu.batch_with_uniform_arena(3 * align);
-        let first =
-            linear_windowed(&mut batch, &tx, &tw, None, LinearKernel::Gemv, window).unwrap();
+        let first = linear_windowed(
+            &mut batch,
+            &tx,
+            &tw,
+            None,
+            LinearKernel::Gemv,
+            LinearEpilogue::Store,
+            window,
+        )
+        .unwrap();
         batch.flush().unwrap();
-        let second =
-            linear_windowed(&mut batch, &tx, &tw, None, LinearKernel::Gemm, window).unwrap();
+        let second = linear_windowed(
+            &mut batch,
+            &tx,
+            &tw,
+            None,
+            LinearKernel::Gemm,
+            LinearEpilogue::Store,
+            window,
+        )
+        .unwrap();
         batch.submit().unwrap();
         assert!(
             n.div_ceil(rows_per_window) > 3,

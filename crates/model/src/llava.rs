@@ -567,13 +567,8 @@ impl Llava {
         // The original LLaVA layout names no image token: its prompts are split at "<image>".
         let image_token = config.image_token_index.unwrap_or(IMAGE_MARKER);
         let w = &mut weights;
-        let vision = VisionTower::load(w, &config.vision, config.vision_feature_layer)?;
-        let projector = Projector::load(
-            w,
-            config.vision.hidden_size,
-            config.text.hidden_size,
-            config.projector_hidden_act,
-        )?;
+        let vision = VisionTower::load(w, &gpu, &config.vision, config.vision_feature_layer)?;
+        let projector = Projector::load(w, config.vision.hidden_size, config.text.hidden_size)?;
         let language = LanguageModel::load(w, &gpu, &config.text, config.tie_word_embeddings)?;
         let context = context_for(&gpu, config, options);
         gpu.check()?;

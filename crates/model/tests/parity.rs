@@ -3,6 +3,7 @@
 //! Checked per case: prompt ids, packed image features, first-step logits (max |diff| <= 1e-4 x
 //! max |logit|), 16 greedy tokens, and multi-turn chat with KV-cache reuse.
 
+use llava_model::files::config::Activation;
 use llava_model::files::npy;
 use llava_model::files::weights::WeightPrecision;
 use llava_model::generate::Turn;
@@ -207,6 +208,15 @@ fn odd_head_dims_match_transformers() {
         (20, 2, 1)
     );
     check_model("odd-heads-tiny");
+}
+
+/// A CLIP tower with exact GELU (`vision_config.hidden_act: "gelu"`, as LAION's CLIP towers have)
+/// instead of quick_gelu.
+#[test]
+fn gelu_vision_tower_matches_transformers() {
+    let llava = load("gelu-tower-tiny", WeightPrecision::F32);
+    assert_eq!(llava.config().vision.hidden_act, Activation::Gelu);
+    check_model("gelu-tower-tiny");
 }
 
 /// A llava-v1.6-34b-style checkpoint: ChatML template shipped as chat_template.jinja,

@@ -18,7 +18,7 @@ use bytemuck::Zeroable;
 use crate::context::Binding;
 use crate::error::{GpuError, Result, shape_err};
 use crate::ops::decode::{self, Epilogue};
-use crate::ops::elementwise::silu_mul;
+use crate::ops::elementwise::{add, quick_gelu, silu_mul};
 use crate::registry::{PipelineKey, SHADER_F16, Shader};
 use crate::{Batch, DType, Tensor, shader};
 
@@ -32,6 +32,18 @@ const GEMM_TILE_N: u32 = 64;
 /// M = 8, 1.2x at 16 and 3x slower at 32 (`cargo bench -p llava-gpu --bench kernels` prints this
 /// crossover for the adapter at hand; no discrete GPU has been measured yet).
 pub const GEMV_MAX_ROWS: usize = 8;
+
+/// What a linear layer does with `x · wᵀ + bias` before storing it. The GEMM applies it as it
+/// stores its tiles (the shader's QUICK_GELU and RESIDUAL variants), so the projection itself
+/// never goes through memory; the GEMVs store the projection and an elementwise op follows.
+#[derive(Clone, Copy, Debug)]
+pub enum LinearEpilogue<'a> {
+    Store,
+    /// CLIP's MLP activation, [`quick_gelu`].
+    QuickGelu,
+    /// A residual connection: `residual + (x · wᵀ + bias)`, residual shaped as the output.
+    Residual(&'a Tensor),
+}
 
 /// Which kernel [`linear_with`] runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +76,11 @@ struct Params {
     kv_rows: u32,
     k_out: u32,
     v_out: u32,
+    /// [`linear_qkv`] with biases: where the biases of q, k and v start in their buffer (f32
+    /// elements).
+    q_bias: u32,
+    k_bias: u32,
+    v_bias: u32,
 }
 
 /// `y = x · wᵀ (+ bias)`. x: `[.., K]` f32; w: `[N, K]` of F32 | F16 | Q8 | Q6 | Q4; bias: `[N]` F32.
@@ -81,22 +98,102 @@ pub fn linear_with(
     kernel: LinearKernel,
 ) -> Result<Tensor> {
     let max_window_bytes = batch.gpu().max_binding();
-    linear_windowed(batch, x, w, bias, kernel, max_window_bytes)
+    let store = LinearEpilogue::Store;
+    linear_windowed(batch, x, w, bias, kernel, store, max_window_bytes)
 }
 
-/// [`linear_with`], splitting w into row windows of at most `max_window_bytes` each.
+/// `quick_gelu(x · wᵀ + bias)`, CLIP's `fc1` and activation (see [`LinearEpilogue`]).
+pub fn linear_quick_gelu(
+    batch: &mut Batch,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let max_window_bytes = batch.gpu().max_binding();
+    let epilogue = LinearEpilogue::QuickGelu;
+    linear_windowed(
+        batch,
+        x,
+        w,
+        bias,
+        LinearKernel::Auto,
+        epilogue,
+        max_window_bytes,
+    )
+}
+
+/// `residual + (x · wᵀ + bias)`, a projection back into the residual stream (see
+/// [`LinearEpilogue`]). residual: f32 shaped as the output, `[.., N]`.
+pub fn linear_residual(
+    batch: &mut Batch,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    residual: &Tensor,
+) -> Result<Tensor> {
+    let max_window_bytes = batch.gpu().max_binding();
+    let epilogue = LinearEpilogue::Residual(residual);
+    linear_windowed(
+        batch,
+        x,
+        w,
+        bias,
+        LinearKernel::Auto,
+        epilogue,
+        max_window_bytes,
+    )
+}
+
+/// [`linear_with`] followed by `epilogue`, splitting w into row windows of at most
+/// `max_window_bytes` each.
 pub(crate) fn linear_windowed(
     batch: &mut Batch,
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
     kernel: LinearKernel,
+    epilogue: LinearEpilogue,
     max_window_bytes: u64,
 ) -> Result<Tensor> {
     const OP: &str = "linear";
     let (n, k) = check_shapes(x, w, bias)?;
+    let out_shape = with_last_dim(x, n);
+    if let LinearEpilogue::Residual(r) = epilogue
+        && (r.dtype() != DType::F32 || r.shape() != out_shape)
+    {
+        return Err(shape_err(
+            OP,
+            format!(
+                "residual must be f32 {out_shape:?}, got {:?} {:?}",
+                r.dtype(),
+                r.shape()
+            ),
+        ));
+    }
     let m = x.rows();
-    let y = batch.tensor(&with_last_dim(x, n), DType::F32)?;
+    let gemv = match kernel {
+        LinearKernel::Auto => m <= GEMV_MAX_ROWS,
+        LinearKernel::Gemv => true,
+        LinearKernel::Gemm => false,
+    };
+    if gemv && !matches!(epilogue, LinearEpilogue::Store) {
+        // The GEMVs store the projection; the epilogue follows as its elementwise op.
+        let y = linear_windowed(
+            batch,
+            x,
+            w,
+            bias,
+            kernel,
+            LinearEpilogue::Store,
+            max_window_bytes,
+        )?;
+        return match epilogue {
+            LinearEpilogue::Store => Ok(y),
+            LinearEpilogue::QuickGelu => quick_gelu(batch, &y),
+            LinearEpilogue::Residual(r) => add(batch, r, &y),
+        };
+    }
+    let y = batch.tensor(&out_shape, DType::F32)?;
     if m == 0 || n == 0 {
         return Ok(y);
     }
@@ -107,13 +204,10 @@ pub(crate) fn linear_windowed(
         decode::gemv_windowed(batch, x, w, None, Epilogue::Store, &y, max_window_bytes)?;
         return Ok(y);
     }
-    let gemv = match kernel {
-        LinearKernel::Auto => m <= GEMV_MAX_ROWS,
-        LinearKernel::Gemv => true,
-        LinearKernel::Gemm => false,
-    };
     let key = pipeline_key(batch.gpu(), if gemv { "gemv" } else { "gemm" }, w.dtype())
-        .flag_if(bias.is_some(), "BIAS");
+        .flag_if(bias.is_some(), "BIAS")
+        .flag_if(matches!(epilogue, LinearEpilogue::QuickGelu), "QUICK_GELU")
+        .flag_if(matches!(epilogue, LinearEpilogue::Residual(_)), "RESIDUAL");
     let (m32, n32, k32) = u32_sizes(OP, m, n, k)?;
 
     let align = batch.gpu().limits().min_storage_buffer_offset_alignment as u64;
@@ -140,7 +234,16 @@ pub(crate) fn linear_windowed(
         } else {
             gemm_grid(batch.gpu(), OP, (count as u32).div_ceil(GEMM_TILE_N), m32)?
         };
-        batch.dispatch(&key, bytemuck::bytes_of(&params), &buffers, workgroups)?;
+        if let LinearEpilogue::Residual(r) = epilogue {
+            // The residual has binding 6 whichever of scales and bias come before it.
+            let uniform = batch.params(bytemuck::bytes_of(&params))?;
+            let mut entries = vec![(0, uniform.binding())];
+            entries.extend((1..).zip(buffers));
+            entries.push((6, r.binding()));
+            batch.dispatch_entries(&key, &entries, workgroups)?;
+        } else {
+            batch.dispatch(&key, bytemuck::bytes_of(&params), &buffers, workgroups)?;
+        }
         start += count;
     }
     Ok(y)
@@ -203,23 +306,25 @@ pub fn linear_silu_mul(
     Ok(y)
 }
 
-/// `(x · qᵀ, x · kᵀ, x · vᵀ)`, attention's input projections. x: `[.., K]` f32; q: `[Nq, K]`; k
-/// and v: `[Nkv, K]`. Returns `[.., Nq]`, `[.., Nkv]` and `[.., Nkv]` f32.
+/// `(x · qᵀ + bq, x · kᵀ + bk, x · vᵀ + bv)`, attention's input projections. x: `[.., K]` f32; q:
+/// `[Nq, K]`; k and v: `[Nkv, K]`; biases (CLIP has them, Llama not) f32 `[Nq]`, `[Nkv]`, `[Nkv]`.
+/// Returns `[.., Nq]`, `[.., Nkv]` and `[.., Nkv]` f32.
 ///
-/// Where q, k and v share one buffer ([`Tensor::pack`]) and one format (or Q4 with v in Q6), and x
-/// has more rows than the GEMV takes, one GEMM computes all three (the shader's QKV variant, its
-/// output columns going to three tensors in one buffer): one dispatch whose grid the small k and v also fill.
-/// Otherwise three [`linear`]s.
+/// Where q, k and v share one buffer ([`Tensor::pack`]) and one format (or Q4 with v in Q6), the
+/// biases share another, and x has more rows than the GEMV takes, one GEMM computes all three (the
+/// shader's QKV variant, its output columns going to three tensors in one buffer): one dispatch
+/// whose grid the small k and v also fill. Otherwise three [`linear`]s.
 pub fn linear_qkv(
     batch: &mut Batch,
     x: &Tensor,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    [q, k, v]: [&Tensor; 3],
+    bias: Option<[&Tensor; 3]>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     const OP: &str = "linear qkv";
-    let (q_rows, kd) = check_shapes(x, q, None)?;
-    let (kv_rows, _) = check_shapes(x, k, None)?;
+    let [bq, bk, bv] = bias.map_or([None; 3], |b| b.map(Some));
+    let (q_rows, kd) = check_shapes(x, q, bq)?;
+    let (kv_rows, _) = check_shapes(x, k, bk)?;
+    check_shapes(x, v, bv)?;
     if v.shape() != k.shape() {
         return Err(shape_err(
             OP,
@@ -230,11 +335,13 @@ pub fn linear_qkv(
     let formats = k.dtype() == q.dtype()
         && (v.dtype() == q.dtype() || (q.dtype() == DType::Q4 && v.dtype() == DType::Q6));
     let m = x.rows();
-    if m <= GEMV_MAX_ROWS || !formats || !one_binding(batch.gpu(), &[q, k, v]) {
+    let packed =
+        one_binding(batch.gpu(), &[q, k, v]) && bias.is_none_or(|b| one_binding(batch.gpu(), &b));
+    if m <= GEMV_MAX_ROWS || !formats || !packed {
         return Ok((
-            linear(batch, x, q, None)?,
-            linear(batch, x, k, None)?,
-            linear(batch, x, v, None)?,
+            linear(batch, x, q, bq)?,
+            linear(batch, x, k, bk)?,
+            linear(batch, x, v, bv)?,
         ));
     }
     let n = q_rows + 2 * kv_rows;
@@ -253,6 +360,7 @@ pub fn linear_qkv(
     };
     let ((a_data, a_scales), (b_data, b_scales), (v_data, v_scales)) =
         (words(q), words(k), words(v));
+    let [q_bias, k_bias, v_bias] = bias.map_or([0; 3], |b| b.map(|t| words(t).0));
     let params = Params {
         m: m32,
         n: n32,
@@ -267,13 +375,18 @@ pub fn linear_qkv(
         kv_rows: kv_rows as u32,
         k_out: element(q_bytes)?,
         v_out: element(q_bytes + kv_bytes)?,
+        q_bias,
+        k_bias,
+        v_bias,
         ..Params::zeroed()
     };
     let whole = whole_buffer(q);
     let mut buffers = vec![x.binding(), whole, y.binding()];
     buffers.extend(q.dtype().is_quantized().then_some(whole));
+    buffers.extend(bias.map(|[bq, ..]| whole_buffer(bq)));
     let key = pipeline_key(batch.gpu(), "gemm", q.dtype())
         .flag("QKV")
+        .flag_if(bias.is_some(), "BIAS")
         .flag_if(v.dtype() != q.dtype(), "V_Q6")
         .flag_if(v.dtype() != q.dtype(), "Q6_CODES");
     let grid = gemm_grid(batch.gpu(), OP, n32.div_ceil(GEMM_TILE_N), m32)?;
@@ -588,7 +701,16 @@ mod tests {
         let tb = Tensor::from_f32(gpu, &[n], &b).unwrap();
         let bias = with_bias.then_some(&tb);
         let mut batch = gpu.batch();
-        let y = linear_windowed(&mut batch, &tx, &tw, bias, kernel, window).unwrap();
+        let y = linear_windowed(
+            &mut batch,
+            &tx,
+            &tw,
+            bias,
+            kernel,
+            LinearEpilogue::Store,
+            window,
+        )
+        .unwrap();
         batch.submit().unwrap();
         let mut want_shape = x_shape.clone();
         *want_shape.last_mut().unwrap() = n;
@@ -861,9 +983,9 @@ mod tests {
         }
     }
 
-    /// Packed q, k and v with more rows than the GEMV takes run as one GEMM (one dispatch);
-    /// unpacked ones and few rows take three linears. All match the CPU in every format, with
-    /// q and k/v boundaries inside a 64-column tile and odd K.
+    /// Packed q, k and v (and packed biases) with more rows than the GEMV takes run as one GEMM
+    /// (one dispatch); unpacked ones and few rows take three linears. All match the CPU in every
+    /// format, with q and k/v boundaries inside a 64-column tile and odd K.
     #[test]
     fn q_k_and_v_in_one_gemm_match_three_linears() {
         for dtype in [DType::F32, DType::F16, DType::Q8, DType::Q6, DType::Q4] {
@@ -879,19 +1001,31 @@ mod tests {
                     DType::F16 => DType::F32,
                     d => d,
                 };
-                for (m, q_rows, kv_rows, pack, v_dtype, dispatches) in [
-                    (150, 48, 24, true, dtype, 1),
-                    (9, 64, 64, true, dtype, 1),
-                    (150, 48, 24, false, dtype, 3),
-                    (8, 48, 24, true, dtype, 3),
+                // Biases: none, packed in one buffer, or apart.
+                for (m, q_rows, kv_rows, pack, v_dtype, bias, dispatches) in [
+                    (150, 48, 24, true, dtype, None, 1),
+                    (9, 64, 64, true, dtype, None, 1),
+                    (150, 48, 24, false, dtype, None, 3),
+                    (8, 48, 24, true, dtype, None, 3),
                     (
                         150,
                         48,
                         24,
                         true,
                         v_dtype,
+                        None,
                         if dtype == DType::F16 { 3 } else { 1 },
                     ),
+                    (
+                        150,
+                        48,
+                        24,
+                        true,
+                        v_dtype,
+                        Some(true),
+                        if dtype == DType::F16 { 3 } else { 1 },
+                    ),
+                    (9, 64, 64, true, dtype, Some(false), 3),
                 ] {
                     let seed = (m * 7919 + q_rows * 31 + kv_rows + k) as u64;
                     let x = random(m * k, seed);
@@ -906,28 +1040,45 @@ mod tests {
                     } else {
                         (tq, tk, tv)
                     };
+                    let biases =
+                        [(q_rows, 4), (kv_rows, 5), (kv_rows, 6)].map(|(n, s)| random(n, seed + s));
+                    let tb = biases
+                        .each_ref()
+                        .map(|b| Tensor::from_f32(gpu, &[b.len()], b).unwrap());
+                    let tb = match bias {
+                        Some(true) => Tensor::pack(gpu, &tb.each_ref())
+                            .unwrap()
+                            .try_into()
+                            .unwrap(),
+                        _ => tb,
+                    };
                     let tx = Tensor::from_f32(gpu, &[m, k], &x).unwrap();
                     let mut plan = gpu.plan();
-                    let (yq, yk, yv) = linear_qkv(&mut plan, &tx, &tq, &tk, &tv).unwrap();
+                    let (yq, yk, yv) =
+                        linear_qkv(&mut plan, &tx, [&tq, &tk, &tv], bias.map(|_| tb.each_ref()))
+                            .unwrap();
                     let plan = plan.into_plan().unwrap();
                     let what = format!(
-                        "{dtype:?} (v {v_dtype:?}) {m}x{k} q {q_rows} kv {kv_rows} packed={pack} f16={}",
+                        "{dtype:?} (v {v_dtype:?}) {m}x{k} q {q_rows} kv {kv_rows} packed={pack} bias packed={bias:?} f16={}",
                         gpu.has_f16()
                     );
                     assert_eq!(plan.dispatches(), dispatches, "{what}: dispatches");
                     let mut batch = gpu.batch();
                     batch.run(&plan).unwrap();
                     batch.submit().unwrap();
-                    for (y, w, n, name) in [
+                    for ((y, w, n, name), b) in [
                         (yq, &q, q_rows, "q"),
                         (yk, &kw, kv_rows, "k"),
                         (yv, &v, kv_rows, "v"),
-                    ] {
+                    ]
+                    .into_iter()
+                    .zip(&biases)
+                    {
                         assert_eq!(y.shape(), [m, n]);
                         let got = pollster::block_on(y.to_f32(gpu)).unwrap();
                         assert_matches(
                             &got,
-                            &reference(&x, w, None, m, k, n),
+                            &reference(&x, w, bias.map(|_| &b[..]), m, k, n),
                             k,
                             &format!("{what} {name}"),
                         );
@@ -935,6 +1086,92 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// QUICK_GELU and RESIDUAL: with more rows than the GEMV takes the GEMM applies them as it
+    /// stores (one dispatch per row window), with fewer an elementwise op follows the GEMV (two);
+    /// every format, with and without bias, in row windows, against the f64 CPU.
+    #[test]
+    fn gemm_epilogues_match_the_projection_then_the_op() {
+        for dtype in [DType::F32, DType::F16, DType::Q8, DType::Q6, DType::Q4] {
+            let k = if dtype.is_quantized() {
+                2 * dtype.group_size()
+            } else {
+                37
+            };
+            let n = 150;
+            // Windows of 128 rows (a multiple of every format's alignment step here): 128 + 22.
+            let window = 128 * row_bytes(&weights(gpu(), dtype, 1, k, 0).0, k).0;
+            for gpu in devices(dtype) {
+                for (m, with_bias, max_window, dispatches) in [
+                    (150, true, u64::MAX, 1),
+                    (150, false, u64::MAX, 1),
+                    (9, true, window, 2),
+                    (5, true, u64::MAX, 2),
+                ] {
+                    let seed = (m * 7919 + n * 31 + k) as u64;
+                    let x = random(m * k, seed);
+                    let (tw, w) = weights(gpu, dtype, n, k, seed + 1);
+                    let b = random(n, seed + 2);
+                    let r = random(m * n, seed + 3);
+                    let tx = Tensor::from_f32(gpu, &[m, k], &x).unwrap();
+                    let tb = Tensor::from_f32(gpu, &[n], &b).unwrap();
+                    let tr = Tensor::from_f32(gpu, &[m, n], &r).unwrap();
+                    let bias = with_bias.then_some(&tb);
+                    let projection = reference(&x, &w, with_bias.then_some(&b[..]), m, k, n);
+                    let quick_gelu = |v: f32| (v as f64 / (1.0 + (-1.702 * v as f64).exp())) as f32;
+                    let cases = [
+                        (
+                            LinearEpilogue::QuickGelu,
+                            projection
+                                .iter()
+                                .map(|&v| quick_gelu(v))
+                                .collect::<Vec<_>>(),
+                        ),
+                        (
+                            LinearEpilogue::Residual(&tr),
+                            projection.iter().zip(&r).map(|(p, r)| p + r).collect(),
+                        ),
+                    ];
+                    for (epilogue, want) in cases {
+                        let what = format!(
+                            "{dtype:?} {m}x{k}x{n} bias={with_bias} {epilogue:?} window={max_window} f16={}",
+                            gpu.has_f16()
+                        );
+                        let mut plan = gpu.plan();
+                        let y = linear_windowed(
+                            &mut plan,
+                            &tx,
+                            &tw,
+                            bias,
+                            LinearKernel::Auto,
+                            epilogue,
+                            max_window,
+                        )
+                        .unwrap();
+                        let plan = plan.into_plan().unwrap();
+                        assert_eq!(plan.dispatches(), dispatches, "{what}: dispatches");
+                        let mut batch = gpu.batch();
+                        batch.run(&plan).unwrap();
+                        batch.submit().unwrap();
+                        assert_eq!(y.shape(), [m, n]);
+                        let got = pollster::block_on(y.to_f32(gpu)).unwrap();
+                        assert_matches(&got, &want, k, &what);
+                    }
+                }
+            }
+        }
+        // The residual must have the output's shape.
+        let gpu = gpu();
+        let x = Tensor::from_f32(gpu, &[9, 4], &random(36, 1)).unwrap();
+        let w = Tensor::from_f32(gpu, &[3, 4], &random(12, 2)).unwrap();
+        let r = Tensor::from_f32(gpu, &[9, 4], &random(36, 3)).unwrap();
+        let mut batch = gpu.batch();
+        let err = linear_residual(&mut batch, &x, &w, None, &r).unwrap_err();
+        assert!(
+            err.to_string().contains("residual must be f32 [9, 3]"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -960,7 +1197,7 @@ mod tests {
         }
         // k and v of different shapes.
         let v3 = Tensor::from_f32(gpu, &[3, 4], &random(12, 4)).unwrap();
-        let err = linear_qkv(&mut batch, &x, &gate, &up, &v3).unwrap_err();
+        let err = linear_qkv(&mut batch, &x, [&gate, &up, &v3], None).unwrap_err();
         assert!(
             matches!(
                 err,

@@ -770,6 +770,32 @@ fn validate(config: &LlavaConfig, file: &str) -> Result<()> {
             "key `image_grid_pinpoints`: the list is empty",
         ));
     }
+    // The activations the networks implement (net/vision.rs, net/language.rs, net/projector.rs).
+    let (text_act, projector_act) = match config.layout {
+        ConfigLayout::LlavaHf => ("text_config.hidden_act", "projector_hidden_act"),
+        ConfigLayout::OriginalLlava => ("hidden_act", "mm_projector_type"),
+    };
+    let rules = [
+        (
+            "vision_config.hidden_act",
+            config.vision.hidden_act,
+            &[Activation::QuickGelu, Activation::Gelu][..],
+        ),
+        (text_act, config.text.hidden_act, &[Activation::Silu]),
+        (
+            projector_act,
+            config.projector_hidden_act,
+            &[Activation::Gelu],
+        ),
+    ];
+    for (key, act, supported) in rules {
+        if !supported.contains(&act) {
+            return Err(ModelError::config(
+                file,
+                format!("key `{key}`: {act:?} is not supported here (supported: {supported:?})"),
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -1666,6 +1692,38 @@ mod tests {
         assert!(
             heads.contains("not a multiple of num_attention_heads 12"),
             "{heads}"
+        );
+    }
+
+    /// Activations the networks do not implement are refused before any weight is read, naming
+    /// the key; the ones they do implement parse.
+    #[test]
+    fn activations_the_networks_do_not_implement_are_refused() {
+        let hf = |section: &str, act: &str| {
+            format!(r#"{{"model_type": "llava_next", "{section}": {{"hidden_act": "{act}"}}}}"#)
+        };
+        let text = error(&hf("text_config", "gelu"));
+        assert!(
+            text.starts_with("config.json: key `text_config.hidden_act`: Gelu is not supported"),
+            "{text}"
+        );
+        let vision = error(&hf("vision_config", "gelu_pytorch_tanh"));
+        assert!(
+            vision.contains("key `vision_config.hidden_act`: GeluTanh is not supported"),
+            "{vision}"
+        );
+        let projector =
+            error(r#"{"model_type": "llava_next", "projector_hidden_act": "quick_gelu"}"#);
+        assert!(
+            projector.contains("key `projector_hidden_act`: QuickGelu is not supported"),
+            "{projector}"
+        );
+        let original =
+            error(&LIUHAOTIAN_VICUNA.replace(r#""hidden_act": "silu""#, r#""hidden_act": "gelu""#));
+        assert!(original.contains("key `hidden_act`: Gelu"), "{original}");
+        assert_eq!(
+            parse(&hf("vision_config", "gelu")).vision.hidden_act,
+            Activation::Gelu
         );
     }
 

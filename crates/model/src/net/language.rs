@@ -4,9 +4,8 @@ use llava_gpu::ops::attention::{Mask, attention, kv_store};
 use llava_gpu::ops::decode::{
     self, ATTEND_KEYS, Epilogue, Norm, Qkv, SamplerState, Sampling, Step, StepUniform,
 };
-use llava_gpu::ops::elementwise::add;
 use llava_gpu::ops::embed::embedding;
-use llava_gpu::ops::matmul::{linear, linear_qkv, linear_silu_mul};
+use llava_gpu::ops::matmul::{linear, linear_qkv, linear_residual, linear_silu_mul};
 use llava_gpu::ops::norm::rms_norm;
 use llava_gpu::ops::rope::rope;
 use llava_gpu::{Batch, DType, Gpu, Plan, Readback, Tensor};
@@ -15,6 +14,7 @@ use crate::error::{ModelError, Result};
 use crate::files::config::TextConfig;
 use crate::files::needs;
 use crate::files::weights::Weights;
+use crate::net::layers::{fits, pack};
 
 pub(crate) struct DecoderLayer {
     pub(crate) input_layernorm: Tensor,
@@ -70,19 +70,6 @@ impl DecoderLayer {
             down_proj: w.take(&format!("{p}.mlp.down_proj.weight"), &[d, m])?,
         })
     }
-}
-
-/// Whether `tensors` fit one storage binding together (with room for their scales and alignment).
-fn fits(gpu: &Gpu, tensors: &[&Tensor]) -> bool {
-    tensors.iter().map(|t| t.byte_len() * 2).sum::<u64>() <= gpu.max_binding()
-}
-
-/// `tensors` in one buffer, so that the decode step's fused kernels and the prefill's fused GEMMs
-/// ([`linear_qkv`], [`linear_silu_mul`]) read them through one binding (each keeps its own tensor;
-/// its meaning is unchanged).
-fn pack<const N: usize>(gpu: &Gpu, tensors: &[&Tensor; N]) -> Result<[Tensor; N]> {
-    let packed = Tensor::pack(gpu, tensors)?;
-    Ok(packed.try_into().expect("one tensor per input"))
 }
 
 /// Keys and values of every layer for the tokens seen so far: per layer one tensor
@@ -264,7 +251,12 @@ impl LanguageModel {
             self.layers.iter().zip(cache.keys.iter().zip(&cache.values))
         {
             let a = rms_norm(batch, &h, &layer.input_layernorm, eps)?;
-            let (q, k, v) = linear_qkv(batch, &a, &layer.q_proj, &layer.k_proj, &layer.v_proj)?;
+            let (q, k, v) = linear_qkv(
+                batch,
+                &a,
+                [&layer.q_proj, &layer.k_proj, &layer.v_proj],
+                None,
+            )?;
             let (q, k) = (q.reshape(&[t, hq, hd])?, k.reshape(&[t, hkv, hd])?);
             let q = rope(batch, &q, pos, theta)?.reshape(&[1, t, hq, hd])?;
             let k = rope(batch, &k, pos, theta)?;
@@ -278,12 +270,11 @@ impl LanguageModel {
                 pos + t,
                 Mask::Causal { q_offset: pos },
             )?;
-            let o = linear(batch, &o.reshape(&[t, hq * hd])?, &layer.o_proj, None)?;
-            h = add(batch, &h, &o)?;
+            let o = o.reshape(&[t, hq * hd])?;
+            h = linear_residual(batch, &o, &layer.o_proj, None, &h)?;
             let a = rms_norm(batch, &h, &layer.post_attention_layernorm, eps)?;
             let act = linear_silu_mul(batch, &a, &layer.gate_proj, &layer.up_proj)?;
-            let mlp = linear(batch, &act, &layer.down_proj, None)?;
-            h = add(batch, &h, &mlp)?;
+            h = linear_residual(batch, &act, &layer.down_proj, None, &h)?;
             if t > 1 {
                 // Prefill: submit layer by layer so that at most one layer's activations are alive.
                 batch.flush()?;

@@ -2,7 +2,7 @@
 
 use llava_gpu::ops::matmul::linear;
 use llava_gpu::ops::norm::layer_norm;
-use llava_gpu::{Batch, Tensor};
+use llava_gpu::{Batch, Gpu, Tensor};
 
 use crate::error::Result;
 use crate::files::weights::Weights;
@@ -55,4 +55,17 @@ impl LayerNorm {
     pub fn forward(&self, batch: &mut Batch, x: &Tensor) -> Result<Tensor> {
         Ok(layer_norm(batch, x, &self.weight, &self.bias, self.eps)?)
     }
+}
+
+/// Whether `tensors` fit one storage binding together (with room for their scales and alignment).
+pub fn fits(gpu: &Gpu, tensors: &[&Tensor]) -> bool {
+    tensors.iter().map(|t| t.byte_len() * 2).sum::<u64>() <= gpu.max_binding()
+}
+
+/// `tensors` in one buffer, so that the decode step's fused kernels and the prefill's fused GEMMs
+/// (`linear_qkv`, `linear_silu_mul`) read them through one binding (each keeps its own tensor;
+/// its meaning is unchanged).
+pub fn pack<const N: usize>(gpu: &Gpu, tensors: &[&Tensor; N]) -> Result<[Tensor; N]> {
+    let packed = Tensor::pack(gpu, tensors)?;
+    Ok(packed.try_into().expect("one tensor per input"))
 }

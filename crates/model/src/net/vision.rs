@@ -2,16 +2,19 @@
 
 use llava_gpu::ops::attention::{Mask, attention};
 use llava_gpu::ops::conv::patch_embed;
-use llava_gpu::ops::elementwise::{add, quick_gelu};
-use llava_gpu::{Batch, DType, Tensor};
+use llava_gpu::ops::elementwise::{add, gelu};
+use llava_gpu::ops::matmul::{linear, linear_qkv, linear_quick_gelu, linear_residual};
+use llava_gpu::{Batch, DType, Gpu, Tensor};
 
-use super::layers::{LayerNorm, Linear};
+use super::layers::{LayerNorm, Linear, fits, pack};
 use crate::error::{ModelError, Result};
-use crate::files::config::VisionConfig;
+use crate::files::config::{Activation, VisionConfig};
 use crate::files::weights::Weights;
 
 struct EncoderLayer {
     layer_norm1: LayerNorm,
+    /// q, k and v projections, weights in one buffer and biases in another where they fit one
+    /// binding, so that one GEMM computes all three ([`linear_qkv`]).
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
@@ -22,18 +25,34 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn load(w: &mut Weights, prefix: &str, cfg: &VisionConfig) -> Result<Self> {
+    fn load(w: &mut Weights, gpu: &Gpu, prefix: &str, cfg: &VisionConfig) -> Result<Self> {
         let (d, m, eps) = (
             cfg.hidden_size,
             cfg.intermediate_size,
             cfg.layer_norm_eps as f32,
         );
         let attn = format!("{prefix}.self_attn");
+        let [q, k, v] = ["q_proj", "k_proj", "v_proj"]
+            .map(|name| Linear::load(w, &format!("{attn}.{name}"), d, d, true));
+        let [q, k, v] = [q?, k?, v?];
+        let bias = |l: &Linear| l.bias.clone().expect("loaded with a bias");
+        let [q_proj, k_proj, v_proj] = if q.weight.dtype() == k.weight.dtype()
+            && k.weight.dtype() == v.weight.dtype()
+            && fits(gpu, &[&q.weight, &k.weight, &v.weight])
+        {
+            let weights = pack(gpu, &[&q.weight, &k.weight, &v.weight])?;
+            let biases = pack(gpu, &[&bias(&q), &bias(&k), &bias(&v)])?;
+            let [wq, wk, wv] = weights;
+            let [bq, bk, bv] = biases.map(Some);
+            [(wq, bq), (wk, bk), (wv, bv)].map(|(weight, bias)| Linear { weight, bias })
+        } else {
+            [q, k, v]
+        };
         Ok(EncoderLayer {
             layer_norm1: LayerNorm::load(w, &format!("{prefix}.layer_norm1"), d, eps)?,
-            q_proj: Linear::load(w, &format!("{attn}.q_proj"), d, d, true)?,
-            k_proj: Linear::load(w, &format!("{attn}.k_proj"), d, d, true)?,
-            v_proj: Linear::load(w, &format!("{attn}.v_proj"), d, d, true)?,
+            q_proj,
+            k_proj,
+            v_proj,
             out_proj: Linear::load(w, &format!("{attn}.out_proj"), d, d, true)?,
             layer_norm2: LayerNorm::load(w, &format!("{prefix}.layer_norm2"), d, eps)?,
             fc1: Linear::load(w, &format!("{prefix}.mlp.fc1"), m, d, true)?,
@@ -41,22 +60,50 @@ impl EncoderLayer {
         })
     }
 
-    /// `h += out_proj(attn(LN1 h)); h += fc2(quick_gelu(fc1(LN2 h)))` on `h: [B, T, D]`.
-    fn forward(&self, batch: &mut Batch, h: &Tensor, heads: usize) -> Result<Tensor> {
+    /// `h += out_proj(attn(LN1 h)); h += fc2(act(fc1(LN2 h)))` on `h: [B, T, D]`.
+    fn forward(
+        &self,
+        batch: &mut Batch,
+        h: &Tensor,
+        heads: usize,
+        act: Activation,
+    ) -> Result<Tensor> {
         let (b, t, d) = (h.shape()[0], h.shape()[1], h.shape()[2]);
         let split = [b, t, heads, d / heads];
         let x = self.layer_norm1.forward(batch, h)?;
-        let q = self.q_proj.forward(batch, &x)?.reshape(&split)?;
-        let k = self.k_proj.forward(batch, &x)?.reshape(&split)?;
-        let v = self.v_proj.forward(batch, &x)?.reshape(&split)?;
+        let projections = [&self.q_proj, &self.k_proj, &self.v_proj];
+        let weights = projections.map(|l| &l.weight);
+        let biases = projections.map(|l| l.bias.as_ref().expect("loaded with a bias"));
+        let (q, k, v) = linear_qkv(batch, &x, weights, Some(biases))?;
+        let (q, k, v) = (q.reshape(&split)?, k.reshape(&split)?, v.reshape(&split)?);
         let a = attention(batch, &q, &k, &v, t, Mask::None)?.reshape(&[b, t, d])?;
-        let o = self.out_proj.forward(batch, &a)?;
-        let h = add(batch, h, &o)?;
+        let h = linear_residual(
+            batch,
+            &a,
+            &self.out_proj.weight,
+            self.out_proj.bias.as_ref(),
+            h,
+        )?;
         let x = self.layer_norm2.forward(batch, &h)?;
-        let x = self.fc1.forward(batch, &x)?;
-        let x = quick_gelu(batch, &x)?;
-        let x = self.fc2.forward(batch, &x)?;
-        Ok(add(batch, &h, &x)?)
+        let (fc1, fc1_bias) = (&self.fc1.weight, self.fc1.bias.as_ref());
+        let x = match act {
+            Activation::QuickGelu => linear_quick_gelu(batch, &x, fc1, fc1_bias)?,
+            Activation::Gelu => {
+                let x = linear(batch, &x, fc1, fc1_bias)?;
+                gelu(batch, &x)?
+            }
+            other => {
+                let msg = format!("vision tower activation {other:?} is not supported");
+                return Err(ModelError::config("config.json", msg));
+            }
+        };
+        Ok(linear_residual(
+            batch,
+            &x,
+            &self.fc2.weight,
+            self.fc2.bias.as_ref(),
+            &h,
+        )?)
     }
 }
 
@@ -73,7 +120,12 @@ pub struct VisionTower {
 impl VisionTower {
     /// Loads the tower. `feature_layer` is LLaVA's `vision_feature_layer` (-2: the output of the
     /// second-to-last layer), an index into CLIP's hidden states, where index 0 is the embeddings.
-    pub fn load(w: &mut Weights, cfg: &VisionConfig, feature_layer: i64) -> Result<VisionTower> {
+    pub fn load(
+        w: &mut Weights,
+        gpu: &Gpu,
+        cfg: &VisionConfig,
+        feature_layer: i64,
+    ) -> Result<VisionTower> {
         let n = cfg.num_hidden_layers as i64;
         let used = if feature_layer < 0 {
             n + 1 + feature_layer
@@ -101,7 +153,9 @@ impl VisionTower {
                 cfg.layer_norm_eps as f32,
             )?,
             layers: (0..used as usize)
-                .map(|i| EncoderLayer::load(w, &format!("vision_model.encoder.layers.{i}"), cfg))
+                .map(|i| {
+                    EncoderLayer::load(w, gpu, &format!("vision_model.encoder.layers.{i}"), cfg)
+                })
                 .collect::<Result<_>>()?,
             cfg: cfg.clone(),
         })
@@ -123,7 +177,7 @@ impl VisionTower {
         let mut h = add(batch, &tokens, &self.position_embedding)?;
         h = self.pre_layernorm.forward(batch, &h)?;
         for layer in &self.layers {
-            h = layer.forward(batch, &h, self.cfg.num_attention_heads)?;
+            h = layer.forward(batch, &h, self.cfg.num_attention_heads, self.cfg.hidden_act)?;
             batch.flush()?;
         }
         Ok(h)
