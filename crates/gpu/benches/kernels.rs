@@ -1,7 +1,7 @@
 //! Kernel benchmark (not a test): `cargo bench -p llava-gpu --bench kernels [-- --full]
 //! [--only gemm,fused,gemv,crossover,attention,decode,dispatch]` (`--only` picks sections; the copy
-//! baseline always runs). `fused` times the prefill's fused q/k/v and gate/up GEMMs against the
-//! same projections apart.
+//! baseline always runs). `fused` times the prefill's fused q/k/v and gate/up GEMMs and the
+//! residual and quick_gelu epilogues against the same work apart.
 //!
 //! Prints one plain table: GPU time per call, GFLOP/s and GB/s of weights read, beside same-run
 //! baselines (a CPU sgemm on the same shapes, a GPU buffer copy and the read probe) so the
@@ -21,9 +21,10 @@ use std::time::{Duration, Instant};
 
 use llava_gpu::ops::attention::{Mask, attention};
 use llava_gpu::ops::decode::{self, Epilogue, Step, StepUniform};
-use llava_gpu::ops::elementwise::{add, silu_mul};
+use llava_gpu::ops::elementwise::{add, quick_gelu, silu_mul};
 use llava_gpu::ops::matmul::{
-    GEMV_MAX_ROWS, LinearKernel, linear_qkv, linear_silu_mul, linear_with,
+    GEMV_MAX_ROWS, LinearKernel, linear_qkv, linear_quick_gelu, linear_residual, linear_silu_mul,
+    linear_with,
 };
 use llava_gpu::quant::quantize;
 use llava_gpu::{Batch, DType, Gpu, GpuOptions, Result, Tensor, probe, random};
@@ -211,8 +212,9 @@ fn linear_row(
 }
 
 /// Times the prefill's fused projections against the same ones apart, x `[m, k]`: gate and up
-/// `[n, k]` with the SiLU (one GEMM, or two and silu_mul), and q `[k, k]` with k and v `[k / 4, k]`
-/// (Mistral's 4:1 heads; one GEMM or three).
+/// `[n, k]` with the SiLU (one GEMM, or two and silu_mul), q `[k, k]` with k and v `[k / 4, k]`
+/// (Mistral's 4:1 heads; one GEMM or three), and gate alone with the residual add or quick_gelu
+/// (one GEMM, or a GEMM and the elementwise op).
 fn fused_rows(
     gpu: &Gpu,
     table: &mut Table,
@@ -229,7 +231,7 @@ fn fused_rows(
     let weights = format!("{dtype:?}{f16}");
     let gemm = |batch: &mut Batch, w: &Tensor| linear_with(batch, &x, w, None, LinearKernel::Gemm);
 
-    let (gate, bytes) = weight(gpu, dtype, n, k)?;
+    let (gate, gate_bytes) = weight(gpu, dtype, n, k)?;
     let (up, _) = weight(gpu, dtype, n, k)?;
     let pair = Tensor::pack(gpu, &[&gate, &up])?;
     let fused = gpu_secs(gpu, calls, |batch| {
@@ -247,7 +249,7 @@ fn fused_rows(
         &weights,
         fused,
         flops,
-        2.0 * bytes,
+        2.0 * gate_bytes,
     );
     table.add(
         "gate/up+silu apart",
@@ -255,7 +257,7 @@ fn fused_rows(
         &weights,
         apart,
         flops,
-        2.0 * bytes,
+        2.0 * gate_bytes,
     );
 
     let kv = k / 4;
@@ -277,6 +279,34 @@ fn fused_rows(
     let bytes = q_bytes + 2.0 * kv_bytes;
     table.add("q/k/v fused", &shape, &weights, fused, flops, bytes);
     table.add("q/k/v apart", &shape, &weights, apart, flops, bytes);
+
+    // The epilogues, on gate's shape: the residual add (o_proj, down_proj, CLIP's out_proj and
+    // fc2) and quick_gelu (CLIP's fc1).
+    let residual = Tensor::from_f32(gpu, &[m, n], &random(m * n, 9))?;
+    let residual_fused = gpu_secs(gpu, calls, |batch| {
+        linear_residual(batch, &x, &gate, None, &residual).map(drop)
+    })?;
+    let residual_apart = gpu_secs(gpu, calls, |batch| {
+        let y = gemm(batch, &gate)?;
+        add(batch, &residual, &y).map(drop)
+    })?;
+    let gelu_fused = gpu_secs(gpu, calls, |batch| {
+        linear_quick_gelu(batch, &x, &gate, None).map(drop)
+    })?;
+    let gelu_apart = gpu_secs(gpu, calls, |batch| {
+        let y = gemm(batch, &gate)?;
+        quick_gelu(batch, &y).map(drop)
+    })?;
+    let shape = format!("{m}x{k}x{n}");
+    let flops = 2.0 * (m * k * n) as f64;
+    for (name, secs) in [
+        ("linear+residual fused", residual_fused),
+        ("linear+residual apart", residual_apart),
+        ("linear+quick_gelu fused", gelu_fused),
+        ("linear+quick_gelu apart", gelu_apart),
+    ] {
+        table.add(name, &shape, &weights, secs, flops, gate_bytes);
+    }
     Ok(())
 }
 

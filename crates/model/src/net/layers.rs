@@ -1,6 +1,6 @@
 //! Layers the networks share.
 
-use llava_gpu::ops::matmul::linear;
+use llava_gpu::ops::matmul::{linear, linear_quick_gelu, linear_residual};
 use llava_gpu::ops::norm::layer_norm;
 use llava_gpu::{Batch, Gpu, Tensor};
 
@@ -33,6 +33,32 @@ impl Linear {
 
     pub fn forward(&self, batch: &mut Batch, x: &Tensor) -> Result<Tensor> {
         Ok(linear(batch, x, &self.weight, self.bias.as_ref())?)
+    }
+
+    /// `quick_gelu(self(x))`, the activation applied as the GEMM stores.
+    pub fn forward_quick_gelu(&self, batch: &mut Batch, x: &Tensor) -> Result<Tensor> {
+        Ok(linear_quick_gelu(
+            batch,
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+        )?)
+    }
+
+    /// `residual + self(x)`, the residual added as the GEMM stores.
+    pub fn forward_residual(
+        &self,
+        batch: &mut Batch,
+        x: &Tensor,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        Ok(linear_residual(
+            batch,
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            residual,
+        )?)
     }
 }
 

@@ -3,7 +3,7 @@
 use llava_gpu::ops::attention::{Mask, attention};
 use llava_gpu::ops::conv::patch_embed;
 use llava_gpu::ops::elementwise::{add, gelu};
-use llava_gpu::ops::matmul::{linear, linear_qkv, linear_quick_gelu, linear_residual};
+use llava_gpu::ops::matmul::linear_qkv;
 use llava_gpu::{Batch, DType, Gpu, Tensor};
 
 use super::layers::{LayerNorm, Linear, fits, pack};
@@ -11,13 +11,45 @@ use crate::error::{ModelError, Result};
 use crate::files::config::{Activation, VisionConfig};
 use crate::files::weights::Weights;
 
+/// Attention's q, k and v projections with their biases: weights in one buffer and biases in
+/// another where they fit one binding, so that one GEMM computes all three ([`linear_qkv`]).
+struct QkvProjections {
+    weights: [Tensor; 3],
+    biases: [Tensor; 3],
+}
+
+impl QkvProjections {
+    fn load(w: &mut Weights, gpu: &Gpu, attn: &str, d: usize) -> Result<Self> {
+        let mut weights = Vec::with_capacity(3);
+        let mut biases = Vec::with_capacity(3);
+        for name in ["q_proj", "k_proj", "v_proj"] {
+            weights.push(w.take(&format!("{attn}.{name}.weight"), &[d, d])?);
+            biases.push(w.take(&format!("{attn}.{name}.bias"), &[d])?);
+        }
+        let [q, k, v]: [Tensor; 3] = weights.try_into().expect("three weights");
+        let biases: [Tensor; 3] = biases.try_into().expect("three biases");
+        if q.dtype() != k.dtype() || k.dtype() != v.dtype() || !fits(gpu, &[&q, &k, &v]) {
+            return Ok(QkvProjections {
+                weights: [q, k, v],
+                biases,
+            });
+        }
+        Ok(QkvProjections {
+            weights: pack(gpu, &[&q, &k, &v])?,
+            biases: pack(gpu, &biases.each_ref())?,
+        })
+    }
+
+    /// `(q, k, v)` of `x`, each `[.., D]`.
+    fn forward(&self, batch: &mut Batch, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (weights, biases) = (self.weights.each_ref(), self.biases.each_ref());
+        Ok(linear_qkv(batch, x, weights, Some(biases))?)
+    }
+}
+
 struct EncoderLayer {
     layer_norm1: LayerNorm,
-    /// q, k and v projections, weights in one buffer and biases in another where they fit one
-    /// binding, so that one GEMM computes all three ([`linear_qkv`]).
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: QkvProjections,
     out_proj: Linear,
     layer_norm2: LayerNorm,
     fc1: Linear,
@@ -32,27 +64,9 @@ impl EncoderLayer {
             cfg.layer_norm_eps as f32,
         );
         let attn = format!("{prefix}.self_attn");
-        let [q, k, v] = ["q_proj", "k_proj", "v_proj"]
-            .map(|name| Linear::load(w, &format!("{attn}.{name}"), d, d, true));
-        let [q, k, v] = [q?, k?, v?];
-        let bias = |l: &Linear| l.bias.clone().expect("loaded with a bias");
-        let [q_proj, k_proj, v_proj] = if q.weight.dtype() == k.weight.dtype()
-            && k.weight.dtype() == v.weight.dtype()
-            && fits(gpu, &[&q.weight, &k.weight, &v.weight])
-        {
-            let weights = pack(gpu, &[&q.weight, &k.weight, &v.weight])?;
-            let biases = pack(gpu, &[&bias(&q), &bias(&k), &bias(&v)])?;
-            let [wq, wk, wv] = weights;
-            let [bq, bk, bv] = biases.map(Some);
-            [(wq, bq), (wk, bk), (wv, bv)].map(|(weight, bias)| Linear { weight, bias })
-        } else {
-            [q, k, v]
-        };
         Ok(EncoderLayer {
             layer_norm1: LayerNorm::load(w, &format!("{prefix}.layer_norm1"), d, eps)?,
-            q_proj,
-            k_proj,
-            v_proj,
+            qkv: QkvProjections::load(w, gpu, &attn, d)?,
             out_proj: Linear::load(w, &format!("{attn}.out_proj"), d, d, true)?,
             layer_norm2: LayerNorm::load(w, &format!("{prefix}.layer_norm2"), d, eps)?,
             fc1: Linear::load(w, &format!("{prefix}.mlp.fc1"), m, d, true)?,
@@ -71,25 +85,15 @@ impl EncoderLayer {
         let (b, t, d) = (h.shape()[0], h.shape()[1], h.shape()[2]);
         let split = [b, t, heads, d / heads];
         let x = self.layer_norm1.forward(batch, h)?;
-        let projections = [&self.q_proj, &self.k_proj, &self.v_proj];
-        let weights = projections.map(|l| &l.weight);
-        let biases = projections.map(|l| l.bias.as_ref().expect("loaded with a bias"));
-        let (q, k, v) = linear_qkv(batch, &x, weights, Some(biases))?;
+        let (q, k, v) = self.qkv.forward(batch, &x)?;
         let (q, k, v) = (q.reshape(&split)?, k.reshape(&split)?, v.reshape(&split)?);
         let a = attention(batch, &q, &k, &v, t, Mask::None)?.reshape(&[b, t, d])?;
-        let h = linear_residual(
-            batch,
-            &a,
-            &self.out_proj.weight,
-            self.out_proj.bias.as_ref(),
-            h,
-        )?;
+        let h = self.out_proj.forward_residual(batch, &a, h)?;
         let x = self.layer_norm2.forward(batch, &h)?;
-        let (fc1, fc1_bias) = (&self.fc1.weight, self.fc1.bias.as_ref());
         let x = match act {
-            Activation::QuickGelu => linear_quick_gelu(batch, &x, fc1, fc1_bias)?,
+            Activation::QuickGelu => self.fc1.forward_quick_gelu(batch, &x)?,
             Activation::Gelu => {
-                let x = linear(batch, &x, fc1, fc1_bias)?;
+                let x = self.fc1.forward(batch, &x)?;
                 gelu(batch, &x)?
             }
             other => {
@@ -97,13 +101,7 @@ impl EncoderLayer {
                 return Err(ModelError::config("config.json", msg));
             }
         };
-        Ok(linear_residual(
-            batch,
-            &x,
-            &self.fc2.weight,
-            self.fc2.bias.as_ref(),
-            &h,
-        )?)
+        self.fc2.forward_residual(batch, &x, &h)
     }
 }
 
