@@ -109,17 +109,7 @@ pub fn linear_quick_gelu(
     w: &Tensor,
     bias: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let max_window_bytes = batch.gpu().max_binding();
-    let epilogue = LinearEpilogue::QuickGelu;
-    linear_windowed(
-        batch,
-        x,
-        w,
-        bias,
-        LinearKernel::Auto,
-        epilogue,
-        max_window_bytes,
-    )
+    linear_then(batch, x, w, bias, LinearEpilogue::QuickGelu)
 }
 
 /// `residual + (x · wᵀ + bias)`, a projection back into the residual stream (see
@@ -131,17 +121,20 @@ pub fn linear_residual(
     bias: Option<&Tensor>,
     residual: &Tensor,
 ) -> Result<Tensor> {
+    linear_then(batch, x, w, bias, LinearEpilogue::Residual(residual))
+}
+
+/// [`linear`] followed by `epilogue`.
+fn linear_then(
+    batch: &mut Batch,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    epilogue: LinearEpilogue,
+) -> Result<Tensor> {
     let max_window_bytes = batch.gpu().max_binding();
-    let epilogue = LinearEpilogue::Residual(residual);
-    linear_windowed(
-        batch,
-        x,
-        w,
-        bias,
-        LinearKernel::Auto,
-        epilogue,
-        max_window_bytes,
-    )
+    let kernel = LinearKernel::Auto;
+    linear_windowed(batch, x, w, bias, kernel, epilogue, max_window_bytes)
 }
 
 /// [`linear_with`] followed by `epilogue`, splitting w into row windows of at most
