@@ -507,6 +507,21 @@ struct VisionKeys {
     hidden_act: Option<Activation>,
 }
 
+/// `act` where the networks implement it (net/vision.rs, net/language.rs, net/projector.rs), else
+/// an error naming the key: refused before any weight is read.
+fn supported_act(
+    place: &Place,
+    key: &str,
+    act: Activation,
+    supported: &[Activation],
+) -> Result<Activation> {
+    if supported.contains(&act) {
+        return Ok(act);
+    }
+    let msg = format!("{act:?} is not supported here (supported: {supported:?})");
+    Err(place.error(key, msg))
+}
+
 fn parse_vision(keys: VisionKeys, place: &Place, defaults: &VisionConfig) -> Result<VisionConfig> {
     let hidden_size = place.size(
         "hidden_size",
@@ -569,7 +584,12 @@ fn parse_vision(keys: VisionKeys, place: &Place, defaults: &VisionConfig) -> Res
             keys.layer_norm_eps,
             defaults.layer_norm_eps,
         )?,
-        hidden_act: keys.hidden_act.unwrap_or(defaults.hidden_act),
+        hidden_act: supported_act(
+            place,
+            "hidden_act",
+            keys.hidden_act.unwrap_or(defaults.hidden_act),
+            &[Activation::QuickGelu, Activation::Gelu],
+        )?,
     })
 }
 
@@ -690,7 +710,12 @@ fn parse_text(keys: TextKeys, place: &Place, arch: TextArch) -> Result<TextConfi
         num_attention_heads,
         num_key_value_heads,
         head_dim,
-        hidden_act: keys.hidden_act.unwrap_or(Activation::Silu),
+        hidden_act: supported_act(
+            place,
+            "hidden_act",
+            keys.hidden_act.unwrap_or(Activation::Silu),
+            &[Activation::Silu],
+        )?,
         rms_norm_eps: place.positive("rms_norm_eps", keys.rms_norm_eps, 1e-6)?,
         rope_theta,
         vocab_size: place.size("vocab_size", keys.vocab_size, 32000, MAX_VOCAB_SIZE)?,
@@ -770,32 +795,13 @@ fn validate(config: &LlavaConfig, file: &str) -> Result<()> {
             "key `image_grid_pinpoints`: the list is empty",
         ));
     }
-    // The activations the networks implement (net/vision.rs, net/language.rs, net/projector.rs).
-    let (text_act, projector_act) = match config.layout {
-        ConfigLayout::LlavaHf => ("text_config.hidden_act", "projector_hidden_act"),
-        ConfigLayout::OriginalLlava => ("hidden_act", "mm_projector_type"),
-    };
-    let rules = [
-        (
-            "vision_config.hidden_act",
-            config.vision.hidden_act,
-            &[Activation::QuickGelu, Activation::Gelu][..],
-        ),
-        (text_act, config.text.hidden_act, &[Activation::Silu]),
-        (
-            projector_act,
-            config.projector_hidden_act,
-            &[Activation::Gelu],
-        ),
-    ];
-    for (key, act, supported) in rules {
-        if !supported.contains(&act) {
-            return Err(ModelError::config(
-                file,
-                format!("key `{key}`: {act:?} is not supported here (supported: {supported:?})"),
-            ));
-        }
-    }
+    // The original layout's `mm_projector_type` is checked where it is read (always GELU).
+    supported_act(
+        &Place::root(file),
+        "projector_hidden_act",
+        config.projector_hidden_act,
+        &[Activation::Gelu],
+    )?;
     Ok(())
 }
 
@@ -1608,13 +1614,25 @@ mod tests {
             "{msg}"
         );
 
+        // An activation the tower lacks: the tower's own file and key are named.
+        std::fs::write(
+            tower.join("config.json"),
+            r#"{"model_type": "clip_vision_model", "hidden_act": "gelu_new"}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("config.json"), &config).unwrap();
+        let msg = LlavaConfig::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            msg.contains("tiny-clip")
+                && msg.contains("key `hidden_act`: GeluTanh is not supported"),
+            "{msg}"
+        );
         // Not a tower: named in the error with the folder looked in; without a folder, a name only.
         std::fs::write(
             tower.join("config.json"),
             r#"{"model_type": "siglip_vision_model"}"#,
         )
         .unwrap();
-        std::fs::write(dir.path().join("config.json"), &config).unwrap();
         let msg = LlavaConfig::from_dir(dir.path()).unwrap_err().to_string();
         assert!(
             msg.contains("siglip_vision_model") && msg.contains("tiny-clip"),
