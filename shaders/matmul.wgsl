@@ -20,7 +20,7 @@
 // out as y.
 //
 // Entry points: `gemv` (few rows of x: one workgroup reduces 4 outputs, 64 lanes each) and
-// `gemm` (128x64 output tiles through workgroup memory, 8x8 outputs per thread).
+// `gemm` (128x64 output tiles through workgroup memory, 16x8 outputs per thread).
 
 struct Params {
     m: u32,
@@ -274,21 +274,25 @@ fn gemv(
 }
 
 // ---------------------------------------------------------------------------------------------
-// GEMM: an 8x16 workgroup computes a TILE_M x TILE block of y; thread (tx, ty) owns rows
-// ty + 16 i (i < 8) and columns tx + 8 j (j < 8). Both tiles keep K innermost, so a thread reads
-// four K values of a row or column as one vec4 and multiplies them with `dot`: 16 vec4 tile reads
-// per 256 multiply-adds (scalar reads, one value of K at a time, took 128). Lanes of one ty read
-// the same x vector (a broadcast); rows of both tiles are padded to STRIDE vectors so that the
-// eight lanes of a 128-byte access hit distinct banks. The sixteen accumulators are separate
-// variables: an array indexed by a loop counter can go to local memory (NVIDIA Vulkan). Tiles
-// are zero-filled past M, N and K, so no size needs to be a multiple.
+// GEMM: an 8x8 workgroup computes a TILE_M x TILE block of y; thread (tx, ty) owns rows
+// ty + 8 i (i < 16) and columns tx + 8 j (j < 8). Both tiles keep K innermost, so a thread reads
+// four K values of a row or column as one vec4: 24 vec4 tile reads per 512 multiply-adds (8x8 per
+// thread took 16 per 256; llvmpipe pays per read, GPUs in shared-memory bandwidth). The four
+// column vectors are transposed in registers and multiplied in with fma over K, four fma per
+// four outputs and four K values (a dot product and an add took five). About 128 accumulators,
+// 32 weights and 4 x values per thread: within NVIDIA's and AMD's 255 registers, with 64-thread
+// workgroups for occupancy. Lanes of one ty read the same x vector (a broadcast); rows of both
+// tiles are padded to STRIDE vectors so that the eight lanes of a 128-byte access hit distinct
+// banks. The accumulators are separate variables: an array indexed by a loop counter can go to
+// local memory (NVIDIA Vulkan). Tiles are zero-filled past M, N and K, so no size needs to be a
+// multiple.
 
 const TILE_M: u32 = 128u;
 const TILE: u32 = 64u;
 const TILE_K: u32 = 16u;
 const K4: u32 = 4u; // TILE_K / 4: vectors per tile row
 const STRIDE: u32 = 5u; // K4 + 1
-const GEMM_THREADS: u32 = 128u;
+const GEMM_THREADS: u32 = 64u;
 
 // f16 weights stay f16 in the w tile (exact, half the workgroup memory traffic); dequantized
 // Q8/Q6/Q4 values need f32 (q * scale has more than 11 significant bits).
@@ -368,30 +372,33 @@ fn load_w_tile(t: u32, n0: u32, k0: u32) {
     // K is a multiple of the group (32 or 64), so a tile never passes K and the values of one
     // word share one scale.
 #if NIBBLE_WORDS
-    // Each thread 8 values (one word of nibbles) of tile row t / 2.
-    let i = t / 2u;
-    let h = t % 2u;
-    let r = tile_row(n0, i);
-    var v = mat2x4<f32>();
-    if (r.inside) {
-        let c = k0 + 8u * h;
+    // Each thread 8 values (one word of nibbles) of tile row idx / 2, twice.
+    for (var slot = 0u; slot < 2u; slot++) {
+        let idx = t + GEMM_THREADS * slot;
+        let i = idx / 2u;
+        let h = idx % 2u;
+        let r = tile_row(n0, i);
+        var v = mat2x4<f32>();
+        if (r.inside) {
+            let c = k0 + 8u * h;
 #if V_Q6
-        if (r.is_v) {
-            v = q6_eight_values(r.data, r.n, c / 8u);
-        } else {
-            v = eight_values(r.data, r.n, c / 8u);
-        }
-        v *= scale_at(r.scales, r.n * p.k + c);
+            if (r.is_v) {
+                v = q6_eight_values(r.data, r.n, c / 8u);
+            } else {
+                v = eight_values(r.data, r.n, c / 8u);
+            }
+            v *= scale_at(r.scales, r.n * p.k + c);
 #else
-        v = eight_values(r.data, r.n, c / 8u) * scale_at(r.scales, r.n * p.k + c);
+            v = eight_values(r.data, r.n, c / 8u) * scale_at(r.scales, r.n * p.k + c);
 #endif
+        }
+        w_tile[i * STRIDE + 2u * h] = v[0];
+        w_tile[i * STRIDE + 2u * h + 1u] = v[1];
     }
-    w_tile[i * STRIDE + 2u * h] = v[0];
-    w_tile[i * STRIDE + 2u * h + 1u] = v[1];
 #endif
 #if W_Q8
-    // Each thread 4 values (one word of bytes) of tile row idx / 4, twice.
-    for (var slot = 0u; slot < 2u; slot++) {
+    // Each thread 4 values (one word of bytes) of tile row idx / 4, four times.
+    for (var slot = 0u; slot < 4u; slot++) {
         let idx = t + GEMM_THREADS * slot;
         let i = idx / K4;
         let q = idx % K4;
@@ -411,8 +418,8 @@ fn load_w_tile(t: u32, n0: u32, k0: u32) {
     }
 #endif
 #else
-    // Each thread 4 values of tile row idx / 4, twice.
-    for (var slot = 0u; slot < 2u; slot++) {
+    // Each thread 4 values of tile row idx / 4, four times.
+    for (var slot = 0u; slot < 4u; slot++) {
         let idx = t + GEMM_THREADS * slot;
         let i = idx / K4;
         let q = idx % K4;
@@ -494,9 +501,11 @@ fn silu_mul(gate: vec4<f32>, up: vec4<f32>) -> vec4<f32> {
     return gate / (1.0 + exp(-gate)) * up;
 }
 
-// Four dot products of x with four weight columns.
-fn dots(xv: vec4<f32>, b: mat4x4<f32>) -> vec4<f32> {
-    return vec4<f32>(dot(xv, b[0]), dot(xv, b[1]), dot(xv, b[2]), dot(xv, b[3]));
+// acc + the dot products of x with four weight columns, as multiply-adds over K: `bt` is the
+// transpose of the columns (bt[k] holds the four columns' values at k).
+fn mac(acc: vec4<f32>, xv: vec4<f32>, bt: mat4x4<f32>) -> vec4<f32> {
+    return fma(bt[3], vec4<f32>(xv.w), fma(bt[2], vec4<f32>(xv.z),
+           fma(bt[1], vec4<f32>(xv.y), fma(bt[0], vec4<f32>(xv.x), acc))));
 }
 
 // Four columns of the w tile from row `row` on, eight rows apart.
@@ -506,7 +515,7 @@ fn w_columns(row: u32, q: u32) -> mat4x4<f32> {
                        vec4<f32>(w_tile[b + 16u * STRIDE]), vec4<f32>(w_tile[b + 24u * STRIDE]));
 }
 
-@compute @workgroup_size(8, 16)
+@compute @workgroup_size(8, 8)
 fn gemm(
     @builtin(local_invocation_id) lid: vec3<u32>,
     @builtin(local_invocation_index) t: u32,
@@ -518,7 +527,7 @@ fn gemm(
 #else
     let n0 = wg.x * TILE;
 #endif
-    // a_i: row ty + 16 i, tile columns tx + 8 j (j < 4); b_i: the same row, tile columns
+    // a_i: row ty + 8 i, tile columns tx + 8 j (j < 4); b_i: the same row, tile columns
     // tx + 32 + 8 j (with SILU the up values of a_i's gate values).
     var a0 = vec4<f32>();
     var a1 = vec4<f32>();
@@ -528,6 +537,14 @@ fn gemm(
     var a5 = vec4<f32>();
     var a6 = vec4<f32>();
     var a7 = vec4<f32>();
+    var a8 = vec4<f32>();
+    var a9 = vec4<f32>();
+    var a10 = vec4<f32>();
+    var a11 = vec4<f32>();
+    var a12 = vec4<f32>();
+    var a13 = vec4<f32>();
+    var a14 = vec4<f32>();
+    var a15 = vec4<f32>();
     var b0 = vec4<f32>();
     var b1 = vec4<f32>();
     var b2 = vec4<f32>();
@@ -536,9 +553,17 @@ fn gemm(
     var b5 = vec4<f32>();
     var b6 = vec4<f32>();
     var b7 = vec4<f32>();
+    var b8 = vec4<f32>();
+    var b9 = vec4<f32>();
+    var b10 = vec4<f32>();
+    var b11 = vec4<f32>();
+    var b12 = vec4<f32>();
+    var b13 = vec4<f32>();
+    var b14 = vec4<f32>();
+    var b15 = vec4<f32>();
     for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
-        // Four consecutive threads cover one row's K-slice: four x vectors per thread.
-        for (var r = 0u; r < 4u; r++) {
+        // Four consecutive threads cover one row's K-slice: eight x vectors per thread.
+        for (var r = 0u; r < 8u; r++) {
             let idx = t + GEMM_THREADS * r;
             let i = idx / K4;
             let q = idx % K4;
@@ -547,33 +572,57 @@ fn gemm(
         load_w_tile(t, n0, k0);
         workgroupBarrier();
         for (var q = 0u; q < K4; q++) {
-            let wl = w_columns(lid.x, q);
-            let wh = w_columns(lid.x + 32u, q);
+            let wl = transpose(w_columns(lid.x, q));
+            let wh = transpose(w_columns(lid.x + 32u, q));
             let xb = lid.y * STRIDE + q;
             var xv = x_tile[xb];
-            a0 += dots(xv, wl);
-            b0 += dots(xv, wh);
+            a0 = mac(a0, xv, wl);
+            b0 = mac(b0, xv, wh);
+            xv = x_tile[xb + 8u * STRIDE];
+            a1 = mac(a1, xv, wl);
+            b1 = mac(b1, xv, wh);
             xv = x_tile[xb + 16u * STRIDE];
-            a1 += dots(xv, wl);
-            b1 += dots(xv, wh);
+            a2 = mac(a2, xv, wl);
+            b2 = mac(b2, xv, wh);
+            xv = x_tile[xb + 24u * STRIDE];
+            a3 = mac(a3, xv, wl);
+            b3 = mac(b3, xv, wh);
             xv = x_tile[xb + 32u * STRIDE];
-            a2 += dots(xv, wl);
-            b2 += dots(xv, wh);
+            a4 = mac(a4, xv, wl);
+            b4 = mac(b4, xv, wh);
+            xv = x_tile[xb + 40u * STRIDE];
+            a5 = mac(a5, xv, wl);
+            b5 = mac(b5, xv, wh);
             xv = x_tile[xb + 48u * STRIDE];
-            a3 += dots(xv, wl);
-            b3 += dots(xv, wh);
+            a6 = mac(a6, xv, wl);
+            b6 = mac(b6, xv, wh);
+            xv = x_tile[xb + 56u * STRIDE];
+            a7 = mac(a7, xv, wl);
+            b7 = mac(b7, xv, wh);
             xv = x_tile[xb + 64u * STRIDE];
-            a4 += dots(xv, wl);
-            b4 += dots(xv, wh);
+            a8 = mac(a8, xv, wl);
+            b8 = mac(b8, xv, wh);
+            xv = x_tile[xb + 72u * STRIDE];
+            a9 = mac(a9, xv, wl);
+            b9 = mac(b9, xv, wh);
             xv = x_tile[xb + 80u * STRIDE];
-            a5 += dots(xv, wl);
-            b5 += dots(xv, wh);
+            a10 = mac(a10, xv, wl);
+            b10 = mac(b10, xv, wh);
+            xv = x_tile[xb + 88u * STRIDE];
+            a11 = mac(a11, xv, wl);
+            b11 = mac(b11, xv, wh);
             xv = x_tile[xb + 96u * STRIDE];
-            a6 += dots(xv, wl);
-            b6 += dots(xv, wh);
+            a12 = mac(a12, xv, wl);
+            b12 = mac(b12, xv, wh);
+            xv = x_tile[xb + 104u * STRIDE];
+            a13 = mac(a13, xv, wl);
+            b13 = mac(b13, xv, wh);
             xv = x_tile[xb + 112u * STRIDE];
-            a7 += dots(xv, wl);
-            b7 += dots(xv, wh);
+            a14 = mac(a14, xv, wl);
+            b14 = mac(b14, xv, wh);
+            xv = x_tile[xb + 120u * STRIDE];
+            a15 = mac(a15, xv, wl);
+            b15 = mac(b15, xv, wh);
         }
         workgroupBarrier();
     }
@@ -581,29 +630,53 @@ fn gemm(
     let col = n0 + lid.x;
 #if SILU
     store_gemm_row(row, col, silu_mul(a0, b0));
-    store_gemm_row(row + 16u, col, silu_mul(a1, b1));
-    store_gemm_row(row + 32u, col, silu_mul(a2, b2));
-    store_gemm_row(row + 48u, col, silu_mul(a3, b3));
-    store_gemm_row(row + 64u, col, silu_mul(a4, b4));
-    store_gemm_row(row + 80u, col, silu_mul(a5, b5));
-    store_gemm_row(row + 96u, col, silu_mul(a6, b6));
-    store_gemm_row(row + 112u, col, silu_mul(a7, b7));
+    store_gemm_row(row + 8u, col, silu_mul(a1, b1));
+    store_gemm_row(row + 16u, col, silu_mul(a2, b2));
+    store_gemm_row(row + 24u, col, silu_mul(a3, b3));
+    store_gemm_row(row + 32u, col, silu_mul(a4, b4));
+    store_gemm_row(row + 40u, col, silu_mul(a5, b5));
+    store_gemm_row(row + 48u, col, silu_mul(a6, b6));
+    store_gemm_row(row + 56u, col, silu_mul(a7, b7));
+    store_gemm_row(row + 64u, col, silu_mul(a8, b8));
+    store_gemm_row(row + 72u, col, silu_mul(a9, b9));
+    store_gemm_row(row + 80u, col, silu_mul(a10, b10));
+    store_gemm_row(row + 88u, col, silu_mul(a11, b11));
+    store_gemm_row(row + 96u, col, silu_mul(a12, b12));
+    store_gemm_row(row + 104u, col, silu_mul(a13, b13));
+    store_gemm_row(row + 112u, col, silu_mul(a14, b14));
+    store_gemm_row(row + 120u, col, silu_mul(a15, b15));
 #else
     store_gemm_row(row, col, a0);
     store_gemm_row(row, col + 32u, b0);
-    store_gemm_row(row + 16u, col, a1);
-    store_gemm_row(row + 16u, col + 32u, b1);
-    store_gemm_row(row + 32u, col, a2);
-    store_gemm_row(row + 32u, col + 32u, b2);
-    store_gemm_row(row + 48u, col, a3);
-    store_gemm_row(row + 48u, col + 32u, b3);
-    store_gemm_row(row + 64u, col, a4);
-    store_gemm_row(row + 64u, col + 32u, b4);
-    store_gemm_row(row + 80u, col, a5);
-    store_gemm_row(row + 80u, col + 32u, b5);
-    store_gemm_row(row + 96u, col, a6);
-    store_gemm_row(row + 96u, col + 32u, b6);
-    store_gemm_row(row + 112u, col, a7);
-    store_gemm_row(row + 112u, col + 32u, b7);
+    store_gemm_row(row + 8u, col, a1);
+    store_gemm_row(row + 8u, col + 32u, b1);
+    store_gemm_row(row + 16u, col, a2);
+    store_gemm_row(row + 16u, col + 32u, b2);
+    store_gemm_row(row + 24u, col, a3);
+    store_gemm_row(row + 24u, col + 32u, b3);
+    store_gemm_row(row + 32u, col, a4);
+    store_gemm_row(row + 32u, col + 32u, b4);
+    store_gemm_row(row + 40u, col, a5);
+    store_gemm_row(row + 40u, col + 32u, b5);
+    store_gemm_row(row + 48u, col, a6);
+    store_gemm_row(row + 48u, col + 32u, b6);
+    store_gemm_row(row + 56u, col, a7);
+    store_gemm_row(row + 56u, col + 32u, b7);
+    store_gemm_row(row + 64u, col, a8);
+    store_gemm_row(row + 64u, col + 32u, b8);
+    store_gemm_row(row + 72u, col, a9);
+    store_gemm_row(row + 72u, col + 32u, b9);
+    store_gemm_row(row + 80u, col, a10);
+    store_gemm_row(row + 80u, col + 32u, b10);
+    store_gemm_row(row + 88u, col, a11);
+    store_gemm_row(row + 88u, col + 32u, b11);
+    store_gemm_row(row + 96u, col, a12);
+    store_gemm_row(row + 96u, col + 32u, b12);
+    store_gemm_row(row + 104u, col, a13);
+    store_gemm_row(row + 104u, col + 32u, b13);
+    store_gemm_row(row + 112u, col, a14);
+    store_gemm_row(row + 112u, col + 32u, b14);
+    store_gemm_row(row + 120u, col, a15);
+    store_gemm_row(row + 120u, col + 32u, b15);
 #endif
 }
