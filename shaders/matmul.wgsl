@@ -20,7 +20,8 @@
 // out as y.
 //
 // Entry points: `gemv` (few rows of x: one workgroup reduces 4 outputs, 64 lanes each) and
-// `gemm` (128x64 output tiles through workgroup memory, 16x8 outputs per thread).
+// `gemm` / `gemm_wide` (128x64 output tiles through workgroup memory, 8x8 or 16x8 outputs per
+// thread).
 
 struct Params {
     m: u32,
@@ -274,25 +275,24 @@ fn gemv(
 }
 
 // ---------------------------------------------------------------------------------------------
-// GEMM: an 8x8 workgroup computes a TILE_M x TILE block of y; thread (tx, ty) owns rows
-// ty + 8 i (i < 16) and columns tx + 8 j (j < 8). Both tiles keep K innermost, so a thread reads
-// four K values of a row or column as one vec4: 24 vec4 tile reads per 512 multiply-adds (8x8 per
-// thread took 16 per 256; llvmpipe pays per read, GPUs in shared-memory bandwidth). The four
-// column vectors are transposed in registers and multiplied in with fma over K, four fma per
-// four outputs and four K values (a dot product and an add took five). About 128 accumulators,
-// 32 weights and 4 x values per thread: within NVIDIA's and AMD's 255 registers, with 64-thread
-// workgroups for occupancy. Lanes of one ty read the same x vector (a broadcast); rows of both
-// tiles are padded to STRIDE vectors so that the eight lanes of a 128-byte access hit distinct
-// banks. The accumulators are separate variables: an array indexed by a loop counter can go to
-// local memory (NVIDIA Vulkan). Tiles are zero-filled past M, N and K, so no size needs to be a
-// multiple.
+// GEMM: a workgroup computes a TILE_M x TILE block of y. In `gemm` an 8x16 workgroup's thread
+// (tx, ty) owns rows ty + 16 i (i < 8) and columns tx + 8 j (j < 8); in `gemm_wide` an 8x8
+// workgroup's thread owns rows ty + 8 i (i < 16) and the same columns. Both tiles keep K innermost,
+// so a thread reads four K values of a row or column as one vec4: 16 vec4 tile reads per 256
+// multiply-adds, or 24 per 512 in `gemm_wide` (llvmpipe pays per read, GPUs in shared-memory
+// bandwidth), for ~100 or ~180 registers per thread (matmul.rs picks by Gpu::wide_gemm). The
+// four column vectors are transposed in registers and multiplied in with fma over K: four fma
+// per four outputs and four K values (a dot product and an add took five). Lanes of one ty read
+// the same x vector (a broadcast); rows of both tiles are padded to STRIDE vectors so that the
+// eight lanes of a 128-byte access hit distinct banks. The accumulators are separate variables:
+// an array indexed by a loop counter can go to local memory (NVIDIA Vulkan). Tiles are
+// zero-filled past M, N and K, so no size needs to be a multiple.
 
 const TILE_M: u32 = 128u;
 const TILE: u32 = 64u;
 const TILE_K: u32 = 16u;
 const K4: u32 = 4u; // TILE_K / 4: vectors per tile row
 const STRIDE: u32 = 5u; // K4 + 1
-const GEMM_THREADS: u32 = 64u;
 
 // f16 weights stay f16 in the w tile (exact, half the workgroup memory traffic); dequantized
 // Q8/Q6/Q4 values need f32 (q * scale has more than 11 significant bits).
@@ -367,14 +367,14 @@ fn tile_row(n0: u32, i: u32) -> TileRow {
 }
 
 // Fills w_tile with K values k0 .. k0 + TILE_K of the tile's rows (tile_row), zero past N and K.
-fn load_w_tile(t: u32, n0: u32, k0: u32) {
+fn load_w_tile(t: u32, threads: u32, n0: u32, k0: u32) {
 #if QUANT
     // K is a multiple of the group (32 or 64), so a tile never passes K and the values of one
     // word share one scale.
 #if NIBBLE_WORDS
-    // Each thread 8 values (one word of nibbles) of tile row idx / 2, twice.
-    for (var slot = 0u; slot < 2u; slot++) {
-        let idx = t + GEMM_THREADS * slot;
+    // Each thread 8 values (one word of nibbles) of tile row idx / 2.
+    for (var slot = 0u; slot < 2u * TILE / threads; slot++) {
+        let idx = t + threads * slot;
         let i = idx / 2u;
         let h = idx % 2u;
         let r = tile_row(n0, i);
@@ -397,9 +397,9 @@ fn load_w_tile(t: u32, n0: u32, k0: u32) {
     }
 #endif
 #if W_Q8
-    // Each thread 4 values (one word of bytes) of tile row idx / 4, four times.
-    for (var slot = 0u; slot < 4u; slot++) {
-        let idx = t + GEMM_THREADS * slot;
+    // Each thread 4 values (one word of bytes) of tile row idx / 4.
+    for (var slot = 0u; slot < K4 * TILE / threads; slot++) {
+        let idx = t + threads * slot;
         let i = idx / K4;
         let q = idx % K4;
         let r = tile_row(n0, i);
@@ -418,9 +418,9 @@ fn load_w_tile(t: u32, n0: u32, k0: u32) {
     }
 #endif
 #else
-    // Each thread 4 values of tile row idx / 4, four times.
-    for (var slot = 0u; slot < 4u; slot++) {
-        let idx = t + GEMM_THREADS * slot;
+    // Each thread 4 values of tile row idx / 4.
+    for (var slot = 0u; slot < K4 * TILE / threads; slot++) {
+        let idx = t + threads * slot;
         let i = idx / K4;
         let q = idx % K4;
         let r = tile_row(n0, i);
@@ -515,8 +515,116 @@ fn w_columns(row: u32, q: u32) -> mat4x4<f32> {
                        vec4<f32>(w_tile[b + 16u * STRIDE]), vec4<f32>(w_tile[b + 24u * STRIDE]));
 }
 
-@compute @workgroup_size(8, 8)
+// Fills both tiles for K values k0 .. k0 + TILE_K with `threads` threads, then waits for them.
+// (Loop counts are constants once inlined: unrolled, and outside llvmpipe's loop budget.)
+fn fill_tiles(t: u32, threads: u32, row0: u32, n0: u32, k0: u32) {
+    // Four consecutive threads cover one row's K-slice.
+    for (var slot = 0u; slot < K4 * TILE_M / threads; slot++) {
+        let idx = t + threads * slot;
+        let i = idx / K4;
+        let q = idx % K4;
+        x_tile[i * STRIDE + q] = x_tile_vector(row0 + i, k0 + 4u * q);
+    }
+    load_w_tile(t, threads, n0, k0);
+    workgroupBarrier();
+}
+
+@compute @workgroup_size(8, 16)
 fn gemm(
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+) {
+    let row0 = wg.y * TILE_M;
+#if SILU
+    let n0 = wg.x * TILE / 2u;
+#else
+    let n0 = wg.x * TILE;
+#endif
+    // a_i: row ty + 16 i, tile columns tx + 8 j (j < 4); b_i: the same row, tile columns
+    // tx + 32 + 8 j (with SILU the up values of a_i's gate values).
+    var a0 = vec4<f32>();
+    var a1 = vec4<f32>();
+    var a2 = vec4<f32>();
+    var a3 = vec4<f32>();
+    var a4 = vec4<f32>();
+    var a5 = vec4<f32>();
+    var a6 = vec4<f32>();
+    var a7 = vec4<f32>();
+    var b0 = vec4<f32>();
+    var b1 = vec4<f32>();
+    var b2 = vec4<f32>();
+    var b3 = vec4<f32>();
+    var b4 = vec4<f32>();
+    var b5 = vec4<f32>();
+    var b6 = vec4<f32>();
+    var b7 = vec4<f32>();
+    for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
+        fill_tiles(t, 128u, row0, n0, k0);
+        for (var q = 0u; q < K4; q++) {
+            let wl = transpose(w_columns(lid.x, q));
+            let wh = transpose(w_columns(lid.x + 32u, q));
+            let xb = lid.y * STRIDE + q;
+            var xv = x_tile[xb];
+            a0 = mac(a0, xv, wl);
+            b0 = mac(b0, xv, wh);
+            xv = x_tile[xb + 16u * STRIDE];
+            a1 = mac(a1, xv, wl);
+            b1 = mac(b1, xv, wh);
+            xv = x_tile[xb + 32u * STRIDE];
+            a2 = mac(a2, xv, wl);
+            b2 = mac(b2, xv, wh);
+            xv = x_tile[xb + 48u * STRIDE];
+            a3 = mac(a3, xv, wl);
+            b3 = mac(b3, xv, wh);
+            xv = x_tile[xb + 64u * STRIDE];
+            a4 = mac(a4, xv, wl);
+            b4 = mac(b4, xv, wh);
+            xv = x_tile[xb + 80u * STRIDE];
+            a5 = mac(a5, xv, wl);
+            b5 = mac(b5, xv, wh);
+            xv = x_tile[xb + 96u * STRIDE];
+            a6 = mac(a6, xv, wl);
+            b6 = mac(b6, xv, wh);
+            xv = x_tile[xb + 112u * STRIDE];
+            a7 = mac(a7, xv, wl);
+            b7 = mac(b7, xv, wh);
+        }
+        workgroupBarrier();
+    }
+    let row = row0 + lid.y;
+    let col = n0 + lid.x;
+#if SILU
+    store_gemm_row(row, col, silu_mul(a0, b0));
+    store_gemm_row(row + 16u, col, silu_mul(a1, b1));
+    store_gemm_row(row + 32u, col, silu_mul(a2, b2));
+    store_gemm_row(row + 48u, col, silu_mul(a3, b3));
+    store_gemm_row(row + 64u, col, silu_mul(a4, b4));
+    store_gemm_row(row + 80u, col, silu_mul(a5, b5));
+    store_gemm_row(row + 96u, col, silu_mul(a6, b6));
+    store_gemm_row(row + 112u, col, silu_mul(a7, b7));
+#else
+    store_gemm_row(row, col, a0);
+    store_gemm_row(row, col + 32u, b0);
+    store_gemm_row(row + 16u, col, a1);
+    store_gemm_row(row + 16u, col + 32u, b1);
+    store_gemm_row(row + 32u, col, a2);
+    store_gemm_row(row + 32u, col + 32u, b2);
+    store_gemm_row(row + 48u, col, a3);
+    store_gemm_row(row + 48u, col + 32u, b3);
+    store_gemm_row(row + 64u, col, a4);
+    store_gemm_row(row + 64u, col + 32u, b4);
+    store_gemm_row(row + 80u, col, a5);
+    store_gemm_row(row + 80u, col + 32u, b5);
+    store_gemm_row(row + 96u, col, a6);
+    store_gemm_row(row + 96u, col + 32u, b6);
+    store_gemm_row(row + 112u, col, a7);
+    store_gemm_row(row + 112u, col + 32u, b7);
+#endif
+}
+
+@compute @workgroup_size(8, 8)
+fn gemm_wide(
     @builtin(local_invocation_id) lid: vec3<u32>,
     @builtin(local_invocation_index) t: u32,
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -562,15 +670,7 @@ fn gemm(
     var b14 = vec4<f32>();
     var b15 = vec4<f32>();
     for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
-        // Four consecutive threads cover one row's K-slice: eight x vectors per thread.
-        for (var r = 0u; r < 8u; r++) {
-            let idx = t + GEMM_THREADS * r;
-            let i = idx / K4;
-            let q = idx % K4;
-            x_tile[i * STRIDE + q] = x_tile_vector(row0 + i, k0 + 4u * q);
-        }
-        load_w_tile(t, n0, k0);
-        workgroupBarrier();
+        fill_tiles(t, 64u, row0, n0, k0);
         for (var q = 0u; q < K4; q++) {
             let wl = transpose(w_columns(lid.x, q));
             let wh = transpose(w_columns(lid.x + 32u, q));

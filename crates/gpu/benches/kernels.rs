@@ -533,7 +533,7 @@ fn main() -> Result<()> {
     // does not profile.
     let profiled = GpuOptions {
         profile: true,
-        ..Default::default()
+        ..GpuOptions::from_env()
     };
     let gpu = Gpu::with_options_blocking(profiled)?;
     let unprofiled = Gpu::new_blocking()?;
@@ -558,6 +558,10 @@ fn main() -> Result<()> {
     println!(
         "adapter: {} ({:?}, {:?}), driver: {} {}",
         info.name, info.backend, info.device_type, info.driver, info.driver_info
+    );
+    println!(
+        "gemm tile: {} outputs per thread (LLAVA_WIDE_GEMM=1 or 0 picks one)",
+        if gpu.wide_gemm() { "16x8" } else { "8x8" }
     );
     println!(
         "shader-f16: {}",

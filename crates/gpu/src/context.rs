@@ -31,6 +31,9 @@ pub struct GpuOptions {
     /// Times every dispatch with timestamp queries, for [`Gpu::take_profile`] (natively, where the
     /// adapter has TIMESTAMP_QUERY; see [`crate::profile`]).
     pub profile: bool,
+    /// The GEMM's register tile ([`Gpu::wide_gemm`]): `Some(true)` 16x8 outputs per thread,
+    /// `Some(false)` 8x8, `None` by the adapter's type.
+    pub wide_gemm: Option<bool>,
 }
 
 impl Default for GpuOptions {
@@ -39,20 +42,30 @@ impl Default for GpuOptions {
             f16: true,
             max_buffer_bytes: None,
             profile: false,
+            wide_gemm: None,
         }
     }
 }
 
 impl GpuOptions {
-    /// The defaults, with `f16` off when the environment variable `LLAVA_NO_F16` is `1`
+    /// The defaults, with `f16` off when the environment variable `LLAVA_NO_F16` is `1` and the
+    /// GEMM tile set by `LLAVA_WIDE_GEMM` (`1` wide, `0` 8x8, to compare them on one GPU)
     /// (natively; a browser has no environment).
     pub fn from_env() -> Self {
         #[cfg(not(target_arch = "wasm32"))]
-        let no_f16 = std::env::var("LLAVA_NO_F16").is_ok_and(|v| v == "1");
+        let (no_f16, wide_gemm) = (
+            std::env::var("LLAVA_NO_F16").is_ok_and(|v| v == "1"),
+            match std::env::var("LLAVA_WIDE_GEMM").as_deref() {
+                Ok("1") => Some(true),
+                Ok("0") => Some(false),
+                _ => None,
+            },
+        );
         #[cfg(target_arch = "wasm32")]
-        let no_f16 = false;
+        let (no_f16, wide_gemm) = (false, None);
         GpuOptions {
             f16: !no_f16,
+            wide_gemm,
             ..Default::default()
         }
     }
@@ -71,6 +84,7 @@ pub struct Gpu {
     counters: CounterCells,
     /// Present when dispatches are timed ([`GpuOptions::profile`]).
     profiler: Option<Profiler>,
+    wide_gemm: bool,
 }
 
 impl Gpu {
@@ -166,10 +180,18 @@ impl Gpu {
             *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(GpuError::DeviceLost(lost));
         });
 
+        let info = adapter.get_info();
+        // CPU adapters keep registers in cache and discrete GPUs have 255 per thread; integrated
+        // GPUs (Apple, Intel) and adapters of unknown type (a browser's) may have 128, which the
+        // wide tile's ~180 would spill from.
+        let wide_gemm = options.wide_gemm.unwrap_or(matches!(
+            info.device_type,
+            wgpu::DeviceType::Cpu | wgpu::DeviceType::DiscreteGpu
+        ));
         Ok(Gpu {
             device,
             queue,
-            info: adapter.get_info(),
+            info,
             limits,
             features: GpuFeatures {
                 shader_f16: required_features.contains(wgpu::Features::SHADER_F16),
@@ -181,6 +203,7 @@ impl Gpu {
             profiler: required_features
                 .contains(wgpu::Features::TIMESTAMP_QUERY)
                 .then(Profiler::default),
+            wide_gemm,
         })
     }
 
@@ -225,6 +248,12 @@ impl Gpu {
     ) -> wgpu::SubmissionIndex {
         self.counters.add(&self.counters.submits, 1);
         self.queue.submit(commands)
+    }
+
+    /// Whether the GEMM computes 16x8 outputs per thread (`gemm_wide`: fewer workgroup-memory
+    /// reads per multiply-add, ~180 registers) rather than 8x8 (`gemm`, within 128 registers).
+    pub fn wide_gemm(&self) -> bool {
+        self.wide_gemm
     }
 
     /// Whether the device has SHADER_F16, so that `SHADER_F16` kernel variants (`enable f16;`)

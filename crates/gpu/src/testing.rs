@@ -15,13 +15,15 @@ pub fn gpu() -> &'static Gpu {
     GPU.get_or_init(|| Gpu::new_blocking().expect("a wgpu adapter (install mesa-vulkan-drivers)"))
 }
 
-/// A second shared device opened without shader-f16, as in a browser that lacks it, so that
-/// tests can run the f32 path of kernels that have `SHADER_F16` variants on the same machine.
-pub fn gpu_without_f16() -> &'static Gpu {
+/// A second shared device opened as a browser's adapter of unknown type gets it: without
+/// shader-f16 (the f32 path of kernels that have `SHADER_F16` variants) and with the 8x8 GEMM
+/// tile ([`Gpu::wide_gemm`]), so that tests run both paths on the same machine.
+pub fn browser_like_gpu() -> &'static Gpu {
     static GPU: OnceLock<Gpu> = OnceLock::new();
     GPU.get_or_init(|| {
         Gpu::with_options_blocking(GpuOptions {
             f16: false,
+            wide_gemm: Some(false),
             ..Default::default()
         })
         .expect("a wgpu adapter (install mesa-vulkan-drivers)")

@@ -197,7 +197,12 @@ pub(crate) fn linear_windowed(
         decode::gemv_windowed(batch, x, w, None, Epilogue::Store, &y, max_window_bytes)?;
         return Ok(y);
     }
-    let key = pipeline_key(batch.gpu(), if gemv { "gemv" } else { "gemm" }, w.dtype())
+    let entry = if gemv {
+        "gemv"
+    } else {
+        gemm_entry(batch.gpu())
+    };
+    let key = pipeline_key(batch.gpu(), entry, w.dtype())
         .flag_if(bias.is_some(), "BIAS")
         .flag_if(matches!(epilogue, LinearEpilogue::QuickGelu), "QUICK_GELU")
         .flag_if(matches!(epilogue, LinearEpilogue::Residual(_)), "RESIDUAL");
@@ -292,7 +297,7 @@ pub fn linear_silu_mul(
     let whole = whole_buffer(gate);
     let mut buffers = vec![x.binding(), whole, y.binding()];
     buffers.extend(gate.dtype().is_quantized().then_some(whole));
-    let key = pipeline_key(batch.gpu(), "gemm", gate.dtype()).flag("SILU");
+    let key = pipeline_key(batch.gpu(), gemm_entry(batch.gpu()), gate.dtype()).flag("SILU");
     // A tile's 64 rows of w are 32 rows of gate and the same 32 of up.
     let grid = gemm_grid(batch.gpu(), OP, n32.div_ceil(GEMM_TILE_N / 2), m32)?;
     batch.dispatch(&key, bytemuck::bytes_of(&params), &buffers, grid)?;
@@ -377,7 +382,7 @@ pub fn linear_qkv(
     let mut buffers = vec![x.binding(), whole, y.binding()];
     buffers.extend(q.dtype().is_quantized().then_some(whole));
     buffers.extend(bias.map(|[bq, ..]| whole_buffer(bq)));
-    let key = pipeline_key(batch.gpu(), "gemm", q.dtype())
+    let key = pipeline_key(batch.gpu(), gemm_entry(batch.gpu()), q.dtype())
         .flag("QKV")
         .flag_if(bias.is_some(), "BIAS")
         .flag_if(v.dtype() != q.dtype(), "V_Q6")
@@ -416,6 +421,12 @@ fn with_last_dim(x: &Tensor, n: usize) -> Vec<usize> {
     let mut shape = x.shape().to_vec();
     *shape.last_mut().expect("x has rank >= 1") = n;
     shape
+}
+
+/// The GEMM entry point for the device's register tile ([`crate::Gpu::wide_gemm`]): both cover
+/// GEMM_TILE_M x GEMM_TILE_N outputs per workgroup.
+fn gemm_entry(gpu: &crate::Gpu) -> &'static str {
+    if gpu.wide_gemm() { "gemm_wide" } else { "gemm" }
 }
 
 /// The kernel `entry` for weights of `dtype` (without BIAS or SILU).
@@ -608,7 +619,7 @@ mod tests {
 
     use super::*;
     use crate::Gpu;
-    use crate::testing::{gpu, gpu_without_f16, random, weights};
+    use crate::testing::{browser_like_gpu, gpu, random, weights};
 
     /// `x · wᵀ + bias` in f64 over row-major `x: [m, k]`, `w: [n, k]`.
     fn reference(
@@ -646,14 +657,10 @@ mod tests {
         }
     }
 
-    /// The shared device, which runs the `SHADER_F16` variants where the adapter has shader-f16,
-    /// and one without shader-f16 (the f32 path). Only F16 weights have f16 variants.
-    fn devices(dtype: DType) -> Vec<&'static Gpu> {
-        if dtype == DType::F16 {
-            vec![gpu(), gpu_without_f16()]
-        } else {
-            vec![gpu()]
-        }
+    /// The shared device, which runs the `SHADER_F16` variants where the adapter has shader-f16
+    /// (and on llvmpipe the wide GEMM), and the browser-like one: the f32 path and the 8x8 GEMM.
+    fn devices() -> Vec<&'static Gpu> {
+        vec![gpu(), browser_like_gpu()]
     }
 
     /// Runs `linear` on fresh random data on each of [`devices`] and compares with the CPU
@@ -668,7 +675,7 @@ mod tests {
         kernel: LinearKernel,
         window: u64,
     ) {
-        for gpu in devices(dtype) {
+        for gpu in devices() {
             check_on(gpu, dtype, lead, k, n, with_bias, kernel, window);
         }
     }
@@ -800,7 +807,8 @@ mod tests {
         assert_eq!(kernels(2, None), ["gemv NIBBLE_WORDS QUANT W_Q4"]);
     }
 
-    /// Guards the tests above: where the adapter offers shader-f16 they ran both paths.
+    /// Guards the tests above: where the adapter offers shader-f16 they ran both paths, and on
+    /// llvmpipe (a CPU adapter) both GEMM tiles.
     #[test]
     fn f16_option_decides_the_device_feature_and_the_variants() {
         let instance =
@@ -815,7 +823,16 @@ mod tests {
             gpu().has_f16(),
             offered && std::env::var("LLAVA_NO_F16").as_deref() != Ok("1")
         );
-        let plain = gpu_without_f16();
+        // The shared device takes the GEMM tile by adapter type, the browser-like one the 8x8.
+        assert_eq!(
+            gpu().wide_gemm(),
+            matches!(
+                gpu().info().device_type,
+                wgpu::DeviceType::Cpu | wgpu::DeviceType::DiscreteGpu
+            )
+        );
+        let plain = browser_like_gpu();
+        assert!(!plain.wide_gemm());
         assert!(!plain.has_f16());
         assert!(
             !plain
@@ -941,7 +958,7 @@ mod tests {
             } else {
                 37
             };
-            for gpu in devices(dtype) {
+            for gpu in devices() {
                 for (m, n, pack, dispatches) in [
                     (150, 70, true, 1),
                     (9, 33, true, 1),
@@ -987,7 +1004,7 @@ mod tests {
             } else {
                 37
             };
-            for gpu in devices(dtype) {
+            for gpu in devices() {
                 // Q4 also with v in Q6 (the converter's Q4), and F16 with v in F32 (no fused kernel).
                 let v_dtype = match dtype {
                     DType::Q4 => DType::Q6,
@@ -1095,7 +1112,7 @@ mod tests {
             let n = 150;
             // Windows of 128 rows (a multiple of every format's alignment step here): 128 + 22.
             let window = 128 * row_bytes(&weights(gpu(), dtype, 1, k, 0).0, k).0;
-            for gpu in devices(dtype) {
+            for gpu in devices() {
                 for (m, with_bias, max_window, dispatches) in [
                     (150, true, u64::MAX, 1),
                     (150, false, u64::MAX, 1),
