@@ -280,7 +280,7 @@ fn gemv(
 // workgroup's thread owns rows ty + 8 i (i < 16) and the same columns. Both tiles keep K innermost,
 // so a thread reads four K values of a row or column as one vec4: 16 vec4 tile reads per 256
 // multiply-adds, or 24 per 512 in `gemm_wide` (llvmpipe pays per read, GPUs in shared-memory
-// bandwidth), for ~100 or ~180 registers per thread (matmul.rs picks by Gpu::wide_gemm). The
+// bandwidth), for ~100 or ~180 registers per thread (matmul.rs picks by GemmTile and K). The
 // four column vectors are transposed in registers and multiplied in with fma over K: four fma
 // per four outputs and four K values (a dot product and an add took five). Lanes of one ty read
 // the same x vector (a broadcast); rows of both tiles are padded to STRIDE vectors so that the

@@ -560,8 +560,9 @@ fn main() -> Result<()> {
         info.name, info.backend, info.device_type, info.driver, info.driver_info
     );
     println!(
-        "gemm tile: {} outputs per thread (LLAVA_WIDE_GEMM=1 or 0 picks one)",
-        if gpu.wide_gemm() { "16x8" } else { "8x8" }
+        "gemm tile: {:?} (Wide 16x8 outputs per thread, Narrow 8x8, Auto wide from K = 256; \
+         LLAVA_WIDE_GEMM=1 or 0 picks one)",
+        gpu.gemm_tile()
     );
     println!(
         "shader-f16: {}",

@@ -31,9 +31,37 @@ pub struct GpuOptions {
     /// Times every dispatch with timestamp queries, for [`Gpu::take_profile`] (natively, where the
     /// adapter has TIMESTAMP_QUERY; see [`crate::profile`]).
     pub profile: bool,
-    /// The GEMM's register tile ([`Gpu::wide_gemm`]): `Some(true)` 16x8 outputs per thread,
-    /// `Some(false)` 8x8, `None` by the adapter's type.
-    pub wide_gemm: Option<bool>,
+    /// The GEMM's register tile ([`Gpu::gemm_tile`]).
+    pub gemm_tile: GemmTile,
+}
+
+/// The prefill GEMM's register tile (`ops::matmul` picks the kernel by it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmTile {
+    /// 8x8 outputs per thread (`gemm`, ~100 registers).
+    Narrow,
+    /// 16x8 outputs per thread (`gemm_wide`, ~180 registers): fewer workgroup-memory reads per
+    /// multiply-add.
+    Wide,
+    /// Wide where the adapter has the registers and K is long enough (`ops::matmul`), narrow
+    /// elsewhere (see [`GemmTile::for_adapter`]).
+    Auto,
+}
+
+impl GemmTile {
+    /// The tile on an adapter of `device_type`: `Auto` stays `Auto` on CPU adapters (registers
+    /// live in cache) and discrete GPUs (255 registers per thread on NVIDIA and AMD) and becomes
+    /// `Narrow` on integrated GPUs (Apple, Intel) and adapters of unknown type (a browser's),
+    /// which may have 128 registers per thread and would spill the wide tile's.
+    pub fn for_adapter(self, device_type: wgpu::DeviceType) -> GemmTile {
+        match (self, device_type) {
+            (GemmTile::Auto, wgpu::DeviceType::Cpu | wgpu::DeviceType::DiscreteGpu) => {
+                GemmTile::Auto
+            }
+            (GemmTile::Auto, _) => GemmTile::Narrow,
+            (tile, _) => tile,
+        }
+    }
 }
 
 impl Default for GpuOptions {
@@ -42,30 +70,30 @@ impl Default for GpuOptions {
             f16: true,
             max_buffer_bytes: None,
             profile: false,
-            wide_gemm: None,
+            gemm_tile: GemmTile::Auto,
         }
     }
 }
 
 impl GpuOptions {
     /// The defaults, with `f16` off when the environment variable `LLAVA_NO_F16` is `1` and the
-    /// GEMM tile set by `LLAVA_WIDE_GEMM` (`1` wide, `0` 8x8, to compare them on one GPU)
+    /// GEMM tile set by `LLAVA_WIDE_GEMM` (`1` wide, `0` narrow, to compare them on one GPU)
     /// (natively; a browser has no environment).
     pub fn from_env() -> Self {
         #[cfg(not(target_arch = "wasm32"))]
-        let (no_f16, wide_gemm) = (
+        let (no_f16, gemm_tile) = (
             std::env::var("LLAVA_NO_F16").is_ok_and(|v| v == "1"),
             match std::env::var("LLAVA_WIDE_GEMM").as_deref() {
-                Ok("1") => Some(true),
-                Ok("0") => Some(false),
-                _ => None,
+                Ok("1") => GemmTile::Wide,
+                Ok("0") => GemmTile::Narrow,
+                _ => GemmTile::Auto,
             },
         );
         #[cfg(target_arch = "wasm32")]
-        let (no_f16, wide_gemm) = (false, None);
+        let (no_f16, gemm_tile) = (false, GemmTile::Auto);
         GpuOptions {
             f16: !no_f16,
-            wide_gemm,
+            gemm_tile,
             ..Default::default()
         }
     }
@@ -84,7 +112,7 @@ pub struct Gpu {
     counters: CounterCells,
     /// Present when dispatches are timed ([`GpuOptions::profile`]).
     profiler: Option<Profiler>,
-    wide_gemm: bool,
+    gemm_tile: GemmTile,
 }
 
 impl Gpu {
@@ -181,13 +209,7 @@ impl Gpu {
         });
 
         let info = adapter.get_info();
-        // CPU adapters keep registers in cache and discrete GPUs have 255 per thread; integrated
-        // GPUs (Apple, Intel) and adapters of unknown type (a browser's) may have 128, which the
-        // wide tile's ~180 would spill from.
-        let wide_gemm = options.wide_gemm.unwrap_or(matches!(
-            info.device_type,
-            wgpu::DeviceType::Cpu | wgpu::DeviceType::DiscreteGpu
-        ));
+        let gemm_tile = options.gemm_tile.for_adapter(info.device_type);
         Ok(Gpu {
             device,
             queue,
@@ -203,7 +225,7 @@ impl Gpu {
             profiler: required_features
                 .contains(wgpu::Features::TIMESTAMP_QUERY)
                 .then(Profiler::default),
-            wide_gemm,
+            gemm_tile,
         })
     }
 
@@ -250,10 +272,9 @@ impl Gpu {
         self.queue.submit(commands)
     }
 
-    /// Whether the GEMM computes 16x8 outputs per thread (`gemm_wide`: fewer workgroup-memory
-    /// reads per multiply-add, ~180 registers) rather than 8x8 (`gemm`, within 128 registers).
-    pub fn wide_gemm(&self) -> bool {
-        self.wide_gemm
+    /// The GEMM's register tile on this device: `Narrow`, `Wide`, or `Auto` (wide for long K).
+    pub fn gemm_tile(&self) -> GemmTile {
+        self.gemm_tile
     }
 
     /// Whether the device has SHADER_F16, so that `SHADER_F16` kernel variants (`enable f16;`)

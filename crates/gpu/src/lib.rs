@@ -17,7 +17,7 @@ pub mod registry;
 pub mod tensor;
 
 pub use context::{
-    Batch, Binding, Counters, Gpu, GpuFeatures, GpuOptions, Plan, Readback, Uniform,
+    Batch, Binding, Counters, GemmTile, Gpu, GpuFeatures, GpuOptions, Plan, Readback, Uniform,
 };
 pub use error::{GpuError, Result};
 pub use profile::KernelTime;

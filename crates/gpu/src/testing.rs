@@ -6,24 +6,31 @@ pub use crate::random;
 use half::f16;
 
 use crate::quant::{dequantize, quantize};
-use crate::{DType, Gpu, GpuOptions, Tensor};
+use crate::{DType, GemmTile, Gpu, GpuOptions, Tensor};
 
 /// The device shared by all tests of this crate (tests run in parallel on it). It has
-/// shader-f16 where the adapter offers it (llvmpipe does) and `LLAVA_NO_F16` is not set.
+/// shader-f16 where the adapter offers it (llvmpipe does) and `LLAVA_NO_F16` is not set, and runs
+/// every GEMM on the wide tile ([`GemmTile::Wide`]).
 pub fn gpu() -> &'static Gpu {
     static GPU: OnceLock<Gpu> = OnceLock::new();
-    GPU.get_or_init(|| Gpu::new_blocking().expect("a wgpu adapter (install mesa-vulkan-drivers)"))
+    GPU.get_or_init(|| {
+        Gpu::with_options_blocking(GpuOptions {
+            gemm_tile: GemmTile::Wide,
+            ..GpuOptions::from_env()
+        })
+        .expect("a wgpu adapter (install mesa-vulkan-drivers)")
+    })
 }
 
 /// A second shared device opened as a browser's adapter of unknown type gets it: without
 /// shader-f16 (the f32 path of kernels that have `SHADER_F16` variants) and with the 8x8 GEMM
-/// tile ([`Gpu::wide_gemm`]), so that tests run both paths on the same machine.
+/// tile ([`GemmTile::Narrow`]), so that tests run both paths on the same machine.
 pub fn browser_like_gpu() -> &'static Gpu {
     static GPU: OnceLock<Gpu> = OnceLock::new();
     GPU.get_or_init(|| {
         Gpu::with_options_blocking(GpuOptions {
             f16: false,
-            wide_gemm: Some(false),
+            gemm_tile: GemmTile::Narrow,
             ..Default::default()
         })
         .expect("a wgpu adapter (install mesa-vulkan-drivers)")

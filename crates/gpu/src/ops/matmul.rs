@@ -20,7 +20,7 @@ use crate::error::{GpuError, Result, shape_err};
 use crate::ops::decode::{self, Epilogue};
 use crate::ops::elementwise::{add, quick_gelu, silu_mul};
 use crate::registry::{PipelineKey, SHADER_F16, Shader};
-use crate::{Batch, DType, Tensor, shader};
+use crate::{Batch, DType, GemmTile, Tensor, shader};
 
 const SHADER: Shader = shader!("matmul");
 /// Outputs per GEMV workgroup and the GEMM output tile, rows of x by columns (see the shader).
@@ -200,7 +200,7 @@ pub(crate) fn linear_windowed(
     let entry = if gemv {
         "gemv"
     } else {
-        gemm_entry(batch.gpu())
+        gemm_entry(batch.gpu(), k)
     };
     let key = pipeline_key(batch.gpu(), entry, w.dtype())
         .flag_if(bias.is_some(), "BIAS")
@@ -297,7 +297,7 @@ pub fn linear_silu_mul(
     let whole = whole_buffer(gate);
     let mut buffers = vec![x.binding(), whole, y.binding()];
     buffers.extend(gate.dtype().is_quantized().then_some(whole));
-    let key = pipeline_key(batch.gpu(), gemm_entry(batch.gpu()), gate.dtype()).flag("SILU");
+    let key = pipeline_key(batch.gpu(), gemm_entry(batch.gpu(), k), gate.dtype()).flag("SILU");
     // A tile's 64 rows of w are 32 rows of gate and the same 32 of up.
     let grid = gemm_grid(batch.gpu(), OP, n32.div_ceil(GEMM_TILE_N / 2), m32)?;
     batch.dispatch(&key, bytemuck::bytes_of(&params), &buffers, grid)?;
@@ -382,7 +382,7 @@ pub fn linear_qkv(
     let mut buffers = vec![x.binding(), whole, y.binding()];
     buffers.extend(q.dtype().is_quantized().then_some(whole));
     buffers.extend(bias.map(|[bq, ..]| whole_buffer(bq)));
-    let key = pipeline_key(batch.gpu(), gemm_entry(batch.gpu()), q.dtype())
+    let key = pipeline_key(batch.gpu(), gemm_entry(batch.gpu(), kd), q.dtype())
         .flag("QKV")
         .flag_if(bias.is_some(), "BIAS")
         .flag_if(v.dtype() != q.dtype(), "V_Q6")
@@ -423,10 +423,28 @@ fn with_last_dim(x: &Tensor, n: usize) -> Vec<usize> {
     shape
 }
 
-/// The GEMM entry point for the device's register tile ([`crate::Gpu::wide_gemm`]): both cover
-/// GEMM_TILE_M x GEMM_TILE_N outputs per workgroup.
-fn gemm_entry(gpu: &crate::Gpu) -> &'static str {
-    if gpu.wide_gemm() { "gemm_wide" } else { "gemm" }
+/// K from which `GemmTile::Auto` takes the wide tile. Below it the tile fills and stores outweigh
+/// the inner loop that the wide tile speeds up: on llvmpipe the bundled model's GEMMs (K = 32 to
+/// 128) ran 1.3-1.5x slower wide, while 577x256x1024 ran 1.2x faster (q4 28 vs 34 ms).
+const WIDE_GEMM_MIN_K: usize = 256;
+
+/// Whether a GEMM over rows of `k` values takes the 16x8 tile on a device with `tile`.
+fn gemm_is_wide(tile: GemmTile, k: usize) -> bool {
+    match tile {
+        GemmTile::Narrow => false,
+        GemmTile::Wide => true,
+        GemmTile::Auto => k >= WIDE_GEMM_MIN_K,
+    }
+}
+
+/// The GEMM entry point for rows of `k` values: `gemm_wide` or `gemm` (both cover
+/// GEMM_TILE_M x GEMM_TILE_N outputs per workgroup).
+fn gemm_entry(gpu: &crate::Gpu, k: usize) -> &'static str {
+    if gemm_is_wide(gpu.gemm_tile(), k) {
+        "gemm_wide"
+    } else {
+        "gemm"
+    }
 }
 
 /// The kernel `entry` for weights of `dtype` (without BIAS or SILU).
@@ -807,6 +825,54 @@ mod tests {
         assert_eq!(kernels(2, None), ["gemv NIBBLE_WORDS QUANT W_Q4"]);
     }
 
+    /// The automatic tile: wide only where the adapter has the registers and K is long enough.
+    #[test]
+    fn auto_gemm_tile_goes_by_adapter_type_and_k() {
+        use wgpu::DeviceType;
+        for (device_type, tile) in [
+            (DeviceType::Cpu, GemmTile::Auto),
+            (DeviceType::DiscreteGpu, GemmTile::Auto),
+            (DeviceType::IntegratedGpu, GemmTile::Narrow),
+            (DeviceType::VirtualGpu, GemmTile::Narrow),
+            (DeviceType::Other, GemmTile::Narrow),
+        ] {
+            assert_eq!(
+                GemmTile::Auto.for_adapter(device_type),
+                tile,
+                "{device_type:?}"
+            );
+            for forced in [GemmTile::Narrow, GemmTile::Wide] {
+                assert_eq!(forced.for_adapter(device_type), forced);
+            }
+        }
+        assert!(!gemm_is_wide(GemmTile::Auto, 128));
+        assert!(gemm_is_wide(GemmTile::Auto, 256));
+        assert!(gemm_is_wide(GemmTile::Wide, 32));
+        assert!(!gemm_is_wide(GemmTile::Narrow, 4096));
+        // Which kernel ran, from the profiler's names, where the adapter takes `Auto` (llvmpipe).
+        let profiled = Gpu::with_options_blocking(crate::GpuOptions {
+            profile: true,
+            ..Default::default()
+        })
+        .unwrap();
+        if profiled.gemm_tile() != GemmTile::Auto {
+            return;
+        }
+        for (k, entry) in [(128, "gemm"), (256, "gemm_wide")] {
+            let tx = Tensor::from_f32(&profiled, &[20, k], &random(20 * k, 1)).unwrap();
+            let (tw, _) = weights(&profiled, DType::F32, 16, k, 2);
+            let mut batch = profiled.batch();
+            let y = linear_with(&mut batch, &tx, &tw, None, LinearKernel::Gemm).unwrap();
+            batch.submit().unwrap();
+            pollster::block_on(y.to_f32(&profiled)).unwrap();
+            let times = profiled
+                .take_profile()
+                .expect("llvmpipe has timestamp queries");
+            let names: Vec<String> = times.into_iter().map(|t| t.kernel).collect();
+            assert_eq!(names, [format!("{entry} W_F32")], "K = {k}");
+        }
+    }
+
     /// Guards the tests above: where the adapter offers shader-f16 they ran both paths, and on
     /// llvmpipe (a CPU adapter) both GEMM tiles.
     #[test]
@@ -823,16 +889,10 @@ mod tests {
             gpu().has_f16(),
             offered && std::env::var("LLAVA_NO_F16").as_deref() != Ok("1")
         );
-        // The shared device takes the GEMM tile by adapter type, the browser-like one the 8x8.
-        assert_eq!(
-            gpu().wide_gemm(),
-            matches!(
-                gpu().info().device_type,
-                wgpu::DeviceType::Cpu | wgpu::DeviceType::DiscreteGpu
-            )
-        );
+        // The shared device runs every GEMM on the wide tile, the browser-like one on the 8x8.
+        assert_eq!(gpu().gemm_tile(), GemmTile::Wide);
         let plain = browser_like_gpu();
-        assert!(!plain.wide_gemm());
+        assert_eq!(plain.gemm_tile(), GemmTile::Narrow);
         assert!(!plain.has_f16());
         assert!(
             !plain
