@@ -501,6 +501,26 @@ fn silu_mul(gate: vec4<f32>, up: vec4<f32>) -> vec4<f32> {
     return gate / (1.0 + exp(-gate)) * up;
 }
 
+// The first output column of workgroup column `wg_x` (with SILU a tile holds TILE / 2 outputs).
+fn tile_n0(wg_x: u32) -> u32 {
+#if SILU
+    return wg_x * TILE / 2u;
+#else
+    return wg_x * TILE;
+#endif
+}
+
+// Writes a thread's row `row` from its accumulators a (tile columns tx + 8 j) and b (tx + 32 + 8 j;
+// with SILU the up values of a's gate values).
+fn store_thread_row(row: u32, col: u32, a: vec4<f32>, b: vec4<f32>) {
+#if SILU
+    store_gemm_row(row, col, silu_mul(a, b));
+#else
+    store_gemm_row(row, col, a);
+    store_gemm_row(row, col + 32u, b);
+#endif
+}
+
 // acc + the dot products of x with four weight columns, as multiply-adds over K: `bt` is the
 // transpose of the columns (bt[k] holds the four columns' values at k).
 fn mac(acc: vec4<f32>, xv: vec4<f32>, bt: mat4x4<f32>) -> vec4<f32> {
@@ -536,11 +556,7 @@ fn gemm(
     @builtin(workgroup_id) wg: vec3<u32>,
 ) {
     let row0 = wg.y * TILE_M;
-#if SILU
-    let n0 = wg.x * TILE / 2u;
-#else
-    let n0 = wg.x * TILE;
-#endif
+    let n0 = tile_n0(wg.x);
     // a_i: row ty + 16 i, tile columns tx + 8 j (j < 4); b_i: the same row, tile columns
     // tx + 32 + 8 j (with SILU the up values of a_i's gate values).
     var a0 = vec4<f32>();
@@ -594,33 +610,14 @@ fn gemm(
     }
     let row = row0 + lid.y;
     let col = n0 + lid.x;
-#if SILU
-    store_gemm_row(row, col, silu_mul(a0, b0));
-    store_gemm_row(row + 16u, col, silu_mul(a1, b1));
-    store_gemm_row(row + 32u, col, silu_mul(a2, b2));
-    store_gemm_row(row + 48u, col, silu_mul(a3, b3));
-    store_gemm_row(row + 64u, col, silu_mul(a4, b4));
-    store_gemm_row(row + 80u, col, silu_mul(a5, b5));
-    store_gemm_row(row + 96u, col, silu_mul(a6, b6));
-    store_gemm_row(row + 112u, col, silu_mul(a7, b7));
-#else
-    store_gemm_row(row, col, a0);
-    store_gemm_row(row, col + 32u, b0);
-    store_gemm_row(row + 16u, col, a1);
-    store_gemm_row(row + 16u, col + 32u, b1);
-    store_gemm_row(row + 32u, col, a2);
-    store_gemm_row(row + 32u, col + 32u, b2);
-    store_gemm_row(row + 48u, col, a3);
-    store_gemm_row(row + 48u, col + 32u, b3);
-    store_gemm_row(row + 64u, col, a4);
-    store_gemm_row(row + 64u, col + 32u, b4);
-    store_gemm_row(row + 80u, col, a5);
-    store_gemm_row(row + 80u, col + 32u, b5);
-    store_gemm_row(row + 96u, col, a6);
-    store_gemm_row(row + 96u, col + 32u, b6);
-    store_gemm_row(row + 112u, col, a7);
-    store_gemm_row(row + 112u, col + 32u, b7);
-#endif
+    store_thread_row(row, col, a0, b0);
+    store_thread_row(row + 16u, col, a1, b1);
+    store_thread_row(row + 32u, col, a2, b2);
+    store_thread_row(row + 48u, col, a3, b3);
+    store_thread_row(row + 64u, col, a4, b4);
+    store_thread_row(row + 80u, col, a5, b5);
+    store_thread_row(row + 96u, col, a6, b6);
+    store_thread_row(row + 112u, col, a7, b7);
 }
 
 @compute @workgroup_size(8, 8)
@@ -630,11 +627,7 @@ fn gemm_wide(
     @builtin(workgroup_id) wg: vec3<u32>,
 ) {
     let row0 = wg.y * TILE_M;
-#if SILU
-    let n0 = wg.x * TILE / 2u;
-#else
-    let n0 = wg.x * TILE;
-#endif
+    let n0 = tile_n0(wg.x);
     // a_i: row ty + 8 i, tile columns tx + 8 j (j < 4); b_i: the same row, tile columns
     // tx + 32 + 8 j (with SILU the up values of a_i's gate values).
     var a0 = vec4<f32>();
@@ -728,55 +721,20 @@ fn gemm_wide(
     }
     let row = row0 + lid.y;
     let col = n0 + lid.x;
-#if SILU
-    store_gemm_row(row, col, silu_mul(a0, b0));
-    store_gemm_row(row + 8u, col, silu_mul(a1, b1));
-    store_gemm_row(row + 16u, col, silu_mul(a2, b2));
-    store_gemm_row(row + 24u, col, silu_mul(a3, b3));
-    store_gemm_row(row + 32u, col, silu_mul(a4, b4));
-    store_gemm_row(row + 40u, col, silu_mul(a5, b5));
-    store_gemm_row(row + 48u, col, silu_mul(a6, b6));
-    store_gemm_row(row + 56u, col, silu_mul(a7, b7));
-    store_gemm_row(row + 64u, col, silu_mul(a8, b8));
-    store_gemm_row(row + 72u, col, silu_mul(a9, b9));
-    store_gemm_row(row + 80u, col, silu_mul(a10, b10));
-    store_gemm_row(row + 88u, col, silu_mul(a11, b11));
-    store_gemm_row(row + 96u, col, silu_mul(a12, b12));
-    store_gemm_row(row + 104u, col, silu_mul(a13, b13));
-    store_gemm_row(row + 112u, col, silu_mul(a14, b14));
-    store_gemm_row(row + 120u, col, silu_mul(a15, b15));
-#else
-    store_gemm_row(row, col, a0);
-    store_gemm_row(row, col + 32u, b0);
-    store_gemm_row(row + 8u, col, a1);
-    store_gemm_row(row + 8u, col + 32u, b1);
-    store_gemm_row(row + 16u, col, a2);
-    store_gemm_row(row + 16u, col + 32u, b2);
-    store_gemm_row(row + 24u, col, a3);
-    store_gemm_row(row + 24u, col + 32u, b3);
-    store_gemm_row(row + 32u, col, a4);
-    store_gemm_row(row + 32u, col + 32u, b4);
-    store_gemm_row(row + 40u, col, a5);
-    store_gemm_row(row + 40u, col + 32u, b5);
-    store_gemm_row(row + 48u, col, a6);
-    store_gemm_row(row + 48u, col + 32u, b6);
-    store_gemm_row(row + 56u, col, a7);
-    store_gemm_row(row + 56u, col + 32u, b7);
-    store_gemm_row(row + 64u, col, a8);
-    store_gemm_row(row + 64u, col + 32u, b8);
-    store_gemm_row(row + 72u, col, a9);
-    store_gemm_row(row + 72u, col + 32u, b9);
-    store_gemm_row(row + 80u, col, a10);
-    store_gemm_row(row + 80u, col + 32u, b10);
-    store_gemm_row(row + 88u, col, a11);
-    store_gemm_row(row + 88u, col + 32u, b11);
-    store_gemm_row(row + 96u, col, a12);
-    store_gemm_row(row + 96u, col + 32u, b12);
-    store_gemm_row(row + 104u, col, a13);
-    store_gemm_row(row + 104u, col + 32u, b13);
-    store_gemm_row(row + 112u, col, a14);
-    store_gemm_row(row + 112u, col + 32u, b14);
-    store_gemm_row(row + 120u, col, a15);
-    store_gemm_row(row + 120u, col + 32u, b15);
-#endif
+    store_thread_row(row, col, a0, b0);
+    store_thread_row(row + 8u, col, a1, b1);
+    store_thread_row(row + 16u, col, a2, b2);
+    store_thread_row(row + 24u, col, a3, b3);
+    store_thread_row(row + 32u, col, a4, b4);
+    store_thread_row(row + 40u, col, a5, b5);
+    store_thread_row(row + 48u, col, a6, b6);
+    store_thread_row(row + 56u, col, a7, b7);
+    store_thread_row(row + 64u, col, a8, b8);
+    store_thread_row(row + 72u, col, a9, b9);
+    store_thread_row(row + 80u, col, a10, b10);
+    store_thread_row(row + 88u, col, a11, b11);
+    store_thread_row(row + 96u, col, a12, b12);
+    store_thread_row(row + 104u, col, a13, b13);
+    store_thread_row(row + 112u, col, a14, b14);
+    store_thread_row(row + 120u, col, a15, b15);
 }

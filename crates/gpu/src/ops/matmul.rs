@@ -676,7 +676,7 @@ mod tests {
     }
 
     /// The shared device, which runs the `SHADER_F16` variants where the adapter has shader-f16
-    /// (and on llvmpipe the wide GEMM), and the browser-like one: the f32 path and the 8x8 GEMM.
+    /// and every GEMM on the wide tile, and the browser-like one: the f32 path and the 8x8 GEMM.
     fn devices() -> Vec<&'static Gpu> {
         vec![gpu(), browser_like_gpu()]
     }
@@ -791,6 +791,19 @@ mod tests {
         );
     }
 
+    /// The kernels (entry point and flags) that `run` dispatched on `profiled`, a device opened
+    /// with `profile`.
+    fn kernels_run(profiled: &Gpu, run: impl FnOnce(&mut Batch) -> Result<Tensor>) -> Vec<String> {
+        let mut batch = profiled.batch();
+        let y = run(&mut batch).unwrap();
+        batch.submit().unwrap();
+        pollster::block_on(y.to_f32(profiled)).unwrap();
+        let times = profiled
+            .take_profile()
+            .expect("llvmpipe has timestamp queries");
+        times.into_iter().map(|t| t.kernel).collect()
+    }
+
     /// One row of x without bias runs through the decode GEMV (four weight rows per thread), in
     /// every format and in row windows; with a bias or more rows it does not.
     #[test]
@@ -810,14 +823,7 @@ mod tests {
         let tb = Tensor::from_f32(&profiled, &[n], &random(n, 6)).unwrap();
         let kernels = |m: usize, bias: Option<&Tensor>| -> Vec<String> {
             let tx = Tensor::from_f32(&profiled, &[m, k], &random(m * k, 7)).unwrap();
-            let mut batch = profiled.batch();
-            let y = linear(&mut batch, &tx, &tw, bias).unwrap();
-            batch.submit().unwrap();
-            pollster::block_on(y.to_f32(&profiled)).unwrap();
-            let times = profiled
-                .take_profile()
-                .expect("llvmpipe has timestamp queries");
-            times.into_iter().map(|t| t.kernel).collect()
+            kernels_run(&profiled, |batch| linear(batch, &tx, &tw, bias))
         };
         // The decode shader's variants carry the GEMV flag; matmul.wgsl's `gemv` does not.
         assert_eq!(kernels(1, None), ["gemv GEMV QUANT W_Q4"]);
@@ -861,14 +867,9 @@ mod tests {
         for (k, entry) in [(128, "gemm"), (256, "gemm_wide")] {
             let tx = Tensor::from_f32(&profiled, &[20, k], &random(20 * k, 1)).unwrap();
             let (tw, _) = weights(&profiled, DType::F32, 16, k, 2);
-            let mut batch = profiled.batch();
-            let y = linear_with(&mut batch, &tx, &tw, None, LinearKernel::Gemm).unwrap();
-            batch.submit().unwrap();
-            pollster::block_on(y.to_f32(&profiled)).unwrap();
-            let times = profiled
-                .take_profile()
-                .expect("llvmpipe has timestamp queries");
-            let names: Vec<String> = times.into_iter().map(|t| t.kernel).collect();
+            let names = kernels_run(&profiled, |batch| {
+                linear_with(batch, &tx, &tw, None, LinearKernel::Gemm)
+            });
             assert_eq!(names, [format!("{entry} W_F32")], "K = {k}");
         }
     }
