@@ -168,19 +168,19 @@ fn dots_q8(u0: vec4<u32>, u1: vec4<u32>, u2: vec4<u32>, u3: vec4<u32>, xb: u32) 
         + q8_words(vec4<u32>(u0.z, u1.z, u2.z, u3.z), b + 2u) + q8_words(vec4<u32>(u0.w, u1.w, u2.w, u3.w), b + 3u);
 }
 
-// quant.rs Q4_VALUES as signed bytes, four per word: code n is byte n % 4 of word n / 4. The word
-// is chosen by selects: a dynamically indexed vector can end up in local memory (NVIDIA Vulkan),
-// and a workgroup-memory code book cost llvmpipe a gather per nibble (half the Q4 GEMV's speed).
-// The same two functions as matmul.wgsl's (shaders have no includes).
-fn q4_value(n: u32) -> f32 {
-    let low = select(0xbfad9881u, 0xf6eaddcfu, (n & 4u) != 0u);
-    let high = select(0x26190d01u, 0x71594535u, (n & 4u) != 0u);
-    let word = select(low, high, n >= 8u);
-    return f32(extractBits(bitcast<i32>(word), 8u * (n & 3u), 8u));
-}
-
+// quant.rs Q4_VALUES for four codes n (< 16): the degree-4 polynomial closest to the code book in
+// the maximum norm (coefficients by linear programming), rounded. In f32, fused or not, it is off
+// by at most 0.433, never near a half, so the rounding (under any tie rule) gives the code book
+// exactly (tested: matmul.rs, q4_code_book_is_exact_in_every_kernel). Per value an OR, a
+// subtraction (n becomes a float by its bits: 2^23 + n, less 2^23), four fma and a round: half
+// the operations of the lookup by selects it replaces, which also converted an integer to float.
+// A dynamically indexed code book can end up in local memory (NVIDIA Vulkan), and one in
+// workgroup memory cost llvmpipe a gather per nibble. The same function as matmul.wgsl's
+// (shaders have no includes).
 fn q4_values(n: vec4<u32>) -> vec4<f32> {
-    return vec4<f32>(q4_value(n.x), q4_value(n.y), q4_value(n.z), q4_value(n.w));
+    let t = bitcast<vec4<f32>>(n | vec4<u32>(0x4b000000u)) - 8388608.0;
+    let p = fma(fma(fma(fma(vec4<f32>(0.0015860428), t, vec4<f32>(0.03108644)), t, vec4<f32>(-1.371927)), t, vec4<f32>(24.17383)), t, vec4<f32>(-126.56701));
+    return round(p);
 }
 
 // One word of eight nibbles (code book indices) against x0, x1.

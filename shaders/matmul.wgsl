@@ -107,17 +107,12 @@ fn scale_at(scales0: u32, e: u32) -> f32 {
 #endif
 
 #if W_Q4
-// quant.rs Q4_VALUES as signed bytes, four per word: code n is byte n % 4 of word n / 4. The word
-// is chosen by selects: a dynamically indexed vector can end up in local memory (NVIDIA Vulkan).
-fn q4_value(n: u32) -> f32 {
-    let low = select(0xbfad9881u, 0xf6eaddcfu, (n & 4u) != 0u);
-    let high = select(0x26190d01u, 0x71594535u, (n & 4u) != 0u);
-    let word = select(low, high, n >= 8u);
-    return f32(extractBits(bitcast<i32>(word), 8u * (n & 3u), 8u));
-}
-
+// quant.rs Q4_VALUES for four codes n (< 16) by a polynomial, rounded: see decode.wgsl's q4_values
+// (the same function; shaders have no includes).
 fn q4_values(n: vec4<u32>) -> vec4<f32> {
-    return vec4<f32>(q4_value(n.x), q4_value(n.y), q4_value(n.z), q4_value(n.w));
+    let t = bitcast<vec4<f32>>(n | vec4<u32>(0x4b000000u)) - 8388608.0;
+    let p = fma(fma(fma(fma(vec4<f32>(0.0015860428), t, vec4<f32>(0.03108644)), t, vec4<f32>(-1.371927)), t, vec4<f32>(24.17383)), t, vec4<f32>(-126.56701));
+    return round(p);
 }
 
 // Values 8 c8 .. 8 c8 + 7 of row n of the matrix starting at word `data0`, unscaled.

@@ -945,6 +945,46 @@ mod tests {
         }
     }
 
+    /// Every Q4 code dequantizes to exactly its code-book value in each kernel (the shaders
+    /// compute the code book by a rounded polynomial): row r of w holds code r in all 64 places
+    /// with scale 1, so with x all ones each output of row r is 64 * Q4_VALUES[r], exactly.
+    #[test]
+    fn q4_code_book_is_exact_in_every_kernel() {
+        use crate::quant::{Q4_VALUES, QuantMatrix};
+        let k = 64;
+        let q = QuantMatrix {
+            dtype: DType::Q4,
+            rows: 16,
+            cols: k,
+            data: (0..16u8).flat_map(|r| vec![r | r << 4; k / 2]).collect(),
+            scales: vec![f16::ONE; 16],
+        };
+        let row: Vec<f32> = Q4_VALUES.iter().map(|v| k as f32 * v).collect();
+        for gpu in devices() {
+            let tw = Tensor::from_quant(gpu, &q).unwrap();
+            // One row through the decode GEMV (Auto), one and three through the others.
+            for (m, kernel) in [
+                (1, LinearKernel::Auto),
+                (1, LinearKernel::Gemv),
+                (3, LinearKernel::Gemv),
+                (1, LinearKernel::Gemm),
+                (3, LinearKernel::Gemm),
+            ] {
+                let tx = Tensor::from_f32(gpu, &[m, k], &vec![1.0; m * k]).unwrap();
+                let mut batch = gpu.batch();
+                let y = linear_with(&mut batch, &tx, &tw, None, kernel).unwrap();
+                batch.submit().unwrap();
+                let got = pollster::block_on(y.to_f32(gpu)).unwrap();
+                assert_eq!(
+                    got,
+                    row.repeat(m),
+                    "{m} rows, {kernel:?}, f16={}",
+                    gpu.has_f16()
+                );
+            }
+        }
+    }
+
     #[test]
     fn leading_dimensions_are_flattened() {
         for kernel in KERNELS {
