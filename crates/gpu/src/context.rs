@@ -918,8 +918,11 @@ impl<'g> Batch<'g> {
     /// flush between layers so that the intermediate buffers of one layer can be freed before
     /// the next is recorded.
     pub fn flush(&mut self) -> Result<()> {
+        #[cfg_attr(target_arch = "wasm32", allow(unused_variables))]
         let (commands, timestamps) = self.finish_encoder()?;
         self.gpu.submit([commands]);
+        // Timestamps are asked for natively only (Gpu::from_adapter).
+        #[cfg(not(target_arch = "wasm32"))]
         if let (Some(timestamps), Some(profiler)) = (timestamps, &self.gpu.profiler) {
             timestamps.collect(self.gpu, profiler)?;
         }
@@ -1027,37 +1030,43 @@ impl Readback {
         Ok(Readback { buffer, size })
     }
 
-    /// Waits for the submissions that wrote this buffer and returns its bytes. Natively this
-    /// blocks on the device; on the web it awaits `mapAsync`.
+    /// Waits for the submissions that wrote this buffer and returns its bytes (see
+    /// [`read_buffer`]).
     pub async fn read(&self, gpu: &Gpu) -> Result<Vec<u8>> {
-        let (tx, rx) = futures_channel::oneshot::channel();
-        self.buffer
-            .slice(..)
-            .map_async(wgpu::MapMode::Read, move |r| {
-                let _ = tx.send(r);
-            });
-        #[cfg(not(target_arch = "wasm32"))]
-        gpu.device
-            .poll(wgpu::PollType::Wait {
-                submission_index: None,
-                timeout: None,
-            })
-            .map_err(|e| GpuError::Readback(e.to_string()))?;
-        let mapped = rx
-            .await
-            .map_err(|_| GpuError::Readback("map callback dropped".into()));
-        gpu.check()?;
-        mapped?.map_err(|e| GpuError::Readback(e.to_string()))?;
-        let view = self
-            .buffer
-            .get_mapped_range(..)
-            .map_err(|e| GpuError::Readback(e.to_string()))?;
-        let bytes = view.to_vec();
-        drop(view);
-        self.buffer.unmap();
+        let bytes = read_buffer(gpu, &self.buffer, self.size).await?;
         gpu.counters.add(&gpu.counters.bytes_read, self.size);
         Ok(bytes)
     }
+}
+
+/// The first `bytes` of a MAP_READ `buffer`, once the submissions that wrote it are done.
+/// Natively this blocks on the device; on the web it awaits `mapAsync`.
+pub(crate) async fn read_buffer(gpu: &Gpu, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+    let (tx, rx) = futures_channel::oneshot::channel();
+    buffer
+        .slice(..bytes)
+        .map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+    #[cfg(not(target_arch = "wasm32"))]
+    gpu.device
+        .poll(wgpu::PollType::Wait {
+            submission_index: None,
+            timeout: None,
+        })
+        .map_err(|e| GpuError::Readback(e.to_string()))?;
+    let mapped = rx
+        .await
+        .map_err(|_| GpuError::Readback("map callback dropped".into()));
+    gpu.check()?;
+    mapped?.map_err(|e| GpuError::Readback(e.to_string()))?;
+    let view = buffer
+        .get_mapped_range(..bytes)
+        .map_err(|e| GpuError::Readback(e.to_string()))?;
+    let out = view.to_vec();
+    drop(view);
+    buffer.unmap();
+    Ok(out)
 }
 
 /// What a device has done since it was opened; subtract two snapshots for what happened in

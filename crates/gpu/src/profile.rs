@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use crate::context::Gpu;
-use crate::error::{GpuError, Result};
+#[cfg(not(target_arch = "wasm32"))]
+use crate::context::read_buffer;
+use crate::error::Result;
 
 /// GPU time of one kernel over the profiled work.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -43,6 +45,7 @@ impl Profiler {
         times
     }
 
+    #[cfg(not(target_arch = "wasm32"))]
     fn add(&self, kernel: &str, ns: f64) {
         let mut totals = self.totals.lock().unwrap_or_else(|e| e.into_inner());
         let entry = totals.entry(kernel.to_string()).or_default();
@@ -113,31 +116,14 @@ impl SubmissionTimestamps {
     }
 
     /// Waits for the submission, then adds each dispatch's time to its kernel's total.
+    #[cfg(not(target_arch = "wasm32"))]
     pub(crate) fn collect(self, gpu: &Gpu, profiler: &Profiler) -> Result<()> {
         if self.kernels.is_empty() {
             return Ok(());
         }
         let bytes = self.kernels.len() as u64 * 16;
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.readback
-            .slice(..bytes)
-            .map_async(wgpu::MapMode::Read, move |r| {
-                let _ = tx.send(r);
-            });
-        gpu.device()
-            .poll(wgpu::PollType::Wait {
-                submission_index: None,
-                timeout: None,
-            })
-            .map_err(|e| GpuError::Readback(e.to_string()))?;
-        rx.recv()
-            .map_err(|_| GpuError::Readback("timestamp map callback dropped".into()))?
-            .map_err(|e| GpuError::Readback(e.to_string()))?;
-        let view = self
-            .readback
-            .get_mapped_range(..bytes)
-            .map_err(|e| GpuError::Readback(e.to_string()))?;
-        let ticks: &[u64] = bytemuck::cast_slice(&view);
+        let bytes = pollster::block_on(read_buffer(gpu, &self.readback, bytes))?;
+        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&bytes);
         let period_ns = f64::from(gpu.queue().get_timestamp_period());
         for (kernel, pair) in self.kernels.iter().zip(ticks.chunks_exact(2)) {
             profiler.add(kernel, pair[1].saturating_sub(pair[0]) as f64 * period_ns);
