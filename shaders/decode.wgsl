@@ -172,11 +172,11 @@ fn dots_q8(u0: vec4<u32>, u1: vec4<u32>, u2: vec4<u32>, u3: vec4<u32>, xb: u32) 
 // the maximum norm (coefficients by linear programming), rounded. In f32, fused or not, it is off
 // by at most 0.433, never near a half, so the rounding (under any tie rule) gives the code book
 // exactly (tested: matmul.rs, q4_code_book_is_exact_in_every_kernel). Per value an OR, a
-// subtraction (n becomes a float by its bits: 2^23 + n, less 2^23), four fma and a round: half
-// the operations of the lookup by selects it replaces, which also converted an integer to float.
-// A dynamically indexed code book can end up in local memory (NVIDIA Vulkan), and one in
-// workgroup memory cost llvmpipe a gather per nibble. The same function as matmul.wgsl's
-// (shaders have no includes).
+// subtraction (n becomes a float by its bits: 2^23 + n, less 2^23), four fma and a round: seven
+// operations, where the lookup it replaces took ten or more (three selects, a bit-field extract at
+// a computed offset) and converted an integer to float. A dynamically indexed code book can end up
+// in local memory (NVIDIA Vulkan), and one in workgroup memory cost llvmpipe a gather per nibble.
+// The same function as matmul.wgsl's (shaders have no includes).
 fn q4_values(n: vec4<u32>) -> vec4<f32> {
     let t = bitcast<vec4<f32>>(n | vec4<u32>(0x4b000000u)) - 8388608.0;
     let p = fma(fma(fma(fma(vec4<f32>(0.0015860428), t, vec4<f32>(0.03108644)), t, vec4<f32>(-1.371927)), t, vec4<f32>(24.17383)), t, vec4<f32>(-126.56701));
