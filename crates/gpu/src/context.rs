@@ -433,28 +433,8 @@ impl Gpu {
         encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, padded);
         self.submit([encoder.finish()]);
         self.counters.add(&self.counters.bytes_read, size);
-        let (tx, rx) = futures_channel::oneshot::channel();
-        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        #[cfg(not(target_arch = "wasm32"))]
-        self.device
-            .poll(wgpu::PollType::Wait {
-                submission_index: None,
-                timeout: None,
-            })
-            .map_err(|e| GpuError::Readback(e.to_string()))?;
-        let mapped = rx
-            .await
-            .map_err(|_| GpuError::Readback("map callback dropped".into()));
-        self.check()?;
-        mapped?.map_err(|e| GpuError::Readback(e.to_string()))?;
-        let view = staging
-            .get_mapped_range(..)
-            .map_err(|e| GpuError::Readback(e.to_string()))?;
-        let bytes = view[..size as usize].to_vec();
-        drop(view);
-        staging.unmap();
+        let mut bytes = map_read(self, &staging, staging.size()).await?;
+        bytes.truncate(size as usize);
         Ok(bytes)
     }
 }
@@ -1031,9 +1011,9 @@ impl Readback {
     }
 
     /// Waits for the submissions that wrote this buffer and returns its bytes (see
-    /// [`read_buffer`]).
+    /// [`map_read`]).
     pub async fn read(&self, gpu: &Gpu) -> Result<Vec<u8>> {
-        let bytes = read_buffer(gpu, &self.buffer, self.size).await?;
+        let bytes = map_read(gpu, &self.buffer, self.buffer.size()).await?;
         gpu.counters.add(&gpu.counters.bytes_read, self.size);
         Ok(bytes)
     }
@@ -1041,7 +1021,7 @@ impl Readback {
 
 /// The first `bytes` of a MAP_READ `buffer`, once the submissions that wrote it are done.
 /// Natively this blocks on the device; on the web it awaits `mapAsync`.
-pub(crate) async fn read_buffer(gpu: &Gpu, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+pub(crate) async fn map_read(gpu: &Gpu, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
     let (tx, rx) = futures_channel::oneshot::channel();
     buffer
         .slice(..bytes)

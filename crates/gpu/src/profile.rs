@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use crate::context::Gpu;
 #[cfg(not(target_arch = "wasm32"))]
-use crate::context::read_buffer;
+use crate::context::map_read;
 use crate::error::Result;
 
 /// GPU time of one kernel over the profiled work.
@@ -122,7 +122,7 @@ impl SubmissionTimestamps {
             return Ok(());
         }
         let bytes = self.kernels.len() as u64 * 16;
-        let bytes = pollster::block_on(read_buffer(gpu, &self.readback, bytes))?;
+        let bytes = pollster::block_on(map_read(gpu, &self.readback, bytes))?;
         let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&bytes);
         let period_ns = f64::from(gpu.queue().get_timestamp_period());
         for (kernel, pair) in self.kernels.iter().zip(ticks.chunks_exact(2)) {
