@@ -106,6 +106,18 @@ fn scale_at(scales0: u32, e: u32) -> f32 {
 }
 #endif
 
+#if W_Q8
+// The four signed bytes of a word.
+fn q8_values(word: u32) -> vec4<f32> {
+    return vec4<f32>(vec4<i32>(
+        bitcast<i32>(word << 24u),
+        bitcast<i32>(word << 16u),
+        bitcast<i32>(word << 8u),
+        bitcast<i32>(word),
+    ) >> vec4<u32>(24u));
+}
+#endif
+
 #if W_Q4
 // quant.rs Q4_VALUES for four codes n (< 16) by a polynomial, rounded: see decode.wgsl's q4_values
 // (the same function; shaders have no includes).
@@ -138,7 +150,9 @@ fn q6_eight_values(data0: u32, n: u32, c8: u32) -> mat2x4<f32> {
         | (((high >> vec4<u32>(0u, 2u, 4u, 6u)) & vec4<u32>(3u)) << vec4<u32>(4u));
     let hi = ((word >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u))
         | (((high >> vec4<u32>(8u, 10u, 12u, 14u)) & vec4<u32>(3u)) << vec4<u32>(4u));
-    return mat2x4<f32>(vec4<f32>(lo) - 32.0, vec4<f32>(hi) - 32.0);
+    // Floats by their bits, as q4_values' codes: 2^23 + code, less 2^23 + 32 (see decode.wgsl).
+    return mat2x4<f32>(bitcast<vec4<f32>>(lo | vec4<u32>(0x4b000000u)) - 8388640.0,
+                       bitcast<vec4<f32>>(hi | vec4<u32>(0x4b000000u)) - 8388640.0);
 }
 #endif
 
@@ -232,13 +246,7 @@ fn gemv(
                 // K % 32 == 0, so rows start on a word and a word never straddles a group.
                 for (var c4 = lane; c4 < p.k / 4u; c4 += GEMV_LANES) {
                     let word = w[jk / 4u + c4];
-                    let q = vec4<f32>(vec4<i32>(
-                        bitcast<i32>(word << 24u),
-                        bitcast<i32>(word << 16u),
-                        bitcast<i32>(word << 8u),
-                        bitcast<i32>(word),
-                    ) >> vec4<u32>(24u));
-                    acc += scale_at(0u, jk + 4u * c4) * dot(q, x4(m0 + i, 4u * c4));
+                    acc += scale_at(0u, jk + 4u * c4) * dot(q8_values(word), x4(m0 + i, 4u * c4));
                 }
 #endif
 #if NIBBLE_WORDS
@@ -402,12 +410,7 @@ fn load_w_tile(t: u32, threads: u32, n0: u32, k0: u32) {
         if (r.inside) {
             let e = r.n * p.k + k0 + 4u * q;
             let word = w[r.data + e / 4u];
-            v = vec4<f32>(vec4<i32>(
-                bitcast<i32>(word << 24u),
-                bitcast<i32>(word << 16u),
-                bitcast<i32>(word << 8u),
-                bitcast<i32>(word),
-            ) >> vec4<u32>(24u)) * scale_at(r.scales, e);
+            v = q8_values(word) * scale_at(r.scales, e);
         }
         w_tile[i * STRIDE + q] = v;
     }

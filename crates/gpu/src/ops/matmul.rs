@@ -945,42 +945,59 @@ mod tests {
         }
     }
 
-    /// Every Q4 code dequantizes to exactly its code-book value in each kernel (the shaders
-    /// compute the code book by a rounded polynomial): row r of w holds code r in all 64 places
-    /// with scale 1, so with x all ones each output of row r is 64 * Q4_VALUES[r], exactly.
+    /// Every Q8, Q6 and Q4 code dequantizes to exactly its value in each kernel (the shaders
+    /// make floats of codes by their bits, and Q4's code book by a rounded polynomial): row r of
+    /// w holds code r in all 64 places with scale 1, so with x all ones each output of row r is
+    /// 64 times the code's value, exactly.
     #[test]
-    fn q4_code_book_is_exact_in_every_kernel() {
-        use crate::quant::{Q4_VALUES, QuantMatrix};
+    fn every_code_is_exact_in_every_kernel() {
+        use crate::quant::{QuantMatrix, dequantize};
         let k = 64;
-        let q = QuantMatrix {
-            dtype: DType::Q4,
-            rows: 16,
+        // Row r holds code r in every place, with scale 1: Q8's bytes, Q6's low nibbles and
+        // high bit pairs, Q4's nibbles.
+        let matrix = |dtype: DType, codes: usize, row: &dyn Fn(u8) -> Vec<u8>| QuantMatrix {
+            dtype,
+            rows: codes,
             cols: k,
-            data: (0..16u8).flat_map(|r| vec![r | r << 4; k / 2]).collect(),
-            scales: vec![f16::ONE; 16],
+            data: (0..codes).flat_map(|r| row(r as u8)).collect(),
+            scales: vec![f16::ONE; codes * k / dtype.group_size()],
         };
-        let row: Vec<f32> = Q4_VALUES.iter().map(|v| k as f32 * v).collect();
-        for gpu in devices() {
-            let tw = Tensor::from_quant(gpu, &q).unwrap();
-            // One row through the decode GEMV (Auto), one and three through the others.
-            for (m, kernel) in [
-                (1, LinearKernel::Auto),
-                (1, LinearKernel::Gemv),
-                (3, LinearKernel::Gemv),
-                (1, LinearKernel::Gemm),
-                (3, LinearKernel::Gemm),
-            ] {
-                let tx = Tensor::from_f32(gpu, &[m, k], &vec![1.0; m * k]).unwrap();
-                let mut batch = gpu.batch();
-                let y = linear_with(&mut batch, &tx, &tw, None, kernel).unwrap();
-                batch.submit().unwrap();
-                let got = pollster::block_on(y.to_f32(gpu)).unwrap();
-                assert_eq!(
-                    got,
-                    row.repeat(m),
-                    "{m} rows, {kernel:?}, f16={}",
-                    gpu.has_f16()
-                );
+        let matrices = [
+            matrix(DType::Q8, 256, &|r| vec![r; k]),
+            matrix(DType::Q6, 64, &|r| {
+                let (lo, hi) = (r & 15, r >> 4);
+                [vec![lo | lo << 4; k / 2], vec![hi * 0x55; k / 4]].concat()
+            }),
+            matrix(DType::Q4, 16, &|r| vec![r | r << 4; k / 2]),
+        ];
+        for q in &matrices {
+            // The CPU's values, summed over the row (exact: integers below 2^24).
+            let values = dequantize(q);
+            let row: Vec<f32> = values.chunks(k).map(|r| r.iter().sum()).collect();
+            assert_eq!(row.len(), q.rows);
+            for gpu in devices() {
+                let tw = Tensor::from_quant(gpu, q).unwrap();
+                // One row through the decode GEMV (Auto), one and three through the others.
+                for (m, kernel) in [
+                    (1, LinearKernel::Auto),
+                    (1, LinearKernel::Gemv),
+                    (3, LinearKernel::Gemv),
+                    (1, LinearKernel::Gemm),
+                    (3, LinearKernel::Gemm),
+                ] {
+                    let tx = Tensor::from_f32(gpu, &[m, k], &vec![1.0; m * k]).unwrap();
+                    let mut batch = gpu.batch();
+                    let y = linear_with(&mut batch, &tx, &tw, None, kernel).unwrap();
+                    batch.submit().unwrap();
+                    let got = pollster::block_on(y.to_f32(gpu)).unwrap();
+                    assert_eq!(
+                        got,
+                        row.repeat(m),
+                        "{:?}, {m} rows, {kernel:?}, f16={}",
+                        q.dtype,
+                        gpu.has_f16()
+                    );
+                }
             }
         }
     }
