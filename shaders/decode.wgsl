@@ -1,14 +1,15 @@
 // The planned decode step (one token, M = 1): fused GEMVs, the attention of one query position,
 // and the sampler. Every kernel here reads the per-token values (position, cache length) from the
 // `step` uniform, which is rewritten before each replay, so the step is recorded once per chat.
-// variants: GEMV W_F32 | GEMV W_F16 | GEMV W_Q8 QUANT | GEMV W_Q6 QUANT | GEMV W_Q4 QUANT | GEMV W_F32 NORM | GEMV W_F16 NORM | GEMV W_Q8 QUANT NORM | GEMV W_Q6 QUANT NORM | GEMV W_Q4 QUANT NORM | GEMV W_F32 RESIDUAL | GEMV W_F16 RESIDUAL | GEMV W_Q8 QUANT RESIDUAL | GEMV W_Q6 QUANT RESIDUAL | GEMV W_Q4 QUANT RESIDUAL | GEMV W_F32 NORM SILU | GEMV W_F16 NORM SILU | GEMV W_Q8 QUANT NORM SILU | GEMV W_Q6 QUANT NORM SILU | GEMV W_Q4 QUANT NORM SILU | GEMV W_F32 NORM QKV V_F32 | GEMV W_F16 NORM QKV V_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 | GEMV W_Q4 QUANT NORM QKV V_Q6 | GEMV W_Q4 QUANT NORM QKV V_Q4 | GEMV W_F16 NORM QKV V_F16 KV_F16 | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 KV_F16 | ATTEND | ATTEND KV_F16 | COMBINE | SAMPLE
+// variants: GEMV W_F32 | GEMV W_F16 | GEMV W_Q8 QUANT | GEMV W_Q6 QUANT | GEMV W_Q4 QUANT | GEMV W_F32 NORM | GEMV W_F16 NORM | GEMV W_Q8 QUANT NORM | GEMV W_Q6 QUANT NORM | GEMV W_Q4 QUANT NORM | GEMV W_F32 RESIDUAL | GEMV W_F16 RESIDUAL | GEMV W_Q8 QUANT RESIDUAL | GEMV W_Q6 QUANT RESIDUAL | GEMV W_Q4 QUANT RESIDUAL | GEMV W_F32 NORM SILU | GEMV W_F16 NORM SILU | GEMV W_Q8 QUANT NORM SILU | GEMV W_Q6 QUANT NORM SILU | GEMV W_Q4 QUANT NORM SILU | GEMV W_F32 NORM QKV V_F32 | GEMV W_F16 NORM QKV V_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 | GEMV W_Q4 QUANT NORM QKV V_Q6 | GEMV W_Q4 QUANT NORM QKV V_Q4 | GEMV W_F16 NORM QKV V_F16 KV_F16 | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 KV_F16 | GEMV W_Q4 QUANT NORM SUBGROUPS | GEMV W_Q4 QUANT NORM SUBGROUPS SUBGROUP_LANES | GEMV W_F16 RESIDUAL SUBGROUPS SUBGROUP_LANES | GEMV W_Q8 QUANT NORM SILU SUBGROUPS SUBGROUP_LANES | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 SUBGROUPS SUBGROUP_LANES | GEMV W_F32 NORM QKV V_F32 SUBGROUPS | ATTEND | ATTEND KV_F16 | COMBINE | SAMPLE
 //
 // GEMV (`gemv`): y = W · x for one row of x, W `[N, K]` in the layout of tensor.rs / quant.rs.
 // Rows go in quads of four: LANES threads share a quad (32, or fewer where a row has fewer 16-byte
 // units: a short row would leave most lanes idle), so a workgroup computes 256 / LANES quads. A
 // thread reads its quad's four rows 16 bytes at a time (one "unit": 32 values of Q4/Q6, 16 of Q8,
 // 8 of F16, 4 of F32) against x staged in workgroup memory, 2048 values at a time, each staged
-// vector read once for the four rows. One thread per quad sums its lanes for the epilogue:
+// vector read once for the four rows. A quad's lanes are summed for the epilogue by subgroup
+// shuffles (SUBGROUP_LANES: the device has subgroups of at least LANES) or through workgroup memory:
 // - default: y[col0 + row] = acc (rows in windows of a larger matrix start at col0);
 // - RESIDUAL: y[row] += acc (o_proj and down_proj add into the residual stream in place);
 // - SILU: `w` holds gate and up (m rows each), y[j] = silu(gate_j) * up_j;
@@ -16,7 +17,8 @@
 //   k and v into the layer's KV cache at the step's position (f32, or f16 with KV_F16).
 // Two matrices in one binding sit at the offsets a_* and b_* of Params (tensor.rs, Tensor::pack).
 // NORM folds the RMSNorm before the matrix into the staging of x (x * rsqrt(mean(x^2) + eps) * g,
-// summed as norm.wgsl sums it, so the normalised values are the same).
+// summed as norm.wgsl sums it, so the normalised values are the same, or with SUBGROUPS by
+// subgroups, which rounds differently).
 //
 // ATTEND + COMBINE (`attend`, `attend_combine`): attention of the step's query against the first
 // kv_len cached keys, split into chunks of 64 keys per workgroup (flash-decoding), then merged.
@@ -112,11 +114,13 @@ const XCHUNK: u32 = 2048u;
 
 var<workgroup> xs: array<vec4<f32>, 512>; // XCHUNK / 4
 var<workgroup> norm_sums: array<f32, WG>;
+#if !SUBGROUP_LANES
 // The lanes' sums, lane-major with a row of QUADS + 1 (lane l of quad q at l * (QUADS + 1) + q):
 // the QUADS threads that add them up read consecutive vectors, and a quad's lanes write vectors
 // (QUADS + 1) * 16 bytes apart, so neither side has two threads on one bank where the vectors
 // could spread. Quad-major, the readers were LANES * 16 bytes apart: all on the same banks.
 var<workgroup> partial: array<vec4<f32>, 288>; // WG + 32 >= LANES * (QUADS + 1)
+#endif
 fn f16_scale(words: u32, g: u32) -> f32 {
     let pair = unpack2x16float(words);
     return select(pair.x, pair.y, (g & 1u) == 1u);
@@ -518,6 +522,11 @@ fn gemv(
     @builtin(local_invocation_index) lid: u32,
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
+#if SUBGROUPS
+    @builtin(subgroup_invocation_id) sg_lane: u32,
+    @builtin(subgroup_id) sg_id: u32,
+    @builtin(num_subgroups) sg_count: u32,
+#endif
 ) {
     let group = wg.x + wg.y * nwg.x;
     let lane = lid % LANES;
@@ -534,11 +543,25 @@ fn gemv(
     let sc = select(vec4<u32>(p.a_scales), vec4<u32>(p.b_scales), of_b);
     let is_v = r0.y == 2u;
 #if NORM
-    // norm.wgsl's sum: strided per thread, then a pairwise tree.
+    // Strided per thread, as norm.wgsl's sum.
     var sq = 0.0;
     for (var i = lid; i < p.k; i += WG) {
         sq += x[i] * x[i];
     }
+#if SUBGROUPS
+    // One sum per subgroup, then each thread adds the subgroups' sums in the same order: one
+    // barrier where the tree below takes nine.
+    let sg_sq = subgroupAdd(sq);
+    if (sg_lane == 0u) {
+        norm_sums[sg_id] = sg_sq;
+    }
+    workgroupBarrier();
+    var total = 0.0;
+    for (var s = 0u; s < sg_count; s++) {
+        total += norm_sums[s];
+    }
+#else
+    // A pairwise tree, as norm.wgsl's.
     norm_sums[lid] = sq;
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s >>= 1u) {
@@ -547,7 +570,9 @@ fn gemv(
         }
         workgroupBarrier();
     }
-    let rms = inverseSqrt(norm_sums[0] / f32(p.k) + p.eps);
+    let total = norm_sums[0];
+#endif
+    let rms = inverseSqrt(total / f32(p.k) + p.eps);
 #endif
     var acc = vec4<f32>(0.0);
     for (var c0 = 0u; c0 < p.k; c0 += XCHUNK) {
@@ -576,6 +601,18 @@ fn gemv(
         }
 #endif
     }
+#if SUBGROUP_LANES
+    // A quad's LANES lanes are consecutive invocations in one subgroup (LANES is at most the
+    // device's smallest subgroup, and subgroups are runs of consecutive invocation indices, as on
+    // every driver we know): a butterfly of shuffles sums them, with no barrier.
+    var sum = acc;
+    for (var m = LANES / 2u; m > 0u; m >>= 1u) {
+        sum += subgroupShuffleXor(sum, m);
+    }
+    if (lane == 0u) {
+        epilogue(quad, sum);
+    }
+#else
     partial[lane * (QUADS + 1u) + lid / LANES] = acc;
     workgroupBarrier();
     if (lid < QUADS) {
@@ -585,6 +622,7 @@ fn gemv(
         }
         epilogue(group * QUADS + lid, sum);
     }
+#endif
 }
 #endif
 

@@ -573,6 +573,13 @@ fn main() -> Result<()> {
         }
     );
     println!(
+        "subgroups: {} (LLAVA_NO_SUBGROUPS=1 turns them off)",
+        match gpu.subgroup_min_size() {
+            Some(size) => format!("yes, at least {size} wide"),
+            None => "no".to_string(),
+        }
+    );
+    println!(
         "kernel times: {}",
         if gpu.take_profile().is_some() {
             "GPU timestamps (the kernels' own time)"

@@ -33,6 +33,10 @@ pub struct GpuOptions {
     pub profile: bool,
     /// The GEMM's register tile ([`Gpu::gemm_tile`]).
     pub gemm_tile: GemmTile,
+    /// Open the device with SUBGROUP where the adapter offers it (natively: wgpu's web backend
+    /// does not expose it yet), so that kernels can reduce within subgroups. With `false` they
+    /// reduce through workgroup memory, as in browsers.
+    pub subgroups: bool,
 }
 
 /// The prefill GEMM's register tile (`ops::matmul` picks the kernel by it).
@@ -71,18 +75,21 @@ impl Default for GpuOptions {
             max_buffer_bytes: None,
             profile: false,
             gemm_tile: GemmTile::Auto,
+            subgroups: true,
         }
     }
 }
 
 impl GpuOptions {
-    /// The defaults, with `f16` off when the environment variable `LLAVA_NO_F16` is `1` and the
-    /// GEMM tile set by `LLAVA_WIDE_GEMM` (`1` wide, `0` narrow, to compare them on one GPU)
-    /// (natively; a browser has no environment).
+    /// The defaults, with `f16` off when the environment variable `LLAVA_NO_F16` is `1`,
+    /// `subgroups` off when `LLAVA_NO_SUBGROUPS` is `1` and the GEMM tile set by
+    /// `LLAVA_WIDE_GEMM` (`1` wide, `0` narrow), to compare them on one GPU (natively; a browser
+    /// has no environment).
     pub fn from_env() -> Self {
         #[cfg(not(target_arch = "wasm32"))]
-        let (no_f16, gemm_tile) = (
+        let (no_f16, no_subgroups, gemm_tile) = (
             std::env::var("LLAVA_NO_F16").is_ok_and(|v| v == "1"),
+            std::env::var("LLAVA_NO_SUBGROUPS").is_ok_and(|v| v == "1"),
             match std::env::var("LLAVA_WIDE_GEMM").as_deref() {
                 Ok("1") => GemmTile::Wide,
                 Ok("0") => GemmTile::Narrow,
@@ -90,9 +97,10 @@ impl GpuOptions {
             },
         );
         #[cfg(target_arch = "wasm32")]
-        let (no_f16, gemm_tile) = (false, GemmTile::Auto);
+        let (no_f16, no_subgroups, gemm_tile) = (false, false, GemmTile::Auto);
         GpuOptions {
             f16: !no_f16,
+            subgroups: !no_subgroups,
             gemm_tile,
             ..Default::default()
         }
@@ -151,11 +159,15 @@ impl Gpu {
     }
 
     /// Opens a device on `adapter` with all of the adapter's limits (the defaults cap storage
-    /// bindings at 128 MiB, less than a 7B model's embedding table), SUBGROUP where offered and
-    /// SHADER_F16 where offered and `options.f16` asks for it.
+    /// bindings at 128 MiB, less than a 7B model's embedding table), and SUBGROUP and
+    /// SHADER_F16 where offered and `options` ask for them.
     pub async fn from_adapter(adapter: wgpu::Adapter, options: GpuOptions) -> Result<Gpu> {
         let offered = adapter.features();
-        let mut wanted = wgpu::Features::SUBGROUP;
+        let mut wanted = wgpu::Features::empty();
+        // A browser would want `enable subgroups;` in the kernels, which naga rejects natively.
+        if options.subgroups && cfg!(not(target_arch = "wasm32")) {
+            wanted |= wgpu::Features::SUBGROUP;
+        }
         if options.f16 {
             wanted |= wgpu::Features::SHADER_F16;
         }
@@ -281,6 +293,14 @@ impl Gpu {
     /// compile.
     pub fn has_f16(&self) -> bool {
         self.features.shader_f16
+    }
+
+    /// The fewest invocations a subgroup of this device has, where it has subgroups (kernels
+    /// may then keep a reduction of up to this many consecutive invocations in one subgroup).
+    pub fn subgroup_min_size(&self) -> Option<u32> {
+        self.features
+            .subgroup
+            .then_some(self.info.subgroup_min_size)
     }
 
     /// Most loop iterations one shader invocation may run, counting every loop together, where the

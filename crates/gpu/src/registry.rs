@@ -176,6 +176,8 @@ impl PipelineRegistry {
         }
         let source = preprocess(key.shader.source, &key.flags)
             .map_err(|e| GpuError::Validation(format!("{}.wgsl: {e}", key.shader.name)))?;
+        #[cfg(test)]
+        let source = crate::testing::poison_workgroup_memory(&source, key.entry);
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(key.shader.name),
             source: wgpu::ShaderSource::Wgsl(source.into()),
@@ -189,7 +191,10 @@ impl PipelineRegistry {
             entry_point: Some(key.entry),
             compilation_options: wgpu::PipelineCompilationOptions {
                 constants: &constants,
-                zero_initialize_workgroup_memory: true,
+                // Every kernel writes its workgroup memory before reading it (this crate's tests
+                // fill it with 1e30 first: testing::poison_workgroup_memory), so zeroing it would
+                // only cost each workgroup a pass over it and a barrier. Browsers zero it anyway.
+                zero_initialize_workgroup_memory: false,
             },
             cache: None,
         });

@@ -31,6 +31,7 @@ pub fn browser_like_gpu() -> &'static Gpu {
         Gpu::with_options_blocking(GpuOptions {
             f16: false,
             gemm_tile: GemmTile::Narrow,
+            subgroups: false,
             ..Default::default()
         })
         .expect("a wgpu adapter (install mesa-vulkan-drivers)")
@@ -65,4 +66,86 @@ pub fn weights(gpu: &Gpu, dtype: DType, n: usize, k: usize, seed: u64) -> (Tenso
             (Tensor::from_quant(gpu, &q).unwrap(), dequantize(&q))
         }
     }
+}
+
+/// `source` (preprocessed) with the workgroup memory that entry point `entry` uses filled with
+/// huge values (1e30, 60000 in f16, 2^31 - 1) before anything else runs: pipelines are compiled
+/// without zeroing it, so in this crate's tests a kernel that reads workgroup memory it did not
+/// write computes with these and fails its reference check.
+pub fn poison_workgroup_memory(source: &str, entry: &str) -> String {
+    use naga::{ArraySize, Binding, BuiltIn, Scalar, ScalarKind, TypeInner};
+    let module = naga::front::wgsl::parse_str(source).expect("shader parses");
+    let info = naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::all(),
+    )
+    .validate(&module)
+    .expect("shader validates");
+    let (index, ep) = module
+        .entry_points
+        .iter()
+        .enumerate()
+        .find(|(_, e)| e.name == entry)
+        .expect("entry point");
+    let uses = info.get_entry_point(index);
+    let threads: u32 = ep.workgroup_size.iter().product();
+    let lid = ep.function.arguments.iter().find_map(|a| match a.binding {
+        Some(Binding::BuiltIn(BuiltIn::LocalInvocationIndex)) => a.name.clone(),
+        _ => None,
+    });
+    let scalar = |s: Scalar| match (s.kind, s.width) {
+        (ScalarKind::Float, 4) => ("f32", "1e30"),
+        (ScalarKind::Float, 2) => ("f16", "60000.0"),
+        (ScalarKind::Uint, 4) => ("u32", "2147483647"),
+        (ScalarKind::Sint, 4) => ("i32", "2147483647"),
+        other => panic!("no poison for {other:?}"),
+    };
+    let index_name = lid.clone().unwrap_or_else(|| "poison_lid".into());
+    let mut fill = String::new();
+    for (handle, var) in module.global_variables.iter() {
+        if var.space != naga::AddressSpace::WorkGroup || uses[handle].is_empty() {
+            continue;
+        }
+        let name = var.name.as_deref().expect("named");
+        let TypeInner::Array {
+            base,
+            size: ArraySize::Constant(len),
+            ..
+        } = module.types[var.ty].inner
+        else {
+            panic!("workgroup variable {name} is not an array of constant size");
+        };
+        let value = match module.types[base].inner {
+            TypeInner::Scalar(s) => {
+                let (t, v) = scalar(s);
+                format!("{t}({v})")
+            }
+            TypeInner::Vector { size, scalar: s } => {
+                let (t, v) = scalar(s);
+                format!("vec{}<{t}>({v})", size as u8)
+            }
+            ref other => panic!("no poison for {name}: {other:?}"),
+        };
+        fill.push_str(&format!(
+            "for (var i = {index_name}; i < {len}u; i += {threads}u) {{ {name}[i] = {value}; }}\n"
+        ));
+    }
+    if fill.is_empty() {
+        return source.to_string();
+    }
+    fill.push_str("workgroupBarrier();\n");
+    // Into the entry point: the invocation index as its first argument where it has none, the
+    // fill before its first statement.
+    let start = source.find(&format!("fn {entry}(")).expect("entry point");
+    let args = start + source[start..].find('(').unwrap() + 1;
+    let body = start + source[start..].find('{').unwrap() + 1;
+    let mut out = source[..args].to_string();
+    if lid.is_none() {
+        out.push_str("@builtin(local_invocation_index) poison_lid: u32, ");
+    }
+    out.push_str(&source[args..body]);
+    out.push('\n');
+    out.push_str(&fill);
+    out.push_str(&source[body..]);
+    out
 }

@@ -1,7 +1,8 @@
 //! Every file in `shaders/` parses and validates with naga under every combination of the
 //! `#if` flags it uses, or, where the file lists its variants in a `// variants: A | B C | -`
 //! line (flag sets separated by `|`, `-` for none), under exactly those. Needs no GPU. Naga's
-//! f16 capability is granted to `SHADER_F16` variants only.
+//! f16 capability is granted to `SHADER_F16` variants only, its subgroup ones to `SUBGROUPS`
+//! variants only.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -87,12 +88,17 @@ fn every_shader_validates_with_naga() {
                     continue;
                 }
             };
-            // Only SHADER_F16 variants (whose text starts with `enable f16;`) may use f16 values:
-            // the others must run on devices without shader-f16.
+            // Only SHADER_F16 variants (whose text starts with `enable f16;`) may use f16 values,
+            // and only SUBGROUPS variants subgroup operations: the others must run on devices
+            // without shader-f16 or subgroups (browsers).
             let mut caps = naga::valid::Capabilities::all();
             caps.set(
                 naga::valid::Capabilities::SHADER_FLOAT16,
                 on.contains(&SHADER_F16),
+            );
+            caps.set(
+                naga::valid::Capabilities::SUBGROUP | naga::valid::Capabilities::SUBGROUP_BARRIER,
+                on.contains(&"SUBGROUPS"),
             );
             let mut validator =
                 naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps);

@@ -334,9 +334,16 @@ pub(crate) fn gemv_windowed(
         }
     };
     let lanes = gemv_lanes(w.dtype(), k);
-    let key = key.constant("LANES", lanes as u32);
-    let quads_per_workgroup = GEMV_THREADS / lanes;
     let gpu = batch.gpu();
+    let subgroup = gpu.subgroup_min_size();
+    let key = key
+        .constant("LANES", lanes as u32)
+        .flag_if(subgroup.is_some(), "SUBGROUPS")
+        .flag_if(
+            subgroup.is_some_and(|s| lanes <= s as usize),
+            "SUBGROUP_LANES",
+        );
+    let quads_per_workgroup = GEMV_THREADS / lanes;
     if !matches!(epilogue, Epilogue::Store | Epilogue::Residual) {
         // Two matrices in one buffer: bind all of it, with the places in the parameters.
         (params.a_data, params.a_scales) = places(w);
@@ -707,11 +714,17 @@ mod tests {
     use half::f16;
 
     use super::*;
-    use crate::testing::{assert_close, gpu, random};
+    use crate::testing::{assert_close, browser_like_gpu, gpu, random};
 
-    /// Weights `[n, k]` in `dtype` on the shared device (see [`crate::testing::weights`]).
-    fn weights(dtype: DType, n: usize, k: usize, seed: u64) -> (Tensor, Vec<f32>) {
-        crate::testing::weights(gpu(), dtype, n, k, seed)
+    /// Weights `[n, k]` in `dtype` on `gpu` (see [`crate::testing::weights`]).
+    fn weights(gpu: &Gpu, dtype: DType, n: usize, k: usize, seed: u64) -> (Tensor, Vec<f32>) {
+        crate::testing::weights(gpu, dtype, n, k, seed)
+    }
+
+    /// The shared device (subgroups where the adapter has them: llvmpipe's are 8 wide, so rows
+    /// of up to 8 lanes sum by shuffles there) and the browser-like one (workgroup memory).
+    fn devices() -> [&'static Gpu; 2] {
+        [gpu(), browser_like_gpu()]
     }
 
     fn matvec(w: &[f32], x: &[f32]) -> Vec<f32> {
@@ -735,8 +748,7 @@ mod tests {
             .collect()
     }
 
-    fn run(build: impl FnOnce(&mut Batch, &StepUniform), step: Step) {
-        let gpu = gpu();
+    fn run(gpu: &Gpu, build: impl FnOnce(&mut Batch, &StepUniform), step: Step) {
         let uniform = StepUniform::new(gpu).unwrap();
         let mut plan = gpu.plan();
         build(&mut plan, &uniform);
@@ -753,10 +765,9 @@ mod tests {
     /// short rows (fewer lanes per row, many rows per workgroup) over several workgroups.
     #[test]
     fn gemv_store_residual_and_silu_match_cpu() {
-        let gpu = gpu();
-        for dtype in FORMATS {
+        for (gpu, dtype) in devices().into_iter().flat_map(|g| FORMATS.map(|d| (g, d))) {
             for (n, k) in [(13, 64), (300, 128), (40, 4608)] {
-                let (w, wf) = weights(dtype, n, k, n as u64 + k as u64);
+                let (w, wf) = weights(gpu, dtype, n, k, n as u64 + k as u64);
                 let x = random(k, 7);
                 let g: Vec<f32> = random(k, 8).iter().map(|v| 1.0 + v / 2.0).collect();
                 let tx = Tensor::from_f32(gpu, &[1, k], &x).unwrap();
@@ -770,13 +781,14 @@ mod tests {
                     eps: 1e-5,
                 };
                 run(
+                    gpu,
                     |b, _| {
                         gemv(b, &tx, &w, Some(norm), Epilogue::Store, &store).unwrap();
                         gemv(b, &tx, &w, None, Epilogue::Residual, &residual).unwrap();
                     },
                     Step::default(),
                 );
-                let what = format!("{dtype:?} {n}x{k}");
+                let what = format!("{dtype:?} {n}x{k} subgroups {:?}", gpu.subgroup_min_size());
                 let tol = 2e-5 * (k as f32).sqrt();
                 let normed = matvec(&wf, &rms_norm(&x, &g, 1e-5));
                 assert_close(
@@ -798,11 +810,12 @@ mod tests {
                 );
                 // SiLU·mul of gate and up (n / 2 rows each) packed in one buffer.
                 let m = n / 2;
-                let (gate, gf) = weights(dtype, m, k, 3 + k as u64);
-                let (up, uf) = weights(dtype, m, k, 4 + k as u64);
+                let (gate, gf) = weights(gpu, dtype, m, k, 3 + k as u64);
+                let (up, uf) = weights(gpu, dtype, m, k, 4 + k as u64);
                 let packed = Tensor::pack(gpu, &[&gate, &up]).unwrap();
                 let up = &packed[1];
                 run(
+                    gpu,
                     |b, _| gemv(b, &tx, &packed[0], None, Epilogue::SiluMul { up }, &act).unwrap(),
                     Step::default(),
                 );
@@ -833,13 +846,13 @@ mod tests {
         }
     }
 
-    fn kv_tensor(data: &[f32], shape: &[usize], dtype: DType) -> Tensor {
+    fn kv_tensor(gpu: &Gpu, data: &[f32], shape: &[usize], dtype: DType) -> Tensor {
         match dtype {
             DType::F16 => {
                 let h: Vec<f16> = data.iter().map(|&v| f16::from_f32(v)).collect();
-                Tensor::from_f16(gpu(), shape, &h).unwrap()
+                Tensor::from_f16(gpu, shape, &h).unwrap()
             }
-            _ => Tensor::from_f32(gpu(), shape, data).unwrap(),
+            _ => Tensor::from_f32(gpu, shape, data).unwrap(),
         }
     }
 
@@ -853,83 +866,87 @@ mod tests {
     /// q to y, k and v into the cache row `pos`, RoPE on q and k, the other cache rows untouched.
     #[test]
     fn qkv_epilogue_ropes_and_stores_the_cache_row() {
-        let gpu = gpu();
-        for (dtype, v_dtype, kv_dtype) in [
-            (DType::F32, DType::F32, DType::F32),
-            (DType::F16, DType::F16, DType::F16),
-            (DType::Q4, DType::Q6, DType::F16),
-            (DType::Q8, DType::Q8, DType::F32),
-        ] {
-            for (heads, kv_heads, d, pos) in [(4, 2, 12, 5), (8, 2, 128, 1000), (2, 2, 8, 0)] {
-                let k = 128;
-                let (q_rows, kv_rows, cap) = (heads * d, kv_heads * d, 1024);
-                let (q, qf) = weights(dtype, q_rows, k, d as u64);
-                let (kw, kf) = weights(dtype, kv_rows, k, d as u64 + 2);
-                let qk = Tensor::pack(gpu, &[&q, &kw]).unwrap();
-                let (v, vf) = weights(v_dtype, kv_rows, k, d as u64 + 1);
-                let wf: Vec<f32> = qf.iter().chain(&kf).copied().collect();
-                let x = random(k, 3);
-                let g: Vec<f32> = random(k, 4).iter().map(|v| 1.0 + v / 2.0).collect();
-                let cache = round(&random(2 * cap * kv_rows, 5), kv_dtype);
-                let tx = Tensor::from_f32(gpu, &[k], &x).unwrap();
-                let tg = Tensor::from_f32(gpu, &[k], &g).unwrap();
-                let kv = kv_tensor(&cache, &[2, cap, kv_heads, d], kv_dtype);
-                let y = Tensor::empty(gpu, &[q_rows], DType::F32).unwrap();
-                let theta = 10000.0;
-                run(
-                    |b, s| {
-                        let qkv = Qkv {
-                            step: s,
-                            k: &qk[1],
-                            v: &v,
-                            kv: &kv,
-                            heads,
-                            kv_heads,
-                            head_dim: d,
-                            rope_theta: theta,
-                        };
-                        gemv(
-                            b,
-                            &tx,
-                            &qk[0],
-                            Some(Norm {
-                                weight: &tg,
-                                eps: 1e-6,
-                            }),
-                            Epilogue::Qkv(qkv),
-                            &y,
-                        )
-                        .unwrap()
-                    },
-                    Step {
-                        pos: pos as u32,
-                        kv_len: pos as u32 + 1,
-                        ..Default::default()
-                    },
-                );
-                let xn = rms_norm(&x, &g, 1e-6);
-                let mut qk = matvec(&wf, &xn);
-                qk.chunks_mut(d).for_each(|head| rope(head, pos, theta));
-                let vv = matvec(&vf, &xn);
-                let mut want_cache = cache.clone();
-                want_cache[pos * kv_rows..(pos + 1) * kv_rows]
-                    .copy_from_slice(&round(&qk[q_rows..], kv_dtype));
-                let vrow = (cap + pos) * kv_rows;
-                want_cache[vrow..vrow + kv_rows].copy_from_slice(&round(&vv, kv_dtype));
-                let what = format!(
-                    "{dtype:?}/{v_dtype:?} kv {kv_dtype:?} {heads}x{kv_heads}x{d} pos {pos}"
-                );
-                let tol = 2e-5 * (k as f32).sqrt();
-                assert_close(
-                    &pollster::block_on(y.to_f32(gpu)).unwrap(),
-                    &qk[..q_rows],
-                    tol,
-                    &format!("{what}: q"),
-                );
-                let got = pollster::block_on(kv.to_f32(gpu)).unwrap();
-                // f16 rounding of a value within tol of the reference may land one step away.
-                let kv_tol = if kv_dtype == DType::F16 { 2e-3 } else { tol };
-                assert_close(&got, &want_cache, kv_tol, &format!("{what}: cache"));
+        for gpu in devices() {
+            for (dtype, v_dtype, kv_dtype) in [
+                (DType::F32, DType::F32, DType::F32),
+                (DType::F16, DType::F16, DType::F16),
+                (DType::Q4, DType::Q6, DType::F16),
+                (DType::Q8, DType::Q8, DType::F32),
+            ] {
+                for (heads, kv_heads, d, pos) in [(4, 2, 12, 5), (8, 2, 128, 1000), (2, 2, 8, 0)] {
+                    let k = 128;
+                    let (q_rows, kv_rows, cap) = (heads * d, kv_heads * d, 1024);
+                    let (q, qf) = weights(gpu, dtype, q_rows, k, d as u64);
+                    let (kw, kf) = weights(gpu, dtype, kv_rows, k, d as u64 + 2);
+                    let qk = Tensor::pack(gpu, &[&q, &kw]).unwrap();
+                    let (v, vf) = weights(gpu, v_dtype, kv_rows, k, d as u64 + 1);
+                    let wf: Vec<f32> = qf.iter().chain(&kf).copied().collect();
+                    let x = random(k, 3);
+                    let g: Vec<f32> = random(k, 4).iter().map(|v| 1.0 + v / 2.0).collect();
+                    let cache = round(&random(2 * cap * kv_rows, 5), kv_dtype);
+                    let tx = Tensor::from_f32(gpu, &[k], &x).unwrap();
+                    let tg = Tensor::from_f32(gpu, &[k], &g).unwrap();
+                    let kv = kv_tensor(gpu, &cache, &[2, cap, kv_heads, d], kv_dtype);
+                    let y = Tensor::empty(gpu, &[q_rows], DType::F32).unwrap();
+                    let theta = 10000.0;
+                    run(
+                        gpu,
+                        |b, s| {
+                            let qkv = Qkv {
+                                step: s,
+                                k: &qk[1],
+                                v: &v,
+                                kv: &kv,
+                                heads,
+                                kv_heads,
+                                head_dim: d,
+                                rope_theta: theta,
+                            };
+                            gemv(
+                                b,
+                                &tx,
+                                &qk[0],
+                                Some(Norm {
+                                    weight: &tg,
+                                    eps: 1e-6,
+                                }),
+                                Epilogue::Qkv(qkv),
+                                &y,
+                            )
+                            .unwrap()
+                        },
+                        Step {
+                            pos: pos as u32,
+                            kv_len: pos as u32 + 1,
+                            ..Default::default()
+                        },
+                    );
+                    let xn = rms_norm(&x, &g, 1e-6);
+                    let mut qk = matvec(&wf, &xn);
+                    qk.chunks_mut(d).for_each(|head| rope(head, pos, theta));
+                    let vv = matvec(&vf, &xn);
+                    let mut want_cache = cache.clone();
+                    want_cache[pos * kv_rows..(pos + 1) * kv_rows]
+                        .copy_from_slice(&round(&qk[q_rows..], kv_dtype));
+                    let vrow = (cap + pos) * kv_rows;
+                    want_cache[vrow..vrow + kv_rows].copy_from_slice(&round(&vv, kv_dtype));
+                    let what = format!(
+                        "{dtype:?}/{v_dtype:?} kv {kv_dtype:?} {heads}x{kv_heads}x{d} pos {pos} \
+                     subgroups {:?}",
+                        gpu.subgroup_min_size()
+                    );
+                    let tol = 2e-5 * (k as f32).sqrt();
+                    assert_close(
+                        &pollster::block_on(y.to_f32(gpu)).unwrap(),
+                        &qk[..q_rows],
+                        tol,
+                        &format!("{what}: q"),
+                    );
+                    let got = pollster::block_on(kv.to_f32(gpu)).unwrap();
+                    // f16 rounding of a value within tol of the reference may land one step away.
+                    let kv_tol = if kv_dtype == DType::F16 { 2e-3 } else { tol };
+                    assert_close(&got, &want_cache, kv_tol, &format!("{what}: cache"));
+                }
             }
         }
     }
@@ -991,9 +1008,10 @@ mod tests {
                 cache[kv_len * kv_heads * d..cap * kv_heads * d].fill(f32::NAN);
                 cache[(cap + kv_len) * kv_heads * d..].fill(f32::NAN);
                 let tq = Tensor::from_f32(gpu, &[heads * d], &q).unwrap();
-                let kv = kv_tensor(&cache, &[2, cap, kv_heads, d], kv_dtype);
+                let kv = kv_tensor(gpu, &cache, &[2, cap, kv_heads, d], kv_dtype);
                 let out = std::cell::RefCell::new(None);
                 run(
+                    gpu,
                     |b, s| {
                         *out.borrow_mut() = Some(attend(b, s, &tq, &kv, heads, kv_heads).unwrap())
                     },
