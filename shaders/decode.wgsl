@@ -910,8 +910,9 @@ fn kept(i: u32, kz: u32, cut: vec2<u32>) -> bool {
 }
 
 // Picks the next token (one workgroup). Greedy: the first largest penalised logit. Sampling:
-// transformers' order (penalty, temperature, top-k, top-p), the top-k and top-p cuts found by
-// binary searches over the keys (no sort), then a draw over the kept tokens in index order.
+// transformers' order (penalty, temperature, top-k, top-p), the cuts found without a sort, then a
+// draw over the kept tokens in index order. A top-k of at most CANDIDATES takes sample_top_k;
+// otherwise the top-k and top-p cuts are binary searches over the keys of the whole vocabulary.
 @compute @workgroup_size(256)
 fn sample(@builtin(local_invocation_index) lid: u32) {
     let v = sp.vocab;
@@ -942,7 +943,9 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
     let best = workgroupUniformLoad(&red_b[0]);
     let m = workgroupUniformLoad(&red_a[0]);
     var picked = best;
-    if (sp.temperature > 0.0) {
+    if (sp.temperature > 0.0 && sp.top_k > 0u && sp.top_k <= CANDIDATES && sp.top_k < v) {
+        picked = sample_top_k(lid, m, best);
+    } else if (sp.temperature > 0.0) {
         for (var i = lid; i < v; i += 256u) {
             zp[i].y = exp(zp[i].x - m);
         }
@@ -1054,6 +1057,164 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
         token[1] = picked;
         seen[picked / 32u] |= 1u << (picked % 32u);
     }
+}
+
+// The top-k path (k <= CANDIDATES): seven passes over the logits where the path above, which
+// cuts the whole vocabulary by binary searches, takes about a hundred (32 per search, 15 per tie
+// cut). The same cut: the k-th largest key t found a byte at a time (radix select: how many keys
+// under the bytes found so far have each value of the next byte), the ids above t and the first
+// ties of t gathered in index order, then top-p and the draw over those k ids alone.
+const CANDIDATES: u32 = 256u;
+
+var<workgroup> byte_counts: array<atomic<u32>, 256>;
+var<workgroup> chosen: vec2<u32>;
+// Per thread: (ids above t, ties of t) in its range of ids, then the offsets of its first kept id
+// and of its first tie.
+var<workgroup> range_counts: array<vec2<u32>, 256>;
+var<workgroup> cand_id: array<u32, CANDIDATES>;
+var<workgroup> cand_key: array<u32, CANDIDATES>;
+var<workgroup> cand_mass: array<f32, CANDIDATES>;
+var<workgroup> top_p_key: atomic<u32>;
+
+fn sample_top_k(lid: u32, m: f32, best: u32) -> u32 {
+    let v = sp.vocab;
+    let k = sp.top_k;
+    // t: the largest key with #(key >= t) >= k; need: its ties that are kept (k less those above).
+    var t = 0u;
+    var found = 0u;
+    var need = k;
+    for (var b = 0u; b < 4u; b++) {
+        let shift = 24u - 8u * b;
+        atomicStore(&byte_counts[lid], 0u);
+        workgroupBarrier();
+        for (var i = lid; i < v; i += 256u) {
+            let kz = key(zp[i].x);
+            if ((kz & found) == t) {
+                atomicAdd(&byte_counts[(kz >> shift) & 0xffu], 1u);
+            }
+        }
+        workgroupBarrier();
+        if (lid == 0u) {
+            // The byte of the need-th largest key under the bytes found, from the top.
+            var above = 0u;
+            var d = 255u;
+            loop {
+                let c = atomicLoad(&byte_counts[d]);
+                if (above + c >= need || d == 0u) {
+                    break;
+                }
+                above += c;
+                d -= 1u;
+            }
+            chosen = vec2<u32>(d, need - above);
+        }
+        let pick = workgroupUniformLoad(&chosen);
+        t |= pick.x << shift;
+        found |= 0xffu << shift;
+        need = pick.y;
+    }
+    // The kept ids in index order: each thread counts those of a contiguous range (written by
+    // other threads: the storage barrier), thread 0 turns the counts into offsets, each thread
+    // writes its own.
+    storageBarrier();
+    let per = (v + 255u) / 256u;
+    let first = min(lid * per, v);
+    let last = min(first + per, v);
+    var n = vec2<u32>(0u);
+    for (var i = first; i < last; i++) {
+        let kz = key(zp[i].x);
+        n += vec2<u32>(u32(kz > t), u32(kz == t));
+    }
+    range_counts[lid] = n;
+    workgroupBarrier();
+    if (lid == 0u) {
+        var kept = 0u;
+        var tied = 0u;
+        for (var r = 0u; r < 256u; r++) {
+            let c = range_counts[r];
+            range_counts[r] = vec2<u32>(kept, tied);
+            kept += c.x + min(c.y, need - min(need, tied));
+            tied += c.y;
+        }
+    }
+    workgroupBarrier();
+    var at = range_counts[lid];
+    for (var i = first; i < last; i++) {
+        let kz = key(zp[i].x);
+        if ((kz > t || (kz == t && at.y < need)) && at.x < CANDIDATES) {
+            cand_id[at.x] = i;
+            cand_key[at.x] = kz;
+            at.x++;
+        }
+        at.y += u32(kz == t);
+    }
+    workgroupBarrier();
+    if (lid < k) {
+        cand_mass[lid] = exp(zp[cand_id[lid]].x - m);
+    }
+    if (lid == 0u) {
+        atomicStore(&top_p_key, NONE);
+    }
+    workgroupBarrier();
+    // Top-p: the smallest key t_p with mass(key > t_p) < limit (each candidate's mass above it
+    // summed in index order), then the first of t_p's ties while the mass before them is below
+    // the limit. Without top-p everything is kept.
+    var limit = 0.0;
+    if (sp.top_p < 1.0) {
+        let own = cand_key[min(lid, k - 1u)];
+        var total = 0.0;
+        var above = 0.0;
+        for (var j = 0u; j < k; j++) {
+            let w = cand_mass[j];
+            total += w;
+            above += select(0.0, w, cand_key[j] > own);
+        }
+        limit = sp.top_p * total;
+        if (lid < k && above < limit) {
+            atomicMin(&top_p_key, own);
+        }
+    }
+    workgroupBarrier();
+    if (lid == 0u) {
+        var cut = vec2<u32>(0u, NONE);
+        if (sp.top_p < 1.0) {
+            let tp = atomicLoad(&top_p_key);
+            var above = 0.0;
+            for (var j = 0u; j < k; j++) {
+                above += select(0.0, cand_mass[j], cand_key[j] > tp);
+            }
+            let q = exp(unkey(tp) - m);
+            cut = vec2<u32>(tp, u32(min(ceil((limit - above) / q), f32(v))));
+        }
+        // The draw over the kept candidates in index order (a tie of cut.x is kept while fewer
+        // than cut.y of them come before it).
+        var total = 0.0;
+        var tied = 0u;
+        for (var j = 0u; j < k; j++) {
+            let kz = cand_key[j];
+            if (kz > cut.x || (kz == cut.x && tied < cut.y)) {
+                total += cand_mass[j];
+            }
+            tied += u32(kz == cut.x);
+        }
+        let goal = uniform01(step.index) * total;
+        var acc = 0.0;
+        var choice = best;
+        tied = 0u;
+        for (var j = 0u; j < k; j++) {
+            let kz = cand_key[j];
+            if (kz > cut.x || (kz == cut.x && tied < cut.y)) {
+                choice = cand_id[j];
+                acc += cand_mass[j];
+                if (acc > goal) {
+                    break;
+                }
+            }
+            tied += u32(kz == cut.x);
+        }
+        chosen = vec2<u32>(choice, 0u);
+    }
+    return workgroupUniformLoad(&chosen).x;
 }
 
 // The float of a key.

@@ -101,34 +101,52 @@ pub fn poison_workgroup_memory(source: &str, entry: &str) -> String {
         other => panic!("no poison for {other:?}"),
     };
     let index_name = lid.clone().unwrap_or_else(|| "poison_lid".into());
+    // The value of a scalar or vector type, and whether it is atomic.
+    let value = |ty: &TypeInner, name: &str| -> (String, bool) {
+        match *ty {
+            TypeInner::Scalar(s) => {
+                let (t, v) = scalar(s);
+                (format!("{t}({v})"), false)
+            }
+            TypeInner::Vector { size, scalar: s } => {
+                let (t, v) = scalar(s);
+                (format!("vec{}<{t}>({v})", size as u8), false)
+            }
+            TypeInner::Atomic(s) => {
+                let (t, v) = scalar(s);
+                (format!("{t}({v})"), true)
+            }
+            ref other => panic!("no poison for {name}: {other:?}"),
+        }
+    };
+    let store = |place: String, (value, atomic): (String, bool)| {
+        if atomic {
+            format!("atomicStore(&{place}, {value});")
+        } else {
+            format!("{place} = {value};")
+        }
+    };
     let mut fill = String::new();
     for (handle, var) in module.global_variables.iter() {
         if var.space != naga::AddressSpace::WorkGroup || uses[handle].is_empty() {
             continue;
         }
         let name = var.name.as_deref().expect("named");
-        let TypeInner::Array {
-            base,
-            size: ArraySize::Constant(len),
-            ..
-        } = module.types[var.ty].inner
-        else {
-            panic!("workgroup variable {name} is not an array of constant size");
-        };
-        let value = match module.types[base].inner {
-            TypeInner::Scalar(s) => {
-                let (t, v) = scalar(s);
-                format!("{t}({v})")
+        let line = match module.types[var.ty].inner {
+            TypeInner::Array {
+                base,
+                size: ArraySize::Constant(len),
+                ..
+            } => {
+                let set = store(format!("{name}[i]"), value(&module.types[base].inner, name));
+                format!("for (var i = {index_name}; i < {len}u; i += {threads}u) {{ {set} }}\n")
             }
-            TypeInner::Vector { size, scalar: s } => {
-                let (t, v) = scalar(s);
-                format!("vec{}<{t}>({v})", size as u8)
+            ref ty => {
+                let set = store(name.to_string(), value(ty, name));
+                format!("if ({index_name} == 0u) {{ {set} }}\n")
             }
-            ref other => panic!("no poison for {name}: {other:?}"),
         };
-        fill.push_str(&format!(
-            "for (var i = {index_name}; i < {len}u; i += {threads}u) {{ {name}[i] = {value}; }}\n"
-        ));
+        fill.push_str(&line);
     }
     if fill.is_empty() {
         return source.to_string();

@@ -606,7 +606,8 @@ impl SamplerState {
 }
 
 /// Picks the next token from `logits` (`[V]` or `[1, V]` F32) as `state` says, on the GPU (one
-/// workgroup; top-k and top-p are cut by binary searches over the logits, not a sort), and
+/// workgroup; top-k and top-p are cut without a sort: with a top-k of at most 256 a radix select
+/// and top-p over those k ids, else binary searches over the whole vocabulary), and
 /// writes it to `token[0]` (the next step's input) and `token[1]` (for the host).
 pub fn sample(
     batch: &mut Batch,
@@ -1139,6 +1140,29 @@ mod tests {
                 top_p: 1e-6,
                 repetition_penalty: 1.0,
                 seed: 6,
+            },
+            // The most the top-k path gathers, and one more (the path that cuts the whole
+            // vocabulary).
+            Sampling {
+                temperature: 2.0,
+                top_k: 256,
+                top_p: 1.0,
+                repetition_penalty: 1.0,
+                seed: 7,
+            },
+            Sampling {
+                temperature: 2.0,
+                top_k: 257,
+                top_p: 0.8,
+                repetition_penalty: 1.0,
+                seed: 8,
+            },
+            Sampling {
+                temperature: 3.0,
+                top_k: 200,
+                top_p: 0.8,
+                repetition_penalty: 1.0,
+                seed: 9,
             },
         ] {
             let got = gpu_samples(&logits, sampling, &seen, 64);
