@@ -911,8 +911,9 @@ fn kept(i: u32, kz: u32, cut: vec2<u32>) -> bool {
 
 // Picks the next token (one workgroup). Greedy: the first largest penalised logit. Sampling:
 // transformers' order (penalty, temperature, top-k, top-p), the cuts found without a sort, then a
-// draw over the kept tokens in index order. A top-k of at most CANDIDATES takes sample_top_k;
-// otherwise the top-k and top-p cuts are binary searches over the keys of the whole vocabulary.
+// draw over the kept tokens in index order. A top-k of at most CANDIDATES, and a top-p without
+// top-k whose cut lies within the CANDIDATES most likely ids, take sample_candidates; otherwise
+// the top-k and top-p cuts are binary searches over the keys of the whole vocabulary.
 @compute @workgroup_size(256)
 fn sample(@builtin(local_invocation_index) lid: u32) {
     let v = sp.vocab;
@@ -943,9 +944,14 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
     let best = workgroupUniformLoad(&red_b[0]);
     let m = workgroupUniformLoad(&red_a[0]);
     var picked = best;
-    if (sp.temperature > 0.0 && sp.top_k > 0u && sp.top_k <= CANDIDATES && sp.top_k < v) {
-        picked = sample_top_k(lid, m, best);
-    } else if (sp.temperature > 0.0) {
+    // (token, 1) where the few most likely ids decide it, else (best, 0).
+    var gathered = vec2<u32>(best, 0u);
+    let top_k = sp.top_k > 0u && sp.top_k < v;
+    if (sp.temperature > 0.0 && ((top_k && sp.top_k <= CANDIDATES) || (!top_k && sp.top_p < 1.0))) {
+        gathered = sample_candidates(lid, m, best);
+        picked = gathered.x;
+    }
+    if (sp.temperature > 0.0 && gathered.y == 0u) {
         for (var i = lid; i < v; i += 256u) {
             zp[i].y = exp(zp[i].x - m);
         }
@@ -1059,11 +1065,14 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
     }
 }
 
-// The top-k path (k <= CANDIDATES): seven passes over the logits where the path above, which
-// cuts the whole vocabulary by binary searches, takes about a hundred (32 per search, 15 per tie
-// cut). The same cut: the k-th largest key t found a byte at a time (radix select: how many keys
-// under the bytes found so far have each value of the next byte), the ids above t and the first
-// ties of t gathered in index order, then top-p and the draw over those k ids alone.
+// The few most likely ids (the top-k, k <= CANDIDATES, or without top-k the CANDIDATES most
+// likely): seven passes over the logits (eight for top-p without top-k) where the path above,
+// which cuts the whole vocabulary by binary searches, takes about a hundred (32 per search, 15 per
+// tie cut). The same cuts: the k-th largest key t found a byte at a time (radix select: how many
+// keys under the bytes found so far have each value of the next byte), the ids above t and the
+// first ties of t gathered in index order, then top-p and the draw over those k ids alone. Top-p
+// without top-k needs the mass of the whole vocabulary, and gives up (returns (best, 0)) where
+// the ids above t do not reach its limit: its cut then lies below them.
 const CANDIDATES: u32 = 256u;
 
 var<workgroup> byte_counts: array<atomic<u32>, 256>;
@@ -1076,9 +1085,10 @@ var<workgroup> cand_key: array<u32, CANDIDATES>;
 var<workgroup> cand_mass: array<f32, CANDIDATES>;
 var<workgroup> top_p_key: atomic<u32>;
 
-fn sample_top_k(lid: u32, m: f32, best: u32) -> u32 {
+fn sample_candidates(lid: u32, m: f32, best: u32) -> vec2<u32> {
     let v = sp.vocab;
-    let k = sp.top_k;
+    let top_k = sp.top_k > 0u && sp.top_k < v;
+    let k = select(min(v, CANDIDATES), sp.top_k, top_k);
     // t: the largest key with #(key >= t) >= k; need: its ties that are kept (k less those above).
     var t = 0u;
     var found = 0u;
@@ -1161,12 +1171,21 @@ fn sample_top_k(lid: u32, m: f32, best: u32) -> u32 {
     // the limit. Without top-p everything is kept.
     var limit = 0.0;
     if (sp.top_p < 1.0) {
-        let own = cand_key[min(lid, k - 1u)];
         var total = 0.0;
+        if (!top_k) {
+            var mass = 0.0;
+            for (var i = lid; i < v; i += 256u) {
+                mass += exp(zp[i].x - m);
+            }
+            total = sum_f32(lid, mass);
+        }
+        let own = cand_key[min(lid, k - 1u)];
         var above = 0.0;
         for (var j = 0u; j < k; j++) {
             let w = cand_mass[j];
-            total += w;
+            if (top_k) {
+                total += w;
+            }
             above += select(0.0, w, cand_key[j] > own);
         }
         limit = sp.top_p * total;
@@ -1177,6 +1196,16 @@ fn sample_top_k(lid: u32, m: f32, best: u32) -> u32 {
     workgroupBarrier();
     if (lid == 0u) {
         var cut = vec2<u32>(0u, NONE);
+        // Top-p without top-k: whether the ids above t reach the limit (then the cut is among
+        // the candidates), unless they are the whole vocabulary.
+        var inside = top_k || k == v;
+        if (!inside) {
+            var above = 0.0;
+            for (var j = 0u; j < k; j++) {
+                above += select(0.0, cand_mass[j], cand_key[j] > t);
+            }
+            inside = above >= limit;
+        }
         if (sp.top_p < 1.0) {
             let tp = atomicLoad(&top_p_key);
             var above = 0.0;
@@ -1212,9 +1241,9 @@ fn sample_top_k(lid: u32, m: f32, best: u32) -> u32 {
             }
             tied += u32(kz == cut.x);
         }
-        chosen = vec2<u32>(choice, 0u);
+        chosen = select(vec2<u32>(best, 0u), vec2<u32>(choice, 1u), inside);
     }
-    return workgroupUniformLoad(&chosen).x;
+    return workgroupUniformLoad(&chosen);
 }
 
 // The float of a key.

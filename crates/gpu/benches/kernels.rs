@@ -498,13 +498,24 @@ fn decode_rows(gpu: &Gpu, table: &mut Table, full: bool, calls: usize) -> Result
         repetition_penalty: 1.1,
         seed: 1,
     };
-    for (what, sampling) in [
-        ("greedy", decode::Sampling::GREEDY),
-        ("t 0.7, top-k 50, top-p 0.9", sampled),
+    // A reply's logits put most of the mass on a few ids: top-p alone then cuts among them.
+    let mut peaked = random(vocab, 13);
+    for i in (0..vocab).step_by(vocab / 20) {
+        peaked[i] += 8.0;
+    }
+    let peaked = Tensor::from_f32(gpu, &[1, vocab], &peaked)?;
+    let top_p = decode::Sampling {
+        top_k: 0,
+        ..sampled
+    };
+    for (what, sampling, logits) in [
+        ("greedy", decode::Sampling::GREEDY, &logits),
+        ("t 0.7, top-k 50, top-p 0.9", sampled, &logits),
+        ("t 0.7, top-p 0.9, 20 likely ids", top_p, &peaked),
     ] {
         state.reset(gpu, sampling, &[1, 2, 3]);
         let secs = gpu_secs(gpu, calls, |batch| {
-            decode::sample(batch, &step, &state, &logits, &token)
+            decode::sample(batch, &step, &state, logits, &token)
         })?;
         table.add(
             "decode sample",

@@ -1164,6 +1164,14 @@ mod tests {
                 repetition_penalty: 1.0,
                 seed: 9,
             },
+            // Top-p alone whose cut lies within the 256 most likely ids (0.5 above: below them).
+            Sampling {
+                temperature: 0.1,
+                top_k: 0,
+                top_p: 0.95,
+                repetition_penalty: 1.0,
+                seed: 10,
+            },
         ] {
             let got = gpu_samples(&logits, sampling, &seen, 64);
             let want: Vec<u32> = (0..64)
