@@ -1181,6 +1181,62 @@ mod tests {
         }
     }
 
+    /// The cuts over the whole vocabulary (a top-k over 256; a top-p alone whose cut lies below
+    /// the 256 most likely ids) through ties: 150 ids share the logit ranked 159th to 308th, and
+    /// both cuts land among them.
+    #[test]
+    fn whole_vocabulary_cuts_match_the_reference_through_ties() {
+        let v = 3000;
+        let tie = 3.5;
+        let mut logits: Vec<f32> = random(v, 21).iter().map(|x| x * 4.0).collect();
+        for i in 0..150 {
+            logits[(i * 19 + 3) % v] = tie;
+        }
+        let above = logits.iter().filter(|&&l| l > tie).count();
+        assert!(
+            above < 256 && above + 150 > 300,
+            "{above} logits above the ties"
+        );
+        // Top-p alone that keeps the ids above the ties and 120 of them, at temperature 0.7.
+        let mass = |l: f32| ((l as f64 - 4.0) / 0.7).exp();
+        let total: f64 = logits.iter().map(|&l| mass(l)).sum();
+        let kept = logits
+            .iter()
+            .filter(|&&l| l > tie)
+            .map(|&l| mass(l))
+            .sum::<f64>()
+            + 119.5 * mass(tie);
+        for sampling in [
+            Sampling {
+                temperature: 1.0,
+                top_k: 270,
+                top_p: 1.0,
+                repetition_penalty: 1.0,
+                seed: 11,
+            },
+            Sampling {
+                temperature: 1.0,
+                top_k: 300,
+                top_p: 0.6,
+                repetition_penalty: 1.0,
+                seed: 12,
+            },
+            Sampling {
+                temperature: 0.7,
+                top_k: 0,
+                top_p: (kept / total) as f32,
+                repetition_penalty: 1.0,
+                seed: 13,
+            },
+        ] {
+            let got = gpu_samples(&logits, sampling, &[], 64);
+            let want: Vec<u32> = (0..64)
+                .map(|i| sample_reference(&logits, sampling, &[], i))
+                .collect();
+            assert_eq!(got, want, "{sampling:?}");
+        }
+    }
+
     /// A replayed plan creates nothing: no buffer, no bind group, one pass.
     #[test]
     fn replaying_a_plan_creates_nothing() {
