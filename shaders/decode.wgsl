@@ -179,7 +179,7 @@ fn dots_q8(u0: vec4<u32>, u1: vec4<u32>, u2: vec4<u32>, u3: vec4<u32>, xb: u32) 
 // quant.rs Q4_VALUES for four codes n (< 16): the degree-4 polynomial closest to the code book in
 // the maximum norm (coefficients by linear programming), rounded. In f32, fused or not, it is off
 // by at most 0.433, never near a half, so the rounding (under any tie rule) gives the code book
-// exactly (tested: matmul.rs, q4_code_book_is_exact_in_every_kernel). Per value an OR, a
+// exactly (tested: matmul.rs, every_code_is_exact_in_every_kernel). Per value an OR, a
 // subtraction (n becomes a float by its bits: 2^23 + n, less 2^23), four fma and a round: seven
 // operations, where the lookup it replaces took ten or more (three selects, a bit-field extract at
 // a computed offset) and converted an integer to float. A dynamically indexed code book can end up
@@ -948,7 +948,7 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
     var gathered = vec2<u32>(best, 0u);
     let top_k = sp.top_k > 0u && sp.top_k < v;
     if (sp.temperature > 0.0 && ((top_k && sp.top_k <= CANDIDATES) || (!top_k && sp.top_p < 1.0))) {
-        gathered = sample_candidates(lid, m, best);
+        gathered = sample_candidates(lid, m, best, top_k);
         picked = gathered.x;
     }
     if (sp.temperature > 0.0 && gathered.y == 0u) {
@@ -1085,9 +1085,18 @@ var<workgroup> cand_key: array<u32, CANDIDATES>;
 var<workgroup> cand_mass: array<f32, CANDIDATES>;
 var<workgroup> top_p_key: atomic<u32>;
 
-fn sample_candidates(lid: u32, m: f32, best: u32) -> vec2<u32> {
+// The mass of the first k candidates whose key is above `t`, summed in index order.
+fn candidate_mass_above(k: u32, t: u32) -> f32 {
+    var mass = 0.0;
+    for (var j = 0u; j < k; j++) {
+        mass += select(0.0, cand_mass[j], cand_key[j] > t);
+    }
+    return mass;
+}
+
+// `top_k`: the top-k applies (0 < top_k < vocab); else top-p alone.
+fn sample_candidates(lid: u32, m: f32, best: u32, top_k: bool) -> vec2<u32> {
     let v = sp.vocab;
-    let top_k = sp.top_k > 0u && sp.top_k < v;
     let k = select(min(v, CANDIDATES), sp.top_k, top_k);
     // t: the largest key with #(key >= t) >= k; need: its ties that are kept (k less those above).
     var t = 0u;
@@ -1198,22 +1207,11 @@ fn sample_candidates(lid: u32, m: f32, best: u32) -> vec2<u32> {
         var cut = vec2<u32>(0u, NONE);
         // Top-p without top-k: whether the ids above t reach the limit (then the cut is among
         // the candidates), unless they are the whole vocabulary.
-        var inside = top_k || k == v;
-        if (!inside) {
-            var above = 0.0;
-            for (var j = 0u; j < k; j++) {
-                above += select(0.0, cand_mass[j], cand_key[j] > t);
-            }
-            inside = above >= limit;
-        }
+        let inside = top_k || k == v || candidate_mass_above(k, t) >= limit;
         if (sp.top_p < 1.0) {
             let tp = atomicLoad(&top_p_key);
-            var above = 0.0;
-            for (var j = 0u; j < k; j++) {
-                above += select(0.0, cand_mass[j], cand_key[j] > tp);
-            }
             let q = exp(unkey(tp) - m);
-            cut = vec2<u32>(tp, u32(min(ceil((limit - above) / q), f32(v))));
+            cut = vec2<u32>(tp, u32(min(ceil((limit - candidate_mass_above(k, tp)) / q), f32(v))));
         }
         // The draw over the kept candidates in index order (a tie of cut.x is kept while fewer
         // than cut.y of them come before it).

@@ -38,6 +38,13 @@ pub fn browser_like_gpu() -> &'static Gpu {
     })
 }
 
+/// Both shared devices, for kernels whose variants differ between them: [`gpu`] (shader-f16,
+/// the wide GEMM tile, subgroups where the adapter has them: llvmpipe's are 8 wide) and
+/// [`browser_like_gpu`] (the f32 path, the 8x8 tile, reductions through workgroup memory).
+pub fn devices() -> [&'static Gpu; 2] {
+    [gpu(), browser_like_gpu()]
+}
+
 /// Asserts `|got - want| <= tol * max(1, |want|)` element-wise, naming the first failure.
 #[track_caller]
 pub fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
@@ -100,7 +107,7 @@ pub fn poison_workgroup_memory(source: &str, entry: &str) -> String {
         (ScalarKind::Sint, 4) => ("i32", "2147483647"),
         other => panic!("no poison for {other:?}"),
     };
-    let index_name = lid.clone().unwrap_or_else(|| "poison_lid".into());
+    let index_name = lid.as_deref().unwrap_or("poison_lid");
     // The value of a scalar or vector type, and whether it is atomic.
     let value = |ty: &TypeInner, name: &str| -> (String, bool) {
         match *ty {

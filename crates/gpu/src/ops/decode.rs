@@ -715,18 +715,7 @@ mod tests {
     use half::f16;
 
     use super::*;
-    use crate::testing::{assert_close, browser_like_gpu, gpu, random};
-
-    /// Weights `[n, k]` in `dtype` on `gpu` (see [`crate::testing::weights`]).
-    fn weights(gpu: &Gpu, dtype: DType, n: usize, k: usize, seed: u64) -> (Tensor, Vec<f32>) {
-        crate::testing::weights(gpu, dtype, n, k, seed)
-    }
-
-    /// The shared device (subgroups where the adapter has them: llvmpipe's are 8 wide, so rows
-    /// of up to 8 lanes sum by shuffles there) and the browser-like one (workgroup memory).
-    fn devices() -> [&'static Gpu; 2] {
-        [gpu(), browser_like_gpu()]
-    }
+    use crate::testing::{assert_close, devices, gpu, random, weights};
 
     fn matvec(w: &[f32], x: &[f32]) -> Vec<f32> {
         w.chunks(x.len())
@@ -1066,6 +1055,19 @@ mod tests {
             .collect()
     }
 
+    /// 64 draws of the GPU sampler equal its host reference's.
+    #[track_caller]
+    fn assert_samples_match_reference(logits: &[f32], sampling: Sampling, seen: &[u32]) {
+        let want: Vec<u32> = (0..64)
+            .map(|i| sample_reference(logits, sampling, seen, i))
+            .collect();
+        assert_eq!(
+            gpu_samples(logits, sampling, seen, 64),
+            want,
+            "{sampling:?}"
+        );
+    }
+
     #[test]
     fn greedy_sample_takes_the_first_largest_penalised_logit() {
         let mut logits = random(32000, 3);
@@ -1173,11 +1175,7 @@ mod tests {
                 seed: 10,
             },
         ] {
-            let got = gpu_samples(&logits, sampling, &seen, 64);
-            let want: Vec<u32> = (0..64)
-                .map(|i| sample_reference(&logits, sampling, &seen, i))
-                .collect();
-            assert_eq!(got, want, "{sampling:?}");
+            assert_samples_match_reference(&logits, sampling, &seen);
         }
     }
 
@@ -1229,11 +1227,7 @@ mod tests {
                 seed: 13,
             },
         ] {
-            let got = gpu_samples(&logits, sampling, &[], 64);
-            let want: Vec<u32> = (0..64)
-                .map(|i| sample_reference(&logits, sampling, &[], i))
-                .collect();
-            assert_eq!(got, want, "{sampling:?}");
+            assert_samples_match_reference(&logits, sampling, &[]);
         }
     }
 

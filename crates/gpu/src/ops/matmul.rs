@@ -637,7 +637,7 @@ mod tests {
 
     use super::*;
     use crate::Gpu;
-    use crate::testing::{browser_like_gpu, gpu, random, weights};
+    use crate::testing::{browser_like_gpu, devices, gpu, random, weights};
 
     /// `x · wᵀ + bias` in f64 over row-major `x: [m, k]`, `w: [n, k]`.
     fn reference(
@@ -673,12 +673,6 @@ mod tests {
                 "{what}: element {i}: got {g}, want {w}"
             );
         }
-    }
-
-    /// The shared device, which runs the `SHADER_F16` variants where the adapter has shader-f16
-    /// and every GEMM on the wide tile, and the browser-like one: the f32 path and the 8x8 GEMM.
-    fn devices() -> Vec<&'static Gpu> {
-        vec![gpu(), browser_like_gpu()]
     }
 
     /// Runs `linear` on fresh random data on each of [`devices`] and compares with the CPU
