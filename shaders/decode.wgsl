@@ -1,7 +1,7 @@
 // The planned decode step (one token, M = 1): fused GEMVs, the attention of one query position,
 // and the sampler. Every kernel here reads the per-token values (position, cache length) from the
 // `step` uniform, which is rewritten before each replay, so the step is recorded once per chat.
-// variants: GEMV W_F32 | GEMV W_F16 | GEMV W_Q8 QUANT | GEMV W_Q6 QUANT | GEMV W_Q4 QUANT | GEMV W_F32 NORM | GEMV W_F16 NORM | GEMV W_Q8 QUANT NORM | GEMV W_Q6 QUANT NORM | GEMV W_Q4 QUANT NORM | GEMV W_F32 RESIDUAL | GEMV W_F16 RESIDUAL | GEMV W_Q8 QUANT RESIDUAL | GEMV W_Q6 QUANT RESIDUAL | GEMV W_Q4 QUANT RESIDUAL | GEMV W_F32 NORM SILU | GEMV W_F16 NORM SILU | GEMV W_Q8 QUANT NORM SILU | GEMV W_Q6 QUANT NORM SILU | GEMV W_Q4 QUANT NORM SILU | GEMV W_F32 NORM QKV V_F32 | GEMV W_F16 NORM QKV V_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 | GEMV W_Q4 QUANT NORM QKV V_Q6 | GEMV W_Q4 QUANT NORM QKV V_Q4 | GEMV W_F16 NORM QKV V_F16 KV_F16 | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 KV_F16 | GEMV W_Q4 QUANT NORM SUBGROUPS | GEMV W_Q4 QUANT NORM SUBGROUPS SUBGROUP_LANES | GEMV W_F16 RESIDUAL SUBGROUPS SUBGROUP_LANES | GEMV W_Q8 QUANT NORM SILU SUBGROUPS SUBGROUP_LANES | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 SUBGROUPS SUBGROUP_LANES | GEMV W_F32 NORM QKV V_F32 SUBGROUPS | ATTEND | ATTEND KV_F16 | COMBINE | SAMPLE
+// variants: GEMV W_F32 | GEMV W_F16 | GEMV W_Q8 QUANT | GEMV W_Q6 QUANT | GEMV W_Q4 QUANT | GEMV W_F32 NORM | GEMV W_F16 NORM | GEMV W_Q8 QUANT NORM | GEMV W_Q6 QUANT NORM | GEMV W_Q4 QUANT NORM | GEMV W_F32 RESIDUAL | GEMV W_F16 RESIDUAL | GEMV W_Q8 QUANT RESIDUAL | GEMV W_Q6 QUANT RESIDUAL | GEMV W_Q4 QUANT RESIDUAL | GEMV W_F32 NORM SILU | GEMV W_F16 NORM SILU | GEMV W_Q8 QUANT NORM SILU | GEMV W_Q6 QUANT NORM SILU | GEMV W_Q4 QUANT NORM SILU | GEMV W_F32 NORM QKV V_F32 | GEMV W_F16 NORM QKV V_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 | GEMV W_Q4 QUANT NORM QKV V_Q6 | GEMV W_Q4 QUANT NORM QKV V_Q4 | GEMV W_F16 NORM QKV V_F16 KV_F16 | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 KV_F16 | GEMV W_Q4 QUANT NORM SUBGROUPS | GEMV W_Q4 QUANT NORM SUBGROUPS SUBGROUP_LANES | GEMV W_F16 RESIDUAL SUBGROUPS SUBGROUP_LANES | GEMV W_Q8 QUANT NORM SILU SUBGROUPS SUBGROUP_LANES | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 SUBGROUPS SUBGROUP_LANES | GEMV W_F32 NORM QKV V_F32 SUBGROUPS | ATTEND | ATTEND KV_F16 | ATTEND UNITS | ATTEND UNITS KV_F16 | COMBINE | SAMPLE
 //
 // GEMV (`gemv`): y = W · x for one row of x, W `[N, K]` in the layout of tensor.rs / quant.rs.
 // Rows go in quads of four: LANES threads share a quad (32, or fewer where a row has fewer 16-byte
@@ -20,8 +20,9 @@
 // summed as norm.wgsl sums it, so the normalised values are the same, or with SUBGROUPS by
 // subgroups, which rounds differently).
 //
-// ATTEND + COMBINE (`attend`, `attend_combine`): attention of the step's query against the first
-// kv_len cached keys, split into chunks of 64 keys per workgroup (flash-decoding), then merged.
+// ATTEND + COMBINE (`attend_units` with UNITS, else `attend`; then `attend_combine`): attention of
+// the step's query against the first kv_len cached keys, split into chunks of 64 keys per
+// workgroup (flash-decoding), then merged. UNITS: head dims whose rows are whole 16-byte units.
 //
 // SAMPLE (`sample`): the next token from the logits, on the GPU, written where the next step's
 // embedding reads it and where the host reads it back.
@@ -636,6 +637,175 @@ struct AttendParams {
 }
 
 @group(0) @binding(0) var<uniform> a: AttendParams;
+// Per (head, chunk): head_dim weighted value sums, and (max, sum) of the chunk's scores.
+@group(0) @binding(4) var<storage, read_write> part_out: array<f32>;
+@group(0) @binding(5) var<storage, read_write> part_stats: array<vec2<f32>>;
+
+const KEYS: u32 = 64u;
+const MASKED: f32 = -3.0e38;
+
+#if UNITS
+// q: [heads, head_dim] in fours; the cache (as in the QKV epilogue) in 16-byte units of 8 halves
+// (KV_F16) or 4 floats.
+@group(0) @binding(2) var<storage, read> q: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> kv: array<vec4<u32>>;
+
+#if KV_F16
+const UNIT: u32 = 8u;
+#else
+const UNIT: u32 = 4u;
+#endif
+// Most slices of the value sums (256 threads over a row's units): four keys per thread, one round
+// of loads, and few slices to add up.
+const SLICES: u32 = KEYS / 4u;
+
+var<workgroup> lane_dots: array<f32, 256>;
+var<workgroup> scores: array<f32, KEYS>;
+var<workgroup> probs: array<f32, KEYS>;
+var<workgroup> slice_sums: array<f32, 2048>; // [slice][head_dim], slices * units <= 256
+
+// Unit `u` of the query row starting at q[qb] times the 16-byte unit `k` of a key.
+fn unit_dot(qb: u32, u: u32, k: vec4<u32>) -> f32 {
+#if KV_F16
+    let a = q[qb + 2u * u];
+    let b = q[qb + 2u * u + 1u];
+    let lo = dot(a.xy, unpack2x16float(k.x)) + dot(a.zw, unpack2x16float(k.y));
+    let hi = dot(b.xy, unpack2x16float(k.z)) + dot(b.zw, unpack2x16float(k.w));
+    return lo + hi;
+#else
+    return dot(q[qb + u], bitcast<vec4<f32>>(k));
+#endif
+}
+
+// Workgroup (query head, chunk), head dims whose rows are whole 16-byte units: the chunk's scores,
+// their softmax statistics and the unnormalised weighted sum of values, with four barriers. Each
+// phase has every thread issue its loads together (four per thread for head dim 128 in f16)
+// instead of a chain: four lanes per key for the scores, then (unit column, key slice) threads for
+// the values, whose slices are summed through workgroup memory. A kv head's K/V are read by its
+// query heads' workgroups, from cache after the first.
+@compute @workgroup_size(256)
+fn attend_units(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let index = wg.x + wg.y * nwg.x;
+    let chunks = a.capacity / KEYS;
+    let h = index / chunks;
+    let chunk = index % chunks;
+    let k0 = chunk * KEYS;
+    if (h >= a.heads || k0 >= step.kv_len) {
+        return;
+    }
+    let d = a.head_dim;
+    let units = d / UNIT;
+    let kvh = h / (a.heads / a.kv_heads);
+    let keys = min(KEYS, step.kv_len - k0);
+    let qb = h * d / 4u;
+    // Scores: thread (key j, lane) takes units lane, lane + 4, ... of key j, four at a time
+    // (indices past the row clamped and their products dropped, so the loads need no branch).
+    let j = lid / 4u;
+    let lane = lid % 4u;
+    let kb = ((k0 + min(j, keys - 1u)) * a.kv_heads + kvh) * units;
+    var s = 0.0;
+    for (var u = lane; u < units; u += 16u) {
+        let last = units - 1u;
+        let k_0 = kv[kb + u];
+        let k_1 = kv[kb + min(u + 4u, last)];
+        let k_2 = kv[kb + min(u + 8u, last)];
+        let k_3 = kv[kb + min(u + 12u, last)];
+        s += unit_dot(qb, u, k_0);
+        s += select(0.0, unit_dot(qb, u + 4u, k_1), u + 4u < units);
+        s += select(0.0, unit_dot(qb, u + 8u, k_2), u + 8u < units);
+        s += select(0.0, unit_dot(qb, u + 12u, k_3), u + 12u < units);
+    }
+    lane_dots[lid] = s;
+    workgroupBarrier();
+    if (lid < KEYS) {
+        let b = 4u * lid;
+        let dot = (lane_dots[b] + lane_dots[b + 1u]) + (lane_dots[b + 2u] + lane_dots[b + 3u]);
+        scores[lid] = select(MASKED, dot * a.scale, lid < keys);
+    }
+    workgroupBarrier();
+    // Each key's weight exp(score - max): every thread of the first 64 reads the 64 scores (one
+    // barrier, where a tree takes six).
+    var m = MASKED;
+    if (lid < KEYS) {
+        for (var i = 0u; i < KEYS; i++) {
+            m = max(m, scores[i]);
+        }
+        probs[lid] = exp(scores[lid] - m);
+    }
+    workgroupBarrier();
+    let part = h * chunks + chunk;
+    if (lid == 0u) {
+        var l = 0.0;
+        for (var i = 0u; i < keys; i++) {
+            l += probs[i];
+        }
+        part_stats[part] = vec2<f32>(m, l);
+    }
+    // Values: thread (unit column c, slice) sums keys slice, slice + slices, ... four at a time
+    // (keys past the chunk clamped to its last, weight 0).
+    let slices = min(256u / units, SLICES);
+    let c = lid % units;
+    let slice = lid / units;
+    let values = a.capacity * a.kv_heads * units;
+    var lo = vec4<f32>();
+#if KV_F16
+    var hi = vec4<f32>();
+#endif
+    if (slice < slices) {
+        for (var i = slice; i < keys; i += 4u * slices) {
+            let i1 = min(i + slices, keys - 1u);
+            let i2 = min(i + 2u * slices, keys - 1u);
+            let i3 = min(i + 3u * slices, keys - 1u);
+            let v_0 = kv[values + ((k0 + i) * a.kv_heads + kvh) * units + c];
+            let v_1 = kv[values + ((k0 + i1) * a.kv_heads + kvh) * units + c];
+            let v_2 = kv[values + ((k0 + i2) * a.kv_heads + kvh) * units + c];
+            let v_3 = kv[values + ((k0 + i3) * a.kv_heads + kvh) * units + c];
+            let p = vec4<f32>(
+                probs[i],
+                select(0.0, probs[i1], i + slices < keys),
+                select(0.0, probs[i2], i + 2u * slices < keys),
+                select(0.0, probs[i3], i + 3u * slices < keys),
+            );
+#if KV_F16
+            lo += p.x * vec4<f32>(unpack2x16float(v_0.x), unpack2x16float(v_0.y))
+                + p.y * vec4<f32>(unpack2x16float(v_1.x), unpack2x16float(v_1.y))
+                + p.z * vec4<f32>(unpack2x16float(v_2.x), unpack2x16float(v_2.y))
+                + p.w * vec4<f32>(unpack2x16float(v_3.x), unpack2x16float(v_3.y));
+            hi += p.x * vec4<f32>(unpack2x16float(v_0.z), unpack2x16float(v_0.w))
+                + p.y * vec4<f32>(unpack2x16float(v_1.z), unpack2x16float(v_1.w))
+                + p.z * vec4<f32>(unpack2x16float(v_2.z), unpack2x16float(v_2.w))
+                + p.w * vec4<f32>(unpack2x16float(v_3.z), unpack2x16float(v_3.w));
+#else
+            lo += p.x * bitcast<vec4<f32>>(v_0) + p.y * bitcast<vec4<f32>>(v_1)
+                + p.z * bitcast<vec4<f32>>(v_2) + p.w * bitcast<vec4<f32>>(v_3);
+#endif
+        }
+        let e = slice * d + c * UNIT;
+        slice_sums[e] = lo.x;
+        slice_sums[e + 1u] = lo.y;
+        slice_sums[e + 2u] = lo.z;
+        slice_sums[e + 3u] = lo.w;
+#if KV_F16
+        slice_sums[e + 4u] = hi.x;
+        slice_sums[e + 5u] = hi.y;
+        slice_sums[e + 6u] = hi.z;
+        slice_sums[e + 7u] = hi.w;
+#endif
+    }
+    workgroupBarrier();
+    if (lid < d) {
+        var sum = 0.0;
+        for (var t = 0u; t < slices; t++) {
+            sum += slice_sums[t * d + lid];
+        }
+        part_out[part * d + lid] = sum;
+    }
+}
+#else
 // q: [heads, head_dim]; kv as in the QKV epilogue.
 @group(0) @binding(2) var<storage, read> q: array<f32>;
 #if KV_F16
@@ -643,14 +813,9 @@ struct AttendParams {
 #else
 @group(0) @binding(3) var<storage, read> kv: array<f32>;
 #endif
-// Per (head, chunk): head_dim weighted value sums, and (max, sum) of the chunk's scores.
-@group(0) @binding(4) var<storage, read_write> part_out: array<f32>;
-@group(0) @binding(5) var<storage, read_write> part_stats: array<vec2<f32>>;
 
-const KEYS: u32 = 64u;
 // Query heads per kv head times head dim, at most.
 const QMAX: u32 = 2048u;
-const MASKED: f32 = -3.0e38;
 
 var<workgroup> qs: array<f32, QMAX>;
 var<workgroup> probs: array<f32, 512>; // [group (<= 8)][KEYS]
@@ -746,6 +911,7 @@ fn attend(
         part_out[(part + r * chunks) * d + e] = (acc.x + acc.y) + (acc.z + acc.w);
     }
 }
+#endif
 #endif
 
 #if COMBINE
