@@ -1,7 +1,7 @@
 // The planned decode step (one token, M = 1): fused GEMVs, the attention of one query position,
 // and the sampler. Every kernel here reads the per-token values (position, cache length) from the
 // `step` uniform, which is rewritten before each replay, so the step is recorded once per chat.
-// variants: GEMV W_F32 | GEMV W_F16 | GEMV W_Q8 QUANT | GEMV W_Q6 QUANT | GEMV W_Q4 QUANT | GEMV W_F32 NORM | GEMV W_F16 NORM | GEMV W_Q8 QUANT NORM | GEMV W_Q6 QUANT NORM | GEMV W_Q4 QUANT NORM | GEMV W_F32 RESIDUAL | GEMV W_F16 RESIDUAL | GEMV W_Q8 QUANT RESIDUAL | GEMV W_Q6 QUANT RESIDUAL | GEMV W_Q4 QUANT RESIDUAL | GEMV W_F32 NORM SILU | GEMV W_F16 NORM SILU | GEMV W_Q8 QUANT NORM SILU | GEMV W_Q6 QUANT NORM SILU | GEMV W_Q4 QUANT NORM SILU | GEMV W_F32 NORM QKV V_F32 | GEMV W_F16 NORM QKV V_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 | GEMV W_Q4 QUANT NORM QKV V_Q6 | GEMV W_Q4 QUANT NORM QKV V_Q4 | GEMV W_F16 NORM QKV V_F16 KV_F16 | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 KV_F16 | GEMV W_Q4 QUANT NORM SUBGROUPS | GEMV W_Q4 QUANT NORM SUBGROUPS SUBGROUP_LANES | GEMV W_F16 RESIDUAL SUBGROUPS SUBGROUP_LANES | GEMV W_Q8 QUANT NORM SILU SUBGROUPS SUBGROUP_LANES | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 SUBGROUPS SUBGROUP_LANES | GEMV W_F32 NORM QKV V_F32 SUBGROUPS | ATTEND | ATTEND KV_F16 | ATTEND UNITS | ATTEND UNITS KV_F16 | COMBINE | SAMPLE
+// variants: GEMV W_F32 | GEMV W_F16 | GEMV W_Q8 QUANT | GEMV W_Q6 QUANT | GEMV W_Q4 QUANT | GEMV W_F32 NORM | GEMV W_F16 NORM | GEMV W_Q8 QUANT NORM | GEMV W_Q6 QUANT NORM | GEMV W_Q4 QUANT NORM | GEMV W_F32 RESIDUAL | GEMV W_F16 RESIDUAL | GEMV W_Q8 QUANT RESIDUAL | GEMV W_Q6 QUANT RESIDUAL | GEMV W_Q4 QUANT RESIDUAL | GEMV W_F32 NORM SILU | GEMV W_F16 NORM SILU | GEMV W_Q8 QUANT NORM SILU | GEMV W_Q6 QUANT NORM SILU | GEMV W_Q4 QUANT NORM SILU | GEMV W_F32 NORM QKV V_F32 | GEMV W_F16 NORM QKV V_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 | GEMV W_Q4 QUANT NORM QKV V_Q6 | GEMV W_Q4 QUANT NORM QKV V_Q4 | GEMV W_F16 NORM QKV V_F16 KV_F16 | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 KV_F16 | GEMV W_Q4 QUANT NORM SUBGROUPS | GEMV W_Q4 QUANT NORM SUBGROUPS SUBGROUP_LANES | GEMV W_F16 RESIDUAL SUBGROUPS SUBGROUP_LANES | GEMV W_Q8 QUANT NORM SILU SUBGROUPS SUBGROUP_LANES | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 SUBGROUPS SUBGROUP_LANES | GEMV W_F32 NORM QKV V_F32 SUBGROUPS | ATTEND | ATTEND KV_F16 | ATTEND UNITS | ATTEND UNITS KV_F16 | ATTEND UNITS SUBGROUPS | ATTEND UNITS KV_F16 SUBGROUPS | COMBINE | SAMPLE
 //
 // GEMV (`gemv`): y = W · x for one row of x, W `[N, K]` in the layout of tensor.rs / quant.rs.
 // Rows go in quads of four: LANES threads share a quad (32, or fewer where a row has fewer 16-byte
@@ -659,7 +659,9 @@ const UNIT: u32 = 4u;
 // of loads, and few slices to add up.
 const SLICES: u32 = KEYS / 4u;
 
+#if !SUBGROUPS
 var<workgroup> lane_dots: array<f32, 256>;
+#endif
 var<workgroup> scores: array<f32, KEYS>;
 var<workgroup> probs: array<f32, KEYS>;
 var<workgroup> slice_sums: array<f32, 2048>; // [slice][head_dim], slices * units <= 256
@@ -719,6 +721,15 @@ fn attend_units(
         s += select(0.0, unit_dot(qb, u + 8u, k_2), u + 8u < units);
         s += select(0.0, unit_dot(qb, u + 12u, k_3), u + 12u < units);
     }
+#if SUBGROUPS
+    // A key's four lanes are consecutive invocations of one subgroup (subgroups of at least
+    // four): two shuffles add them in the order of the path below.
+    var dot = s + subgroupShuffleXor(s, 1u);
+    dot += subgroupShuffleXor(dot, 2u);
+    if (lane == 0u) {
+        scores[j] = select(MASKED, dot * a.scale, j < keys);
+    }
+#else
     lane_dots[lid] = s;
     workgroupBarrier();
     if (lid < KEYS) {
@@ -726,6 +737,7 @@ fn attend_units(
         let dot = (lane_dots[b] + lane_dots[b + 1u]) + (lane_dots[b + 2u] + lane_dots[b + 3u]);
         scores[lid] = select(MASKED, dot * a.scale, lid < keys);
     }
+#endif
     workgroupBarrier();
     // Each key's weight exp(score - max): every thread of the first 64 reads the 64 scores (one
     // barrier, where a tree takes six).

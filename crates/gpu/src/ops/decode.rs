@@ -507,7 +507,9 @@ pub fn attend(
     let by_units = head_dim.is_multiple_of(if f16 { 8 } else { 4 })
         && (ATTEND_UNITS_MIN_DIM..=ATTEND_UNITS_MAX_DIM).contains(&head_dim);
     let (key, groups) = if by_units {
-        let key = PipelineKey::new(SHADER, "attend_units").flag("UNITS");
+        let key = PipelineKey::new(SHADER, "attend_units")
+            .flag("UNITS")
+            .flag_if(gpu.subgroup_min_size().is_some_and(|s| s >= 4), "SUBGROUPS");
         (key, heads * chunks)
     } else {
         (PipelineKey::new(SHADER, "attend"), kv_heads * chunks)
@@ -994,7 +996,12 @@ mod tests {
 
     #[test]
     fn attend_matches_cpu_for_any_head_dim_and_length() {
-        let gpu = gpu();
+        for gpu in devices() {
+            attend_matches_cpu_on(gpu);
+        }
+    }
+
+    fn attend_matches_cpu_on(gpu: &Gpu) {
         // Head dims from 64 of whole 16-byte rows (f32: multiples of 4, f16: of 8) take
         // `attend_units`, the others the general kernel.
         for kv_dtype in [DType::F32, DType::F16] {
@@ -1037,7 +1044,10 @@ mod tests {
                     &got,
                     &want,
                     1e-5,
-                    &format!("{kv_dtype:?} {heads}/{kv_heads} d {d} len {kv_len}"),
+                    &format!(
+                        "{kv_dtype:?} {heads}/{kv_heads} d {d} len {kv_len} subgroups {:?}",
+                        gpu.subgroup_min_size()
+                    ),
                 );
             }
         }
