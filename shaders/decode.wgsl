@@ -941,42 +941,36 @@ struct CombineParams {
 // attend's KEYS.
 const KEYS_PER_CHUNK: u32 = 64u;
 
-var<workgroup> reduce: array<f32, 256>;
+var<workgroup> stats: array<vec2<f32>, 256>;
 
-// The workgroup's sum (or max) of one value per thread, a pairwise tree.
-fn reduce_all(lid: u32, v: f32, take_max: bool) -> f32 {
-    reduce[lid] = v;
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s >>= 1u) {
-        if (lid < s) {
-            let o = reduce[lid + s];
-            reduce[lid] = select(reduce[lid] + o, max(reduce[lid], o), take_max);
-        }
-        workgroupBarrier();
-    }
-    let all = reduce[0];
-    workgroupBarrier();
-    return all;
+// Softmax statistics (max, sum of exp(score - max)) of two sets of scores, as one set's.
+fn merge(a: vec2<f32>, b: vec2<f32>) -> vec2<f32> {
+    let m = max(a.x, b.x);
+    return vec2<f32>(m, a.y * exp(a.x - m) + b.y * exp(b.x - m));
 }
 
-// Workgroup h: merges head h's chunks that hold keys. The chunks' statistics are reduced by all
-// threads at once, then each output sums its chunks four at a time.
+// Workgroup h: merges head h's chunks that hold keys. Each thread merges the statistics of every
+// 256th chunk, a pairwise tree over the threads that have chunks gives the head's (one tree,
+// log2 of the chunks deep), then each output sums its chunks four at a time.
 @compute @workgroup_size(256)
 fn attend_combine(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
     let h = wg.x;
     let used = (step.kv_len + KEYS_PER_CHUNK - 1u) / KEYS_PER_CHUNK;
     let first = h * c.chunks;
-    var m = -3.0e38;
+    var own = vec2<f32>(-3.0e38, 0.0);
     for (var k = lid; k < used; k += 256u) {
-        m = max(m, part_stats[first + k].x);
+        own = merge(own, part_stats[first + k]);
     }
-    m = reduce_all(lid, m, true);
-    var den = 0.0;
-    for (var k = lid; k < used; k += 256u) {
-        let st = part_stats[first + k];
-        den += exp(st.x - m) * st.y;
+    stats[lid] = own;
+    workgroupBarrier();
+    for (var s = min(256u, 1u << firstLeadingBit(max(used, 1u) * 2u - 1u)) / 2u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            stats[lid] = merge(stats[lid], stats[lid + s]);
+        }
+        workgroupBarrier();
     }
-    den = reduce_all(lid, den, false);
+    let m = stats[0].x;
+    let den = stats[0].y;
     for (var e = lid; e < c.head_dim; e += 256u) {
         let pb = first * c.head_dim + e;
         var num = vec4<f32>();

@@ -1015,6 +1015,8 @@ mod tests {
                 (5, 5, 80, 128, 100),
                 (4, 2, 96, 64, 64),
                 (6, 3, 68, 128, 70),
+                // 257 chunks: the merge's threads take two chunks or one.
+                (2, 1, 64, 16448, 16441),
             ] {
                 let q: Vec<f32> = random(heads * d, d as u64)
                     .iter()
