@@ -1,14 +1,15 @@
 // The planned decode step (one token, M = 1): fused GEMVs, the attention of one query position,
 // and the sampler. Every kernel here reads the per-token values (position, cache length) from the
 // `step` uniform, which is rewritten before each replay, so the step is recorded once per chat.
-// variants: GEMV W_F32 | GEMV W_F16 | GEMV W_Q8 QUANT | GEMV W_Q6 QUANT | GEMV W_Q4 QUANT | GEMV W_F32 NORM | GEMV W_F16 NORM | GEMV W_Q8 QUANT NORM | GEMV W_Q6 QUANT NORM | GEMV W_Q4 QUANT NORM | GEMV W_F32 RESIDUAL | GEMV W_F16 RESIDUAL | GEMV W_Q8 QUANT RESIDUAL | GEMV W_Q6 QUANT RESIDUAL | GEMV W_Q4 QUANT RESIDUAL | GEMV W_F32 NORM SILU | GEMV W_F16 NORM SILU | GEMV W_Q8 QUANT NORM SILU | GEMV W_Q6 QUANT NORM SILU | GEMV W_Q4 QUANT NORM SILU | GEMV W_F32 NORM QKV V_F32 | GEMV W_F16 NORM QKV V_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 | GEMV W_Q4 QUANT NORM QKV V_Q6 | GEMV W_Q4 QUANT NORM QKV V_Q4 | GEMV W_F16 NORM QKV V_F16 KV_F16 | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 KV_F16 | GEMV W_Q4 QUANT NORM SUBGROUPS | GEMV W_Q4 QUANT NORM SUBGROUPS SUBGROUP_LANES | GEMV W_F16 RESIDUAL SUBGROUPS SUBGROUP_LANES | GEMV W_Q8 QUANT NORM SILU SUBGROUPS SUBGROUP_LANES | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 SUBGROUPS SUBGROUP_LANES | GEMV W_F32 NORM QKV V_F32 SUBGROUPS | ATTEND | ATTEND KV_F16 | ATTEND UNITS | ATTEND UNITS KV_F16 | ATTEND UNITS SUBGROUPS | ATTEND UNITS KV_F16 SUBGROUPS | COMBINE | SAMPLE
+// variants: GEMV W_F32 | GEMV W_F16 | GEMV W_Q8 QUANT | GEMV W_Q6 QUANT | GEMV W_Q4 QUANT | GEMV W_F32 NORM | GEMV W_F16 NORM | GEMV W_Q8 QUANT NORM | GEMV W_Q6 QUANT NORM | GEMV W_Q4 QUANT NORM | GEMV W_F32 RESIDUAL | GEMV W_F16 RESIDUAL | GEMV W_Q8 QUANT RESIDUAL | GEMV W_Q6 QUANT RESIDUAL | GEMV W_Q4 QUANT RESIDUAL | GEMV W_F32 NORM SILU | GEMV W_F16 NORM SILU | GEMV W_Q8 QUANT NORM SILU | GEMV W_Q6 QUANT NORM SILU | GEMV W_Q4 QUANT NORM SILU | GEMV W_F32 NORM QKV V_F32 | GEMV W_F16 NORM QKV V_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 | GEMV W_Q4 QUANT NORM QKV V_Q6 | GEMV W_Q4 QUANT NORM QKV V_Q4 | GEMV W_F16 NORM QKV V_F16 KV_F16 | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 KV_F16 | GEMV W_Q4 QUANT NORM SUBGROUPS | GEMV W_Q4 QUANT NORM SUBGROUPS SUBGROUP_LANES | GEMV W_F16 RESIDUAL SUBGROUPS SUBGROUP_LANES | GEMV W_Q8 QUANT NORM SILU SUBGROUPS SUBGROUP_LANES | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 SUBGROUPS SUBGROUP_LANES | GEMV W_F32 NORM QKV V_F32 SUBGROUPS | GEMV W_Q4 QUANT NORM PAIRS | GEMV W_Q6 QUANT RESIDUAL PAIRS | GEMV W_F32 PAIRS | GEMV W_Q8 QUANT NORM SILU SUBGROUPS SUBGROUP_LANES PAIRS | GEMV W_F16 NORM QKV V_F16 KV_F16 PAIRS | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 SUBGROUPS SUBGROUP_LANES PAIRS | GEMV W_Q8 QUANT NORM QKV V_Q8 PAIRS | ATTEND | ATTEND KV_F16 | ATTEND UNITS | ATTEND UNITS KV_F16 | ATTEND UNITS SUBGROUPS | ATTEND UNITS KV_F16 SUBGROUPS | COMBINE | SAMPLE
 //
 // GEMV (`gemv`): y = W · x for one row of x, W `[N, K]` in the layout of tensor.rs / quant.rs.
 // Rows go in quads of four: LANES threads share a quad (32, or fewer where a row has fewer 16-byte
 // units: a short row would leave most lanes idle), so a workgroup computes 256 / LANES quads. A
 // thread reads its quad's four rows 16 bytes at a time (one "unit": 32 values of Q4/Q6, 16 of Q8,
 // 8 of F16, 4 of F32) against x staged in workgroup memory, 2048 values at a time, each staged
-// vector read once for the four rows. A quad's lanes are summed for the epilogue by subgroup
+// vector read once for the four rows (with PAIRS, two units of each row per step, so that eight
+// loads are in flight). A quad's lanes are summed for the epilogue by subgroup
 // shuffles (SUBGROUP_LANES: the device has subgroups of at least LANES) or through workgroup memory:
 // - default: y[col0 + row] = acc (rows in windows of a larger matrix start at col0);
 // - RESIDUAL: y[row] += acc (o_proj and down_proj add into the residual stream in place);
@@ -590,13 +591,35 @@ fn gemv(
         }
         workgroupBarrier();
         if (any(valid) && !is_v) {
-            for (var c = lane; c < len / W_UNIT; c += LANES) {
+            let units = len / W_UNIT;
+            var c = lane;
+#if PAIRS
+            // Two units a step, so that both units' loads are in flight together; added in the
+            // order of one at a time.
+            for (; c + LANES < units; c += 2u * LANES) {
+                let first = units_w(rows, data, sc, c0 / W_UNIT + c, c * W_UNIT);
+                let second = units_w(rows, data, sc, c0 / W_UNIT + c + LANES, (c + LANES) * W_UNIT);
+                acc += first;
+                acc += second;
+            }
+#endif
+            for (; c < units; c += LANES) {
                 acc += units_w(rows, data, sc, c0 / W_UNIT + c, c * W_UNIT);
             }
         }
 #if QKV
         if (any(valid) && is_v) {
-            for (var c = lane; c < len / V_UNIT; c += LANES) {
+            let units = len / V_UNIT;
+            var c = lane;
+#if PAIRS
+            for (; c + LANES < units; c += 2u * LANES) {
+                let first = units_v(rows, c0 / V_UNIT + c, c * V_UNIT);
+                let second = units_v(rows, c0 / V_UNIT + c + LANES, (c + LANES) * V_UNIT);
+                acc += first;
+                acc += second;
+            }
+#endif
+            for (; c < units; c += LANES) {
                 acc += units_v(rows, c0 / V_UNIT + c, c * V_UNIT);
             }
         }

@@ -592,6 +592,14 @@ fn main() -> Result<()> {
         }
     );
     println!(
+        "decode gemv: {} (LLAVA_GEMV_PAIRS=1 or 0 decides)",
+        if gpu.gemv_pairs() {
+            "two units of each row per step"
+        } else {
+            "one unit of each row per step"
+        }
+    );
+    println!(
         "kernel times: {}",
         if gpu.take_profile().is_some() {
             "GPU timestamps (the kernels' own time)"

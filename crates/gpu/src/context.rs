@@ -37,6 +37,9 @@ pub struct GpuOptions {
     /// does not expose it yet), so that kernels can reduce within subgroups. With `false` they
     /// reduce through workgroup memory, as in browsers.
     pub subgroups: bool,
+    /// Whether the decode GEMV takes two 16-byte units of each row per step ([`Gpu::gemv_pairs`]);
+    /// `None`: on every adapter but a CPU one.
+    pub gemv_pairs: Option<bool>,
 }
 
 /// The prefill GEMM's register tile (`ops::matmul` picks the kernel by it).
@@ -76,6 +79,7 @@ impl Default for GpuOptions {
             profile: false,
             gemm_tile: GemmTile::Auto,
             subgroups: true,
+            gemv_pairs: None,
         }
     }
 }
@@ -83,11 +87,11 @@ impl Default for GpuOptions {
 impl GpuOptions {
     /// The defaults, with `f16` off when the environment variable `LLAVA_NO_F16` is `1`,
     /// `subgroups` off when `LLAVA_NO_SUBGROUPS` is `1` and the GEMM tile set by
-    /// `LLAVA_WIDE_GEMM` (`1` wide, `0` narrow), to compare them on one GPU (natively; a browser
-    /// has no environment).
+    /// `LLAVA_WIDE_GEMM` (`1` wide, `0` narrow) and the GEMV's pairs by `LLAVA_GEMV_PAIRS` (`1`
+    /// or `0`), to compare them on one GPU (natively; a browser has no environment).
     pub fn from_env() -> Self {
         #[cfg(not(target_arch = "wasm32"))]
-        let (no_f16, no_subgroups, gemm_tile) = (
+        let (no_f16, no_subgroups, gemm_tile, gemv_pairs) = (
             std::env::var("LLAVA_NO_F16").is_ok_and(|v| v == "1"),
             std::env::var("LLAVA_NO_SUBGROUPS").is_ok_and(|v| v == "1"),
             match std::env::var("LLAVA_WIDE_GEMM").as_deref() {
@@ -95,13 +99,19 @@ impl GpuOptions {
                 Ok("0") => GemmTile::Narrow,
                 _ => GemmTile::Auto,
             },
+            match std::env::var("LLAVA_GEMV_PAIRS").as_deref() {
+                Ok("1") => Some(true),
+                Ok("0") => Some(false),
+                _ => None,
+            },
         );
         #[cfg(target_arch = "wasm32")]
-        let (no_f16, no_subgroups, gemm_tile) = (false, false, GemmTile::Auto);
+        let (no_f16, no_subgroups, gemm_tile, gemv_pairs) = (false, false, GemmTile::Auto, None);
         GpuOptions {
             f16: !no_f16,
             subgroups: !no_subgroups,
             gemm_tile,
+            gemv_pairs,
             ..Default::default()
         }
     }
@@ -121,6 +131,7 @@ pub struct Gpu {
     /// Present when dispatches are timed ([`GpuOptions::profile`]).
     profiler: Option<Profiler>,
     gemm_tile: GemmTile,
+    gemv_pairs: bool,
 }
 
 impl Gpu {
@@ -222,6 +233,9 @@ impl Gpu {
 
         let info = adapter.get_info();
         let gemm_tile = options.gemm_tile.for_adapter(info.device_type);
+        let gemv_pairs = options
+            .gemv_pairs
+            .unwrap_or(info.device_type != wgpu::DeviceType::Cpu);
         Ok(Gpu {
             device,
             queue,
@@ -238,6 +252,7 @@ impl Gpu {
                 .contains(wgpu::Features::TIMESTAMP_QUERY)
                 .then(Profiler::default),
             gemm_tile,
+            gemv_pairs,
         })
     }
 
@@ -287,6 +302,15 @@ impl Gpu {
     /// The GEMM's register tile on this device: `Narrow`, `Wide`, or `Auto` (wide for long K).
     pub fn gemm_tile(&self) -> GemmTile {
         self.gemm_tile
+    }
+
+    /// Whether the decode GEMV takes two 16-byte units of each row per step, so that a thread has
+    /// eight rows' worth of loads in flight instead of four: where a matrix has few rows for its
+    /// length (o_proj, down_proj: 128 workgroups of 32 rows for 4096 rows), a GPU then keeps more
+    /// bytes in flight per multiprocessor. Off on CPU adapters, where it costs registers: llvmpipe
+    /// ran the Q4 GEMV 1.5x slower with it.
+    pub fn gemv_pairs(&self) -> bool {
+        self.gemv_pairs
     }
 
     /// Whether the device has SHADER_F16, so that `SHADER_F16` kernel variants (`enable f16;`)

@@ -346,7 +346,8 @@ pub(crate) fn gemv_windowed(
         .flag_if(
             subgroup.is_some_and(|s| lanes <= s as usize),
             "SUBGROUP_LANES",
-        );
+        )
+        .flag_if(gpu.gemv_pairs(), "PAIRS");
     let quads_per_workgroup = GEMV_THREADS / lanes;
     if !matches!(epilogue, Epilogue::Store | Epilogue::Residual) {
         // Two matrices in one buffer: bind all of it, with the places in the parameters.
@@ -880,8 +881,12 @@ mod tests {
                 (DType::Q4, DType::Q6, DType::F16),
                 (DType::Q8, DType::Q8, DType::F32),
             ] {
-                for (heads, kv_heads, d, pos) in [(4, 2, 12, 5), (8, 2, 128, 1000), (2, 2, 8, 0)] {
-                    let k = 128;
+                // K 2048: two units or more per lane in every format (PAIRS).
+                for (heads, kv_heads, d, pos, k) in [
+                    (4, 2, 12, 5, 128),
+                    (8, 2, 128, 1000, 2048),
+                    (2, 2, 8, 0, 128),
+                ] {
                     let (q_rows, kv_rows, cap) = (heads * d, kv_heads * d, 1024);
                     let (q, qf) = weights(gpu, dtype, q_rows, k, d as u64);
                     let (kw, kf) = weights(gpu, dtype, kv_rows, k, d as u64 + 2);
