@@ -198,20 +198,14 @@ fn attention_tiled(
         // The previous tile and its partial dots must be consumed before they are overwritten.
         workgroupBarrier();
         for (var i4 = lid; i4 < (BK * D + 3u) / 4u; i4 += THREADS) {
-            var kx = vec4(0.0);
-            var vx = vec4(0.0);
-            for (var c = 0u; c < 4u; c++) {
-                let i = 4u * i4 + c;
-                let j = k0 + i / D;
-                // Positions past the valid cache may hold anything (NaN): never read them.
-                if (i < BK * D && j < end) {
-                    let idx = kv_index(b, j, kvh) + i % D;
-                    kx[c] = k_at(idx);
-                    vx[c] = v_at(idx);
-                }
-            }
-            k_tile[i4] = kx;
-            v_tile[i4] = vx;
+            // Four elements by name, not a vector indexed by a loop counter (NVIDIA Vulkan puts
+            // those in local memory).
+            let e0 = tile_kv(4u * i4, k0, end, b, kvh);
+            let e1 = tile_kv(4u * i4 + 1u, k0, end, b, kvh);
+            let e2 = tile_kv(4u * i4 + 2u, k0, end, b, kvh);
+            let e3 = tile_kv(4u * i4 + 3u, k0, end, b, kvh);
+            k_tile[i4] = vec4(e0.x, e1.x, e2.x, e3.x);
+            v_tile[i4] = vec4(e0.y, e1.y, e2.y, e3.y);
         }
         workgroupBarrier();
 
@@ -312,6 +306,17 @@ fn attention_tiled(
             }
         }
     }
+}
+
+// K and V of element i of the tile of keys from k0 (0 past the tile and past `end`).
+fn tile_kv(i: u32, k0: u32, end: u32, b: u32, kvh: u32) -> vec2<f32> {
+    let j = k0 + i / D;
+    // Positions past the valid cache may hold anything (NaN): never read them.
+    if (i >= BK * D || j >= end) {
+        return vec2(0.0);
+    }
+    let idx = kv_index(b, j, kvh) + i % D;
+    return vec2(k_at(idx), v_at(idx));
 }
 
 // Four consecutive values of q from `e`, scaled.
