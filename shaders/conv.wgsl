@@ -61,7 +61,11 @@ fn patch_embed(
 ) {
     let m0 = wg.x * TM;
     let n0 = wg.y * TN;
-    var acc: array<f32, 8>;
+    // Outputs (row lid3.y, columns lid3.x + 16 j) and (row lid3.y + 16, same columns), j = 0..3:
+    // vectors whose components are named, not an array indexed by loop counters (NVIDIA Vulkan
+    // puts those in local memory).
+    var acc0 = vec4<f32>();
+    var acc1 = vec4<f32>();
     for (var k0 = 0u; k0 < p.k; k0 += KC) {
         // Patch slice: consecutive threads read consecutive k (adjacent pixels of a patch row).
         for (var r = 0u; r < 2u; r++) {
@@ -89,21 +93,32 @@ fn patch_embed(
         for (var kk = 0u; kk < KC; kk++) {
             let a0 = a_tile[lid3.y * KC + kk];
             let a1 = a_tile[(lid3.y + 16u) * KC + kk];
-            for (var j = 0u; j < 4u; j++) {
-                let b = b_tile[kk * TN + lid3.x + 16u * j];
-                acc[j] += a0 * b;
-                acc[4u + j] += a1 * b;
-            }
+            let bb = kk * TN + lid3.x;
+            let b = vec4<f32>(b_tile[bb], b_tile[bb + 16u], b_tile[bb + 32u], b_tile[bb + 48u]);
+            acc0 += a0 * b;
+            acc1 += a1 * b;
         }
         workgroupBarrier();
     }
-    for (var i = 0u; i < 2u; i++) {
-        let m = m0 + lid3.y + 16u * i;
-        for (var j = 0u; j < 4u; j++) {
-            let n = n0 + lid3.x + 16u * j;
-            if (m < p.m && n < p.n) {
-                out[m * p.n + n] = acc[4u * i + j];
-            }
-        }
+    store_row(m0 + lid3.y, n0 + lid3.x, acc0);
+    store_row(m0 + lid3.y + 16u, n0 + lid3.x, acc1);
+}
+
+// Outputs (m, n + 16 j) = v's component j, those inside the matrix.
+fn store_row(m: u32, n: u32, v: vec4<f32>) {
+    if (m >= p.m) {
+        return;
+    }
+    if (n < p.n) {
+        out[m * p.n + n] = v.x;
+    }
+    if (n + 16u < p.n) {
+        out[m * p.n + n + 16u] = v.y;
+    }
+    if (n + 32u < p.n) {
+        out[m * p.n + n + 32u] = v.z;
+    }
+    if (n + 48u < p.n) {
+        out[m * p.n + n + 48u] = v.w;
     }
 }
