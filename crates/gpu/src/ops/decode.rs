@@ -503,7 +503,7 @@ pub fn attend(
     // Head dims of whole 16-byte rows from 64 up take `attend_units` (one workgroup per query
     // head and chunk, every load a unit); others the general kernel (one per kv head and chunk,
     // which shares a workgroup's fixed cost among the kv head's query heads: on llvmpipe, at
-    // head dim 16 the per-head kernel was 1.7x slower, at 128 1.3x faster).
+    // head dim 16 the per-head kernel was 1.7x slower, at 128 1.2x faster).
     let f16 = kv.dtype() == DType::F16;
     let by_units = head_dim.is_multiple_of(if f16 { 8 } else { 4 })
         && (ATTEND_UNITS_MIN_DIM..=ATTEND_UNITS_MAX_DIM).contains(&head_dim);
