@@ -785,7 +785,9 @@ fn attend_units(
     let slices = min(256u / units, SLICES);
     let c = lid % units;
     let slice = lid / units;
-    let values = a.capacity * a.kv_heads * units;
+    // Unit c of the chunk's first value row, and the units from one key's row to the next.
+    let vb = (a.capacity + k0) * a.kv_heads * units + kvh * units + c;
+    let stride = a.kv_heads * units;
     var lo = vec4<f32>();
 #if KV_F16
     var hi = vec4<f32>();
@@ -795,10 +797,10 @@ fn attend_units(
             let i1 = min(i + slices, keys - 1u);
             let i2 = min(i + 2u * slices, keys - 1u);
             let i3 = min(i + 3u * slices, keys - 1u);
-            let v_0 = kv[values + ((k0 + i) * a.kv_heads + kvh) * units + c];
-            let v_1 = kv[values + ((k0 + i1) * a.kv_heads + kvh) * units + c];
-            let v_2 = kv[values + ((k0 + i2) * a.kv_heads + kvh) * units + c];
-            let v_3 = kv[values + ((k0 + i3) * a.kv_heads + kvh) * units + c];
+            let v_0 = kv[vb + i * stride];
+            let v_1 = kv[vb + i1 * stride];
+            let v_2 = kv[vb + i2 * stride];
+            let v_3 = kv[vb + i3 * stride];
             let p = vec4<f32>(
                 probs[i],
                 select(0.0, probs[i1], i + slices < keys),

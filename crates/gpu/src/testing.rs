@@ -43,8 +43,9 @@ pub fn browser_like_gpu() -> &'static Gpu {
 }
 
 /// Both shared devices, for kernels whose variants differ between them: [`gpu`] (shader-f16,
-/// the wide GEMM tile, subgroups where the adapter has them: llvmpipe's are 8 wide) and
-/// [`browser_like_gpu`] (the f32 path, the 8x8 tile, reductions through workgroup memory).
+/// the wide GEMM tile, subgroups where the adapter has them: llvmpipe's are 8 wide, the decode
+/// GEMV in pairs of units) and [`browser_like_gpu`] (the f32 path, the 8x8 tile, reductions
+/// through workgroup memory, the GEMV a unit at a time).
 pub fn devices() -> [&'static Gpu; 2] {
     [gpu(), browser_like_gpu()]
 }
