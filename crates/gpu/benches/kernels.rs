@@ -416,6 +416,23 @@ fn attention_rows(gpu: &Gpu, table: &mut Table, full: bool, calls: usize) -> Res
             kv_bytes,
         );
     }
+    // The vision tower's: CLIP-L/336's 577 tokens per tile, 16 heads of 64, unmasked, 5 tiles
+    // (one on a CPU adapter).
+    let (tiles, t, h, d) = (if full { 5 } else { 1 }, 577, 16, 64);
+    let qkv: Vec<Tensor> = (0..3)
+        .map(|seed| Tensor::from_f32(gpu, &[tiles, t, h, d], &random(tiles * t * h * d, 6 + seed)))
+        .collect::<Result<_, _>>()?;
+    let secs = gpu_secs(gpu, calls, |batch| {
+        attention(batch, &qkv[0], &qkv[1], &qkv[2], t, Mask::None).map(drop)
+    })?;
+    table.add(
+        "attention vision",
+        &format!("{tiles}x{t}q x {t}kv, {h}x{d}"),
+        "F32",
+        secs,
+        4.0 * (tiles * t * t * h * d) as f64,
+        2.0 * (tiles * t * h * d * 4) as f64,
+    );
     Ok(())
 }
 
