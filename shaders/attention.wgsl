@@ -1,4 +1,4 @@
-// variants: TILED | TILED PARTIAL | SPLIT | COMBINE | TILED KV_F16 | TILED PARTIAL KV_F16 | SPLIT KV_F16 | KV_STORE_F16 | TILED ROWS | TILED ROWS PARTIAL | TILED ROWS KV_F16 | TILED ROWS PARTIAL KV_F16
+// variants: TILED | TILED PARTIAL | TILED SUBGROUPS | TILED PARTIAL SUBGROUPS | TILED KV_F16 SUBGROUPS | TILED PARTIAL KV_F16 SUBGROUPS | SPLIT | COMBINE | TILED KV_F16 | TILED PARTIAL KV_F16 | SPLIT KV_F16 | KV_STORE_F16 | TILED ROWS | TILED ROWS PARTIAL | TILED ROWS KV_F16 | TILED ROWS PARTIAL KV_F16
 // Scaled dot-product attention over f32 queries with an online (flash-attention) softmax: a
 // running max and sum per query row, so no [Tq, Tk] score matrix and no overflow. K/V are f32 or,
 // with KV_F16, f16 (two halves per u32 word, read with unpack2x16float: no device feature needed).
@@ -15,9 +15,11 @@
 // - attention_tiled: flash attention for prefill and the vision tower. LANES threads share a
 //   query row, each owning a slice of W <= 16 dims of q and of the output (registers stay small at
 //   any D); K/V tiles of BK keys go through workgroup memory, the lanes' partial dot products are
-//   summed there. With PARTIAL, each workgroup also takes only one chunk of the keys and writes an
-//   unnormalised partial like attention_split, which attention_combine merges: for drivers that
-//   cap the loop iterations of an invocation (llvmpipe).
+//   summed there (with SUBGROUPS, by shuffles among the row's consecutive invocations instead,
+//   which leaves the workgroup memory to tiles of up to 32 keys). With PARTIAL, each workgroup
+//   also takes only one chunk of the keys and writes an unnormalised partial like
+//   attention_split, which attention_combine merges: for drivers that cap the loop iterations of
+//   an invocation (llvmpipe).
 // - attention_rows (TILED ROWS): attention_tiled for head dims of at most 16 that are multiples
 //   of 4, four query rows per thread (see its section).
 // - attention_split + attention_combine: flash-decoding for few rows (decode, Tq = 1): each
@@ -109,13 +111,20 @@ fn v_at(e: u32) -> f32 {
 
 const THREADS: u32 = 256u;
 // Floats per K (and V) tile and most keys per tile: the tiles and the partial dot products
-// (THREADS * BK_MAX) take 16 KiB, WebGPU's default workgroup memory.
+// (THREADS * 8) take 16 KiB, WebGPU's default workgroup memory. With SUBGROUPS the lanes of a row
+// (consecutive invocations) sum their dots by shuffles, so the tiles take all of it.
+#if SUBGROUPS
+const TILE_FLOATS: u32 = 2048u;
+const BK_MAX: u32 = 32u;
+#else
 const TILE_FLOATS: u32 = 1024u;
 const BK_MAX: u32 = 8u;
+#endif
 // Most head-dim values one thread owns.
 const W_MAX: u32 = 16u;
 // Threads per query row (a power of two, at least D / W_MAX), dims per thread (ceil(D / LANES))
-// and keys per tile (min(BK_MAX, TILE_FLOATS / D)); set by the host. VEC4 (D and W multiples of
+// and keys per tile (min(BK_MAX, TILE_FLOATS / D), a multiple of 8 where over 8: the keys are
+// weighed eight at a time); set by the host. VEC4 (D and W multiples of
 // 4) reads the tiles a vec4 at a time: several times fewer loads where each is costly (llvmpipe
 // loads lane by lane).
 override LANES: u32 = 4u;
@@ -126,8 +135,10 @@ override VEC4: bool = true;
 // Tiles of BK keys of D floats, four floats per element.
 var<workgroup> k_tile: array<vec4<f32>, TILE_FLOATS / 4u>;
 var<workgroup> v_tile: array<vec4<f32>, TILE_FLOATS / 4u>;
+#if !SUBGROUPS
 // Float j * THREADS + thread: a lane's dot product of its q slice with key j of the tile.
 var<workgroup> partial: array<vec4<f32>, THREADS * BK_MAX / 4u>;
+#endif
 
 @compute @workgroup_size(256)
 fn attention_tiled(
@@ -209,66 +220,63 @@ fn attention_tiled(
         }
         workgroupBarrier();
 
+#if !SUBGROUPS
         for (var j = 0u; j < BK; j++) {
-            var dot = 0.0;
-            let e0 = j * D + d0;
-            if (VEC4) {
-                let t = e0 / 4u;
-                var dot4 = q0 * k_tile[t];
-                if (W > 4u) {
-                    dot4 += q1 * k_tile[t + 1u];
-                }
-                if (W > 8u) {
-                    dot4 += q2 * k_tile[t + 2u];
-                }
-                if (W > 12u) {
-                    dot4 += q3 * k_tile[t + 3u];
-                }
-                dot = dot4.x + dot4.y + dot4.z + dot4.w;
-            } else {
-                for (var w = 0u; w < wn; w++) {
-                    let e = e0 + w;
-                    dot += qr[w] * k_tile[e / 4u][e % 4u];
-                }
-            }
             let pi = j * THREADS + lid;
-            partial[pi / 4u][pi % 4u] = dot;
+            partial[pi / 4u][pi % 4u] = lane_dot(j * D + d0, wn, q0, q1, q2, q3, &qr);
         }
         workgroupBarrier();
+#endif
 
-        // Every lane of a row sums the same partials, so all keep identical softmax statistics.
-        let first_lane = slot * LANES;
-        let s0 = vec4(row_score(0u, k0, limit, first_lane), row_score(1u, k0, limit, first_lane),
-                      row_score(2u, k0, limit, first_lane), row_score(3u, k0, limit, first_lane));
-        let s1 = vec4(row_score(4u, k0, limit, first_lane), row_score(5u, k0, limit, first_lane),
-                      row_score(6u, k0, limit, first_lane), row_score(7u, k0, limit, first_lane));
-        let tile_max = max(m, max(max(max(s0.x, s0.y), max(s0.z, s0.w)), max(max(s1.x, s1.y), max(s1.z, s1.w))));
-        let alpha = exp(m - tile_max);
-        m = tile_max;
-        // Masked keys (and keys past the tile) weigh 0.
-        let p0 = select(vec4(0.0), exp(s0 - m), s0 != vec4(MASKED));
-        let p1 = select(vec4(0.0), exp(s1 - m), s1 != vec4(MASKED));
-        l = l * alpha + p0.x + p0.y + p0.z + p0.w + p1.x + p1.y + p1.z + p1.w;
-        if (VEC4) {
-            let t = d0 / 4u;
-            a0 = weigh_values(a0 * alpha, p0, p1, t);
-            if (W > 4u) {
-                a1 = weigh_values(a1 * alpha, p0, p1, t + 1u);
-            }
-            if (W > 8u) {
-                a2 = weigh_values(a2 * alpha, p0, p1, t + 2u);
-            }
-            if (W > 12u) {
-                a3 = weigh_values(a3 * alpha, p0, p1, t + 3u);
-            }
-        } else {
-            for (var w = 0u; w < wn; w++) {
-                var a = acc[w] * alpha;
-                for (var j = 0u; j < BK; j++) {
-                    let e = j * D + d0 + w;
-                    a += score_of(p0, p1, j) * v_tile[e / 4u][e % 4u];
+        // Keys j8..j8 + 7 of the tile at a time (one step where BK <= 8).
+        for (var j8 = 0u; j8 < BK; j8 += 8u) {
+#if SUBGROUPS
+            let dots0 = vec4(lane_dot(j8 * D + d0, wn, q0, q1, q2, q3, &qr),
+                             lane_dot((j8 + 1u) * D + d0, wn, q0, q1, q2, q3, &qr),
+                             lane_dot((j8 + 2u) * D + d0, wn, q0, q1, q2, q3, &qr),
+                             lane_dot((j8 + 3u) * D + d0, wn, q0, q1, q2, q3, &qr));
+            let dots1 = vec4(lane_dot((j8 + 4u) * D + d0, wn, q0, q1, q2, q3, &qr),
+                             lane_dot((j8 + 5u) * D + d0, wn, q0, q1, q2, q3, &qr),
+                             lane_dot((j8 + 6u) * D + d0, wn, q0, q1, q2, q3, &qr),
+                             lane_dot((j8 + 7u) * D + d0, wn, q0, q1, q2, q3, &qr));
+            let s0 = scores4(row_sum(dots0), j8, k0, limit);
+            let s1 = scores4(row_sum(dots1), j8 + 4u, k0, limit);
+#else
+            // Every lane of a row sums the same partials, so all keep identical softmax statistics.
+            let first_lane = slot * LANES;
+            let s0 = vec4(row_score(0u, k0, limit, first_lane), row_score(1u, k0, limit, first_lane),
+                          row_score(2u, k0, limit, first_lane), row_score(3u, k0, limit, first_lane));
+            let s1 = vec4(row_score(4u, k0, limit, first_lane), row_score(5u, k0, limit, first_lane),
+                          row_score(6u, k0, limit, first_lane), row_score(7u, k0, limit, first_lane));
+#endif
+            let tile_max = max(m, max(max(max(s0.x, s0.y), max(s0.z, s0.w)), max(max(s1.x, s1.y), max(s1.z, s1.w))));
+            let alpha = exp(m - tile_max);
+            m = tile_max;
+            // Masked keys (and keys past the tile) weigh 0.
+            let p0 = select(vec4(0.0), exp(s0 - m), s0 != vec4(MASKED));
+            let p1 = select(vec4(0.0), exp(s1 - m), s1 != vec4(MASKED));
+            l = l * alpha + p0.x + p0.y + p0.z + p0.w + p1.x + p1.y + p1.z + p1.w;
+            if (VEC4) {
+                let t = (j8 * D + d0) / 4u;
+                a0 = weigh_values(a0 * alpha, p0, p1, t);
+                if (W > 4u) {
+                    a1 = weigh_values(a1 * alpha, p0, p1, t + 1u);
                 }
-                acc[w] = a;
+                if (W > 8u) {
+                    a2 = weigh_values(a2 * alpha, p0, p1, t + 2u);
+                }
+                if (W > 12u) {
+                    a3 = weigh_values(a3 * alpha, p0, p1, t + 3u);
+                }
+            } else {
+                for (var w = 0u; w < wn; w++) {
+                    var a = acc[w] * alpha;
+                    for (var j = 0u; j < min(BK, 8u); j++) {
+                        let e = (j8 + j) * D + d0 + w;
+                        a += score_of(p0, p1, j) * v_tile[e / 4u][e % 4u];
+                    }
+                    acc[w] = a;
+                }
             }
         }
     }
@@ -319,11 +327,57 @@ fn tile_kv(i: u32, k0: u32, end: u32, b: u32, kvh: u32) -> vec2<f32> {
     return vec2(k_at(idx), v_at(idx));
 }
 
+// This lane's dot product of its q slice (q0..q3, or qr where not VEC4) with the tile's K from
+// element e0.
+fn lane_dot(e0: u32, wn: u32, q0: vec4<f32>, q1: vec4<f32>, q2: vec4<f32>, q3: vec4<f32>,
+            qr: ptr<function, array<f32, W_MAX>>) -> f32 {
+    if (VEC4) {
+        let t = e0 / 4u;
+        var dot4 = q0 * k_tile[t];
+        if (W > 4u) {
+            dot4 += q1 * k_tile[t + 1u];
+        }
+        if (W > 8u) {
+            dot4 += q2 * k_tile[t + 2u];
+        }
+        if (W > 12u) {
+            dot4 += q3 * k_tile[t + 3u];
+        }
+        return dot4.x + dot4.y + dot4.z + dot4.w;
+    }
+    var dot = 0.0;
+    for (var w = 0u; w < wn; w++) {
+        let e = e0 + w;
+        dot += (*qr)[w] * k_tile[e / 4u][e % 4u];
+    }
+    return dot;
+}
+
+#if SUBGROUPS
+// The sums of four dots over the LANES consecutive invocations of a row, in every one of them:
+// each pairwise step adds the same two values in each lane, so all lanes of a row keep identical
+// softmax statistics.
+fn row_sum(dots: vec4<f32>) -> vec4<f32> {
+    var s = dots;
+    for (var x = 1u; x < LANES; x <<= 1u) {
+        s += subgroupShuffleXor(s, x);
+    }
+    return s;
+}
+
+// Scores of keys j..j + 3 of the tile (BK is a multiple of 8 here), MASKED for keys the row may
+// not see.
+fn scores4(dots: vec4<f32>, j: u32, k0: u32, limit: u32) -> vec4<f32> {
+    return select(vec4(MASKED), dots, vec4(k0 + j) + vec4(0u, 1u, 2u, 3u) < vec4(limit));
+}
+#endif
+
 // Four consecutive values of q from `e`, scaled.
 fn q4_at(e: u32) -> vec4<f32> {
     return vec4(q[e], q[e + 1u], q[e + 2u], q[e + 3u]) * p.scale;
 }
 
+#if !SUBGROUPS
 // The score of key j of the tile for the row whose lanes start at `first_lane`: the sum of its
 // lanes' partial dots, or MASKED for keys the row may not see and keys past the tile.
 fn row_score(j: u32, k0: u32, limit: u32, first_lane: u32) -> f32 {
@@ -342,6 +396,7 @@ fn row_score(j: u32, k0: u32, limit: u32, first_lane: u32) -> f32 {
     }
     return select(MASKED, dot, j < BK && k0 + j < limit);
 }
+#endif
 
 // Weight j of the tile (p0 holds keys 0..3, p1 keys 4..7).
 fn score_of(p0: vec4<f32>, p1: vec4<f32>, j: u32) -> f32 {

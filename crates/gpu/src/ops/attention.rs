@@ -3,8 +3,8 @@
 //! matrix. Any head dim from 1 to [`MAX_HEAD_DIM`].
 //!
 //! Two kernels (shaders/attention.wgsl): `attention_tiled` (flash attention: a few threads per
-//! query row, each owning a slice of the head dim, K/V tiles in workgroup memory) for prefill and
-//! the vision tower, or its `attention_rows` form for head dims of at most 16 that are multiples
+//! query row, each owning a slice of the head dim, K/V tiles in workgroup memory, the lanes' dots
+//! summed by subgroup shuffles where the device has subgroups) for prefill and the vision tower, or its `attention_rows` form for head dims of at most 16 that are multiples
 //! of 4 (one thread per four query rows, which share each K/V read), and flash-decoding
 //! `attention_split` + `attention_combine` when a kv head has at most [`SPLIT_MAX_ROWS`] query
 //! rows (decode), so that thousands of keys are spread over many workgroups instead of one per
@@ -17,10 +17,13 @@ use crate::{Batch, DType, Tensor, shader};
 const SHADER: crate::registry::Shader = shader!("attention");
 /// The largest head dim the kernels take (must match MAX_D in attention.wgsl).
 pub const MAX_HEAD_DIM: usize = 256;
-/// Must match THREADS, TILE_FLOATS, BK_MAX and W_MAX in attention.wgsl.
+/// Must match THREADS, TILE_FLOATS, BK_MAX and W_MAX in attention.wgsl (the SUBGROUPS ones
+/// where the lanes of a row sum their dots by shuffles).
 const TILED_THREADS: usize = 256;
 const TILE_FLOATS: usize = 1024;
 const TILE_MAX_KEYS: usize = 8;
+const SUBGROUP_TILE_FLOATS: usize = 2048;
+const SUBGROUP_TILE_MAX_KEYS: usize = 32;
 const MAX_DIMS_PER_THREAD: usize = 16;
 /// Must match QR in attention.wgsl; most keys per tile of `attention_rows`.
 const ROWS_PER_THREAD: usize = 4;
@@ -66,23 +69,37 @@ struct TiledShape {
     dims_per_lane: usize,
     /// Keys per K/V tile.
     tile_keys: usize,
+    /// Whether the lanes of a row sum their dots by subgroup shuffles (`SUBGROUPS`).
+    subgroups: bool,
     /// Query rows per thread: [`ROWS_PER_THREAD`] in `attention_rows` (one lane per row, head
     /// dims that are multiples of 4), else 1.
     rows_per_thread: usize,
 }
 
 impl TiledShape {
-    fn new(d: usize) -> TiledShape {
+    /// The shape at head dim `d` on a device whose subgroups have at least `subgroup_min_size`
+    /// invocations, where it has subgroups.
+    fn new(d: usize, subgroup_min_size: Option<u32>) -> TiledShape {
         let lanes = d.div_ceil(MAX_DIMS_PER_THREAD).next_power_of_two();
         let rows = lanes == 1 && d.is_multiple_of(4);
+        // A row's lanes are consecutive invocations, so a subgroup of at least `lanes` holds
+        // them; its tiles then take the partial dots' workgroup memory too, keys weighed eight
+        // at a time.
+        let subgroups = !rows && subgroup_min_size.is_some_and(|s| lanes <= s as usize);
         TiledShape {
             lanes,
             dims_per_lane: d.div_ceil(lanes),
             tile_keys: if rows {
                 (TILE_FLOATS / d).min(ROWS_MAX_KEYS) / 4 * 4
+            } else if subgroups {
+                match (SUBGROUP_TILE_FLOATS / d).min(SUBGROUP_TILE_MAX_KEYS) {
+                    keys if keys > 8 => keys / 8 * 8,
+                    keys => keys,
+                }
             } else {
                 (TILE_FLOATS / d).min(TILE_MAX_KEYS)
             },
+            subgroups,
             rows_per_thread: if rows { ROWS_PER_THREAD } else { 1 },
         }
     }
@@ -99,9 +116,12 @@ impl TiledShape {
             // The tile load (a vec4 per step), then keys four at a time.
             return 1 + (bk * d).div_ceil(4 * TILED_THREADS) + bk / 4;
         }
-        // Tile loads: vec4 steps of four elements each.
+        // Tile loads: vec4 steps of four elements each; then per eight keys, their dots and sums
+        // over the lanes, and the values.
         let load = (bk * d).div_ceil(4 * TILED_THREADS) * 5;
-        1 + load + bk * (w + 1) + bk * (self.lanes + 1) + bk + w * (bk + 1)
+        let eights = bk.div_ceil(8);
+        let keys = eights * 8;
+        1 + load + keys * (w + 1) + keys * (self.lanes + 1) + keys + eights * (1 + w * 9)
     }
 }
 
@@ -236,7 +256,7 @@ fn attention_in_chunks(
     };
 
     if rows > SPLIT_MAX_ROWS {
-        let shape = TiledShape::new(d);
+        let shape = TiledShape::new(d, gpu.subgroup_min_size());
         let row_tiles = rows.div_ceil(shape.rows_per_workgroup());
         params.row_tiles = row_tiles as u32;
         // Under a loop budget, each workgroup takes a chunk of whole tiles within half of it.
@@ -259,6 +279,7 @@ fn attention_in_chunks(
         let key = PipelineKey::new(SHADER, entry)
             .flag("TILED")
             .flag_if(rows_kernel, "ROWS")
+            .flag_if(shape.subgroups, "SUBGROUPS")
             .flag_if(kv_f16, "KV_F16")
             .constant("D", d as u32)
             .constant("LANES", shape.lanes as u32)
@@ -426,7 +447,7 @@ pub fn kv_store(batch: &mut Batch, rows: &Tensor, cache: &Tensor, pos: usize) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close, gpu, random};
+    use crate::testing::{assert_close, devices, gpu, random};
 
     struct Case {
         b: usize,
@@ -480,9 +501,10 @@ mod tests {
         out
     }
 
-    /// Runs one case on the GPU with NaN in every cache position at or past kv_len.
+    /// Runs one case on both test devices (the tiled kernel's lanes summing their dots by
+    /// subgroup shuffles on the first, through workgroup memory on the second) with NaN in every
+    /// cache position at or past kv_len.
     fn check(c: Case, tol: f32, seed: u64) {
-        let gpu = gpu();
         let q: Vec<f32> = random(c.b * c.tq * c.hq * c.d, seed)
             .iter()
             .map(|x| x * c.magnitude)
@@ -499,28 +521,45 @@ mod tests {
                 *vx = f32::NAN;
             }
         }
-        let tq = Tensor::from_f32(gpu, &[c.b, c.tq, c.hq, c.d], &q).unwrap();
+        // The reference reads the values the cache holds.
+        let stored =
+            |x: &[f32]| -> Vec<half::f16> { x.iter().map(|&e| half::f16::from_f32(e)).collect() };
+        if c.kv_dtype == DType::F16 {
+            k = stored(&k).iter().map(|&e| f32::from(e)).collect();
+            v = stored(&v).iter().map(|&e| f32::from(e)).collect();
+        }
+        let want = attention_cpu(&c, &q, &k, &v);
         let kv_shape = [c.b, c.tcap, c.hkv, c.d];
-        let upload = |x: &mut Vec<f32>| match c.kv_dtype {
-            DType::F32 => Tensor::from_f32(gpu, &kv_shape, x).unwrap(),
-            DType::F16 => {
-                let h: Vec<half::f16> = x.iter().map(|&e| half::f16::from_f32(e)).collect();
-                *x = h.iter().map(|&e| f32::from(e)).collect();
-                Tensor::from_f16(gpu, &kv_shape, &h).unwrap()
-            }
-            dtype => panic!("no {dtype:?} cache"),
-        };
-        let (tk, tv) = (upload(&mut k), upload(&mut v));
-        let mut batch = gpu.batch();
-        let out = attention_in_chunks(&mut batch, &tq, &tk, &tv, c.kv_len, c.mask, c.chunk_tiles)
-            .unwrap();
-        batch.submit().unwrap();
-        let got = pollster::block_on(out.to_f32(gpu)).unwrap();
-        let what = format!(
-            "attention b{} tq{} hq{}/hkv{} d{} kv {}/{} {:?} x{} {:?}",
-            c.b, c.tq, c.hq, c.hkv, c.d, c.kv_len, c.tcap, c.mask, c.magnitude, c.kv_dtype
-        );
-        assert_close(&got, &attention_cpu(&c, &q, &k, &v), tol, &what);
+        for gpu in devices() {
+            let upload = |x: &[f32]| match c.kv_dtype {
+                DType::F32 => Tensor::from_f32(gpu, &kv_shape, x).unwrap(),
+                DType::F16 => Tensor::from_f16(gpu, &kv_shape, &stored(x)).unwrap(),
+                dtype => panic!("no {dtype:?} cache"),
+            };
+            let tq = Tensor::from_f32(gpu, &[c.b, c.tq, c.hq, c.d], &q).unwrap();
+            let (tk, tv) = (upload(&k), upload(&v));
+            let mut batch = gpu.batch();
+            let out =
+                attention_in_chunks(&mut batch, &tq, &tk, &tv, c.kv_len, c.mask, c.chunk_tiles)
+                    .unwrap();
+            batch.submit().unwrap();
+            let got = pollster::block_on(out.to_f32(gpu)).unwrap();
+            let what = format!(
+                "attention b{} tq{} hq{}/hkv{} d{} kv {}/{} {:?} x{} {:?} subgroups {:?}",
+                c.b,
+                c.tq,
+                c.hq,
+                c.hkv,
+                c.d,
+                c.kv_len,
+                c.tcap,
+                c.mask,
+                c.magnitude,
+                c.kv_dtype,
+                gpu.subgroup_min_size()
+            );
+            assert_close(&got, &want, tol, &what);
+        }
     }
 
     /// Positional shorthand for the test tables below.
