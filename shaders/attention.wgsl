@@ -1,4 +1,4 @@
-// variants: TILED | TILED PARTIAL | TILED SUBGROUPS | TILED PARTIAL SUBGROUPS | TILED KV_F16 SUBGROUPS | TILED PARTIAL KV_F16 SUBGROUPS | SPLIT | COMBINE | TILED KV_F16 | TILED PARTIAL KV_F16 | SPLIT KV_F16 | KV_STORE_F16 | TILED ROWS | TILED ROWS PARTIAL | TILED ROWS KV_F16 | TILED ROWS PARTIAL KV_F16
+// variants: TILED | TILED PARTIAL | TILED SUBGROUPS | TILED PARTIAL SUBGROUPS | TILED KV_F16 SUBGROUPS | TILED PARTIAL KV_F16 SUBGROUPS | SPLIT | COMBINE | TILED KV_F16 | TILED PARTIAL KV_F16 | SPLIT KV_F16 | KV_STORE_F16 | TILED ROWS | TILED ROWS PARTIAL | TILED ROWS KV_F16 | TILED ROWS PARTIAL KV_F16 | TILED ROWS SUBGROUPS | TILED ROWS PARTIAL SUBGROUPS | TILED ROWS KV_F16 SUBGROUPS | TILED ROWS PARTIAL KV_F16 SUBGROUPS
 // Scaled dot-product attention over f32 queries with an online (flash-attention) softmax: a
 // running max and sum per query row, so no [Tq, Tk] score matrix and no overflow. K/V are f32 or,
 // with KV_F16, f16 (two halves per u32 word, read with unpack2x16float: no device feature needed).
@@ -21,7 +21,8 @@
 //   attention_split, which attention_combine merges: for drivers that cap the loop iterations of
 //   an invocation (llvmpipe).
 // - attention_rows (TILED ROWS): attention_tiled for head dims of at most 16 that are multiples
-//   of 4, four query rows per thread (see its section).
+//   of 4 (four query rows per thread) or, with SUBGROUPS, whose lanes own whole vectors (two
+//   rows per thread): each K/V read from workgroup memory serves several rows (see its section).
 // - attention_split + attention_combine: flash-decoding for few rows (decode, Tq = 1): each
 //   workgroup scores one chunk of keys for all rows of a kv head and writes an unnormalised partial
 //   (max, sum, weighted values); the combine pass merges the chunks.
@@ -353,17 +354,20 @@ fn lane_dot(e0: u32, wn: u32, q0: vec4<f32>, q1: vec4<f32>, q2: vec4<f32>, q3: v
     return dot;
 }
 
-#if SUBGROUPS
 // The sums of four dots over the LANES consecutive invocations of a row, in every one of them:
 // each pairwise step adds the same two values in each lane, so all lanes of a row keep identical
-// softmax statistics.
+// softmax statistics. Without SUBGROUPS, only for one lane per row.
 fn row_sum(dots: vec4<f32>) -> vec4<f32> {
     var s = dots;
+#if SUBGROUPS
     for (var x = 1u; x < LANES; x <<= 1u) {
         s += subgroupShuffleXor(s, x);
     }
+#endif
     return s;
 }
+
+#if SUBGROUPS
 
 // Scores of keys j..j + 3 of the tile (BK is a multiple of 8 here), MASKED for keys the row may
 // not see.
@@ -449,15 +453,17 @@ fn store4(e: u32, v: vec4<f32>) {
 }
 
 #if ROWS
-// attention_rows: the TILED variant for head dims of at most W_MAX that are multiples of 4 (one
-// lane per row). Each thread takes QR consecutive query rows, so each K/V vector read from
-// workgroup memory serves QR rows (llvmpipe reads workgroup memory lane by lane); the scores stay
-// in registers (no partial dots, two barriers per tile); a tile holds BK keys (a multiple of 4),
-// taken four at a time with one softmax rescale per four.
-const QR: u32 = 4u;
+// attention_rows: the TILED variant for head dims a row's LANES lanes split into whole vectors of
+// W <= W_MAX dims: D of at most 16 that is a multiple of 4 (one lane per row), or with SUBGROUPS
+// any D = LANES * W with W a multiple of 4 (64, 96, 128...), the lanes' dots summed by shuffles.
+// Each thread takes QR query rows, so each K/V vector read from workgroup memory serves QR rows
+// (llvmpipe reads workgroup memory lane by lane; GPUs issue fewer loads per multiply); the scores
+// stay in registers (no partial dots, two barriers per tile); a tile holds BK keys (a multiple of
+// 4), taken four at a time with one softmax rescale per four.
+override QR: u32 = 4u;
 
-// A query row: its q (scaled) and output sums as four vectors (dims past D stay 0), its running
-// max and sum, and the keys it may see.
+// A query row's slice: its q (scaled) and output sums as four vectors (dims past W stay 0), its
+// running max and sum, and the keys it may see.
 struct Row {
     q0: vec4<f32>,
     q1: vec4<f32>,
@@ -472,7 +478,7 @@ struct Row {
     limit: u32,
 }
 
-// One key's (or value's) D floats from a tile, as four vectors.
+// One key's (or value's) W floats of a lane's slice from a tile, as four vectors.
 struct Vec16 {
     x0: vec4<f32>,
     x1: vec4<f32>,
@@ -480,47 +486,48 @@ struct Vec16 {
     x3: vec4<f32>,
 }
 
-fn load_row(b: u32, kvh: u32, row: u32, end: u32) -> Row {
-    let qb = q_index(b, row, kvh);
+fn load_row(b: u32, kvh: u32, row: u32, end: u32, d0: u32) -> Row {
+    let qb = q_index(b, row, kvh) + d0;
     var r = Row(q4_at(qb), vec4(0.0), vec4(0.0), vec4(0.0), vec4(0.0), vec4(0.0), vec4(0.0), vec4(0.0),
                 MASKED, 0.0, min(key_limit(row / p.group), end));
-    if (D > 4u) {
+    if (W > 4u) {
         r.q1 = q4_at(qb + 4u);
     }
-    if (D > 8u) {
+    if (W > 8u) {
         r.q2 = q4_at(qb + 8u);
     }
-    if (D > 12u) {
+    if (W > 12u) {
         r.q3 = q4_at(qb + 12u);
     }
     return r;
 }
 
-fn k16(j: u32) -> Vec16 {
-    let t = j * (D / 4u);
+// Key j's slice from vector t0 of the tile's first key on.
+fn k16(j: u32, t0: u32) -> Vec16 {
+    let t = j * (D / 4u) + t0;
     var x = Vec16(k_tile[t], vec4(0.0), vec4(0.0), vec4(0.0));
-    if (D > 4u) {
+    if (W > 4u) {
         x.x1 = k_tile[t + 1u];
     }
-    if (D > 8u) {
+    if (W > 8u) {
         x.x2 = k_tile[t + 2u];
     }
-    if (D > 12u) {
+    if (W > 12u) {
         x.x3 = k_tile[t + 3u];
     }
     return x;
 }
 
-fn v16(j: u32) -> Vec16 {
-    let t = j * (D / 4u);
+fn v16(j: u32, t0: u32) -> Vec16 {
+    let t = j * (D / 4u) + t0;
     var x = Vec16(v_tile[t], vec4(0.0), vec4(0.0), vec4(0.0));
-    if (D > 4u) {
+    if (W > 4u) {
         x.x1 = v_tile[t + 1u];
     }
-    if (D > 8u) {
+    if (W > 8u) {
         x.x2 = v_tile[t + 2u];
     }
-    if (D > 12u) {
+    if (W > 12u) {
         x.x3 = v_tile[t + 3u];
     }
     return x;
@@ -530,22 +537,67 @@ fn score(r: Row, x: Vec16) -> f32 {
     return dot(r.q0, x.x0) + dot(r.q1, x.x1) + dot(r.q2, x.x2) + dot(r.q3, x.x3);
 }
 
-// Row `row` attends to keys `key`..`key + 3` (k0..k3, values v0..v3); keys past its limit weigh 0.
-fn attend4(row: ptr<function, Row>, key: u32, k0: Vec16, k1: Vec16, k2: Vec16, k3: Vec16,
-           v0: Vec16, v1: Vec16, v2: Vec16, v3: Vec16) {
+// Row `row` takes keys `key`..`key + 3` (k0..k3) into its softmax: returns their weights (0 past
+// its limit) and rescales its sums, which the caller then adds the weighted values to.
+fn weigh4(row: ptr<function, Row>, key: u32, k0: Vec16, k1: Vec16, k2: Vec16, k3: Vec16) -> vec4<f32> {
     var r = *row;
     let seen = vec4(key) + vec4(0u, 1u, 2u, 3u) < vec4(r.limit);
-    let s = select(vec4(MASKED), vec4(score(r, k0), score(r, k1), score(r, k2), score(r, k3)), seen);
+    let dots = row_sum(vec4(score(r, k0), score(r, k1), score(r, k2), score(r, k3)));
+    let s = select(vec4(MASKED), dots, seen);
     let m = max(r.m, max(max(s.x, s.y), max(s.z, s.w)));
     let alpha = exp(r.m - m);
     let w = select(vec4(0.0), exp(s - m), seen);
     r.m = m;
     r.l = r.l * alpha + w.x + w.y + w.z + w.w;
-    r.a0 = r.a0 * alpha + w.x * v0.x0 + w.y * v1.x0 + w.z * v2.x0 + w.w * v3.x0;
-    r.a1 = r.a1 * alpha + w.x * v0.x1 + w.y * v1.x1 + w.z * v2.x1 + w.w * v3.x1;
-    r.a2 = r.a2 * alpha + w.x * v0.x2 + w.y * v1.x2 + w.z * v2.x2 + w.w * v3.x2;
-    r.a3 = r.a3 * alpha + w.x * v0.x3 + w.y * v1.x3 + w.z * v2.x3 + w.w * v3.x3;
+    r.a0 *= alpha;
+    r.a1 *= alpha;
+    r.a2 *= alpha;
+    r.a3 *= alpha;
     *row = r;
+    return w;
+}
+
+// Adds value x with weight w to row `row`'s sums.
+fn add_value(row: ptr<function, Row>, w: f32, x: Vec16) {
+    (*row).a0 += w * x.x0;
+    (*row).a1 += w * x.x1;
+    (*row).a2 += w * x.x2;
+    (*row).a3 += w * x.x3;
+}
+
+// Adds four values (keys of weights w0 for row r0, w1 for r1...) to up to QR rows: each value is
+// read from workgroup memory once for all of them.
+fn add_values(r0: ptr<function, Row>, r1: ptr<function, Row>, r2: ptr<function, Row>,
+              r3: ptr<function, Row>, w0: vec4<f32>, w1: vec4<f32>, w2: vec4<f32>, w3: vec4<f32>,
+              j: u32, t0: u32) {
+    let x0 = v16(j, t0);
+    add_value(r0, w0.x, x0);
+    add_value(r1, w1.x, x0);
+    if (QR > 2u) {
+        add_value(r2, w2.x, x0);
+        add_value(r3, w3.x, x0);
+    }
+    let x1 = v16(j + 1u, t0);
+    add_value(r0, w0.y, x1);
+    add_value(r1, w1.y, x1);
+    if (QR > 2u) {
+        add_value(r2, w2.y, x1);
+        add_value(r3, w3.y, x1);
+    }
+    let x2 = v16(j + 2u, t0);
+    add_value(r0, w0.z, x2);
+    add_value(r1, w1.z, x2);
+    if (QR > 2u) {
+        add_value(r2, w2.z, x2);
+        add_value(r3, w3.z, x2);
+    }
+    let x3 = v16(j + 3u, t0);
+    add_value(r0, w0.w, x3);
+    add_value(r1, w1.w, x3);
+    if (QR > 2u) {
+        add_value(r2, w2.w, x3);
+        add_value(r3, w3.w, x3);
+    }
 }
 
 // Four consecutive K (or V) values from element `e` (a multiple of 4) of the cache.
@@ -565,25 +617,28 @@ fn v4_at(e: u32) -> vec4<f32> {
 #endif
 }
 
-// Writes row `row`'s normalised output (or, with PARTIAL, its unnormalised partial and stats).
-fn store_row(r: Row, b: u32, kvh: u32, bh: u32, chunk: u32, row: u32) {
+// Writes row `row`'s slice of the normalised output (or, with PARTIAL, its unnormalised partial,
+// and from lane 0 its stats).
+fn store_row(r: Row, b: u32, kvh: u32, bh: u32, chunk: u32, row: u32, d0: u32) {
 #if PARTIAL
     let part_row = (bh * p.chunks + chunk) * p.tq * p.group + row;
-    part_stats[part_row] = vec2(r.m, r.l);
-    let ob = part_row * D;
+    if (d0 == 0u) {
+        part_stats[part_row] = vec2(r.m, r.l);
+    }
+    let ob = part_row * D + d0;
     let scale = 1.0;
 #else
-    let ob = q_index(b, row, kvh);
+    let ob = q_index(b, row, kvh) + d0;
     let scale = 1.0 / r.l;
 #endif
     store4(ob, r.a0 * scale);
-    if (D > 4u) {
+    if (W > 4u) {
         store4(ob + 4u, r.a1 * scale);
     }
-    if (D > 8u) {
+    if (W > 8u) {
         store4(ob + 8u, r.a2 * scale);
     }
-    if (D > 12u) {
+    if (W > 12u) {
         store4(ob + 12u, r.a3 * scale);
     }
 }
@@ -604,19 +659,31 @@ fn attention_rows(
     let kvh = bh % p.hkv;
     let b = bh / p.hkv;
     let rows = p.tq * p.group;
-    let tile_first = tile * THREADS * QR;
-    let last_row = min(tile_first + THREADS * QR, rows) - 1u;
+    let slots = THREADS / LANES;
+    let tile_first = tile * slots * QR;
+    let last_row = min(tile_first + slots * QR, rows) - 1u;
     // This workgroup's keys: begin..end (the whole cache unless PARTIAL splits it).
     let begin = chunk * p.chunk_keys;
     let end = min(key_limit(last_row / p.group), begin + p.chunk_keys);
+    // This lane's dims: d0..d0 + W (vector t0 of a key on).
+    let d0 = (lid % LANES) * W;
+    let t0 = d0 / 4u;
     // Rows past the last repeat it (results dropped), so that every thread reaches the barriers.
-    let first = tile_first + lid * QR;
-    var r0 = load_row(b, kvh, min(first, rows - 1u), end);
-    var r1 = load_row(b, kvh, min(first + 1u, rows - 1u), end);
-    var r2 = load_row(b, kvh, min(first + 2u, rows - 1u), end);
-    var r3 = load_row(b, kvh, min(first + 3u, rows - 1u), end);
-    // The keys any of this thread's rows may see (its last row sees the most).
-    let seen = r3.limit;
+    let first = tile_first + lid / LANES * QR;
+    var r0 = load_row(b, kvh, min(first, rows - 1u), end, d0);
+    var r1 = load_row(b, kvh, min(first + 1u, rows - 1u), end, d0);
+    var r2 = r1;
+    var r3 = r1;
+    if (QR > 2u) {
+        r2 = load_row(b, kvh, min(first + 2u, rows - 1u), end, d0);
+        r3 = load_row(b, kvh, min(first + 3u, rows - 1u), end, d0);
+    }
+    // The keys any of this thread's rows may see (its last row sees the most); with several lanes
+    // per row, every key of the tile (the lanes' shuffles want the whole subgroup).
+    var seen = select(r1.limit, r3.limit, QR > 2u);
+    if (LANES > 1u) {
+        seen = end;
+    }
 
     for (var k0 = begin; k0 < end; k0 += BK) {
         // The previous tile must be consumed before it is overwritten.
@@ -638,32 +705,33 @@ fn attention_rows(
 
         let n = min(BK, seen - min(k0, seen));
         for (var j = 0u; j < n; j += 4u) {
-            let k_0 = k16(j);
-            let k_1 = k16(j + 1u);
-            let k_2 = k16(j + 2u);
-            let k_3 = k16(j + 3u);
-            let v_0 = v16(j);
-            let v_1 = v16(j + 1u);
-            let v_2 = v16(j + 2u);
-            let v_3 = v16(j + 3u);
-            attend4(&r0, k0 + j, k_0, k_1, k_2, k_3, v_0, v_1, v_2, v_3);
-            attend4(&r1, k0 + j, k_0, k_1, k_2, k_3, v_0, v_1, v_2, v_3);
-            attend4(&r2, k0 + j, k_0, k_1, k_2, k_3, v_0, v_1, v_2, v_3);
-            attend4(&r3, k0 + j, k_0, k_1, k_2, k_3, v_0, v_1, v_2, v_3);
+            let k_0 = k16(j, t0);
+            let k_1 = k16(j + 1u, t0);
+            let k_2 = k16(j + 2u, t0);
+            let k_3 = k16(j + 3u, t0);
+            let w0 = weigh4(&r0, k0 + j, k_0, k_1, k_2, k_3);
+            let w1 = weigh4(&r1, k0 + j, k_0, k_1, k_2, k_3);
+            var w2 = vec4(0.0);
+            var w3 = vec4(0.0);
+            if (QR > 2u) {
+                w2 = weigh4(&r2, k0 + j, k_0, k_1, k_2, k_3);
+                w3 = weigh4(&r3, k0 + j, k_0, k_1, k_2, k_3);
+            }
+            add_values(&r0, &r1, &r2, &r3, w0, w1, w2, w3, j, t0);
         }
     }
 
     if (first < rows) {
-        store_row(r0, b, kvh, bh, chunk, first);
+        store_row(r0, b, kvh, bh, chunk, first, d0);
     }
     if (first + 1u < rows) {
-        store_row(r1, b, kvh, bh, chunk, first + 1u);
+        store_row(r1, b, kvh, bh, chunk, first + 1u, d0);
     }
-    if (first + 2u < rows) {
-        store_row(r2, b, kvh, bh, chunk, first + 2u);
+    if (QR > 2u && first + 2u < rows) {
+        store_row(r2, b, kvh, bh, chunk, first + 2u, d0);
     }
-    if (first + 3u < rows) {
-        store_row(r3, b, kvh, bh, chunk, first + 3u);
+    if (QR > 2u && first + 3u < rows) {
+        store_row(r3, b, kvh, bh, chunk, first + 3u, d0);
     }
 }
 #endif

@@ -4,11 +4,13 @@
 //!
 //! Two kernels (shaders/attention.wgsl): `attention_tiled` (flash attention: a few threads per
 //! query row, each owning a slice of the head dim, K/V tiles in workgroup memory, the lanes' dots
-//! summed by subgroup shuffles where the device has subgroups) for prefill and the vision tower, or its `attention_rows` form for head dims of at most 16 that are multiples
-//! of 4 (one thread per four query rows, which share each K/V read), and flash-decoding
-//! `attention_split` + `attention_combine` when a kv head has at most [`SPLIT_MAX_ROWS`] query
-//! rows (decode), so that thousands of keys are spread over many workgroups instead of one per
-//! head. [`kv_store`] appends rows to a cache in its dtype.
+//! summed by subgroup shuffles where the device has subgroups) for prefill and the vision tower,
+//! or its `attention_rows` form where each thread takes several query rows, which share each K/V
+//! read (head dims of at most 16 that are multiples of 4, four rows per thread; with subgroups,
+//! head dims whose lanes own whole vectors, as 64 and 128, two rows per thread); and
+//! flash-decoding `attention_split` + `attention_combine` when a kv head has at most
+//! [`SPLIT_MAX_ROWS`] query rows (decode), so that thousands of keys are spread over many
+//! workgroups instead of one per head. [`kv_store`] appends rows to a cache in its dtype.
 
 use crate::error::{GpuError, Result, shape_err};
 use crate::registry::PipelineKey;
@@ -25,8 +27,10 @@ const TILE_MAX_KEYS: usize = 8;
 const SUBGROUP_TILE_FLOATS: usize = 2048;
 const SUBGROUP_TILE_MAX_KEYS: usize = 32;
 const MAX_DIMS_PER_THREAD: usize = 16;
-/// Must match QR in attention.wgsl; most keys per tile of `attention_rows`.
+/// Query rows per thread of `attention_rows` (its QR) with one lane per row and with several; most
+/// keys per tile.
 const ROWS_PER_THREAD: usize = 4;
+const ROWS_PER_THREAD_OF_LANES: usize = 2;
 const ROWS_MAX_KEYS: usize = 64;
 /// Must match MAX_ROWS and CHUNK in attention.wgsl.
 const SPLIT_MAX_ROWS: usize = 8;
@@ -71,8 +75,9 @@ struct TiledShape {
     tile_keys: usize,
     /// Whether the lanes of a row sum their dots by subgroup shuffles (`SUBGROUPS`).
     subgroups: bool,
-    /// Query rows per thread: [`ROWS_PER_THREAD`] in `attention_rows` (one lane per row, head
-    /// dims that are multiples of 4), else 1.
+    /// Query rows per thread: in `attention_rows` (head dims that are multiples of 4 with one
+    /// lane per row, or with subgroups whose lanes own whole vectors), [`ROWS_PER_THREAD`] or
+    /// with several lanes [`ROWS_PER_THREAD_OF_LANES`]; 1 in `attention_tiled`.
     rows_per_thread: usize,
 }
 
@@ -81,16 +86,25 @@ impl TiledShape {
     /// invocations, where it has subgroups.
     fn new(d: usize, subgroup_min_size: Option<u32>) -> TiledShape {
         let lanes = d.div_ceil(MAX_DIMS_PER_THREAD).next_power_of_two();
-        let rows = lanes == 1 && d.is_multiple_of(4);
+        let dims_per_lane = d.div_ceil(lanes);
         // A row's lanes are consecutive invocations, so a subgroup of at least `lanes` holds
-        // them; its tiles then take the partial dots' workgroup memory too, keys weighed eight
-        // at a time.
-        let subgroups = !rows && subgroup_min_size.is_some_and(|s| lanes <= s as usize);
+        // them; the kernels' tiles then take the partial dots' workgroup memory too (keys
+        // weighed eight at a time in `attention_tiled`).
+        let in_subgroup = subgroup_min_size.is_some_and(|s| lanes <= s as usize);
+        let whole_vectors = dims_per_lane.is_multiple_of(4) && lanes * dims_per_lane == d;
+        let rows = whole_vectors && (lanes == 1 || in_subgroup);
+        // `attention_rows` with one lane per row has nothing to shuffle.
+        let subgroups = in_subgroup && !(rows && lanes == 1);
+        let tile_floats = if subgroups {
+            SUBGROUP_TILE_FLOATS
+        } else {
+            TILE_FLOATS
+        };
         TiledShape {
             lanes,
-            dims_per_lane: d.div_ceil(lanes),
+            dims_per_lane,
             tile_keys: if rows {
-                (TILE_FLOATS / d).min(ROWS_MAX_KEYS) / 4 * 4
+                (tile_floats / d).min(ROWS_MAX_KEYS) / 4 * 4
             } else if subgroups {
                 match (SUBGROUP_TILE_FLOATS / d).min(SUBGROUP_TILE_MAX_KEYS) {
                     keys if keys > 8 => keys / 8 * 8,
@@ -100,7 +114,11 @@ impl TiledShape {
                 (TILE_FLOATS / d).min(TILE_MAX_KEYS)
             },
             subgroups,
-            rows_per_thread: if rows { ROWS_PER_THREAD } else { 1 },
+            rows_per_thread: match (rows, lanes) {
+                (false, _) => 1,
+                (true, 1) => ROWS_PER_THREAD,
+                (true, _) => ROWS_PER_THREAD_OF_LANES,
+            },
         }
     }
 
@@ -113,8 +131,9 @@ impl TiledShape {
     fn loop_iterations_per_tile(&self, d: usize) -> usize {
         let (bk, w) = (self.tile_keys, self.dims_per_lane);
         if self.rows_per_thread > 1 {
-            // The tile load (a vec4 per step), then keys four at a time.
-            return 1 + (bk * d).div_ceil(4 * TILED_THREADS) + bk / 4;
+            // The tile load (a vec4 per step), then keys four at a time, each row's shuffles.
+            let shuffles = self.rows_per_thread * self.lanes.ilog2() as usize;
+            return 1 + (bk * d).div_ceil(4 * TILED_THREADS) + bk / 4 * (1 + shuffles);
         }
         // Tile loads: vec4 steps of four elements each; then per eight keys, their dots and sums
         // over the lanes, and the values.
@@ -289,6 +308,11 @@ fn attention_in_chunks(
                 "VEC4",
                 (d % 4 == 0 && shape.dims_per_lane.is_multiple_of(4)) as u32,
             );
+        let key = if rows_kernel {
+            key.constant("QR", shape.rows_per_thread as u32)
+        } else {
+            key
+        };
         if key_chunks == 1 {
             batch.dispatch(
                 &key,
@@ -849,6 +873,42 @@ mod tests {
             73,
         );
         check(case(3, 50, 2, 2, 4, 50, 50, Mask::None), 2e-5, 74);
+    }
+
+    /// `attention_rows` with several lanes per row (on the device with subgroups; two rows per
+    /// thread): head dims whose lanes own 16 or 12 dims, a partial last row tile, key chunks
+    /// (PARTIAL: the stats come from one lane), f16 K/V and a continued cache.
+    #[test]
+    fn rows_of_several_lanes_at_head_dims_48_to_128() {
+        let chunked = |c: Case, tiles| Case {
+            chunk_tiles: Some(tiles),
+            ..c
+        };
+        check(
+            chunked(
+                case(1, 301, 4, 2, 64, 320, 301, Mask::Causal { q_offset: 0 }),
+                2,
+            ),
+            2e-5,
+            80,
+        );
+        check(
+            Case {
+                kv_dtype: DType::F16,
+                ..chunked(
+                    case(2, 130, 2, 1, 128, 200, 190, Mask::Causal { q_offset: 60 }),
+                    1,
+                )
+            },
+            2e-5,
+            81,
+        );
+        check(case(1, 77, 3, 3, 96, 77, 77, Mask::None), 2e-5, 82);
+        check(
+            case(1, 50, 2, 1, 48, 60, 50, Mask::Causal { q_offset: 0 }),
+            2e-5,
+            83,
+        );
     }
 
     /// Long prefills at odd head dims: under llvmpipe's loop budget these split the keys into
