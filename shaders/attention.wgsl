@@ -537,13 +537,21 @@ fn score(r: Row, x: Vec16) -> f32 {
     return dot(r.q0, x.x0) + dot(r.q1, x.x1) + dot(r.q2, x.x2) + dot(r.q3, x.x3);
 }
 
-// Row `row` takes keys `key`..`key + 3` (k0..k3) into its softmax: returns their weights (0 past
-// its limit) and rescales its sums, which the caller then adds the weighted values to.
-fn weigh4(row: ptr<function, Row>, key: u32, k0: Vec16, k1: Vec16, k2: Vec16, k3: Vec16) -> vec4<f32> {
+// Key x's dots with up to QR rows (component i: row i's lane dot).
+fn key_dots(x: Vec16, r0: Row, r1: Row, r2: Row, r3: Row) -> vec4<f32> {
+    if (QR > 2u) {
+        return vec4(score(r0, x), score(r1, x), score(r2, x), score(r3, x));
+    }
+    return vec4(score(r0, x), score(r1, x), 0.0, 0.0);
+}
+
+// Row `row` takes keys `key`..`key + 3` (its lane dots with them: `dots`) into its softmax:
+// returns their weights (0 past its limit) and rescales its sums, which the caller then adds the
+// weighted values to.
+fn weigh4(row: ptr<function, Row>, key: u32, dots: vec4<f32>) -> vec4<f32> {
     var r = *row;
     let seen = vec4(key) + vec4(0u, 1u, 2u, 3u) < vec4(r.limit);
-    let dots = row_sum(vec4(score(r, k0), score(r, k1), score(r, k2), score(r, k3)));
-    let s = select(vec4(MASKED), dots, seen);
+    let s = select(vec4(MASKED), row_sum(dots), seen);
     let m = max(r.m, max(max(s.x, s.y), max(s.z, s.w)));
     let alpha = exp(r.m - m);
     let w = select(vec4(0.0), exp(s - m), seen);
@@ -705,17 +713,19 @@ fn attention_rows(
 
         let n = min(BK, seen - min(k0, seen));
         for (var j = 0u; j < n; j += 4u) {
-            let k_0 = k16(j, t0);
-            let k_1 = k16(j + 1u, t0);
-            let k_2 = k16(j + 2u, t0);
-            let k_3 = k16(j + 3u, t0);
-            let w0 = weigh4(&r0, k0 + j, k_0, k_1, k_2, k_3);
-            let w1 = weigh4(&r1, k0 + j, k_0, k_1, k_2, k_3);
+            // Each key's K is read once for all of the thread's rows and then dropped (few
+            // registers live); column i of `dots` is row i's, over the four keys.
+            let dots = transpose(mat4x4(key_dots(k16(j, t0), r0, r1, r2, r3),
+                                        key_dots(k16(j + 1u, t0), r0, r1, r2, r3),
+                                        key_dots(k16(j + 2u, t0), r0, r1, r2, r3),
+                                        key_dots(k16(j + 3u, t0), r0, r1, r2, r3)));
+            let w0 = weigh4(&r0, k0 + j, dots[0]);
+            let w1 = weigh4(&r1, k0 + j, dots[1]);
             var w2 = vec4(0.0);
             var w3 = vec4(0.0);
             if (QR > 2u) {
-                w2 = weigh4(&r2, k0 + j, k_0, k_1, k_2, k_3);
-                w3 = weigh4(&r3, k0 + j, k_0, k_1, k_2, k_3);
+                w2 = weigh4(&r2, k0 + j, dots[2]);
+                w3 = weigh4(&r3, k0 + j, dots[3]);
             }
             add_values(&r0, &r1, &r2, &r3, w0, w1, w2, w3, j, t0);
         }
