@@ -17,12 +17,13 @@ use crate::text::{ChatTemplate, Message, Tokenizer};
 pub type Target = (&'static str, fn(&[u8]));
 
 /// Every fuzz target.
-pub const TARGETS: [Target; 7] = [
+pub const TARGETS: [Target; 8] = [
     ("safetensors_header", safetensors_header),
     ("shard_stream", shard_stream),
     ("manifest", manifest),
     ("config", config),
     ("sentencepiece", sentencepiece),
+    ("tokenizer_json", tokenizer_json),
     ("chat_template", chat_template),
     ("image", image),
 ];
@@ -110,12 +111,30 @@ pub fn sentencepiece(data: &[u8]) {
     else {
         return;
     };
+    use_tokenizer(&tokenizer);
+}
+
+/// A `tokenizer.json`, loaded as written and as rebuilt for a `LlamaTokenizer` folder, and used.
+pub fn tokenizer_json(data: &[u8]) {
+    let llama_config = br#"{"tokenizer_class": "LlamaTokenizer", "legacy": false}"#;
+    let loaded = [
+        Tokenizer::from_bytes(data),
+        Tokenizer::from_bytes_with_config(data, Some(llama_config), None),
+    ];
+    for tokenizer in loaded.iter().flatten() {
+        use_tokenizer(tokenizer);
+    }
+}
+
+/// Encodes a prompt with an image token, then decodes it whole and token by token.
+fn use_tokenizer(tokenizer: &Tokenizer) {
     if let Ok(ids) = tokenizer.encode("Hello <image>\nwörld 🙂 12", true) {
         let _ = tokenizer.decode(&ids, false);
         let mut decoder = tokenizer.stream_decoder(true);
         for id in ids {
             let _ = decoder.step(id);
         }
+        let _ = decoder.finish();
     }
 }
 

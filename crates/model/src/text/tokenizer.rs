@@ -101,8 +101,7 @@ impl Tokenizer {
         if llava_folder || !llama_class {
             return Self::from_bytes(tokenizer_json);
         }
-        let mut tokenizer: Value = serde_json::from_slice(tokenizer_json)
-            .map_err(|e| ModelError::Tokenizer(format!("tokenizer.json: malformed JSON: {e}")))?;
+        let mut tokenizer = parse_tokenizer_json(tokenizer_json)?;
         let (pre_tokenizer, decoder) = llama_tokenizer_spaces(&config);
         let Some(fields) = tokenizer.as_object_mut() else {
             return Err(ModelError::Tokenizer(
@@ -112,11 +111,7 @@ impl Tokenizer {
         fields.insert("normalizer".into(), Value::Null);
         fields.insert("pre_tokenizer".into(), pre_tokenizer);
         fields.insert("decoder".into(), decoder);
-        let inner: tokenizers::Tokenizer = serde_json::from_value(tokenizer)
-            .map_err(|e| ModelError::Tokenizer(format!("cannot load tokenizer.json: {e}")))?;
-        Ok(Tokenizer {
-            inner: Arc::new(inner),
-        })
+        Self::from_value(tokenizer)
     }
 
     /// Loads a `tokenizer.json` exactly as written (no `tokenizer_config.json` adjustments).
@@ -129,8 +124,22 @@ impl Tokenizer {
 
     /// Loads `tokenizer.json` bytes exactly as written.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(bytes)
+        Self::from_value(parse_tokenizer_json(bytes)?)
+    }
+
+    /// Builds the tokenizer from parsed JSON (tokenizers 0.22, reading bytes itself, panics on a
+    /// syntax error inside `decoder`), refusing what it would panic on later.
+    fn from_value(tokenizer: Value) -> Result<Self> {
+        check_bpe_merges(&tokenizer["model"])?;
+        let inner: tokenizers::Tokenizer = serde_json::from_value(tokenizer)
             .map_err(|e| ModelError::Tokenizer(format!("cannot load tokenizer.json: {e}")))?;
+        if let Some(processor) = inner.get_post_processor() {
+            // Serialized back, string templates ("<s> $A") are lists of pieces.
+            let processor = serde_json::to_value(processor).map_err(|e| {
+                ModelError::Tokenizer(format!("tokenizer.json: post_processor: {e}"))
+            })?;
+            check_templates(&processor)?;
+        }
         Ok(Tokenizer {
             inner: Arc::new(inner),
         })
@@ -232,6 +241,79 @@ impl StreamDecoder {
     }
 }
 
+/// What `tokenizers` does not check when it reads a `TemplateProcessing` post-processor and then
+/// panics on when encoding: a template naming a special token that `special_tokens` lacks, and a
+/// special token whose `ids` and `tokens` differ in length.
+fn check_templates(processor: &Value) -> Result<()> {
+    if let Some(processors) = processor.get("processors").and_then(Value::as_array) {
+        return processors.iter().try_for_each(check_templates);
+    }
+    if processor.get("type").and_then(Value::as_str) != Some("TemplateProcessing") {
+        return Ok(());
+    }
+    let bad =
+        |rule: String| ModelError::Tokenizer(format!("tokenizer.json: post_processor: {rule}"));
+    let defined = processor.get("special_tokens").and_then(Value::as_object);
+    for (name, token) in defined.into_iter().flatten() {
+        let len = |key| token.get(key).and_then(Value::as_array).map_or(0, Vec::len);
+        if len("ids") != len("tokens") {
+            return Err(bad(format!(
+                "special token {name:?} has {} ids and {} tokens (they must be as many)",
+                len("ids"),
+                len("tokens")
+            )));
+        }
+    }
+    for template in ["single", "pair"] {
+        let pieces = processor.get(template).and_then(Value::as_array);
+        for piece in pieces.into_iter().flatten() {
+            if let Some(id) = piece.pointer("/SpecialToken/id").and_then(Value::as_str)
+                && !defined.is_some_and(|tokens| tokens.contains_key(id))
+            {
+                return Err(bad(format!(
+                    "the {template} template names special token {id:?}, which special_tokens \
+                     does not define"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// tokenizers 0.22 names a BPE merge's result `a` + `b` less `b`'s first bytes, as many as
+/// `continuing_subword_prefix` has, and panics where that cut is not a character boundary of `b`.
+fn check_bpe_merges(model: &Value) -> Result<()> {
+    let Some(prefix) = model
+        .get("continuing_subword_prefix")
+        .and_then(Value::as_str)
+    else {
+        return Ok(());
+    };
+    let merges = model.get("merges").and_then(Value::as_array);
+    for (n, merge) in merges.into_iter().flatten().enumerate() {
+        let second = match merge {
+            Value::String(line) => line.split(' ').nth(1),
+            Value::Array(pair) => pair.get(1).and_then(Value::as_str),
+            _ => None,
+        };
+        if let Some(second) = second
+            && !second.is_char_boundary(prefix.len())
+        {
+            return Err(ModelError::Tokenizer(format!(
+                "tokenizer.json: model.merges[{n}]: its second token {second:?} has no character \
+                 boundary at {} bytes, the length of continuing_subword_prefix {prefix:?}",
+                prefix.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn parse_tokenizer_json(bytes: &[u8]) -> Result<Value> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ModelError::Tokenizer(format!("tokenizer.json: malformed JSON: {e}")))
+}
+
 fn parse_tokenizer_config(bytes: Option<&[u8]>) -> Result<Value> {
     match bytes {
         Some(bytes) => serde_json::from_slice(bytes).map_err(|e| {
@@ -296,6 +378,94 @@ mod tests {
             text.push_str(&rest);
         }
         (text, pieces)
+    }
+
+    #[test]
+    fn templates_naming_undefined_or_uneven_special_tokens_are_errors() {
+        // tokenizers 0.22 loads these and panics when encoding.
+        let tokenizer = |processor: Value| {
+            let json = json!({
+                "post_processor": processor,
+                "model": {"type": "WordLevel", "vocab": {"a": 0, "<s>": 1}, "unk_token": "a"},
+            });
+            Tokenizer::from_bytes(json.to_string().as_bytes())
+        };
+        let a = json!({"Sequence": {"id": "A", "type_id": 0}});
+        let b = json!({"Sequence": {"id": "B", "type_id": 1}});
+        let special = |id: &str| json!({"SpecialToken": {"id": id, "type_id": 0}});
+        let template = |single: Value, ids: Value| {
+            json!({
+                "type": "TemplateProcessing",
+                "single": single,
+                "pair": [a, b],
+                "special_tokens": {"<s>": {"id": "<s>", "ids": ids, "tokens": ["<s>"]}},
+            })
+        };
+        let well_formed = template(json!([special("<s>"), a]), json!([1]));
+        let ids = tokenizer(well_formed.clone())
+            .unwrap()
+            .encode("a", true)
+            .unwrap();
+        assert_eq!(ids, [1, 0]);
+        for (processor, expected) in [
+            (
+                template(json!([special("<t>"), a]), json!([1])),
+                "the single template names special token \"<t>\"",
+            ),
+            (
+                json!({"type": "Sequence", "processors": [
+                    well_formed,
+                    template(json!([a, special("</s>")]), json!([1])),
+                ]}),
+                "names special token \"</s>\"",
+            ),
+            (
+                template(json!([special("<s>"), a]), json!([1, 2])),
+                "special token \"<s>\" has 2 ids and 1 tokens",
+            ),
+        ] {
+            let err = tokenizer(processor).err().expect("loads").to_string();
+            assert!(err.contains(expected), "{err}");
+        }
+    }
+
+    #[test]
+    fn merges_shorter_than_the_subword_prefix_are_errors() {
+        // tokenizers 0.22 panics building such a BPE model.
+        let tokenizer = |merges: Value| {
+            let json = json!({"model": {
+                "type": "BPE",
+                "vocab": {"a": 0, "b": 1, "ab": 2, "##b": 3, "a##b": 4},
+                "merges": merges,
+                "continuing_subword_prefix": "##",
+            }});
+            Tokenizer::from_bytes(json.to_string().as_bytes())
+        };
+        assert!(tokenizer(json!(["a ##b"])).is_ok());
+        for merges in [json!(["a b"]), json!([["a", "##b"], ["a", "b"]])] {
+            let err = tokenizer(merges).err().expect("loads").to_string();
+            assert!(
+                err.contains("has no character boundary at 2 bytes"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_json_inside_a_component_is_an_error_not_a_panic() {
+        // A syntax error inside `decoder`: tokenizers 0.22 panics reading these bytes itself.
+        let json = b"{\"decoder\":{\"type\":\"Fuse\",\"x\":fal\xff},\"model\":{\"type\":\"BPE\"}}";
+        for loaded in [
+            Tokenizer::from_bytes(json),
+            Tokenizer::from_bytes_with_config(
+                json,
+                Some(br#"{"tokenizer_class": "LlamaTokenizer"}"#),
+                None,
+            ),
+        ] {
+            let err = loaded.err().expect("malformed JSON loads").to_string();
+            assert!(err.contains("tokenizer.json: malformed JSON"), "{err}");
+        }
     }
 
     #[test]
