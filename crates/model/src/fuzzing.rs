@@ -126,7 +126,8 @@ pub fn tokenizer_json(data: &[u8]) {
     }
 }
 
-/// Encodes a prompt with an image token, then decodes it whole and token by token.
+/// Encodes a prompt with an image token, then decodes it whole and token by token; then ids a
+/// model may sample past the tokenizer's vocabulary.
 fn use_tokenizer(tokenizer: &Tokenizer) {
     if let Ok(ids) = tokenizer.encode("Hello <image>\nwörld 🙂 12", true) {
         let _ = tokenizer.decode(&ids, false);
@@ -135,6 +136,12 @@ fn use_tokenizer(tokenizer: &Tokenizer) {
             let _ = decoder.step(id);
         }
         let _ = decoder.finish();
+    }
+    let beyond = [tokenizer.vocab_size() as u32, 32063, u32::MAX];
+    let _ = tokenizer.decode(&beyond, true);
+    let mut decoder = tokenizer.stream_decoder(false);
+    for id in beyond {
+        let _ = decoder.step(id);
     }
 }
 

@@ -140,6 +140,11 @@ impl Tokenizer {
             })?;
             check_templates(&processor)?;
         }
+        if let Some(decoder) = inner.get_decoder() {
+            let decoder = serde_json::to_value(decoder)
+                .map_err(|e| ModelError::Tokenizer(format!("tokenizer.json: decoder: {e}")))?;
+            check_strip_decoders(&decoder)?;
+        }
         Ok(Tokenizer {
             inner: Arc::new(inner),
         })
@@ -276,6 +281,22 @@ fn check_templates(processor: &Value) -> Result<()> {
                 )));
             }
         }
+    }
+    Ok(())
+}
+
+/// tokenizers 0.22's `Strip` decoder with `stop` above 0 panics on a token shorter than `stop` or
+/// made only of `content` (it indexes below the token's start); transformers' conversions write
+/// `stop: 0`.
+fn check_strip_decoders(decoder: &Value) -> Result<()> {
+    if let Some(decoders) = decoder.get("decoders").and_then(Value::as_array) {
+        return decoders.iter().try_for_each(check_strip_decoders);
+    }
+    let stop = decoder.get("stop").and_then(Value::as_u64).unwrap_or(0);
+    if decoder.get("type").and_then(Value::as_str) == Some("Strip") && stop > 0 {
+        return Err(ModelError::Tokenizer(format!(
+            "tokenizer.json: decoder: a Strip decoder with stop {stop} is not supported (only 0)"
+        )));
     }
     Ok(())
 }
@@ -449,6 +470,25 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn strip_decoders_that_cut_token_ends_are_errors() {
+        // tokenizers 0.22 panics decoding a token shorter than `stop`.
+        let tokenizer = |stop: u64| {
+            let strip = json!({"type": "Strip", "content": " ", "start": 1, "stop": stop});
+            let json = json!({
+                "decoder": {"type": "Sequence", "decoders": [{"type": "Fuse"}, strip]},
+                "model": {"type": "WordLevel", "vocab": {"a": 0, " ": 1}, "unk_token": "a"},
+            });
+            Tokenizer::from_bytes(json.to_string().as_bytes())
+        };
+        assert_eq!(tokenizer(0).unwrap().decode(&[1, 0], false).unwrap(), "a");
+        let err = tokenizer(2).err().expect("loads").to_string();
+        assert!(
+            err.contains("a Strip decoder with stop 2 is not supported"),
+            "{err}"
+        );
     }
 
     #[test]
