@@ -1,7 +1,7 @@
 // The planned decode step (one token, M = 1): fused GEMVs, the attention of one query position,
 // and the sampler. Every kernel here reads the per-token values (position, cache length) from the
 // `step` uniform, which is rewritten before each replay, so the step is recorded once per chat.
-// variants: GEMV W_F32 | GEMV W_F16 | GEMV W_Q8 QUANT | GEMV W_Q6 QUANT | GEMV W_Q4 QUANT | GEMV W_F32 NORM | GEMV W_F16 NORM | GEMV W_Q8 QUANT NORM | GEMV W_Q6 QUANT NORM | GEMV W_Q4 QUANT NORM | GEMV W_F32 RESIDUAL | GEMV W_F16 RESIDUAL | GEMV W_Q8 QUANT RESIDUAL | GEMV W_Q6 QUANT RESIDUAL | GEMV W_Q4 QUANT RESIDUAL | GEMV W_F32 NORM SILU | GEMV W_F16 NORM SILU | GEMV W_Q8 QUANT NORM SILU | GEMV W_Q6 QUANT NORM SILU | GEMV W_Q4 QUANT NORM SILU | GEMV W_F32 NORM QKV V_F32 | GEMV W_F16 NORM QKV V_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 | GEMV W_Q4 QUANT NORM QKV V_Q6 | GEMV W_Q4 QUANT NORM QKV V_Q4 | GEMV W_F16 NORM QKV V_F16 KV_F16 | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 KV_F16 | GEMV W_Q4 QUANT NORM SUBGROUPS | GEMV W_Q4 QUANT NORM SUBGROUPS SUBGROUP_LANES | GEMV W_F16 RESIDUAL SUBGROUPS SUBGROUP_LANES | GEMV W_Q8 QUANT NORM SILU SUBGROUPS SUBGROUP_LANES | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 SUBGROUPS SUBGROUP_LANES | GEMV W_F32 NORM QKV V_F32 SUBGROUPS | GEMV W_Q4 QUANT NORM PAIRS | GEMV W_Q6 QUANT RESIDUAL PAIRS | GEMV W_F32 PAIRS | GEMV W_Q8 QUANT NORM SILU SUBGROUPS SUBGROUP_LANES PAIRS | GEMV W_F16 NORM QKV V_F16 KV_F16 PAIRS | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 SUBGROUPS SUBGROUP_LANES PAIRS | GEMV W_Q8 QUANT NORM QKV V_Q8 PAIRS | ATTEND | ATTEND KV_F16 | ATTEND UNITS | ATTEND UNITS KV_F16 | ATTEND UNITS SUBGROUPS | ATTEND UNITS KV_F16 SUBGROUPS | COMBINE | SAMPLE
+// variants: GEMV W_F32 | GEMV W_F16 | GEMV W_Q8 QUANT | GEMV W_Q6 QUANT | GEMV W_Q4 QUANT | GEMV W_F32 NORM | GEMV W_F16 NORM | GEMV W_Q8 QUANT NORM | GEMV W_Q6 QUANT NORM | GEMV W_Q4 QUANT NORM | GEMV W_F32 RESIDUAL | GEMV W_F16 RESIDUAL | GEMV W_Q8 QUANT RESIDUAL | GEMV W_Q6 QUANT RESIDUAL | GEMV W_Q4 QUANT RESIDUAL | GEMV W_F32 NORM SILU | GEMV W_F16 NORM SILU | GEMV W_Q8 QUANT NORM SILU | GEMV W_Q6 QUANT NORM SILU | GEMV W_Q4 QUANT NORM SILU | GEMV W_F32 NORM QKV V_F32 | GEMV W_F16 NORM QKV V_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 | GEMV W_Q4 QUANT NORM QKV V_Q6 | GEMV W_Q4 QUANT NORM QKV V_Q4 | GEMV W_F16 NORM QKV V_F16 KV_F16 | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 | GEMV W_Q8 QUANT NORM QKV V_Q8 KV_F16 | GEMV W_Q4 QUANT NORM SUBGROUPS | GEMV W_Q4 QUANT NORM SUBGROUPS SUBGROUP_LANES | GEMV W_F16 RESIDUAL SUBGROUPS SUBGROUP_LANES | GEMV W_Q8 QUANT NORM SILU SUBGROUPS SUBGROUP_LANES | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 SUBGROUPS SUBGROUP_LANES | GEMV W_F32 NORM QKV V_F32 SUBGROUPS | GEMV W_Q4 QUANT NORM PAIRS | GEMV W_Q6 QUANT RESIDUAL PAIRS | GEMV W_F32 PAIRS | GEMV W_Q8 QUANT NORM SILU SUBGROUPS SUBGROUP_LANES PAIRS | GEMV W_F16 NORM QKV V_F16 KV_F16 PAIRS | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 SUBGROUPS SUBGROUP_LANES PAIRS | GEMV W_Q8 QUANT NORM QKV V_Q8 PAIRS | GEMV W_Q4 QUANT Q4_TABLE | GEMV W_Q4 QUANT NORM SILU Q4_TABLE | GEMV W_Q4 QUANT RESIDUAL SUBGROUPS SUBGROUP_LANES PAIRS Q4_TABLE | GEMV W_Q4 QUANT NORM QKV V_Q6 KV_F16 SUBGROUPS SUBGROUP_LANES PAIRS Q4_TABLE | GEMV W_Q4 QUANT NORM QKV V_Q4 Q4_TABLE | ATTEND | ATTEND KV_F16 | ATTEND UNITS | ATTEND UNITS KV_F16 | ATTEND UNITS SUBGROUPS | ATTEND UNITS KV_F16 SUBGROUPS | COMBINE | SAMPLE
 //
 // GEMV (`gemv`): y = W · x for one row of x, W `[N, K]` in the layout of tensor.rs / quant.rs.
 // Rows go in quads of four: LANES threads share a quad (32, or fewer where a row has fewer 16-byte
@@ -19,7 +19,8 @@
 // Two matrices in one binding sit at the offsets a_* and b_* of Params (tensor.rs, Tensor::pack).
 // NORM folds the RMSNorm before the matrix into the staging of x (x * rsqrt(mean(x^2) + eps) * g,
 // summed as norm.wgsl sums it, so the normalised values are the same, or with SUBGROUPS by
-// subgroups, which rounds differently).
+// subgroups, which rounds differently). Q4_TABLE (GPUs): Q4 code book values are read from a
+// table in workgroup memory instead of computed (the same values: see q4_table).
 //
 // ATTEND + COMBINE (`attend_units` with UNITS, else `attend`; then `attend_combine`): attention of
 // the step's query against the first kv_len cached keys, split into chunks of 64 keys per
@@ -193,11 +194,32 @@ fn q4_values(n: vec4<u32>) -> vec4<f32> {
     return round(p);
 }
 
+#if Q4_TABLE
+// The code book in workgroup memory, as 32 interleaved copies (value n of copy c at 32 n + c),
+// filled by each workgroup from q4_values: thread t reads copy t % 32, so 32 consecutive threads
+// (a warp, or any subgroup of at most 32) each read their own bank whatever their nibbles. A value
+// then costs a load from workgroup memory and an add of the copy where q4_values takes an OR, a
+// subtraction, four fma and a round: on GPUs whose workgroup memory serves 32 lanes a clock next
+// to 128 float lanes (NVIDIA, AMD), about twice the values per clock. Not on CPU adapters, where
+// each such load is a gather (decode.rs, Gpu::q4_table).
+var<workgroup> q4_table: array<f32, 512>;
+var<private> q4_copy: u32;
+
+fn q4_table_values(n: vec4<u32>) -> vec4<f32> {
+    let at = n * 32u + q4_copy;
+    return vec4<f32>(q4_table[at.x], q4_table[at.y], q4_table[at.z], q4_table[at.w]);
+}
+#endif
+
 // One word of eight nibbles (code book indices) against x0, x1.
 fn q4_word(word: u32, x0: vec4<f32>, x1: vec4<f32>) -> f32 {
-    let lo = q4_values((vec4(word) >> vec4(0u, 4u, 8u, 12u)) & vec4(15u));
-    let hi = q4_values((vec4(word) >> vec4(16u, 20u, 24u, 28u)) & vec4(15u));
-    return dot(lo, x0) + dot(hi, x1);
+    let lo = (vec4(word) >> vec4(0u, 4u, 8u, 12u)) & vec4(15u);
+    let hi = (vec4(word) >> vec4(16u, 20u, 24u, 28u)) & vec4(15u);
+#if Q4_TABLE
+    return dot(q4_table_values(lo), x0) + dot(q4_table_values(hi), x1);
+#else
+    return dot(q4_values(lo), x0) + dot(q4_values(hi), x1);
+#endif
 }
 
 fn q4_words(words: vec4<u32>, b: u32) -> vec4<f32> {
@@ -575,6 +597,13 @@ fn gemv(
     let total = norm_sums[0];
 #endif
     let rms = inverseSqrt(total / f32(p.k) + p.eps);
+#endif
+#if Q4_TABLE
+    // The barrier before the first staging of x orders these stores before every read.
+    q4_copy = lid % 32u;
+    for (var i = lid; i < 512u; i += WG) {
+        q4_table[i] = q4_values(vec4<u32>(i / 32u)).x;
+    }
 #endif
     var acc = vec4<f32>(0.0);
     for (var c0 = 0u; c0 < p.k; c0 += XCHUNK) {

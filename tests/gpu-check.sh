@@ -5,7 +5,7 @@
 #                                loader, puts them in .device/ (git-ignored through .git/info/exclude)
 #   tests/gpu-check.sh run       there, with `.device` carried: the kernel bench (both GEMM tiles,
 #                                the attention and decode kernels also without subgroups, and
-#                                without the GEMV's pairs of units) and `llava bench` at
+#                                without the GEMV's pairs of units or its Q4 table) and `llava bench` at
 #                                the 7B geometry (q4 and f16 weights, f16 KV),
 #                                each step under its own time limit, each table saved under $OUT
 set -euo pipefail
@@ -43,11 +43,12 @@ run)
         timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt" || echo "== $name: exit $?"
     }
     step kernels-wide 150 env LLAVA_WIDE_GEMM=1 .device/kernels --bench --only gemm,fused,gemv,attention,decode
-    step kernels-narrow 80 env LLAVA_WIDE_GEMM=0 .device/kernels --bench --only gemm,fused
+    step kernels-narrow 70 env LLAVA_WIDE_GEMM=0 .device/kernels --bench --only gemm,fused
     step kernels-no-subgroups 40 env LLAVA_NO_SUBGROUPS=1 .device/kernels --bench --only attention,decode
-    step kernels-no-pairs 40 env LLAVA_GEMV_PAIRS=0 .device/kernels --bench --only decode
+    step kernels-no-pairs 35 env LLAVA_GEMV_PAIRS=0 .device/kernels --bench --only decode
+    step kernels-no-q4-table 35 env LLAVA_Q4_TABLE=0 .device/kernels --bench --only decode
     step bench-q4 150 .device/llava bench --shape mistral-7b --quant q4 --kv f16
-    step bench-f16 130 .device/llava bench --shape mistral-7b --quant f16 --kv f16
+    step bench-f16 120 .device/llava bench --shape mistral-7b --quant f16 --kv f16
     ;;
 *)
     echo "usage: tests/gpu-check.sh prepare|run" >&2

@@ -617,6 +617,14 @@ fn main() -> Result<()> {
         }
     );
     println!(
+        "decode gemv Q4 codes: {} (LLAVA_Q4_TABLE=1 or 0 decides)",
+        if gpu.q4_table() {
+            "from a table in workgroup memory"
+        } else {
+            "computed"
+        }
+    );
+    println!(
         "kernel times: {}",
         if gpu.take_profile().is_some() {
             "GPU timestamps (the kernels' own time)"

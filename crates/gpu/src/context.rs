@@ -40,6 +40,9 @@ pub struct GpuOptions {
     /// Whether the decode GEMV takes two 16-byte units of each row per step ([`Gpu::gemv_pairs`]);
     /// `None`: on every adapter but a CPU one.
     pub gemv_pairs: Option<bool>,
+    /// Whether the decode GEMV reads Q4 codes from a table in workgroup memory
+    /// ([`Gpu::q4_table`]); `None`: on every adapter but a CPU one.
+    pub q4_table: Option<bool>,
 }
 
 /// The prefill GEMM's register tile (`ops::matmul` picks the kernel by it).
@@ -80,6 +83,7 @@ impl Default for GpuOptions {
             gemm_tile: GemmTile::Auto,
             subgroups: true,
             gemv_pairs: None,
+            q4_table: None,
         }
     }
 }
@@ -87,11 +91,18 @@ impl Default for GpuOptions {
 impl GpuOptions {
     /// The defaults, with `f16` off when the environment variable `LLAVA_NO_F16` is `1`,
     /// `subgroups` off when `LLAVA_NO_SUBGROUPS` is `1` and the GEMM tile set by
-    /// `LLAVA_WIDE_GEMM` (`1` wide, `0` narrow) and the GEMV's pairs by `LLAVA_GEMV_PAIRS` (`1`
-    /// or `0`), to compare them on one GPU (natively; a browser has no environment).
+    /// `LLAVA_WIDE_GEMM` (`1` wide, `0` narrow), the GEMV's pairs by `LLAVA_GEMV_PAIRS` and its
+    /// Q4 table by `LLAVA_Q4_TABLE` (`1` or `0`), to compare them on one GPU (natively; a browser
+    /// has no environment).
     pub fn from_env() -> Self {
         #[cfg(not(target_arch = "wasm32"))]
-        let (no_f16, no_subgroups, gemm_tile, gemv_pairs) = (
+        let switch = |name: &str| match std::env::var(name).as_deref() {
+            Ok("1") => Some(true),
+            Ok("0") => Some(false),
+            _ => None,
+        };
+        #[cfg(not(target_arch = "wasm32"))]
+        let (no_f16, no_subgroups, gemm_tile, gemv_pairs, q4_table) = (
             std::env::var("LLAVA_NO_F16").is_ok_and(|v| v == "1"),
             std::env::var("LLAVA_NO_SUBGROUPS").is_ok_and(|v| v == "1"),
             match std::env::var("LLAVA_WIDE_GEMM").as_deref() {
@@ -99,19 +110,18 @@ impl GpuOptions {
                 Ok("0") => GemmTile::Narrow,
                 _ => GemmTile::Auto,
             },
-            match std::env::var("LLAVA_GEMV_PAIRS").as_deref() {
-                Ok("1") => Some(true),
-                Ok("0") => Some(false),
-                _ => None,
-            },
+            switch("LLAVA_GEMV_PAIRS"),
+            switch("LLAVA_Q4_TABLE"),
         );
         #[cfg(target_arch = "wasm32")]
-        let (no_f16, no_subgroups, gemm_tile, gemv_pairs) = (false, false, GemmTile::Auto, None);
+        let (no_f16, no_subgroups, gemm_tile, gemv_pairs, q4_table) =
+            (false, false, GemmTile::Auto, None, None);
         GpuOptions {
             f16: !no_f16,
             subgroups: !no_subgroups,
             gemm_tile,
             gemv_pairs,
+            q4_table,
             ..Default::default()
         }
     }
@@ -132,6 +142,7 @@ pub struct Gpu {
     profiler: Option<Profiler>,
     gemm_tile: GemmTile,
     gemv_pairs: bool,
+    q4_table: bool,
 }
 
 impl Gpu {
@@ -236,6 +247,9 @@ impl Gpu {
         let gemv_pairs = options
             .gemv_pairs
             .unwrap_or(info.device_type != wgpu::DeviceType::Cpu);
+        let q4_table = options
+            .q4_table
+            .unwrap_or(info.device_type != wgpu::DeviceType::Cpu);
         Ok(Gpu {
             device,
             queue,
@@ -253,6 +267,7 @@ impl Gpu {
                 .then(Profiler::default),
             gemm_tile,
             gemv_pairs,
+            q4_table,
         })
     }
 
@@ -311,6 +326,14 @@ impl Gpu {
     /// ran the Q4 GEMV 1.5x slower with it.
     pub fn gemv_pairs(&self) -> bool {
         self.gemv_pairs
+    }
+
+    /// Whether the decode GEMV reads Q4 code book values from a table in workgroup memory (one
+    /// copy per bank) instead of computing them (decode.wgsl, `Q4_TABLE`): on GPUs a load there
+    /// and an add take the place of seven operations. Off on CPU adapters, where each load is a
+    /// gather.
+    pub fn q4_table(&self) -> bool {
+        self.q4_table
     }
 
     /// Whether the device has SHADER_F16, so that `SHADER_F16` kernel variants (`enable f16;`)

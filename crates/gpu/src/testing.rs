@@ -11,13 +11,14 @@ use crate::{DType, GemmTile, Gpu, GpuOptions, Tensor};
 /// The device shared by all tests of this crate (tests run in parallel on it). It has
 /// shader-f16 where the adapter offers it (llvmpipe does) and `LLAVA_NO_F16` is not set, and runs
 /// every GEMM on the wide tile ([`GemmTile::Wide`]) and the decode GEMV in pairs of units
-/// ([`Gpu::gemv_pairs`], as GPUs run it).
+/// ([`Gpu::gemv_pairs`]) with the Q4 table ([`Gpu::q4_table`]), as GPUs run it.
 pub fn gpu() -> &'static Gpu {
     static GPU: OnceLock<Gpu> = OnceLock::new();
     GPU.get_or_init(|| {
         Gpu::with_options_blocking(GpuOptions {
             gemm_tile: GemmTile::Wide,
             gemv_pairs: Some(true),
+            q4_table: Some(true),
             ..GpuOptions::from_env()
         })
         .expect("a wgpu adapter (install mesa-vulkan-drivers)")
@@ -26,7 +27,7 @@ pub fn gpu() -> &'static Gpu {
 
 /// A second shared device opened as a browser's adapter of unknown type gets it: without
 /// shader-f16 (the f32 path of kernels that have `SHADER_F16` variants) and with the 8x8 GEMM
-/// tile ([`GemmTile::Narrow`]) and the decode GEMV a unit at a time, so that tests run both paths
+/// tile ([`GemmTile::Narrow`]) and the decode GEMV a unit at a time, its Q4 code book computed, so that tests run both paths
 /// on the same machine.
 pub fn browser_like_gpu() -> &'static Gpu {
     static GPU: OnceLock<Gpu> = OnceLock::new();
@@ -36,6 +37,7 @@ pub fn browser_like_gpu() -> &'static Gpu {
             gemm_tile: GemmTile::Narrow,
             subgroups: false,
             gemv_pairs: Some(false),
+            q4_table: Some(false),
             ..Default::default()
         })
         .expect("a wgpu adapter (install mesa-vulkan-drivers)")

@@ -276,6 +276,7 @@ pub(crate) fn gemv_windowed(
             ))
         }
     };
+    let mut q4_in_use = w.dtype() == DType::Q4;
     let quads = match epilogue {
         Epilogue::Store => {
             want_y(n)?;
@@ -324,6 +325,7 @@ pub(crate) fn gemv_windowed(
             params.q_rows = q_rows as u32;
             params.kv_rows = kv_rows as u32;
             params.head_dim = d as u32;
+            q4_in_use |= a.v.dtype() == DType::Q4;
             params.kv_heads = a.kv_heads as u32;
             params.capacity = capacity as u32;
             // transformers' inv_freq = 1 / theta^(2i / d), computed in f32 as the rope op does.
@@ -347,7 +349,8 @@ pub(crate) fn gemv_windowed(
             subgroup.is_some_and(|s| lanes <= s as usize),
             "SUBGROUP_LANES",
         )
-        .flag_if(gpu.gemv_pairs(), "PAIRS");
+        .flag_if(gpu.gemv_pairs(), "PAIRS")
+        .flag_if(gpu.q4_table() && q4_in_use, "Q4_TABLE");
     let quads_per_workgroup = GEMV_THREADS / lanes;
     if !matches!(epilogue, Epilogue::Store | Epilogue::Residual) {
         // Two matrices in one buffer: bind all of it, with the places in the parameters.
