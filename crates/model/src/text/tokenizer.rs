@@ -129,7 +129,13 @@ impl Tokenizer {
 
     /// Builds the tokenizer from parsed JSON (tokenizers 0.22, reading bytes itself, panics on a
     /// syntax error inside `decoder`), refusing what it would panic on later.
-    fn from_value(tokenizer: Value) -> Result<Self> {
+    fn from_value(mut tokenizer: Value) -> Result<Self> {
+        // transformers encodes without the file's truncation and padding (the processor asks for
+        // neither), and tokenizers 0.22 panics on a truncation stride over its length.
+        if let Some(fields) = tokenizer.as_object_mut() {
+            fields.remove("truncation");
+            fields.remove("padding");
+        }
         check_bpe_merges(&tokenizer["model"])?;
         let inner: tokenizers::Tokenizer = serde_json::from_value(tokenizer)
             .map_err(|e| ModelError::Tokenizer(format!("cannot load tokenizer.json: {e}")))?;
@@ -489,6 +495,20 @@ mod tests {
             err.contains("a Strip decoder with stop 2 is not supported"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_files_truncation_and_padding_are_not_applied() {
+        // As transformers encodes a prompt; tokenizers 0.22 panics on this stride.
+        let json = json!({
+            "truncation": {"direction": "Right", "max_length": 2, "strategy": "LongestFirst", "stride": 5},
+            "padding": {"strategy": {"Fixed": 8}, "direction": "Right", "pad_to_multiple_of": null,
+                        "pad_id": 1, "pad_type_id": 0, "pad_token": "b"},
+            "pre_tokenizer": {"type": "Whitespace"},
+            "model": {"type": "WordLevel", "vocab": {"a": 0, "b": 1}, "unk_token": "a"},
+        });
+        let tokenizer = Tokenizer::from_bytes(json.to_string().as_bytes()).unwrap();
+        assert_eq!(tokenizer.encode("a b a", true).unwrap(), [0, 1, 0]);
     }
 
     #[test]
