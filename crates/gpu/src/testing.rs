@@ -27,8 +27,8 @@ pub fn gpu() -> &'static Gpu {
 
 /// A second shared device opened as a browser's adapter of unknown type gets it: without
 /// shader-f16 (the f32 path of kernels that have `SHADER_F16` variants) and with the 8x8 GEMM
-/// tile ([`GemmTile::Narrow`]) and the decode GEMV a unit at a time, its Q4 code book computed, so that tests run both paths
-/// on the same machine.
+/// tile ([`GemmTile::Narrow`]) and the decode GEMV a unit at a time with its Q4 code book
+/// computed, so that tests run both paths on the same machine.
 pub fn browser_like_gpu() -> &'static Gpu {
     static GPU: OnceLock<Gpu> = OnceLock::new();
     GPU.get_or_init(|| {

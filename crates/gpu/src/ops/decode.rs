@@ -82,6 +82,11 @@ pub enum Epilogue<'a> {
     Qkv(Qkv<'a>),
 }
 
+/// Whether a GEMV of `w` with `epilogue` reads Q4 weights (w, or the v of a QKV epilogue).
+fn reads_q4(w: &Tensor, epilogue: &Epilogue) -> bool {
+    w.dtype() == DType::Q4 || matches!(epilogue, Epilogue::Qkv(a) if a.v.dtype() == DType::Q4)
+}
+
 /// The attention geometry of an [`Epilogue::Qkv`].
 #[derive(Clone, Copy)]
 pub struct Qkv<'a> {
@@ -276,7 +281,6 @@ pub(crate) fn gemv_windowed(
             ))
         }
     };
-    let mut q4_in_use = w.dtype() == DType::Q4;
     let quads = match epilogue {
         Epilogue::Store => {
             want_y(n)?;
@@ -325,7 +329,6 @@ pub(crate) fn gemv_windowed(
             params.q_rows = q_rows as u32;
             params.kv_rows = kv_rows as u32;
             params.head_dim = d as u32;
-            q4_in_use |= a.v.dtype() == DType::Q4;
             params.kv_heads = a.kv_heads as u32;
             params.capacity = capacity as u32;
             // transformers' inv_freq = 1 / theta^(2i / d), computed in f32 as the rope op does.
@@ -350,7 +353,7 @@ pub(crate) fn gemv_windowed(
             "SUBGROUP_LANES",
         )
         .flag_if(gpu.gemv_pairs(), "PAIRS")
-        .flag_if(gpu.q4_table() && q4_in_use, "Q4_TABLE");
+        .flag_if(gpu.q4_table() && reads_q4(w, &epilogue), "Q4_TABLE");
     let quads_per_workgroup = GEMV_THREADS / lanes;
     if !matches!(epilogue, Epilogue::Store | Epilogue::Residual) {
         // Two matrices in one buffer: bind all of it, with the places in the parameters.
