@@ -21,8 +21,8 @@
 //   attention_split, which attention_combine merges: for drivers that cap the loop iterations of
 //   an invocation (llvmpipe).
 // - attention_rows (TILED ROWS): attention_tiled for head dims of at most 16 that are multiples
-//   of 4 (four query rows per thread) or, with SUBGROUPS, whose lanes own whole vectors (two
-//   rows per thread): each K/V read from workgroup memory serves several rows (see its section).
+//   of 4 (four query rows per thread) or whose lanes own whole vectors (two rows per thread):
+//   each K/V read from workgroup memory serves several rows (see its section).
 // - attention_split + attention_combine: flash-decoding for few rows (decode, Tq = 1): each
 //   workgroup scores one chunk of keys for all rows of a kv head and writes an unnormalised partial
 //   (max, sum, weighted values); the combine pass merges the chunks.
@@ -454,12 +454,13 @@ fn store4(e: u32, v: vec4<f32>) {
 
 #if ROWS
 // attention_rows: the TILED variant for head dims a row's LANES lanes split into whole vectors of
-// W <= W_MAX dims: D of at most 16 that is a multiple of 4 (one lane per row), or with SUBGROUPS
-// any D = LANES * W with W a multiple of 4 (64, 96, 128...), the lanes' dots summed by shuffles.
+// W <= W_MAX dims: D of at most 16 that is a multiple of 4 (one lane per row, QR = 4), or any
+// D = LANES * W with W a multiple of 4 (64, 96, 128...; QR = 2), the lanes' dots summed by
+// shuffles with SUBGROUPS, else through `partial` (a third barrier per tile, BK * QR <= BK_MAX).
 // Each thread takes QR query rows, so each K/V vector read from workgroup memory serves QR rows
 // (llvmpipe reads workgroup memory lane by lane; GPUs issue fewer loads per multiply); the scores
-// stay in registers (no partial dots, two barriers per tile); a tile holds BK keys (a multiple of
-// 4), taken four at a time with one softmax rescale per four.
+// stay in registers (two barriers per tile with one lane or shuffles); a tile holds BK keys (a
+// multiple of 4), taken four at a time with one softmax rescale per four.
 override QR: u32 = 4u;
 
 // A query row's slice: its q (scaled) and output sums as four vectors (dims past W stay 0), its
@@ -544,6 +545,29 @@ fn key_dots(x: Vec16, r0: Row, r1: Row, r2: Row, r3: Row) -> vec4<f32> {
     }
     return vec4(score(r0, x), score(r1, x), 0.0, 0.0);
 }
+
+// Keys j..j + 3 of the tile dotted with this lane's slice of up to QR rows (column i: row i's
+// dots). Each key's K is read once for all of the thread's rows and then dropped (few registers
+// live).
+fn tile_dots(j: u32, t0: u32, r0: Row, r1: Row, r2: Row, r3: Row) -> mat4x4<f32> {
+    return transpose(mat4x4(key_dots(k16(j, t0), r0, r1, r2, r3),
+                            key_dots(k16(j + 1u, t0), r0, r1, r2, r3),
+                            key_dots(k16(j + 2u, t0), r0, r1, r2, r3),
+                            key_dots(k16(j + 3u, t0), r0, r1, r2, r3)));
+}
+
+#if !SUBGROUPS
+// The sums over a row's LANES lanes of their dots in `partial` vector row `pr` (see
+// attention_rows), for the row of thread `lid`.
+fn lane_sums(pr: u32, lid: u32) -> vec4<f32> {
+    let first = pr * THREADS + lid / LANES * LANES;
+    var s = partial[first];
+    for (var x = 1u; x < LANES; x++) {
+        s += partial[first + x];
+    }
+    return s;
+}
+#endif
 
 // Row `row` takes keys `key`..`key + 3` (its lane dots with them: `dots`) into its softmax:
 // returns their weights (0 past its limit) and rescales its sums, which the caller then adds the
@@ -711,14 +735,33 @@ fn attention_rows(
         }
         workgroupBarrier();
 
+#if !SUBGROUPS
+        if (LANES > 1u) {
+            // No shuffles: every lane's dots with the tile's keys go through workgroup memory
+            // (vector (j / 4 * QR + i) * THREADS + thread: row i's dots with keys j..j + 3).
+            for (var j = 0u; j < BK; j += 4u) {
+                let dots = tile_dots(j, t0, r0, r1, r2, r3);
+                partial[(j / 4u * QR) * THREADS + lid] = dots[0];
+                partial[(j / 4u * QR + 1u) * THREADS + lid] = dots[1];
+            }
+            workgroupBarrier();
+        }
+#endif
         let n = min(BK, seen - min(k0, seen));
         for (var j = 0u; j < n; j += 4u) {
-            // Each key's K is read once for all of the thread's rows and then dropped (few
-            // registers live); column i of `dots` is row i's, over the four keys.
-            let dots = transpose(mat4x4(key_dots(k16(j, t0), r0, r1, r2, r3),
-                                        key_dots(k16(j + 1u, t0), r0, r1, r2, r3),
-                                        key_dots(k16(j + 2u, t0), r0, r1, r2, r3),
-                                        key_dots(k16(j + 3u, t0), r0, r1, r2, r3)));
+#if SUBGROUPS
+            let dots = tile_dots(j, t0, r0, r1, r2, r3);
+#else
+            var dots: mat4x4<f32>;
+            if (LANES > 1u) {
+                // Two rows per thread here; all lanes of a row add the same partials in the same
+                // order, so they keep identical softmax statistics.
+                dots[0] = lane_sums(j / 4u * QR, lid);
+                dots[1] = lane_sums(j / 4u * QR + 1u, lid);
+            } else {
+                dots = tile_dots(j, t0, r0, r1, r2, r3);
+            }
+#endif
             let w0 = weigh4(&r0, k0 + j, dots[0]);
             let w1 = weigh4(&r1, k0 + j, dots[1]);
             var w2 = vec4(0.0);

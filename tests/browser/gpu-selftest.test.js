@@ -6,7 +6,7 @@ import { after, before, test } from 'node:test';
 import { openBrowser } from './harness.js';
 
 const KERNELS = ['add', 'rms_norm', 'layer_norm', 'argmax', 'embedding_f16', 'embedding_q8', 'embedding_q6', 'embedding_q4',
-  'linear_q6_gemv', 'linear_q6_gemm', 'linear_q4_gemv', 'linear_q4_gemm', 'patch_embed_f16'];
+  'linear_q6_gemv', 'linear_q6_gemm', 'linear_q4_gemv', 'linear_q4_gemm', 'patch_embed_f16', 'attention_causal'];
 
 let browser;
 before(async () => {

@@ -118,6 +118,11 @@ const PATCH: usize = 14;
 const CHANNELS: usize = 16;
 const SIDE: usize = 28;
 const EPS: f32 = 1e-5;
+/// Causal grouped-query attention over T positions at head dim D: 2 query heads per kv head, so
+/// 2 T query rows per kv head, past the decode kernel's few, as in a prefill.
+const T: usize = 12;
+const HQ: usize = 4;
+const HKV: usize = 2;
 
 /// Runs the kernels on `gpu` with inputs derived from `seed` and compares them with the CPU.
 pub async fn run(gpu: &Gpu, seed: u64) -> Result<SelfTestReport> {
@@ -139,6 +144,11 @@ pub async fn run(gpu: &Gpu, seed: u64) -> Result<SelfTestReport> {
         .into_iter()
         .map(f16::from_f32)
         .collect();
+    let (q, k, v) = (
+        random(T * HQ * D, seed + 10),
+        random(T * HKV * D, seed + 11),
+        random(T * HKV * D, seed + 12),
+    );
 
     let x_t = Tensor::from_f32(gpu, &[ROWS, D], &x)?;
     let bias_t = Tensor::from_f32(gpu, &[D], &bias)?;
@@ -151,6 +161,9 @@ pub async fn run(gpu: &Gpu, seed: u64) -> Result<SelfTestReport> {
     let ids_t = Tensor::from_u32(gpu, &[ids.len()], &ids)?;
     let pixels_t = Tensor::from_f32(gpu, &[1, 3, SIDE, SIDE], &pixels)?;
     let kernel_t = Tensor::from_f16(gpu, &[CHANNELS, 3, PATCH, PATCH], &kernel)?;
+    let q_t = Tensor::from_f32(gpu, &[1, T, HQ, D], &q)?;
+    let k_t = Tensor::from_f32(gpu, &[1, T, HKV, D], &k)?;
+    let v_t = Tensor::from_f32(gpu, &[1, T, HKV, D], &v)?;
 
     // One batch for all of them, as a forward pass records its layers.
     let mut batch = gpu.batch();
@@ -172,6 +185,8 @@ pub async fn run(gpu: &Gpu, seed: u64) -> Result<SelfTestReport> {
     let q4_gemm =
         ops::matmul::linear_with(&mut batch, &x_t, &table_q4_t, None, LinearKernel::Gemm)?;
     let patches = ops::conv::patch_embed(&mut batch, &pixels_t, &kernel_t, PATCH)?;
+    let causal = ops::attention::Mask::Causal { q_offset: 0 };
+    let attended = ops::attention::attention(&mut batch, &q_t, &k_t, &v_t, T, causal)?;
     batch.submit()?;
 
     let checks = vec![
@@ -242,6 +257,12 @@ pub async fn run(gpu: &Gpu, seed: u64) -> Result<SelfTestReport> {
             &patches.to_f32(gpu).await?,
             &patch_embed_cpu(&pixels, &f16_to_f32(&kernel)),
             1e-3,
+        ),
+        Check::floats(
+            "attention_causal",
+            &attended.to_f32(gpu).await?,
+            &attention_cpu(&q, &k, &v),
+            1e-5,
         ),
     ];
     gpu.check()?;
@@ -373,6 +394,37 @@ fn patch_embed_cpu(px: &[f32], weight: &[f32]) -> Vec<f32> {
     out
 }
 
+/// softmax(q k^T / sqrt(D), causal) v for q `[T, HQ, D]` and k, v `[T, HKV, D]`, in f64.
+fn attention_cpu(q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(q.len());
+    for t in 0..T {
+        for h in 0..HQ {
+            let kv = |x: &[f32], j: usize| -> Vec<f64> {
+                let at = (j * HKV + h / (HQ / HKV)) * D;
+                x[at..at + D].iter().map(|&e| e as f64).collect()
+            };
+            let qr = &q[(t * HQ + h) * D..(t * HQ + h + 1) * D];
+            let scores: Vec<f64> = (0..=t)
+                .map(|j| {
+                    let dot: f64 = qr.iter().zip(kv(k, j)).map(|(&a, b)| a as f64 * b).sum();
+                    dot / (D as f64).sqrt()
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            let mut row = vec![0f64; D];
+            for (j, w) in weights.iter().enumerate() {
+                for (o, x) in row.iter_mut().zip(kv(v, j)) {
+                    *o += w / total * x;
+                }
+            }
+            out.extend(row.iter().map(|&x| x as f32));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,7 +449,8 @@ mod tests {
                 "linear_q6_gemm",
                 "linear_q4_gemv",
                 "linear_q4_gemm",
-                "patch_embed_f16"
+                "patch_embed_f16",
+                "attention_causal"
             ]
         );
         for c in &report.checks {

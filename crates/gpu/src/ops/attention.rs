@@ -6,8 +6,8 @@
 //! query row, each owning a slice of the head dim, K/V tiles in workgroup memory, the lanes' dots
 //! summed by subgroup shuffles where the device has subgroups) for prefill and the vision tower,
 //! or its `attention_rows` form where each thread takes several query rows, which share each K/V
-//! read (head dims of at most 16 that are multiples of 4, four rows per thread; with subgroups,
-//! head dims whose lanes own whole vectors, as 64 and 128, two rows per thread); and
+//! read (head dims of at most 16 that are multiples of 4, four rows per thread; head dims whose
+//! lanes own whole vectors, as 64 and 128, two rows per thread); and
 //! flash-decoding `attention_split` + `attention_combine` when a kv head has at most
 //! [`SPLIT_MAX_ROWS`] query rows (decode), so that thousands of keys are spread over many
 //! workgroups instead of one per head. [`kv_store`] appends rows to a cache in its dtype.
@@ -76,7 +76,7 @@ struct TiledShape {
     /// Whether the lanes of a row sum their dots by subgroup shuffles (`SUBGROUPS`).
     subgroups: bool,
     /// Query rows per thread: in `attention_rows` (head dims that are multiples of 4 with one
-    /// lane per row, or with subgroups whose lanes own whole vectors), [`ROWS_PER_THREAD`] or
+    /// lane per row, or whose lanes own whole vectors), [`ROWS_PER_THREAD`] or
     /// with several lanes [`ROWS_PER_THREAD_OF_LANES`]; 1 in `attention_tiled`.
     rows_per_thread: usize,
 }
@@ -91,8 +91,7 @@ impl TiledShape {
         // them; the kernels' tiles then take the partial dots' workgroup memory too (keys
         // weighed eight at a time in `attention_tiled`).
         let in_subgroup = subgroup_min_size.is_some_and(|s| lanes <= s as usize);
-        let whole_vectors = dims_per_lane.is_multiple_of(4) && lanes * dims_per_lane == d;
-        let rows = whole_vectors && (lanes == 1 || in_subgroup);
+        let rows = dims_per_lane.is_multiple_of(4) && lanes * dims_per_lane == d;
         // `attention_rows` with one lane per row has nothing to shuffle.
         let subgroups = in_subgroup && !(rows && lanes == 1);
         let tile_floats = if subgroups {
@@ -103,7 +102,10 @@ impl TiledShape {
         TiledShape {
             lanes,
             dims_per_lane,
-            tile_keys: if rows {
+            tile_keys: if rows && lanes > 1 && !subgroups {
+                // The lanes' dots go through the partial array: two rows' per key.
+                TILE_MAX_KEYS / ROWS_PER_THREAD_OF_LANES
+            } else if rows {
                 (tile_floats / d).min(ROWS_MAX_KEYS) / 4 * 4
             } else if subgroups {
                 match (SUBGROUP_TILE_FLOATS / d).min(SUBGROUP_TILE_MAX_KEYS) {
@@ -131,9 +133,14 @@ impl TiledShape {
     fn loop_iterations_per_tile(&self, d: usize) -> usize {
         let (bk, w) = (self.tile_keys, self.dims_per_lane);
         if self.rows_per_thread > 1 {
-            // The tile load (a vec4 per step), then keys four at a time, each row's shuffles.
-            let shuffles = self.rows_per_thread * self.lanes.ilog2() as usize;
-            return 1 + (bk * d).div_ceil(4 * TILED_THREADS) + bk / 4 * (1 + shuffles);
+            // The tile load (a vec4 per step), then keys four at a time, each row's shuffles or,
+            // without subgroups, the dots' stores (a step per four keys) and each row's sum.
+            let sums = if self.subgroups || self.lanes == 1 {
+                self.rows_per_thread * self.lanes.ilog2() as usize
+            } else {
+                1 + self.rows_per_thread * self.lanes
+            };
+            return 1 + (bk * d).div_ceil(4 * TILED_THREADS) + bk / 4 * (1 + sums);
         }
         // Tile loads: vec4 steps of four elements each; then per eight keys, their dots and sums
         // over the lanes, and the values.
@@ -875,9 +882,10 @@ mod tests {
         check(case(3, 50, 2, 2, 4, 50, 50, Mask::None), 2e-5, 74);
     }
 
-    /// `attention_rows` with several lanes per row (on the device with subgroups; two rows per
-    /// thread): head dims whose lanes own 16 or 12 dims, a partial last row tile, key chunks
-    /// (PARTIAL: the stats come from one lane), f16 K/V and a continued cache.
+    /// `attention_rows` with several lanes per row (two rows per thread; their dots summed by
+    /// shuffles on the device with subgroups, through workgroup memory on the other): head dims
+    /// whose lanes own 16 or 12 dims, a partial last row tile, key chunks (PARTIAL: the stats
+    /// come from one lane), f16 K/V and a continued cache.
     #[test]
     fn rows_of_several_lanes_at_head_dims_48_to_128() {
         let chunked = |c: Case, tiles| Case {
