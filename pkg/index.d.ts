@@ -91,7 +91,8 @@ export interface LoadProgress {
   /**
    * 'download': more weight bytes arrived (from the network or the cache); 'warning': a file is
    * loaded without the cache (`message` says why; also written to the console); 'ready': the
-   * model is built (the last event).
+   * model is built (the last event) and its GPU kernels are being compiled in the background, so
+   * a question asked a little later does not wait for them.
    */
   stage: 'download' | 'warning' | 'ready';
   /** Weight bytes downloaded so far. */

@@ -156,7 +156,7 @@ export class LlavaModel {
    * safetensors shards), streaming the weights to the GPU one tensor at a time.
    * `onProgress({ stage, loaded, total, file, message })` reports downloaded bytes (stage
    * 'download'), a file loaded without the cache (stage 'warning', also a console warning) and
-   * the built model (stage 'ready'); `quant`: 'f32' | 'f16' | 'q8' | 'q4' (default: the
+   * the built model, whose GPU kernels then compile in the background (stage 'ready'); `quant`: 'f32' | 'f16' | 'q8' | 'q4' (default: the
    * checkpoint's precision); `context`: KV-cache size in tokens; `kvCache`: 'f16' or 'f32', what
    * the KV cache stores (default 'f16' where the adapter has shader-f16, else 'f32'); `cache` (default true): keep the
    * downloaded files in the browser's Cache API storage for the next load; `imageCacheMB`

@@ -295,7 +295,7 @@ impl Gpu {
 
     /// What this device has done since it was opened (see [`Counters`]).
     pub fn counters(&self) -> Counters {
-        self.counters.snapshot()
+        self.counters.snapshot(self.registry.created())
     }
 
     /// Writes `bytes` into `buffer` at `offset` through the queue (a multiple of 4 bytes).
@@ -614,6 +614,8 @@ enum Target {
         pass: Option<wgpu::ComputePass<'static>>,
     },
     Plan(Vec<PlanStep>),
+    /// [`Gpu::dry_batch`]: the steps are dropped.
+    Discard,
 }
 
 /// Dispatches recorded into one command encoder and submitted together, so that a whole layer
@@ -648,6 +650,20 @@ impl Gpu {
                 pass: None,
             },
             uniforms: UniformArena::new(arena_bytes),
+            timestamps: None,
+            free: Some(Arc::default()),
+        }
+    }
+
+    /// A batch that submits nothing: ops called on it check their inputs, create their pipelines
+    /// (compiling them on first use), bind groups and outputs as [`Gpu::batch`]'s do, and their
+    /// dispatches and copies are dropped ([`Batch::submit`] only reports errors). For compiling
+    /// a model's kernels ahead of its first use.
+    pub fn dry_batch(&self) -> Batch<'_> {
+        Batch {
+            gpu: self,
+            target: Target::Discard,
+            uniforms: UniformArena::new(UNIFORM_ARENA_BYTES),
             timestamps: None,
             free: Some(Arc::default()),
         }
@@ -780,6 +796,7 @@ impl<'g> Batch<'g> {
         match &mut self.target {
             Target::Plan(steps) => steps.push(step),
             Target::Encoder { .. } => self.encode(&step)?,
+            Target::Discard => {}
         }
         Ok(())
     }
@@ -796,6 +813,7 @@ impl<'g> Batch<'g> {
         match &mut self.target {
             Target::Plan(steps) => steps.push(step),
             Target::Encoder { .. } => self.encode_untimed(&step),
+            Target::Discard => {}
         }
     }
 
@@ -810,6 +828,7 @@ impl<'g> Batch<'g> {
             match &mut self.target {
                 Target::Plan(steps) => steps.push(step.clone()),
                 Target::Encoder { .. } => self.encode(step)?,
+                Target::Discard => {}
             }
         }
         Ok(())
@@ -955,8 +974,8 @@ impl<'g> Batch<'g> {
                 }
                 Ok((encoder.finish(), timestamps))
             }
-            Target::Plan(_) => Err(GpuError::Validation(
-                "submitting a batch that records a plan".into(),
+            Target::Plan(_) | Target::Discard => Err(GpuError::Validation(
+                "submitting a batch that records a plan or submits nothing".into(),
             )),
         }
     }
@@ -965,6 +984,9 @@ impl<'g> Batch<'g> {
     /// flush between layers so that the intermediate buffers of one layer can be freed before
     /// the next is recorded.
     pub fn flush(&mut self) -> Result<()> {
+        if matches!(self.target, Target::Discard) {
+            return self.gpu.check();
+        }
         #[cfg_attr(target_arch = "wasm32", allow(unused_variables))]
         let (commands, timestamps) = self.finish_encoder()?;
         self.gpu.submit([commands]);
@@ -1132,6 +1154,8 @@ pub struct Counters {
     pub bytes_written: u64,
     /// Bytes copied back to the host.
     pub bytes_read: u64,
+    /// Compute pipelines compiled (each [`crate::registry::PipelineKey`] once per device).
+    pub pipelines_created: u64,
 }
 
 impl std::ops::Sub for Counters {
@@ -1145,6 +1169,7 @@ impl std::ops::Sub for Counters {
             bind_groups_created: self.bind_groups_created - o.bind_groups_created,
             bytes_written: self.bytes_written - o.bytes_written,
             bytes_read: self.bytes_read - o.bytes_read,
+            pipelines_created: self.pipelines_created - o.pipelines_created,
         }
     }
 }
@@ -1165,7 +1190,7 @@ impl CounterCells {
         cell.fetch_add(n, Ordering::Relaxed);
     }
 
-    fn snapshot(&self) -> Counters {
+    fn snapshot(&self, pipelines_created: u64) -> Counters {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Counters {
             dispatches: get(&self.dispatches),
@@ -1175,6 +1200,7 @@ impl CounterCells {
             bind_groups_created: get(&self.bind_groups),
             bytes_written: get(&self.bytes_written),
             bytes_read: get(&self.bytes_read),
+            pipelines_created,
         }
     }
 }
@@ -1185,6 +1211,43 @@ mod tests {
     use crate::ops::matmul::{LinearEpilogue, LinearKernel, linear_windowed};
     use crate::testing::{assert_close, gpu, random};
     use crate::{DType, Tensor};
+
+    /// A dry batch compiles its kernels and runs nothing: the real batch after it compiles
+    /// nothing more, and the dry one's output stays unwritten.
+    #[test]
+    fn a_dry_batch_compiles_kernels_and_submits_nothing() {
+        // A device of its own: its pipeline cache starts empty.
+        let gpu = &crate::Gpu::new_blocking().unwrap();
+        let (a, b) = (random(300, 1), random(300, 2));
+        let ta = Tensor::from_f32(gpu, &[300], &a).unwrap();
+        let tb = Tensor::from_f32(gpu, &[300], &b).unwrap();
+        let before = gpu.counters();
+        let mut dry = gpu.dry_batch();
+        let unwritten = add(&mut dry, &ta, &tb).unwrap();
+        dry.submit().unwrap();
+        let dried = gpu.counters() - before;
+        assert_eq!(
+            (dried.pipelines_created, dried.dispatches, dried.submits),
+            (1, 0, 0)
+        );
+        let mut batch = gpu.batch();
+        let sum = add(&mut batch, &ta, &tb).unwrap();
+        batch.submit().unwrap();
+        let ran = gpu.counters() - before - dried;
+        assert_eq!(
+            (ran.pipelines_created, ran.dispatches, ran.submits),
+            (0, 1, 1)
+        );
+        let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+        assert_close(
+            &pollster::block_on(sum.to_f32(gpu)).unwrap(),
+            &want,
+            0.0,
+            "add",
+        );
+        let untouched = pollster::block_on(unwritten.to_f32(gpu)).unwrap();
+        assert!(untouched.iter().all(|&x| x == 0.0), "the dry batch ran");
+    }
 
     /// `finished` resolves only once the queue holds nothing: a vision tower's time measured up to
     /// it includes its GPU work.

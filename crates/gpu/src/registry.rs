@@ -166,6 +166,11 @@ pub struct PipelineRegistry {
 }
 
 impl PipelineRegistry {
+    /// How many pipelines have been compiled.
+    pub fn created(&self) -> u64 {
+        self.cache.lock().unwrap().len() as u64
+    }
+
     pub fn get(
         &self,
         device: &wgpu::Device,

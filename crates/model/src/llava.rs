@@ -890,13 +890,20 @@ impl Llava {
 
     /// Runs the vision tower and projector on an image.
     pub async fn encode_image(&self, image: &Rgb8) -> Result<EncodedImage> {
+        let mut batch = self.gpu.batch();
+        let encoded = self.record_image(&mut batch, image)?;
+        batch.submit()?;
+        Ok(encoded)
+    }
+
+    /// Records [`Llava::encode_image`]'s work into `batch`.
+    fn record_image(&self, batch: &mut Batch, image: &Rgb8) -> Result<EncodedImage> {
         let cfg = &self.files.image_config;
         let pre = llava_image::preprocess(image, cfg)?;
         let size = cfg.tile_size as usize;
         let gpu = &*self.gpu;
         let pixels = Tensor::from_f32(gpu, &[pre.num_patches, 3, size, size], &pre.pixels)?;
-        let mut batch = gpu.batch();
-        let hidden = self.vision.forward(&mut batch, &pixels)?;
+        let hidden = self.vision.forward(batch, &pixels)?;
         // Strategy "default": drop each tile's CLS token.
         let (tiles, positions) = (hidden.shape()[0], hidden.shape()[1]);
         let keep: Vec<u32> = (0..tiles)
@@ -904,14 +911,13 @@ impl Llava {
             .collect();
         let keep = Tensor::from_u32(gpu, &[keep.len()], &keep)?;
         let flat = hidden.reshape(&[tiles * positions, hidden.last_dim()])?;
-        let features = gather_rows(&mut batch, &flat, &keep)?;
-        let projected = self.projector.forward(&mut batch, &features)?;
+        let features = gather_rows(batch, &flat, &keep)?;
+        let projected = self.projector.forward(batch, &features)?;
         let side = (cfg.tile_size / cfg.patch_size) as usize;
         let layout = llava_image::unpad_layout(pre.original_hw, cfg);
         let packed = self
             .projector
-            .pack(&mut batch, &projected, pre.grid, side, &layout)?;
-        batch.submit()?;
+            .pack(batch, &projected, pre.grid, side, &layout)?;
         let tokens = packed.shape()[0];
         let expected = llava_image::image_token_count(pre.original_hw, cfg);
         if tokens != expected {
@@ -925,6 +931,41 @@ impl Llava {
             best_resolution: pre.best_resolution,
             grid: pre.grid,
         })
+    }
+
+    /// Creates the GPU pipelines a first answer uses (vision tower, projector, prefill, the
+    /// planned decode step and its sampler, for the KV cache set now) by recording that work for
+    /// a blank image and a short prompt in a small cache of its own on a batch that submits
+    /// nothing ([`Gpu::dry_batch`]): the first answer then does not wait for shader compilation
+    /// (natively it happens here; in a browser the GPU process compiles them while the page
+    /// waits for a question). Kernels of rarer shapes, as prompts of at most 8 tokens, are still
+    /// created when first used.
+    pub fn compile_kernels(&self) -> Result<()> {
+        const PROMPT: usize = 16;
+        let gpu = &*self.gpu;
+        let side = self.files.image_config.tile_size;
+        let blank = Rgb8 {
+            width: side,
+            height: side,
+            data: vec![0; 3 * side as usize * side as usize],
+        };
+        let mut batch = gpu.dry_batch();
+        self.record_image(&mut batch, &blank)?;
+        let mut cache = self
+            .language
+            .new_cache(gpu, PROMPT, self.kv_cache.dtype())?;
+        let x = self.language.embed(&mut batch, &[0; PROMPT])?;
+        let plan = self.language.plan_decode(gpu, &cache)?;
+        let last = self.language.forward_last(&mut batch, &x, &mut cache)?;
+        match plan {
+            Some(plan) => plan.record_head(&mut batch, &last)?,
+            None => {
+                let hidden = self.language.final_norm(&mut batch, &last)?;
+                let logits = self.language.logits(&mut batch, &hidden)?;
+                argmax(&mut batch, &logits)?;
+            }
+        }
+        Ok(batch.submit()?)
     }
 
     /// Overwrites the embedding rows of the image placeholders inside `x` (the embeddings of

@@ -328,6 +328,8 @@ pub async fn load_model(
     if let Some(mb) = settings.image_cache_mb {
         llava.set_image_cache_limit(mb.saturating_mul(1 << 20));
     }
+    // The GPU process compiles the kernels while the page waits for a question.
+    llava.compile_kernels().map_err(js_error)?;
     Ok(Model {
         llava: Rc::new(llava),
     })
