@@ -91,8 +91,8 @@ export interface LoadProgress {
   /**
    * 'download': more weight bytes arrived (from the network or the cache); 'warning': a file is
    * loaded without the cache (`message` says why; also written to the console); 'ready': the
-   * model is built (the last event) and its GPU kernels are being compiled in the background, so
-   * a question asked a little later does not wait for them.
+   * model is built (the last event) and, unless `compileKernels` is false, its GPU kernels are
+   * being compiled in the background, so a question asked a little later does not wait for them.
    */
   stage: 'download' | 'warning' | 'ready';
   /** Weight bytes downloaded so far. */
@@ -134,6 +134,12 @@ export interface LoadOptions extends AssetUrls {
    * shard index) are probed, and each one the folder lacks costs a request answered 404.
    */
   files?: string[];
+  /**
+   * Have the GPU compile the kernels a first answer uses once the model is loaded (default true),
+   * in the background, so that a question asked a little later does not wait for them; false:
+   * each kernel compiles when first used (an app that loads a model without asking anything).
+   */
+  compileKernels?: boolean;
 }
 
 export interface GenerateOptions {

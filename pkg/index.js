@@ -156,16 +156,17 @@ export class LlavaModel {
    * safetensors shards), streaming the weights to the GPU one tensor at a time.
    * `onProgress({ stage, loaded, total, file, message })` reports downloaded bytes (stage
    * 'download'), a file loaded without the cache (stage 'warning', also a console warning) and
-   * the built model, whose GPU kernels then compile in the background (stage 'ready'); `quant`: 'f32' | 'f16' | 'q8' | 'q4' (default: the
+   * the built model (stage 'ready'); `quant`: 'f32' | 'f16' | 'q8' | 'q4' (default: the
    * checkpoint's precision); `context`: KV-cache size in tokens; `kvCache`: 'f16' or 'f32', what
    * the KV cache stores (default 'f16' where the adapter has shader-f16, else 'f32'); `cache` (default true): keep the
    * downloaded files in the browser's Cache API storage for the next load; `imageCacheMB`
    * (default 256, 0: off): GPU memory for reusing the features of images already seen; `files`:
    * the folder's file names when the app knows them (then nothing the folder lacks is requested);
-   * `workerUrl`, `wasmUrl`: where the package's worker.js and wasm/llava_web_bg.wasm are served,
+   * `compileKernels` (default true; false: each on first use): compile the GPU kernels of a first
+   * answer once loaded; `workerUrl`, `wasmUrl`: where the package's worker.js and wasm/llava_web_bg.wasm are served,
    * when a setup moves them (default: where this module finds them).
    */
-  static async load(url, { onProgress, quant, context, kvCache, cache = true, imageCacheMB, files, workerUrl, wasmUrl } = {}) {
+  static async load(url, { onProgress, quant, context, kvCache, cache = true, imageCacheMB, files, compileKernels, workerUrl, wasmUrl } = {}) {
     const client = new WorkerClient({ workerUrl, wasmUrl });
     const absolute = new URL(url, globalThis.location?.href).href;
     let bytes = { loaded: 0, total: 0, file: '' };
@@ -181,7 +182,7 @@ export class LlavaModel {
     try {
       const { handle, info } = await client.call(
         'loadModel',
-        { url: absolute, options: { quant, context, kvCache, cache: Boolean(cache), imageCacheMB, files } },
+        { url: absolute, options: { quant, context, kvCache, cache: Boolean(cache), imageCacheMB, files, compileKernels } },
         { onEvent },
       );
       onProgress?.({ stage: 'ready', loaded: bytes.loaded, total: bytes.total, file: '' });

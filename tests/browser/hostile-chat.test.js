@@ -40,7 +40,9 @@ function converse() {
       // 16 greedy steps without stopping at eos, as the fixtures were generated.
       const greedy16 = { maxNewTokens: 16, ignoreEos: true };
       const bytes = new Uint8Array(await (await fetch(image)).arrayBuffer());
-      const loaded = await LlavaModel.load(model, { cache: false });
+      // Kernels compile on first use: this test is about errors (and SwiftShader compiles
+      // the ones a first answer never uses slowly).
+      const loaded = await LlavaModel.load(model, { cache: false, compileKernels: false });
       const long = 'sea '.repeat(loaded.info.context);
       const out = {};
 

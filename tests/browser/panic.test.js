@@ -36,7 +36,8 @@ test('a panic rejects pending and later calls with its message, and the model lo
           () => ({ settled: 'resolved' }),
           (e) => ({ isError: e instanceof Error, message: e.message }),
         );
-      const loaded = await LlavaModel.load(model, { cache: false });
+      // Kernels compile on first use: the turns here are text only.
+      const loaded = await LlavaModel.load(model, { cache: false, compileKernels: false });
       const chat = await loaded.chat();
       const reply = chat.send({ text: question, maxNewTokens: 200, ignoreEos: true });
       await reply[Symbol.asyncIterator]().next();
@@ -46,7 +47,7 @@ test('a panic rejects pending and later calls with its message, and the model lo
       const laterChat = await settle(loaded.chat());
       loaded.dispose();
 
-      const again = await LlavaModel.load(model, { cache: false });
+      const again = await LlavaModel.load(model, { cache: false, compileKernels: false });
       const answer = await (await again.chat()).send({ text: question, maxNewTokens: 16, ignoreEos: true }).result;
       again.dispose();
       return { panic, pending, laterSend, laterChat, tokens: [...answer.tokens] };
@@ -73,7 +74,8 @@ test('a GPU device lost mid-answer ends it with an Error saying so, and the mode
           (r) => ({ stopReason: r.stopReason, tokens: r.tokens.length }),
           (e) => ({ isError: e instanceof Error, message: e.message }),
         );
-      const loaded = await LlavaModel.load(model, { cache: false });
+      // Kernels compile on first use: the turns here are text only.
+      const loaded = await LlavaModel.load(model, { cache: false, compileKernels: false });
       const chat = await loaded.chat();
       const reply = chat.send({ text: question, maxNewTokens: 200, ignoreEos: true });
       await reply[Symbol.asyncIterator]().next();
@@ -82,7 +84,7 @@ test('a GPU device lost mid-answer ends it with an Error saying so, and the mode
       const later = await settle(chat.send({ text: question }).result);
       loaded.dispose();
 
-      const again = await LlavaModel.load(model, { cache: false });
+      const again = await LlavaModel.load(model, { cache: false, compileKernels: false });
       const answer = await (await again.chat()).send({ text: question, maxNewTokens: 16, ignoreEos: true }).result;
       again.dispose();
       return { pending, later, tokens: [...answer.tokens] };

@@ -60,13 +60,14 @@ after(async () => {
   await browser?.close();
 });
 
-/** Loads the folder in the page (the wasm module on the main thread) and, with `question`,
- * answers one turn (greedy); returns the prompt ids and the tokens. */
+/** Loads the folder in the page (the wasm module on the main thread; its kernels compiled on
+ * first use, which the fixtures without a question never have) and, with `question`, answers one
+ * turn (greedy); returns the prompt ids and the tokens. */
 function load(folder, files, { system = null, question = null } = {}) {
   return browser.page.evaluate(
     async ([url, files, system, question, maxNewTokens]) => {
       const wasm = await import('/pkg/wasm/llava_web.js');
-      const model = await wasm.loadModel(url, files ? { files } : {}, null);
+      const model = await wasm.loadModel(url, { compileKernels: false, ...(files ? { files } : {}) }, null);
       try {
         if (!question) return {};
         const ids = Array.from(model.promptIds(system, question));

@@ -241,6 +241,8 @@ struct LoadSettings {
     image_cache_mb: Option<u64>,
     /// The folder's file names, when the app knows them: only those are requested.
     files: Option<Vec<String>>,
+    /// Compile the kernels a first answer uses at load (default true; false: on first use).
+    compile_kernels: Option<bool>,
 }
 
 /// The model crate's names parse the option; the message keeps the words of the JS docs.
@@ -329,7 +331,9 @@ pub async fn load_model(
         llava.set_image_cache_limit(mb.saturating_mul(1 << 20));
     }
     // The GPU process compiles the kernels while the page waits for a question.
-    llava.compile_kernels().map_err(js_error)?;
+    if settings.compile_kernels.unwrap_or(true) {
+        llava.compile_kernels().map_err(js_error)?;
+    }
     Ok(Model {
         llava: Rc::new(llava),
     })
