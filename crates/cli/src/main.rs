@@ -259,10 +259,6 @@ fn load(args: &ModelArgs) -> CliResult<(Llava, f64)> {
     model.set_image_cache_limit(args.image_cache_mb.saturating_mul(1 << 20));
     model.set_kv_cache(kv_cache);
     model.set_prefill_chunk(args.prefill_chunk.map(|n| n as usize));
-    // Shader compilation counts as loading, not as the first answer's vision or prefill time.
-    model
-        .compile_kernels()
-        .map_err(|e| format!("compiling the GPU kernels: {e}"))?;
     Ok((model, start.elapsed().as_secs_f64()))
 }
 
